@@ -1,0 +1,70 @@
+"""JSON logs to a file, never to stdout (stdout carries only the CNI result).
+
+Logging is off unless the netconf's `logFile` or PYBRIDGE_LOG_FILE names a file; structlog is
+imported only then, so a call without logging does not pay for it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .spec.errors import INVALID_CONFIG, CNIError
+
+ENV_VAR = "PYBRIDGE_LOG_FILE"
+
+_logger: Any = None
+_path: str | None = None
+
+
+def validate_log_path(path: object) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path or "\n" in path \
+            or len(path) > 4096 or "/../" in path + "/":
+        raise CNIError(INVALID_CONFIG, "invalid field 'logFile'", "an absolute path without '..' is required")
+    return path
+
+
+def configure(config_path: object, env: Mapping[str, str]) -> None:
+    """Point the logger at the configured file (config wins over the environment)."""
+    global _logger, _path
+    path = config_path if config_path is not None else env.get(ENV_VAR) or None
+    if path is None:
+        return
+    path = validate_log_path(path)
+    if path == _path:
+        return
+    import structlog
+
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    stream = os.fdopen(fd, "a", buffering=1)
+    _logger = structlog.wrap_logger(
+        structlog.WriteLogger(stream),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    _path = path
+
+
+def call_done(**fields: Any) -> None:
+    if _logger is not None:
+        _logger.info("cni_call", **fields)
+
+
+def event(name: str, **fields: Any) -> None:
+    if _logger is not None:
+        _logger.info(name, **fields)
+
+
+def warning(name: str, **fields: Any) -> None:
+    if _logger is not None:
+        _logger.warning(name, **fields)
+
+
+def exception(name: str, **fields: Any) -> None:
+    if _logger is not None:
+        _logger.error(name, exc_info=True, **fields)

@@ -1,0 +1,157 @@
+"""The plugin skeleton: one call in (env + stdin), one JSON document out, an exit code back.
+
+It holds no globals and takes its IO as arguments, so the same function serves the exec'd
+binary, a resident agent and the unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+from . import log
+from .spec import version
+from .spec.args import CmdArgs, from_env
+from .spec.errors import (
+    DECODE_FAILURE,
+    INCOMPATIBLE_VERSION,
+    INTERNAL,
+    INVALID_CONFIG,
+    IO_FAILURE,
+    CNIError,
+)
+from .spec.names import validate_network_name
+
+MAX_STDIN = 4 * 1024 * 1024
+
+# Verbs that only exist from some spec version on (skel's version gates, as one table).
+_MIN_VERSION = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: CmdArgs
+    env: Mapping[str, str]
+    config: dict[str, Any]
+    raw_config: bytes
+    cni_version: str
+
+
+Verb = Callable[[Request], "dict[str, Any] | None"]
+
+
+def _read_stdin(stdin: IO[bytes]) -> bytes:
+    try:
+        data = stdin.read(MAX_STDIN + 1)
+    except OSError as exc:
+        raise CNIError(IO_FAILURE, "failed to read stdin", str(exc)) from exc
+    if len(data) > MAX_STDIN:
+        raise CNIError(DECODE_FAILURE, "network configuration too large", f"over {MAX_STDIN} bytes")
+    return data
+
+
+def decode_config(data: bytes) -> dict[str, Any]:
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise CNIError(DECODE_FAILURE, "failed to decode network configuration", str(exc)) from exc
+    if not isinstance(config, dict):
+        raise CNIError(DECODE_FAILURE, "network configuration must be a JSON object")
+    return config
+
+
+def config_version(config: Mapping[str, Any]) -> str:
+    raw = config.get("cniVersion", "")
+    if not isinstance(raw, str) or not raw:
+        raise CNIError(INCOMPATIBLE_VERSION, "missing or invalid field 'cniVersion'",
+                       f"supported versions: {', '.join(version.SUPPORTED)}")
+    return version.check_supported(raw)
+
+
+def _version_reply(stdin: IO[bytes]) -> dict[str, Any]:
+    asked = version.CURRENT
+    data = _read_stdin(stdin).strip()
+    if data:
+        raw = decode_config(data).get("cniVersion")
+        if isinstance(raw, str) and raw:
+            asked = raw
+    return {"cniVersion": asked, "supportedVersions": list(version.SUPPORTED)}
+
+
+def parse_request(cmd: CmdArgs, env: Mapping[str, str], data: bytes) -> Request:
+    config = decode_config(data)
+    name = config.get("name")
+    if not isinstance(name, str):
+        raise CNIError(INVALID_CONFIG, "missing or invalid field 'name'", "a string is required")
+    validate_network_name(name)
+    cni_version = config_version(config)
+    minimum = _MIN_VERSION.get(cmd.command)
+    if minimum and not version.at_least(cni_version, minimum):
+        raise CNIError(INCOMPATIBLE_VERSION,
+                       f"config version {cni_version} does not allow {cmd.command}",
+                       f"{cmd.command} needs cniVersion >= {minimum}")
+    return Request(cmd=cmd, env=env, config=config, raw_config=data, cni_version=cni_version)
+
+
+def about_text(program: str) -> str:
+    return f"{program}: CNI plugin, spec versions {', '.join(version.SUPPORTED)}\n"
+
+
+def run(
+    verbs: Callable[[], Mapping[str, Verb]],
+    env: Mapping[str, str],
+    stdin: IO[bytes],
+    stdout: IO[str],
+    program: str,
+    stderr: IO[str] | None = None,
+) -> int:
+    """Serve one CNI call; returns the process exit code. `verbs` is called only once a verb
+    needs serving, so VERSION and argument errors never import the heavy modules."""
+    err = stderr if stderr is not None else sys.stderr
+    if not env.get("CNI_COMMAND"):
+        err.write(about_text(program))
+        return 0
+    started = time.monotonic()
+    cni_version = version.CURRENT
+    cmd: CmdArgs | None = None
+    req: Request | None = None
+    code = 0
+    try:
+        cmd = from_env(env)
+        if cmd.command == "VERSION":
+            stdout.write(json.dumps(_version_reply(stdin)))
+            return 0
+        req = parse_request(cmd, env, _read_stdin(stdin))
+        cni_version = req.cni_version
+        log.configure(req.config.get("logFile"), env)
+        result = verbs()[cmd.command](req)
+        if result is not None:
+            stdout.write(json.dumps(result))
+        return 0
+    except CNIError as exc:
+        code = exc.code
+        stdout.write(exc.to_json(cni_version))
+        return 1
+    except Exception as exc:  # the one place unexpected errors become code 999
+        code = INTERNAL
+        one_line = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+        stdout.write(CNIError(INTERNAL, "internal error", one_line).to_json(cni_version))
+        err.write(f"{program}: internal error: {one_line}\n")
+        log.exception("internal error", program=program)
+        return 1
+    finally:
+        if cmd is not None and cmd.command != "VERSION":
+            log.call_done(
+                program=program,
+                verb=cmd.command,
+                container_id=cmd.container_id,
+                ifname=cmd.ifname,
+                netns=cmd.netns,
+                network=req.config.get("name") if req else None,
+                code=code,
+                duration_ms=round((time.monotonic() - started) * 1000, 3),
+            )

@@ -1,0 +1,1 @@
+"""The CNI protocol: error codes, versions, CNI_* parameters and result models."""

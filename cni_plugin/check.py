@@ -1,0 +1,73 @@
+"""CHECK: compare what is on the links with the ADD result the runtime kept (prevResult)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from . import link, netns
+from .config import BridgeConf
+from .spec.errors import INTERNAL, INVALID_CONFIG, CNIError
+from .spec.result import Interface, Result
+
+
+def _drift(what: str, details: str) -> CNIError:
+    return CNIError(INTERNAL, f"CHECK failed: {what}", details)
+
+
+def _find(prev: Result, name: str, sandbox: str | None) -> tuple[int, Interface]:
+    for i, iface in enumerate(prev.interfaces):
+        if iface.name == name and (iface.sandbox or None) == sandbox:
+            return i, iface
+    where = f"in sandbox {sandbox}" if sandbox else "on the host"
+    raise CNIError(INVALID_CONFIG, "prevResult does not list the interface", f"{name} {where}")
+
+
+def _verify_bridge(ipr: object, conf: BridgeConf, prev: Result) -> link.Link:
+    bridge = link.find(ipr, conf.bridge)
+    if bridge is None or bridge.kind != "bridge":
+        raise _drift("bridge missing", f"{conf.bridge} does not exist or is not a bridge")
+    _, expected = _find(prev, conf.bridge, None)
+    if expected.mac and expected.mac.lower() != bridge.mac.lower():
+        raise _drift("bridge MAC changed", f"{conf.bridge}: {bridge.mac} != {expected.mac}")
+    if bridge.promisc != conf.promisc_mode:
+        raise _drift("bridge promiscuous mode differs", f"{conf.bridge}: promisc={bridge.promisc}")
+    return bridge
+
+
+def _verify_host_veth(ipr: object, conf: BridgeConf, prev: Result, bridge: link.Link,
+                      pod: link.Link) -> None:
+    for iface in prev.interfaces:
+        if iface.sandbox or iface.name == conf.bridge:
+            continue
+        host = link.find(ipr, iface.name)
+        if host is None or host.kind != "veth" or host.index != pod.peer_index:
+            continue
+        if host.master != bridge.index:
+            raise _drift("host veth not on the bridge", f"{host.name} is not a port of {bridge.name}")
+        if conf.hairpin_mode and not link.brport_hairpin(ipr, host.index):
+            raise _drift("hairpin mode off", host.name)
+        return
+    raise _drift("host veth missing", f"no host veth in prevResult is the peer of {pod.name}")
+
+
+def verify(conf: BridgeConf, prev: Result, path: str, ifname: str, pod_fd: int) -> None:
+    pod_pos, expected_pod = _find(prev, ifname, path)
+    state = netns.run_in(pod_fd, lambda: link.pod_state(ifname))
+    if state is None:
+        raise _drift("interface missing", f"{ifname} not found in {path}")
+    if state.link.kind != "veth":
+        raise _drift("interface is not a veth", f"{ifname} is a {state.link.kind or 'device'}")
+    if expected_pod.mac and expected_pod.mac.lower() != state.link.mac.lower():
+        raise _drift("interface MAC changed", f"{ifname}: {state.link.mac} != {expected_pod.mac}")
+    for ip in prev.ips:
+        if ip.interface == pod_pos and ipaddress.ip_interface(ip.address) not in state.addrs:
+            raise _drift("address missing", f"{ip.address} not on {ifname}")
+    for route in prev.routes:
+        dst = str(ipaddress.ip_network(route.dst, strict=False))
+        matching = [gw for d, gw in state.routes if d == dst]
+        gws = {ipaddress.ip_address(gw) for gw in matching if gw}
+        if not matching or (route.gw and ipaddress.ip_address(route.gw) not in gws):
+            raise _drift("route missing", f"{route.dst} via {route.gw or '(gateway)'} not in {path}")
+    with link.route_socket() as ipr:
+        bridge = _verify_bridge(ipr, conf, prev)
+        _verify_host_veth(ipr, conf, prev, bridge, state.link)

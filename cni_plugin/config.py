@@ -1,0 +1,144 @@
+"""The bridge plugin's netconf: pydantic at the edge, canonicalised once at load."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .spec.args import validate_ifname
+from .spec.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CNIError
+from .spec.result import DNS
+from .spec.validation import config_error
+
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+# Reference bridge options we do not implement: refusing them beats silently ignoring them.
+UNSUPPORTED = ("vlanTrunk", "macspoofchk", "preserveDefaultVlan")
+
+
+def _mac(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not _MAC.fullmatch(value) or int(value[:2], 16) & 1:
+        raise ValueError("must be a unicast MAC address like 0a:58:0a:f4:00:02")
+    return value.lower()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=False)
+
+
+MacAddress = Annotated[str | None, AfterValidator(_mac)]
+
+
+class CniArgsBlock(_Model):
+    mac: MacAddress = None
+    ips: list[str] | None = None
+
+
+class ArgsBlock(_Model):
+    cni: CniArgsBlock = CniArgsBlock()
+
+
+class RuntimeConfig(_Model):
+    mac: MacAddress = None
+    ips: list[str] | None = None
+
+
+class BridgeConf(_Model):
+    cni_version: str = Field(alias="cniVersion")
+    name: str
+    type: str = "pybridge"
+    bridge: str = "cni0"
+    is_gateway: bool = Field(default=False, alias="isGateway")
+    is_default_gateway: bool = Field(default=False, alias="isDefaultGateway")
+    force_address: bool = Field(default=False, alias="forceAddress")
+    ip_masq: bool = Field(default=False, alias="ipMasq")
+    ip_masq_backend: Literal["nftables", "iptables"] | None = Field(default=None, alias="ipMasqBackend")
+    mtu: int | None = Field(default=None, ge=68, le=65535)
+    hairpin_mode: bool = Field(default=False, alias="hairpinMode")
+    promisc_mode: bool = Field(default=False, alias="promiscMode")
+    port_isolation: bool = Field(default=False, alias="portIsolation")
+    vlan: int = Field(default=0, ge=0, le=4094)
+    enable_dad: bool = Field(default=False, alias="enabledad")
+    disable_container_interface: bool = Field(default=False, alias="disableContainerInterface")
+    ipam: dict[str, Any] = {}
+    dns: DNS | None = None
+    log_file: str | None = Field(default=None, alias="logFile")
+    args: ArgsBlock = ArgsBlock()
+    runtime_config: RuntimeConfig = Field(default=RuntimeConfig(), alias="runtimeConfig")
+    capabilities: dict[str, bool] | None = None
+    prev_result: dict[str, Any] | None = Field(default=None, alias="prevResult")
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge_name(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        try:
+            validate_ifname(value)
+        except CNIError as exc:
+            raise ValueError(exc.details) from None
+        return value
+
+    @field_validator("ipam")
+    @classmethod
+    def _ipam_type(cls, value: dict[str, Any]) -> dict[str, Any]:
+        kind = value.get("type")
+        if kind is not None and (not isinstance(kind, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", kind)):
+            raise ValueError("ipam.type must be a plugin name (letters, digits, '_', '.', '-')")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BridgeConf:
+        if self.is_default_gateway:
+            self.is_gateway = True
+        if self.hairpin_mode and self.promisc_mode:
+            raise ValueError("hairpinMode and promiscMode cannot both be set")
+        if self.disable_container_interface and self.ipam_type:
+            raise ValueError("disableContainerInterface cannot be used with IPAM")
+        return self
+
+    @property
+    def ipam_type(self) -> str:
+        kind = self.ipam.get("type")
+        return kind if isinstance(kind, str) else ""
+
+    def capability(self, name: str) -> bool:
+        """runtimeConfig keys count only for declared capabilities. libcni strips `capabilities`
+        before calling a plugin, so an absent map means the runtime already filtered."""
+        return self.capabilities is None or bool(self.capabilities.get(name))
+
+    def mac(self, cni_args: dict[str, str]) -> str | None:
+        """MAC precedence, lowest to highest: CNI_ARGS MAC=, args.cni.mac, runtimeConfig.mac."""
+        mac = None
+        if "MAC" in cni_args:
+            try:
+                mac = _mac(cni_args["MAC"])
+            except ValueError as exc:
+                raise CNIError(INVALID_CONFIG, "invalid CNI_ARGS 'MAC'", str(exc)) from None
+        mac = self.args.cni.mac or mac
+        if self.capability("mac") and self.runtime_config.mac:
+            mac = self.runtime_config.mac
+        return mac
+
+
+def load(config: dict[str, Any]) -> BridgeConf:
+    for key in UNSUPPORTED:
+        if config.get(key):
+            raise CNIError(UNSUPPORTED_FIELD, f"unsupported field '{key}'",
+                           f"{key}={config[key]!r} is not implemented by pybridge")
+    try:
+        return BridgeConf.model_validate(config)
+    except ValidationError as exc:
+        raise config_error(exc) from None

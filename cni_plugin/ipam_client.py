@@ -1,0 +1,99 @@
+"""Delegation to the IPAM plugin (SPEC section 4): pyipam runs in-process, any other type is
+exec'd from CNI_PATH with the same environment and stdin, and its stderr passes through."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any
+
+from .skel import Request
+from .spec.errors import INTERNAL, INVALID_CONFIG, CNIError
+from .spec.result import Result, parse_result
+
+IN_PROCESS = "pyipam"
+EXEC_TIMEOUT = 60.0
+
+
+def _find_plugin(kind: str, path: tuple[str, ...]) -> str:
+    for directory in path:
+        candidate = os.path.join(directory, kind)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise CNIError(INVALID_CONFIG, f"failed to find IPAM plugin {kind!r}",
+                   f"not in CNI_PATH {':'.join(path) or '(empty)'}")
+
+
+def _exec(kind: str, verb: str, req: Request) -> dict[str, Any] | None:
+    binary = _find_plugin(kind, req.cmd.path)
+    env = {**req.env, "CNI_COMMAND": verb}
+    try:
+        proc = subprocess.run([binary], input=req.raw_config, env=env, stdout=subprocess.PIPE,
+                              timeout=EXEC_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CNIError(INTERNAL, f"IPAM plugin {kind} {verb} failed", str(exc)) from exc
+    reply: Any = None
+    if proc.stdout.strip():
+        try:
+            reply = json.loads(proc.stdout)
+        except ValueError:
+            reply = None
+    if proc.returncode != 0:
+        if isinstance(reply, dict) and isinstance(reply.get("code"), int):
+            raise CNIError(reply["code"], str(reply.get("msg", "")), str(reply.get("details", "")))
+        raise CNIError(INTERNAL, f"IPAM plugin {kind} {verb} failed",
+                       proc.stdout.decode(errors="replace")[:200] or f"exit {proc.returncode}")
+    return reply if isinstance(reply, dict) else None
+
+
+def add(req: Request, kind: str) -> Result:
+    if kind == IN_PROCESS:
+        from ipam import plugin
+
+        reply: Any = plugin.ipam_add(req.config, req.cmd.container_id, req.cmd.ifname, req.cmd.cni_args)
+    else:
+        reply = _exec(kind, "ADD", req)
+    result = parse_result(reply, "IPAM result")
+    if not result.ips:
+        raise CNIError(INTERNAL, "IPAM plugin returned missing IP config")
+    return result
+
+
+def delete(req: Request, kind: str) -> None:
+    if kind == IN_PROCESS:
+        from ipam import plugin
+
+        plugin.ipam_del(req.config, req.cmd.container_id, req.cmd.ifname)
+    else:
+        _exec(kind, "DEL", req)
+
+
+def check(req: Request, kind: str) -> None:
+    if kind == IN_PROCESS:
+        from ipam import plugin
+
+        plugin.ipam_check(req.config, req.cmd.container_id, req.cmd.ifname)
+    else:
+        _exec(kind, "CHECK", req)
+
+
+def status(req: Request, kind: str) -> None:
+    if kind == IN_PROCESS:
+        from ipam import plugin
+
+        plugin.ipam_status(req.config)
+    else:
+        _exec(kind, "STATUS", req)
+
+
+def gc(req: Request, kind: str, valid: set[tuple[str, str]]) -> list[str]:
+    if kind == IN_PROCESS:
+        from ipam import plugin
+
+        return plugin.ipam_gc(req.config, valid)
+    try:
+        _exec(kind, "GC", req)
+    except CNIError as exc:
+        return [f"IPAM {kind}: {exc}"]
+    return []

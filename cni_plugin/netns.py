@@ -1,0 +1,81 @@
+"""Network namespaces by fd: open one without ever creating it, and run code inside it.
+
+`setns` changes only the calling thread, so work inside a pod netns runs in a short-lived thread
+of its own; the caller's thread (and any other request served by an agent) never moves. Netlink
+sockets keep the netns they were created in, so code run there opens its own sockets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from .spec.errors import INVALID_NETNS, CNIError
+
+T = TypeVar("T")
+
+CLONE_NEWNET = 0x40000000
+NSFS_MAGIC = 0x6E736673
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _StatFS(ctypes.Structure):
+    # Only f_type is read; the rest of struct statfs is padding large enough for any arch.
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
+
+
+class NetnsGone(Exception):
+    """The netns path does not exist (any more)."""
+
+
+def open_netns(path: str) -> int:
+    """Open `path` as a netns fd; refuse anything that is not a netns. Never creates it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NetnsGone(path) from exc
+    except OSError as exc:
+        raise CNIError(INVALID_NETNS, "failed to open netns", f"{path}: {exc.strerror}") from exc
+    buf = _StatFS()
+    if _libc.fstatfs(fd, ctypes.byref(buf)) != 0 or buf.f_type != NSFS_MAGIC:
+        os.close(fd)
+        # An empty file left where a netns used to be mounted is a vanished netns.
+        raise NetnsGone(path)
+    return fd
+
+
+def same_netns(fd: int) -> bool:
+    """Is `fd` the netns the calling thread is in?"""
+    mine = os.stat("/proc/thread-self/ns/net")
+    theirs = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def run_in(fd: int, func: Callable[[], T]) -> T:
+    """Run `func` in a new thread that has entered netns `fd`, and return its result."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            _setns(fd)
+            box["result"] = func()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="netns", daemon=True)
+    thread.start()
+    thread.join()
+    error = box.get("error")
+    if isinstance(error, BaseException):
+        raise error
+    return box["result"]  # type: ignore[return-value]

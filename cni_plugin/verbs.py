@@ -1,0 +1,217 @@
+"""The plugin's verbs: one short function each, built from the helpers by concern."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from . import config, ipam_client, link, log, netns, sysctl
+from .config import BridgeConf
+from .skel import Request
+from .spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, UNSUPPORTED_FIELD, CNIError
+from .spec.result import Interface, Result, Route, parse_result
+
+GC_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
+POD_INDEX = 2  # interfaces are [bridge, host veth, pod]
+
+
+def _load(req: Request) -> BridgeConf:
+    conf = config.load(req.config)
+    if conf.vlan and conf.is_gateway:
+        raise CNIError(UNSUPPORTED_FIELD, "unsupported field 'vlan' with 'isGateway'",
+                       "a gateway on a VLAN sub-interface is not implemented by pybridge")
+    return conf
+
+
+@contextlib.contextmanager
+def _pod_netns(path: str, allow_own: bool) -> Iterator[int]:
+    try:
+        fd = netns.open_netns(path)
+    except netns.NetnsGone:
+        raise CNIError(INVALID_NETNS, "failed to open netns", f"{path}: no such network namespace") from None
+    try:
+        if not allow_own and netns.same_netns(fd):
+            raise CNIError(INVALID_NETNS, "CNI_NETNS is the plugin's own network namespace", path)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _gateways(conf: BridgeConf, result: Result) -> dict[int, link.IPInterface]:
+    """Fill in each IP's interface and (with isGateway) its missing gateway; return one gateway
+    per family, as an address with the pod subnet's prefix."""
+    found: dict[int, link.IPInterface] = {}
+    for ip in result.ips:
+        ip.interface = POD_INDEX
+        iface = ipaddress.ip_interface(ip.address)
+        if ip.gateway is None and conf.is_gateway:
+            ip.gateway = str(iface.network.network_address + 1)
+        if ip.gateway and iface.version not in found:
+            found[iface.version] = ipaddress.ip_interface(f"{ip.gateway}/{iface.network.prefixlen}")
+    return found
+
+
+def _default_routes(conf: BridgeConf, result: Result, gateways: dict[int, link.IPInterface]) -> None:
+    if not conf.is_default_gateway:
+        return
+    have = {ipaddress.ip_network(r.dst).version for r in result.routes
+            if ipaddress.ip_network(r.dst).prefixlen == 0}
+    for family, gateway in sorted(gateways.items()):
+        if family not in have:
+            result.routes.append(Route(dst="0.0.0.0/0" if family == 4 else "::/0", gw=str(gateway.ip)))
+
+
+def _pod_routes(result: Result, gateways: dict[int, link.IPInterface]) -> list[tuple[str, str | None]]:
+    out = []
+    for route in result.routes:
+        family = ipaddress.ip_network(route.dst).version
+        gw = route.gw or (str(gateways[family].ip) if family in gateways else None)
+        out.append((route.dst, gw))
+    return out
+
+
+def _enable_forwarding(families: set[int]) -> None:
+    if 4 in families:
+        sysctl.ensure("net/ipv4/ip_forward", "1")
+    if 6 in families:
+        sysctl.ensure("net/ipv6/conf/all/forwarding", "1")
+
+
+def _undo(what: str, func: Any, *args: Any) -> None:
+    """Undo steps must not mask the error that triggered them."""
+    try:
+        func(*args)
+    except Exception as exc:
+        log.warning("undo_failed", step=what, error=str(exc))
+
+
+def cmd_add(req: Request) -> dict[str, Any]:
+    conf = _load(req)
+    mac = conf.mac(req.cmd.cni_args)
+    ifname, cid = req.cmd.ifname, req.cmd.container_id
+    allow_own = req.env.get("CNI_NETNS_OVERRIDE") == "1"
+    with _pod_netns(req.cmd.netns, allow_own) as pod_fd, link.route_socket() as ipr, \
+            contextlib.ExitStack() as undo:
+        if netns.run_in(pod_fd, lambda: link.pod_link_exists(ifname)):
+            raise CNIError(INTERNAL, f"container veth name {ifname!r} already exists", req.cmd.netns)
+        bridge = link.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc_mode, bool(conf.vlan))
+        result = Result(cniVersion=req.cni_version)
+        if conf.ipam_type:
+            result = ipam_client.add(req, conf.ipam_type)
+            undo.callback(_undo, "ipam release", ipam_client.delete, req, conf.ipam_type)
+        host = link.create_veth(ipr, pod_fd, ifname, conf.mtu, mac)
+        undo.callback(_undo, "veth delete", link.delete_link, ipr, host.index)
+        link.attach_port(ipr, host, bridge, conf.hairpin_mode, conf.port_isolation, conf.vlan)
+        gateways = _gateways(conf, result)
+        _default_routes(conf, result, gateways)
+        addrs = [ipaddress.ip_interface(ip.address) for ip in result.ips]
+        routes = _pod_routes(result, gateways)
+        pod = netns.run_in(pod_fd, lambda: link.pod_configure(
+            ifname, addrs, routes, conf.enable_dad, up=not conf.disable_container_interface))
+        if conf.is_gateway:
+            for gateway in gateways.values():
+                link.ensure_gateway(ipr, bridge, gateway, conf.force_address)
+            link.pin_mac(ipr, bridge)
+            _enable_forwarding(set(gateways))
+        if conf.ip_masq and addrs:
+            from . import masq
+
+            undo.callback(_undo, "masquerade teardown", masq.teardown, conf.name, cid, ifname)
+            masq.setup(conf.name, cid, ifname, addrs, conf.ip_masq_backend)
+        if not conf.disable_container_interface:
+            host = link.wait_oper_up(ipr, host.index)
+        bridge = link.get(ipr, bridge.index) or bridge
+        undo.pop_all()
+    result.interfaces = [
+        Interface(name=bridge.name, mac=bridge.mac, mtu=bridge.mtu if conf.mtu else None),
+        Interface(name=host.name, mac=host.mac, mtu=host.mtu if conf.mtu else None),
+        Interface(name=pod.name, mac=pod.mac, mtu=pod.mtu if conf.mtu else None, sandbox=req.cmd.netns),
+    ]
+    if conf.dns is not None:
+        result.dns = conf.dns
+    return result.to_version(req.cni_version)
+
+
+def _delete_pod_link(path: str, ifname: str) -> None:
+    try:
+        fd = netns.open_netns(path)
+    except netns.NetnsGone:
+        return  # the runtime already removed the netns: nothing left to unplug
+    try:
+        netns.run_in(fd, lambda: link.pod_delete(ifname))
+    finally:
+        os.close(fd)
+
+
+def cmd_del(req: Request) -> None:
+    conf = _load(req)
+    if req.cmd.netns:
+        _delete_pod_link(req.cmd.netns, req.cmd.ifname)
+    if conf.ipam_type:
+        ipam_client.delete(req, conf.ipam_type)
+    if conf.ip_masq:
+        from . import masq
+
+        masq.teardown(conf.name, req.cmd.container_id, req.cmd.ifname)
+
+
+def cmd_check(req: Request) -> None:
+    conf = _load(req)
+    if conf.prev_result is None:
+        raise CNIError(INVALID_CONFIG, "required prevResult missing", "CHECK needs the ADD result")
+    prev = parse_result({**conf.prev_result, "cniVersion": req.cni_version}, "prevResult")
+    if conf.ipam_type:
+        ipam_client.check(req, conf.ipam_type)
+    from . import check
+
+    with _pod_netns(req.cmd.netns, allow_own=req.env.get("CNI_NETNS_OVERRIDE") == "1") as pod_fd:
+        check.verify(conf, prev, req.cmd.netns, req.cmd.ifname, pod_fd)
+        if conf.ip_masq:
+            from . import masq
+
+            if not masq.attachment_has_rules(conf.name, req.cmd.container_id, req.cmd.ifname):
+                raise CNIError(INTERNAL, "masquerade rules missing",
+                               f"ipMasq is on but no rule exists for {req.cmd.container_id}/{req.cmd.ifname}")
+
+
+def cmd_status(req: Request) -> None:
+    conf = _load(req)
+    if conf.ipam_type:
+        ipam_client.status(req, conf.ipam_type)
+
+
+def _valid_attachments(raw: dict[str, Any]) -> set[tuple[str, str]]:
+    for key in GC_KEYS:
+        if key in raw:
+            entries = raw[key]
+            break
+    else:
+        return set()  # no list at all means no attachment is valid (as cnitool gc sends it)
+    if not isinstance(entries, list):
+        raise CNIError(INVALID_CONFIG, f"invalid field '{key}'", "a list is required")
+    valid = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str) \
+                or not isinstance(entry.get("ifname"), str):
+            raise CNIError(INVALID_CONFIG, f"invalid field '{key}[{i}]'",
+                           "each entry needs string 'containerID' and 'ifname'")
+        valid.add((entry["containerID"], entry["ifname"]))
+    return valid
+
+
+def cmd_gc(req: Request) -> None:
+    conf = _load(req)
+    valid = _valid_attachments(req.config)
+    from . import masq
+
+    errors = masq.gc(conf.name, valid)
+    if conf.ipam_type:
+        errors += ipam_client.gc(req, conf.ipam_type, valid)
+    if errors:
+        raise CNIError(INTERNAL, "GC finished with errors", "; ".join(errors))
+
+
+VERBS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}

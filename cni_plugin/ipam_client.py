@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from types import ModuleType
 from typing import Any
 
 from .skel import Request
@@ -14,6 +15,13 @@ from .spec.result import Result, parse_result
 
 IN_PROCESS = "pyipam"
 EXEC_TIMEOUT = 60.0
+
+
+def _pyipam() -> ModuleType:
+    """pyipam in-process, imported only by calls that use it."""
+    import ipam.plugin
+
+    return ipam.plugin
 
 
 def _find_plugin(kind: str, path: tuple[str, ...]) -> str:
@@ -49,9 +57,7 @@ def _exec(kind: str, verb: str, req: Request) -> dict[str, Any] | None:
 
 def add(req: Request, kind: str) -> Result:
     if kind == IN_PROCESS:
-        from ipam import plugin
-
-        reply: Any = plugin.ipam_add(req.config, req.cmd.container_id, req.cmd.ifname, req.cmd.cni_args)
+        reply: Any = _pyipam().ipam_add(req.config, req.cmd.container_id, req.cmd.ifname, req.cmd.cni_args)
     else:
         reply = _exec(kind, "ADD", req)
     result = parse_result(reply, "IPAM result")
@@ -62,38 +68,32 @@ def add(req: Request, kind: str) -> Result:
 
 def delete(req: Request, kind: str) -> None:
     if kind == IN_PROCESS:
-        from ipam import plugin
-
-        plugin.ipam_del(req.config, req.cmd.container_id, req.cmd.ifname)
+        _pyipam().ipam_del(req.config, req.cmd.container_id, req.cmd.ifname)
     else:
         _exec(kind, "DEL", req)
 
 
 def check(req: Request, kind: str) -> None:
     if kind == IN_PROCESS:
-        from ipam import plugin
-
-        plugin.ipam_check(req.config, req.cmd.container_id, req.cmd.ifname)
+        _pyipam().ipam_check(req.config, req.cmd.container_id, req.cmd.ifname)
     else:
         _exec(kind, "CHECK", req)
 
 
 def status(req: Request, kind: str) -> None:
     if kind == IN_PROCESS:
-        from ipam import plugin
-
-        plugin.ipam_status(req.config)
+        _pyipam().ipam_status(req.config)
     else:
         _exec(kind, "STATUS", req)
 
 
 def gc(req: Request, kind: str, valid: set[tuple[str, str]]) -> list[str]:
-    if kind == IN_PROCESS:
-        from ipam import plugin
-
-        return plugin.ipam_gc(req.config, valid)
+    """Returns the errors, so the caller can finish its own GC before reporting them."""
     try:
-        _exec(kind, "GC", req)
+        if kind == IN_PROCESS:
+            _pyipam().ipam_gc(req.config, valid)
+        else:
+            _exec(kind, "GC", req)
     except CNIError as exc:
         return [f"IPAM {kind}: {exc}"]
     return []

@@ -19,7 +19,7 @@ from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import sysctl
-from .spec.errors import INTERNAL, CNIError
+from .spec.errors import INTERNAL, UNSUPPORTED_FIELD, CNIError
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -27,8 +27,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 EEXIST = 17
 ENODEV = 19
 ENOENT = 2
-ESRCH = 3
-EADDRNOTAVAIL = 99
+EOPNOTSUPP = 95
 IFA_F_NODAD = 0x02
 IFA_F_TENTATIVE = 0x40
 IFA_F_DADFAILED = 0x08
@@ -120,6 +119,11 @@ def brport_hairpin(ipr: Any, index: int) -> bool | None:
 # --- host side -----------------------------------------------------------------------------
 
 
+def _no_vlan_filtering() -> CNIError:
+    return CNIError(UNSUPPORTED_FIELD, "unsupported field 'vlan'",
+                    "this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)")
+
+
 def ensure_bridge(ipr: Any, name: str, mtu: int | None, promisc: bool, vlan_filtering: bool) -> Link:
     """Create the bridge or reuse it; EEXIST is a concurrent first ADD, not an error."""
     attrs: dict[str, Any] = {"ifname": name, "kind": "bridge"}
@@ -131,6 +135,8 @@ def ensure_bridge(ipr: Any, name: str, mtu: int | None, promisc: bool, vlan_filt
         try:
             ipr.link("add", **attrs)
         except NetlinkError as exc:
+            if exc.code == EOPNOTSUPP and vlan_filtering:
+                raise _no_vlan_filtering() from exc
             if exc.code != EEXIST:
                 raise
         bridge = find(ipr, name)
@@ -139,7 +145,12 @@ def ensure_bridge(ipr: Any, name: str, mtu: int | None, promisc: bool, vlan_filt
         if bridge.kind != "bridge":
             raise CNIError(INTERNAL, f"{name} already exists but is not a bridge", f"kind {bridge.kind!r}")
         if vlan_filtering:
-            ipr.link("set", index=bridge.index, kind="bridge", br_vlan_filtering=1)
+            try:
+                ipr.link("set", index=bridge.index, kind="bridge", br_vlan_filtering=1)
+            except NetlinkError as exc:
+                if exc.code == EOPNOTSUPP:
+                    raise _no_vlan_filtering() from exc
+                raise
         if promisc and not bridge.promisc:
             ipr.link("set", index=bridge.index, flags=IFF_PROMISC, change=IFF_PROMISC)
         sysctl.try_write(f"net/ipv6/conf/{name}/accept_ra", "0")
@@ -225,10 +236,13 @@ def ensure_gateway(ipr: Any, link: Link, gateway: IPInterface, force: bool) -> N
                 raise
 
 
-def pin_mac(ipr: Any, link: Link) -> None:
-    """Stop the bridge MAC from following its lowest port's MAC as pods come and go."""
-    with netlink_errors(f"pin MAC of {link.name}"):
-        ipr.link("set", index=link.index, address=link.mac)
+def pin_mac(ipr: Any, index: int) -> None:
+    """Stop the bridge MAC from following its lowest port's MAC as pods come and go. Read it
+    now: a bridge whose last port left has a zero MAC until a port joins again."""
+    with netlink_errors("pin bridge MAC"):
+        bridge = get(ipr, index)
+        if bridge is not None and bridge.mac and bridge.mac != "00:00:00:00:00:00":
+            ipr.link("set", index=index, address=bridge.mac)
 
 
 def wait_oper_up(ipr: Any, index: int) -> Link:

@@ -114,7 +114,7 @@ def cmd_add(req: Request) -> dict[str, Any]:
         if conf.is_gateway:
             for gateway in gateways.values():
                 link.ensure_gateway(ipr, bridge, gateway, conf.force_address)
-            link.pin_mac(ipr, bridge)
+            link.pin_mac(ipr, bridge.index)
             _enable_forwarding(set(gateways))
         if conf.ip_masq and addrs:
             from . import masq

@@ -1,0 +1,38 @@
+"""Suite-wide guard: the tests must leave the machine's own network exactly as they found it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+TEST_PREFIX = "pbt-"
+
+
+def _root_state() -> tuple[set[str], str]:
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
+    nft = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=False).stdout
+    return names, nft
+
+
+def _our_netns() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(TEST_PREFIX)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    if os.geteuid() != 0:
+        yield
+        return
+    before = _root_state()
+    existing = set(_our_netns())
+    yield
+    after = _root_state()
+    leaked = sorted(set(_our_netns()) - existing)
+    assert not leaked, f"test netns left behind: {leaked}"
+    assert after[0] == before[0], f"root netns links changed: {after[0] ^ before[0]}"
+    assert after[1] == before[1], "root netns nftables ruleset changed"

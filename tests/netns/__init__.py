@@ -1,0 +1,1 @@
+"""Tests that need root and run in throw-away network namespaces."""

@@ -1,0 +1,149 @@
+"""A throw-away "host" netns per test, pod netns beside it, and the plugin exec'd inside the host.
+
+This mirrors the reference plugins' tests: the plugin never runs in the machine's own netns,
+so bridges, routes and rules it makes vanish with the test's namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEST_PREFIX = "pbt-"
+BIN_DIR = Path(sys.executable).parent
+BUSYBOX = "/bin/busybox"
+REFERENCE_PLUGINS = "/usr/lib/cni"
+
+
+def sh(
+    *cmd: str, check: bool = True, input: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(cmd, input=input, capture_output=True, check=check, timeout=timeout)
+
+
+def new_netns(tag: str) -> str:
+    name = f"{TEST_PREFIX}{tag}-{secrets.token_hex(4)}"
+    sh("ip", "netns", "add", name)
+    return name
+
+
+def delete_netns(name: str) -> None:
+    sh("ip", "netns", "del", name, check=False)
+
+
+@dataclass
+class Reply:
+    rc: int
+    out: Any
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+@dataclass
+class Host:
+    """A host netns with the pod netns made for it; `cni()` execs a plugin inside the host."""
+
+    name: str
+    data_dir: Path
+    pods: list[str] = field(default_factory=list)
+
+    def exec(
+        self, *cmd: str, check: bool = True, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        return sh("ip", "netns", "exec", self.name, *cmd, check=check, input=input)
+
+    def new_pod(self) -> str:
+        name = new_netns("pod")
+        self.pods.append(name)
+        return name
+
+    def pod_exec(self, pod: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return sh("ip", "netns", "exec", pod, *cmd, check=check)
+
+    def ping(self, pod: str, address: str) -> bool:
+        return self.pod_exec(pod, BUSYBOX, "ping", "-c", "1", "-W", "2", address, check=False).returncode == 0
+
+    def cni(
+        self,
+        command: str,
+        conf: dict[str, Any],
+        pod: str | None = None,
+        container_id: str = "c1",
+        ifname: str = "eth0",
+        plugin: str = "pybridge",
+        netns_path: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Reply:
+        path = netns_path if netns_path is not None else (f"/run/netns/{pod}" if pod else "")
+        variables = {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": path,
+            "CNI_IFNAME": ifname,
+            "CNI_PATH": f"{BIN_DIR}:{REFERENCE_PLUGINS}",
+            **(env or {}),
+        }
+        binary = plugin if plugin.startswith("/") else str(BIN_DIR / plugin)
+        if not os.path.exists(binary):
+            binary = os.path.join(REFERENCE_PLUGINS, plugin)
+        envs = [f"{k}={v}" for k, v in variables.items()]
+        proc = self.exec("env", "-i", f"PATH={os.environ['PATH']}", *envs, binary,
+                         check=False, input=json.dumps(conf).encode())
+        out = json.loads(proc.stdout) if proc.stdout.strip() else None
+        return Reply(proc.returncode, out, proc.stdout, proc.stderr)
+
+    def add(
+        self, conf: dict[str, Any], pod: str, container_id: str = "c1", ifname: str = "eth0"
+    ) -> dict[str, Any]:
+        reply = self.cni("ADD", conf, pod, container_id, ifname)
+        assert reply.ok, f"ADD failed: {reply.stdout!r} {reply.stderr!r}"
+        assert isinstance(reply.out, dict)
+        return reply.out
+
+    def links(self) -> dict[str, dict[str, Any]]:
+        raw = self.exec("ip", "-d", "-j", "link", "show").stdout
+        return {link["ifname"]: link for link in json.loads(raw)}
+
+    def reservations(self, network: str) -> dict[str, str]:
+        """IP -> file content of the host-local style store."""
+        directory = self.data_dir / network
+        if not directory.exists():
+            return {}
+        return {p.name: p.read_text() for p in directory.iterdir()
+                if p.name != "lock" and not p.name.startswith("last_reserved_ip")}
+
+    def destroy(self) -> None:
+        for pod in self.pods:
+            delete_netns(pod)
+        delete_netns(self.name)
+
+
+def pod_json(host: Host, pod: str, *args: str) -> Any:
+    return json.loads(host.pod_exec(pod, "ip", "-j", *args).stdout)
+
+
+def bridge_conf(host: Host, name: str = "testnet", **overrides: Any) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "cniVersion": os.environ.get("PYBRIDGE_TEST_VERSION", "1.1.0"),
+        "name": name,
+        "type": "pybridge",
+        "bridge": "br-test",
+        "isGateway": True,
+        "ipam": {
+            "type": os.environ.get("PYBRIDGE_TEST_IPAM", "pyipam"),
+            "dataDir": str(host.data_dir),
+            "ranges": [[{"subnet": "10.88.0.0/24"}]],
+        },
+    }
+    conf.update(overrides)
+    return conf

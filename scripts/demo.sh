@@ -1,0 +1,44 @@
+#!/bin/bash
+# make demo: two pods on a bridge inside a throw-away "host" netns, a ping between them, then
+# DEL and cleanup. Nothing is done in the machine's own network namespace.
+set -euo pipefail
+BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin}
+CONFLIST=${CONFLIST:-$(dirname "$0")/../conf/10-pybridge.conflist}
+ID=$(head -c4 /dev/urandom | od -An -tx1 | tr -d ' \n')
+HOST=pbdemo-host-$ID A=pbdemo-a-$ID B=pbdemo-b-$ID
+DATA=$(mktemp -d /tmp/pbdemo.XXXXXX)
+
+cleanup() {
+    for ns in "$A" "$B" "$HOST"; do ip netns del "$ns" 2>/dev/null || true; done
+    rm -rf "$DATA"
+}
+trap cleanup EXIT
+
+# The first plugin of the conflist, as a runtime derives it (name and cniVersion inserted),
+# with the IPAM store moved into a temp dir.
+CONF=$("$BIN/python" - "$CONFLIST" "$DATA" <<'PY'
+import json, sys
+conflist = json.load(open(sys.argv[1]))
+plugin = dict(conflist["plugins"][0], name=conflist["name"], cniVersion=conflist["cniVersion"])
+plugin["ipam"]["dataDir"] = sys.argv[2]
+plugin["ipam"]["ranges"] = [[{"subnet": "10.85.0.0/24"}]]
+print(json.dumps(plugin))
+PY
+)
+
+cni() {  # cni VERB POD-NETNS CONTAINER-ID
+    ip netns exec "$HOST" env CNI_COMMAND="$1" CNI_CONTAINERID="$3" CNI_NETNS="/run/netns/$2" \
+        CNI_IFNAME=eth0 CNI_PATH="$BIN" "$BIN/pybridge" <<<"$CONF"
+}
+pretty() { "$BIN/python" -m json.tool; }
+
+for ns in "$HOST" "$A" "$B"; do ip netns add "$ns"; done
+echo "== ADD pod A"; RA=$(cni ADD "$A" demo-a); echo "$RA" | pretty
+echo "== ADD pod B"; RB=$(cni ADD "$B" demo-b); echo "$RB" | pretty
+IP_B=$(echo "$RB" | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["ips"][0]["address"].split("/")[0])')
+PING=ping; command -v ping >/dev/null || PING="busybox ping"
+echo "== ping pod B ($IP_B) from pod A"
+ip netns exec "$A" $PING -c 3 -W 2 "$IP_B"
+echo "== DEL both"
+cni DEL "$A" demo-a && cni DEL "$B" demo-b
+echo "== left in the IPAM store: $(ls "$DATA/pybridge" | grep -cv -e lock -e last_reserved) reservations"

@@ -1,0 +1,83 @@
+"""Address selection for one range set, as host-local's allocator.go does it. Pure: the caller
+passes in what is reserved and the last reserved IP, and does the reserving itself.
+
+Round robin: the search starts just after the last IP reserved in this range set, so a
+crash-looping container does not get the same IP back until the whole set has been used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Set
+
+from cni_plugin.spec.errors import CNIError
+
+from .config import IPAddress, Range, RangeSet, describe
+
+# Plugin-specific codes (the spec leaves 100+ to plugins).
+EXHAUSTED = 110
+IP_UNAVAILABLE = 111
+
+
+def range_for(range_set: RangeSet, ip: IPAddress) -> Range | None:
+    return next((r for r in range_set if r.contains(ip)), None)
+
+
+def _addresses(r: Range, first: int, last: int) -> Iterator[tuple[IPAddress, Range]]:
+    make = type(r.range_start)
+    for value in range(first, last + 1):
+        ip = make(value)
+        if ip != r.gateway:
+            yield ip, r
+
+
+def candidates(
+    range_set: RangeSet, last_reserved: IPAddress | None
+) -> Iterator[tuple[IPAddress, Range]]:
+    """Every allocatable IP of the set exactly once, starting after `last_reserved` if it is
+    still inside the set, else at the first range's start; wraps across ranges."""
+    count = len(range_set)
+    index, first = 0, int(range_set[0].range_start)
+    if last_reserved is not None:
+        for i, r in enumerate(range_set):
+            if r.contains(last_reserved):
+                index, first = i, int(last_reserved) + 1
+                if last_reserved == r.range_end:
+                    index = (i + 1) % count
+                    first = int(range_set[index].range_start)
+                break
+    head = range_set[index]
+    yield from _addresses(head, first, int(head.range_end))
+    for step in range(1, count):
+        r = range_set[(index + step) % count]
+        yield from _addresses(r, int(r.range_start), int(r.range_end))
+    yield from _addresses(head, int(head.range_start), first - 1)
+
+
+def pick(
+    range_set: RangeSet,
+    reserved: Set[IPAddress],
+    last_reserved: IPAddress | None,
+    requested: IPAddress | None = None,
+) -> tuple[IPAddress, Range]:
+    """The IP to reserve next in this set and the range it belongs to."""
+    if requested is None:
+        for ip, r in candidates(range_set, last_reserved):
+            if ip not in reserved:
+                return ip, r
+        raise CNIError(EXHAUSTED, f"no IP addresses available in range set: {describe(range_set)}")
+    found = range_for(range_set, requested)
+    if found is None:
+        raise CNIError(
+            IP_UNAVAILABLE,
+            f"requested IP address {requested} is not in range set {describe(range_set)}",
+        )
+    if requested == found.gateway:
+        raise CNIError(
+            IP_UNAVAILABLE, f"requested IP address {requested} is the gateway of range {found}"
+        )
+    if requested in reserved:
+        raise CNIError(
+            IP_UNAVAILABLE,
+            f"requested IP address {requested} is not available in range set {describe(range_set)}",
+        )
+    return requested, found

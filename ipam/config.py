@@ -1,0 +1,310 @@
+"""The `ipam` block of a netconf, validated and canonicalised once at load (host-local semantics).
+
+Range sets come from three places, in this order (as host-local prepends them):
+`runtimeConfig.ipRanges`, the legacy top-level `ipam.subnet`/`rangeStart`/`rangeEnd`/`gateway`,
+then `ipam.ranges`. Each source is validated on its own so an error names the field the user
+wrote, e.g. `ipam.ranges[0][0].subnet` or `runtimeConfig.ipRanges[1][0].gateway`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Annotated, Any, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictFloat,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from cni_plugin.spec.errors import INVALID_CONFIG, CNIError
+from cni_plugin.spec.names import validate_network_name
+from cni_plugin.spec.validation import config_error
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_DATA_DIR = "/var/lib/cni/networks"
+DEFAULT_LOCK_TIMEOUT = 10.0
+MAX_LOCK_TIMEOUT = 300.0
+
+T = TypeVar("T")
+
+
+def parse_ip(value: object) -> IPAddress:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("an IP address string is required")
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError("not an IP address") from None
+    # A zone ("fe80::1%eth0") would end up in a file name and means nothing to a pool.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        raise ValueError("a scoped IPv6 address is not allowed")
+    return ip
+
+
+def _parse_requested_ip(value: object) -> IPAddress:
+    """A requested IP may carry a prefix ("10.1.0.5/24"); only the address matters."""
+    if isinstance(value, str) and "/" in value:
+        try:
+            return ipaddress.ip_interface(value).ip
+        except ValueError:
+            raise ValueError("not an IP address or IP/prefix") from None
+    return parse_ip(value)
+
+
+def _parse_cidr(value: object, *, strict: bool) -> IPNetwork:
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError("a CIDR string (address/prefix) is required")
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise ValueError("not a CIDR") from None
+    if strict and iface.ip != iface.network.network_address:
+        raise ValueError(
+            f"network has host bits set; for a prefix of length {iface.network.prefixlen}"
+            f" the network address is {iface.network.network_address}"
+        )
+    return iface.network
+
+
+def parse_subnet(value: object) -> IPNetwork:
+    net = _parse_cidr(value, strict=True)
+    # host-local: "too small to allocate from" once fewer than 4 addresses (v4) remain.
+    if net.prefixlen > net.max_prefixlen - 2:
+        raise ValueError(f"network {net} is too small to allocate from")
+    return net
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/") or "\0" in value or ".." in value.split("/"):
+        raise ValueError("an absolute path without '..' is required")
+    return value
+
+
+Address = Annotated[IPAddress, PlainValidator(parse_ip)]
+RequestedIP = Annotated[IPAddress, PlainValidator(_parse_requested_ip)]
+Subnet = Annotated[IPNetwork, PlainValidator(parse_subnet)]
+Destination = Annotated[IPNetwork, PlainValidator(lambda v: _parse_cidr(v, strict=False))]
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Range(_Model):
+    """One pool: addresses rangeStart..rangeEnd (inclusive) of subnet, minus the gateway."""
+
+    subnet: Subnet
+    range_start: Address = Field(alias="rangeStart")
+    range_end: Address = Field(alias="rangeEnd")
+    gateway: Address
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        try:
+            net = parse_subnet(data.get("subnet"))
+        except ValueError:
+            return data  # the subnet field reports it
+        first = net.network_address + 1
+        # host-local: v4 stops before the broadcast address, v6 uses the last address.
+        last = net.broadcast_address - 1 if net.version == 4 else net.broadcast_address
+        given = {key: value for key, value in data.items() if value is not None}
+        return {"rangeStart": first, "rangeEnd": last, "gateway": first, **given}
+
+    @field_validator("range_start", "range_end", "gateway")
+    @classmethod
+    def _inside_subnet(cls, ip: IPAddress, info: ValidationInfo) -> IPAddress:
+        net = info.data.get("subnet")
+        if net is None:
+            return ip
+        if ip not in net:
+            raise ValueError(f"outside subnet {net}")
+        start = info.data.get("range_start")
+        if info.field_name == "range_end" and start is not None and ip < start:
+            raise ValueError(f"before rangeStart {start}")
+        return ip
+
+    def contains(self, ip: IPAddress) -> bool:
+        same_family = ip.version == self.subnet.version
+        return same_family and int(self.range_start) <= int(ip) <= int(self.range_end)
+
+    def __str__(self) -> str:
+        return f"{self.range_start}-{self.range_end}"
+
+
+RangeSet = tuple[Range, ...]
+
+
+def _overlaps(a: Range, b: Range) -> bool:
+    return a.contains(b.range_start) or a.contains(b.range_end) or b.contains(a.range_start)
+
+
+def _check_range_set(ranges: RangeSet) -> RangeSet:
+    if not ranges:
+        raise ValueError("a range set needs at least one range")
+    for other in ranges[1:]:
+        if other.subnet.version != ranges[0].subnet.version:
+            raise ValueError(f"mixed address families in one range set: {ranges[0]} and {other}")
+    for a, b in combinations(ranges, 2):
+        if _overlaps(a, b):
+            raise ValueError(f"range {a} overlaps range {b}")
+    return ranges
+
+
+_ValidRangeSet = Annotated[RangeSet, AfterValidator(_check_range_set)]
+
+
+def describe(range_set: RangeSet) -> str:
+    return ",".join(str(r) for r in range_set)
+
+
+class Route(_Model):
+    dst: Destination
+    gw: Address | None = None
+    mtu: int | None = None
+    advmss: int | None = None
+    priority: int | None = None
+    table: int | None = None
+    scope: int | None = None
+
+    def to_result(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class _IPAMBlock(_Model):
+    type: str = Field(min_length=1)
+    ranges: tuple[_ValidRangeSet, ...] = ()
+    routes: tuple[Route, ...] = ()
+    data_dir: AbsolutePath = Field(DEFAULT_DATA_DIR, alias="dataDir")
+    resolv_conf: AbsolutePath | None = Field(None, alias="resolvConf")
+    lock_timeout: StrictFloat = Field(
+        DEFAULT_LOCK_TIMEOUT, alias="lockTimeout", gt=0, le=MAX_LOCK_TIMEOUT
+    )
+
+
+class _RuntimeConfig(_Model):
+    ips: tuple[RequestedIP, ...] = ()
+    ip_ranges: tuple[_ValidRangeSet, ...] = Field((), alias="ipRanges")
+
+
+class _CNIArgs(_Model):
+    ips: tuple[RequestedIP, ...] = ()
+
+
+class _Args(_Model):
+    cni: _CNIArgs = _CNIArgs()
+
+
+_BLOCK = TypeAdapter(_IPAMBlock)
+_LEGACY = TypeAdapter(Range)
+_RUNTIME = TypeAdapter(_RuntimeConfig)
+_ARGS = TypeAdapter(_Args)
+_IP_LIST = TypeAdapter(tuple[RequestedIP, ...])
+
+_LEGACY_KEYS = ("subnet", "rangeStart", "rangeEnd", "gateway")
+
+
+@dataclass(frozen=True)
+class IPAMConfig:
+    network: str
+    ranges: tuple[RangeSet, ...]
+    routes: tuple[Route, ...]
+    data_dir: str
+    resolv_conf: str | None
+    lock_timeout: float
+    requested_ips: tuple[IPAddress, ...]
+
+
+def _validate(adapter: TypeAdapter[T], data: object, prefix: str) -> T:
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as exc:
+        raise config_error(exc, prefix) from None
+
+
+def _invalid(path: str, details: str) -> CNIError:
+    return CNIError(INVALID_CONFIG, f"invalid field '{path}'", details)
+
+
+def _runtime_config(netconf: Mapping[str, Any]) -> _RuntimeConfig:
+    """runtimeConfig keys the network declared as capabilities. libcni strips `capabilities`
+    before calling a plugin, so when it is absent the runtime has already filtered."""
+    raw = netconf.get("runtimeConfig")
+    if raw is None:
+        return _RuntimeConfig()
+    if not isinstance(raw, dict):
+        raise _invalid("runtimeConfig", "an object is required")
+    caps = netconf.get("capabilities")
+    if caps is not None:
+        if not isinstance(caps, dict):
+            raise _invalid("capabilities", "an object is required")
+        raw = {key: value for key, value in raw.items() if caps.get(key) is True}
+    return _validate(_RUNTIME, raw, "runtimeConfig")
+
+
+def _requested_ips(
+    netconf: Mapping[str, Any], cni_args: Mapping[str, str], runtime: _RuntimeConfig
+) -> tuple[IPAddress, ...]:
+    from_env: tuple[IPAddress, ...] = ()
+    if cni_args.get("IP"):
+        items = [item.strip() for item in cni_args["IP"].split(",")]
+        from_env = _validate(_IP_LIST, items, "CNI_ARGS.IP")
+    args = _validate(_ARGS, netconf.get("args") or {}, "args")
+    # The union in source order (CNI_ARGS, args.cni, runtimeConfig), without repeats.
+    return tuple(dict.fromkeys((*from_env, *args.cni.ips, *runtime.ips)))
+
+
+def _check_disjoint(range_sets: tuple[RangeSet, ...]) -> None:
+    if not range_sets:
+        raise _invalid("ipam.ranges", "no IP ranges specified")
+    for (i, a), (j, b) in combinations(enumerate(range_sets), 2):
+        if any(_overlaps(x, y) for x in a for y in b):
+            raise _invalid(
+                "ipam.ranges",
+                f"range set {i} ({describe(a)}) overlaps range set {j} ({describe(b)})",
+            )
+
+
+def load_ipam_config(netconf: Mapping[str, Any], cni_args: Mapping[str, str]) -> IPAMConfig:
+    name = netconf.get("name")
+    if not isinstance(name, str):
+        raise _invalid("name", "a string is required")
+    validate_network_name(name)
+    raw = netconf.get("ipam")
+    if not isinstance(raw, dict):
+        raise _invalid("ipam", "an object is required")
+    block = _validate(_BLOCK, raw, "ipam")
+    runtime = _runtime_config(netconf)
+    legacy: tuple[RangeSet, ...] = ()
+    if raw.get("subnet") is not None:
+        legacy = ((_validate(_LEGACY, {k: raw.get(k) for k in _LEGACY_KEYS}, "ipam"),),)
+    range_sets = (*runtime.ip_ranges, *legacy, *block.ranges)
+    _check_disjoint(range_sets)
+    return IPAMConfig(
+        network=name,
+        ranges=range_sets,
+        routes=block.routes,
+        data_dir=block.data_dir,
+        resolv_conf=block.resolv_conf,
+        lock_timeout=block.lock_timeout,
+        requested_ips=_requested_ips(netconf, cni_args, runtime),
+    )

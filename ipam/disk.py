@@ -1,0 +1,215 @@
+"""A store byte-compatible with host-local's (backend/disk), so pyipam and host-local can share a
+data directory, and a node can switch between them without losing reservations.
+
+Layout of `<dataDir>/<network>/`: one file per reserved IP, named by the IP, holding
+`<containerID>\\r\\n<ifname>`; `last_reserved_ip.<rangeset index>`; and `lock`, the flock target.
+All files are opened relative to the directory's fd with O_NOFOLLOW, so a symlink planted in the
+store never redirects a read or write elsewhere. Anything in the directory that is not a
+well-formed reservation is reported through `warn` and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+
+from cni_plugin.spec.args import validate_container_id, validate_ifname
+from cni_plugin.spec.errors import IO_FAILURE, TRY_AGAIN_LATER, CNIError
+
+from .config import DEFAULT_LOCK_TIMEOUT, IPAddress, parse_ip
+from .store import Reservation, Store
+
+LOCK_FILE = "lock"
+LAST_RESERVED_PREFIX = "last_reserved_ip."
+STATUS_PROBE = "status.probe"
+SEPARATOR = "\r\n"
+MAX_CONTENT = 1024
+
+_OPEN = os.O_CLOEXEC | os.O_NOFOLLOW
+_log = logging.getLogger("ipam.disk")
+
+
+def _io_error(what: str, path: str, exc: OSError) -> CNIError:
+    return CNIError(IO_FAILURE, what, f"{path}: {exc.strerror or exc}")
+
+
+def _ip_named(name: str) -> IPAddress | None:
+    """The IP a file name stands for; only canonical spellings, as host-local writes them."""
+    try:
+        ip = parse_ip(name)
+    except ValueError:
+        return None
+    return ip if str(ip) == name else None
+
+
+def _owner(data: bytes) -> tuple[str, str | None] | None:
+    try:
+        container_id, sep, ifname = data.decode("utf-8").strip().partition(SEPARATOR)
+        validate_container_id(container_id)
+        if sep:
+            validate_ifname(ifname)
+    except (UnicodeDecodeError, CNIError):
+        return None
+    return container_id, ifname if sep else None
+
+
+class DiskStore(Store):
+    def __init__(
+        self,
+        data_dir: str,
+        network: str,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        warn: Callable[[str], None] = _log.warning,
+    ) -> None:
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, network)
+        self.lock_timeout = lock_timeout
+        self._warn = warn
+        self._dir_fd: int | None = None
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path) and not os.path.islink(self.path)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        if self._dir_fd is not None:
+            raise RuntimeError("store lock is not reentrant")
+        with ExitStack() as stack:
+            dir_fd = self._open_dir()
+            stack.callback(os.close, dir_fd)
+            try:
+                lock_fd = os.open(LOCK_FILE, os.O_RDONLY | os.O_CREAT | _OPEN, 0o600, dir_fd=dir_fd)
+            except OSError as exc:
+                raise _io_error("cannot open the IPAM store lock", self.path, exc) from exc
+            stack.callback(os.close, lock_fd)  # closing the fd drops the flock
+            self._flock(lock_fd)
+            self._dir_fd = dir_fd
+            try:
+                yield
+            finally:
+                self._dir_fd = None
+
+    def _open_dir(self) -> int:
+        try:
+            os.makedirs(self.data_dir, 0o755, exist_ok=True)
+            with suppress(FileExistsError):
+                os.mkdir(self.path, 0o700)
+            return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _OPEN)
+        except OSError as exc:
+            raise _io_error("cannot open the IPAM store", self.path, exc) from exc
+
+    def _flock(self, fd: int) -> None:
+        """Poll a non-blocking flock so a stuck holder yields "try again later", never a hang."""
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CNIError(
+                    TRY_AGAIN_LATER,
+                    "timed out waiting for the IPAM store lock",
+                    f"{self.path} is locked by another process for more than {self.lock_timeout}s",
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+
+    def _fd(self) -> int:
+        if self._dir_fd is None:
+            raise RuntimeError("store used without its lock")
+        return self._dir_fd
+
+    def _read(self, name: str) -> bytes | None:
+        """A small regular file's bytes; None if missing, not regular, unreadable or too big."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _OPEN, dir_fd=self._fd())
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            data = os.read(fd, MAX_CONTENT + 1)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return data if len(data) <= MAX_CONTENT else None
+
+    def _write(self, name: str, data: bytes, flags: int) -> None:
+        fd = os.open(name, os.O_WRONLY | flags | _OPEN, 0o600, dir_fd=self._fd())
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    def reserve(self, ip: IPAddress, container_id: str, ifname: str, rangeset_idx: int) -> bool:
+        name = str(ip)
+        content = f"{container_id}{SEPARATOR}{ifname}".encode()
+        try:
+            self._write(name, content, os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise _io_error("failed to reserve an IP", f"{self.path}/{name}", exc) from exc
+        last = f"{LAST_RESERVED_PREFIX}{rangeset_idx}"
+        try:
+            self._write(last, name.encode(), os.O_CREAT | os.O_TRUNC)
+        except OSError as exc:
+            self.release(ip)
+            raise _io_error("failed to record the last reserved IP", f"{self.path}/{last}", exc) from exc
+        return True
+
+    def release(self, ip: IPAddress) -> None:
+        try:
+            with suppress(FileNotFoundError):
+                os.unlink(str(ip), dir_fd=self._fd())
+        except OSError as exc:
+            raise _io_error("failed to release an IP", f"{self.path}/{ip}", exc) from exc
+
+    def last_reserved_ip(self, rangeset_idx: int) -> IPAddress | None:
+        name = f"{LAST_RESERVED_PREFIX}{rangeset_idx}"
+        data = self._read(name)
+        if data is None:
+            return None
+        try:
+            return parse_ip(data.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            self._warn(f"{self.path}/{name}: not an IP address, ignored")
+            return None
+
+    def reservations(self) -> list[Reservation]:
+        try:
+            names = sorted(os.listdir(self._fd()))
+        except OSError as exc:
+            raise _io_error("cannot list the IPAM store", self.path, exc) from exc
+        found = []
+        for name in names:
+            if name in (LOCK_FILE, STATUS_PROBE) or name.startswith(LAST_RESERVED_PREFIX):
+                continue
+            ip = _ip_named(name)
+            data = self._read(name) if ip is not None else None
+            owner = _owner(data) if data is not None else None
+            if ip is None or owner is None:
+                self._warn(f"{self.path}/{name}: not a reservation file, skipped")
+                continue
+            found.append(Reservation(ip, *owner))
+        return found
+
+    def probe_writable(self) -> None:
+        """Create and remove a file, as the next ADD would (for STATUS)."""
+        try:
+            self._write(STATUS_PROBE, b"", os.O_CREAT | os.O_TRUNC)
+            os.unlink(STATUS_PROBE, dir_fd=self._fd())
+        except OSError as exc:
+            raise _io_error("the IPAM store is not writable", self.path, exc) from exc

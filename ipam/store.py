@@ -1,0 +1,94 @@
+"""The seam between the IPAM operations and where reservations live (host-local backend/store.go),
+and an in-memory store so the operations can be tested with no disk.
+
+Every method except `lock` must be called with the lock held; both stores enforce it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import NamedTuple, Protocol
+
+from .config import IPAddress
+
+
+class Reservation(NamedTuple):
+    ip: IPAddress
+    container_id: str
+    ifname: str | None  # None: a legacy reservation that recorded only the container id
+
+
+def owned_by(
+    reservations: Iterable[Reservation], container_id: str, ifname: str
+) -> list[Reservation]:
+    """Exact (id, ifname) matches; only if there are none, legacy id-only ones (host-local)."""
+    held = list(reservations)
+    exact = [r for r in held if r.container_id == container_id and r.ifname == ifname]
+    return exact or [r for r in held if r.ifname is None and r.container_id == container_id]
+
+
+class Store(Protocol):
+    def lock(self) -> AbstractContextManager[None]: ...
+
+    def reserve(self, ip: IPAddress, container_id: str, ifname: str, rangeset_idx: int) -> bool:
+        """Record the reservation and the set's last reserved IP; False if `ip` is taken."""
+        ...
+
+    def release(self, ip: IPAddress) -> None:
+        """Forget one reservation; releasing a free IP is not an error."""
+        ...
+
+    def last_reserved_ip(self, rangeset_idx: int) -> IPAddress | None: ...
+
+    def reservations(self) -> list[Reservation]: ...
+
+    def get_by_id(self, container_id: str, ifname: str) -> list[IPAddress]:
+        return [r.ip for r in owned_by(self.reservations(), container_id, ifname)]
+
+    def release_by_id(self, container_id: str, ifname: str) -> list[IPAddress]:
+        owned = self.get_by_id(container_id, ifname)
+        for ip in owned:
+            self.release(ip)
+        return owned
+
+
+class MemoryStore(Store):
+    def __init__(self) -> None:
+        self.held: dict[IPAddress, Reservation] = {}
+        self.last: dict[int, IPAddress] = {}
+        self._locked = False
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        if self._locked:
+            raise RuntimeError("store lock is not reentrant")
+        self._locked = True
+        try:
+            yield
+        finally:
+            self._locked = False
+
+    def _check(self) -> None:
+        if not self._locked:
+            raise RuntimeError("store used without its lock")
+
+    def reserve(self, ip: IPAddress, container_id: str, ifname: str, rangeset_idx: int) -> bool:
+        self._check()
+        if ip in self.held:
+            return False
+        self.held[ip] = Reservation(ip, container_id, ifname)
+        self.last[rangeset_idx] = ip
+        return True
+
+    def release(self, ip: IPAddress) -> None:
+        self._check()
+        self.held.pop(ip, None)
+
+    def last_reserved_ip(self, rangeset_idx: int) -> IPAddress | None:
+        self._check()
+        return self.last.get(rangeset_idx)
+
+    def reservations(self) -> list[Reservation]:
+        self._check()
+        return list(self.held.values())

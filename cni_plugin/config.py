@@ -35,7 +35,8 @@ def _mac(value: str | None) -> str | None:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=False)
+    # strict: a JSON string "yes" or a number 1 is not a boolean, as in the reference decoder.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
 
 MacAddress = Annotated[str | None, AfterValidator(_mac)]
@@ -65,7 +66,7 @@ class BridgeConf(_Model):
     force_address: bool = Field(default=False, alias="forceAddress")
     ip_masq: bool = Field(default=False, alias="ipMasq")
     ip_masq_backend: Literal["nftables", "iptables"] | None = Field(default=None, alias="ipMasqBackend")
-    mtu: int | None = Field(default=None, ge=68, le=65535)
+    mtu: int | None = Field(default=None, ge=0, le=65535)
     hairpin_mode: bool = Field(default=False, alias="hairpinMode")
     promisc_mode: bool = Field(default=False, alias="promiscMode")
     port_isolation: bool = Field(default=False, alias="portIsolation")
@@ -89,6 +90,15 @@ class BridgeConf(_Model):
             validate_ifname(value)
         except CNIError as exc:
             raise ValueError(exc.details) from None
+        return value
+
+    @field_validator("mtu")
+    @classmethod
+    def _mtu(cls, value: int | None) -> int | None:
+        if value == 0:  # the reference treats 0 as unset
+            return None
+        if value is not None and value < 68:
+            raise ValueError("must be 0 (unset) or at least 68")
         return value
 
     @field_validator("ipam")

@@ -48,8 +48,9 @@ def _exec(kind: str, verb: str, req: Request) -> dict[str, Any] | None:
         except ValueError:
             reply = None
     if proc.returncode != 0:
-        if isinstance(reply, dict) and isinstance(reply.get("code"), int):
-            raise CNIError(reply["code"], str(reply.get("msg", "")), str(reply.get("details", "")))
+        code = reply.get("code") if isinstance(reply, dict) else None
+        if type(code) is int and code > 0:  # bool is an int too, and no error code
+            raise CNIError(code, str(reply.get("msg", "")), str(reply.get("details", "")))
         raise CNIError(INTERNAL, f"IPAM plugin {kind} {verb} failed",
                        proc.stdout.decode(errors="replace")[:200] or f"exit {proc.returncode}")
     return reply if isinstance(reply, dict) else None

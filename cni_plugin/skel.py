@@ -39,6 +39,9 @@ class Request:
     config: dict[str, Any]
     raw_config: bytes
     cni_version: str
+    # The pod netns already opened by a client that forwarded the call (see agent/), because
+    # a netns path may only resolve in the client's mount namespace.
+    netns_fd: int | None = None
 
 
 Verb = Callable[[Request], "dict[str, Any] | None"]
@@ -73,16 +76,18 @@ def config_version(config: Mapping[str, Any]) -> str:
 
 
 def _version_reply(stdin: IO[bytes]) -> dict[str, Any]:
+    """Like the reference skel, VERSION does not fail on what stdin holds."""
     asked = version.CURRENT
-    data = _read_stdin(stdin).strip()
-    if data:
-        raw = decode_config(data).get("cniVersion")
-        if isinstance(raw, str) and raw:
-            asked = raw
+    try:
+        raw = decode_config(_read_stdin(stdin)).get("cniVersion")
+    except CNIError:
+        raw = None
+    if isinstance(raw, str) and raw:
+        asked = raw
     return {"cniVersion": asked, "supportedVersions": list(version.SUPPORTED)}
 
 
-def parse_request(cmd: CmdArgs, env: Mapping[str, str], data: bytes) -> Request:
+def parse_request(cmd: CmdArgs, env: Mapping[str, str], data: bytes, netns_fd: int | None = None) -> Request:
     config = decode_config(data)
     name = config.get("name")
     if not isinstance(name, str):
@@ -94,7 +99,8 @@ def parse_request(cmd: CmdArgs, env: Mapping[str, str], data: bytes) -> Request:
         raise CNIError(INCOMPATIBLE_VERSION,
                        f"config version {cni_version} does not allow {cmd.command}",
                        f"{cmd.command} needs cniVersion >= {minimum}")
-    return Request(cmd=cmd, env=env, config=config, raw_config=data, cni_version=cni_version)
+    return Request(cmd=cmd, env=env, config=config, raw_config=data, cni_version=cni_version,
+                   netns_fd=netns_fd)
 
 
 def about_text(program: str) -> str:
@@ -108,6 +114,7 @@ def run(
     stdout: IO[str],
     program: str,
     stderr: IO[str] | None = None,
+    netns_fd: int | None = None,
 ) -> int:
     """Serve one CNI call; returns the process exit code. `verbs` is called only once a verb
     needs serving, so VERSION and argument errors never import the heavy modules."""
@@ -125,7 +132,7 @@ def run(
         if cmd.command == "VERSION":
             stdout.write(json.dumps(_version_reply(stdin)))
             return 0
-        req = parse_request(cmd, env, _read_stdin(stdin))
+        req = parse_request(cmd, env, _read_stdin(stdin), netns_fd)
         cni_version = req.cni_version
         log.configure(req.config.get("logFile"), env)
         result = verbs()[cmd.command](req)

@@ -15,6 +15,12 @@ _IFACE_1_1 = ("mtu", "socketPath", "pciID")
 _ROUTE_1_1 = ("mtu", "advmss", "priority", "table", "scope")
 
 
+def _ip(value: str | None) -> str | None:
+    if value is not None:
+        ipaddress.ip_address(value)
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -41,6 +47,11 @@ class IPConfig(_Model):
             raise ValueError("address must be in CIDR form")
         return value
 
+    @field_validator("gateway")
+    @classmethod
+    def _gateway(cls, value: str | None) -> str | None:
+        return _ip(value)
+
     @property
     def family(self) -> int:
         return ipaddress.ip_interface(self.address).version
@@ -60,6 +71,11 @@ class Route(_Model):
     def _net(cls, value: str) -> str:
         ipaddress.ip_network(value, strict=False)
         return value
+
+    @field_validator("gw")
+    @classmethod
+    def _gw(cls, value: str | None) -> str | None:
+        return _ip(value)
 
 
 class DNS(_Model):

@@ -13,20 +13,12 @@ $(PY):
 venv: $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 
-# A venv under $(PREFIX), and two launchers in $(CNI_BIN_DIR) that start its interpreter by
-# absolute path with -I (never the pyenv shim on PATH, no PYTHON* variables from the runtime).
+# A venv under $(PREFIX), and launchers in $(CNI_BIN_DIR) that start its interpreter by absolute
+# path with -I -S (never the pyenv shim on PATH) and forward to the agent when one runs.
 install:
 	$(PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q .
-	install -d $(CNI_BIN_DIR)
-	set -e; for entry in pybridge:cni_plugin pyipam:ipam; do \
-	    name=$${entry%%:*}; module=$${entry#*:}; \
-	    printf '#!%s -I\nfrom %s.__main__ import main\nmain()\n' \
-	        "$$(readlink -f $(PREFIX)/bin/python)" "$$module" > $(CNI_BIN_DIR)/.$$name.tmp; \
-	    chmod 0755 $(CNI_BIN_DIR)/.$$name.tmp; \
-	    mv -f $(CNI_BIN_DIR)/.$$name.tmp $(CNI_BIN_DIR)/$$name; \
-	done
-	@echo "installed pybridge and pyipam into $(CNI_BIN_DIR)"
+	$(PREFIX)/bin/python -m cni_plugin.install --bin-dir $(CNI_BIN_DIR)
 
 demo: venv
 	bash scripts/demo.sh

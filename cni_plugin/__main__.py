@@ -8,6 +8,10 @@ from collections.abc import Mapping
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["agent"]:
+        from .agent import server
+
+        sys.exit(server.run(sys.argv[2] if len(sys.argv) > 2 else None))
     from . import skel
 
     def verbs() -> Mapping[str, skel.Verb]:

@@ -11,10 +11,10 @@ from typing import Any
 from . import config, ipam_client, link, log, netns, sysctl
 from .config import BridgeConf
 from .skel import Request
+from .spec.attachments import valid_attachments
 from .spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, UNSUPPORTED_FIELD, CNIError
 from .spec.result import Interface, Result, Route, parse_result
 
-GC_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
 POD_INDEX = 2  # interfaces are [bridge, host veth, pod]
 
 
@@ -26,15 +26,23 @@ def _load(req: Request) -> BridgeConf:
     return conf
 
 
+def _open_pod_netns(req: Request) -> int:
+    """A new fd for the pod netns: a dup of the one a forwarding client sent, or opened by path."""
+    if req.netns_fd is not None:
+        return os.dup(req.netns_fd)
+    return netns.open_netns(req.cmd.netns)
+
+
 @contextlib.contextmanager
-def _pod_netns(path: str, allow_own: bool) -> Iterator[int]:
+def _pod_netns(req: Request) -> Iterator[int]:
     try:
-        fd = netns.open_netns(path)
+        fd = _open_pod_netns(req)
     except netns.NetnsGone:
-        raise CNIError(INVALID_NETNS, "failed to open netns", f"{path}: no such network namespace") from None
+        raise CNIError(INVALID_NETNS, "failed to open netns",
+                       f"{req.cmd.netns}: no such network namespace") from None
     try:
-        if not allow_own and netns.same_netns(fd):
-            raise CNIError(INVALID_NETNS, "CNI_NETNS is the plugin's own network namespace", path)
+        if req.env.get("CNI_NETNS_OVERRIDE") != "1" and netns.same_netns(fd):
+            raise CNIError(INVALID_NETNS, "CNI_NETNS is the plugin's own network namespace", req.cmd.netns)
         yield fd
     finally:
         os.close(fd)
@@ -92,8 +100,7 @@ def cmd_add(req: Request) -> dict[str, Any]:
     conf = _load(req)
     mac = conf.mac(req.cmd.cni_args)
     ifname, cid = req.cmd.ifname, req.cmd.container_id
-    allow_own = req.env.get("CNI_NETNS_OVERRIDE") == "1"
-    with _pod_netns(req.cmd.netns, allow_own) as pod_fd, link.route_socket() as ipr, \
+    with _pod_netns(req) as pod_fd, link.route_socket() as ipr, \
             contextlib.ExitStack() as undo:
         if netns.run_in(pod_fd, lambda: link.pod_link_exists(ifname)):
             raise CNIError(INTERNAL, f"container veth name {ifname!r} already exists", req.cmd.netns)
@@ -135,9 +142,10 @@ def cmd_add(req: Request) -> dict[str, Any]:
     return result.to_version(req.cni_version)
 
 
-def _delete_pod_link(path: str, ifname: str) -> None:
+def _delete_pod_link(req: Request) -> None:
+    ifname = req.cmd.ifname
     try:
-        fd = netns.open_netns(path)
+        fd = _open_pod_netns(req)
     except netns.NetnsGone:
         return  # the runtime already removed the netns: nothing left to unplug
     try:
@@ -149,7 +157,7 @@ def _delete_pod_link(path: str, ifname: str) -> None:
 def cmd_del(req: Request) -> None:
     conf = _load(req)
     if req.cmd.netns:
-        _delete_pod_link(req.cmd.netns, req.cmd.ifname)
+        _delete_pod_link(req)
     if conf.ipam_type:
         ipam_client.delete(req, conf.ipam_type)
     if conf.ip_masq:
@@ -167,7 +175,7 @@ def cmd_check(req: Request) -> None:
         ipam_client.check(req, conf.ipam_type)
     from . import check
 
-    with _pod_netns(req.cmd.netns, allow_own=req.env.get("CNI_NETNS_OVERRIDE") == "1") as pod_fd:
+    with _pod_netns(req) as pod_fd:
         check.verify(conf, prev, req.cmd.netns, req.cmd.ifname, pod_fd)
         if conf.ip_masq:
             from . import masq
@@ -183,28 +191,9 @@ def cmd_status(req: Request) -> None:
         ipam_client.status(req, conf.ipam_type)
 
 
-def _valid_attachments(raw: dict[str, Any]) -> set[tuple[str, str]]:
-    for key in GC_KEYS:
-        if key in raw:
-            entries = raw[key]
-            break
-    else:
-        return set()  # no list at all means no attachment is valid (as cnitool gc sends it)
-    if not isinstance(entries, list):
-        raise CNIError(INVALID_CONFIG, f"invalid field '{key}'", "a list is required")
-    valid = set()
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str) \
-                or not isinstance(entry.get("ifname"), str):
-            raise CNIError(INVALID_CONFIG, f"invalid field '{key}[{i}]'",
-                           "each entry needs string 'containerID' and 'ifname'")
-        valid.add((entry["containerID"], entry["ifname"]))
-    return valid
-
-
 def cmd_gc(req: Request) -> None:
     conf = _load(req)
-    valid = _valid_attachments(req.config)
+    valid = valid_attachments(req.config)
     from . import masq
 
     errors = masq.gc(conf.name, valid)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin.install import write_launchers
+
 from .harness import Host, new_netns
 
 
@@ -18,11 +20,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
-@pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
-    h = Host(name=new_netns("host"), data_dir=tmp_path / "ipam")
-    h.exec("ip", "link", "set", "lo", "up")
+@pytest.fixture(scope="session")
+def launchers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pybridge and pyipam installed the way `make install` does it."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    write_launchers(str(bin_dir))
+    return bin_dir
+
+
+# Every netns test runs twice: calls forwarded to a resident agent, and served in-process by
+# the launcher when no agent listens. Both must give the same results.
+@pytest.fixture(params=["inprocess", "agent"])
+def host(request: pytest.FixtureRequest, tmp_path: Path, launchers: Path) -> Iterator[Host]:
+    h = Host(name=new_netns("host"), data_dir=tmp_path / "ipam", bin_dir=launchers,
+             agent_socket=tmp_path / "agent" / "agent.sock")
     try:
+        h.exec("ip", "link", "set", "lo", "up")
+        if request.param == "agent":
+            h.start_agent(tmp_path / "agent.log")
         yield h
+        if request.param == "agent":
+            assert h.stop_agent() == 0, (tmp_path / "agent.log").read_text()
+            assert "Traceback" not in (tmp_path / "agent.log").read_text()
     finally:
         h.destroy()

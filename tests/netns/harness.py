@@ -11,12 +11,12 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 TEST_PREFIX = "pbt-"
-BIN_DIR = Path(sys.executable).parent
 BUSYBOX = "/bin/busybox"
 REFERENCE_PLUGINS = "/usr/lib/cni"
 
@@ -51,11 +51,37 @@ class Reply:
 
 @dataclass
 class Host:
-    """A host netns with the pod netns made for it; `cni()` execs a plugin inside the host."""
+    """A host netns with the pod netns made for it; `cni()` execs a plugin inside the host.
+
+    Plugins run through the installed launchers in `bin_dir`, which forward to the agent at
+    `agent_socket` when one listens there and serve the call in-process otherwise.
+    """
 
     name: str
     data_dir: Path
+    bin_dir: Path
+    agent_socket: Path
     pods: list[str] = field(default_factory=list)
+    agent: subprocess.Popen[bytes] | None = None
+
+    def start_agent(self, log_path: Path) -> None:
+        with open(log_path, "wb") as log:
+            self.agent = subprocess.Popen(
+                ["ip", "netns", "exec", self.name, str(self.bin_dir / "pybridge"), "agent",
+                 str(self.agent_socket)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not self.agent_socket.exists():
+            assert self.agent.poll() is None, f"agent exited: {log_path.read_text()}"
+            assert time.monotonic() < deadline, "agent did not start"
+            time.sleep(0.02)
+
+    def stop_agent(self) -> int | None:
+        if self.agent is None:
+            return None
+        self.agent.terminate()
+        code = self.agent.wait(timeout=30)
+        self.agent = None
+        return code
 
     def exec(
         self, *cmd: str, check: bool = True, input: bytes | None = None
@@ -90,10 +116,11 @@ class Host:
             "CNI_CONTAINERID": container_id,
             "CNI_NETNS": path,
             "CNI_IFNAME": ifname,
-            "CNI_PATH": f"{BIN_DIR}:{REFERENCE_PLUGINS}",
+            "CNI_PATH": f"{self.bin_dir}:{REFERENCE_PLUGINS}",
+            "PYBRIDGE_AGENT_SOCKET": str(self.agent_socket),
             **(env or {}),
         }
-        binary = plugin if plugin.startswith("/") else str(BIN_DIR / plugin)
+        binary = plugin if plugin.startswith("/") else str(self.bin_dir / plugin)
         if not os.path.exists(binary):
             binary = os.path.join(REFERENCE_PLUGINS, plugin)
         envs = [f"{k}={v}" for k, v in variables.items()]
@@ -119,10 +146,11 @@ class Host:
         directory = self.data_dir / network
         if not directory.exists():
             return {}
-        return {p.name: p.read_text() for p in directory.iterdir()
+        return {p.name: p.read_bytes().decode() for p in directory.iterdir()
                 if p.name != "lock" and not p.name.startswith("last_reserved_ip")}
 
     def destroy(self) -> None:
+        self.stop_agent()
         for pod in self.pods:
             delete_netns(pod)
         delete_netns(self.name)

@@ -1,0 +1,121 @@
+"""The exec'd entry: forward the call to the agent, or serve it in-process when no agent takes it.
+
+Started as `<absolute python> -I -S`, it imports only builtins (`_socket`, `posix`, `sys`):
+`socket` and `json` would cost ~8 ms each (enum, re), two thirds of a whole forwarded call.
+"""
+
+import _socket
+import posix
+import sys
+
+from . import wire
+
+AGENT_FAILED = (b'{"code": 999, "msg": "pybridge agent failed while serving the call", '
+                b'"details": "see the agent log; the call may have been partly done"}')
+
+
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        chunk = posix.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[posix.write(fd, view):]
+
+
+def _recv_exact(sock: _socket.socket, size: int) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < size:
+        chunk = sock.recv(min(size - got, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _open_fds(env: dict[bytes, bytes]) -> tuple[list[int], int]:
+    fds = [posix.open(b"/proc/thread-self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)]
+    flags = 0
+    netns = env.get(b"CNI_NETNS", b"")
+    if netns:
+        try:
+            fds.append(posix.open(netns, posix.O_RDONLY | posix.O_CLOEXEC))
+            flags |= wire.FLAG_POD_NETNS
+        except OSError:
+            pass  # the agent reports the missing netns as the in-process code would
+    return fds, flags
+
+
+def forward(
+    program: bytes, stdin: bytes, env: dict[bytes, bytes], path: bytes
+) -> tuple[int, bytes, bytes] | None:
+    """The agent's (exit code, stdout, stderr), or None if no agent took the call."""
+    try:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.connect(path)
+    except OSError:
+        return None
+    fds, flags = _open_fds(env)
+    accepted = False
+    try:
+        blob = b"\0".join(k + b"=" + v for k, v in env.items())
+        request = wire.encode_request(program, blob, stdin, flags)
+        ancillary = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+        sent = sock.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, ancillary)])
+        if sent < len(request):
+            sock.sendall(request[sent:])
+        answer = _recv_exact(sock, 4)
+        if answer != wire.ACCEPTED:
+            return None  # declined, or gone before it accepted: nothing was done
+        accepted = True
+        header = _recv_exact(sock, wire.RESPONSE_HEADER_LEN)
+        if len(header) != wire.RESPONSE_HEADER_LEN or header[:4] != wire.RESPONSE:
+            return 1, AGENT_FAILED, b""
+        code, olen, elen = (wire.read_u32(header, i) for i in (4, 8, 12))
+        body = _recv_exact(sock, olen + elen)
+        if len(body) != olen + elen:
+            return 1, AGENT_FAILED, b""
+        return code, body[:olen], body[olen:]
+    except OSError:
+        return (1, AGENT_FAILED, b"") if accepted else None
+    finally:
+        for fd in fds:
+            posix.close(fd)
+        sock.close()
+
+
+def main(program: str = "pybridge") -> None:
+    env = posix.environ
+    if not env.get(b"CNI_COMMAND") or sys.argv[1:]:
+        _in_process(program, None)  # about text, `agent`, `ls`: nothing to forward
+    stdin = _read_all(0)
+    path = env.get(wire.SOCKET_ENV.encode(), wire.DEFAULT_SOCKET.encode())
+    reply = forward(program.encode(), stdin, dict(env), path)
+    if reply is None:
+        _in_process(program, stdin)
+    code, out, err = reply  # type: ignore[misc]
+    _write_all(1, out)
+    if err:
+        _write_all(2, err)
+    posix._exit(code)
+
+
+def _in_process(program: str, stdin: bytes | None) -> None:
+    if program == "pyipam":
+        from ipam.__main__ import main as serve
+    else:
+        from cni_plugin.__main__ import main as serve
+    if stdin is not None:
+        import io
+
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
+    serve()
+    sys.exit(0)

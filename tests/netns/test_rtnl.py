@@ -1,0 +1,123 @@
+"""The lean rtnetlink layer, checked against pyroute2's view of the same kernel state."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from pyroute2.iproute.linux import IPRoute
+
+from cni_plugin import netns, rtnl
+
+from .harness import delete_netns, new_netns
+
+pytestmark = pytest.mark.netns
+T = TypeVar("T")
+
+
+class Pair:
+    """Two throw-away netns ("host" and "pod") and a way to run code inside each."""
+
+    def __init__(self) -> None:
+        self.names = [new_netns("rtnl"), new_netns("rtnl")]
+        self.fds = [os.open(f"/run/netns/{n}", os.O_RDONLY) for n in self.names]
+
+    def host(self, func: Callable[[], T]) -> T:
+        return netns.run_in(self.fds[0], func)
+
+    def pod(self, func: Callable[[], T]) -> T:
+        return netns.run_in(self.fds[1], func)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        for name in self.names:
+            delete_netns(name)
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def pyroute2_link(name: str) -> Any:
+    with IPRoute() as ipr:
+        return ipr.get_links(ipr.link_lookup(ifname=name)[0])[0]
+
+
+def test_bridge_and_veth_match_pyroute2(pair: Pair) -> None:
+    def host_side() -> tuple[rtnl.LinkInfo | None, rtnl.LinkInfo | None, Any, Any]:
+        with rtnl.Socket() as sock:
+            sock.add_bridge("br-rt", 1400, vlan_filtering=False)
+            sock.add_veth("veth-rt", "eth7", pair.fds[1], 1400, "0a:58:0a:00:00:07")
+            bridge = sock.link_by_name("br-rt")
+            veth = sock.link_by_name("veth-rt")
+            assert bridge is not None and veth is not None
+            sock.set_link(veth.index, up=True, master=bridge.index)
+            sock.set_brport(veth.index, hairpin=True, isolated=True)
+            with IPRoute() as ipr:
+                port = ipr.brport("show", index=veth.index)[0]
+            # Read both views after the port joined: the bridge then takes the port's MAC.
+            return sock.link_by_name("br-rt"), sock.link_by_index(veth.index), pyroute2_link("br-rt"), port
+
+    bridge, veth, py_bridge, port = pair.host(host_side)
+    assert bridge is not None and veth is not None
+    assert (bridge.index, bridge.name, bridge.mac, bridge.mtu, bridge.kind) == (
+        py_bridge["index"], py_bridge.get("ifname"), py_bridge.get("address"), py_bridge.get("mtu"),
+        py_bridge.get(("linkinfo", "kind")))
+    assert veth.kind == "veth" and veth.master == bridge.index and veth.flags & rtnl.IFF_UP
+    assert port.get(("protinfo", "mode")) == 1 and port.get(("protinfo", "isolated")) == 1
+    peer = pair.pod(lambda: pyroute2_link("eth7"))
+    assert peer.get("address") == "0a:58:0a:00:00:07" and peer.get("mtu") == 1400
+    assert peer.get("link") == veth.index
+
+
+def test_addresses_and_routes_match_pyroute2(pair: Pair) -> None:
+    def pod_side() -> tuple[list[tuple[rtnl.IPInterface, int]], list[Any], list[Any]]:
+        with rtnl.Socket() as sock:
+            sock.add_bridge("dummy-br", None, vlan_filtering=False)
+            sock.add_bridge("other-br", None, vlan_filtering=False)
+            link = sock.link_by_name("dummy-br")
+            other = sock.link_by_name("other-br")
+            assert link is not None and other is not None
+            sock.set_link(link.index, up=True)
+            sock.add_address(link.index, ipaddress.ip_interface("10.55.0.2/24"))
+            sock.add_address(link.index, ipaddress.ip_interface("fd55::2/64"), nodad=True)
+            sock.add_address(other.index, ipaddress.ip_interface("10.56.0.2/24"))
+            sock.add_route("10.60.0.0/16", "10.55.0.1", link.index)
+            sock.add_route("0.0.0.0/0", "10.55.0.1", link.index)
+            with pytest.raises(rtnl.NetlinkError) as exists:
+                sock.add_address(link.index, ipaddress.ip_interface("10.55.0.2/24"))
+            assert exists.value.errno == errno.EEXIST
+            mine = sock.addresses(link.index)
+            with IPRoute() as ipr:
+                return mine, ipr.get_addr(index=link.index), ipr.get_routes(family=2, oif=link.index)
+
+    mine, theirs, routes = pair.pod(pod_side)
+    ours = {str(a) for a, _ in mine if not a.ip.is_link_local}
+    assert ours == {"10.55.0.2/24", "fd55::2/64"}  # other-br's address is filtered out
+    seen = {f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}" for m in theirs}
+    assert ours <= seen
+    by_dst = {(r.get("RTA_DST"), r["dst_len"]): r.get("RTA_GATEWAY") for r in routes}
+    assert by_dst[("10.60.0.0", 16)] == "10.55.0.1"
+    assert by_dst[(None, 0)] == "10.55.0.1"
+
+
+def test_missing_links_and_errors(pair: Pair) -> None:
+    def host_side() -> None:
+        with rtnl.Socket() as sock:
+            assert sock.link_by_name("nope0") is None
+            assert sock.link_by_index(999999) is None
+            with pytest.raises(rtnl.NetlinkError) as gone:
+                sock.delete_link(999999)
+            assert gone.value.errno == errno.ENODEV
+
+    pair.host(host_side)

@@ -5,20 +5,21 @@ CNI_BIN_DIR ?= /opt/cni/bin
 PREFIX      ?= /opt/pybridge
 PY          := $(VENV)/bin/python
 
-.PHONY: venv install demo test lint unit netns clean
+.PHONY: venv install demo test lint unit netns interop cnitool clean bundle kind-up kind-e2e kind-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 venv: $(PY)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bundle,kind]'
 
-# A venv under $(PREFIX), and launchers in $(CNI_BIN_DIR) that start its interpreter by absolute
-# path with -I -S (never the pyenv shim on PATH) and forward to the agent when one runs.
+# A venv under $(PREFIX); in $(CNI_BIN_DIR) the compiled client that forwards to the agent, and
+# behind it, in $(PREFIX)/libexec, launchers that start the venv's interpreter by absolute path
+# with -I -S (never the pyenv shim on PATH) and serve the call in-process when no agent runs.
 install:
 	$(PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q .
-	$(PREFIX)/bin/python -m cni_plugin.install --bin-dir $(CNI_BIN_DIR)
+	$(PREFIX)/bin/python -m cni_plugin.install --bin-dir $(CNI_BIN_DIR) --libexec-dir $(PREFIX)/libexec
 
 demo: venv
 	bash scripts/demo.sh
@@ -33,9 +34,50 @@ unit: venv
 netns: venv
 	$(VENV)/bin/pytest -q tests/netns
 
+interop: venv
+	$(VENV)/bin/pytest -q tests/interop
+
+# cnidrive, the cnitool-style libcni driver of tests/interop, built offline in GOPATH mode against
+# Debian's golang-github-appc-cni-dev (libcni 1.1.2). The binary stays in build/, never committed.
+GO_ENV := GO111MODULE=off GOPATH=$(CURDIR)/build/gopath:/usr/share/gocode GOCACHE=$(CURDIR)/build/gocache \
+	CGO_ENABLED=0 GOFLAGS=
+cnitool:
+	cd tests/interop/cnidrive && $(GO_ENV) go build -o $(CURDIR)/build/cnidrive .
+	@echo "built build/cnidrive (see README: cnitool manual testing)"
+
+# The frozen bundle (PyInstaller one-dir) for nodes without Python, e.g. kind: dist/pybridge/ with
+# the executable `pybridge` and `pyipam` -> pybridge beside it. Rebuilt only when a source changed;
+# the flock keeps two `make test` in one tree from building into the same dist/ at once.
+BUNDLE         := dist/pybridge
+BUNDLE_SOURCES := $(shell find cni_plugin ipam -name '*.py') deploy/bundle/pybridge.spec pyproject.toml
+bundle: venv $(BUNDLE)/pybridge
+$(BUNDLE)/pybridge: $(BUNDLE_SOURCES)
+	@mkdir -p build
+	flock build/.bundle.lock $(VENV)/bin/pyinstaller --noconfirm --log-level WARN --distpath dist \
+		--workpath build/pyinstaller deploy/bundle/pybridge.spec
+	ln -sfn pybridge $(BUNDLE)/pyipam
+	touch $@
+
+# kind (needs docker, kind, kubectl; not on the CI machines): see README "Kubernetes on kind".
+KIND_CLUSTER ?= pybridge
+KIND_CONFIG  ?= kind-config.yaml
+IMAGE        ?= pybridge:dev
+kind-up:
+	kind create cluster --name $(KIND_CLUSTER) --config $(KIND_CONFIG)
+	docker build -f deploy/Dockerfile -t $(IMAGE) .
+	kind load docker-image $(IMAGE) --name $(KIND_CLUSTER)
+	kubectl --context kind-$(KIND_CLUSTER) apply -f deploy/pybridge.yaml
+	kubectl --context kind-$(KIND_CLUSTER) wait --for=condition=Ready nodes --all --timeout=180s
+
+kind-e2e:
+	KUBECTL="kubectl --context kind-$(KIND_CLUSTER)" bash deploy/e2e/kind-e2e.sh
+
+kind-down:
+	kind delete cluster --name $(KIND_CLUSTER)
+
 # pytest exits 5 when it ran no test: that is a failure here too (make stops on any non-zero).
-test: lint
+test: lint bundle
 	$(VENV)/bin/pytest -q -rs tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

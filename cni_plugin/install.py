@@ -1,20 +1,26 @@
-"""Write the exec'd launchers: `python -m cni_plugin.install --bin-dir /opt/cni/bin`.
+"""Install the exec'd entries:
+`python -m cni_plugin.install --bin-dir /opt/cni/bin --libexec-dir /opt/pybridge/libexec`.
 
-Each launcher starts this interpreter by absolute path with -I -S (no pyenv shim, no site, no
-PYTHON* variables from the runtime) and runs the stdlib-only shim, which forwards to the agent
-or falls back to serving the call in-process with the paths given here.
+The Python launchers start this interpreter by absolute path with -I -S (no pyenv shim, no
+site, no PYTHON* variables from the runtime) and run the stdlib-only shim, which forwards to
+the agent or serves the call in-process. With a libexec dir and gcc, the runtime execs the
+compiled client (agent/client.c, ~1 ms to start) instead, which falls back to those launchers.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 
 import cni_plugin
 
 PROGRAMS = ("pybridge", "pyipam")
+CLIENT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent", "client.c")
 
 
 def import_paths() -> list[str]:
@@ -37,29 +43,53 @@ def launcher(program: str, python: str, paths: list[str]) -> str:
     )
 
 
+def _install_file(target: str, write: Callable[[str], None]) -> str:
+    """Write via temp + rename: a runtime may exec the old file meanwhile."""
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp")
+    write(tmp)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+    return target
+
+
+def build_client(output: str, fallback_dir: str) -> None:
+    """Compile agent/client.c with the launchers' directory baked in as its fallback."""
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", f'-DFALLBACK_DIR="{fallback_dir}"',
+                    "-o", output, CLIENT_SOURCE], check=True)
+
+
 def write_launchers(bin_dir: str, python: str | None = None) -> list[str]:
-    """Install atomically (temp + rename): a runtime may exec the old file meanwhile."""
     python = python or sys.executable
     if not os.path.isabs(python):
         raise ValueError(f"interpreter path must be absolute: {python}")
     os.makedirs(bin_dir, exist_ok=True)
-    written = []
-    for program in PROGRAMS:
-        target = os.path.join(bin_dir, program)
-        tmp = os.path.join(bin_dir, f".{program}.tmp")
-        with open(tmp, "w") as f:
-            f.write(launcher(program, python, import_paths()))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
-        written.append(target)
-    return written
+
+    def writer(program: str) -> Callable[[str], None]:
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(launcher(program, python, import_paths()))
+        return write
+
+    return [_install_file(os.path.join(bin_dir, p), writer(p)) for p in PROGRAMS]
+
+
+def install(bin_dir: str, libexec_dir: str | None = None, python: str | None = None) -> list[str]:
+    """Without a libexec dir (or without gcc) the Python launchers go straight into bin_dir."""
+    if libexec_dir is None or shutil.which("gcc") is None:
+        return write_launchers(bin_dir, python)
+    fallback_dir = os.path.abspath(libexec_dir)
+    write_launchers(fallback_dir, python)
+    os.makedirs(bin_dir, exist_ok=True)
+    return [_install_file(os.path.join(bin_dir, p), lambda tmp: build_client(tmp, fallback_dir))
+            for p in PROGRAMS]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="install the pybridge and pyipam launchers")
+    parser = argparse.ArgumentParser(description="install the pybridge and pyipam entries")
     parser.add_argument("--bin-dir", default="/opt/cni/bin")
+    parser.add_argument("--libexec-dir", help="where the Python launchers go behind the compiled client")
     args = parser.parse_args()
-    for path in write_launchers(args.bin_dir):
+    for path in install(args.bin_dir, args.libexec_dir):
         print(path)
 
 

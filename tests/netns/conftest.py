@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin.install import write_launchers
+from cni_plugin.install import install
 
 from .harness import Host, new_netns
 
@@ -22,10 +22,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def launchers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """pybridge and pyipam installed the way `make install` does it."""
-    bin_dir = tmp_path_factory.mktemp("bin")
-    write_launchers(str(bin_dir))
-    return bin_dir
+    """pybridge and pyipam installed the way `make install` does it: the compiled client in
+    bin/, the Python launchers it falls back to in libexec/."""
+    root = tmp_path_factory.mktemp("install")
+    install(str(root / "bin"), str(root / "libexec"))
+    return root / "bin"
 
 
 # Every netns test runs twice: calls forwarded to a resident agent, and served in-process by

@@ -1,0 +1,214 @@
+/*
+ * The compiled exec'd client: what containerd runs as /opt/cni/bin/pybridge (and pyipam).
+ *
+ * It speaks cni_plugin/agent/wire.py's protocol: forwards CNI_* env, stdin and the netns fds
+ * (SCM_RIGHTS) to the resident agent and relays its answer. When no agent accepts the call it
+ * execs the Python launcher in FALLBACK_DIR with the same argv and stdin, which serves the
+ * call in-process. Starting this takes ~1 ms against ~11 ms for the Python launcher.
+ * Built from source by `python -m cni_plugin.install` (gcc); never committed as a binary.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#ifndef FALLBACK_DIR
+#define FALLBACK_DIR "/opt/pybridge/libexec"
+#endif
+#ifndef DEFAULT_SOCKET
+#define DEFAULT_SOCKET "/run/pybridge/agent.sock"
+#endif
+
+#define MAX_STDIN ((4u << 20) + 1)
+#define FLAG_POD_NETNS 1u
+
+extern char **environ;
+
+static const char AGENT_FAILED[] =
+    "{\"code\": 999, \"msg\": \"pybridge agent failed while serving the call\", "
+    "\"details\": \"see the agent log; the call may have been partly done\"}";
+
+struct buf { char *data; size_t len, cap; };
+
+static int grow(struct buf *b, size_t extra) {
+    if (b->len + extra <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra) cap *= 2;
+    char *data = realloc(b->data, cap);
+    if (!data) return -1;
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+static int append(struct buf *b, const void *data, size_t len) {
+    if (grow(b, len)) return -1;
+    memcpy(b->data + b->len, data, len);
+    b->len += len;
+    return 0;
+}
+
+static int append_u32(struct buf *b, uint32_t v) {
+    unsigned char le[4] = {v & 0xff, (v >> 8) & 0xff, (v >> 16) & 0xff, (v >> 24) & 0xff};
+    return append(b, le, 4);
+}
+
+static uint32_t read_u32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static int read_stdin(struct buf *b) {
+    for (;;) {
+        if (grow(b, 65536)) return -1;
+        ssize_t n = read(0, b->data + b->len, 65536);
+        if (n == 0) return 0;
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        b->len += (size_t)n;
+        if (b->len > MAX_STDIN) return -1;
+    }
+}
+
+static int write_all(int fd, const char *data, size_t len) {
+    while (len) {
+        ssize_t n = write(fd, data, len);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        data += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int send_all(int fd, const char *data, size_t len) {
+    while (len) {
+        ssize_t n = send(fd, data, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        data += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int recv_exact(int fd, void *dst, size_t len) {
+    char *p = dst;
+    while (len) {
+        ssize_t n = recv(fd, p, len, 0);
+        if (n == 0) return -1;
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* No agent took the call: serve it in-process through the Python launcher, stdin replayed. */
+static void fallback(const char *program, char **argv, const struct buf *in) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", FALLBACK_DIR, program);
+    if (in) {
+        int mfd = memfd_create("pybridge-stdin", 0);
+        if (mfd < 0 || write_all(mfd, in->data, in->len) || lseek(mfd, 0, SEEK_SET) < 0 ||
+            dup2(mfd, 0) < 0) {
+            perror("pybridge: replaying stdin");
+            exit(1);
+        }
+        close(mfd);
+    }
+    setenv("PYBRIDGE_AGENT_SOCKET", "", 1); /* the launcher must not ask the agent again */
+    execv(path, argv);
+    fprintf(stderr, "pybridge: cannot exec %s: %s\n", path, strerror(errno));
+    printf("{\"code\": 999, \"msg\": \"pybridge fallback missing\", \"details\": \"%s\"}", path);
+    exit(1);
+}
+
+static void failed_after_accept(void) {
+    write_all(1, AGENT_FAILED, sizeof AGENT_FAILED - 1);
+    exit(1);
+}
+
+int main(int argc, char **argv) {
+    const char *program = basename(argv[0]);
+    if (strcmp(program, "pyipam") != 0) program = "pybridge";
+    const char *command = getenv("CNI_COMMAND");
+    if (!command || !*command || argc > 1) fallback(program, argv, NULL);
+
+    struct buf in = {0}, req = {0}, env = {0};
+    if (read_stdin(&in)) fallback(program, argv, &in);
+
+    const char *path = getenv("PYBRIDGE_AGENT_SOCKET");
+    if (!path || !*path) path = DEFAULT_SOCKET;
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path) fallback(program, argv, &in);
+    strcpy(addr.sun_path, path);
+    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) fallback(program, argv, &in);
+
+    int fds[2], nfds = 0;
+    uint32_t flags = 0;
+    fds[nfds] = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (fds[nfds] < 0) fallback(program, argv, &in);
+    nfds++;
+    const char *netns = getenv("CNI_NETNS");
+    if (netns && *netns) {
+        int fd = open(netns, O_RDONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            fds[nfds++] = fd;
+            flags |= FLAG_POD_NETNS;
+        }
+    }
+
+    for (char **e = environ; *e; e++) {
+        if (env.len && append(&env, "", 1)) return 1;
+        if (append(&env, *e, strlen(*e))) return 1;
+    }
+    if (append(&req, "PBQ1", 4) || append_u32(&req, flags) || append_u32(&req, strlen(program)) ||
+        append_u32(&req, env.len) || append_u32(&req, in.len) || append(&req, program, strlen(program)) ||
+        append(&req, env.data, env.len) || append(&req, in.data, in.len))
+        return 1;
+
+    struct iovec iov = {.iov_base = req.data, .iov_len = req.len};
+    char control[CMSG_SPACE(sizeof fds)];
+    memset(control, 0, sizeof control);
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+                         .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+    memcpy(CMSG_DATA(cmsg), fds, nfds * sizeof(int));
+    ssize_t sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    if (sent < 0) fallback(program, argv, &in);
+    /* The rest of a large request: the agent has not accepted yet, so falling back is safe. */
+    if ((size_t)sent < req.len && send_all(sock, req.data + sent, req.len - (size_t)sent))
+        fallback(program, argv, &in);
+    for (int i = 0; i < nfds; i++) close(fds[i]);
+
+    char answer[4];
+    if (recv_exact(sock, answer, 4) || memcmp(answer, "PBK1", 4) != 0) fallback(program, argv, &in);
+    unsigned char header[16];
+    if (recv_exact(sock, header, sizeof header) || memcmp(header, "PBR1", 4) != 0) failed_after_accept();
+    uint32_t code = read_u32(header + 4), olen = read_u32(header + 8), elen = read_u32(header + 12);
+    char *body = malloc((size_t)olen + elen + 1);
+    if (!body || recv_exact(sock, body, (size_t)olen + elen)) failed_after_accept();
+    if (write_all(1, body, olen) || (elen && write_all(2, body + olen, elen))) return 1;
+    return (int)code;
+}

@@ -1,0 +1,98 @@
+"""Benchmark driver, run INSIDE a throw-away host netns (bench/run.py puts it there).
+
+It times whole plugin executions the way a runtime makes them (fork+exec, env, stdin, stdout),
+for one plugin variant at a time, and prints one JSON object of raw timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import time
+from typing import Any
+
+
+def call(
+    binary: str, command: str, conf: dict[str, Any], cid: str, netns: str, env: dict[str, str]
+) -> tuple[float, int, Any]:
+    variables = {
+        **env,
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": cid,
+        "CNI_NETNS": netns,
+        "CNI_IFNAME": "eth0",
+    }
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [binary], input=json.dumps(conf).encode(), env=variables, capture_output=True, check=False
+    )
+    elapsed = (time.perf_counter() - started) * 1000
+    out = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return elapsed, proc.returncode, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--binary", required=True)
+    parser.add_argument("--conf", required=True)
+    parser.add_argument("--pods", required=True, help="file with one netns path per line")
+    parser.add_argument("--sequential", type=int, required=True)
+    parser.add_argument("--parallel", type=int, required=True)
+    parser.add_argument("--scale", type=int, default=0)
+    parser.add_argument("--env", default="{}")
+    args = parser.parse_args()
+    with open(args.conf) as f:
+        conf = json.load(f)
+    with open(args.pods) as f:
+        pods = f.read().split()
+    env = {"PATH": os.environ["PATH"], **json.loads(args.env)}
+    report: dict[str, Any] = {"add": [], "check": [], "del": [], "errors": []}
+
+    def record(kind: str, result: tuple[float, int, Any]) -> Any:
+        elapsed, rc, out = result
+        report[kind].append(elapsed)
+        if rc != 0:
+            report["errors"].append({"verb": kind, "out": out})
+        return out
+
+    for i in range(args.sequential):
+        cid = f"seq-{i}"
+        result = record("add", call(args.binary, "ADD", conf, cid, pods[i], env))
+        if result and conf["cniVersion"] >= "0.4.0":
+            record("check", call(args.binary, "CHECK", {**conf, "prevResult": result}, cid, pods[i], env))
+        record("del", call(args.binary, "DEL", conf, cid, pods[i], env))
+
+    # Concurrency: N ADDs at once, then N DELs at once.
+    def par(verb: str, i: int) -> tuple[float, int, Any]:
+        return call(args.binary, verb, conf, f"par-{i}", pods[i], env)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        started = time.perf_counter()
+        adds = list(pool.map(lambda i: par("ADD", i), range(args.parallel)))
+        report["par_add_wall"] = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        dels = list(pool.map(lambda i: par("DEL", i), range(args.parallel)))
+        report["par_del_wall"] = (time.perf_counter() - started) * 1000
+    report["par_errors"] = sum(1 for r in adds + dels if r[1] != 0)
+    report["par_distinct_ips"] = len({r[2]["ips"][0]["address"] for r in adds if r[1] == 0 and r[2]})
+
+    # Scale: ADD latency as the bridge fills up to `scale` pods.
+    scale_add = []
+    for i in range(args.scale):
+        elapsed, rc, out = call(args.binary, "ADD", conf, f"scale-{i}", pods[i], env)
+        scale_add.append(elapsed)
+        if rc != 0:
+            report["errors"].append({"verb": "scale-add", "out": out})
+    report["scale_add"] = scale_add
+    for i in range(args.scale):
+        elapsed, rc, out = call(args.binary, "DEL", conf, f"scale-{i}", pods[i], env)
+        if rc != 0:
+            report["errors"].append({"verb": "scale-del", "out": out})
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""`make bench`: the reference bridge+host-local against pybridge, side by side in one run.
+
+Everything happens in a throw-away host netns with pre-made pod netns (their creation is not
+timed). Prints a table of each figure with its ratio to the reference and, with --write,
+writes it with the machine's description to bench/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cni_plugin.install import import_paths, install
+
+HERE = Path(__file__).resolve().parent
+REFERENCE = "/usr/lib/cni"
+PREFIX = "pbt-bench"
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(cmd, capture_output=True, check=check)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def conf(kind: str, ipam: str, bridge: str, subnet: str, data_dir: str) -> dict[str, Any]:
+    # Debian's reference plugins speak up to 1.0.0: every variant uses it, for a fair run.
+    return {
+        "cniVersion": "1.0.0",
+        "name": f"bench-{bridge}",
+        "type": kind,
+        "bridge": bridge,
+        "isGateway": True,
+        "isDefaultGateway": True,
+        "ipam": {"type": ipam, "dataDir": data_dir, "ranges": [[{"subnet": subnet}]]},
+    }
+
+
+class World:
+    """The host netns and the pod netns; removed on exit, also on failure."""
+
+    def __init__(self, pods: int) -> None:
+        self.tag = secrets.token_hex(3)
+        self.host = f"{PREFIX}-{self.tag}-h"
+        self.pods = [f"{PREFIX}-{self.tag}-{i}" for i in range(pods)]
+
+    def __enter__(self) -> World:
+        sh("ip", "netns", "add", self.host)
+        sh("ip", "netns", "exec", self.host, "ip", "link", "set", "lo", "up")
+        for pod in self.pods:
+            sh("ip", "netns", "add", pod)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in [*self.pods, self.host]:
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def drive(
+    world: World,
+    tmp: Path,
+    binary: str,
+    config: dict[str, Any],
+    env: dict[str, str],
+    sequential: int,
+    parallel: int,
+    scale: int,
+) -> dict[str, Any]:
+    conf_file = tmp / f"{config['bridge']}.json"
+    conf_file.write_text(json.dumps(config))
+    pods_file = tmp / "pods.txt"
+    pods_file.write_text("\n".join(f"/run/netns/{p}" for p in world.pods))
+    proc = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            world.host,
+            sys.executable,
+            str(HERE / "driver.py"),
+            "--binary",
+            binary,
+            "--conf",
+            str(conf_file),
+            "--pods",
+            str(pods_file),
+            "--sequential",
+            str(sequential),
+            "--parallel",
+            str(parallel),
+            "--scale",
+            str(scale),
+            "--env",
+            json.dumps(env),
+        ],
+        capture_output=True,
+        check=True,
+    )
+    return json.loads(proc.stdout)
+
+
+def startup_ms(binary: str, env: dict[str, str], runs: int = 20) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(
+            [binary], env={**env, "CNI_COMMAND": "VERSION"}, input=b"{}", capture_output=True, check=True
+        )
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def shim_imports() -> tuple[float, list[str]]:
+    """The exec path's own imports (-X importtime): total ms and the non-builtin modules."""
+    code = f"import sys; sys.path[:0] = {import_paths()!r}; import cni_plugin.agent.shim"
+    proc = subprocess.run(
+        [sys.executable, "-IS", "-X", "importtime", "-c", code], capture_output=True, text=True, check=True
+    )
+    modules, total = [], 0
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _self, cumulative, name = (part.strip() for part in line[len("import time:") :].split("|"))
+        if not name.startswith(" ") and name.strip() != name:
+            pass
+        modules.append(name)
+        if not line.split("|")[2].startswith("  "):
+            total += int(cumulative)
+    return total / 1000, [m for m in modules if m.startswith("cni_plugin")]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_variants(args: argparse.Namespace, world: World, tmp: Path) -> dict[str, dict[str, Any]]:
+    bin_dir = tmp / "bin"
+    install(str(bin_dir), str(tmp / "libexec"))
+    socket = tmp / "agent" / "agent.sock"
+    results: dict[str, dict[str, Any]] = {}
+    plan = [
+        ("reference", f"{REFERENCE}/bridge", "bridge", "host-local", {"CNI_PATH": REFERENCE}),
+        (
+            "pybridge+agent",
+            str(bin_dir / "pybridge"),
+            "pybridge",
+            "pyipam",
+            {"CNI_PATH": f"{bin_dir}:{REFERENCE}", "PYBRIDGE_AGENT_SOCKET": str(socket)},
+        ),
+        (
+            "pybridge in-process",
+            str(bin_dir / "pybridge"),
+            "pybridge",
+            "pyipam",
+            {"CNI_PATH": f"{bin_dir}:{REFERENCE}", "PYBRIDGE_AGENT_SOCKET": str(tmp / "none.sock")},
+        ),
+    ]
+    if args.bundle:
+        plan.append(
+            (
+                "kind bundle",
+                args.bundle,
+                "pybridge",
+                "pyipam",
+                {"CNI_PATH": str(Path(args.bundle).parent), "PYBRIDGE_AGENT_SOCKET": str(tmp / "none.sock")},
+            )
+        )
+    for i, (label, binary, kind, ipam, env) in enumerate(plan):
+        config = conf(kind, ipam, f"brb{i}", f"10.{200 + i}.0.0/22", str(tmp / f"ipam{i}"))
+        slow = label in ("pybridge in-process", "kind bundle")
+        agent = None
+        if label == "pybridge+agent":
+            agent = subprocess.Popen(
+                ["ip", "netns", "exec", world.host, str(bin_dir / "pybridge"), "agent", str(socket)],
+                stderr=subprocess.DEVNULL,
+            )
+            while not socket.exists():
+                time.sleep(0.02)
+        try:
+            report = drive(
+                world,
+                tmp,
+                binary,
+                config,
+                env,
+                min(args.pods, 50) if slow else args.pods,
+                args.parallel,
+                0 if slow else args.scale,
+            )
+            report["startup"] = startup_ms(binary, env)
+            if agent is not None:
+                report["rss"] = rss_mib(agent.pid)
+        finally:
+            if agent is not None:
+                agent.terminate()
+                agent.wait(30)
+        results[label] = report
+    return results
+
+
+def table(results: dict[str, dict[str, Any]], scale: int, parallel: int) -> list[tuple[str, list[str]]]:
+    ref = results["reference"]
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(name: str, value: Any, fmt: str = "{:.1f}") -> None:
+        cells = []
+        base = value(ref)
+        for report in results.values():
+            v = value(report)
+            if v is None or v != v:
+                cells.append("-")
+                continue
+            ratio = f" ({v / base:.2f}x)" if base and base == base else ""
+            cells.append(fmt.format(v) + ratio)
+        rows.append((name, cells))
+
+    for verb in ("add", "check", "del"):
+        row(f"{verb.upper()} p50 ms", lambda r, v=verb: pct(r[v], 0.5) if r[v] else None)
+        row(f"{verb.upper()} p99 ms", lambda r, v=verb: pct(r[v], 0.99) if r[v] else None)
+    row(f"{parallel} parallel ADD wall ms", lambda r: r["par_add_wall"])
+    row(f"{parallel} parallel DEL wall ms", lambda r: r["par_del_wall"])
+    row("parallel errors", lambda r: r["par_errors"], "{:d}")
+    row("parallel distinct IPs", lambda r: r["par_distinct_ips"], "{:d}")
+    if scale >= 100:
+        row("ADD p50 ms, pods 1-50", lambda r: pct(r["scale_add"][:50], 0.5) if r["scale_add"] else None)
+        row(
+            f"ADD p50 ms, pods {scale - 49}-{scale}",
+            lambda r: pct(r["scale_add"][-50:], 0.5) if r["scale_add"] else None,
+        )
+    row("start-up (VERSION) ms", lambda r: r["startup"])
+    row("agent RSS MiB", lambda r: r.get("rss"))
+    return rows
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    return (
+        f"{cpus} vCPU ({model}), kernel {platform.release()}, Python {platform.python_version()} "
+        f"({sys.executable}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+
+
+def render(
+    results: dict[str, dict[str, Any]], args: argparse.Namespace, imports: tuple[float, list[str]]
+) -> str:
+    labels = list(results)
+    lines = [
+        f"Machine: {machine()}",
+        f"Pods: {args.pods} sequential (in-process/bundle: {min(args.pods, 50)}), "
+        f"{args.parallel} parallel, scale {args.scale}. Ratios are to the reference in the same run.",
+        "",
+        "| figure | " + " | ".join(labels) + " |",
+        "|---" * (len(labels) + 1) + "|",
+    ]
+    for name, cells in table(results, args.scale, args.parallel):
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    errors = {label: len(r["errors"]) for label, r in results.items()}
+    lines += [
+        "",
+        f"Errors per variant: {errors}",
+        f"Exec-path imports (python -IS -X importtime, launcher shim): {imports[0]:.1f} ms cumulative; "
+        f"project modules: {', '.join(imports[1])}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pods", type=int, default=200)
+    parser.add_argument("--parallel", type=int, default=32)
+    parser.add_argument("--scale", type=int, default=1000)
+    parser.add_argument("--bundle", help="path of the kind bundle's pybridge, if built")
+    parser.add_argument("--write", action="store_true", help="write bench/results.md")
+    parser.add_argument("--json", help="also dump the raw timings here")
+    args = parser.parse_args()
+    with (
+        tempfile.TemporaryDirectory(prefix="pybridge-bench-") as tmpdir,
+        World(max(args.pods, args.parallel, args.scale)) as world,
+    ):
+        results = run_variants(args, world, Path(tmpdir))
+    text = render(results, args, shim_imports())
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
+    if args.write:
+        (HERE / "results.md").write_text(
+            "# Benchmark results\n\n`make bench` output, committed as measured.\n\n" + text
+        )
+    return 1 if any(r["errors"] or r["par_errors"] for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,17 +113,6 @@ def drive(
     return json.loads(proc.stdout)
 
 
-def startup_ms(binary: str, env: dict[str, str], runs: int = 20) -> float:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run(
-            [binary], env={**env, "CNI_COMMAND": "VERSION"}, input=b"{}", capture_output=True, check=True
-        )
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
-
-
 def shim_imports() -> tuple[float, list[str]]:
     """The exec path's own imports (-X importtime): total ms and the non-builtin modules."""
     code = f"import sys; sys.path[:0] = {import_paths()!r}; import cni_plugin.agent.shim"
@@ -205,7 +193,6 @@ def run_variants(args: argparse.Namespace, world: World, tmp: Path) -> dict[str,
                 args.parallel,
                 0 if slow else args.scale,
             )
-            report["startup"] = startup_ms(binary, env)
             if agent is not None:
                 report["rss"] = rss_mib(agent.pid)
         finally:

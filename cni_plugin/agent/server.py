@@ -24,6 +24,7 @@ from . import wire
 
 MAX_CONCURRENT = 64
 REQUEST_TIMEOUT = 10.0
+ATTACHMENT_STRIPES = 64
 _FD_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 
 
@@ -86,6 +87,8 @@ class Agent:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._sock: socket.socket | None = None
+        # Calls for one attachment run one at a time (striped by hash): see _answer.
+        self._attachment_locks = [threading.Lock() for _ in range(ATTACHMENT_STRIPES)]
 
     def bind(self) -> None:
         directory = os.path.dirname(self.path)
@@ -160,23 +163,36 @@ class Agent:
             conn.sendall(wire.DECLINED)
             return
         conn.sendall(wire.ACCEPTED)
-        out, err = io.StringIO(), io.StringIO()
-        code = skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program,
-                        stderr=err, netns_fd=pod_fd)
-        conn.sendall(wire.encode_response(code, out.getvalue().encode(), err.getvalue().encode()))
+        # An exec'd plugin killed mid-ADD stops working; the agent serving its call does not. So
+        # calls for one attachment are serialized (the runtime's DEL after the kill waits for the
+        # ADD), and an ADD whose caller is gone is undone: no one will ever learn its result.
+        key = (env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", ""))
+        with self._attachment_locks[hash(key) % ATTACHMENT_STRIPES]:
+            out, err = io.StringIO(), io.StringIO()
+            code = skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program,
+                            stderr=err, netns_fd=pod_fd)
+            try:
+                conn.sendall(wire.encode_response(code, out.getvalue().encode(), err.getvalue().encode()))
+            except OSError:
+                if code == 0 and env.get("CNI_COMMAND") == "ADD":
+                    log.warning("agent_add_undone", container_id=key[0], ifname=key[1],
+                                reason="the caller went away before the result was delivered")
+                    skel.run(_verbs_for(program), {**env, "CNI_COMMAND": "DEL"}, io.BytesIO(stdin),
+                             io.StringIO(), program=program, stderr=io.StringIO(), netns_fd=pod_fd)
+                raise
 
 
 def run(path: str | None = None) -> int:
     """Foreground agent; SIGTERM/SIGINT stop it after draining the calls in flight."""
     agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET)
-    agent.bind()
-    _preload()
 
     def stop(_signum: int, _frame: Any) -> None:
         threading.Thread(target=agent.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    _preload()
+    agent.bind()  # the socket appears once the agent is ready to serve
     agent.serve_forever()
     agent.stop()
     return 0

@@ -1,0 +1,125 @@
+"""The fast path's contract: forwarded or not, a call is served exactly once."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cni_plugin.agent import wire
+from cni_plugin.install import import_paths
+
+from .harness import Host, bridge_conf, pod_json
+
+pytestmark = pytest.mark.netns
+
+
+class FakeAgent:
+    """Listens where the agent would and answers every call with `reply` (bytes), then closes."""
+
+    def __init__(self, path: Path, reply: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.reply = reply
+        self.calls = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1 << 20)
+                self.calls += 1
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def fake_agent(host: Host) -> Iterator[type[FakeAgent]]:
+    if host.agent is not None:
+        pytest.skip("needs the agent's socket path free")
+    made: list[FakeAgent] = []
+
+    def make(reply: bytes) -> FakeAgent:
+        agent = FakeAgent(host.agent_socket, reply)
+        made.append(agent)
+        return agent
+
+    yield make  # type: ignore[misc]
+    for agent in made:
+        agent.close()
+
+
+def _has_eth0(host: Host, pod: str) -> bool:
+    return any(link["ifname"] == "eth0" for link in pod_json(host, pod, "link", "show"))
+
+
+def test_agent_gone_before_accepting_means_served_in_process(host: Host, fake_agent: type[FakeAgent]) -> None:
+    agent = fake_agent(b"")  # closes without ACCEPTED: it did nothing
+    pod = host.new_pod()
+    result = host.add(bridge_conf(host), pod)
+    assert agent.calls == 1
+    assert _has_eth0(host, pod) and result["ips"]
+
+
+def test_declined_call_is_served_in_process(host: Host, fake_agent: type[FakeAgent]) -> None:
+    agent = fake_agent(wire.DECLINED)
+    pod = host.new_pod()
+    host.add(bridge_conf(host), pod)
+    assert agent.calls == 1 and _has_eth0(host, pod)
+
+
+def test_agent_failing_after_accepting_is_an_error_not_a_second_try(
+    host: Host, fake_agent: type[FakeAgent]
+) -> None:
+    agent = fake_agent(wire.ACCEPTED)  # accepts, then dies without an answer
+    pod = host.new_pod()
+    reply = host.cni("ADD", bridge_conf(host), pod)
+    assert reply.rc != 0 and reply.out["code"] == 999
+    assert "agent" in reply.out["msg"]
+    assert agent.calls == 1
+    assert not _has_eth0(host, pod), "the call was served a second time in-process"
+    assert host.reservations("testnet") == {}
+
+
+def test_python_launcher_forwards_to_the_agent_too(host: Host) -> None:
+    if host.agent is None:
+        pytest.skip("needs the agent")
+    launcher = host.bin_dir.parent / "libexec" / "pybridge"
+    pod = host.new_pod()
+    reply = host.cni("ADD", bridge_conf(host), pod, plugin=str(launcher))
+    assert reply.ok, reply.stdout
+    assert _has_eth0(host, pod)
+    assert host.cni("DEL", bridge_conf(host), pod, plugin=str(launcher)).ok
+
+
+def test_agent_serves_ipam_calls_for_the_reference_bridge(host: Host) -> None:
+    conf = bridge_conf(host, cniVersion="1.0.0", type="bridge")
+    pod = host.new_pod()
+    reply = host.cni("ADD", conf, pod, plugin="bridge")
+    assert reply.ok, reply.stdout
+    assert host.cni("DEL", conf, pod, plugin="bridge").ok
+    assert host.reservations("testnet") == {}
+
+
+def test_the_exec_path_imports_no_heavy_library() -> None:
+    code = (f"import sys; sys.path[:0] = {import_paths()!r}; import cni_plugin.agent.shim; "
+            "print(sorted(sys.modules))")
+    out = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, text=True, check=True)
+    modules = json.loads(out.stdout.replace("'", '"'))
+    heavy = [m for m in modules if m.split(".")[0] in ("pyroute2", "pydantic", "structlog", "json", "socket", "re")]
+    assert heavy == []

@@ -5,7 +5,7 @@ CNI_BIN_DIR ?= /opt/cni/bin
 PREFIX      ?= /opt/pybridge
 PY          := $(VENV)/bin/python
 
-.PHONY: venv install demo test lint unit netns interop cnitool clean bundle kind-up kind-e2e kind-down
+.PHONY: venv install demo test lint unit netns interop e2e cnitool clean bundle kind-up kind-e2e kind-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ netns: venv
 
 interop: venv
 	$(VENV)/bin/pytest -q tests/interop
+
+# The containerd tier alone (root, `apt-get install containerd runc`): README "containerd tier".
+e2e: venv
+	$(VENV)/bin/pytest -q -rs -m e2e tests/e2e
 
 # cnidrive, the cnitool-style libcni driver of tests/interop, built offline in GOPATH mode against
 # Debian's golang-github-appc-cni-dev (libcni 1.1.2). The binary stays in build/, never committed.

@@ -12,6 +12,10 @@ def main() -> None:
         from .agent import server
 
         sys.exit(server.run(sys.argv[2] if len(sys.argv) > 2 else None))
+    if sys.argv[1:2] == ["node"]:
+        from .node import cli
+
+        sys.exit(cli.main(sys.argv[2:]))
     from . import skel
 
     def verbs() -> Mapping[str, skel.Verb]:

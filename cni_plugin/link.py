@@ -315,10 +315,11 @@ def _settle_dad(sock: rtnl.Socket, index: int) -> None:
 
 
 def pod_delete(ifname: str) -> list[IPInterface]:
-    """Delete the pod end (the host end goes with it); returns the addresses it had."""
+    """Delete the pod end (the host end goes with it); returns the addresses it had. Only a
+    veth is ours: any other kind of link by that name was made by someone else."""
     with route_socket() as sock, netlink_errors(f"delete {ifname}"):
         link = find(sock, ifname)
-        if link is None:
+        if link is None or link.kind != "veth":
             return []
         addrs = [a for a, _ in sock.addresses(link.index) if not a.ip.is_link_local]
         try:

@@ -7,6 +7,7 @@ imported only then, so a call without logging does not pay for it.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,22 @@ def validate_log_path(path: object) -> str:
     return path
 
 
+def _open_log(path: str) -> int:
+    """Append to a regular file, created 0600. A symlink is not followed (root must not append
+    where someone else points it) and a FIFO does not block the call (O_NONBLOCK)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise CNIError(INVALID_CONFIG, "invalid field 'logFile'", f"{path}: {exc.strerror}") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise CNIError(INVALID_CONFIG, "invalid field 'logFile'", f"{path}: not a regular file with one link")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def configure(config_path: object, env: Mapping[str, str]) -> None:
     """Point the logger at the configured file (config wins over the environment)."""
     global _logger, _path
@@ -36,7 +53,7 @@ def configure(config_path: object, env: Mapping[str, str]) -> None:
         return
     import structlog
 
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open_log(path)
     stream = os.fdopen(fd, "a", buffering=1)
     _logger = structlog.wrap_logger(
         structlog.WriteLogger(stream),

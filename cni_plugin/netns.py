@@ -33,19 +33,31 @@ class NetnsGone(Exception):
 
 
 def open_netns(path: str) -> int:
-    """Open `path` as a netns fd; refuse anything that is not a netns. Never creates it."""
+    """Open `path` as a netns fd; refuse anything that is not a netns. Never creates it, and
+    opens nothing else for real: it is looked at through O_PATH first, as a FIFO would block
+    the open and a device's open can have effects."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise NetnsGone(path) from exc
     except OSError as exc:
         raise CNIError(INVALID_NETNS, "failed to open netns", f"{path}: {exc.strerror}") from exc
+    try:
+        return reopen(fd)
+    except NetnsGone:
+        raise NetnsGone(path) from None
+    finally:
+        os.close(fd)
+
+
+def reopen(fd: int) -> int:
+    """A new readable fd for the netns that `fd` (possibly an O_PATH fd, as the launcher sends
+    it) refers to; NetnsGone if it is no netns."""
     buf = _StatFS()
     if _libc.fstatfs(fd, ctypes.byref(buf)) != 0 or buf.f_type != NSFS_MAGIC:
-        os.close(fd)
         # An empty file left where a netns used to be mounted is a vanished netns.
-        raise NetnsGone(path)
-    return fd
+        raise NetnsGone(f"fd {fd}")
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def same_netns(fd: int) -> bool:

@@ -27,9 +27,9 @@ def _load(req: Request) -> BridgeConf:
 
 
 def _open_pod_netns(req: Request) -> int:
-    """A new fd for the pod netns: a dup of the one a forwarding client sent, or opened by path."""
+    """A new fd for the pod netns: reopened from the one a forwarding client sent, or by path."""
     if req.netns_fd is not None:
-        return os.dup(req.netns_fd)
+        return netns.reopen(req.netns_fd)
     return netns.open_netns(req.cmd.netns)
 
 
@@ -41,11 +41,16 @@ def _pod_netns(req: Request) -> Iterator[int]:
         raise CNIError(INVALID_NETNS, "failed to open netns",
                        f"{req.cmd.netns}: no such network namespace") from None
     try:
-        if req.env.get("CNI_NETNS_OVERRIDE") != "1" and netns.same_netns(fd):
-            raise CNIError(INVALID_NETNS, "CNI_NETNS is the plugin's own network namespace", req.cmd.netns)
+        _refuse_own_netns(req, fd)
         yield fd
     finally:
         os.close(fd)
+
+
+def _refuse_own_netns(req: Request, fd: int) -> None:
+    """CNI_IFNAME names a link inside the pod: in the plugin's own netns it would name a host link."""
+    if req.env.get("CNI_NETNS_OVERRIDE") != "1" and netns.same_netns(fd):
+        raise CNIError(INVALID_NETNS, "CNI_NETNS is the plugin's own network namespace", req.cmd.netns)
 
 
 def _gateways(conf: BridgeConf, result: Result) -> dict[int, link.IPInterface]:
@@ -104,11 +109,12 @@ def cmd_add(req: Request) -> dict[str, Any]:
             contextlib.ExitStack() as undo:
         if netns.run_in(pod_fd, lambda: link.pod_link_exists(ifname)):
             raise CNIError(INTERNAL, f"container veth name {ifname!r} already exists", req.cmd.netns)
-        bridge = link.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc_mode, bool(conf.vlan))
+        # IPAM first: it validates its own config (dataDir, ranges) before any link is touched.
         result = Result(cniVersion=req.cni_version)
         if conf.ipam_type:
             result = ipam_client.add(req, conf.ipam_type)
             undo.callback(_undo, "ipam release", ipam_client.delete, req, conf.ipam_type)
+        bridge = link.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc_mode, bool(conf.vlan))
         host = link.create_veth(ipr, pod_fd, ifname, conf.mtu, mac)
         undo.callback(_undo, "veth delete", link.delete_link, ipr, host.index)
         link.attach_port(ipr, host, bridge, conf.hairpin_mode, conf.port_isolation, conf.vlan)
@@ -149,6 +155,7 @@ def _delete_pod_link(req: Request) -> None:
     except netns.NetnsGone:
         return  # the runtime already removed the netns: nothing left to unplug
     try:
+        _refuse_own_netns(req, fd)  # else DEL would delete a host link named CNI_IFNAME
         netns.run_in(fd, lambda: link.pod_delete(ifname))
     finally:
         os.close(fd)

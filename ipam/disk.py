@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from .store import Reservation, Store
 LOCK_FILE = "lock"
 LAST_RESERVED_PREFIX = "last_reserved_ip."
 STATUS_PROBE = "status.probe"
+TEMP_PREFIX = ".pyipam-tmp."
 SEPARATOR = "\r\n"
 MAX_CONTENT = 1024
 
@@ -156,8 +158,16 @@ class DiskStore(Store):
     def reserve(self, ip: IPAddress, container_id: str, ifname: str, rangeset_idx: int) -> bool:
         name = str(ip)
         content = f"{container_id}{SEPARATOR}{ifname}".encode()
+        # Written under a temporary name and linked into place (atomic, and exclusive like
+        # O_EXCL): a plugin killed mid-write leaves a temp file, never an empty reservation file
+        # that no DEL or GC could attribute to anyone.
+        temp = f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
         try:
-            self._write(name, content, os.O_CREAT | os.O_EXCL)
+            self._write(temp, content, os.O_CREAT | os.O_EXCL)
+            try:
+                os.link(temp, name, src_dir_fd=self._fd(), dst_dir_fd=self._fd(), follow_symlinks=False)
+            finally:
+                os.unlink(temp, dir_fd=self._fd())
         except FileExistsError:
             return False
         except OSError as exc:
@@ -196,6 +206,11 @@ class DiskStore(Store):
         found = []
         for name in names:
             if name in (LOCK_FILE, STATUS_PROBE) or name.startswith(LAST_RESERVED_PREFIX):
+                continue
+            if name.startswith(TEMP_PREFIX):
+                # We hold the lock, so no reserve() is under way: a killed writer's leftover.
+                with suppress(OSError):
+                    os.unlink(name, dir_fd=self._fd())
                 continue
             ip = _ip_named(name)
             data = self._read(name) if ip is not None else None

@@ -169,7 +169,8 @@ int main(int argc, char **argv) {
     nfds++;
     const char *netns = getenv("CNI_NETNS");
     if (netns && *netns) {
-        int fd = open(netns, O_RDONLY | O_CLOEXEC);
+        /* O_PATH: never blocks on a FIFO nor opens a device; the agent checks it is a netns. */
+        int fd = open(netns, O_PATH | O_CLOEXEC);
         if (fd >= 0) {
             fds[nfds++] = fd;
             flags |= FLAG_POD_NETNS;

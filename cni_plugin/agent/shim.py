@@ -47,7 +47,8 @@ def _open_fds(env: dict[bytes, bytes]) -> tuple[list[int], int]:
     netns = env.get(b"CNI_NETNS", b"")
     if netns:
         try:
-            fds.append(posix.open(netns, posix.O_RDONLY | posix.O_CLOEXEC))
+            # O_PATH: never blocks on a FIFO nor opens a device; the agent checks it is a netns.
+            fds.append(posix.open(netns, posix.O_PATH | posix.O_CLOEXEC))
             flags |= wire.FLAG_POD_NETNS
         except OSError:
             pass  # the agent reports the missing netns as the in-process code would

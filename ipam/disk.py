@@ -33,6 +33,15 @@ SEPARATOR = "\r\n"
 MAX_CONTENT = 1024
 
 _OPEN = os.O_CLOEXEC | os.O_NOFOLLOW
+
+# Parsed reservation files by store path, kept across calls in a long-lived process (the agent),
+# so an ADD on a full store stats its files instead of reading them all. A copy is reused only
+# while the file's (inode, mtime, size) are unchanged, and only if its mtime was already
+# SETTLED_NS old when it was parsed (git's guard against racy timestamps): a file written later,
+# even on a reused inode, has a newer mtime. Files are only ever created whole and unlinked.
+_Parsed = tuple[tuple[int, int, int], "Reservation"]
+_PARSED: dict[str, dict[str, _Parsed]] = {}
+SETTLED_NS = 2_000_000_000
 _log = logging.getLogger("ipam.disk")
 
 
@@ -200,11 +209,14 @@ class DiskStore(Store):
 
     def reservations(self) -> list[Reservation]:
         try:
-            names = sorted(os.listdir(self._fd()))
+            entries = sorted(os.scandir(self._fd()), key=lambda e: e.name)
         except OSError as exc:
             raise _io_error("cannot list the IPAM store", self.path, exc) from exc
+        cache = _PARSED.setdefault(self.path, {})
+        settled = time.time_ns() - SETTLED_NS
         found = []
-        for name in names:
+        for entry in entries:
+            name = entry.name
             if name in (LOCK_FILE, STATUS_PROBE) or name.startswith(LAST_RESERVED_PREFIX):
                 continue
             if name.startswith(TEMP_PREFIX):
@@ -212,14 +224,34 @@ class DiskStore(Store):
                 with suppress(OSError):
                     os.unlink(name, dir_fd=self._fd())
                 continue
-            ip = _ip_named(name)
-            data = self._read(name) if ip is not None else None
-            owner = _owner(data) if data is not None else None
-            if ip is None or owner is None:
+            reservation = self._parse(entry, cache, settled)
+            if reservation is None:
                 self._warn(f"{self.path}/{name}: not a reservation file, skipped")
                 continue
-            found.append(Reservation(ip, *owner))
+            found.append(reservation)
+        for gone in cache.keys() - {e.name for e in entries}:
+            del cache[gone]
         return found
+
+    def _parse(self, entry: os.DirEntry[str], cache: dict[str, _Parsed], settled: int) -> Reservation | None:
+        """A reservation file's owner, read from disk unless an unchanged copy was parsed before."""
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = cache.get(entry.name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        ip = _ip_named(entry.name)
+        data = self._read(entry.name) if ip is not None and stat.S_ISREG(st.st_mode) else None
+        owner = _owner(data) if data is not None else None
+        if ip is None or owner is None:
+            return None
+        reservation = Reservation(ip, *owner)
+        if st.st_mtime_ns < settled:
+            cache[entry.name] = (key, reservation)
+        return reservation
 
     def probe_writable(self) -> None:
         """Create and remove a file, as the next ADD would (for STATUS)."""

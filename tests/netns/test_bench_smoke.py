@@ -1,0 +1,32 @@
+"""CI's short run of `make bench`: it must work end to end; its timings are not judged here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/lib/cni/bridge"), reason="reference plugins not installed")
+def test_bench_smoke(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--pods", "20", "--parallel", "4", "--scale", "0",
+         "--json", str(raw)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| ADD p50 ms |" in proc.stdout and "| DEL p99 ms |" in proc.stdout
+    import json
+
+    results = json.loads(raw.read_text())
+    assert set(results) >= {"reference", "pybridge+agent", "pybridge in-process"}
+    for label, report in results.items():
+        assert report["errors"] == [] and report["par_errors"] == 0, label
+        assert report["par_distinct_ips"] == 4, label
+        assert len(report["add"]) == 20 and len(report["del"]) == 20, label

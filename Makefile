@@ -5,7 +5,7 @@ CNI_BIN_DIR ?= /opt/cni/bin
 PREFIX      ?= /opt/pybridge
 PY          := $(VENV)/bin/python
 
-.PHONY: venv install demo test lint unit netns interop e2e cnitool clean bundle kind-up kind-e2e kind-down
+.PHONY: venv install demo test lint unit netns bench stress interop e2e cnitool clean bundle kind-up kind-e2e kind-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ venv: $(PY)
 install:
 	$(PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q .
-	$(PREFIX)/bin/python -m cni_plugin.install --bin-dir $(CNI_BIN_DIR) --libexec-dir $(PREFIX)/libexec
+	$(PREFIX)/bin/python -I -m cni_plugin.install --bin-dir $(CNI_BIN_DIR) --libexec-dir $(PREFIX)/libexec
 
 demo: venv
 	bash scripts/demo.sh
@@ -33,6 +33,13 @@ unit: venv
 
 netns: venv
 	$(VENV)/bin/pytest -q tests/netns
+
+# The long reliability run (crash trials x200, churn x1000, fuzz x100k); `make test` runs the
+# short versions. The figures are appended to build/reliability.jsonl.
+stress: venv
+	$(PY) -m pip install -q -e '.[test,fuzz]' || echo 'atheris not installed: its run is skipped'
+	mkdir -p build
+	PYBRIDGE_STRESS=1 PYBRIDGE_FIGURES=build/reliability.jsonl $(VENV)/bin/pytest -q -rs tests/reliability
 
 interop: venv
 	$(VENV)/bin/pytest -q tests/interop
@@ -82,6 +89,10 @@ kind-down:
 # pytest exits 5 when it ran no test: that is a failure here too (make stops on any non-zero).
 test: lint bundle
 	$(VENV)/bin/pytest -q -rs tests
+
+# The benchmark against the reference plugins (root): writes bench/results.md. Takes ~10 min.
+bench: venv
+	$(PY) bench/run.py --write $(if $(wildcard dist/pybridge/pybridge),--bundle dist/pybridge/pybridge)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

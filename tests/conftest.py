@@ -9,6 +9,17 @@ from collections.abc import Iterator
 import pytest
 
 TEST_PREFIX = "pbt-"
+# Tiers that make namespaces, links and rules: without root they are skipped, not failed.
+ROOT_ONLY = ("tests/netns/", "tests/interop/")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        tier = next((t for t in ROOT_ONLY if t in str(item.fspath)), None)
+        if tier:
+            item.add_marker(pytest.mark.skip(reason=f"{tier} tests need root"))
 
 
 def _root_state() -> tuple[set[str], str]:

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -92,19 +93,6 @@ static int write_all(int fd, const char *data, size_t len) {
     return 0;
 }
 
-static int send_all(int fd, const char *data, size_t len) {
-    while (len) {
-        ssize_t n = send(fd, data, len, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        data += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
 static int recv_exact(int fd, void *dst, size_t len) {
     char *p = dst;
     while (len) {
@@ -146,6 +134,7 @@ static void failed_after_accept(void) {
 }
 
 int main(int argc, char **argv) {
+    signal(SIGPIPE, SIG_IGN); /* an agent gone mid-send is an error we handle, not a kill */
     const char *program = basename(argv[0]);
     if (strcmp(program, "pyipam") != 0) program = "pybridge";
     const char *command = getenv("CNI_COMMAND");
@@ -199,7 +188,7 @@ int main(int argc, char **argv) {
     ssize_t sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
     if (sent < 0) fallback(program, argv, &in);
     /* The rest of a large request: the agent has not accepted yet, so falling back is safe. */
-    if ((size_t)sent < req.len && send_all(sock, req.data + sent, req.len - (size_t)sent))
+    if ((size_t)sent < req.len && write_all(sock, req.data + sent, req.len - (size_t)sent))
         fallback(program, argv, &in);
     for (int i = 0; i < nfds; i++) close(fds[i]);
 

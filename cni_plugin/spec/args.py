@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import INVALID_ENV, INVALID_NETNS, CNIError
+from .names import MAX_CONTAINER_ID, validate_container_id
+
+__all__ = ["MAX_CONTAINER_ID", "CmdArgs", "from_env", "parse_cni_args", "validate_container_id",
+           "validate_ifname", "validate_netns"]
 
 VERBS = ("ADD", "DEL", "CHECK", "STATUS", "VERSION", "GC")
 
-_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-MAX_CONTAINER_ID = 256
 MAX_IFNAME = 15
 
 # Which variables each verb needs (SPEC "Parameters"; CNI_PATH is optional for us: we only
@@ -35,16 +36,6 @@ class CmdArgs:
     args: str = ""
     path: tuple[str, ...] = ()
     cni_args: dict[str, str] = field(default_factory=dict)
-
-
-def validate_container_id(value: str) -> str:
-    if len(value) > MAX_CONTAINER_ID or not _CONTAINER_ID.fullmatch(value):
-        raise CNIError(
-            INVALID_ENV,
-            "invalid CNI_CONTAINERID",
-            f"must match {_CONTAINER_ID.pattern} and be at most {MAX_CONTAINER_ID} characters",
-        )
-    return value
 
 
 def validate_ifname(value: str) -> str:

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import re
 
-from .errors import INVALID_CONFIG, CNIError
+from .errors import INVALID_CONFIG, INVALID_ENV, CNIError
 
-# SPEC "Network configuration": name starts alphanumeric, then alphanumerics, '_', '.', '-'.
-_NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# SPEC: network names and container ids both start alphanumeric, then alphanumerics, '_', '.', '-'.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 MAX_NETWORK_NAME = 128
+MAX_CONTAINER_ID = 256
+
+
+def _check(value: str, max_len: int, code: int, what: str) -> str:
+    if len(value) > max_len or not _NAME.fullmatch(value):
+        raise CNIError(code, f"invalid {what}",
+                       f"{value[:64]!r}: must match {_NAME.pattern}, at most {max_len} characters")
+    return value
 
 
 def validate_network_name(name: str) -> str:
-    if len(name) > MAX_NETWORK_NAME or not _NETWORK_NAME.fullmatch(name):
-        raise CNIError(
-            INVALID_CONFIG,
-            "invalid field 'name'",
-            f"{name[:64]!r}: must match {_NETWORK_NAME.pattern}, at most {MAX_NETWORK_NAME} chars",
-        )
-    return name
+    return _check(name, MAX_NETWORK_NAME, INVALID_CONFIG, "field 'name'")
+
+
+def validate_container_id(value: str) -> str:
+    return _check(value, MAX_CONTAINER_ID, INVALID_ENV, "CNI_CONTAINERID")

@@ -20,15 +20,6 @@ REQUIRE = os.environ.get("PYBRIDGE_REQUIRE_INTEROP") == "1"
 launchers = netns_conftest.launchers
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if os.geteuid() == 0:
-        return
-    skip = pytest.mark.skip(reason="interop tests need root")
-    for item in items:
-        if "tests/interop" in str(item.fspath):
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def go_tools(tmp_path_factory: pytest.TempPathFactory) -> GoTools:
     reason = missing_toolchain()

@@ -60,13 +60,15 @@ cnitool:
 # the executable `pybridge` and `pyipam` -> pybridge beside it. Rebuilt only when a source changed;
 # the flock keeps two `make test` in one tree from building into the same dist/ at once.
 BUNDLE         := dist/pybridge
-BUNDLE_SOURCES := $(shell find cni_plugin ipam -name '*.py') deploy/bundle/pybridge.spec pyproject.toml
+BUNDLE_SOURCES := $(shell find cni_plugin ipam -name '*.py') cni_plugin/agent/client.c deploy/bundle/pybridge.spec \
+	pyproject.toml
 bundle: venv $(BUNDLE)/pybridge
 $(BUNDLE)/pybridge: $(BUNDLE_SOURCES)
 	@mkdir -p build
 	flock build/.bundle.lock $(VENV)/bin/pyinstaller --noconfirm --log-level WARN --distpath dist \
 		--workpath build/pyinstaller deploy/bundle/pybridge.spec
 	ln -sfn pybridge $(BUNDLE)/pyipam
+	$(PY) -I -c 'from cni_plugin.install import build_client; build_client("$(BUNDLE)/cni-client", "/opt/pybridge/current")'
 	touch $@
 
 # kind (needs docker, kind, kubectl; not on the CI machines): see README "Kubernetes on kind".

@@ -1,0 +1,162 @@
+"""`pybridge node run|install`: the node agent and the DaemonSet's install step.
+
+run:     watch Node objects, keep this node's conflist, routes to the other nodes' podCIDRs and
+         the pod masquerade in line with them (model.plan), in the netns it runs in (hostNetwork).
+         `--nodes-file` reconciles once from a recorded NodeList instead of the API server.
+install: copy the frozen bundle this process runs from into the host, switch
+         /opt/cni/bin/pybridge and pyipam to it atomically (install.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from . import model
+
+
+def _log(event: str, **fields: Any) -> None:
+    print(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}), file=sys.stderr, flush=True)
+
+
+class Effects(Protocol):
+    def routes(self) -> set[model.Route]: ...
+    def mtu(self, node: model.Node | None) -> int | None: ...
+    def apply(self, plan: model.Plan) -> list[str]: ...
+    def resync(self) -> None: ...
+
+
+class NodeAgent:
+    """Keeps the node cache from events and reconciles after each one."""
+
+    def __init__(self, settings: model.Settings, effects: Effects) -> None:
+        self.settings = settings
+        self.effects = effects
+        self.nodes: dict[str, model.Node] = {}
+        self._waiting: str | None = None
+
+    def handle(self, kind: str, payload: Any) -> model.Plan:
+        if kind == "SYNC":
+            self.effects.resync()  # after a full list, re-apply everything even if unchanged
+            self.nodes = {n.name: n for n in (model.node_from_object(o) for o in payload)}
+        else:
+            node = model.node_from_object(payload)
+            if kind == "DELETED":
+                self.nodes.pop(node.name, None)
+            else:
+                self.nodes[node.name] = node
+        return self.reconcile()
+
+    def reconcile(self) -> model.Plan:
+        nodes = list(self.nodes.values())
+        own = self.nodes.get(self.settings.node_name)
+        if own is None or not own.pod_cidrs:  # wait before touching anything, even to read
+            result = model.plan(self.settings, nodes, (), None)
+        else:
+            result = model.plan(self.settings, nodes, self.effects.routes(), self.effects.mtu(own))
+        if result.waiting:
+            if result.waiting != self._waiting:
+                _log("waiting", reason=result.waiting)
+            self._waiting = result.waiting
+            return result
+        self._waiting = None
+        errors = self.effects.apply(result)
+        if result.route_sets or result.route_deletes or errors:
+            _log("reconciled", set=[f"{r.dst} via {r.gateway}" for r in sorted(result.route_sets)],
+                 deleted=[f"{r.dst} via {r.gateway}" for r in sorted(result.route_deletes)], errors=errors)
+        for note in result.notes:
+            _log("note", note=note)
+        return result
+
+
+def _networks(values: Iterable[str]) -> tuple[model.Network, ...]:
+    return tuple(ipaddress.ip_network(v.strip()) for value in values for v in value.split(",") if v.strip())
+
+
+def load_nodes_file(path: str) -> list[Any]:
+    with open(path) as f:
+        data = json.load(f)
+    items = data.get("items", [data]) if isinstance(data, dict) else data
+    return list(items)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .effects import Host
+
+    if not args.node_name:
+        _log("error", error="--node-name (or NODE_NAME) is required")
+        return 2
+    settings = model.Settings(
+        node_name=args.node_name, cluster_cidrs=_networks(args.cluster_cidr or []), bridge=args.bridge,
+        ipam_data_dir=args.ipam_data_dir, network=args.network, log_file=args.plugin_log_file)
+    agent = NodeAgent(settings, Host(args.cni_conf_dir))
+    if args.nodes_file:
+        result = agent.handle("SYNC", load_nodes_file(args.nodes_file))
+        return 3 if result.waiting else 0
+
+    import urllib3
+
+    from . import kube
+
+    api = kube.api_client(args.kubeconfig)
+    _log("started", node=settings.node_name, cluster_cidrs=[str(c) for c in settings.cluster_cidrs])
+    while True:
+        try:
+            for kind, payload in kube.node_events(api, timeout_seconds=args.resync):
+                agent.handle(kind, payload)
+        except (urllib3.exceptions.HTTPError, OSError, RuntimeError) as exc:
+            _log("retry", error=str(exc)[:300])
+            time.sleep(2.0)
+
+
+def _install(args: argparse.Namespace) -> int:
+    from . import install
+
+    source = args.bundle_dir or install.running_bundle_dir()
+    if source is None:
+        _log("error", error="not running from a frozen bundle: give --bundle-dir")
+        return 2
+    target = install.install_bundle(source, bin_dir=args.bin_dir, store_dir=args.store_dir,
+                                    host_store_dir=args.host_store_dir)
+    _log("installed", bundle=target, bin_dir=args.bin_dir)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pybridge node", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="the node agent")
+    run.add_argument("--node-name", default=os.environ.get("NODE_NAME"))
+    run.add_argument("--cluster-cidr", action="append",
+                     default=[os.environ["POD_SUBNET"]] if os.environ.get("POD_SUBNET") else None,
+                     help="never masquerade towards these (comma-separated or repeated; env POD_SUBNET)")
+    run.add_argument("--cni-conf-dir", default="/etc/cni/net.d")
+    run.add_argument("--ipam-data-dir", default="/run/cni-ipam-state")
+    run.add_argument("--bridge", default="pyb0")
+    run.add_argument("--network", default="pybridge")
+    run.add_argument("--plugin-log-file", default=None)
+    run.add_argument("--kubeconfig", default=None)
+    run.add_argument("--resync", type=int, default=60, help="seconds between full lists")
+    run.add_argument("--nodes-file", help="reconcile once from a recorded NodeList (JSON) instead")
+    inst = sub.add_parser("install", help="install the running bundle as /opt/cni/bin/pybridge and pyipam")
+    inst.add_argument("--bundle-dir", help="the bundle directory (default: the one this runs from)")
+    inst.add_argument("--bin-dir", default="/host/opt/cni/bin")
+    inst.add_argument("--store-dir", default="/host/opt/pybridge",
+                      help="where versioned bundle copies go, as this process sees it")
+    inst.add_argument("--host-store-dir", default="/opt/pybridge",
+                      help="the same directory as the node sees it (symlink targets)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return _install(args)

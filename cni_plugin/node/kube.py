@@ -1,0 +1,52 @@
+"""Node objects from the API server through the official Kubernetes client: list, then watch.
+
+Yields ("SYNC", [node objects]) after every list and (event type, node object) for each watch
+event, objects in the API's JSON form (the watch's raw objects; list items serialized back).
+A watch ends after `timeout_seconds` (a resync: list again) or on 410 Gone (list again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from kubernetes import client, config, watch
+
+Event = tuple[str, Any]
+
+
+def api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """In-cluster config (the DaemonSet's service account), else a kubeconfig for development."""
+    if kubeconfig is None:
+        try:
+            config.load_incluster_config()
+            return client.ApiClient()
+        except config.ConfigException:
+            pass
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    return client.ApiClient(cfg)
+
+
+def node_events(api: client.ApiClient, timeout_seconds: int = 60,
+                stop: Callable[[], bool] = lambda: False,
+                backoff: Callable[[float], None] = time.sleep) -> Iterator[Event]:
+    core = client.CoreV1Api(api)
+    while not stop():
+        try:
+            listed = core.list_node()
+            yield "SYNC", [api.sanitize_for_serialization(item) for item in listed.items]
+            version = listed.metadata.resource_version if listed.metadata else None
+            w = watch.Watch()
+            for event in w.stream(core.list_node, resource_version=version, timeout_seconds=timeout_seconds,
+                                  allow_watch_bookmarks=True):
+                kind = event["type"]
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    yield kind, event["raw_object"]
+                if stop():
+                    w.stop()
+                    return
+        except client.ApiException as exc:
+            if exc.status != 410:  # 410 Gone: our resourceVersion expired, list again at once
+                backoff(2.0)

@@ -1,0 +1,189 @@
+"""The node agent's decisions, pure: Node objects in, the conflist, routes and masquerade out.
+
+Nothing here talks to the API server or the kernel (kube.py and effects.py do), so every rule
+of the reconcile is unit tested on plain data:
+- the own node's spec.podCIDRs (one per family, dual-stack) become the conflist's IPAM ranges;
+  without them the agent waits and writes nothing;
+- every other node's podCIDRs are routed via that node's InternalIP of the same family;
+  routes of nodes that left (or whose address changed) are removed;
+- traffic from this node's pods to anything outside the cluster CIDRs (and every node's
+  podCIDRs) is masqueraded, multicast excepted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+CONFLIST_NAME = "10-pybridge.conflist"
+NFT_TABLE = "pybridge_node"  # inet family; the plugin's own per-pod table is `inet pybridge`
+MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    internal_ips: tuple[Address, ...] = ()
+    pod_cidrs: tuple[Network, ...] = ()
+
+    def internal_ip(self, version: int) -> Address | None:
+        return next((ip for ip in self.internal_ips if ip.version == version), None)
+
+
+@dataclass(frozen=True, order=True)
+class Route:
+    dst: str  # canonical network, "10.244.2.0/24"
+    gateway: str  # canonical address
+
+
+@dataclass(frozen=True)
+class Settings:
+    node_name: str
+    cluster_cidrs: tuple[Network, ...] = ()
+    network: str = "pybridge"
+    bridge: str = "pyb0"
+    ipam_data_dir: str = "/run/cni-ipam-state"
+    cni_version: str = "1.1.0"
+    log_file: str | None = None
+
+
+@dataclass
+class Plan:
+    """What the node should look like; `waiting` says why nothing may be written yet."""
+
+    waiting: str | None = None
+    conflist: dict[str, Any] | None = None
+    routes: frozenset[Route] = frozenset()
+    route_deletes: frozenset[Route] = frozenset()
+    route_sets: frozenset[Route] = frozenset()
+    masquerade: str | None = None  # nft script, applied as one transaction
+    notes: list[str] = field(default_factory=list)
+
+
+def _network(text: Any) -> Network | None:
+    try:
+        return ipaddress.ip_network(str(text), strict=True)
+    except ValueError:
+        return None
+
+
+def _address(text: Any) -> Address | None:
+    try:
+        return ipaddress.ip_address(str(text))
+    except ValueError:
+        return None
+
+
+def node_from_object(obj: Mapping[str, Any]) -> Node:
+    """A Node in the API's JSON form (camelCase, as served or recorded); bad entries are skipped."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    raw_cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    cidrs = tuple(n for n in (_network(c) for c in raw_cidrs) if n is not None)
+    ips = tuple(
+        ip for ip in (_address(a.get("address")) for a in status.get("addresses") or []
+                      if isinstance(a, Mapping) and a.get("type") == "InternalIP")
+        if ip is not None
+    )
+    return Node(name=str(meta.get("name", "")), internal_ips=ips, pod_cidrs=cidrs)
+
+
+def desired_routes(me: str, nodes: Iterable[Node]) -> frozenset[Route]:
+    nodes = list(nodes)
+    own = [c for n in nodes if n.name == me for c in n.pod_cidrs]
+    routes = set()
+    for node in nodes:
+        if node.name == me:
+            continue
+        for cidr in node.pod_cidrs:
+            gateway = node.internal_ip(cidr.version)
+            if gateway is None or any(cidr.overlaps(o) for o in own if o.version == cidr.version):
+                continue  # no address of that family, or a CIDR clashing with ours: never route it
+            routes.add(Route(str(cidr), str(gateway)))
+    return frozenset(routes)
+
+
+def route_changes(
+    current: Iterable[Route], desired: frozenset[Route]
+) -> tuple[frozenset[Route], frozenset[Route]]:
+    """(routes to delete, routes to set with `replace`) to go from `current` (ours only) to `desired`.
+
+    A destination that moved to another gateway is only replaced, never deleted: deleting the old
+    (dst, gateway) after the replace would find nothing, and deleting before would open a gap.
+    """
+    current = frozenset(current)
+    wanted_dsts = {r.dst for r in desired}
+    deletes = frozenset(r for r in current if r.dst not in wanted_dsts)
+    sets = frozenset(desired - current)
+    return deletes, sets
+
+
+def conflist(settings: Settings, own: Node, mtu: int | None) -> dict[str, Any]:
+    """pybridge (gateway + default route per family, hairpin for Services) chained to portmap."""
+    ranges = [[{"subnet": str(c)}] for c in sorted(own.pod_cidrs, key=lambda n: n.version)]
+    plugin: dict[str, Any] = {
+        "type": "pybridge",
+        "bridge": settings.bridge,
+        "isGateway": True,
+        "isDefaultGateway": True,
+        "ipMasq": False,  # the node agent masquerades for the whole node (masquerade_script)
+        "hairpinMode": True,
+        "ipam": {"type": "pyipam", "dataDir": settings.ipam_data_dir, "ranges": ranges},
+    }
+    if mtu:
+        plugin["mtu"] = mtu
+    if settings.log_file:
+        plugin["logFile"] = settings.log_file
+    return {
+        "cniVersion": settings.cni_version,
+        "name": settings.network,
+        "plugins": [plugin, {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}],
+    }
+
+
+def render_conflist(conf: Mapping[str, Any]) -> bytes:
+    return (json.dumps(conf, indent=2, sort_keys=False) + "\n").encode()
+
+
+def masquerade_script(own: Iterable[Network], no_masquerade: Iterable[Network]) -> str:
+    """One nft transaction replacing the agent's own table (add + delete makes it idempotent)."""
+    own = sorted(set(own), key=lambda n: (n.version, n))
+    keep = set(no_masquerade)
+    lines = [f"add table inet {NFT_TABLE}", f"delete table inet {NFT_TABLE}", f"table inet {NFT_TABLE} {{",
+             "\tchain postrouting {", "\t\ttype nat hook postrouting priority srcnat; policy accept;"]
+    for version, family in ((4, "ip"), (6, "ip6")):
+        sources = [n for n in own if n.version == version]
+        if not sources:
+            continue
+        dests = sorted({n for n in keep if n.version == version} | {ipaddress.ip_network(MULTICAST[version])},
+                       key=str)
+        lines.append(f"\t\t{family} saddr {{ {', '.join(map(str, sources))} }} "
+                     f"{family} daddr != {{ {', '.join(map(str, dests))} }} masquerade")
+    lines += ["\t}", "}", ""]
+    return "\n".join(lines)
+
+
+def plan(settings: Settings, nodes: Iterable[Node], current_routes: Iterable[Route],
+         mtu: int | None) -> Plan:
+    nodes = list(nodes)
+    own = next((n for n in nodes if n.name == settings.node_name), None)
+    if own is None:
+        return Plan(waiting=f"node {settings.node_name!r} not found")
+    if not own.pod_cidrs:
+        return Plan(waiting=f"node {settings.node_name!r} has no podCIDRs assigned yet")
+    routes = desired_routes(settings.node_name, nodes)
+    deletes, sets = route_changes(current_routes, routes)
+    cluster = set(settings.cluster_cidrs) | {c for n in nodes for c in n.pod_cidrs}
+    result = Plan(conflist=conflist(settings, own, mtu), routes=routes, route_deletes=deletes,
+                  route_sets=sets, masquerade=masquerade_script(own.pod_cidrs, cluster))
+    for node in nodes:
+        if node.name != settings.node_name and node.pod_cidrs and not node.internal_ips:
+            result.notes.append(f"node {node.name!r} has podCIDRs but no InternalIP: not routed")
+    return result

@@ -1,0 +1,151 @@
+"""The node agent's pure reconcile (cni_plugin/node/model.py) and the bundle installer."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from cni_plugin.frozen import program_for
+from cni_plugin.node import model
+from cni_plugin.node.effects import write_atomic
+from cni_plugin.node.install import install_bundle
+
+from .fakeapi import load
+
+R = model.Route
+ME = "pybridge-worker"
+
+
+def nodes(name: str = "nodes.json") -> list[model.Node]:
+    return [model.node_from_object(o) for o in load(name)["items"]]
+
+
+def test_node_from_object_reads_podcidrs_and_internal_ips_only() -> None:
+    obj = {
+        "metadata": {"name": "n"},
+        "spec": {"podCIDR": "10.1.0.0/24"},
+        "status": {
+            "addresses": [
+                {"type": "Hostname", "address": "n"},
+                {"type": "ExternalIP", "address": "1.2.3.4"},
+                {"type": "InternalIP", "address": "172.18.0.9"},
+                {"type": "InternalIP", "address": "bogus"},
+            ]
+        },
+    }
+    node = model.node_from_object(obj)
+    assert node.pod_cidrs == (ipaddress.ip_network("10.1.0.0/24"),)  # legacy podCIDR alone still counts
+    assert node.internal_ips == (ipaddress.ip_address("172.18.0.9"),)
+    assert (
+        model.node_from_object({"metadata": {"name": "x"}, "spec": {"podCIDRs": ["10.1.0.1/24"]}}).pod_cidrs
+        == ()
+    )
+
+
+def test_routes_to_every_other_node_per_family() -> None:
+    assert model.desired_routes(ME, nodes()) == {
+        R("10.70.0.0/24", "172.18.0.4"),
+        R("10.70.2.0/24", "172.18.0.3"),
+    }
+    dual = model.desired_routes(ME, nodes("nodes-dualstack.json"))
+    assert R("fd00:10:70:2::/64", "fc00:f853:ccd:e793::3") in dual and len(dual) == 4
+
+
+def test_no_route_without_an_address_of_that_family_or_for_a_clashing_cidr() -> None:
+    me = model.Node(ME, (ipaddress.ip_address("172.18.0.2"),), (ipaddress.ip_network("10.70.1.0/24"),))
+    v6only = model.Node("a", (ipaddress.ip_address("fc00::3"),), (ipaddress.ip_network("10.70.2.0/24"),))
+    clash = model.Node("b", (ipaddress.ip_address("172.18.0.5"),), (ipaddress.ip_network("10.70.1.0/25"),))
+    assert model.desired_routes(ME, [me, v6only, clash]) == frozenset()
+    plan = model.plan(model.Settings(ME), [me, v6only, clash], (), 1500)
+    assert plan.waiting is None
+
+
+def test_route_changes_delete_departed_and_replace_moved() -> None:
+    current = {R("10.70.2.0/24", "172.18.0.3"), R("10.70.3.0/24", "172.18.0.5")}
+    desired = frozenset({R("10.70.2.0/24", "172.18.0.9"), R("10.70.4.0/24", "172.18.0.6")})
+    deletes, sets = model.route_changes(current, desired)
+    assert deletes == {R("10.70.3.0/24", "172.18.0.5")}  # node left
+    assert sets == desired  # moved gateway: replaced in place, not deleted
+    assert model.route_changes(desired, desired) == (frozenset(), frozenset())
+
+
+def test_waits_until_own_node_and_podcidrs_exist() -> None:
+    assert model.plan(model.Settings("absent"), nodes(), (), 1500).waiting == "node 'absent' not found"
+    bare = [model.Node(ME, (ipaddress.ip_address("172.18.0.2"),), ())]
+    plan = model.plan(model.Settings(ME), bare, (), 1500)
+    assert (
+        plan.waiting and "no podCIDRs" in plan.waiting and plan.conflist is None and plan.masquerade is None
+    )
+
+
+def test_conflist() -> None:
+    plan = model.plan(model.Settings(ME, ipam_data_dir="/x"), nodes("nodes-dualstack.json"), (), 1450)
+    conf = plan.conflist
+    assert conf is not None
+    assert conf["cniVersion"] == "1.1.0" and conf["name"] == "pybridge"
+    bridge, portmap = conf["plugins"]
+    assert portmap == {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}
+    assert bridge["mtu"] == 1450 and bridge["ipMasq"] is False and bridge["hairpinMode"] is True
+    assert bridge["isDefaultGateway"] is True
+    assert bridge["ipam"] == {
+        "type": "pyipam",
+        "dataDir": "/x",
+        "ranges": [[{"subnet": "10.70.1.0/24"}], [{"subnet": "fd00:10:70:1::/64"}]],
+    }
+    assert "mtu" not in model.conflist(model.Settings(ME), nodes()[1], None)["plugins"][0]
+    # the conflist is loadable by the plugin's own config parser
+    from cni_plugin import config
+
+    config.load({"cniVersion": conf["cniVersion"], "name": conf["name"], **bridge})
+
+
+def test_masquerade_script() -> None:
+    script = model.masquerade_script(
+        [ipaddress.ip_network("10.70.1.0/24"), ipaddress.ip_network("fd00:1::/64")],
+        [ipaddress.ip_network("10.70.0.0/16")],
+    )
+    assert script.startswith("add table inet pybridge_node\ndelete table inet pybridge_node\n")
+    assert "ip saddr { 10.70.1.0/24 } ip daddr != { 10.70.0.0/16, 224.0.0.0/4 } masquerade" in script
+    assert "ip6 saddr { fd00:1::/64 } ip6 daddr != { ff00::/8 } masquerade" in script
+    assert "ip6" not in model.masquerade_script([ipaddress.ip_network("10.70.1.0/24")], [])
+
+
+def test_write_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "net.d" / "10-pybridge.conflist"
+    assert write_atomic(str(path), b"a") is True
+    assert write_atomic(str(path), b"a") is False
+    assert write_atomic(str(path), b"b") is True
+    assert path.read_bytes() == b"b" and oct(path.stat().st_mode & 0o777) == "0o644"
+    assert os.listdir(path.parent) == ["10-pybridge.conflist"]
+
+
+def fake_bundle(root: Path, content: bytes) -> Path:
+    (root / "_internal").mkdir(parents=True)
+    (root / "pybridge").write_bytes(content)
+    (root / "pybridge").chmod(0o755)
+    (root / "pyipam").symlink_to("pybridge")
+    (root / "_internal" / "lib.so").write_bytes(content * 2)
+    return root
+
+
+def test_install_bundle_versioned_copy_and_symlink_switch(tmp_path: Path) -> None:
+    bin_dir, store = tmp_path / "host/opt/cni/bin", tmp_path / "host/opt/pybridge"
+    dirs = []
+    for version in (b"v1", b"v2", b"v3"):
+        source = fake_bundle(tmp_path / version.decode(), version)
+        dirs.append(install_bundle(str(source), str(bin_dir), str(store), "/opt/pybridge"))
+        for program in ("pybridge", "pyipam"):
+            assert os.readlink(bin_dir / program) == f"/opt/pybridge/{Path(dirs[-1]).name}/pybridge"
+        assert (Path(dirs[-1]) / "pybridge").read_bytes() == version
+    # current and previous kept (an exec may have just resolved the old link), older removed
+    assert sorted(os.listdir(store)) == sorted(Path(d).name for d in dirs[1:])
+    assert sorted(os.listdir(bin_dir)) == ["pybridge", "pyipam"]
+    # installing the same bundle again changes nothing
+    assert install_bundle(str(tmp_path / "v3"), str(bin_dir), str(store), "/opt/pybridge") == dirs[-1]
+
+
+def test_frozen_entry_picks_the_program_by_name() -> None:
+    assert program_for("/opt/cni/bin/pyipam") == "pyipam"
+    assert program_for("pybridge") == "pybridge"
+    assert program_for("/opt/pybridge/0123/pybridge") == "pybridge"

@@ -87,6 +87,7 @@ class Agent:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._sock: socket.socket | None = None
+        self._defaults = {k: v for k, v in os.environ.items() if k == log.ENV_VAR}
         # Calls for one attachment run one at a time (striped by hash): see _answer.
         self._attachment_locks = [threading.Lock() for _ in range(ATTACHMENT_STRIPES)]
 
@@ -155,7 +156,8 @@ class Agent:
         flags, plen, elen, _slen = wire.decode_request_header(data[:wire.HEADER_LEN])
         body = data[wire.HEADER_LEN:]
         program = body[:plen].decode(errors="replace")
-        env = wire.decode_env(body[plen:plen + elen])
+        # The agent's own log file serves calls whose runtime set none (the systemd unit sets one).
+        env = {**self._defaults, **wire.decode_env(body[plen:plen + elen])}
         stdin = body[plen + elen:]
         pod_fd = fds[1] if flags & wire.FLAG_POD_NETNS and len(fds) > 1 else None
         # The agent does host-side work in its own netns: serve only clients in that netns.

@@ -63,11 +63,12 @@ class Host:
     pods: list[str] = field(default_factory=list)
     agent: subprocess.Popen[bytes] | None = None
 
-    def start_agent(self, log_path: Path) -> None:
+    def start_agent(self, log_path: Path, env: dict[str, str] | None = None) -> None:
         with open(log_path, "wb") as log:
             self.agent = subprocess.Popen(
                 ["ip", "netns", "exec", self.name, str(self.bin_dir / "pybridge"), "agent",
-                 str(self.agent_socket)], stdout=log, stderr=subprocess.STDOUT)
+                 str(self.agent_socket)], stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 20
         while not self.agent_socket.exists():
             assert self.agent.poll() is None, f"agent exited: {log_path.read_text()}"

@@ -124,3 +124,14 @@ def test_the_exec_path_imports_no_heavy_library() -> None:
     forbidden = ("pyroute2", "pydantic", "structlog", "json", "socket", "re")
     heavy = [m for m in modules if m.split(".")[0] in forbidden]
     assert heavy == []
+
+
+def test_agent_logs_calls_to_its_own_log_file(host: Host, tmp_path: Path) -> None:
+    if host.agent is None:
+        pytest.skip("needs the agent")
+    host.stop_agent()
+    log_file = tmp_path / "agent-calls.log"
+    host.start_agent(tmp_path / "agent2.log", env={"PYBRIDGE_LOG_FILE": str(log_file)})
+    host.add(bridge_conf(host), host.new_pod(), "logged-by-agent")
+    calls = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [(c["verb"], c["container_id"], c["code"]) for c in calls] == [("ADD", "logged-by-agent", 0)]

@@ -129,6 +129,17 @@ def fake_bundle(root: Path, content: bytes) -> Path:
     return root
 
 
+def test_install_bundle_links_the_compiled_client_when_the_bundle_has_one(tmp_path: Path) -> None:
+    source = fake_bundle(tmp_path / "v1", b"v1")
+    (source / "cni-client").write_bytes(b"client")
+    (source / "cni-client").chmod(0o755)
+    bin_dir, store = tmp_path / "host/opt/cni/bin", tmp_path / "host/opt/pybridge"
+    final = install_bundle(str(source), str(bin_dir), str(store), "/opt/pybridge")
+    for program in ("pybridge", "pyipam"):
+        assert os.readlink(bin_dir / program) == f"/opt/pybridge/{Path(final).name}/cni-client"
+    assert os.readlink(store / "current") == Path(final).name
+
+
 def test_install_bundle_versioned_copy_and_symlink_switch(tmp_path: Path) -> None:
     bin_dir, store = tmp_path / "host/opt/cni/bin", tmp_path / "host/opt/pybridge"
     dirs = []
@@ -138,8 +149,9 @@ def test_install_bundle_versioned_copy_and_symlink_switch(tmp_path: Path) -> Non
         for program in ("pybridge", "pyipam"):
             assert os.readlink(bin_dir / program) == f"/opt/pybridge/{Path(dirs[-1]).name}/pybridge"
         assert (Path(dirs[-1]) / "pybridge").read_bytes() == version
+        assert os.readlink(store / "current") == Path(dirs[-1]).name
     # current and previous kept (an exec may have just resolved the old link), older removed
-    assert sorted(os.listdir(store)) == sorted(Path(d).name for d in dirs[1:])
+    assert sorted(os.listdir(store)) == sorted([*(Path(d).name for d in dirs[1:]), "current"])
     assert sorted(os.listdir(bin_dir)) == ["pybridge", "pyipam"]
     # installing the same bundle again changes nothing
     assert install_bundle(str(tmp_path / "v3"), str(bin_dir), str(store), "/opt/pybridge") == dirs[-1]

@@ -1,0 +1,1 @@
+"""Reliability and security: crash trials, churn, lock contention, fuzzing and hostile input."""

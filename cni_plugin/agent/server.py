@@ -16,7 +16,7 @@ import signal
 import socket
 import struct
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .. import log, skel
@@ -24,7 +24,6 @@ from . import wire
 
 MAX_CONCURRENT = 64
 REQUEST_TIMEOUT = 10.0
-ATTACHMENT_STRIPES = 64
 _FD_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 
 
@@ -88,8 +87,9 @@ class Agent:
         self._stopping = threading.Event()
         self._sock: socket.socket | None = None
         self._defaults = {k: v for k, v in os.environ.items() if k == log.ENV_VAR}
-        # Calls for one attachment run one at a time (striped by hash): see _answer.
-        self._attachment_locks = [threading.Lock() for _ in range(ATTACHMENT_STRIPES)]
+        # Calls for one attachment run one at a time, calls for others in parallel: see _answer.
+        self._keys_lock = threading.Lock()
+        self._attachments: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
 
     def bind(self) -> None:
         directory = os.path.dirname(self.path)
@@ -152,6 +152,21 @@ class Agent:
                 self._inflight.discard(threading.current_thread())
             self._slots.release()
 
+    @contextlib.contextmanager
+    def _attachment(self, key: tuple[str, str]) -> Iterator[None]:
+        """Hold the lock of one (container id, ifname); dropped once no call holds or awaits it."""
+        with self._keys_lock:
+            lock, users = self._attachments.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._keys_lock:
+                users[0] -= 1
+                if not users[0]:
+                    del self._attachments[key]
+
     def _answer(self, conn: socket.socket, data: bytes, fds: list[int]) -> None:
         flags, plen, elen, _slen = wire.decode_request_header(data[:wire.HEADER_LEN])
         body = data[wire.HEADER_LEN:]
@@ -169,7 +184,7 @@ class Agent:
         # calls for one attachment are serialized (the runtime's DEL after the kill waits for the
         # ADD), and an ADD whose caller is gone is undone: no one will ever learn its result.
         key = (env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", ""))
-        with self._attachment_locks[hash(key) % ATTACHMENT_STRIPES]:
+        with self._attachment(key):
             out, err = io.StringIO(), io.StringIO()
             code = skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program,
                             stderr=err, netns_fd=pod_fd)

@@ -330,6 +330,24 @@ def pod_delete(ifname: str) -> list[IPInterface]:
         return addrs
 
 
+def pod_detach(ifname: str) -> int | None:
+    """Take the pod end out of service without waiting for the kernel's deletion: down (so the
+    bridge port loses its carrier) and renamed (so `ifname` is free for a new ADD at once).
+    Returns its index for `pod_delete_index`; None if there is no veth of that name."""
+    with route_socket() as sock, netlink_errors(f"detach {ifname}"):
+        link = find(sock, ifname)
+        if link is None or link.kind != "veth":
+            return None
+        sock.set_link(link.index, up=False)
+        sock.rename(link.index, f"pbdel{secrets.token_hex(5)}")
+        return link.index
+
+
+def pod_delete_index(index: int) -> None:
+    with route_socket() as sock:
+        delete_link(sock, index)
+
+
 def pod_state(ifname: str) -> PodState | None:
     with route_socket() as sock, netlink_errors(f"read {ifname}"):
         link = find(sock, ifname)

@@ -227,6 +227,9 @@ class Socket:
         change = (IFF_UP if up is not None else 0) | (IFF_PROMISC if promisc is not None else 0)
         self.request(RTM_NEWLINK, NLM_F_ACK, ifinfo(index, flags, change) + attrs)
 
+    def rename(self, index: int, name: str) -> None:
+        self.request(RTM_NEWLINK, NLM_F_ACK, ifinfo(index) + attr(IFLA_IFNAME, name.encode() + b"\0"))
+
     def set_brport(self, index: int, hairpin: bool, isolated: bool) -> None:
         protinfo = nested(
             IFLA_PROTINFO,

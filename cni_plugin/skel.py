@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import log
 from .spec import version
@@ -25,6 +25,9 @@ from .spec.errors import (
     CNIError,
 )
 from .spec.names import validate_network_name
+
+if TYPE_CHECKING:
+    from .removals import Removals
 
 MAX_STDIN = 4 * 1024 * 1024
 
@@ -42,6 +45,8 @@ class Request:
     # The pod netns already opened by a client that forwarded the call (see agent/), because
     # a netns path may only resolve in the client's mount namespace.
     netns_fd: int | None = None
+    # Where a long-lived caller (the agent) lets slow teardown finish after the reply.
+    removals: Removals | None = None
 
 
 Verb = Callable[[Request], "dict[str, Any] | None"]
@@ -87,7 +92,10 @@ def _version_reply(stdin: IO[bytes]) -> dict[str, Any]:
     return {"cniVersion": asked, "supportedVersions": list(version.SUPPORTED)}
 
 
-def parse_request(cmd: CmdArgs, env: Mapping[str, str], data: bytes, netns_fd: int | None = None) -> Request:
+def parse_request(
+    cmd: CmdArgs, env: Mapping[str, str], data: bytes, netns_fd: int | None = None,
+    removals: Removals | None = None,
+) -> Request:
     config = decode_config(data)
     name = config.get("name")
     if not isinstance(name, str):
@@ -100,7 +108,7 @@ def parse_request(cmd: CmdArgs, env: Mapping[str, str], data: bytes, netns_fd: i
                        f"config version {cni_version} does not allow {cmd.command}",
                        f"{cmd.command} needs cniVersion >= {minimum}")
     return Request(cmd=cmd, env=env, config=config, raw_config=data, cni_version=cni_version,
-                   netns_fd=netns_fd)
+                   netns_fd=netns_fd, removals=removals)
 
 
 def about_text(program: str) -> str:
@@ -115,6 +123,7 @@ def run(
     program: str,
     stderr: IO[str] | None = None,
     netns_fd: int | None = None,
+    removals: Removals | None = None,
 ) -> int:
     """Serve one CNI call; returns the process exit code. `verbs` is called only once a verb
     needs serving, so VERSION and argument errors never import the heavy modules."""
@@ -132,7 +141,7 @@ def run(
         if cmd.command == "VERSION":
             stdout.write(json.dumps(_version_reply(stdin)))
             return 0
-        req = parse_request(cmd, env, _read_stdin(stdin), netns_fd)
+        req = parse_request(cmd, env, _read_stdin(stdin), netns_fd, removals)
         cni_version = req.cni_version
         log.configure(req.config.get("logFile"), env)
         result = verbs()[cmd.command](req)

@@ -156,7 +156,20 @@ def _delete_pod_link(req: Request) -> None:
         return  # the runtime already removed the netns: nothing left to unplug
     try:
         _refuse_own_netns(req, fd)  # else DEL would delete a host link named CNI_IFNAME
-        netns.run_in(fd, lambda: link.pod_delete(ifname))
+        if req.removals is None:
+            netns.run_in(fd, lambda: link.pod_delete(ifname))
+            return
+        index = netns.run_in(fd, lambda: link.pod_detach(ifname))
+        if index is not None:
+            later = os.dup(fd)
+            req.removals.submit(lambda: _finish_removal(later, index))
+    finally:
+        os.close(fd)
+
+
+def _finish_removal(fd: int, index: int) -> None:
+    try:
+        netns.run_in(fd, lambda: link.pod_delete_index(index))
     finally:
         os.close(fd)
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .. import log, skel
+from ..removals import Removals
 from . import wire
 
 MAX_CONCURRENT = 64
@@ -87,6 +88,7 @@ class Agent:
         self._stopping = threading.Event()
         self._sock: socket.socket | None = None
         self._defaults = {k: v for k, v in os.environ.items() if k == log.ENV_VAR}
+        self.removals = Removals()
         # Calls for one attachment run one at a time, calls for others in parallel: see _answer.
         self._keys_lock = threading.Lock()
         self._attachments: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
@@ -133,6 +135,7 @@ class Agent:
             pending = list(self._inflight)
         for thread in pending:
             thread.join(drain_timeout)
+        self.removals.drain(drain_timeout)
 
     def _serve_one(self, conn: socket.socket) -> None:
         fds: list[int] = []
@@ -187,7 +190,7 @@ class Agent:
         with self._attachment(key):
             out, err = io.StringIO(), io.StringIO()
             code = skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program,
-                            stderr=err, netns_fd=pod_fd)
+                            stderr=err, netns_fd=pod_fd, removals=self.removals)
             try:
                 conn.sendall(wire.encode_response(code, out.getvalue().encode(), err.getvalue().encode()))
             except OSError:
@@ -195,7 +198,8 @@ class Agent:
                     log.warning("agent_add_undone", container_id=key[0], ifname=key[1],
                                 reason="the caller went away before the result was delivered")
                     skel.run(_verbs_for(program), {**env, "CNI_COMMAND": "DEL"}, io.BytesIO(stdin),
-                             io.StringIO(), program=program, stderr=io.StringIO(), netns_fd=pod_fd)
+                             io.StringIO(), program=program, stderr=io.StringIO(), netns_fd=pod_fd,
+                             removals=self.removals)
                 raise
 
 

@@ -137,6 +137,17 @@ class Host:
         assert isinstance(reply.out, dict)
         return reply.out
 
+    def settle_veths(self, expected: int, timeout: float = 5.0) -> list[str]:
+        """The host veths once at most `expected` are left. The agent answers DEL once the pod is
+        out of service and the kernel's slow veth deletion finishes after the reply."""
+        deadline = time.monotonic() + timeout
+        while True:
+            veths = [name for name, link in self.links().items()
+                     if link.get("linkinfo", {}).get("info_kind") == "veth"]
+            if len(veths) <= expected or time.monotonic() > deadline:
+                return veths
+            time.sleep(0.02)
+
     def links(self) -> dict[str, dict[str, Any]]:
         raw = self.exec("ip", "-d", "-j", "link", "show").stdout
         return {link["ifname"]: link for link in json.loads(raw)}

@@ -135,3 +135,15 @@ def test_agent_logs_calls_to_its_own_log_file(host: Host, tmp_path: Path) -> Non
     host.add(bridge_conf(host), host.new_pod(), "logged-by-agent")
     calls = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert [(c["verb"], c["container_id"], c["code"]) for c in calls] == [("ADD", "logged-by-agent", 0)]
+
+
+def test_agent_finishes_pending_removals_before_it_exits(host: Host) -> None:
+    if host.agent is None:
+        pytest.skip("needs the agent")
+    conf = bridge_conf(host)
+    pods = [host.new_pod() for _ in range(4)]
+    veths = [host.add(conf, pod, f"drain-{i}")["interfaces"][1]["name"] for i, pod in enumerate(pods)]
+    for i, pod in enumerate(pods):
+        assert host.cni("DEL", conf, pod, f"drain-{i}").ok
+    assert host.stop_agent() == 0  # SIGTERM right after the replies
+    assert not set(veths) & set(host.links())

@@ -59,7 +59,7 @@ def test_del_twice_succeeds_and_frees_everything(host: Host) -> None:
     assert host.cni("DEL", conf, pod).ok
     assert host.cni("DEL", conf, pod).ok
     assert host.reservations("testnet") == {}
-    assert veth not in host.links()
+    assert veth not in host.settle_veths(0)
     assert pod_json(host, pod, "link", "show") and all(
         link["ifname"] != "eth0" for link in pod_json(host, pod, "link", "show"))
 
@@ -157,7 +157,7 @@ def test_twenty_concurrent_adds_get_distinct_addresses(host: Host) -> None:
         dels = list(pool.map(lambda i: host.cni("DEL", conf, pods[i], f"par-{i}"), range(20)))
     assert all(r.ok for r in dels)
     assert host.reservations("testnet") == {}
-    assert not [name for name in host.links() if name.startswith("veth")]
+    assert host.settle_veths(0) == []
 
 
 def test_failed_add_undoes_ipam_and_veth(host: Host) -> None:
@@ -261,3 +261,20 @@ def test_gc_removes_stale_masquerade_rules(host: Host) -> None:
     assert host.cni("GC", gc_conf).ok
     assert _masq_rules_for(host, kept["ips"][0]["address"].split("/")[0])
     assert _masq_rules_for(host, gone["ips"][0]["address"].split("/")[0]) == []
+
+
+def test_add_right_after_del_with_the_same_netns_and_ifname(host: Host) -> None:
+    """The agent deletes the veth after answering DEL: the ifname must be free at once, and the
+    old port must not carry traffic for the address that is handed out again."""
+    conf = bridge_conf(host)
+    conf["ipam"]["ranges"] = [[{"subnet": "10.88.0.0/30"}]]  # one address: it is reused
+    pod = host.new_pod()
+    first = host.add(conf, pod)
+    assert host.cni("DEL", conf, pod).ok
+    second = host.add(conf, pod)
+    assert second["ips"][0]["address"] == first["ips"][0]["address"]
+    up_ports = [name for name, link in host.links().items()
+                if link.get("master") == "br-test" and "LOWER_UP" in link["flags"]]
+    assert up_ports == [second["interfaces"][1]["name"]]
+    assert host.ping(pod, "10.88.0.1")
+    assert host.settle_veths(1) == [second["interfaces"][1]["name"]]

@@ -88,6 +88,7 @@ def lock_held(host: Host, network: str) -> bool:
 def census(host: Host, network: str, live: Iterable[Pod], masq_on: bool = True) -> dict[str, int]:
     """Leaks and losses once the runtime has cleaned up: every value must be 0."""
     pods = list(live)
+    host.settle_veths(len(pods))  # veths of answered DELs the agent is still deleting
     keys = {p.key for p in pods}
     held = owners(host, network)
     tags = {masq._tag(network, *p.key) for p in pods}

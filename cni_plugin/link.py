@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import rtnl, sysctl
+from . import netns, rtnl, sysctl
 from .spec.errors import INTERNAL, UNSUPPORTED_FIELD, CNIError
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -237,13 +237,14 @@ def ensure_gateway(sock: rtnl.Socket, link: Link, gateway: IPInterface, force: b
                 raise
 
 
-def pin_mac(sock: rtnl.Socket, index: int) -> None:
+def pin_mac(sock: rtnl.Socket, bridge: Link) -> Link:
     """Stop the bridge MAC from following its lowest port's MAC as pods come and go. Read it
     now: a bridge whose last port left has a zero MAC until a port joins again."""
     with netlink_errors("pin bridge MAC"):
-        bridge = get(sock, index)
-        if bridge is not None and bridge.mac and bridge.mac != "00:00:00:00:00:00":
-            sock.set_link(index, mac=bridge.mac)
+        current = get(sock, bridge.index) or bridge
+        if current.mac and current.mac != "00:00:00:00:00:00":
+            sock.set_link(current.index, mac=current.mac)
+        return current
 
 
 def wait_oper_up(sock: rtnl.Socket, index: int) -> Link:
@@ -260,36 +261,51 @@ def wait_oper_up(sock: rtnl.Socket, index: int) -> Link:
 # --- pod side (run inside the pod netns) ----------------------------------------------------
 
 
-def pod_link_exists(ifname: str) -> bool:
-    with route_socket() as sock:
-        return sock.link_by_name(ifname) is not None
+@contextlib.contextmanager
+def pod_socket(pod_fd: int) -> Iterator[rtnl.Socket]:
+    """A netlink socket inside the pod netns, usable from the calling thread: only its creation
+    needs a thread that entered the netns."""
+    sock = netns.run_in(pod_fd, rtnl.Socket)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def _pod_ipv6_sysctls(ifname: str, enable_dad: bool) -> None:
+    for dev in ("lo", ifname):
+        sysctl.try_write(f"net/ipv6/conf/{dev}/disable_ipv6", "0")
+    sysctl.try_write(f"net/ipv6/conf/{ifname}/keep_addr_on_down", "1")
+    sysctl.try_write(f"net/ipv6/conf/{ifname}/accept_dad", "1" if enable_dad else "0")
+    if enable_dad:
+        sysctl.try_write(f"net/ipv6/conf/{ifname}/enhanced_dad", "1")
 
 
 def pod_configure(
+    sock: rtnl.Socket,
+    pod_fd: int,
     ifname: str,
     addrs: Sequence[IPInterface],
     routes: Sequence[tuple[str, str | None]],
     enable_dad: bool,
     up: bool,
 ) -> Link:
-    """Addresses, link up, routes; DAD off unless asked, so ADD never waits for it."""
-    with route_socket() as sock, netlink_errors(f"configure {ifname}"):
+    """Addresses, link up, routes; DAD off unless asked, so ADD never waits for it. `sock` is a
+    pod_socket(); only IPv6's sysctls need a thread inside the pod netns."""
+    with netlink_errors(f"configure {ifname}"):
         link = find(sock, ifname)
         if link is None:
             raise CNIError(INTERNAL, f"{ifname} vanished from the pod netns")
-        sysctl.try_write(f"net/ipv4/conf/{ifname}/arp_notify", "1")
-        if any(a.version == 6 for a in addrs):
-            for dev in ("lo", ifname):
-                sysctl.try_write(f"net/ipv6/conf/{dev}/disable_ipv6", "0")
-            sysctl.try_write(f"net/ipv6/conf/{ifname}/keep_addr_on_down", "1")
-            sysctl.try_write(f"net/ipv6/conf/{ifname}/accept_dad", "1" if enable_dad else "0")
-            if enable_dad:
-                sysctl.try_write(f"net/ipv6/conf/{ifname}/enhanced_dad", "1")
+        # Gratuitous ARP when the link comes up, as the reference sets it.
+        sock.set_ipv4_conf(link.index, {rtnl.IPV4_DEVCONF_ARP_NOTIFY: 1})
+        v6 = any(a.version == 6 for a in addrs)
+        if v6:
+            netns.run_in(pod_fd, lambda: _pod_ipv6_sysctls(ifname, enable_dad))
         for addr in addrs:
-            sock.add_address(link.index, addr)
+            sock.add_address(link.index, addr, nodad=addr.version == 6 and not enable_dad)
         if up:
             sock.set_link(link.index, up=True)
-        if enable_dad and any(a.version == 6 for a in addrs):
+        if enable_dad and v6:
             _settle_dad(sock, link.index)
         for dst, gw in routes:
             try:

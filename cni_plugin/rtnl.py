@@ -28,6 +28,7 @@ IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
 IFLA_PROTINFO, IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_NET_NS_FD = 12, 16, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER, IFLA_BR_VLAN_FILTERING = 1, 2, 1, 7
 IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33
+IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_ARP_NOTIFY = 26, 1, 22
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
 IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
@@ -226,6 +227,13 @@ class Socket:
         flags = (IFF_UP if up else 0) | (IFF_PROMISC if promisc else 0)
         change = (IFF_UP if up is not None else 0) | (IFF_PROMISC if promisc is not None else 0)
         self.request(RTM_NEWLINK, NLM_F_ACK, ifinfo(index, flags, change) + attrs)
+
+    def set_ipv4_conf(self, index: int, values: dict[int, int]) -> None:
+        """Per-link IPv4 sysctls (IPV4_DEVCONF_*) over netlink: no thread in the link's netns."""
+        conf = nested(IFLA_INET_CONF, *(attr(key, struct.pack("=I", value)) for key, value in values.items()))
+        self.request(
+            RTM_NEWLINK, NLM_F_ACK, ifinfo(index) + nested(IFLA_AF_SPEC, nested(socket.AF_INET, conf))
+        )
 
     def rename(self, index: int, name: str) -> None:
         self.request(RTM_NEWLINK, NLM_F_ACK, ifinfo(index) + attr(IFLA_IFNAME, name.encode() + b"\0"))

@@ -105,9 +105,9 @@ def cmd_add(req: Request) -> dict[str, Any]:
     conf = _load(req)
     mac = conf.mac(req.cmd.cni_args)
     ifname, cid = req.cmd.ifname, req.cmd.container_id
-    with _pod_netns(req) as pod_fd, link.route_socket() as ipr, \
+    with _pod_netns(req) as pod_fd, link.route_socket() as ipr, link.pod_socket(pod_fd) as pod_sock, \
             contextlib.ExitStack() as undo:
-        if netns.run_in(pod_fd, lambda: link.pod_link_exists(ifname)):
+        if link.find(pod_sock, ifname) is not None:
             raise CNIError(INTERNAL, f"container veth name {ifname!r} already exists", req.cmd.netns)
         # IPAM first: it validates its own config (dataDir, ranges) before any link is touched.
         result = Result(cniVersion=req.cni_version)
@@ -122,12 +122,12 @@ def cmd_add(req: Request) -> dict[str, Any]:
         _default_routes(conf, result, gateways)
         addrs = [ipaddress.ip_interface(ip.address) for ip in result.ips]
         routes = _pod_routes(result, gateways)
-        pod = netns.run_in(pod_fd, lambda: link.pod_configure(
-            ifname, addrs, routes, conf.enable_dad, up=not conf.disable_container_interface))
+        pod = link.pod_configure(pod_sock, pod_fd, ifname, addrs, routes, conf.enable_dad,
+                                 up=not conf.disable_container_interface)
         if conf.is_gateway:
             for gateway in gateways.values():
                 link.ensure_gateway(ipr, bridge, gateway, conf.force_address)
-            link.pin_mac(ipr, bridge.index)
+            bridge = link.pin_mac(ipr, bridge)
             _enable_forwarding(set(gateways))
         if conf.ip_masq and addrs:
             from . import masq
@@ -136,7 +136,8 @@ def cmd_add(req: Request) -> dict[str, Any]:
             masq.setup(conf.name, cid, ifname, addrs, conf.ip_masq_backend)
         if not conf.disable_container_interface:
             host = link.wait_oper_up(ipr, host.index)
-        bridge = link.get(ipr, bridge.index) or bridge
+        if not conf.is_gateway:  # the bridge MAC follows its ports: read it after this one joined
+            bridge = link.get(ipr, bridge.index) or bridge
         undo.pop_all()
     result.interfaces = [
         Interface(name=bridge.name, mac=bridge.mac, mtu=bridge.mtu if conf.mtu else None),

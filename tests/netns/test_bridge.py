@@ -37,6 +37,8 @@ def test_two_pods_ping_each_other_and_the_gateway(host: Host) -> None:
     assert host_link["master"] == "br-test"
     routes = pod_json(host, a, "route", "show", "default")
     assert routes[0]["gateway"] == "10.88.0.1"
+    # Gratuitous ARP when the pod link comes up, as the reference sets it.
+    assert host.pod_exec(a, "cat", "/proc/sys/net/ipv4/conf/eth0/arp_notify").stdout.strip() == b"1"
 
 
 def test_add_twice_with_one_ifname_fails_and_keeps_the_first(host: Host) -> None:

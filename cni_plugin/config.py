@@ -48,7 +48,7 @@ class CniArgsBlock(_Model):
 
 
 class ArgsBlock(_Model):
-    cni: CniArgsBlock = CniArgsBlock()
+    cni: CniArgsBlock = Field(default_factory=CniArgsBlock)
 
 
 class RuntimeConfig(_Model):
@@ -73,11 +73,11 @@ class BridgeConf(_Model):
     vlan: int = Field(default=0, ge=0, le=4094)
     enable_dad: bool = Field(default=False, alias="enabledad")
     disable_container_interface: bool = Field(default=False, alias="disableContainerInterface")
-    ipam: dict[str, Any] = {}
+    ipam: dict[str, Any] = Field(default_factory=dict)
     dns: DNS | None = None
     log_file: str | None = Field(default=None, alias="logFile")
-    args: ArgsBlock = ArgsBlock()
-    runtime_config: RuntimeConfig = Field(default=RuntimeConfig(), alias="runtimeConfig")
+    args: ArgsBlock = Field(default_factory=ArgsBlock)
+    runtime_config: RuntimeConfig = Field(default_factory=RuntimeConfig, alias="runtimeConfig")
     capabilities: dict[str, bool] | None = None
     prev_result: dict[str, Any] | None = Field(default=None, alias="prevResult")
 

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -69,6 +70,15 @@ def _owner(data: bytes) -> tuple[str, str | None] | None:
     return container_id, ifname if sep else None
 
 
+_LOCAL_LOCKS: dict[str, threading.Lock] = {}
+_LOCAL_LOCKS_GUARD = threading.Lock()
+
+
+def _local_lock(path: str) -> threading.Lock:
+    with _LOCAL_LOCKS_GUARD:
+        return _LOCAL_LOCKS.setdefault(path, threading.Lock())
+
+
 class DiskStore(Store):
     def __init__(
         self,
@@ -90,7 +100,14 @@ class DiskStore(Store):
     def lock(self) -> Iterator[None]:
         if self._dir_fd is not None:
             raise RuntimeError("store lock is not reentrant")
+        deadline = time.monotonic() + self.lock_timeout
         with ExitStack() as stack:
+            # Threads of one process (the agent's concurrent calls) queue on a lock of their own,
+            # which hands over at once; only other processes are met by polling the flock.
+            local = _local_lock(self.path)
+            if not local.acquire(timeout=self.lock_timeout):
+                raise self._timed_out()
+            stack.callback(local.release)
             dir_fd = self._open_dir()
             stack.callback(os.close, dir_fd)
             try:
@@ -98,12 +115,19 @@ class DiskStore(Store):
             except OSError as exc:
                 raise _io_error("cannot open the IPAM store lock", self.path, exc) from exc
             stack.callback(os.close, lock_fd)  # closing the fd drops the flock
-            self._flock(lock_fd)
+            self._flock(lock_fd, deadline)
             self._dir_fd = dir_fd
             try:
                 yield
             finally:
                 self._dir_fd = None
+
+    def _timed_out(self) -> CNIError:
+        return CNIError(
+            TRY_AGAIN_LATER,
+            "timed out waiting for the IPAM store lock",
+            f"{self.path} is locked by another process for more than {self.lock_timeout}s",
+        )
 
     def _open_dir(self) -> int:
         try:
@@ -114,10 +138,9 @@ class DiskStore(Store):
         except OSError as exc:
             raise _io_error("cannot open the IPAM store", self.path, exc) from exc
 
-    def _flock(self, fd: int) -> None:
+    def _flock(self, fd: int, deadline: float) -> None:
         """Poll a non-blocking flock so a stuck holder yields "try again later", never a hang."""
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.001
+        delay = 0.0005
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -126,13 +149,9 @@ class DiskStore(Store):
                 pass
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise CNIError(
-                    TRY_AGAIN_LATER,
-                    "timed out waiting for the IPAM store lock",
-                    f"{self.path} is locked by another process for more than {self.lock_timeout}s",
-                )
+                raise self._timed_out()
             time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.01)
 
     def _fd(self) -> int:
         if self._dir_fd is None:

@@ -79,18 +79,18 @@ class Route(_Model):
 
 
 class DNS(_Model):
-    nameservers: list[str] = []
+    nameservers: list[str] = Field(default_factory=list)
     domain: str | None = None
-    search: list[str] = []
-    options: list[str] = []
+    search: list[str] = Field(default_factory=list)
+    options: list[str] = Field(default_factory=list)
 
 
 class Result(_Model):
     cni_version: str = Field(default=version.CURRENT, alias="cniVersion")
-    interfaces: list[Interface] = []
-    ips: list[IPConfig] = []
-    routes: list[Route] = []
-    dns: DNS = DNS()
+    interfaces: list[Interface] = Field(default_factory=list)
+    ips: list[IPConfig] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    dns: DNS = Field(default_factory=DNS)
 
     def to_version(self, target: str) -> dict[str, Any]:
         out = self.model_dump(by_alias=True, exclude_none=True)

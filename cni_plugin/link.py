@@ -290,8 +290,8 @@ def pod_configure(
     enable_dad: bool,
     up: bool,
 ) -> Link:
-    """Addresses, link up, routes; DAD off unless asked, so ADD never waits for it. `sock` is a
-    pod_socket(); only IPv6's sysctls need a thread inside the pod netns."""
+    """Addresses, link up, routes; DAD off unless asked (accept_dad), so ADD never waits for it.
+    `sock` is a pod_socket(); only IPv6's sysctls need a thread inside the pod netns."""
     with netlink_errors(f"configure {ifname}"):
         link = find(sock, ifname)
         if link is None:
@@ -302,7 +302,7 @@ def pod_configure(
         if v6:
             netns.run_in(pod_fd, lambda: _pod_ipv6_sysctls(ifname, enable_dad))
         for addr in addrs:
-            sock.add_address(link.index, addr, nodad=addr.version == 6 and not enable_dad)
+            sock.add_address(link.index, addr)  # DAD is off by the accept_dad sysctl, as the reference
         if up:
             sock.set_link(link.index, up=True)
         if enable_dad and v6:

@@ -330,20 +330,24 @@ def _settle_dad(sock: rtnl.Socket, index: int) -> None:
     raise CNIError(INTERNAL, "IPv6 duplicate address detection did not finish", f"{DAD_TIMEOUT} s")
 
 
-def pod_delete(ifname: str) -> list[IPInterface]:
-    """Delete the pod end (the host end goes with it); returns the addresses it had. Only a
-    veth is ours: any other kind of link by that name was made by someone else."""
+def _pod_veth(sock: rtnl.Socket, ifname: str) -> Link | None:
+    """The pod end by name, if it is a veth: any other kind of link by that name was made by
+    someone else and is never ours to touch."""
+    link = find(sock, ifname)
+    return link if link is not None and link.kind == "veth" else None
+
+
+def pod_delete(ifname: str) -> None:
+    """Delete the pod end (the host end goes with it)."""
     with route_socket() as sock, netlink_errors(f"delete {ifname}"):
-        link = find(sock, ifname)
-        if link is None or link.kind != "veth":
-            return []
-        addrs = [a for a, _ in sock.addresses(link.index) if not a.ip.is_link_local]
+        link = _pod_veth(sock, ifname)
+        if link is None:
+            return
         try:
             sock.delete_link(link.index)
         except rtnl.NetlinkError as exc:
             if exc.errno not in (errno.ENODEV, errno.ENOENT):
                 raise
-        return addrs
 
 
 def pod_detach(ifname: str) -> int | None:
@@ -351,8 +355,8 @@ def pod_detach(ifname: str) -> int | None:
     bridge port loses its carrier) and renamed (so `ifname` is free for a new ADD at once).
     Returns its index for `pod_delete_index`; None if there is no veth of that name."""
     with route_socket() as sock, netlink_errors(f"detach {ifname}"):
-        link = find(sock, ifname)
-        if link is None or link.kind != "veth":
+        link = _pod_veth(sock, ifname)
+        if link is None:
             return None
         sock.set_link(link.index, up=False)
         sock.rename(link.index, f"pbdel{secrets.token_hex(5)}")

@@ -165,17 +165,14 @@ class Socket:
     # --- links ---------------------------------------------------------------------------
 
     def link_by_name(self, name: str) -> LinkInfo | None:
-        try:
-            replies = self.request(RTM_GETLINK, 0, ifinfo() + attr(IFLA_IFNAME, name.encode() + b"\0"))
-        except NetlinkError as exc:
-            if exc.errno == errno.ENODEV:
-                return None
-            raise
-        return _parse_link(replies[0][1]) if replies else None
+        return self._get_link(ifinfo() + attr(IFLA_IFNAME, name.encode() + b"\0"))
 
     def link_by_index(self, index: int) -> LinkInfo | None:
+        return self._get_link(ifinfo(index))
+
+    def _get_link(self, payload: bytes) -> LinkInfo | None:
         try:
-            replies = self.request(RTM_GETLINK, 0, ifinfo(index))
+            replies = self.request(RTM_GETLINK, 0, payload)
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .. import log, skel
+from .. import log, netns, skel
 from ..removals import Removals
 from . import wire
 
@@ -66,12 +66,6 @@ def _recv_request(conn: socket.socket) -> tuple[bytes, list[int]]:
             os.close(fd)
         raise ValueError("truncated request")
     return data, fds
-
-
-def _same_netns(fd: int) -> bool:
-    mine = os.stat("/proc/thread-self/ns/net")
-    theirs = os.fstat(fd)
-    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -179,7 +173,7 @@ class Agent:
         stdin = body[plen + elen:]
         pod_fd = fds[1] if flags & wire.FLAG_POD_NETNS and len(fds) > 1 else None
         # The agent does host-side work in its own netns: serve only clients in that netns.
-        if not fds or not _same_netns(fds[0]) or program not in ("pybridge", "pyipam"):
+        if not fds or not netns.same_netns(fds[0]) or program not in ("pybridge", "pyipam"):
             conn.sendall(wire.DECLINED)
             return
         conn.sendall(wire.ACCEPTED)

@@ -77,10 +77,10 @@ def forward(
         if answer != wire.ACCEPTED:
             return None  # declined, or gone before it accepted: nothing was done
         accepted = True
-        header = _recv_exact(sock, wire.RESPONSE_HEADER_LEN)
-        if len(header) != wire.RESPONSE_HEADER_LEN or header[:4] != wire.RESPONSE:
+        try:
+            code, olen, elen = wire.decode_response_header(_recv_exact(sock, wire.RESPONSE_HEADER_LEN))
+        except ValueError:
             return 1, AGENT_FAILED, b""
-        code, olen, elen = (wire.read_u32(header, i) for i in (4, 8, 12))
         body = _recv_exact(sock, olen + elen)
         if len(body) != olen + elen:
             return 1, AGENT_FAILED, b""

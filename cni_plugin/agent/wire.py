@@ -51,6 +51,13 @@ def encode_response(code: int, stdout: bytes, stderr: bytes) -> bytes:
     return RESPONSE + u32(code) + u32(len(stdout)) + u32(len(stderr)) + stdout + stderr
 
 
+def decode_response_header(header: bytes) -> tuple[int, int, int]:
+    """(exit code, stdout length, stderr length); ValueError on anything off."""
+    if len(header) != RESPONSE_HEADER_LEN or header[:4] != RESPONSE:
+        raise ValueError("not a pybridge response")
+    return read_u32(header, 4), read_u32(header, 8), read_u32(header, 12)
+
+
 def decode_env(blob: bytes) -> dict[str, str]:
     env = {}
     for item in blob.split(b"\0"):

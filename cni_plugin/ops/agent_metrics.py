@@ -102,13 +102,14 @@ def _reserved(cfg: IPAMConfig) -> list[IPAddress] | None:
 
 
 def store_problem(conf_dir: str) -> str | None:
-    """Why an ADD could not write its reservation now, or None."""
+    """Why an ADD could not write its reservation now, or None: the probe STATUS makes."""
     for _conf, cfg in networks.stores(networks.load_all(conf_dir)):
-        path = os.path.join(cfg.data_dir, cfg.network)
-        existing = next(p for p in (path, cfg.data_dir, os.path.dirname(cfg.data_dir), "/")
-                        if os.path.exists(p))
-        if not os.access(existing, os.W_OK):
-            return f"IPAM store of network {cfg.network} is not writable: {existing}"
+        store = networks.open_store(cfg)
+        try:
+            with store.lock():
+                store.probe_writable()
+        except CNIError as exc:
+            return f"IPAM store of network {cfg.network}: {exc.msg}: {exc.details}"
     return None
 
 

@@ -20,7 +20,7 @@ ADDRESS_ENV = "PYBRIDGE_METRICS_ADDRESS"
 OFF = "off"
 REQUEST_TIMEOUT = 10.0  # a client that stops sending mid-request holds a thread no longer
 
-disable_created_metrics()  # the `_created` series only double what scrapers see
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the `_created` series only double what scrapers see
 
 Readiness = Callable[[], str | None]  # None when ready, else why not
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]

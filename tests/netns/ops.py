@@ -8,9 +8,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .harness import Host
+from .harness import Host, bridge_conf
 
 METRICS_PORT = 19430  # inside the test's own netns: no clash with anything on the machine
+
+
+def ops_conf(host: Host, **overrides: Any) -> dict[str, Any]:
+    """The test network with masquerade; cniVersion 1.0.0, which the oldest runtime doctor knows
+    (containerd 1.x) accepts, so a healthy node is all ok."""
+    return bridge_conf(host, cniVersion="1.0.0", ipMasq=True, **overrides)
+
+
+def agent_env(conf_dir: Path) -> dict[str, str]:
+    return {"PYBRIDGE_CONF_DIR": str(conf_dir), "PYBRIDGE_METRICS_ADDRESS": f"127.0.0.1:{METRICS_PORT}"}
 
 
 def write_conf(directory: Path, conf: dict[str, Any]) -> Path:

@@ -14,15 +14,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import Host, bridge_conf
-from .ops import METRICS_PORT, doctor, http_get, ls, pybridge, restart_agent, write_conf
+from .harness import Host
+from .ops import METRICS_PORT, agent_env, doctor, http_get, ls, ops_conf, pybridge, restart_agent, write_conf
 
 pytestmark = pytest.mark.netns
-
-
-def _conf(host: Host, **overrides: Any) -> dict[str, Any]:
-    # 1.0.0: what the oldest runtime doctor knows (containerd 1.x) accepts, so a healthy node is all ok.
-    return bridge_conf(host, cniVersion="1.0.0", ipMasq=True, **overrides)
 
 
 def _veth(result: dict[str, Any]) -> str:
@@ -30,7 +25,7 @@ def _veth(result: dict[str, Any]) -> str:
 
 
 def test_ls_states(host: Host, tmp_path: Path) -> None:
-    conf = _conf(host)
+    conf = ops_conf(host)
     conf_dir, cache = write_conf(tmp_path / "conf", conf), tmp_path / "cache"
     pods = {cid: host.new_pod() for cid in ("c-ok", "c-noveth", "c-noresv", "c-gone")}
     results = {cid: host.add(conf, pod, container_id=cid) for cid, pod in pods.items()}
@@ -60,7 +55,7 @@ def test_ls_states(host: Host, tmp_path: Path) -> None:
 
 
 def _healthy(host: Host, tmp_path: Path, **overrides: Any) -> tuple[dict[str, Any], Path, dict[str, Any]]:
-    conf = _conf(host, **overrides)
+    conf = ops_conf(host, **overrides)
     conf_dir = write_conf(tmp_path / "conf", conf)
     result = host.add(conf, host.new_pod())
     return conf, conf_dir, result
@@ -148,10 +143,6 @@ def test_doctor_names_fault(host: Host, tmp_path: Path, fault: str) -> None:
     assert _root_sysctls() == root_before  # the faults stayed in the test's netns
 
 
-def _agent_env(conf_dir: Path) -> dict[str, str]:
-    return {"PYBRIDGE_CONF_DIR": str(conf_dir), "PYBRIDGE_METRICS_ADDRESS": f"127.0.0.1:{METRICS_PORT}"}
-
-
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -169,9 +160,9 @@ def _value(samples: Samples, name: str, **labels: str) -> float | None:
 def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     if host.agent is None:
         pytest.skip("the agent's endpoint: agent mode only")
-    conf = _conf(host)
+    conf = ops_conf(host)
     conf_dir = write_conf(tmp_path / "conf", conf)
-    restart_agent(host, tmp_path / "agent-metrics.log", _agent_env(conf_dir))
+    restart_agent(host, tmp_path / "agent-metrics.log", agent_env(conf_dir))
     assert http_get(host, "/healthz") == (True, "ok\n")
     assert http_get(host, "/readyz") == (True, "ok\n")
     pods = [host.new_pod() for _ in range(3)]
@@ -196,10 +187,10 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
 def test_agent_not_ready_when_store_unwritable(host: Host, tmp_path: Path) -> None:
     if host.agent is None:
         pytest.skip("the agent's endpoint: agent mode only")
-    conf = _conf(host)
+    conf = ops_conf(host)
     conf["ipam"]["dataDir"] = "/proc/pybridge-h15-readonly"  # cannot be created, even by root
     conf_dir = write_conf(tmp_path / "conf", conf)
-    restart_agent(host, tmp_path / "agent-ready.log", _agent_env(conf_dir))
+    restart_agent(host, tmp_path / "agent-ready.log", agent_env(conf_dir))
     deadline = time.monotonic() + 5
     while not http_get(host, "/healthz")[0]:
         assert time.monotonic() < deadline

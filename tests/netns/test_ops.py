@@ -183,6 +183,13 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     assert _value(samples, "pybridge_ipam_free_addresses", network="testnet") == 251
     assert not http_get(host, "/nothing")[0]
 
+    valid = [{"containerID": "m1", "ifname": "eth0"}]
+    gc = {**conf, "cniVersion": "1.1.0", "cni.dev/valid-attachments": valid}
+    assert host.cni("GC", gc).ok  # releases m2's address
+    samples = _scrape(host)
+    assert _value(samples, "pybridge_ipam_gc_released_addresses_total", network="testnet") == 1
+    assert _value(samples, "pybridge_ipam_reserved_addresses", network="testnet") == 1
+
 
 def test_agent_not_ready_when_store_unwritable(host: Host, tmp_path: Path) -> None:
     if host.agent is None:

@@ -124,3 +124,33 @@ def test_exec_path_does_not_import_metrics() -> None:
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout)
     assert "cni_plugin.verbs" in loaded and "ipam.plugin" in loaded
     assert not [m for m in loaded if m.startswith(("prometheus_client", "cni_plugin.ops"))]
+
+
+def _get(port: int, path: str) -> tuple[int, str, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.headers["Content-Type"], reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def test_endpoint_paths(tmp_path: Path) -> None:
+    """The node agent's registry behind the endpoint (an ephemeral loopback port)."""
+    conflist = tmp_path / model.CONFLIST_NAME
+    metrics = NodeMetrics(registry := CollectorRegistry(), str(conflist))
+    server = endpoint.Endpoint(("127.0.0.1", 0), registry, metrics.readiness)
+    try:
+        assert _get(server.port, "/healthz")[::2] == (200, "ok\n")
+        assert _get(server.port, "/readyz")[::2] == (503, "no Node list received yet\n")
+        metrics.reconciled(nodes=3, routes=2, errors=0, full_sync=True)
+        conflist.write_text("{}")
+        assert _get(server.port, "/readyz")[::2] == (200, "ok\n")
+        status, kind, body = _get(server.port, "/metrics")
+        assert status == 200 and kind.startswith("text/plain; version=0.0.4")
+        assert "pybridge_node_nodes 3.0" in body.splitlines()
+        assert _get(server.port, "/other")[0] == 404
+    finally:
+        server.close()

@@ -14,8 +14,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cni_plugin.agent import wire
+
 from .harness import Host
 from .ops import METRICS_PORT, agent_env, doctor, http_get, ls, ops_conf, pybridge, restart_agent, write_conf
+from .test_agent import FakeAgent
 
 pytestmark = pytest.mark.netns
 
@@ -141,6 +144,22 @@ def test_doctor_names_fault(host: Host, tmp_path: Path, fault: str) -> None:
     assert failed == ({name} if status == "fail" else set()) | CASCADE.get(fault, set()), checks
     assert code == (1 if status == "fail" else 0)
     assert _root_sysctls() == root_before  # the faults stayed in the test's netns
+
+
+def test_doctor_names_an_agent_of_another_version(host: Host, tmp_path: Path) -> None:
+    if host.agent is not None:
+        pytest.skip("needs the agent's socket path free")
+    conf_dir = _healthy(host, tmp_path)[1]
+    old = json.dumps({"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0"]}).encode()
+    agent = FakeAgent(host.agent_socket, wire.ACCEPTED + wire.encode_response(0, old, b""))
+    try:
+        code, checks = doctor(host, conf_dir)
+    finally:
+        agent.close()
+    assert agent.calls == 1
+    assert checks["agent"]["status"] == "fail" and code == 1
+    assert "agent speaks ['0.3.0', '0.3.1', '0.4.0']" in checks["agent"]["message"]
+    assert "restart the agent" in checks["agent"]["fix"]
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

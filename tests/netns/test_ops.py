@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cni_plugin.agent import wire
 
-from .harness import Host
+from .harness import Host, sh
 from .ops import METRICS_PORT, agent_env, doctor, http_get, ls, ops_conf, pybridge, restart_agent, write_conf
 from .test_agent import FakeAgent
 
@@ -190,6 +190,11 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     assert host.cni("DEL", conf, pods[0], container_id="m0").ok
     check = host.cni("CHECK", conf, pods[0], container_id="m0")  # deleted: a CHECK error
     assert not check.ok
+    # a client in another netns (a pod's) is declined, then served in-process
+    version = sh("ip", "netns", "exec", pods[1], "env", "-i", "CNI_COMMAND=VERSION",
+                 f"PYBRIDGE_AGENT_SOCKET={host.agent_socket}", str(host.bin_dir / "pybridge"),
+                 input=b'{"cniVersion": "1.0.0"}')
+    assert b"supportedVersions" in version.stdout
     samples = _scrape(host)
     calls = "pybridge_cni_calls_total"
     assert _value(samples, calls, program="pybridge", verb="ADD", code="0") == 3
@@ -197,6 +202,8 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     assert _value(samples, calls, program="pybridge", verb="CHECK", code=str(check.out["code"])) == 1
     assert _value(samples, "pybridge_cni_call_duration_seconds_count", program="pybridge", verb="ADD") == 3
     assert _value(samples, "pybridge_cni_calls_in_flight") == 0
+    assert _value(samples, "pybridge_cni_calls_declined_total") == 1
+    assert _value(samples, calls, program="pybridge", verb="VERSION", code="0") is None  # not served here
     assert _value(samples, "pybridge_ipam_pool_addresses", network="testnet") == 253
     assert _value(samples, "pybridge_ipam_reserved_addresses", network="testnet") == 2
     assert _value(samples, "pybridge_ipam_free_addresses", network="testnet") == 251

@@ -3,8 +3,8 @@
 Stores: each network of the conf dir whose IPAM keeps a host-local store. Kernel: the veths on
 each such network's bridge, their peer found in the named netns (/run/netns) through the peer's
 netns id, with its name and addresses read inside that netns. A reservation is matched to a veth
-by address. Where the runtime keeps libcni's cache, a reservation without a veth whose cached netns
-path no longer exists is told apart as "netns gone".
+by address. libcni 1.2 and later record the netns path in their cache (`netns` of cniCacheV1): a
+reservation without a veth whose cached netns no longer exists is told apart as "netns gone".
 """
 
 from __future__ import annotations

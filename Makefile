@@ -35,18 +35,19 @@ netns: venv
 	$(VENV)/bin/pytest -q tests/netns
 
 # The long reliability run (crash trials x200, churn x1000, fuzz x100k); `make test` runs the
-# short versions. The figures are appended to build/reliability.jsonl.
+# short versions. The figures are appended to build/reliability.jsonl. -v: each test's name as it
+# starts and its result as it ends, so a long run shows where it is.
 stress: venv
 	$(PY) -m pip install -q -e '.[test,fuzz]' || echo 'atheris not installed: its run is skipped'
 	mkdir -p build
-	PYBRIDGE_STRESS=1 PYBRIDGE_FIGURES=build/reliability.jsonl $(VENV)/bin/pytest -q -rs tests/reliability
+	PYBRIDGE_STRESS=1 PYBRIDGE_FIGURES=build/reliability.jsonl $(VENV)/bin/pytest -v -rs --durations=10 tests/reliability
 
 interop: venv
 	$(VENV)/bin/pytest -q tests/interop
 
 # The containerd tier alone (root, `apt-get install containerd runc`): README "containerd tier".
 e2e: venv
-	$(VENV)/bin/pytest -q -rs -m e2e tests/e2e
+	$(VENV)/bin/pytest -v -rs -m e2e tests/e2e
 
 # cnidrive, the cnitool-style libcni driver of tests/interop, built offline in GOPATH mode against
 # Debian's golang-github-appc-cni-dev (libcni 1.1.2). The binary stays in build/, never committed.

@@ -26,6 +26,11 @@ REFERENCE = "/usr/lib/cni"
 PREFIX = "pbt-bench"
 
 
+def progress(step: str) -> None:
+    """One line per step on stderr as the run goes (it takes minutes); stdout keeps the table."""
+    print(f"bench: {time.strftime('%H:%M:%S')} {step}", file=sys.stderr, flush=True)
+
+
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(cmd, capture_output=True, check=check)
 
@@ -175,6 +180,7 @@ def run_variants(args: argparse.Namespace, world: World, tmp: Path) -> dict[str,
             )
         )
     for i, (label, binary, kind, ipam, env) in enumerate(plan):
+        progress(f"[{i + 1}/{len(plan)}] {label}")
         config = conf(kind, ipam, f"brb{i}", f"10.{200 + i}.0.0/22", str(tmp / f"ipam{i}"))
         slow = label in ("pybridge in-process", "kind bundle (no agent)")
         agent = None
@@ -289,11 +295,13 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="write bench/results.md")
     parser.add_argument("--json", help="also dump the raw timings here")
     args = parser.parse_args()
+    progress(f"making the netns of {max(args.pods, args.parallel, args.scale)} pods")
     with (
         tempfile.TemporaryDirectory(prefix="pybridge-bench-") as tmpdir,
         World(max(args.pods, args.parallel, args.scale)) as world,
     ):
         results = run_variants(args, world, Path(tmpdir))
+    progress("done; measuring the shim's imports")
     text = render(results, args, shim_imports())
     print(text)
     if args.json:

@@ -11,7 +11,11 @@ def main() -> None:
     if sys.argv[1:2] == ["agent"]:
         from .agent import server
 
-        sys.exit(server.run(sys.argv[2] if len(sys.argv) > 2 else None))
+        sys.exit(server.main(sys.argv[2:]))
+    if sys.argv[1:2] in (["ls"], ["doctor"]):
+        from .ops.cli import main as ops_main
+
+        sys.exit(ops_main(sys.argv[1], sys.argv[2:]))
     if sys.argv[1:2] == ["node"]:
         from .node import cli
 

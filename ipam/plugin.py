@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Mapping, Set
+from collections.abc import Callable, Mapping, Set
 from typing import Any
 
 from cni_plugin.spec.args import validate_container_id, validate_ifname
@@ -232,11 +232,16 @@ def ipam_status(netconf: Mapping[str, Any]) -> None:
         raise CNIError(NOT_AVAILABLE, exc.msg, exc.details) from exc
 
 
+# Called with (network, addresses released) after each GC: the agent's metrics count them.
+GC_RELEASED: list[Callable[[str, int], None]] = []
+
+
 def ipam_gc(netconf: Mapping[str, Any], valid: Set[tuple[str, str]]) -> list[str]:
     """Release every reservation whose attachment is not in `valid` (a legacy id-only one if its
     id is in no valid pair); returns the released IPs. Keeps going past a failed release and
     raises one error naming them all at the end."""
-    store = _store(load_ipam_config(netconf, {}))
+    cfg = load_ipam_config(netconf, {})
+    store = _store(cfg)
     if not store.exists():
         return []
     valid_ids = {container_id for container_id, _ in valid}
@@ -254,6 +259,8 @@ def ipam_gc(netconf: Mapping[str, Any], valid: Set[tuple[str, str]]) -> list[str
                 errors.append(str(exc))
             else:
                 released.append(str(r.ip))
+    for observer in GC_RELEASED:
+        observer(cfg.network, len(released))
     if errors:
         raise CNIError(IO_FAILURE, "failed to release some reservations", "; ".join(errors))
     return released

@@ -16,12 +16,17 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import log, netns, skel
 from ..removals import Removals
 from . import wire
+from .observer import Observer, Silent, result_code
+
+if TYPE_CHECKING:
+    from ..ops.agent_metrics import Served
 
 MAX_CONCURRENT = 64
 REQUEST_TIMEOUT = 10.0
@@ -74,8 +79,10 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 class Agent:
-    def __init__(self, path: str = wire.DEFAULT_SOCKET, max_concurrent: int = MAX_CONCURRENT) -> None:
+    def __init__(self, path: str = wire.DEFAULT_SOCKET, max_concurrent: int = MAX_CONCURRENT,
+                 observer: Observer | None = None) -> None:
         self.path = path
+        self.observer: Observer = observer or Silent()
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._inflight: set[threading.Thread] = set()
         self._lock = threading.Lock()
@@ -100,6 +107,9 @@ class Agent:
             os.umask(old)
         sock.listen(128)
         self._sock = sock
+
+    def listening(self) -> bool:
+        return self._sock is not None and not self._stopping.is_set() and os.path.exists(self.path)
 
     def serve_forever(self) -> None:
         assert self._sock is not None, "bind() first"
@@ -174,6 +184,7 @@ class Agent:
         pod_fd = fds[1] if flags & wire.FLAG_POD_NETNS and len(fds) > 1 else None
         # The agent does host-side work in its own netns: serve only clients in that netns.
         if not fds or not netns.same_netns(fds[0]) or program not in ("pybridge", "pyipam"):
+            self.observer.declined()
             conn.sendall(wire.DECLINED)
             return
         conn.sendall(wire.ACCEPTED)
@@ -183,12 +194,20 @@ class Agent:
         key = (env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", ""))
         with self._attachment(key):
             out, err = io.StringIO(), io.StringIO()
-            code = skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program,
-                            stderr=err, netns_fd=pod_fd, removals=self.removals)
+            started = time.monotonic()
+            self.observer.call_started()
+            code = 1
+            try:
+                code = skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program,
+                                stderr=err, netns_fd=pod_fd, removals=self.removals)
+            finally:
+                self.observer.call_finished(program, env.get("CNI_COMMAND", ""),
+                                            result_code(code, out.getvalue()), time.monotonic() - started)
             try:
                 conn.sendall(wire.encode_response(code, out.getvalue().encode(), err.getvalue().encode()))
             except OSError:
                 if code == 0 and env.get("CNI_COMMAND") == "ADD":
+                    self.observer.add_undone()
                     log.warning("agent_add_undone", container_id=key[0], ifname=key[1],
                                 reason="the caller went away before the result was delivered")
                     skel.run(_verbs_for(program), {**env, "CNI_COMMAND": "DEL"}, io.BytesIO(stdin),
@@ -197,9 +216,9 @@ class Agent:
                 raise
 
 
-def run(path: str | None = None) -> int:
+def run(path: str | None, observer: Observer | None, endpoint: Served) -> int:
     """Foreground agent; SIGTERM/SIGINT stop it after draining the calls in flight."""
-    agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET)
+    agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET, observer=observer)
 
     def stop(_signum: int, _frame: Any) -> None:
         threading.Thread(target=agent.stop, daemon=True).start()
@@ -208,9 +227,30 @@ def run(path: str | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     _preload()
     agent.bind()  # the socket appears once the agent is ready to serve
+    endpoint.ready_when(agent.listening)
     agent.serve_forever()
     agent.stop()
+    endpoint.close()
     return 0
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="pybridge agent", description="The resident agent.")
+    parser.add_argument("socket", nargs="?", help=f"default: ${wire.SOCKET_ENV} or {wire.DEFAULT_SOCKET}")
+    parser.add_argument("--metrics-address", help="HOST:PORT of /metrics, /healthz, /readyz, or 'off' "
+                        "(env PYBRIDGE_METRICS_ADDRESS; default 127.0.0.1:9430)")
+    parser.add_argument("--conf-dir", help="CNI conf dir whose networks' pools are measured "
+                        "(env PYBRIDGE_CONF_DIR; default /etc/cni/net.d)")
+    args = parser.parse_args(argv)
+    from ..ops import agent_metrics
+
+    try:
+        observer, endpoint = agent_metrics.start(args.metrics_address, args.conf_dir)
+    except ValueError as exc:  # a bad metrics address
+        parser.error(str(exc))
+    return run(args.socket, observer, endpoint)
 
 
 def _preload() -> None:

@@ -32,12 +32,20 @@ class Effects(Protocol):
     def resync(self) -> None: ...
 
 
+class Observer(Protocol):
+    """Told the outcome of each reconcile (ops/node_metrics.py)."""
+
+    def waiting(self, reason: str) -> None: ...
+    def reconciled(self, nodes: int, routes: int, errors: int, full_sync: bool) -> None: ...
+
+
 class NodeAgent:
     """Keeps the node cache from events and reconciles after each one."""
 
-    def __init__(self, settings: model.Settings, effects: Effects) -> None:
+    def __init__(self, settings: model.Settings, effects: Effects, observer: Observer | None = None) -> None:
         self.settings = settings
         self.effects = effects
+        self.observer = observer
         self.nodes: dict[str, model.Node] = {}
         self._waiting: str | None = None
 
@@ -51,9 +59,9 @@ class NodeAgent:
                 self.nodes.pop(node.name, None)
             else:
                 self.nodes[node.name] = node
-        return self.reconcile()
+        return self.reconcile(full_sync=kind == "SYNC")
 
-    def reconcile(self) -> model.Plan:
+    def reconcile(self, full_sync: bool = False) -> model.Plan:
         nodes = list(self.nodes.values())
         own = self.nodes.get(self.settings.node_name)
         if own is None or not own.pod_cidrs:  # wait before touching anything, even to read
@@ -64,9 +72,13 @@ class NodeAgent:
             if result.waiting != self._waiting:
                 _log("waiting", reason=result.waiting)
             self._waiting = result.waiting
+            if self.observer:
+                self.observer.waiting(result.waiting)
             return result
         self._waiting = None
         errors = self.effects.apply(result)
+        if self.observer:
+            self.observer.reconciled(len(self.nodes), len(result.routes), len(errors), full_sync)
         if result.route_sets or result.route_deletes or errors:
             _log("reconciled", set=[f"{r.dst} via {r.gateway}" for r in sorted(result.route_sets)],
                  deleted=[f"{r.dst} via {r.gateway}" for r in sorted(result.route_deletes)], errors=errors)
@@ -102,7 +114,11 @@ def _run(args: argparse.Namespace) -> int:
 
     import urllib3
 
+    from ..ops import node_metrics
     from . import kube
+
+    agent.observer, _endpoint = node_metrics.start(args.metrics_address,
+                                                   os.path.join(args.cni_conf_dir, model.CONFLIST_NAME))
 
     api = kube.api_client(args.kubeconfig)
     _log("started", node=settings.node_name, cluster_cidrs=[str(c) for c in settings.cluster_cidrs])
@@ -145,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--kubeconfig", default=None)
     run.add_argument("--resync", type=int, default=60, help="seconds between full lists")
     run.add_argument("--nodes-file", help="reconcile once from a recorded NodeList (JSON) instead")
+    run.add_argument("--metrics-address", help="HOST:PORT of /metrics, /healthz, /readyz, or 'off' "
+                     "(env PYBRIDGE_METRICS_ADDRESS; default 127.0.0.1:9431)")
     inst = sub.add_parser("install", help="install the running bundle as /opt/cni/bin/pybridge and pyipam")
     inst.add_argument("--bundle-dir", help="the bundle directory (default: the one this runs from)")
     inst.add_argument("--bin-dir", default="/host/opt/cni/bin")

@@ -150,6 +150,33 @@ def test_daemonset_shape() -> None:
     assert re.search(r"^IMAGE\s*\?=\s*pybridge:dev$", (REPO / "Makefile").read_text(), re.M)
 
 
+def test_probes_and_scraping_reach_the_metrics_endpoints() -> None:
+    """Each agent listens where its named port says, the probes use that port, and Prometheus'
+    annotations point at the agent's; the address is the pod IP (the node's, hostNetwork)."""
+    template = daemonset()["spec"]["template"]
+    containers = {c["name"]: c for c in template["spec"]["containers"]}
+    ports = {}
+    for name, port_name in (("agent", "metrics"), ("node", "node-metrics")):
+        container = containers[name]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert list(env).index("POD_IP") < list(env).index("PYBRIDGE_METRICS_ADDRESS")  # $(POD_IP) expands
+        host, _, port = env["PYBRIDGE_METRICS_ADDRESS"]["value"].rpartition(":")
+        assert host == "$(POD_IP)"
+        assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [(port_name, int(port))]
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port_name}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port_name}
+        ports[name] = int(port)
+    assert ports["agent"] != ports["node"]  # both on the host network
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == ports["agent"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # the agent reads the conflists for its pool gauges
+    mounts = {m["mountPath"]: m for m in containers["agent"]["volumeMounts"]}
+    assert mounts["/etc/cni/net.d"]["readOnly"] is True
+
+
 def test_rbac_lets_the_service_account_watch_nodes() -> None:
     docs = documents(DEPLOY / "pybridge.yaml")
     role = next(d for d in docs if d["kind"] == "ClusterRole")

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from cni_plugin.node import kube, model
 from cni_plugin.node.cli import NodeAgent
 from cni_plugin.node.effects import Host
+from cni_plugin.ops.node_metrics import NodeMetrics
 
 from .fakeapi import FakePool, api_client, load, load_events
 
@@ -157,3 +159,20 @@ def test_dual_stack_nodes() -> None:
         [{"subnet": "10.70.1.0/24"}],
         [{"subnet": "fd00:10:70:1::/64"}],
     ]
+
+
+def test_metrics_follow_the_recorded_watch(tmp_path: Path) -> None:
+    """The node agent's observer over the real client: each event is a reconcile, the gauges
+    follow the cache and the routes, readiness waits for the conflist."""
+    conflist = tmp_path / model.CONFLIST_NAME
+    metrics = NodeMetrics(registry := CollectorRegistry(), str(conflist))
+    pool = FakePool([load("nodes.json")], [load_events("watch-events.jsonl")])
+    effects = Recorder()
+    agent = NodeAgent(model.Settings(node_name=ME), effects, metrics)
+    run(pool, agent)
+    assert registry.get_sample_value("pybridge_node_reconciles_total") == 4  # SYNC + 3 events
+    assert registry.get_sample_value("pybridge_node_reconcile_errors_total") == 0
+    assert registry.get_sample_value("pybridge_node_nodes") == len(agent.nodes) == 3
+    assert registry.get_sample_value("pybridge_node_routes") == len(effects.installed) == 2
+    assert (registry.get_sample_value("pybridge_node_seconds_since_last_sync") or -1) >= 0
+    assert metrics.readiness() == f"conflist {conflist} not written"  # Recorder writes no file

@@ -1,0 +1,150 @@
+"""The agent's metrics: CNI calls by verb and result code, latency, calls in flight, declined and
+undone, and per network the IPAM pool (read from the stores at scrape time, so the figures are
+what `pyipam ls` shows whichever process made the reservations)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+import ipam.plugin
+from ipam.config import IPAddress, IPAMConfig
+
+from ..spec.errors import CNIError
+from . import endpoint, networks
+
+VERBS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DEFAULT_ADDRESS = "127.0.0.1:9430"
+
+
+def _verb(value: str) -> str:
+    return value if value in VERBS else "other"  # label values must not come from the caller
+
+
+def _code(value: int) -> str:
+    return str(value) if 0 <= value < 1000 else "other"
+
+
+class Metrics:
+    """The agent's Observer, backed by a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter("pybridge_cni_calls", "CNI calls served, by program, verb and result code "
+                             "(0: success, else the CNI error code)", ["program", "verb", "code"],
+                             registry=registry)
+        self.latency = Histogram("pybridge_cni_call_duration_seconds", "Time to serve a CNI call",
+                                 ["program", "verb"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.in_flight = Gauge("pybridge_cni_calls_in_flight", "CNI calls being served", registry=registry)
+        self.declined_calls = Counter("pybridge_cni_calls_declined", "Calls the agent declined (the client "
+                                      "then serves them in-process)", registry=registry)
+        self.undone = Counter("pybridge_cni_adds_undone", "Successful ADDs undone because the caller left "
+                              "before the result was delivered", registry=registry)
+        self.gc_released = Counter("pybridge_ipam_gc_released_addresses", "Addresses released by IPAM GC",
+                                   ["network"], registry=registry)
+
+    def call_started(self) -> None:
+        self.in_flight.inc()
+
+    def call_finished(self, program: str, verb: str, code: int, seconds: float) -> None:
+        self.in_flight.dec()
+        self.calls.labels(program, _verb(verb), _code(code)).inc()
+        self.latency.labels(program, _verb(verb)).observe(seconds)
+
+    def declined(self) -> None:
+        self.declined_calls.inc()
+
+    def add_undone(self) -> None:
+        self.undone.inc()
+
+    def released(self, network: str, count: int) -> None:
+        self.gc_released.labels(network).inc(count)
+
+
+class PoolCollector(Collector):
+    """Pool size, reserved and free addresses per network of the conf dir, read at each scrape."""
+
+    def __init__(self, conf_dir: str) -> None:
+        self.conf_dir = conf_dir
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        size = GaugeMetricFamily("pybridge_ipam_pool_addresses", "Allocatable addresses of the network's "
+                                 "IPAM ranges", labels=["network"])
+        reserved = GaugeMetricFamily("pybridge_ipam_reserved_addresses", "Addresses reserved in the "
+                                     "network's IPAM store", labels=["network"])
+        free = GaugeMetricFamily("pybridge_ipam_free_addresses", "Allocatable addresses not reserved",
+                                 labels=["network"])
+        for _conf, cfg in networks.stores(networks.load_all(self.conf_dir)):
+            held = _reserved(cfg)
+            if held is None:
+                continue
+            in_pool = sum(1 for ip in held if any(r.contains(ip) for s in cfg.ranges for r in s))
+            total = networks.pool_size(cfg.ranges)
+            size.add_metric([cfg.network], total)
+            reserved.add_metric([cfg.network], len(held))
+            free.add_metric([cfg.network], max(total - in_pool, 0))
+        yield from (size, reserved, free)
+
+
+def _reserved(cfg: IPAMConfig) -> list[IPAddress] | None:
+    store = networks.open_store(cfg)
+    if not store.exists():
+        return []
+    try:
+        with store.lock():
+            return [r.ip for r in store.reservations()]
+    except CNIError:
+        return None  # locked too long or unreadable: no figure beats a wrong one
+
+
+def store_problem(conf_dir: str) -> str | None:
+    """Why an ADD could not write its reservation now, or None: the probe STATUS makes."""
+    for _conf, cfg in networks.stores(networks.load_all(conf_dir)):
+        store = networks.open_store(cfg)
+        try:
+            with store.lock():
+                store.probe_writable()
+        except CNIError as exc:
+            return f"IPAM store of network {cfg.network}: {exc.msg}: {exc.details}"
+    return None
+
+
+class Served:
+    """The running endpoint (or none, metrics off) and what makes the agent ready."""
+
+    def __init__(self, server: endpoint.Endpoint | None = None, conf_dir: str = "") -> None:
+        self.server = server
+        self.conf_dir = conf_dir
+        self._listening: Callable[[], bool] | None = None
+
+    def ready_when(self, listening: Callable[[], bool]) -> None:
+        self._listening = listening
+
+    def readiness(self) -> str | None:
+        if self._listening is None or not self._listening():
+            return "agent socket not bound"
+        return store_problem(self.conf_dir)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def start(address: str | None, conf_dir: str | None) -> tuple[Metrics | None, Served]:
+    """Metrics and the endpoint at `address` (flag, else env, else the loopback default)."""
+    where = endpoint.parse_address(address or os.environ.get(endpoint.ADDRESS_ENV) or DEFAULT_ADDRESS)
+    if where is None:
+        return None, Served()
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    metrics = Metrics(registry)
+    directory = networks.conf_dir(conf_dir)
+    registry.register(PoolCollector(directory))
+    ipam.plugin.GC_RELEASED.append(metrics.released)
+    served = Served(conf_dir=directory)
+    served.server = endpoint.listen(where, registry, served.readiness)
+    return metrics, served

@@ -1,0 +1,213 @@
+"""Every attachment on the node, joined from the IPAM stores and the kernel (`pybridge ls`).
+
+Stores: each network of the conf dir whose IPAM keeps a host-local store. Kernel: the veths on
+each such network's bridge, their peer found in the named netns (/run/netns) through the peer's
+netns id, with its name and addresses read inside that netns. A reservation is matched to a veth
+by address. libcni 1.2 and later record the netns path in their cache (`netns` of cniCacheV1): a
+reservation without a veth whose cached netns no longer exists is told apart as "netns gone".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from ipam.config import IPAMConfig
+
+from .. import netns
+from ..spec.errors import CNIError
+from . import networks
+
+OK = "ok"
+NO_VETH = "reservation without veth"
+NO_RESERVATION = "veth without reservation"
+NETNS_GONE = "netns gone"
+NETNS_DIR = "/run/netns"
+DEFAULT_CACHE_DIR = "/var/lib/cni/results"
+IP_TIMEOUT = 10.0
+
+
+@dataclass
+class Attachment:
+    network: str
+    container_id: str
+    ifname: str
+    addresses: list[str]
+    host_veth: str
+    netns: str
+    age_seconds: int | None
+    state: str
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PodLink:
+    """A veth on a bridge and what its peer looks like inside its netns."""
+
+    host_veth: str
+    netns: str = ""
+    ifname: str = ""
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass
+class _Held:
+    addresses: list[str] = field(default_factory=list)
+    oldest: float | None = None
+
+
+def _netns_names() -> dict[int, str]:
+    """Netns id (as this netns knows it) -> name, for the named netns."""
+    try:
+        out = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, timeout=IP_TIMEOUT,
+                             check=True).stdout
+        listed = json.loads(out or b"[]")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {}
+    return {int(e["id"]): str(e["name"]) for e in listed if isinstance(e, dict) and "id" in e and "name" in e}
+
+
+def _peer(netns_name: str, index: int) -> tuple[str, tuple[str, ...]]:
+    """(ifname, addresses) of link `index` inside a named netns; ("", ()) if it cannot be read."""
+
+    def read() -> tuple[str, tuple[str, ...]]:
+        with IPRoute() as ipr:
+            links = ipr.get_links(index)
+            addrs = ipr.get_addr(index=index)
+        name = str(links[0].get("ifname")) if links else ""
+        return name, tuple(str(a.get("IFA_ADDRESS")) for a in addrs if a.get("scope") == 0)
+
+    try:
+        fd = netns.open_netns(os.path.join(NETNS_DIR, netns_name))
+    except (netns.NetnsGone, CNIError):
+        return "", ()
+    try:
+        return netns.run_in(fd, read)
+    except OSError:
+        return "", ()
+    finally:
+        os.close(fd)
+
+
+def pod_links(bridges: Iterable[str]) -> dict[str, list[PodLink]]:
+    """Bridge name -> the veths on it, each with its peer as found in the named netns."""
+    wanted = set(bridges)
+    found: dict[str, list[PodLink]] = {b: [] for b in wanted}
+    with IPRoute() as ipr:
+        links = ipr.get_links()
+    by_index = {link["index"]: link for link in links}
+    names = None
+    for link in links:
+        master = by_index.get(link.get("IFLA_MASTER"))
+        bridge = master.get("ifname") if master is not None else None
+        kind = (link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) or "")
+        if bridge not in wanted or kind != "veth":
+            continue
+        nsid, peer = link.get("IFLA_LINK_NETNSID"), link.get("IFLA_LINK")
+        if names is None:
+            names = _netns_names()
+        where = names.get(nsid, "") if nsid is not None else ""
+        ifname, addresses = _peer(where, peer) if where and peer else ("", ())
+        found[bridge].append(PodLink(str(link.get("ifname")), where, ifname, addresses))
+    return found
+
+
+def _held(cfg: IPAMConfig) -> dict[tuple[str, str], _Held]:
+    """(container id, ifname) -> its reserved addresses and the oldest reservation's mtime."""
+    store = networks.open_store(cfg)
+    held: dict[tuple[str, str], _Held] = defaultdict(_Held)
+    if not store.exists():
+        return held
+    with store.lock():
+        reservations = store.reservations()
+    for r in sorted(reservations, key=lambda r: (r.ip.version, int(r.ip))):
+        entry = held[(r.container_id, r.ifname or "")]
+        entry.addresses.append(str(r.ip))
+        try:
+            mtime = os.stat(os.path.join(store.path, str(r.ip)), follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        entry.oldest = mtime if entry.oldest is None else min(entry.oldest, mtime)
+    return held
+
+
+def _cached_netns(cache_dir: str, network: str, container_id: str, ifname: str) -> str | None:
+    """The netns path libcni's cache recorded for the attachment, if it recorded one."""
+    path = os.path.join(cache_dir, f"{network}-{container_id}-{ifname}")
+    try:
+        with open(path, "rb") as f:
+            cached = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    value = cached.get("netns") if isinstance(cached, dict) else None
+    return value if isinstance(value, str) and value.startswith("/") else None
+
+
+def _reserved_rows(network: str, held: dict[tuple[str, str], _Held], links: list[PodLink],
+                   cache_dir: str, now: float) -> tuple[list[Attachment], set[str]]:
+    by_address = {address: link for link in links for address in link.addresses}
+    rows, matched = [], set()
+    for (container_id, ifname), entry in sorted(held.items()):
+        link = next((by_address[a] for a in entry.addresses if a in by_address), None)
+        age = int(now - entry.oldest) if entry.oldest is not None else None
+        if link is not None:
+            matched.add(link.host_veth)
+            rows.append(Attachment(network, container_id, ifname, entry.addresses, link.host_veth,
+                                   link.netns, age, OK))
+            continue
+        cached = _cached_netns(cache_dir, network, container_id, ifname)
+        gone = cached is not None and not os.path.exists(cached)
+        rows.append(Attachment(network, container_id, ifname, entry.addresses, "", cached or "", age,
+                               NETNS_GONE if gone else NO_VETH))
+    return rows, matched
+
+
+def collect(confs: list[networks.Conf], cache_dir: str = DEFAULT_CACHE_DIR) -> list[Attachment]:
+    found = networks.stores(confs)
+    bridges = {conf.bridge for conf, _ in found if conf.bridge}
+    links = pod_links(bridges)
+    now = time.time()
+    rows: list[Attachment] = []
+    matched: dict[str, set[str]] = defaultdict(set)
+    for conf, cfg in found:
+        on_bridge = links.get(conf.bridge or "", [])
+        reserved, veths = _reserved_rows(cfg.network, _held(cfg), on_bridge, cache_dir, now)
+        rows += reserved
+        matched[conf.bridge or ""] |= veths
+    first_network: dict[str, str] = {}
+    for conf, cfg in found:
+        first_network.setdefault(conf.bridge or "", cfg.network)
+    for bridge, network in first_network.items():
+        for link in links.get(bridge, []):
+            if link.host_veth not in matched[bridge]:
+                rows.append(Attachment(network, "", link.ifname, list(link.addresses), link.host_veth,
+                                       link.netns, None, NO_RESERVATION))
+    return rows
+
+
+def _age(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def table(rows: list[Attachment]) -> str:
+    lines = [("NETWORK", "CONTAINER", "IFNAME", "ADDRESSES", "VETH", "NETNS", "AGE", "STATE")]
+    lines += [(r.network, r.container_id[:12] or "-", r.ifname or "-", ",".join(r.addresses) or "-",
+               r.host_veth or "-", r.netns or "-", _age(r.age_seconds), r.state) for r in rows]
+    widths = [max(len(line[col]) for line in lines) for col in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)

@@ -1,0 +1,72 @@
+"""The node agent's metrics and readiness: reconciles and their errors, routes programmed, nodes
+seen, seconds since the last successful sync; ready once the conflist is written and the watch
+has synced."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+
+from . import endpoint
+
+DEFAULT_ADDRESS = "127.0.0.1:9431"
+
+
+class NodeMetrics:
+    """The node agent's observer: told the outcome of every reconcile."""
+
+    def __init__(self, registry: CollectorRegistry, conflist: str) -> None:
+        self.conflist = conflist
+        self._lock = threading.Lock()
+        self._last_sync: float | None = None
+        self._waiting: str | None = "no Node list received yet"
+        self.reconciles = Counter("pybridge_node_reconciles", "Reconciles of the node's conflist, routes "
+                                  "and masquerade", registry=registry)
+        self.errors = Counter("pybridge_node_reconcile_errors", "Errors met while applying a reconcile",
+                              registry=registry)
+        self.routes = Gauge("pybridge_node_routes", "Routes to other nodes' podCIDRs programmed",
+                            registry=registry)
+        self.nodes = Gauge("pybridge_node_nodes", "Node objects seen", registry=registry)
+        since = Gauge("pybridge_node_seconds_since_last_sync", "Seconds since the last reconcile of a "
+                      "full Node list without errors (NaN before the first)", registry=registry)
+        since.set_function(self._since_sync)
+
+    def _since_sync(self) -> float:
+        with self._lock:
+            return math.nan if self._last_sync is None else time.monotonic() - self._last_sync
+
+    def waiting(self, reason: str) -> None:
+        with self._lock:
+            self._waiting = reason
+
+    def reconciled(self, nodes: int, routes: int, errors: int, full_sync: bool) -> None:
+        self.reconciles.inc()
+        self.errors.inc(errors)
+        self.routes.set(routes)
+        self.nodes.set(nodes)
+        with self._lock:
+            self._waiting = None
+            if full_sync and not errors:
+                self._last_sync = time.monotonic()
+
+    def readiness(self) -> str | None:
+        with self._lock:
+            if self._waiting:
+                return self._waiting
+            if self._last_sync is None:
+                return "Node watch not in sync"
+        return None if os.path.isfile(self.conflist) else f"conflist {self.conflist} not written"
+
+
+def start(address: str | None, conflist: str) -> tuple[NodeMetrics | None, endpoint.Endpoint | None]:
+    where = endpoint.parse_address(address or os.environ.get(endpoint.ADDRESS_ENV) or DEFAULT_ADDRESS)
+    if where is None:
+        return None, None
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    metrics = NodeMetrics(registry, conflist)
+    return metrics, endpoint.listen(where, registry, metrics.readiness)

@@ -1,0 +1,233 @@
+"""`pybridge ls`, `pybridge doctor` and the agent's metrics, on a throw-away host netns.
+
+Every fault doctor must name is injected here, inside the test's own netns and dirs; each test
+runs with and without the agent (the host fixture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cni_plugin.agent import wire
+
+from .harness import Host, sh
+from .ops import METRICS_PORT, agent_env, doctor, http_get, ls, ops_conf, pybridge, restart_agent, write_conf
+from .test_agent import FakeAgent
+
+pytestmark = pytest.mark.netns
+
+
+def _veth(result: dict[str, Any]) -> str:
+    return str(next(i["name"] for i in result["interfaces"] if i["name"].startswith("veth")))
+
+
+def test_ls_states(host: Host, tmp_path: Path) -> None:
+    conf = ops_conf(host)
+    conf_dir, cache = write_conf(tmp_path / "conf", conf), tmp_path / "cache"
+    pods = {cid: host.new_pod() for cid in ("c-ok", "c-noveth", "c-noresv", "c-gone")}
+    results = {cid: host.add(conf, pod, container_id=cid) for cid, pod in pods.items()}
+    address = {cid: r["ips"][0]["address"].split("/")[0] for cid, r in results.items()}
+    host.exec("ip", "link", "del", _veth(results["c-noveth"]))
+    os.unlink(host.data_dir / "testnet" / address["c-noresv"])
+    cache.mkdir()  # what libcni's cache records for an attachment, netns path included
+    (cache / "testnet-c-gone-eth0").write_text(json.dumps({"kind": "cniCacheV1", "containerId": "c-gone",
+                                                           "netns": f"/run/netns/{pods['c-gone']}"}))
+    host.exec("ip", "netns", "del", pods["c-gone"])
+
+    rows = ls(host, conf_dir, cache)
+    assert rows["c-ok"]["state"] == "ok"
+    assert rows["c-ok"]["addresses"] == [address["c-ok"]]
+    assert (rows["c-ok"]["host_veth"], rows["c-ok"]["netns"]) == (_veth(results["c-ok"]), pods["c-ok"])
+    assert rows["c-ok"]["ifname"] == "eth0" and rows["c-ok"]["age_seconds"] >= 0
+    assert rows["c-noveth"]["state"] == "reservation without veth"
+    unreserved = rows[_veth(results["c-noresv"])]
+    assert unreserved["state"] == "veth without reservation"
+    assert (unreserved["addresses"], unreserved["netns"]) == ([address["c-noresv"]], pods["c-noresv"])
+    assert rows["c-gone"]["state"] == "netns gone"
+    assert len(rows) == 4
+
+    code, table = pybridge(host, "ls", "--conf-dir", str(conf_dir), "--cache-dir", str(cache))
+    assert code == 0 and table.splitlines()[0].split()[:3] == ["NETWORK", "CONTAINER", "IFNAME"]
+    assert "veth without reservation" in table and "netns gone" in table
+
+
+def _healthy(host: Host, tmp_path: Path, **overrides: Any) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    conf = ops_conf(host, **overrides)
+    conf_dir = write_conf(tmp_path / "conf", conf)
+    result = host.add(conf, host.new_pod())
+    return conf, conf_dir, result
+
+
+def test_doctor_healthy_node(host: Host, tmp_path: Path) -> None:
+    conf_dir = _healthy(host, tmp_path)[1]
+    code, checks = doctor(host, conf_dir)
+    names = ("dirs", "conflist", "cniVersion", "agent", "ip_forward", "br_netfilter", "stores", "attachments",
+             "mtu", "masquerade")
+    expected = dict.fromkeys(names, "ok")
+    if host.agent is None:
+        expected["agent"] = "warn"
+        assert "no agent" in checks["agent"]["message"]
+    assert {name: c["status"] for name, c in checks.items()} == expected
+    assert code == 0
+
+
+def _root_sysctls() -> list[str | None]:
+    values = []
+    for name in ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables"):
+        try:
+            values.append(Path("/proc/sys", name).read_text())
+        except OSError:
+            values.append(None)
+    return values
+
+
+CASCADE = {"conf dir": {"conflist"}}  # with no conf dir there is no conflist either
+FAULTS = ["conf dir", "plugin", "cniVersion", "ip_forward", "br_netfilter", "store mode", "stale", "mtu",
+          "masquerade"]
+
+
+def _inject(fault: str, host: Host, conf: dict[str, Any], conf_dir: Path, result: dict[str, Any]) -> tuple[
+        str, str, str]:
+    """Break one thing; returns (check, status, words its message must contain)."""
+    if fault == "conf dir":
+        for path in conf_dir.iterdir():
+            path.unlink()
+        conf_dir.rmdir()
+        return "dirs", "fail", str(conf_dir)
+    if fault == "plugin":
+        write_conf(conf_dir, {**conf, "type": "nosuchplugin"})
+        return "conflist", "fail", "nosuchplugin"
+    if fault == "cniVersion":
+        write_conf(conf_dir, {**conf, "cniVersion": "9.9.9"})
+        return "cniVersion", "fail", "9.9.9"
+    if fault == "ip_forward":
+        host.exec("sysctl", "-qw", "net.ipv4.ip_forward=0")
+        return "ip_forward", "fail", "ip_forward is 0"
+    if fault == "br_netfilter":
+        host.exec("nft", "add table ip nat; add chain ip nat KUBE-SERVICES")  # what kube-proxy leaves
+        if not os.path.exists("/proc/sys/net/bridge"):
+            return "br_netfilter", "fail", "not loaded"
+        host.exec("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0")
+        return "br_netfilter", "fail", "bridge-nf-call-iptables is 0"
+    if fault == "store mode":
+        os.chmod(host.data_dir / "testnet", 0o777)
+        return "stores", "fail", f"{host.data_dir / 'testnet'} has mode 0777"
+    if fault == "stale":
+        host.exec("ip", "link", "del", _veth(result))
+        return "attachments", "warn", "reservation without veth"
+    if fault == "mtu":
+        host.exec("ip", "link", "add", "up0", "mtu", "1400", "type", "veth", "peer", "name", "up0-peer")
+        host.exec("ip", "link", "set", "up0", "up")
+        host.exec("ip", "route", "add", "default", "dev", "up0")
+        return "mtu", "fail", "(up0 1400): br-test 1500"
+    assert fault == "masquerade"
+    host.exec("nft", "flush table inet pybridge")
+    return "masquerade", "fail", result["ips"][0]["address"].split("/")[0]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_doctor_names_fault(host: Host, tmp_path: Path, fault: str) -> None:
+    root_before = _root_sysctls()
+    conf, conf_dir, result = _healthy(host, tmp_path)
+    name, status, words = _inject(fault, host, conf, conf_dir, result)
+    code, checks = doctor(host, conf_dir)
+    assert checks[name]["status"] == status, checks[name]
+    assert words in checks[name]["message"], checks[name]
+    assert checks[name]["fix"]
+    failed = {n for n, c in checks.items() if c["status"] == "fail"}
+    assert failed == ({name} if status == "fail" else set()) | CASCADE.get(fault, set()), checks
+    assert code == (1 if status == "fail" else 0)
+    assert _root_sysctls() == root_before  # the faults stayed in the test's netns
+
+
+def test_doctor_names_an_agent_of_another_version(host: Host, tmp_path: Path) -> None:
+    if host.agent is not None:
+        pytest.skip("needs the agent's socket path free")
+    conf_dir = _healthy(host, tmp_path)[1]
+    old = json.dumps({"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0"]}).encode()
+    agent = FakeAgent(host.agent_socket, wire.ACCEPTED + wire.encode_response(0, old, b""))
+    try:
+        code, checks = doctor(host, conf_dir)
+    finally:
+        agent.close()
+    assert agent.calls == 1
+    assert checks["agent"]["status"] == "fail" and code == 1
+    assert "agent speaks ['0.3.0', '0.3.1', '0.4.0']" in checks["agent"]["message"]
+    assert "restart the agent" in checks["agent"]["fix"]
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def _scrape(host: Host) -> Samples:
+    ok, body = http_get(host, "/metrics")
+    assert ok, body
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def _value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
+    if host.agent is None:
+        pytest.skip("the agent's endpoint: agent mode only")
+    conf = ops_conf(host)
+    conf_dir = write_conf(tmp_path / "conf", conf)
+    restart_agent(host, tmp_path / "agent-metrics.log", agent_env(conf_dir))
+    assert http_get(host, "/healthz") == (True, "ok\n")
+    assert http_get(host, "/readyz") == (True, "ok\n")
+    pods = [host.new_pod() for _ in range(3)]
+    for i, pod in enumerate(pods):
+        host.add(conf, pod, container_id=f"m{i}")
+    assert host.cni("DEL", conf, pods[0], container_id="m0").ok
+    check = host.cni("CHECK", conf, pods[0], container_id="m0")  # deleted: a CHECK error
+    assert not check.ok
+    # a client in another netns (a pod's) is declined, then served in-process
+    version = sh("ip", "netns", "exec", pods[1], "env", "-i", "CNI_COMMAND=VERSION",
+                 f"PYBRIDGE_AGENT_SOCKET={host.agent_socket}", str(host.bin_dir / "pybridge"),
+                 input=b'{"cniVersion": "1.0.0"}')
+    assert b"supportedVersions" in version.stdout
+    samples = _scrape(host)
+    calls = "pybridge_cni_calls_total"
+    assert _value(samples, calls, program="pybridge", verb="ADD", code="0") == 3
+    assert _value(samples, calls, program="pybridge", verb="DEL", code="0") == 1
+    assert _value(samples, calls, program="pybridge", verb="CHECK", code=str(check.out["code"])) == 1
+    assert _value(samples, "pybridge_cni_call_duration_seconds_count", program="pybridge", verb="ADD") == 3
+    assert _value(samples, "pybridge_cni_calls_in_flight") == 0
+    assert _value(samples, "pybridge_cni_calls_declined_total") == 1
+    assert _value(samples, calls, program="pybridge", verb="VERSION", code="0") is None  # not served here
+    assert _value(samples, "pybridge_ipam_pool_addresses", network="testnet") == 253
+    assert _value(samples, "pybridge_ipam_reserved_addresses", network="testnet") == 2
+    assert _value(samples, "pybridge_ipam_free_addresses", network="testnet") == 251
+    assert not http_get(host, "/nothing")[0]
+
+    valid = [{"containerID": "m1", "ifname": "eth0"}]
+    gc = {**conf, "cniVersion": "1.1.0", "cni.dev/valid-attachments": valid}
+    assert host.cni("GC", gc).ok  # releases m2's address
+    samples = _scrape(host)
+    assert _value(samples, "pybridge_ipam_gc_released_addresses_total", network="testnet") == 1
+    assert _value(samples, "pybridge_ipam_reserved_addresses", network="testnet") == 1
+
+
+def test_agent_not_ready_when_store_unwritable(host: Host, tmp_path: Path) -> None:
+    if host.agent is None:
+        pytest.skip("the agent's endpoint: agent mode only")
+    conf = ops_conf(host)
+    conf["ipam"]["dataDir"] = "/proc/pybridge-h15-readonly"  # cannot be created, even by root
+    conf_dir = write_conf(tmp_path / "conf", conf)
+    restart_agent(host, tmp_path / "agent-ready.log", agent_env(conf_dir))
+    deadline = time.monotonic() + 5
+    while not http_get(host, "/healthz")[0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc = host.exec("busybox", "wget", "-S", "-q", "-O", "-", f"http://127.0.0.1:{METRICS_PORT}/readyz",
+                     check=False)
+    assert proc.returncode != 0 and b"503" in proc.stderr

@@ -124,11 +124,13 @@ def serve(agent: NetpolAgent, events: queue.Queue[tuple[str, str, Any]], stop: t
 
 
 def start(agent: NetpolAgent, stream: Stream, log: Log, errors: tuple[type[BaseException], ...],
-          stop: threading.Event) -> list[threading.Thread]:
+          stop: threading.Event,
+          on_applied: Callable[[float], None] = lambda _t: None) -> list[threading.Thread]:
     events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
     threads = [threading.Thread(target=pump, args=(kind, stream, events, log, stop, errors),
                                 name=f"netpol-{kind}", daemon=True) for kind in KINDS]
-    threads.append(threading.Thread(target=serve, args=(agent, events, stop), name="netpol", daemon=True))
+    threads.append(threading.Thread(target=serve, args=(agent, events, stop, on_applied), name="netpol",
+                                    daemon=True))
     for thread in threads:
         thread.start()
     return threads
@@ -142,11 +144,11 @@ def listers(api: Any) -> dict[str, Callable[..., Any]]:
             "Pod": core.list_pod_for_all_namespaces, "Namespace": core.list_namespace}
 
 
-def kube_stream(api: Any, resync: int) -> Stream:
+def kube_stream(api: Any, resync: int, stop: threading.Event) -> Stream:
     from .. import kube
 
     calls = listers(api)
-    return lambda kind: kube.list_watch(api, calls[kind], timeout_seconds=resync)
+    return lambda kind: kube.list_watch(api, calls[kind], timeout_seconds=resync, stop=stop.is_set)
 
 
 def launch(node_name: str, api: Any, resync: int, log: Log) -> threading.Event:
@@ -157,6 +159,7 @@ def launch(node_name: str, api: Any, resync: int, log: Log) -> threading.Event:
         log("netpol-warning", error=f"pod-to-pod traffic on the bridge escapes policy: {error}")
     stop = threading.Event()
     agent = NetpolAgent(node_name, apply.replace, log)
-    start(agent, kube_stream(api, resync), log, (urllib3.exceptions.HTTPError, OSError, RuntimeError), stop)
+    start(agent, kube_stream(api, resync, stop), log, (urllib3.exceptions.HTTPError, OSError, RuntimeError),
+          stop)
     log("netpol-started", node=node_name)
     return stop

@@ -89,7 +89,7 @@ def main() -> None:
         done: queue.Queue[float] = queue.Queue()
         stop = threading.Event()
         worker = threading.Thread(target=serve,
-                                  args=(agent, events, stop, lambda _t: done.put(time.monotonic())))
+                                  args=(agent, events, stop, lambda: done.put(time.monotonic())))
         worker.start()
         relabelled = {**pods[0], "metadata": {**pods[0]["metadata"], "labels": {"app": "other"}}}
         changed = {**policies[0], "spec": {**policies[0]["spec"], "ingress": [{}]}}

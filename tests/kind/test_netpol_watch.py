@@ -131,3 +131,23 @@ def test_agent_thread_follows_the_events() -> None:
     assert "10.244.1.5 . tcp . 8080" in final and "10.244.2.7" in final and "x/deny-all" in final
     assert len(applied) == len(set(applied))  # an unchanged ruleset is not applied again
     assert logs and all(event == "netpol-applied" for event, _ in logs)
+
+
+def test_flag_turns_enforcement_off_and_removes_the_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cni_plugin.node import cli
+    from cni_plugin.node.netpol import apply
+
+    calls: list[str] = []
+    monkeypatch.setattr(apply, "remove", lambda: calls.append("remove"))
+    def launch(node: str, _api: object, resync: int, _log: object) -> None:
+        calls.append(f"launch {node} {resync}")
+
+    monkeypatch.setattr(netpol, "launch", launch)
+    args = cli.parser().parse_args(["run", "--node-name", ME, "--network-policy", "off"])
+    cli._network_policy(args, api=None)
+    assert calls == ["remove"]
+    monkeypatch.setenv("NETWORK_POLICY", "off")
+    assert cli.parser().parse_args(["run"]).network_policy == "off"
+    monkeypatch.delenv("NETWORK_POLICY")
+    cli._network_policy(cli.parser().parse_args(["run", "--node-name", ME, "--resync", "9"]), api=None)
+    assert calls == ["remove", f"launch {ME} 9"]  # on by default

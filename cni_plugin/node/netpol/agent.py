@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -104,28 +103,32 @@ def pump(kind: str, stream: Stream, events: queue.Queue[tuple[str, str, Any]], l
 
 
 def serve(agent: NetpolAgent, events: queue.Queue[tuple[str, str, Any]], stop: threading.Event,
-          on_applied: Callable[[float], None] = lambda _t: None) -> None:
+          on_applied: Callable[[], None] = lambda: None) -> None:
     """Handle events until `stop`; a burst already queued is applied once."""
     while not stop.is_set():
         try:
             batch = [events.get(timeout=0.5)]
         except queue.Empty:
             continue
-        received = time.monotonic()
         while True:
             try:
                 batch.append(events.get_nowait())
             except queue.Empty:
                 break
-        for kind, event, payload in batch:
-            agent.handle(kind, event, payload)
-        if agent.reconcile():
-            on_applied(received)
+        try:
+            for kind, event, payload in batch:
+                agent.handle(kind, event, payload)
+            applied = agent.reconcile()
+        except Exception as exc:  # a bug must not stop enforcement: the next event tries again
+            agent.log("netpol-error", error=f"{type(exc).__name__}: {exc}"[:500])
+            continue
+        if applied:
+            on_applied()
 
 
 def start(agent: NetpolAgent, stream: Stream, log: Log, errors: tuple[type[BaseException], ...],
           stop: threading.Event,
-          on_applied: Callable[[float], None] = lambda _t: None) -> list[threading.Thread]:
+          on_applied: Callable[[], None] = lambda: None) -> list[threading.Thread]:
     events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
     threads = [threading.Thread(target=pump, args=(kind, stream, events, log, stop, errors),
                                 name=f"netpol-{kind}", daemon=True) for kind in KINDS]
@@ -153,13 +156,12 @@ def kube_stream(api: Any, resync: int, stop: threading.Event) -> Stream:
 
 def launch(node_name: str, api: Any, resync: int, log: Log) -> threading.Event:
     """Enforcement in background threads of the node agent; set the returned event to stop."""
-    import urllib3
-
     for error in apply.enable_bridge_netfilter():
         log("netpol-warning", error=f"pod-to-pod traffic on the bridge escapes policy: {error}")
     stop = threading.Event()
     agent = NetpolAgent(node_name, apply.replace, log)
-    start(agent, kube_stream(api, resync, stop), log, (urllib3.exceptions.HTTPError, OSError, RuntimeError),
-          stop)
+    # Any error of a stream (transport, or an answer the client cannot read) is logged and the
+    # stream starts over with a fresh list after 2 s.
+    start(agent, kube_stream(api, resync, stop), log, (Exception,), stop)
     log("netpol-started", node=node_name)
     return stop

@@ -36,11 +36,16 @@ def remove(command: Sequence[str] | None = None) -> None:
 
 
 def enable_bridge_netfilter(proc_sys: str = "/proc/sys") -> list[str]:
-    """Turn the bridge sysctls on in this netns; returns an error text per one that failed."""
+    """Turn the bridge sysctls on in this netns where they are off (1 is the default in a new
+    netns; /proc/sys is read-only in an unprivileged container); an error text per one left off."""
     errors = []
     for name in BRIDGE_SYSCTLS:
+        path = f"{proc_sys}/{name}"
         try:
-            with open(f"{proc_sys}/{name}", "w") as f:
+            with open(path) as f:
+                if f.read().strip() == "1":
+                    continue
+            with open(path, "w") as f:
                 f.write("1\n")
         except OSError as exc:
             errors.append(f"{name}: {exc}")

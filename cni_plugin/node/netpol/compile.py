@@ -170,6 +170,7 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
     compiled: list[PolicyRules] = []
     ingress: dict[Address, list[int]] = {}
     egress: dict[Address, list[int]] = {}
+    selected_by: dict[Direction, dict[Address, list[int]]] = {"Ingress": ingress, "Egress": egress}
     for policy in ordered:
         targets = _selected(policy, local)
         if not targets:
@@ -179,8 +180,8 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
             name=f"{policy.metadata.namespace}/{policy.metadata.name}",
             ingress=_direction_rules(policy, world, "Ingress", targets),
             egress=_direction_rules(policy, world, "Egress", targets)))
-        for direction, table in (("Ingress", ingress), ("Egress", egress)):
-            if policy.affects(direction):  # type: ignore[arg-type]
+        for direction, table in selected_by.items():
+            if policy.affects(direction):
                 for address in (a for pod in targets for a in pod.addresses()):
                     table.setdefault(address, []).append(index)
     return Decision(tuple(compiled), {a: tuple(i) for a, i in ingress.items()},

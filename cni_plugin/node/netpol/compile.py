@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .objects import Address, EgressRule, IngressRule, IPBlock, Namespace, Network, NetworkPolicy, Peer, Pod
@@ -59,15 +59,37 @@ class Decision:
 
 @dataclass(frozen=True)
 class World:
+    """The pods with addresses, by namespace, and each namespace's labels."""
+
     pods: Sequence[Pod]
+    by_namespace: Mapping[str, Sequence[Pod]]
     namespace_labels: Mapping[str, Mapping[str, str]]
+    memo: dict[frozenset[Network], tuple[Network, ...]] = field(default_factory=dict)
+    hosts: dict[Address, Network] = field(default_factory=dict)
 
     @classmethod
     def of(cls, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
-        return cls([p for p in pods if p.addresses()], {n.metadata.name: n.labels() for n in namespaces})
+        live = [p for p in pods if p.addresses()]
+        by_namespace: dict[str, list[Pod]] = {}
+        for pod in live:
+            by_namespace.setdefault(pod.metadata.namespace, []).append(pod)
+        return cls(live, by_namespace, {n.metadata.name: n.labels() for n in namespaces})
 
     def labels_of_namespace(self, name: str) -> Mapping[str, str]:
         return self.namespace_labels.get(name, {"kubernetes.io/metadata.name": name})
+
+    def peers(self, pods: Iterable[Pod], blocks: Iterable[Network]) -> tuple[Network, ...]:
+        """The pods' addresses and the blocks, collapsed; remembered for this world, as many
+        rules name the same peers (all pods of a namespace, say)."""
+        key = frozenset([*(self._host(a) for p in pods for a in p.addresses()), *blocks])
+        if key not in self.memo:
+            self.memo[key] = collapse(key)
+        return self.memo[key]
+
+    def _host(self, address: Address) -> Network:
+        if address not in self.hosts:
+            self.hosts[address] = ipaddress.ip_network(address)
+        return self.hosts[address]
 
 
 def _selected(policy: NetworkPolicy, pods: Iterable[Pod]) -> list[Pod]:
@@ -76,13 +98,11 @@ def _selected(policy: NetworkPolicy, pods: Iterable[Pod]) -> list[Pod]:
 
 
 def _peer_pods(peer: Peer, namespace: str, world: World) -> list[Pod]:
-    def in_scope(pod: Pod) -> bool:
-        if peer.namespace_selector is None:
-            return pod.metadata.namespace == namespace
-        return matches(peer.namespace_selector, world.labels_of_namespace(pod.metadata.namespace))
-
-    return [p for p in world.pods if in_scope(p)
-            and (peer.pod_selector is None or matches(peer.pod_selector, p.metadata.labels))]
+    selector = peer.namespace_selector
+    namespaces = ([namespace] if selector is None else
+                  [n for n in world.by_namespace if matches(selector, world.labels_of_namespace(n))])
+    return [p for n in namespaces for p in world.by_namespace.get(n, ())
+            if peer.pod_selector is None or matches(peer.pod_selector, p.metadata.labels)]
 
 
 def block_networks(block: IPBlock) -> list[Network]:
@@ -99,10 +119,6 @@ def block_networks(block: IPBlock) -> list[Network]:
                 rest.append(net)
         kept = rest
     return kept
-
-
-def _host(address: Address) -> Network:
-    return ipaddress.ip_network(address)
 
 
 def collapse(networks: Iterable[Network]) -> tuple[Network, ...]:
@@ -132,8 +148,8 @@ def _rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
     if rule.peers:
         peer_pods = [p for peer in rule.peers if peer.ip_block is None
                      for p in _peer_pods(peer, namespace, world)]
-        peers = collapse([_host(a) for p in peer_pods for a in p.addresses()]
-                         + [n for peer in rule.peers if peer.ip_block for n in block_networks(peer.ip_block)])
+        peers = world.peers(peer_pods, [n for peer in rule.peers if peer.ip_block
+                                        for n in block_networks(peer.ip_block)])
     if not rule.ports:
         return Rule(peers=peers, ranges=None)
     # A named port is looked up on the destination: the selected pod for ingress, the peer for egress.

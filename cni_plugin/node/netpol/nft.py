@@ -46,23 +46,32 @@ class _Script:
     def __init__(self) -> None:
         self.sets: list[str] = []
         self.chains: list[str] = []
+        self.known: dict[tuple[str, bool, tuple[str, ...]], str] = {}
+
+    def shared(self, name: str, type_: str, elements: Iterable[str], interval: bool) -> str:
+        """The name of a set with these elements: rules naming the same peers or ports (all pods
+        of a namespace, say) share the set of the first one."""
+        key = (type_, interval, tuple(elements))
+        if key not in self.known:
+            self.known[key] = name
+            self.sets += _set(name, type_, key[2], interval)
+        return self.known[key]
 
     def rule_lines(self, prefix: str, rule: Rule, peer_side: str) -> list[str]:
         """nft rules accepting what `rule` allows; the peer is the packet's `peer_side` (saddr/daddr)."""
         port_matches: dict[int, list[str]] = {4: [], 6: []}
         if rule.ranges:
-            self.sets += _set(f"{prefix}_ports", "inet_proto . inet_service",
-                              (f"{p.lower()} . {_port(a, b)}" for p, a, b in rule.ranges), interval=True)
+            ports = self.shared(f"{prefix}_ports", "inet_proto . inet_service",
+                                (f"{p.lower()} . {_port(a, b)}" for p, a, b in rule.ranges), interval=True)
             for version in (4, 6):
-                port_matches[version].append(f"meta l4proto . th dport @{prefix}_ports")
+                port_matches[version].append(f"meta l4proto . th dport @{ports}")
         for version in (4, 6):
             named = [n for n in rule.named if n[0].version == version]
             if named:
-                self.sets += _set(f"{prefix}_named{version}",
-                                  f"{_ADDR_TYPE[version]} . inet_proto . inet_service",
-                                  (f"{a} . {p.lower()} . {n}" for a, p, n in named), interval=False)
-                port_matches[version].append(
-                    f"{_FAMILY[version]} daddr . meta l4proto . th dport @{prefix}_named{version}")
+                name = self.shared(f"{prefix}_named{version}",
+                                   f"{_ADDR_TYPE[version]} . inet_proto . inet_service",
+                                   (f"{a} . {p.lower()} . {n}" for a, p, n in named), interval=False)
+                port_matches[version].append(f"{_FAMILY[version]} daddr . meta l4proto . th dport @{name}")
         lines: list[str] = []
         for version in (4, 6):
             if rule.peers is None:
@@ -71,8 +80,8 @@ class _Script:
                 peers = [str(n) for n in rule.peers if n.version == version]
                 if not peers:
                     continue  # peers given, none of this family: nothing allowed in it
-                self.sets += _set(f"{prefix}_peer{version}", _ADDR_TYPE[version], peers, interval=True)
-                peer = f"{_FAMILY[version]} {peer_side} @{prefix}_peer{version}"
+                name = self.shared(f"{prefix}_peer{version}", _ADDR_TYPE[version], peers, interval=True)
+                peer = f"{_FAMILY[version]} {peer_side} @{name}"
             for ports in ([""] if rule.ranges is None else port_matches[version]):
                 line = "\t\t" + " ".join(filter(None, (peer, ports, "accept")))
                 if line not in lines:

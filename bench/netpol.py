@@ -26,7 +26,7 @@ from typing import Any
 
 import kubernetes  # noqa: F401  # the agent's import, counted in its RSS
 
-from cni_plugin.node.netpol import apply
+from cni_plugin.node.netpol import apply, nft
 from cni_plugin.node.netpol.agent import NetpolAgent, serve
 
 NODE = "bench-node"
@@ -65,24 +65,24 @@ def namespace(i: int, team: int) -> dict[str, Any]:
 def main() -> None:
     netns = f"pbt-h17bench-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
-    nft = ["ip", "netns", "exec", netns, "nft"]
+    nft_cmd = ["ip", "netns", "exec", netns, "nft"]
     try:
         pods = [pod(i) for i in range(200)]
         policies = [policy(i) for i in range(100)]
         namespaces = [namespace(i, i % 5) for i in range(10)]
         syncs, computes = [], []
         for _ in range(5):
-            agent = NetpolAgent(NODE, lambda s: apply.replace(s, nft), lambda *_a, **_k: None)
+            agent = NetpolAgent(NODE, lambda s: apply.replace(s, nft_cmd), lambda *_a, **_k: None)
             started = time.perf_counter()
             agent.handle("NetworkPolicy", "SYNC", policies)
             agent.handle("Pod", "SYNC", pods)
             agent.handle("Namespace", "SYNC", namespaces)
             script = agent.ruleset()
             computed = time.perf_counter()
-            apply.replace(script, nft)
+            apply.replace(script, nft_cmd)
             syncs.append(time.perf_counter() - started)
             computes.append(computed - started)
-        rules = subprocess.run([*nft, "list", "table", "inet", apply.nft.TABLE], capture_output=True,
+        rules = subprocess.run([*nft_cmd, "list", "table", "inet", nft.TABLE], capture_output=True,
                                text=True, check=True).stdout
 
         events: queue.Queue[tuple[str, str, Any]] = queue.Queue()

@@ -569,3 +569,19 @@ def test_a_failing_script_changes_nothing_and_removal_is_clean(world: World) -> 
     apply.remove(world.nft())  # removing what is not there is fine
     assert TABLE not in world.host.exec("nft", "list", "tables").stdout.decode()
     assert observe(world, "TCP", 80, 4)[("y/a", "x/a")] is True
+
+
+def test_the_node_itself_reaches_its_pods_under_deny_all(world: World) -> None:
+    """kubelet probes come from the node: never judged, whatever the policies say."""
+    agent = _reset(world)
+    deny_all = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    for ns in "xyz":
+        agent.handle("NetworkPolicy", "ADDED", ns_policy(ns, "deny-all", deny_all))
+    assert agent.reconcile()
+    try:
+        targets = [(world.host.name, world.ips[p][family]) for p in PODS for family in (4, 6)]
+        seen = probe(targets, "TCP", 80, 3.0)
+        assert [t for t, ok in seen.items() if not ok] == []
+        assert not any(observe(world, "TCP", 80, 4, reachable(("*", "*", False))).values())
+    finally:
+        apply.remove(world.nft())

@@ -122,9 +122,12 @@ def _network_policy(args: argparse.Namespace, api: Any) -> None:
 
     if args.network_policy == "on":
         agent.launch(args.node_name, api, args.resync, _log)
-    else:
+        return
+    try:
         apply.remove()
         _log("netpol-off")
+    except apply.NftError as exc:
+        _log("netpol-error", error=str(exc))
 
 
 def _install(args: argparse.Namespace) -> int:

@@ -105,4 +105,3 @@ class FakeApi:
 
     def request(self, method: str, url: str, **kwargs: Any) -> urllib3.HTTPResponse:
         return self.pools[urlparse(url).path].request(method, url, **kwargs)
-

@@ -29,7 +29,7 @@ from cni_plugin.node.netpol import apply, compile, nft
 from cni_plugin.node.netpol.agent import NetpolAgent
 from cni_plugin.node.netpol.nft import TABLE
 
-from .harness import Host, bridge_conf, new_netns
+from .harness import Host, bridge_conf, delete_netns, new_netns
 from .netpol_probe import Servers, in_netns, probe
 
 pytestmark = [
@@ -585,3 +585,39 @@ def test_the_node_itself_reaches_its_pods_under_deny_all(world: World) -> None:
         assert not any(observe(world, "TCP", 80, 4, reachable(("*", "*", False))).values())
     finally:
         apply.remove(world.nft())
+
+
+V6_BLOCK = {"ipBlock": {"cidr": "fd00::/8", "except": ["fd00::1:0/112"]}}
+V4_BLOCK = {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.1.0/24"]}}
+MANY_PORTS = [{"port": 80, "endPort": 90}, {"protocol": "SCTP"}, {"protocol": "UDP", "port": "serve-81-udp"},
+              {"port": 85}]
+CHECKED_SPECS: list[dict[str, Any]] = [
+    {"podSelector": {}},
+    {"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [{}], "egress": [{}]},
+    {"podSelector": POD_A,
+     "ingress": [{"from": [V6_BLOCK, V4_BLOCK, {"namespaceSelector": NOT_X, "podSelector": POD_B}],
+                  "ports": MANY_PORTS}]},
+    {**EGRESS, "podSelector": {},
+     "egress": [{"to": [{"podSelector": {}}], "ports": [{"port": "serve-80-tcp"}]},
+                {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]},
+]
+
+
+def test_rulesets_pass_nft_check_mode() -> None:
+    """Each ruleset of the unit tests' x/y/z world for these shapes passes `nft -c -f` in a
+    throw-away netns; a broken one does not."""
+    from tests.unit.netpol_world import ME, namespaces, policy, world_pods
+
+    netns = new_netns("h17chk")
+    command = ["ip", "netns", "exec", netns, "nft"]
+    try:
+        for number, spec in enumerate(CHECKED_SPECS):
+            decision = compile.decide([policy("x", spec, name=f"p{number}"), policy("y", spec)], world_pods(),
+                                      namespaces(), ME)
+            assert decision.policies, spec
+            apply.replace(nft.ruleset(decision), command, check_only=True)
+        with pytest.raises(apply.NftError):
+            apply.replace(nft.ruleset(compile.decide([], [], [], ME)).replace("vmap", "vamp"), command,
+                          check_only=True)
+    finally:
+        delete_netns(netns)

@@ -22,11 +22,13 @@ class NftError(RuntimeError):
 
 def replace(script: str, command: Sequence[str] | None = None, check_only: bool = False) -> None:
     """`command` is the nft invocation (default: the nft on PATH, in this process's netns)."""
-    argv = [*(command or [nft_binary()]), *(["-c"] if check_only else []), "-f", "-"]
     try:
+        argv = [*(command or [nft_binary()]), *(["-c"] if check_only else []), "-f", "-"]
         proc = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=30, check=False)
     except subprocess.TimeoutExpired as exc:
         raise NftError("nft did not finish within 30 s") from exc
+    except (RuntimeError, OSError) as exc:  # no nft binary, or not executable
+        raise NftError(str(exc)) from exc
     if proc.returncode != 0:
         raise NftError(f"nft failed: {proc.stderr.strip()[:500]}")
 

@@ -231,6 +231,8 @@ def test_ipv6_follows_the_same_rules() -> None:
     ({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}, "cidr"),
     ({"ingress": [{"ports": [{"protocol": "ICMP"}]}]}, "protocol"),
     ({"policyTypes": ["Sideways"]}, "policyTypes"),
+    ({"ingress": [{"ports": [{"port": 70000}]}]}, "port"),  # would make the whole nft script fail
+    ({"ingress": [{"ports": [{"port": 80, "endPort": 0}]}]}, "endPort"),
 ])
 def test_invalid_policy_is_an_error_naming_the_field(spec: dict[str, Any], field: str) -> None:
     with pytest.raises(ValidationError) as info:

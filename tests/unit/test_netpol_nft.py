@@ -51,3 +51,9 @@ def test_peers_of_one_family_allow_nothing_in_the_other() -> None:
     only_v4 = Rule(peers=(ipaddress.ip_network("10.1.0.0/16"),), ranges=None)
     text = ruleset(Decision((PolicyRules("x/v4", ingress=(only_v4,), egress=None),), {A6: (0,)}, {}))
     assert "\t\tip saddr @p0_ingress0_peer4 accept\n" in text and "ip6 saddr @" not in text
+
+
+def test_a_hostile_policy_name_cannot_leave_its_comment() -> None:
+    evil = PolicyRules('x/a" ; flush ruleset ; "', ingress=(), egress=None)
+    text = ruleset(Decision((evil,), {A4: (0,)}, {}))
+    assert 'comment "x/a????flush?ruleset????"' in text and "flush ruleset" not in text

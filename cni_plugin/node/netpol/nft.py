@@ -38,6 +38,12 @@ def _set(name: str, type_: str, elements: Iterable[str], interval: bool, kind: s
     return [*lines, "\t}"]
 
 
+def _printable(name: str) -> str:
+    """A policy's namespace/name as an nft comment: the API allows only [a-z0-9.-] in both, but
+    a hostile source could send anything, and a quote would end the comment."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "./-_") else "?" for c in name)[:120]
+
+
 def _port(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
@@ -91,7 +97,7 @@ class _Script:
     def policy_chain(self, chain: str, name: str, rules: Iterable[Rule], peer_side: str) -> None:
         body = [line for k, rule in enumerate(rules)
                 for line in self.rule_lines(f"{chain}{k}", rule, peer_side)]
-        self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{name}"', *body, "\t}"]
+        self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_printable(name)}"', *body, "\t}"]
 
     def dispatch(self, direction: str, selected: Mapping[Address, tuple[int, ...]], key: str,
                  priority: str) -> None:

@@ -9,13 +9,14 @@ so this only happens with a hostile or broken source).
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["TCP", "UDP", "SCTP"]
+PortNumber = Annotated[int, Field(ge=1, le=65535)]
 
 
 class _Api(BaseModel):
@@ -52,8 +53,8 @@ class Peer(_Api):
 
 class PolicyPort(_Api):
     protocol: Protocol = "TCP"
-    port: int | str | None = None  # a number or a container port's name; None: every port
-    end_port: int | None = Field(default=None, alias="endPort")
+    port: PortNumber | str | None = None  # a number or a container port's name; None: every port
+    end_port: PortNumber | None = Field(default=None, alias="endPort")
 
 
 class IngressRule(_Api):
@@ -92,7 +93,7 @@ class NetworkPolicy(_Api):
 
 class ContainerPort(_Api):
     name: str | None = None
-    container_port: int = Field(alias="containerPort")
+    container_port: PortNumber = Field(alias="containerPort")
     protocol: Protocol = "TCP"
 
 

@@ -29,7 +29,7 @@ from cni_plugin.node.netpol import apply, compile, nft
 from cni_plugin.node.netpol.agent import NetpolAgent
 from cni_plugin.node.netpol.nft import TABLE
 
-from .harness import Host, bridge_conf, delete_netns, new_netns
+from .harness import Host, bridge_conf, delete_netns, new_netns, sh
 from .netpol_probe import Servers, in_netns, probe
 
 pytestmark = [
@@ -71,7 +71,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, launchers: Path) -> Iterator
     try:
         host.exec("ip", "link", "set", "lo", "up")
         host.exec("sh", "-c", "; ".join(f"echo 1 > /proc/sys/{n}" for n in apply.BRIDGE_SYSCTLS))
-        conf = bridge_conf(host, name="h17netpol", bridge="h17np0")
+        conf = bridge_conf(host, name="h17netpol", bridge="h17np0", isDefaultGateway=True)
         conf["ipam"]["ranges"] = [[{"subnet": "10.89.0.0/24"}], [{"subnet": "fd89::/64"}]]
         netns, ips = {}, {}
         for pod in PODS:
@@ -621,3 +621,56 @@ def test_rulesets_pass_nft_check_mode() -> None:
                           check_only=True)
     finally:
         delete_netns(netns)
+
+
+REMOTE_POD = "10.90.0.5"  # r/a, a pod of another node, reached through a route as across nodes
+
+
+@pytest.fixture(scope="module")
+def remote(world: World) -> Iterator[str]:
+    """A netns standing for another node and its pod r/a: a veth from the node, routes both ways.
+    Traffic between it and the node's pods is routed, not bridged (the cross-node path)."""
+    name = new_netns("h17rm")
+    servers = None
+    try:
+        world.host.exec("ip", "link", "add", "h17rm0", "type", "veth", "peer", "name", "eth0", "netns", name)
+        world.host.exec("ip", "addr", "add", "192.168.77.1/30", "dev", "h17rm0")
+        world.host.exec("ip", "link", "set", "h17rm0", "up")
+        world.host.exec("ip", "route", "add", "10.90.0.0/24", "via", "192.168.77.2")
+        for cmd in (["addr", "add", "192.168.77.2/30", "dev", "eth0"], ["link", "set", "eth0", "up"],
+                    ["link", "set", "lo", "up"], ["addr", "add", f"{REMOTE_POD}/32", "dev", "lo"],
+                    ["route", "add", "10.89.0.0/24", "via", "192.168.77.1", "src", REMOTE_POD]):
+            sh("ip", "-n", name, *cmd)
+        servers = Servers({"r/a": name})
+        yield name
+    finally:
+        if servers is not None:
+            servers.close()
+        delete_netns(name)
+
+
+def test_routed_traffic_to_and_from_another_node_is_judged(world: World, remote: str) -> None:
+    """Ingress from a remote pod and egress to it take the routed path through the node; the
+    namespace r and its pod exist only as API objects here, as they would for another node."""
+    agent = _reset(world)
+    agent.handle("Namespace", "ADDED", {"metadata": {"name": "r"}})
+    agent.handle("Pod", "ADDED", {"metadata": {"name": "a", "namespace": "r", "labels": {"pod": "a"}},
+                                  "spec": {"nodeName": "other"},
+                                  "status": {"phase": "Running", "podIPs": [{"ip": REMOTE_POD}]}})
+    from_r = {"namespaceSelector": {"matchLabels": {NAME_LABEL: "r"}}}
+    agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "from-r", {"podSelector": POD_A,
+                                                                      "ingress": [{"from": [from_r]}]}))
+    agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "b-no-egress", {**EGRESS, "podSelector": POD_B}))
+    agent.handle("NetworkPolicy", "ADDED", ns_policy("y", "a-no-ingress", {"podSelector": POD_A}))
+    assert agent.reconcile()
+    try:
+        inbound = probe([(remote, world.ips[p][4]) for p in ("x/a", "x/b", "y/a")], "TCP", 80, 3.0)
+        assert inbound == {(remote, world.ips["x/a"][4]): True,  # admitted by from-r
+                           (remote, world.ips["x/b"][4]): True,  # x/b's ingress is open; replies pass
+                           (remote, world.ips["y/a"][4]): False}  # a-no-ingress
+        outbound = probe([(world.netns[p], REMOTE_POD) for p in ("x/a", "x/b", "x/c")], "TCP", 80, 3.0)
+        assert outbound == {(world.netns["x/a"], REMOTE_POD): True, (world.netns["x/b"], REMOTE_POD): False,
+                            (world.netns["x/c"], REMOTE_POD): True}
+        assert observe(world, "TCP", 80, 4, reachable(("y/a", "x/a", False)))[("y/a", "x/a")] is False
+    finally:
+        apply.remove(world.nft())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import socket
 import threading
@@ -240,6 +241,13 @@ def _(w: World) -> list[Step]:
                  [("TCP", 80, reachable(("*", "x/a", False), ("x/b", "x/a", True), ("x/c", "x/a", True)))])]
 
 
+@case("should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector")  # noqa: E501  (upstream's title)
+def _(w: World) -> list[Step]:
+    spec = {"podSelector": POD_A, "ingress": [{"from": [Y_A]}]}
+    return [Step([add("x", "allow-ns-y-pod-a-via-namespace-pod-selector", spec)],
+                 [("TCP", 80, reachable(("*", "x/a", False), ("y/a", "x/a", True)))], families=(4, 6))]
+
+
 @case("should enforce policy based on Ports")
 def _(w: World) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NS_Y}],
@@ -450,11 +458,34 @@ def _(w: World) -> list[Step]:
                  [("TCP", 81, DENY_INTO_X)])]
 
 
+@case("should properly isolate pods that are selected by a policy allowing SCTP, even if the plugin doesn't support SCTP")  # noqa: E501  (upstream's title)
+def _(w: World) -> list[Step]:
+    sctp = {"podSelector": POD_A, "ingress": [{"ports": [{"port": 80, "protocol": "SCTP"}]}]}
+    return [Step([add("x", "allow-only-sctp-ingress-on-port-80", sctp)], [("TCP", 81, CLOSED_XA)])]
+
+
+# Not an upstream case: a port range (endPort) in a real kernel, both families.
+@case("pybridge: a range of ports by endPort, TCP and UDP")
+def _(w: World) -> list[Step]:
+    spec = {"podSelector": {}, "ingress": [{"ports": [{"port": 79, "endPort": 80},
+                                                      {"protocol": "UDP", "port": 81, "endPort": 9000}]}]}
+    return [Step([add("x", "range", spec)],
+                 [("TCP", 80, reachable()), ("TCP", 81, DENY_INTO_X), ("UDP", 81, reachable()),
+                  ("UDP", 80, DENY_INTO_X)], families=(4, 6))]
+
+
 @case("should not allow access by TCP when a policy specifies only UDP")
 def _(w: World) -> list[Step]:
     udp = {"podSelector": POD_A, "ingress": [{"ports": [{"port": 81, "protocol": "UDP"}]}]}
     return [Step([add("x", "allow-only-udp-ingress-on-port-81", udp)],
                  [("TCP", 81, reachable(("*", "x/a", False))), ("UDP", 81, reachable())])]
+
+
+@case("should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label")  # noqa: E501  (upstream's title)
+def _(w: World) -> list[Step]:
+    spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NS_Y}]}]}
+    return [Step([add("x", "allow-client-a-via-ns-selector-for-immutable-ns-label", spec)],
+                 [("TCP", 80, ONLY_Y_TO_XA)])]
 
 
 @case("should enforce policy based on NamespaceSelector with MatchExpressions using default ns label")
@@ -493,7 +524,8 @@ def _differences(expected: Matrix, seen: Matrix) -> list[str]:
             if seen[(s, t)] != ok]
 
 
-@pytest.mark.parametrize("title", list(CASES))
+@pytest.mark.parametrize("title", list(CASES), ids=[re.sub(r"[^A-Za-z0-9]+", "-", t).strip("-")
+                                                    for t in CASES])
 def test_upstream_case_reachability(world: World, title: str) -> None:
     agent = _reset(world)
     try:

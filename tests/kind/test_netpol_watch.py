@@ -5,8 +5,10 @@ objects as the client deserializes and serializes them, and the agent thread app
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -151,3 +153,52 @@ def test_flag_turns_enforcement_off_and_removes_the_rules(monkeypatch: pytest.Mo
     monkeypatch.delenv("NETWORK_POLICY")
     cli._network_policy(cli.parser().parse_args(["run", "--node-name", ME, "--resync", "9"]), api=None)
     assert calls == ["remove", f"launch {ME} 9"]  # on by default
+
+
+def test_a_stream_error_is_logged_and_the_stream_starts_over() -> None:
+    stop = threading.Event()
+    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    logs: list[tuple[str, dict[str, Any]]] = []
+    attempts = []
+
+    def stream(kind: str) -> Iterator[tuple[str, Any]]:
+        attempts.append(kind)
+        if len(attempts) == 1:
+            raise OSError("connection refused")
+        yield "SYNC", []
+        stop.set()
+
+    netpol.pump("Pod", stream, events, lambda event, **f: logs.append((event, f)), stop, (OSError,))
+    assert attempts == ["Pod", "Pod"]
+    assert logs == [("netpol-retry", {"kind": "Pod", "error": "connection refused"})]
+    assert events.get_nowait() == ("Pod", "SYNC", [])
+
+
+def test_a_failing_batch_is_logged_and_the_next_event_applies() -> None:
+    stop = threading.Event()
+    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    logs: list[str] = []
+    scripts: list[str] = []
+
+    def apply_script(script: str) -> None:
+        if not scripts and "x/deny" not in script:
+            scripts.append("refused")
+            raise ValueError("unexpected")  # a bug, not an nft error: must not end the thread
+        scripts.append(script)
+        if "x/deny" in script:
+            stop.set()
+
+    agent = NetpolAgent(ME, apply_script, lambda event, **f: logs.append(event))
+    for kind in ("NetworkPolicy", "Namespace"):
+        events.put((kind, "SYNC", []))
+    events.put(("Pod", "SYNC", [pod("x", "a", "10.244.1.5")]))
+    thread = threading.Thread(target=netpol.serve, args=(agent, events, stop))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not logs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    events.put(("NetworkPolicy", "ADDED", policy("x", "deny", {"podSelector": {}})))
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert logs == ["netpol-error", "netpol-applied"] and scripts[0] == "refused"
+    assert "x/deny" in scripts[-1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import selectors
 import socket
@@ -102,9 +103,16 @@ class Servers:
 Probe = tuple[str, str]  # (source netns, destination address)
 
 
-def _client(proto: str, address: str) -> socket.socket:
+# UDP sources get ports of their own, never reused in a run: a port the kernel picked again for
+# the same pair would match the conntrack entry of an earlier, allowed probe and pass as a reply.
+_UDP_SOURCE_PORTS = itertools.count(20000)
+
+
+def client(proto: str, address: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM)
+    if proto == "UDP":
+        s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", next(_UDP_SOURCE_PORTS)))
     s.setblocking(False)
     return s
 
@@ -120,7 +128,7 @@ def probe(probes: Iterable[Probe], proto: str, port: int, timeout: float) -> dic
     result = dict.fromkeys(probes, False)
     try:
         for source, addresses in by_source.items():
-            socks = in_netns(source, lambda a=addresses: [_client(proto, x) for x in a])  # type: ignore[misc]
+            socks = in_netns(source, lambda a=addresses: [client(proto, x) for x in a])  # type: ignore[misc]
             for address, s in zip(addresses, socks, strict=True):
                 if proto == "TCP":
                     code = s.connect_ex((address, port))

@@ -15,7 +15,6 @@ import contextlib
 import os
 import re
 import select
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +42,7 @@ from .netpol_cases import (
     ns_policy,
     reachable,
 )
-from .netpol_probe import Servers, in_netns, probe
+from .netpol_probe import Servers, client, in_netns, probe
 
 pytestmark = [
     pytest.mark.netns,
@@ -121,14 +120,11 @@ def test_upstream_case_reachability(world: World, title: str) -> None:
 def _flood(world: World, source: str, target: str, replace: Callable[[], None]) -> int:
     """UDP datagrams from `source` to `target` port 80 every millisecond while `replace()` runs;
     returns how many were answered (each one got through the rules)."""
-    socks = in_netns(world.netns[source], lambda: [socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                                                    for _ in range(4)])
+    socks = in_netns(world.netns[source], lambda: [client("UDP", world.ips[target][4]) for _ in range(4)])
     answered = 0
     done = threading.Event()
     worker = threading.Thread(target=lambda: (replace(), done.set()))
     try:
-        for s in socks:
-            s.setblocking(False)
         worker.start()
         while not done.is_set():
             for s in socks:

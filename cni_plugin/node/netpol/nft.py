@@ -2,14 +2,14 @@
 
 Layout (per packet: two verdict-map lookups and the set lookups of the selecting policies,
 never one rule per pod pair):
-- base chain `forward_egress` (forward hook, before `forward_ingress`): replies of accepted connections pass
-  (conntrack established/related); else the source address is looked up in the verdict maps
-  @egress4/@egress6 of this node's pods selected for egress, which jump to the chain of the
-  pod's combination of policies; that chain jumps each policy's chain (a match accepts) and
-  drops what none allowed. An accept ends this base chain only: the packet goes on to
+- base chain `forward_egress` (forward hook, before `forward_ingress`): replies of accepted
+  connections pass (conntrack established/related); else the source address is looked up in
+  the verdict maps @egress4/@egress6 of this node's pods selected for egress, which jump to the
+  chain of the pod's combination of policies; that chain jumps each policy's chain (a match
+  accepts) and drops what none allowed. An accept ends this base chain only: the packet goes on to
 - base chain `forward_ingress`: the same with the destination address and the ingress maps.
-Pod to pod on the bridge crosses the forward hook through br_netfilter (the agent turns
-bridge-nf-call-ip{,6}tables on); routed traffic to and from other nodes crosses it anyway.
+Pod to pod on the bridge crosses the forward hook through br_netfilter (bridge-nf-call-ip{,6}tables,
+on by default, turned on by the agent where off); routed traffic to and from other nodes crosses it anyway.
 Traffic between the node itself and its pods takes the input/output hooks and is never judged.
 IPv6 neighbour discovery is never judged either: a pod that cannot resolve its peer cannot talk
 at all, whatever the policy.

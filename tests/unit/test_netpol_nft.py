@@ -57,3 +57,29 @@ def test_a_hostile_policy_name_cannot_leave_its_comment() -> None:
     evil = PolicyRules('x/a" ; flush ruleset ; "', ingress=(), egress=None)
     text = ruleset(Decision((evil,), {A4: (0,)}, {}))
     assert 'comment "x/a????flush?ruleset????"' in text and "flush ruleset" not in text
+
+
+def test_rules_do_not_grow_with_pods_only_set_elements_do() -> None:
+    from cni_plugin.node.netpol.compile import decide
+    from cni_plugin.node.netpol.objects import NetworkPolicy, Pod
+
+    def pods(count: int) -> list[Pod]:
+        def ip(k: int, i: int) -> str:
+            return f"10.{k}.{i // 200}.{i % 200 + 1}"
+
+        return [Pod.model_validate({"metadata": {"name": f"p{i}", "namespace": ns, "labels": {"app": "web"}},
+                                    "spec": {"nodeName": "n1"},
+                                    "status": {"phase": "Running", "podIPs": [{"ip": ip(k, i)}]}})
+                for k, ns in enumerate(("x", "y")) for i in range(count)]
+
+    policy = NetworkPolicy.model_validate({
+        "metadata": {"name": "web", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress", "Egress"],
+                 "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 80}]}],
+                 "egress": [{"to": [{"podSelector": {}}]}]}})
+
+    def rules(count: int) -> list[str]:
+        text = ruleset(decide([policy], pods(count), [], "n1"))
+        return [line for line in text.splitlines() if line.endswith(("accept", "drop")) or "jump p" in line]
+
+    assert rules(10) == rules(300)  # 10 or 300 pods a side: the same rules, bigger sets and maps

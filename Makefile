@@ -34,6 +34,12 @@ unit: venv
 netns: venv
 	$(VENV)/bin/pytest -q tests/netns
 
+# NetworkPolicy figures (root, bench/netpol.py): a full sync of 200 pods x 100 policies, the
+# event -> rules latency per kind of event, the agent's RSS. Prints JSON.
+.PHONY: bench-netpol
+bench-netpol: venv
+	$(PY) bench/netpol.py
+
 # The long reliability run (crash trials x200, churn x1000, fuzz x100k); `make test` runs the
 # short versions. The figures are appended to build/reliability.jsonl. -v: each test's name as it
 # starts and its result as it ends, so a long run shows where it is.

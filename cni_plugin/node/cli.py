@@ -122,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 
     api = kube.api_client(args.kubeconfig)
     _log("started", node=settings.node_name, cluster_cidrs=[str(c) for c in settings.cluster_cidrs])
+    _network_policy(args, api)
     while True:
         try:
             for kind, payload in kube.node_events(api, timeout_seconds=args.resync):
@@ -129,6 +130,20 @@ def _run(args: argparse.Namespace) -> int:
         except (urllib3.exceptions.HTTPError, OSError, RuntimeError) as exc:
             _log("retry", error=str(exc)[:300])
             time.sleep(2.0)
+
+
+def _network_policy(args: argparse.Namespace, api: Any) -> None:
+    """Enforce NetworkPolicy in background threads (netpol/), or remove the rules of an earlier run."""
+    from .netpol import agent, apply
+
+    if args.network_policy == "on":
+        agent.launch(args.node_name, api, args.resync, _log)
+        return
+    try:
+        apply.remove()
+        _log("netpol-off")
+    except apply.NftError as exc:
+        _log("netpol-error", error=str(exc))
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -163,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--nodes-file", help="reconcile once from a recorded NodeList (JSON) instead")
     run.add_argument("--metrics-address", help="HOST:PORT of /metrics, /healthz, /readyz, or 'off' "
                      "(env PYBRIDGE_METRICS_ADDRESS; default 127.0.0.1:9431)")
+    run.add_argument("--network-policy", choices=("on", "off"),
+                     default=os.environ.get("NETWORK_POLICY", "on"),
+                     help="enforce NetworkPolicy (env NETWORK_POLICY); off removes the rules")
     inst = sub.add_parser("install", help="install the running bundle as /opt/cni/bin/pybridge and pyipam")
     inst.add_argument("--bundle-dir", help="the bundle directory (default: the one this runs from)")
     inst.add_argument("--bin-dir", default="/host/opt/cni/bin")

@@ -3,6 +3,7 @@
 Yields ("SYNC", [node objects]) after every list and (event type, node object) for each watch
 event, objects in the API's JSON form (the watch's raw objects; list items serialized back).
 A watch ends after `timeout_seconds` (a resync: list again) or on 410 Gone (list again).
+`list_watch` does the same for any kind (netpol/ watches NetworkPolicy, Pod, Namespace).
 """
 
 from __future__ import annotations
@@ -32,14 +33,20 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
 def node_events(api: client.ApiClient, timeout_seconds: int = 60,
                 stop: Callable[[], bool] = lambda: False,
                 backoff: Callable[[float], None] = time.sleep) -> Iterator[Event]:
-    core = client.CoreV1Api(api)
+    return list_watch(api, client.CoreV1Api(api).list_node, timeout_seconds, stop, backoff)
+
+
+def list_watch(api: client.ApiClient, lister: Callable[..., Any], timeout_seconds: int = 60,
+               stop: Callable[[], bool] = lambda: False,
+               backoff: Callable[[float], None] = time.sleep) -> Iterator[Event]:
+    """The events of one kind; `lister` is the client's list call for it (e.g. CoreV1Api.list_node)."""
     while not stop():
         try:
-            listed = core.list_node()
+            listed = lister()
             yield "SYNC", [api.sanitize_for_serialization(item) for item in listed.items]
             version = listed.metadata.resource_version if listed.metadata else None
             w = watch.Watch()
-            for event in w.stream(core.list_node, resource_version=version, timeout_seconds=timeout_seconds,
+            for event in w.stream(lister, resource_version=version, timeout_seconds=timeout_seconds,
                                   allow_watch_bookmarks=True):
                 kind = event["type"]
                 if kind in ("ADDED", "MODIFIED", "DELETED"):

@@ -41,6 +41,8 @@ class _Body(io.BytesIO):
 class FakePool:
     """Answers list and watch requests from scripted responses, and records each request."""
 
+    path = "/api/v1/nodes"  # the collection it serves (FakeApi sets others)
+
     def __init__(self, lists: list[dict[str, Any]], watches: list[list[dict[str, Any]] | int]) -> None:
         self.lists = list(lists)
         self.watches = list(watches)  # a list of events, or an HTTP-style error code for the watch
@@ -49,7 +51,7 @@ class FakePool:
 
     def request(self, method: str, url: str, **kwargs: Any) -> urllib3.HTTPResponse:
         parsed = urlparse(url)
-        assert method == "GET" and parsed.path == "/api/v1/nodes", (method, url)
+        assert method == "GET" and parsed.path == self.path, (method, url)
         query = parse_qs(parsed.query)
         self.requests.append(query)
         if query.get("watch") == ["True"] or query.get("watch") == ["true"]:
@@ -90,3 +92,16 @@ def api_client(pool: FakePool) -> client.ApiClient:
     api = client.ApiClient(cfg)
     api.rest_client.pool_manager = pool
     return api
+
+
+class FakeApi:
+    """Several collections at once (e.g. the NetworkPolicy, Pod and Namespace watches of the
+    node agent's netpol/), each served by its own FakePool."""
+
+    def __init__(self, pools: dict[str, FakePool]) -> None:
+        self.pools = pools
+        for path, pool in pools.items():
+            pool.path = path
+
+    def request(self, method: str, url: str, **kwargs: Any) -> urllib3.HTTPResponse:
+        return self.pools[urlparse(url).path].request(method, url, **kwargs)

@@ -182,7 +182,12 @@ def test_rbac_lets_the_service_account_watch_nodes() -> None:
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
     account = next(d for d in docs if d["kind"] == "ServiceAccount")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+        # NetworkPolicy enforcement (cni_plugin/node/netpol)
+        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch"]},
+    ]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {

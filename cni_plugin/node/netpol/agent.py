@@ -1,0 +1,167 @@
+"""The node agent's NetworkPolicy loop: a cache of the watched objects, re-applied on change.
+
+Three list+watch streams (NetworkPolicy, Pod, Namespace; kube.list_watch: resourceVersion,
+relist on 410 Gone, a relist every `resync` seconds) feed one queue; one thread takes an event,
+also takes every event already queued behind it, and only then compiles and applies, so a burst
+of events costs one nft transaction. Nothing is applied before all three kinds were listed once
+(a policy without its pods would cut them off).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from . import apply, compile, nft
+from .objects import Namespace, NetworkPolicy, Pod
+
+KINDS: dict[str, type[BaseModel]] = {"NetworkPolicy": NetworkPolicy, "Pod": Pod, "Namespace": Namespace}
+Log = Callable[..., None]
+Key = tuple[str, str]
+
+
+def _key(obj: Any) -> Key:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    return str(meta.get("namespace", "")), str(meta.get("name", ""))
+
+
+class NetpolAgent:
+    """Feed it (kind, event, object) with handle(); reconcile() applies when something changed."""
+
+    def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log) -> None:
+        self.node_name = node_name
+        self.apply_script = apply_script
+        self.log = log
+        self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in KINDS}
+        self.listed: set[str] = set()
+        self.applied: str | None = None
+
+    def _parse(self, kind: str, obj: Any) -> BaseModel | None:
+        try:
+            return KINDS[kind].model_validate(obj)
+        except ValidationError as exc:
+            reasons = (f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            self.log("netpol-invalid", kind=kind, object="/".join(_key(obj)), error="; ".join(reasons)[:500])
+            return None
+
+    def handle(self, kind: str, event: str, payload: Any) -> None:
+        store = self.objects[kind]
+        if event == "SYNC":
+            self.listed.add(kind)
+            self.applied = None  # after a full list, apply again even if unchanged (resync)
+            parsed = ((_key(o), self._parse(kind, o)) for o in payload)
+            self.objects[kind] = {k: m for k, m in parsed if m is not None}
+            return
+        store.pop(_key(payload), None)
+        if event != "DELETED":
+            model = self._parse(kind, payload)
+            if model is not None:
+                store[_key(payload)] = model
+
+    def ruleset(self) -> str:
+        decision = compile.decide(self.objects["NetworkPolicy"].values(), self.objects["Pod"].values(),
+                                  self.objects["Namespace"].values(), self.node_name)
+        return nft.ruleset(decision)
+
+    def reconcile(self) -> bool:
+        """True when a new ruleset was applied."""
+        if self.listed != set(KINDS):
+            return False
+        script = self.ruleset()
+        if script == self.applied:
+            return False
+        try:
+            self.apply_script(script)
+        except apply.NftError as exc:
+            self.log("netpol-error", error=str(exc))
+            return False
+        self.applied = script
+        self.log("netpol-applied", policies=len(self.objects["NetworkPolicy"]), pods=len(self.objects["Pod"]))
+        return True
+
+
+Stream = Callable[[str], Iterator[tuple[str, Any]]]
+
+
+def pump(kind: str, stream: Stream, events: queue.Queue[tuple[str, str, Any]], log: Log,
+         stop: threading.Event, errors: tuple[type[BaseException], ...]) -> None:
+    """One kind's events into the queue, reconnecting after a transport error."""
+    while not stop.is_set():
+        try:
+            for event, payload in stream(kind):
+                events.put((kind, event, payload))
+                if stop.is_set():
+                    return
+        except errors as exc:
+            log("netpol-retry", kind=kind, error=str(exc)[:300])
+            stop.wait(2.0)
+
+
+def serve(agent: NetpolAgent, events: queue.Queue[tuple[str, str, Any]], stop: threading.Event,
+          on_applied: Callable[[], None] = lambda: None) -> None:
+    """Handle events until `stop`; a burst already queued is applied once."""
+    while not stop.is_set():
+        try:
+            batch = [events.get(timeout=0.5)]
+        except queue.Empty:
+            continue
+        while True:
+            try:
+                batch.append(events.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            for kind, event, payload in batch:
+                agent.handle(kind, event, payload)
+            applied = agent.reconcile()
+        except Exception as exc:  # a bug must not stop enforcement: the next event tries again
+            agent.log("netpol-error", error=f"{type(exc).__name__}: {exc}"[:500])
+            continue
+        if applied:
+            on_applied()
+
+
+def start(agent: NetpolAgent, stream: Stream, log: Log, errors: tuple[type[BaseException], ...],
+          stop: threading.Event,
+          on_applied: Callable[[], None] = lambda: None) -> list[threading.Thread]:
+    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    threads = [threading.Thread(target=pump, args=(kind, stream, events, log, stop, errors),
+                                name=f"netpol-{kind}", daemon=True) for kind in KINDS]
+    threads.append(threading.Thread(target=serve, args=(agent, events, stop, on_applied), name="netpol",
+                                    daemon=True))
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def listers(api: Any) -> dict[str, Callable[..., Any]]:
+    from kubernetes import client
+
+    core, networking = client.CoreV1Api(api), client.NetworkingV1Api(api)
+    return {"NetworkPolicy": networking.list_network_policy_for_all_namespaces,
+            "Pod": core.list_pod_for_all_namespaces, "Namespace": core.list_namespace}
+
+
+def kube_stream(api: Any, resync: int, stop: threading.Event) -> Stream:
+    from .. import kube
+
+    calls = listers(api)
+    return lambda kind: kube.list_watch(api, calls[kind], timeout_seconds=resync, stop=stop.is_set)
+
+
+def launch(node_name: str, api: Any, resync: int, log: Log) -> threading.Event:
+    """Enforcement in background threads of the node agent; set the returned event to stop."""
+    for error in apply.enable_bridge_netfilter():
+        log("netpol-warning", error=f"pod-to-pod traffic on the bridge escapes policy: {error}")
+    stop = threading.Event()
+    agent = NetpolAgent(node_name, apply.replace, log)
+    # Any error of a stream (transport, or an answer the client cannot read) is logged and the
+    # stream starts over with a fresh list after 2 s.
+    start(agent, kube_stream(api, resync, stop), log, (Exception,), stop)
+    log("netpol-started", node=node_name)
+    return stop

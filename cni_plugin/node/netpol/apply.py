@@ -1,0 +1,54 @@
+"""The netpol table in the kernel: replaced or removed by one `nft -f` transaction.
+
+nft commits a whole script atomically (all of it or none), and the script deletes and defines
+the table in that one commit, so there is never a moment with no rules or half of them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+
+from ..effects import nft_binary
+from . import nft
+
+# Bridged pod-to-pod packets reach the inet forward hook only with these on (per netns).
+BRIDGE_SYSCTLS = ("net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables")
+
+
+class NftError(RuntimeError):
+    pass
+
+
+def replace(script: str, command: Sequence[str] | None = None, check_only: bool = False) -> None:
+    """`command` is the nft invocation (default: the nft on PATH, in this process's netns)."""
+    try:
+        argv = [*(command or [nft_binary()]), *(["-c"] if check_only else []), "-f", "-"]
+        proc = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise NftError("nft did not finish within 30 s") from exc
+    except (RuntimeError, OSError) as exc:  # no nft binary, or not executable
+        raise NftError(str(exc)) from exc
+    if proc.returncode != 0:
+        raise NftError(f"nft failed: {proc.stderr.strip()[:500]}")
+
+
+def remove(command: Sequence[str] | None = None) -> None:
+    replace(nft.removal(), command)
+
+
+def enable_bridge_netfilter(proc_sys: str = "/proc/sys") -> list[str]:
+    """Turn the bridge sysctls on in this netns where they are off (1 is the default in a new
+    netns; /proc/sys is read-only in an unprivileged container); an error text per one left off."""
+    errors = []
+    for name in BRIDGE_SYSCTLS:
+        path = f"{proc_sys}/{name}"
+        try:
+            with open(path) as f:
+                if f.read().strip() == "1":
+                    continue
+            with open(path, "w") as f:
+                f.write("1\n")
+        except OSError as exc:
+            errors.append(f"{name}: {exc}")
+    return errors

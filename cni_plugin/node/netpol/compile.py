@@ -1,0 +1,204 @@
+"""Which traffic each pod of this node allows, decided from the API objects; pure and unit tested.
+
+The API's rules, as networking.k8s.io/v1 documents them:
+- a policy selects the pods of its own namespace matching spec.podSelector (empty: all of them);
+- it affects Ingress, Egress or both (spec.policyTypes; when absent Ingress, plus Egress if it
+  has egress rules). A pod selected by no policy of a direction is open in that direction;
+  selected by several, it allows the union of their rules;
+- a rule allows traffic when one of its peers and one of its ports match (no peers: any
+  address; no ports: any port and protocol);
+- a peer is an ipBlock (cidr minus except), or pods: podSelector alone means pods of the
+  policy's namespace, namespaceSelector alone all pods of the matching namespaces, both the
+  matching pods of the matching namespaces;
+- a port is a number, a range (port..endPort), a container port's name (resolved on the
+  destination pod: the selected pod for ingress, the peer for egress), or absent (all ports
+  of its protocol, TCP when absent).
+Host-network pods are never selected and never a pod peer (their addresses are the node's).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .objects import Address, EgressRule, IngressRule, IPBlock, Namespace, Network, NetworkPolicy, Peer, Pod
+from .selectors import matches
+
+Direction = Literal["Ingress", "Egress"]
+PortRange = tuple[str, int, int]  # (protocol, first, last)
+NamedPort = tuple[Address, str, int]  # (destination address, protocol, resolved number)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of one policy: allows traffic from/to `peers` on `ranges` or `named` ports."""
+
+    peers: tuple[Network, ...] | None  # None: any address
+    ranges: tuple[PortRange, ...] | None  # None: any port and protocol (named is then empty)
+    named: tuple[NamedPort, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyRules:
+    name: str  # "namespace/name"
+    ingress: tuple[Rule, ...] | None  # None: the policy does not affect this direction
+    egress: tuple[Rule, ...] | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The policies selecting pods of this node, and for each local pod address the indices of
+    the policies selecting it, per direction. Addresses absent from a map are open that way."""
+
+    policies: tuple[PolicyRules, ...]
+    ingress: Mapping[Address, tuple[int, ...]]
+    egress: Mapping[Address, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class World:
+    """The pods with addresses, by namespace, and each namespace's labels."""
+
+    pods: Sequence[Pod]
+    by_namespace: Mapping[str, Sequence[Pod]]
+    namespace_labels: Mapping[str, Mapping[str, str]]
+    memo: dict[frozenset[Network], tuple[Network, ...]] = field(default_factory=dict)
+    hosts: dict[Address, Network] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
+        live = [p for p in pods if p.addresses()]
+        by_namespace: dict[str, list[Pod]] = {}
+        for pod in live:
+            by_namespace.setdefault(pod.metadata.namespace, []).append(pod)
+        return cls(live, by_namespace, {n.metadata.name: n.labels() for n in namespaces})
+
+    def labels_of_namespace(self, name: str) -> Mapping[str, str]:
+        return self.namespace_labels.get(name, {"kubernetes.io/metadata.name": name})
+
+    def peers(self, pods: Iterable[Pod], blocks: Iterable[Network]) -> tuple[Network, ...]:
+        """The pods' addresses and the blocks, collapsed; remembered for this world, as many
+        rules name the same peers (all pods of a namespace, say)."""
+        key = frozenset([*(self._host(a) for p in pods for a in p.addresses()), *blocks])
+        if key not in self.memo:
+            self.memo[key] = collapse(key)
+        return self.memo[key]
+
+    def _host(self, address: Address) -> Network:
+        if address not in self.hosts:
+            self.hosts[address] = ipaddress.ip_network(address)
+        return self.hosts[address]
+
+
+def _selected(policy: NetworkPolicy, pods: Iterable[Pod]) -> list[Pod]:
+    return [p for p in pods if p.metadata.namespace == policy.metadata.namespace
+            and matches(policy.spec.pod_selector, p.metadata.labels)]
+
+
+def _peer_pods(peer: Peer, namespace: str, world: World) -> list[Pod]:
+    selector = peer.namespace_selector
+    namespaces = ([namespace] if selector is None else
+                  [n for n in world.by_namespace if matches(selector, world.labels_of_namespace(n))])
+    return [p for n in namespaces for p in world.by_namespace.get(n, ())
+            if peer.pod_selector is None or matches(peer.pod_selector, p.metadata.labels)]
+
+
+def block_networks(block: IPBlock) -> list[Network]:
+    """cidr minus every except inside it, as disjoint networks."""
+    kept: list[Network] = [block.cidr]
+    for hole in block.except_:
+        if hole.version != block.cidr.version:
+            continue
+        rest: list[Network] = []
+        for net in kept:
+            if hole.subnet_of(net):  # type: ignore[arg-type]  # same version checked above
+                rest.extend(net.address_exclude(hole))  # type: ignore[arg-type]
+            elif not net.subnet_of(hole):  # type: ignore[arg-type]
+                rest.append(net)
+        kept = rest
+    return kept
+
+
+def collapse(networks: Iterable[Network]) -> tuple[Network, ...]:
+    """Disjoint, sorted, IPv4 first: nft interval sets reject overlapping elements."""
+    networks = list(networks)
+    v4 = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network))
+    v6 = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))
+    return (*v4, *v6)
+
+
+def merge_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
+    """Overlapping or adjacent ranges of one protocol merged (for the same reason)."""
+    merged: list[PortRange] = []
+    for proto, first, last in sorted(set(ranges)):
+        if merged and merged[-1][0] == proto and first <= merged[-1][2] + 1:
+            merged[-1] = (proto, merged[-1][1], max(last, merged[-1][2]))
+        else:
+            merged.append((proto, first, last))
+    return tuple(merged)
+
+
+def _rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
+          direction: Direction, targets: Sequence[Pod]) -> Rule:
+    namespace = policy.metadata.namespace
+    peer_pods: list[Pod] | None = None
+    peers: tuple[Network, ...] | None = None
+    if rule.peers:
+        peer_pods = [p for peer in rule.peers if peer.ip_block is None
+                     for p in _peer_pods(peer, namespace, world)]
+        peers = world.peers(peer_pods, [n for peer in rule.peers if peer.ip_block
+                                        for n in block_networks(peer.ip_block)])
+    if not rule.ports:
+        return Rule(peers=peers, ranges=None)
+    # A named port is looked up on the destination: the selected pod for ingress, the peer for egress.
+    destinations = targets if direction == "Ingress" else (world.pods if peer_pods is None else peer_pods)
+    ranges: list[PortRange] = []
+    named: set[NamedPort] = set()
+    for port in rule.ports:
+        if port.port is None:
+            ranges.append((port.protocol, 0, 65535))
+        elif isinstance(port.port, int):
+            ranges.append((port.protocol, port.port, max(port.port, port.end_port or port.port)))
+        else:
+            for pod in destinations:
+                number = pod.named_port(port.port, port.protocol)
+                if number is not None:
+                    named.update((a, port.protocol, number) for a in pod.addresses())
+    return Rule(peers=peers, ranges=merge_ranges(ranges),
+                named=tuple(sorted(named, key=lambda n: (n[0].version, n[0], n[1], n[2]))))
+
+
+def _direction_rules(policy: NetworkPolicy, world: World, direction: Direction,
+                     targets: Sequence[Pod]) -> tuple[Rule, ...] | None:
+    if not policy.affects(direction):
+        return None
+    rules = policy.spec.ingress if direction == "Ingress" else policy.spec.egress
+    return tuple(_rule(r, policy, world, direction, targets) for r in rules or ())
+
+
+def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: Iterable[Namespace],
+           node_name: str) -> Decision:
+    world = World.of(pods, namespaces)
+    local = [p for p in world.pods if p.spec.node_name == node_name]
+    ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
+    compiled: list[PolicyRules] = []
+    ingress: dict[Address, list[int]] = {}
+    egress: dict[Address, list[int]] = {}
+    selected_by: dict[Direction, dict[Address, list[int]]] = {"Ingress": ingress, "Egress": egress}
+    for policy in ordered:
+        targets = _selected(policy, local)
+        if not targets:
+            continue  # selects nothing here: nothing to enforce on this node
+        index = len(compiled)
+        compiled.append(PolicyRules(
+            name=f"{policy.metadata.namespace}/{policy.metadata.name}",
+            ingress=_direction_rules(policy, world, "Ingress", targets),
+            egress=_direction_rules(policy, world, "Egress", targets)))
+        for direction, table in selected_by.items():
+            if policy.affects(direction):
+                for address in (a for pod in targets for a in pod.addresses()):
+                    table.setdefault(address, []).append(index)
+    return Decision(tuple(compiled), {a: tuple(i) for a, i in ingress.items()},
+                    {a: tuple(i) for a, i in egress.items()})

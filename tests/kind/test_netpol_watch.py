@@ -1,0 +1,204 @@
+"""The node agent's NetworkPolicy watches through the real Kubernetes client against FakeApi:
+list + watch of NetworkPolicy, Pod and Namespace (resourceVersion, relist on 410 Gone), the
+objects as the client deserializes and serializes them, and the agent thread applying rules.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cni_plugin.node import kube
+from cni_plugin.node.netpol import agent as netpol
+from cni_plugin.node.netpol.agent import NetpolAgent
+
+from .fakeapi import FakeApi, FakePool, api_client
+
+ME = "pybridge-worker"
+PATHS = {"NetworkPolicy": "/apis/networking.k8s.io/v1/networkpolicies", "Pod": "/api/v1/pods",
+         "Namespace": "/api/v1/namespaces"}
+
+
+SERVE_8080 = {"name": "serve-80-tcp", "containerPort": 8080}
+
+
+def pod(ns: str, name: str, ip: str, node: str = ME, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {"pod": name, **labels}},
+            "spec": {"nodeName": node,
+                     "containers": [{"name": "c", "image": "agnhost", "ports": [SERVE_8080]}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+
+
+def policy(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def namespace(name: str, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+
+def listing(items: list[dict[str, Any]], version: str) -> dict[str, Any]:
+    return {"metadata": {"resourceVersion": version}, "items": items}
+
+
+NAMED_PORT_FROM_Y = {"podSelector": {"matchLabels": {"pod": "a"}},
+                     "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "y"}}}],
+                                  "ports": [{"port": "serve-80-tcp"}]}]}
+
+
+def fake_api(expire: bool) -> FakeApi:
+    """x/a here, y/b on another node; a policy on x/a admits namespaces labelled team=y on its
+    named port; the watches then relabel y and add a deny-all policy (`expire`: after a 410 and
+    a relist that no longer has the first policy)."""
+    pods = [pod("x", "a", "10.244.1.5"), pod("y", "b", "10.244.2.7", node="other")]
+    lists = [listing([policy("x", "allow-y", NAMED_PORT_FROM_Y)], "10")]
+    lists += [listing([], "40")] if expire else []
+    added: list[dict[str, Any]] = [{"type": "ADDED", "object": policy("x", "deny-all", {"podSelector": {}})}]
+    return FakeApi({
+        PATHS["NetworkPolicy"]: FakePool(lists, [410, added] if expire else [added]),
+        PATHS["Pod"]: FakePool([listing(pods, "11")], [[{"type": "MODIFIED", "object": pods[0]}]]),
+        PATHS["Namespace"]: FakePool(
+            [listing([namespace("x"), namespace("y")], "12")],
+            [[{"type": "MODIFIED", "object": namespace("y", team="y")}]]),
+    })
+
+
+class Exhausted(Exception):
+    pass
+
+
+def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
+    api = fake_api(expire=True)
+    client = api_client(api)  # type: ignore[arg-type]
+    seen: dict[str, list[tuple[str, Any]]] = {}
+    for kind, lister in netpol.listers(client).items():
+        def exhausted() -> None:
+            raise Exhausted
+        api.pools[PATHS[kind]].on_exhausted = exhausted
+        with pytest.raises(Exhausted):
+            for event, obj in kube.list_watch(client, lister, timeout_seconds=7, backoff=lambda _s: None):
+                seen.setdefault(kind, []).append((event, obj))
+    names = {k: [(e, [o["metadata"]["name"] for o in obj] if e == "SYNC" else obj["metadata"]["name"])
+                 for e, obj in v] for k, v in seen.items()}
+    assert names == {
+        "NetworkPolicy": [("SYNC", ["allow-y"]), ("SYNC", []), ("ADDED", "deny-all")],  # 410: listed again
+        "Pod": [("SYNC", ["a", "b"]), ("MODIFIED", "a")],
+        "Namespace": [("SYNC", ["x", "y"]), ("MODIFIED", "y")],
+    }
+    watches = [q for q in api.pools[PATHS["NetworkPolicy"]].requests if q.get("watch")]
+    assert [q["resourceVersion"] for q in watches] == [["10"], ["40"]]
+    assert all(q["timeoutSeconds"] == ["7"] for q in watches)
+    # the client's models serialized back keep what the agent reads (camelCase fields, named ports)
+    listed_pod = seen["Pod"][0][1][0]
+    assert listed_pod["status"]["podIPs"] == [{"ip": "10.244.1.5"}] and listed_pod["spec"]["nodeName"] == ME
+    assert listed_pod["spec"]["containers"][0]["ports"][0]["containerPort"] == 8080
+
+
+def test_agent_thread_follows_the_events() -> None:
+    applied: list[str] = []
+    stop = threading.Event()
+    logs: list[tuple[str, dict[str, Any]]] = []
+    agent = NetpolAgent(ME, applied.append, lambda event, **f: logs.append((event, f)))
+    api = fake_api(expire=False)
+
+    def hold() -> None:  # a script used up: this stream waits for the end of the test
+        stop.wait(30)
+        raise Exhausted
+
+    for pool in api.pools.values():
+        pool.on_exhausted = hold
+    stream = netpol.kube_stream(api_client(api), 7, stop)  # type: ignore[arg-type]
+    threads = netpol.start(agent, stream, lambda *a, **k: None, (Exhausted,), stop)
+    try:
+        deadline = time.monotonic() + 20
+        while not any("x/deny-all" in s and "10.244.2.7" in s for s in applied):
+            assert time.monotonic() < deadline, f"deny-all never applied: {applied[-1:]!r}"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    # nothing before all three kinds were listed: every ruleset has x/a and the first policy
+    assert all("10.244.1.5 : jump ingress_0" in s and "x/allow-y" in s for s in applied)
+    # its named port resolved on x/a (8080); y/b a peer once y got its label; deny-all added
+    final = applied[-1]
+    assert "10.244.1.5 . tcp . 8080" in final and "10.244.2.7" in final and "x/deny-all" in final
+    assert len(applied) == len(set(applied))  # an unchanged ruleset is not applied again
+    assert logs and all(event == "netpol-applied" for event, _ in logs)
+
+
+def test_flag_turns_enforcement_off_and_removes_the_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cni_plugin.node import cli
+    from cni_plugin.node.netpol import apply
+
+    calls: list[str] = []
+    monkeypatch.setattr(apply, "remove", lambda: calls.append("remove"))
+    def launch(node: str, _api: object, resync: int, _log: object) -> None:
+        calls.append(f"launch {node} {resync}")
+
+    monkeypatch.setattr(netpol, "launch", launch)
+    args = cli.parser().parse_args(["run", "--node-name", ME, "--network-policy", "off"])
+    cli._network_policy(args, api=None)
+    assert calls == ["remove"]
+    monkeypatch.setenv("NETWORK_POLICY", "off")
+    assert cli.parser().parse_args(["run"]).network_policy == "off"
+    monkeypatch.delenv("NETWORK_POLICY")
+    cli._network_policy(cli.parser().parse_args(["run", "--node-name", ME, "--resync", "9"]), api=None)
+    assert calls == ["remove", f"launch {ME} 9"]  # on by default
+
+
+def test_a_stream_error_is_logged_and_the_stream_starts_over() -> None:
+    stop = threading.Event()
+    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    logs: list[tuple[str, dict[str, Any]]] = []
+    attempts = []
+
+    def stream(kind: str) -> Iterator[tuple[str, Any]]:
+        attempts.append(kind)
+        if len(attempts) == 1:
+            raise OSError("connection refused")
+        yield "SYNC", []
+        stop.set()
+
+    netpol.pump("Pod", stream, events, lambda event, **f: logs.append((event, f)), stop, (OSError,))
+    assert attempts == ["Pod", "Pod"]
+    assert logs == [("netpol-retry", {"kind": "Pod", "error": "connection refused"})]
+    assert events.get_nowait() == ("Pod", "SYNC", [])
+
+
+def test_a_failing_batch_is_logged_and_the_next_event_applies() -> None:
+    stop = threading.Event()
+    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    logs: list[str] = []
+    scripts: list[str] = []
+
+    def apply_script(script: str) -> None:
+        if not scripts and "x/deny" not in script:
+            scripts.append("refused")
+            raise ValueError("unexpected")  # a bug, not an nft error: must not end the thread
+        scripts.append(script)
+        if "x/deny" in script:
+            stop.set()
+
+    agent = NetpolAgent(ME, apply_script, lambda event, **f: logs.append(event))
+    for kind in ("NetworkPolicy", "Namespace"):
+        events.put((kind, "SYNC", []))
+    events.put(("Pod", "SYNC", [pod("x", "a", "10.244.1.5")]))
+    thread = threading.Thread(target=netpol.serve, args=(agent, events, stop))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not logs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    events.put(("NetworkPolicy", "ADDED", policy("x", "deny", {"podSelector": {}})))
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert logs == ["netpol-error", "netpol-applied"] and scripts[0] == "refused"
+    assert "x/deny" in scripts[-1]

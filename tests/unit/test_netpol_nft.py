@@ -1,0 +1,85 @@
+"""nft.ruleset on hand-built decisions: the text nft gets (its loading and effect on packets are
+checked in real kernels by tests/netns/test_netpol.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from cni_plugin.node.netpol.compile import Decision, PolicyRules, Rule
+from cni_plugin.node.netpol.nft import TABLE, removal, ruleset
+
+A4, A6, B4 = (ipaddress.ip_address(a) for a in ("10.0.0.2", "fd00::2", "10.0.0.3"))
+
+
+def test_one_transaction_replacing_the_table() -> None:
+    text = ruleset(Decision((), {}, {}))
+    assert text.startswith(f"add table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n")
+    assert removal() == f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
+    # egress judged before ingress, replies of accepted connections first in both
+    egress, ingress = text.index("chain forward_egress"), text.index("chain forward_ingress")
+    assert egress < ingress
+    assert "priority filter - 1;" in text[egress:ingress] and "priority filter + 1;" in text[ingress:]
+    assert text.count("ct state established,related accept") == 2
+
+
+def test_verdict_maps_per_pod_and_chains_per_combination_of_policies() -> None:
+    deny = PolicyRules("x/deny", ingress=(), egress=None)
+    web = PolicyRules("x/web", ingress=(Rule(peers=None, ranges=(("TCP", 80, 81),)),), egress=None)
+    text = ruleset(Decision((deny, web), {A4: (0, 1), A6: (0, 1), B4: (0,)}, {}))
+    # one chain per distinct combination (sorted: (0,) then (0, 1)), shared by its pods
+    assert "elements = { 10.0.0.2 : jump ingress_1, 10.0.0.3 : jump ingress_0 }" in text
+    assert "elements = { fd00::2 : jump ingress_1 }" in text
+    assert "\tchain ingress_1 {\n\t\tjump p0_ingress\n\t\tjump p1_ingress\n\t\tdrop\n\t}" in text
+    assert "\tchain ingress_0 {\n\t\tjump p0_ingress\n\t\tdrop\n\t}" in text
+    assert '\tchain p0_ingress {\n\t\tcomment "x/deny"\n\t}' in text  # no rule: allows nothing
+    assert "elements = { tcp . 80-81 }" in text
+    assert "\t\tmeta l4proto . th dport @p1_ingress0_ports accept\n" in text
+
+
+def test_peers_per_family_and_named_ports_on_the_destination() -> None:
+    peers = tuple(ipaddress.ip_network(n) for n in ("10.1.0.0/16", "fd01::/64"))
+    rule = Rule(peers=peers, ranges=(), named=((A4, "UDP", 53),))
+    text = ruleset(Decision((PolicyRules("x/dns", ingress=None, egress=(rule,)),), {}, {A4: (0,)}))
+    assert "ip daddr @p0_egress0_peer4 ip daddr . meta l4proto . th dport @p0_egress0_named4 accept" in text
+    assert "elements = { 10.0.0.2 . udp . 53 }" in text
+    assert "p0_egress0_named6" not in text  # no IPv6 named port: an IPv6 peer matches no port
+    assert "ip6 daddr @p0_egress0_peer6" not in text
+    assert "ip saddr vmap @egress4" in text
+
+
+def test_peers_of_one_family_allow_nothing_in_the_other() -> None:
+    only_v4 = Rule(peers=(ipaddress.ip_network("10.1.0.0/16"),), ranges=None)
+    text = ruleset(Decision((PolicyRules("x/v4", ingress=(only_v4,), egress=None),), {A6: (0,)}, {}))
+    assert "\t\tip saddr @p0_ingress0_peer4 accept\n" in text and "ip6 saddr @" not in text
+
+
+def test_a_hostile_policy_name_cannot_leave_its_comment() -> None:
+    evil = PolicyRules('x/a" ; flush ruleset ; "', ingress=(), egress=None)
+    text = ruleset(Decision((evil,), {A4: (0,)}, {}))
+    assert 'comment "x/a????flush?ruleset????"' in text and "flush ruleset" not in text
+
+
+def test_rules_do_not_grow_with_pods_only_set_elements_do() -> None:
+    from cni_plugin.node.netpol.compile import decide
+    from cni_plugin.node.netpol.objects import NetworkPolicy, Pod
+
+    def pods(count: int) -> list[Pod]:
+        def ip(k: int, i: int) -> str:
+            return f"10.{k}.{i // 200}.{i % 200 + 1}"
+
+        return [Pod.model_validate({"metadata": {"name": f"p{i}", "namespace": ns, "labels": {"app": "web"}},
+                                    "spec": {"nodeName": "n1"},
+                                    "status": {"phase": "Running", "podIPs": [{"ip": ip(k, i)}]}})
+                for k, ns in enumerate(("x", "y")) for i in range(count)]
+
+    policy = NetworkPolicy.model_validate({
+        "metadata": {"name": "web", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress", "Egress"],
+                 "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 80}]}],
+                 "egress": [{"to": [{"podSelector": {}}]}]}})
+
+    def rules(count: int) -> list[str]:
+        text = ruleset(decide([policy], pods(count), [], "n1"))
+        return [line for line in text.splitlines() if line.endswith(("accept", "drop")) or "jump p" in line]
+
+    assert rules(10) == rules(300)  # 10 or 300 pods a side: the same rules, bigger sets and maps

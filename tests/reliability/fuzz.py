@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from cni_plugin import skel
-from cni_plugin.agent import server, wire
+from cni_plugin.agent import intake, server, wire
 
 HANG_SECONDS = 10
 VERBS = ["ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"]
@@ -219,12 +219,13 @@ def fuzz_agent(examples: int, sandbox: str, pod: str) -> dict[str, Any]:
 
     def exchange(frame: bytes, fds: list[int], hangup: bool) -> bytes:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(HANG_SECONDS + server.REQUEST_TIMEOUT)
+            s.settimeout(HANG_SECONDS + intake.REQUEST_TIMEOUT)
             s.connect(path)
             s.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(
                 fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else [])
             if hangup:
                 return b""
+            s.sendall(wire.GO)  # confirms the call in case the agent accepts it
             s.shutdown(socket.SHUT_WR)
             chunks = []
             while chunk := s.recv(65536):

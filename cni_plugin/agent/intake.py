@@ -5,6 +5,7 @@ still arriving. A connection costs a buffer and its fds, not a serving thread, s
 stall or trickle cannot hold the agent's serving slots; each has a deadline for its whole
 request. Only complete requests are handed on. Every fd received is closed on every path, and
 running out of fds (EMFILE, ENFILE) pauses accepting for a moment instead of ending the agent.
+With too many requests arriving at once, the oldest unfinished one is dropped for the new one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def max_pending() -> int:
     """Connections whose request is arriving, each holding up to 3 fds: a quarter of the fd limit."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return max(8, min(1024, soft // 12))
+
+
+def raise_fd_limit() -> None:
+    """The soft fd limit up to the hard one (as Go programs do at start): room for more
+    connections before the oldest unfinished request is dropped."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @dataclass
@@ -149,8 +159,8 @@ class Intake:
             conn.close()
             return
         if len(self._incoming) >= self._limit:
-            decline(conn)
-            return
+            # A real client sends its request at once: the oldest unfinished one is the slowest.
+            self._drop(min(self._incoming.values(), key=lambda i: i.deadline))
         conn.setblocking(False)
         incoming = Incoming(conn, time.monotonic() + REQUEST_TIMEOUT)
         self._incoming[conn] = incoming

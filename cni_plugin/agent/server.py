@@ -23,7 +23,7 @@ from ..removals import Removals
 from ..spec import version
 from ..spec.errors import TRY_AGAIN_LATER, CNIError
 from . import wire
-from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline
+from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline, raise_fd_limit
 
 MAX_CONCURRENT = 64
 # A call waits this long for an earlier call on the same attachment, as the IPAM lock's default.
@@ -69,7 +69,7 @@ class Agent:
             sock.bind(self.path)
         finally:
             os.umask(old)
-        sock.listen(128)
+        sock.listen(1024)  # bursts of connects must not find it full (the client would not wait)
         self._sock = sock
 
     def serve_forever(self) -> None:
@@ -214,6 +214,7 @@ def run(path: str | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     _preload()
+    raise_fd_limit()
     agent.bind()  # the socket appears once the agent is ready to serve
     agent.serve_forever()
     agent.stop()

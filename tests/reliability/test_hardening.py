@@ -13,22 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.harness import REFERENCE_PLUGINS, Host, Reply, bridge_conf
+from tests.netns.harness import Reply, bridge_conf
 
 from .conftest import HostFactory
 
 BOTH = pytest.mark.parametrize("agent", [False, True], ids=["inprocess", "agent"])
-
-
-def raw_call(host: Host, command: str, stdin: bytes, pod: str, container_id: str = "c1") -> Reply:
-    """A call whose stdin is given as bytes, not as a JSON document."""
-    env = [f"CNI_COMMAND={command}", f"CNI_CONTAINERID={container_id}", f"CNI_NETNS=/run/netns/{pod}",
-           "CNI_IFNAME=eth0", f"CNI_PATH={host.bin_dir}:{REFERENCE_PLUGINS}",
-           f"PYBRIDGE_AGENT_SOCKET={host.agent_socket}"]
-    proc = host.exec("env", "-i", f"PATH={os.environ['PATH']}", *env, str(host.bin_dir / "pybridge"),
-                     check=False, input=stdin)
-    out = json.loads(proc.stdout) if proc.stdout.strip() else None
-    return Reply(proc.returncode, out, proc.stdout, proc.stderr)
 
 
 def assert_refused(reply: Reply, code: int, *words: str) -> None:
@@ -56,10 +45,10 @@ def test_stdin_must_be_utf8_without_a_bom(make_host: HostFactory, agent: bool) -
     text = json.dumps(bridge_conf(host))
     for what, data in (("bom", b"\xef\xbb\xbf" + text.encode()), ("utf-16", text.encode("utf-16")),
                        ("utf-16-le", text.encode("utf-16-le")), ("utf-32", text.encode("utf-32"))):
-        reply = raw_call(host, "ADD", data, pod)
+        reply = host.cni("ADD", {}, pod, stdin=data)
         assert reply.rc != 0 and reply.out["code"] == 6, (what, reply.stdout)
     assert host.links().keys().isdisjoint({"br-test"})
-    assert raw_call(host, "ADD", text.encode(), pod).ok
+    assert host.cni("ADD", {}, pod, stdin=text.encode()).ok
 
 
 @BOTH

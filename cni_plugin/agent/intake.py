@@ -29,13 +29,13 @@ from . import wire
 REQUEST_TIMEOUT = 10.0  # from accept to the request's last byte
 ACCEPT_BACKOFF = 0.1  # out of fds: stop accepting this long, then try again
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-_FD_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
+_FD_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
 
 
 def max_pending() -> int:
-    """Connections whose request is arriving, each holding up to 3 fds: a quarter of the fd limit."""
+    """Connections whose request is arriving, each holding up to 4 fds: a quarter of the fd limit."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(8, min(1024, soft // 12))
+    return max(8, min(1024, soft // (4 * (wire.MAX_FDS + 1))))
 
 
 def raise_fd_limit() -> None:

@@ -22,7 +22,7 @@ from .. import log, netns, skel
 from ..removals import Removals
 from ..spec import version
 from ..spec.errors import TRY_AGAIN_LATER, CNIError
-from . import wire
+from . import views, wire
 from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline, raise_fd_limit
 
 MAX_CONCURRENT = 64
@@ -147,10 +147,12 @@ class Agent:
         # The agent's own log file serves calls whose runtime set none (the systemd unit sets one).
         env = {**self._defaults, **wire.decode_env(body[plen:plen + elen])}
         stdin = body[plen + elen:]
-        pod_fd = fds[1] if flags & wire.FLAG_POD_NETNS and len(fds) > 1 else None
+        pod_fd, root_fd = _passed_fds(flags, fds)
         conn.settimeout(max(deadline - time.monotonic(), 0.001))
-        # The agent does host-side work in its own netns: serve only clients in that netns.
-        if not fds or not netns.same_netns(fds[0]) or program not in ("pybridge", "pyipam"):
+        # The agent does host-side work in its own netns and opens files in its own mount
+        # namespace: serve only clients in that netns that see the same files (views.py).
+        if not fds or not netns.same_netns(fds[0]) or program not in ("pybridge", "pyipam") \
+                or root_fd is None or not views.caller_sees_the_same(root_fd, stdin, env):
             conn.sendall(wire.DECLINED)
             return
         conn.sendall(wire.ACCEPTED)
@@ -178,6 +180,14 @@ class Agent:
                              io.StringIO(), program=program, stderr=io.StringIO(), netns_fd=pod_fd,
                              removals=self.removals)
                 raise
+
+
+def _passed_fds(flags: int, fds: list[int]) -> tuple[int | None, int | None]:
+    """(pod netns fd, caller's root directory fd) from what came after the client's netns fd."""
+    rest = iter(fds[1:])
+    pod_fd = next(rest, None) if flags & wire.FLAG_POD_NETNS else None
+    root_fd = next(rest, None) if flags & wire.FLAG_ROOT else None
+    return pod_fd, root_fd
 
 
 def _go(conn: socket.socket) -> bool:

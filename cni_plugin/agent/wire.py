@@ -1,8 +1,9 @@
 """The agent protocol, in bytes only, so the exec'd client needs no import beyond builtins.
 
 client -> agent: REQUEST header + program + env ("K=V" joined by NUL) + stdin, with the
-                 client's own netns fd (and the pod netns fd, if it could open it) attached
-                 as SCM_RIGHTS to the first message.
+                 client's own netns fd, the pod netns fd if it could open it (FLAG_POD_NETNS)
+                 and its root directory (FLAG_ROOT, O_PATH), in that order, attached as
+                 SCM_RIGHTS to the first message.
 agent -> client: ACCEPTED, or DECLINED.
 client -> agent: GO, only if ACCEPTED came within the client's acknowledgement deadline.
 agent -> client: RESPONSE header + stdout + stderr.
@@ -18,6 +19,8 @@ GO = b"PBG1"
 RESPONSE = b"PBR1"
 
 FLAG_POD_NETNS = 1
+FLAG_ROOT = 2
+MAX_FDS = 3
 HEADER_LEN = 20  # magic + flags + len(program) + len(env) + len(stdin)
 RESPONSE_HEADER_LEN = 16  # magic + exit code + len(stdout) + len(stderr)
 

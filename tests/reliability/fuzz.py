@@ -191,7 +191,7 @@ def _frame(draw: Any, sandbox: str, pod: str) -> bytes:
     blob = b"\0".join(f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items())
     stdin = draw(configs(sandbox))
     program = draw(st.sampled_from([b"pybridge", b"pyipam", b"", b"sh", b"x" * 80]))
-    flags = draw(st.sampled_from([0, 1, 2, 0xFFFFFFFF]))
+    flags = draw(st.sampled_from([0, 1, 2, 3, 3, 0xFFFFFFFF]))
     frame = wire.encode_request(program, blob, stdin, flags)
     mangle = draw(st.sampled_from(["none", "none", "truncate", "garbage", "lengths"]))
     if mangle == "truncate":
@@ -216,6 +216,7 @@ def fuzz_agent(examples: int, sandbox: str, pod: str) -> dict[str, Any]:
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     pod_fd = os.open(pod, os.O_RDONLY)
     null = os.open("/dev/null", os.O_RDONLY)
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY)
 
     def exchange(frame: bytes, fds: list[int], hangup: bool) -> bytes:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -238,7 +239,8 @@ def fuzz_agent(examples: int, sandbox: str, pod: str) -> dict[str, Any]:
     @given(st.data())
     def one(data: Any) -> None:
         frame = _frame(data.draw, sandbox, pod)
-        fds = data.draw(st.sampled_from([[own, pod_fd], [own], [], [null, null], [pod_fd, own], [own, null]]))
+        fds = data.draw(st.sampled_from([[own, pod_fd, root], [own, pod_fd, root], [own, root], [own, pod_fd],
+                                         [own], [], [null, null], [pod_fd, own], [own, null, null]]))
         hangup = data.draw(st.booleans()) and data.draw(st.booleans())
         tally.counts["frames"] += 1
         try:
@@ -263,7 +265,7 @@ def fuzz_agent(examples: int, sandbox: str, pod: str) -> dict[str, Any]:
     one()
     # Still serving: a well-formed VERSION call is answered.
     env = b"CNI_COMMAND=VERSION"
-    reply = exchange(wire.encode_request(b"pybridge", env, b"{}", 0), [own], False)
+    reply = exchange(wire.encode_request(b"pybridge", env, b"{}", wire.FLAG_ROOT), [own, root], False)
     still = reply[:4] == wire.ACCEPTED and b"supportedVersions" in reply
     agent.stop(drain_timeout=5)
     if crashed:

@@ -47,16 +47,19 @@ def send_with_fds(s: socket.socket, data: bytes, fds: list[int]) -> None:
 
 def version_by_agent(path: Path, own_fd: int) -> bool:
     """A VERSION call the agent itself answers (ACCEPTED, GO, RESPONSE)?"""
-    request = wire.encode_request(b"pybridge", b"CNI_COMMAND=VERSION", b"{}", 0)
+    request = wire.encode_request(b"pybridge", b"CNI_COMMAND=VERSION", b"{}", wire.FLAG_ROOT)
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with connect(path) as s:
-            send_with_fds(s, request, [own_fd])
+            send_with_fds(s, request, [own_fd, root])
             if s.recv(4) != wire.ACCEPTED:
                 return False
             s.sendall(wire.GO)
             reply = b"".join(iter(lambda: s.recv(65536), b""))
     except OSError:
         return False
+    finally:
+        os.close(root)
     return reply[:4] == wire.RESPONSE and b"supportedVersions" in reply
 
 

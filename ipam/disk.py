@@ -85,6 +85,16 @@ def _check_regular(path: str, st: os.stat_result) -> None:
                        f"{path}/{LOCK_FILE}: not a regular file")
 
 
+def _checked(fd: int, check: Callable[[os.stat_result], None]) -> int:
+    """`fd`, once `check` accepted what it is open on; closed if not."""
+    try:
+        check(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 _LOCAL_LOCKS: dict[str, threading.Lock] = {}
 _LOCAL_LOCKS_GUARD = threading.Lock()
 
@@ -150,12 +160,7 @@ class DiskStore(Store):
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _OPEN)
         except OSError as exc:
             raise _io_error("cannot open the IPAM store", self.path, exc) from exc
-        try:
-            _check_owned(self.path, os.fstat(fd))
-        except CNIError:
-            os.close(fd)
-            raise
-        return fd
+        return _checked(fd, lambda st: _check_owned(self.path, st))
 
     def _open_lock(self, dir_fd: int) -> int:
         """The lock file, a regular file: a FIFO or device there would block or act on open, so
@@ -166,12 +171,7 @@ class DiskStore(Store):
             fd = os.open(LOCK_FILE, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | _OPEN, 0o600, dir_fd=dir_fd)
         except OSError as exc:
             raise _io_error("cannot open the IPAM store lock", self.path, exc) from exc
-        try:
-            _check_regular(self.path, os.fstat(fd))
-        except CNIError:
-            os.close(fd)
-            raise
-        return fd
+        return _checked(fd, lambda st: _check_regular(self.path, st))
 
     def _flock(self, fd: int, deadline: float) -> None:
         """Poll a non-blocking flock so a stuck holder yields "try again later", never a hang."""

@@ -123,35 +123,30 @@ static int wait_ready(int fd, short events, long long deadline) {
     }
 }
 
-/* The socket is non-blocking: every send and receive waits at most until `deadline`. */
-static int send_by(int fd, const char *data, size_t len, long long deadline) {
+/* The socket is non-blocking: every send (or receive) waits at most until `deadline`. */
+static int transfer_by(int fd, char *p, size_t len, long long deadline, int sending) {
     while (len) {
-        ssize_t n = send(fd, data, len, MSG_NOSIGNAL);
+        ssize_t n = sending ? send(fd, p, len, MSG_NOSIGNAL) : recv(fd, p, len, 0);
+        if (n == 0 && !sending) return -1;
         if (n < 0) {
             if (errno == EINTR) continue;
-            if ((errno != EAGAIN && errno != EWOULDBLOCK) || wait_ready(fd, POLLOUT, deadline)) return -1;
-            continue;
-        }
-        data += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
-static int recv_by(int fd, void *dst, size_t len, long long deadline) {
-    char *p = dst;
-    while (len) {
-        ssize_t n = recv(fd, p, len, 0);
-        if (n == 0) return -1;
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            if ((errno != EAGAIN && errno != EWOULDBLOCK) || wait_ready(fd, POLLIN, deadline)) return -1;
+            if ((errno != EAGAIN && errno != EWOULDBLOCK) ||
+                wait_ready(fd, sending ? POLLOUT : POLLIN, deadline))
+                return -1;
             continue;
         }
         p += n;
         len -= (size_t)n;
     }
     return 0;
+}
+
+static int send_by(int fd, const char *data, size_t len, long long deadline) {
+    return transfer_by(fd, (char *)data, len, deadline, 1);
+}
+
+static int recv_by(int fd, void *dst, size_t len, long long deadline) {
+    return transfer_by(fd, dst, len, deadline, 0);
 }
 
 static long long answer_timeout_ms(void) {

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import errno
 import os
 import resource
 import selectors
@@ -28,7 +27,6 @@ from . import wire
 
 REQUEST_TIMEOUT = 10.0  # from accept to the request's last byte
 ACCEPT_BACKOFF = 0.1  # out of fds: stop accepting this long, then try again
-_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _FD_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
 
 
@@ -149,13 +147,16 @@ class Intake:
         except OSError as exc:
             if self._stopping.is_set():
                 return  # stop() shut the socket down
-            if exc.errno not in _OUT_OF_FDS:
-                raise
+            # Out of fds (EMFILE, ENFILE) or memory, or anything else: pause, never end.
             log.warning("agent_accept_paused", error=str(exc), seconds=ACCEPT_BACKOFF)
             self._selector.unregister(self._sock)
             self._paused_until = time.monotonic() + ACCEPT_BACKOFF
             return
-        if peer_uid(conn) not in (0, os.getuid()):
+        try:
+            trusted = peer_uid(conn) in (0, os.getuid())
+        except OSError:
+            trusted = False
+        if not trusted:
             conn.close()
             return
         if len(self._incoming) >= self._limit:

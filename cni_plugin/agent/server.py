@@ -144,15 +144,16 @@ class Agent:
         flags, plen, elen, _slen = wire.decode_request_header(data[:wire.HEADER_LEN])
         body = data[wire.HEADER_LEN:]
         program = body[:plen].decode(errors="replace")
+        caller_env = wire.decode_env(body[plen:plen + elen])
         # The agent's own log file serves calls whose runtime set none (the systemd unit sets one).
-        env = {**self._defaults, **wire.decode_env(body[plen:plen + elen])}
+        env = {**self._defaults, **caller_env}
         stdin = body[plen + elen:]
         pod_fd, root_fd = _passed_fds(flags, fds)
         conn.settimeout(max(deadline - time.monotonic(), 0.001))
         # The agent does host-side work in its own netns and opens files in its own mount
         # namespace: serve only clients in that netns that see the same files (views.py).
         if not fds or not netns.same_netns(fds[0]) or program not in ("pybridge", "pyipam") \
-                or root_fd is None or not views.caller_sees_the_same(root_fd, stdin, env):
+                or root_fd is None or not views.caller_sees_the_same(root_fd, stdin, caller_env):
             conn.sendall(wire.DECLINED)
             return
         conn.sendall(wire.ACCEPTED)

@@ -33,16 +33,20 @@ def _start_agent_over_tmpfs(host: Host, hidden: Path, calls: Path) -> None:
         time.sleep(0.02)
 
 
-def _served_by_agent(calls: Path) -> list[str]:
-    if not calls.exists():
+def _served_by_agent(host: Host, calls: Path) -> list[str]:
+    """ADDs in the agent's call log, read through its own view of the files."""
+    assert host.agent is not None
+    seen = Path(f"/proc/{host.agent.pid}/root{calls}")
+    if not seen.exists():
         return []
-    lines = calls.read_text().splitlines()
+    lines = seen.read_text().splitlines()
     return [c["container_id"] for c in map(json.loads, lines) if c.get("verb") == "ADD"]
 
 
 def test_an_agent_that_sees_another_store_declines(make_host: HostFactory, tmp_path: Path) -> None:
     host = make_host()
-    calls = tmp_path / "agent-calls.log"
+    # The agent's own log is where only the agent sees it: that must not make it decline.
+    calls = host.data_dir / "agent-calls.log"
     _start_agent_over_tmpfs(host, host.data_dir, calls)
     conf = bridge_conf(host)
     first = host.add(conf, host.new_pod(), "through-agent-socket")
@@ -52,12 +56,12 @@ def test_an_agent_that_sees_another_store_declines(make_host: HostFactory, tmp_p
     assert ips[0] != ips[1], f"two pods, one IP: {ips}"
     owners = sorted(host.reservations("testnet").values())
     assert owners == ["in-process\r\neth0", "through-agent-socket\r\neth0"]
-    assert _served_by_agent(calls) == []
+    assert _served_by_agent(host, calls) == []
     # A store both see alike (outside the tmpfs): the agent serves it, through its own mount ns.
     shared = tmp_path / "shared-ipam"
     shared_conf = bridge_conf(host, name="shared")
     shared_conf["ipam"]["dataDir"] = str(shared)
     host.add(shared_conf, host.new_pod(), "shared-view")
-    assert _served_by_agent(calls) == ["shared-view"]
+    assert _served_by_agent(host, calls) == ["shared-view"]
     assert len(os.listdir(shared / "shared")) >= 2  # the reservation and its lock, where the caller looks
     record("agent_views", declined_other_view=1, served_same_view=1)

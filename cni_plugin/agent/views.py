@@ -37,9 +37,9 @@ def call_paths(stdin: bytes, env: Mapping[str, str]) -> Iterator[str]:
             yield path
 
 
-def _identity(path: str) -> tuple[int, int] | None:
+def _identity(path: str, dir_fd: int | None = None) -> tuple[int, int] | None:
     try:
-        st = os.stat(path)
+        st = os.stat(path, dir_fd=dir_fd)
     except (OSError, ValueError):
         return None
     return st.st_dev, st.st_ino
@@ -47,11 +47,11 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 def same_file(root_fd: int, path: str) -> bool:
     """Is the deepest existing part of `path` the same file for the agent and for the caller
-    whose root directory is `root_fd`? (/proc/self/fd/N/... walks the caller's mounts.)"""
+    whose root directory is `root_fd`? (A walk from that fd crosses the caller's mounts.)"""
     probe = os.path.normpath(path)
     while True:
         mine = _identity(probe)
-        theirs = _identity(f"/proc/self/fd/{root_fd}{probe}")
+        theirs = _identity(probe.lstrip("/") or ".", root_fd)
         if mine is not None or theirs is not None or probe == "/":
             return mine == theirs
         probe = os.path.dirname(probe)

@@ -40,9 +40,10 @@ netns: venv
 bench-netpol: venv
 	$(PY) bench/netpol.py
 
-# The long reliability run (crash trials x200, churn x1000, fuzz x100k); `make test` runs the
-# short versions. The figures are appended to build/reliability.jsonl. -v: each test's name as it
-# starts and its result as it ends, so a long run shows where it is.
+# The long reliability run (crash trials x200, churn x1000, fuzz x100k, agent fds before/after
+# 1000 bad frames, ADD p50/p99 idle and with 200 slow connections open, lock-FIFO time to error);
+# `make test` runs the short versions. The figures are appended to build/reliability.jsonl. -v: each
+# test's name as it starts and its result as it ends, so a long run shows where it is.
 stress: venv
 	$(PY) -m pip install -q -e '.[test,fuzz]' || echo 'atheris not installed: its run is skipped'
 	mkdir -p build

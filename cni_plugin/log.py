@@ -26,19 +26,42 @@ def validate_log_path(path: object) -> str:
     return path
 
 
+def _log_error(path: str, why: str) -> CNIError:
+    return CNIError(INVALID_CONFIG, "invalid field 'logFile'", f"{path}: {why}")
+
+
 def _open_log(path: str) -> int:
-    """Append to a regular file, created 0600. A symlink is not followed (root must not append
-    where someone else points it) and a FIFO does not block the call (O_NONBLOCK)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    """Append to a new file, created 0600, or to one pybridge made: root's (the caller's uid),
+    0600, one link, holding JSON lines. Anything else (a copy of /etc/passwd, a key, someone
+    else's file) is refused. A symlink is not followed and a FIFO does not block (O_NONBLOCK)."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fd = _open_existing_log(path, flags)
     except OSError as exc:
-        raise CNIError(INVALID_CONFIG, "invalid field 'logFile'", f"{path}: {exc.strerror}") from exc
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        os.close(fd)
-        raise CNIError(INVALID_CONFIG, "invalid field 'logFile'", f"{path}: not a regular file with one link")
+        raise _log_error(path, exc.strerror or str(exc)) from exc
     os.set_blocking(fd, True)
+    return fd
+
+
+def _open_existing_log(path: str, flags: int) -> int:
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _log_error(path, exc.strerror or str(exc)) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise _log_error(path, "not a regular file with one link")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise _log_error(path, f"not a log pybridge made (owner uid {st.st_uid}, mode "
+                                   f"{stat.S_IMODE(st.st_mode):o}; want uid {os.geteuid()}, 0600)")
+        if os.pread(fd, 1, 0) not in (b"", b"{"):
+            raise _log_error(path, "not a log pybridge made (it does not hold JSON lines)")
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

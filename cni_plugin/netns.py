@@ -8,6 +8,7 @@ sockets keep the netns they were created in, so code run there opens its own soc
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import threading
 from collections.abc import Callable
@@ -19,6 +20,7 @@ T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 NSFS_MAGIC = 0x6E736673
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): which kind of namespace an nsfs fd is (Linux 4.11)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -43,21 +45,30 @@ def open_netns(path: str) -> int:
     except OSError as exc:
         raise CNIError(INVALID_NETNS, "failed to open netns", f"{path}: {exc.strerror}") from exc
     try:
-        return reopen(fd)
+        return reopen(fd, path)
     except NetnsGone:
         raise NetnsGone(path) from None
     finally:
         os.close(fd)
 
 
-def reopen(fd: int) -> int:
+def reopen(fd: int, path: str = "") -> int:
     """A new readable fd for the netns that `fd` (possibly an O_PATH fd, as the launcher sends
     it) refers to; NetnsGone if it is no netns."""
     buf = _StatFS()
     if _libc.fstatfs(fd, ctypes.byref(buf)) != 0 or buf.f_type != NSFS_MAGIC:
         # An empty file left where a netns used to be mounted is a vanished netns.
         raise NetnsGone(f"fd {fd}")
-    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    new = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        kind = fcntl.ioctl(new, NS_GET_NSTYPE)
+    except OSError:
+        kind = -1
+    if kind != CLONE_NEWNET:
+        # nsfs holds every kind of namespace: a mount or pid namespace is no pod netns.
+        os.close(new)
+        raise CNIError(INVALID_NETNS, "not a network namespace", f"{path or fd}: another kind of namespace")
+    return new
 
 
 def same_netns(fd: int) -> bool:

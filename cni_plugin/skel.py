@@ -63,8 +63,9 @@ def _read_stdin(stdin: IO[bytes]) -> bytes:
 
 
 def decode_config(data: bytes) -> dict[str, Any]:
+    # UTF-8 only, as the Go reference: json.loads(bytes) would also take a BOM or UTF-16/32.
     try:
-        config = json.loads(data)
+        config = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise CNIError(DECODE_FAILURE, "failed to decode network configuration", str(exc)) from exc
     if not isinstance(config, dict):

@@ -29,7 +29,7 @@ def _load(req: Request) -> BridgeConf:
 def _open_pod_netns(req: Request) -> int:
     """A new fd for the pod netns: reopened from the one a forwarding client sent, or by path."""
     if req.netns_fd is not None:
-        return netns.reopen(req.netns_fd)
+        return netns.reopen(req.netns_fd, req.cmd.netns)
     return netns.open_netns(req.cmd.netns)
 
 
@@ -48,8 +48,9 @@ def _pod_netns(req: Request) -> Iterator[int]:
 
 
 def _refuse_own_netns(req: Request, fd: int) -> None:
-    """CNI_IFNAME names a link inside the pod: in the plugin's own netns it would name a host link."""
-    if req.env.get("CNI_NETNS_OVERRIDE") != "1" and netns.same_netns(fd):
+    """CNI_IFNAME names a link inside the pod: in the plugin's own netns it would name a host link.
+    No override: libcni's CNI_NETNS_OVERRIDE is not honoured (README, "Reliability")."""
+    if netns.same_netns(fd):
         raise CNIError(INVALID_NETNS, "CNI_NETNS is the plugin's own network namespace", req.cmd.netns)
 
 

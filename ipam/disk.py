@@ -70,6 +70,31 @@ def _owner(data: bytes) -> tuple[str, str | None] | None:
     return container_id, ifname if sep else None
 
 
+def _check_owned(path: str, st: os.stat_result) -> None:
+    """A store directory someone else can write to lets them delete reservations (two pods, one
+    IP) or plant files: it must be ours (root's) and not group- or world-writable."""
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise CNIError(IO_FAILURE, "unsafe IPAM store directory",
+                       f"{path}: owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}; it must be a "
+                       f"directory owned by uid {os.geteuid()} and not group- or world-writable")
+
+
+def _check_regular(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise CNIError(IO_FAILURE, "cannot open the IPAM store lock",
+                       f"{path}/{LOCK_FILE}: not a regular file")
+
+
+def _checked(fd: int, check: Callable[[os.stat_result], None]) -> int:
+    """`fd`, once `check` accepted what it is open on; closed if not."""
+    try:
+        check(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 _LOCAL_LOCKS: dict[str, threading.Lock] = {}
 _LOCAL_LOCKS_GUARD = threading.Lock()
 
@@ -110,10 +135,7 @@ class DiskStore(Store):
             stack.callback(local.release)
             dir_fd = self._open_dir()
             stack.callback(os.close, dir_fd)
-            try:
-                lock_fd = os.open(LOCK_FILE, os.O_RDONLY | os.O_CREAT | _OPEN, 0o600, dir_fd=dir_fd)
-            except OSError as exc:
-                raise _io_error("cannot open the IPAM store lock", self.path, exc) from exc
+            lock_fd = self._open_lock(dir_fd)
             stack.callback(os.close, lock_fd)  # closing the fd drops the flock
             self._flock(lock_fd, deadline)
             self._dir_fd = dir_fd
@@ -134,9 +156,22 @@ class DiskStore(Store):
             os.makedirs(self.data_dir, 0o755, exist_ok=True)
             with suppress(FileExistsError):
                 os.mkdir(self.path, 0o700)
-            return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _OPEN)
+            _check_owned(self.data_dir, os.stat(self.data_dir))
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _OPEN)
         except OSError as exc:
             raise _io_error("cannot open the IPAM store", self.path, exc) from exc
+        return _checked(fd, lambda st: _check_owned(self.path, st))
+
+    def _open_lock(self, dir_fd: int) -> int:
+        """The lock file, a regular file: a FIFO or device there would block or act on open, so
+        it is looked at first and opened O_NONBLOCK (the flock wait is ours, and bounded)."""
+        try:
+            with suppress(FileNotFoundError):
+                _check_regular(self.path, os.stat(LOCK_FILE, dir_fd=dir_fd, follow_symlinks=False))
+            fd = os.open(LOCK_FILE, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | _OPEN, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _io_error("cannot open the IPAM store lock", self.path, exc) from exc
+        return _checked(fd, lambda st: _check_regular(self.path, st))
 
     def _flock(self, fd: int, deadline: float) -> None:
         """Poll a non-blocking flock so a stuck holder yields "try again later", never a hang."""

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -19,6 +20,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef FALLBACK_DIR
@@ -30,11 +32,18 @@
 
 #define MAX_STDIN ((4u << 20) + 1)
 #define FLAG_POD_NETNS 1u
+#define FLAG_ROOT 2u
+/* wire.py's deadlines: not acknowledged in time, serve in-process; not answered, an error. */
+#define ACK_TIMEOUT_MS 2000
+#define ANSWER_TIMEOUT_MS 330000
 
 extern char **environ;
 
 static const char AGENT_FAILED[] =
     "{\"code\": 999, \"msg\": \"pybridge agent failed while serving the call\", "
+    "\"details\": \"see the agent log; the call may have been partly done\"}";
+static const char AGENT_LATE[] =
+    "{\"code\": 999, \"msg\": \"pybridge agent did not answer in time\", "
     "\"details\": \"see the agent log; the call may have been partly done\"}";
 
 struct buf { char *data; size_t len, cap; };
@@ -93,19 +102,59 @@ static int write_all(int fd, const char *data, size_t len) {
     return 0;
 }
 
-static int recv_exact(int fd, void *dst, size_t len) {
-    char *p = dst;
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wait until fd is ready for `events`; -1 with errno ETIMEDOUT once the deadline passed. */
+static int wait_ready(int fd, short events, long long deadline) {
+    for (;;) {
+        long long left = deadline - now_ms();
+        if (left <= 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        struct pollfd p = {.fd = fd, .events = events};
+        int n = poll(&p, 1, left > 60000 ? 60000 : (int)left);
+        if (n > 0) return 0;
+        if (n < 0 && errno != EINTR) return -1;
+    }
+}
+
+/* The socket is non-blocking: every send (or receive) waits at most until `deadline`. */
+static int transfer_by(int fd, char *p, size_t len, long long deadline, int sending) {
     while (len) {
-        ssize_t n = recv(fd, p, len, 0);
-        if (n == 0) return -1;
+        ssize_t n = sending ? send(fd, p, len, MSG_NOSIGNAL) : recv(fd, p, len, 0);
+        if (n == 0 && !sending) return -1;
         if (n < 0) {
             if (errno == EINTR) continue;
-            return -1;
+            if ((errno != EAGAIN && errno != EWOULDBLOCK) ||
+                wait_ready(fd, sending ? POLLOUT : POLLIN, deadline))
+                return -1;
+            continue;
         }
         p += n;
         len -= (size_t)n;
     }
     return 0;
+}
+
+static int send_by(int fd, const char *data, size_t len, long long deadline) {
+    return transfer_by(fd, (char *)data, len, deadline, 1);
+}
+
+static int recv_by(int fd, void *dst, size_t len, long long deadline) {
+    return transfer_by(fd, dst, len, deadline, 0);
+}
+
+static long long answer_timeout_ms(void) {
+    const char *raw = getenv("PYBRIDGE_AGENT_ANSWER_TIMEOUT");
+    char *end;
+    double seconds = raw && *raw ? strtod(raw, &end) : 0;
+    if (!raw || !*raw || *end || !(seconds > 0 && seconds < 86400)) return ANSWER_TIMEOUT_MS;
+    return (long long)(seconds * 1000);
 }
 
 /* No agent took the call: serve it in-process through the Python launcher, stdin replayed. */
@@ -129,7 +178,8 @@ static void fallback(const char *program, char **argv, const struct buf *in) {
 }
 
 static void failed_after_accept(void) {
-    write_all(1, AGENT_FAILED, sizeof AGENT_FAILED - 1);
+    if (errno == ETIMEDOUT) write_all(1, AGENT_LATE, sizeof AGENT_LATE - 1);
+    else write_all(1, AGENT_FAILED, sizeof AGENT_FAILED - 1);
     exit(1);
 }
 
@@ -148,10 +198,12 @@ int main(int argc, char **argv) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof addr.sun_path) fallback(program, argv, &in);
     strcpy(addr.sun_path, path);
-    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    long long deadline = now_ms() + ACK_TIMEOUT_MS;
+    /* Non-blocking: a full backlog is EAGAIN (serve in-process), never a wait. */
+    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) fallback(program, argv, &in);
 
-    int fds[2], nfds = 0;
+    int fds[3], nfds = 0;
     uint32_t flags = 0;
     fds[nfds] = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
     if (fds[nfds] < 0) fallback(program, argv, &in);
@@ -165,6 +217,11 @@ int main(int argc, char **argv) {
             flags |= FLAG_POD_NETNS;
         }
     }
+    /* Our view of the files: the agent serves the call only if it sees the same (views.py). */
+    fds[nfds] = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fds[nfds] < 0) fallback(program, argv, &in);
+    nfds++;
+    flags |= FLAG_ROOT;
 
     for (char **e = environ; *e; e++) {
         if (env.len && append(&env, "", 1)) return 1;
@@ -185,20 +242,30 @@ int main(int argc, char **argv) {
     cmsg->cmsg_type = SCM_RIGHTS;
     cmsg->cmsg_len = CMSG_LEN(nfds * sizeof(int));
     memcpy(CMSG_DATA(cmsg), fds, nfds * sizeof(int));
-    ssize_t sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
-    if (sent < 0) fallback(program, argv, &in);
+    ssize_t sent;
+    for (;;) {
+        sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
+        if (sent >= 0) break;
+        if (errno == EINTR) continue;
+        if ((errno != EAGAIN && errno != EWOULDBLOCK) || wait_ready(sock, POLLOUT, deadline))
+            fallback(program, argv, &in);
+    }
     /* The rest of a large request: the agent has not accepted yet, so falling back is safe. */
-    if ((size_t)sent < req.len && write_all(sock, req.data + sent, req.len - (size_t)sent))
+    if ((size_t)sent < req.len && send_by(sock, req.data + sent, req.len - (size_t)sent, deadline))
         fallback(program, argv, &in);
     for (int i = 0; i < nfds; i++) close(fds[i]);
 
     char answer[4];
-    if (recv_exact(sock, answer, 4) || memcmp(answer, "PBK1", 4) != 0) fallback(program, argv, &in);
+    if (recv_by(sock, answer, 4, deadline) || memcmp(answer, "PBK1", 4) != 0) fallback(program, argv, &in);
+    /* Confirm: from here the call is the agent's. Had this failed, the agent never saw it. */
+    if (send_by(sock, "PBG1", 4, deadline)) fallback(program, argv, &in);
+    deadline = now_ms() + answer_timeout_ms();
     unsigned char header[16];
-    if (recv_exact(sock, header, sizeof header) || memcmp(header, "PBR1", 4) != 0) failed_after_accept();
+    errno = 0;
+    if (recv_by(sock, header, sizeof header, deadline) || memcmp(header, "PBR1", 4) != 0) failed_after_accept();
     uint32_t code = read_u32(header + 4), olen = read_u32(header + 8), elen = read_u32(header + 12);
     char *body = malloc((size_t)olen + elen + 1);
-    if (!body || recv_exact(sock, body, (size_t)olen + elen)) failed_after_accept();
+    if (!body || recv_by(sock, body, (size_t)olen + elen, deadline)) failed_after_accept();
     if (write_all(1, body, olen) || (elen && write_all(2, body + olen, elen))) return 1;
     return (int)code;
 }

@@ -8,13 +8,11 @@ stays in another netns. IPAM locking is the on-disk flock, so agent and in-proce
 
 from __future__ import annotations
 
-import array
 import contextlib
 import io
 import os
 import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -22,15 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 from .. import log, netns, skel
 from ..removals import Removals
-from . import wire
+from ..spec import version
+from ..spec.errors import TRY_AGAIN_LATER, CNIError
+from . import views, wire
+from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline, raise_fd_limit
 from .observer import Observer, Silent, result_code
 
 if TYPE_CHECKING:
     from ..ops.agent_metrics import Served
 
 MAX_CONCURRENT = 64
-REQUEST_TIMEOUT = 10.0
-_FD_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
+# A call waits this long for an earlier call on the same attachment, as the IPAM lock's default.
+ATTACHMENT_TIMEOUT = 10.0
 
 
 def _verbs_for(program: str) -> Callable[[], Mapping[str, skel.Verb]]:
@@ -45,37 +46,6 @@ def _verbs_for(program: str) -> Callable[[], Mapping[str, skel.Verb]]:
         return VERBS
 
     return bridge_verbs
-
-
-def _recv_request(conn: socket.socket) -> tuple[bytes, list[int]]:
-    """The whole request and the fds that came with it; ValueError if it is not one."""
-    fds: list[int] = []
-    data = b""
-    need = wire.HEADER_LEN
-    header_done = False
-    while len(data) < need:
-        chunk, ancdata, _flags, _addr = conn.recvmsg(max(need - len(data), 1), _FD_SPACE if not fds else 0)
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                fds.extend(array.array("i", payload[:usable]))
-        if not chunk:
-            break
-        data += chunk
-        if not header_done and len(data) >= wire.HEADER_LEN:
-            _, plen, elen, slen = wire.decode_request_header(data[:wire.HEADER_LEN])
-            need = wire.HEADER_LEN + plen + elen + slen
-            header_done = True
-    if len(data) < need or not header_done:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError("truncated request")
-    return data, fds
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
 
 
 class Agent:
@@ -105,7 +75,7 @@ class Agent:
             sock.bind(self.path)
         finally:
             os.umask(old)
-        sock.listen(128)
+        sock.listen(1024)  # bursts of connects must not find it full (the client would not wait)
         self._sock = sock
 
     def listening(self) -> bool:
@@ -113,18 +83,29 @@ class Agent:
 
     def serve_forever(self) -> None:
         assert self._sock is not None, "bind() first"
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    break
-                raise
-            self._slots.acquire()
-            thread = threading.Thread(target=self._serve_one, args=(conn,), daemon=True)
-            with self._lock:
-                self._inflight.add(thread)
+        Intake(self._sock, self._start, self._stopping).run()
+
+    def _start(self, call: Incoming) -> None:
+        """Serve a whole request in a thread of its own; with every slot busy, decline it (the
+        caller serves it itself) rather than make anyone wait."""
+        if not self._slots.acquire(blocking=False):
+            self._decline(call)
+            return
+        thread = threading.Thread(target=self._serve_one, args=(call,), daemon=True)
+        with self._lock:
+            self._inflight.add(thread)
+        try:
             thread.start()
+        except RuntimeError:  # no thread to be had
+            with self._lock:
+                self._inflight.discard(thread)
+            self._slots.release()
+            self._decline(call)
+
+    def _decline(self, call: Incoming) -> None:
+        self.observer.declined()
+        close_all(call.fds)
+        decline(call.conn)
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, then wait for the calls already accepted."""
@@ -141,58 +122,65 @@ class Agent:
             thread.join(drain_timeout)
         self.removals.drain(drain_timeout)
 
-    def _serve_one(self, conn: socket.socket) -> None:
-        fds: list[int] = []
+    def _serve_one(self, call: Incoming) -> None:
         try:
-            conn.settimeout(REQUEST_TIMEOUT)
-            if _peer_uid(conn) not in (0, os.getuid()):
-                return
-            data, fds = _recv_request(conn)
-            self._answer(conn, data, fds)
+            call.conn.setblocking(True)
+            self._answer(call.conn, bytes(call.data), call.fds, call.deadline)
         except (OSError, ValueError) as exc:
             log.warning("agent_bad_request", error=str(exc))
         finally:
-            for fd in fds:
-                os.close(fd)
-            conn.close()
+            call.close()
             with self._lock:
                 self._inflight.discard(threading.current_thread())
             self._slots.release()
 
     @contextlib.contextmanager
-    def _attachment(self, key: tuple[str, str]) -> Iterator[None]:
-        """Hold the lock of one (container id, ifname); dropped once no call holds or awaits it."""
+    def _attachment(self, key: tuple[str, str]) -> Iterator[bool]:
+        """Hold the lock of one (container id, ifname), waiting at most ATTACHMENT_TIMEOUT;
+        yields whether it is held. Dropped once no call holds or awaits it."""
         with self._keys_lock:
             lock, users = self._attachments.setdefault(key, (threading.Lock(), [0]))
             users[0] += 1
+        held = lock.acquire(timeout=ATTACHMENT_TIMEOUT)
         try:
-            with lock:
-                yield
+            yield held
         finally:
+            if held:
+                lock.release()
             with self._keys_lock:
                 users[0] -= 1
                 if not users[0]:
                     del self._attachments[key]
 
-    def _answer(self, conn: socket.socket, data: bytes, fds: list[int]) -> None:
+    def _answer(self, conn: socket.socket, data: bytes, fds: list[int], deadline: float) -> None:
         flags, plen, elen, _slen = wire.decode_request_header(data[:wire.HEADER_LEN])
         body = data[wire.HEADER_LEN:]
         program = body[:plen].decode(errors="replace")
+        caller_env = wire.decode_env(body[plen:plen + elen])
         # The agent's own log file serves calls whose runtime set none (the systemd unit sets one).
-        env = {**self._defaults, **wire.decode_env(body[plen:plen + elen])}
+        env = {**self._defaults, **caller_env}
         stdin = body[plen + elen:]
-        pod_fd = fds[1] if flags & wire.FLAG_POD_NETNS and len(fds) > 1 else None
-        # The agent does host-side work in its own netns: serve only clients in that netns.
-        if not fds or not netns.same_netns(fds[0]) or program not in ("pybridge", "pyipam"):
+        pod_fd, root_fd = _passed_fds(flags, fds)
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        # The agent does host-side work in its own netns and opens files in its own mount
+        # namespace: serve only clients in that netns that see the same files (views.py).
+        if not fds or not netns.same_netns(fds[0]) or program not in ("pybridge", "pyipam") \
+                or root_fd is None or not views.caller_sees_the_same(root_fd, stdin, caller_env):
             self.observer.declined()
             conn.sendall(wire.DECLINED)
             return
         conn.sendall(wire.ACCEPTED)
+        if not _go(conn):
+            return  # the client's deadline passed: it serves the call itself
+        conn.settimeout(REQUEST_TIMEOUT)  # for the answer: a client that never reads it
         # An exec'd plugin killed mid-ADD stops working; the agent serving its call does not. So
         # calls for one attachment are serialized (the runtime's DEL after the kill waits for the
         # ADD), and an ADD whose caller is gone is undone: no one will ever learn its result.
         key = (env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", ""))
-        with self._attachment(key):
+        with self._attachment(key) as held:
+            if not held:
+                conn.sendall(_busy(stdin, key))
+                return
             out, err = io.StringIO(), io.StringIO()
             started = time.monotonic()
             self.observer.call_started()
@@ -216,6 +204,38 @@ class Agent:
                 raise
 
 
+def _passed_fds(flags: int, fds: list[int]) -> tuple[int | None, int | None]:
+    """(pod netns fd, caller's root directory fd) from what came after the client's netns fd."""
+    rest = iter(fds[1:])
+    pod_fd = next(rest, None) if flags & wire.FLAG_POD_NETNS else None
+    root_fd = next(rest, None) if flags & wire.FLAG_ROOT else None
+    return pod_fd, root_fd
+
+
+def _go(conn: socket.socket) -> bool:
+    """Did the client confirm it waits for the answer (wire.GO)?"""
+    got = b""
+    while len(got) < len(wire.GO):
+        chunk = conn.recv(len(wire.GO) - len(got))
+        if not chunk:
+            break
+        got += chunk
+    if got != wire.GO:
+        log.warning("agent_call_dropped", reason="the client did not confirm the call")
+    return got == wire.GO
+
+
+def _busy(stdin: bytes, key: tuple[str, str]) -> bytes:
+    """The answer to a call whose attachment stayed busy: code 11, try again later."""
+    try:
+        cni_version = skel.config_version(skel.decode_config(stdin))
+    except CNIError:
+        cni_version = version.CURRENT
+    error = CNIError(TRY_AGAIN_LATER, "another call on this attachment is still running",
+                     f"container {key[0]!r}, ifname {key[1]!r}: waited {ATTACHMENT_TIMEOUT:g}s")
+    return wire.encode_response(1, error.to_json(cni_version).encode(), b"")
+
+
 def run(path: str | None, observer: Observer | None, endpoint: Served) -> int:
     """Foreground agent; SIGTERM/SIGINT stop it after draining the calls in flight."""
     agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET, observer=observer)
@@ -226,6 +246,7 @@ def run(path: str | None, observer: Observer | None, endpoint: Served) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     _preload()
+    raise_fd_limit()
     agent.bind()  # the socket appears once the agent is ready to serve
     endpoint.ready_when(agent.listening)
     agent.serve_forever()

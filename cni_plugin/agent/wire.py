@@ -1,19 +1,26 @@
 """The agent protocol, in bytes only, so the exec'd client needs no import beyond builtins.
 
 client -> agent: REQUEST header + program + env ("K=V" joined by NUL) + stdin, with the
-                 client's own netns fd (and the pod netns fd, if it could open it) attached
-                 as SCM_RIGHTS to the first message.
-agent -> client: ACCEPTED, then RESPONSE header + stdout + stderr; or DECLINED.
-An agent that closes before ACCEPTED did nothing, so the client may serve the call itself;
-after ACCEPTED the agent owns the call and its failure is the runtime's error.
+                 client's own netns fd, the pod netns fd if it could open it (FLAG_POD_NETNS)
+                 and its root directory (FLAG_ROOT, O_PATH), in that order, attached as
+                 SCM_RIGHTS to the first message.
+agent -> client: ACCEPTED, or DECLINED.
+client -> agent: GO, only if ACCEPTED came within the client's acknowledgement deadline.
+agent -> client: RESPONSE header + stdout + stderr.
+The agent works on a call only once GO came: a client whose deadline passed closes instead and
+serves the call itself, and a call is never served twice. An agent that closes or declines
+before GO did nothing; after GO the agent owns the call and its failure is the runtime's error.
 """
 
 REQUEST = b"PBQ1"
 ACCEPTED = b"PBK1"
 DECLINED = b"PBN1"
+GO = b"PBG1"
 RESPONSE = b"PBR1"
 
 FLAG_POD_NETNS = 1
+FLAG_ROOT = 2
+MAX_FDS = 3
 HEADER_LEN = 20  # magic + flags + len(program) + len(env) + len(stdin)
 RESPONSE_HEADER_LEN = 16  # magic + exit code + len(stdout) + len(stderr)
 
@@ -23,6 +30,13 @@ MAX_STDIN = (4 << 20) + 1
 
 DEFAULT_SOCKET = "/run/pybridge/agent.sock"
 SOCKET_ENV = "PYBRIDGE_AGENT_SOCKET"
+
+# Client deadlines (seconds). Acknowledged late: the client serves the call itself. Answered
+# late: an error, never a hang; the longest legitimate call waits for its attachment (10 s)
+# and the IPAM lock (lockTimeout, at most 300 s). ANSWER_TIMEOUT_ENV overrides it.
+ACK_TIMEOUT = 2.0
+ANSWER_TIMEOUT = 330.0
+ANSWER_TIMEOUT_ENV = "PYBRIDGE_AGENT_ANSWER_TIMEOUT"
 
 
 def u32(value: int) -> bytes:

@@ -39,8 +39,9 @@ class CmdArgs:
 
 
 def validate_ifname(value: str) -> str:
+    # The kernel's IFNAMSIZ counts bytes: 9 characters of 'é' are 18.
     bad = (
-        len(value) > MAX_IFNAME
+        len(value.encode(errors="surrogateescape")) > MAX_IFNAME
         or value in (".", "..")
         or any(ch in "/:" or ch.isspace() or ch == "\0" for ch in value)
     )
@@ -48,7 +49,7 @@ def validate_ifname(value: str) -> str:
         raise CNIError(
             INVALID_ENV,
             "invalid CNI_IFNAME",
-            f"{value!r}: at most {MAX_IFNAME} characters, no '/', ':' or whitespace",
+            f"{value!r}: at most {MAX_IFNAME} bytes, no '/', ':' or whitespace",
         )
     return value
 

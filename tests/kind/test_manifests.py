@@ -177,6 +177,37 @@ def test_probes_and_scraping_reach_the_metrics_endpoints() -> None:
     assert mounts["/etc/cni/net.d"]["readOnly"] is True
 
 
+# What each container's code uses (README "Reliability"); the agent is privileged instead.
+CAPABILITIES = {"install": set(), "node": {"NET_ADMIN"}}
+
+
+def test_containers_run_with_least_privilege() -> None:
+    pod = daemonset()["spec"]["template"]["spec"]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in [*pod["initContainers"], *pod["containers"]]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+        if c["name"] == "agent":
+            assert sc["privileged"] is True and "capabilities" not in sc
+            continue
+        assert sc.get("privileged", False) is False, c["name"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+        assert set(sc["capabilities"].get("add", [])) == CAPABILITIES[c["name"]], c["name"]
+
+
+def test_every_added_capability_and_privilege_says_why() -> None:
+    lines = (DEPLOY / "pybridge.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"\s*add: \[", line):
+            assert "#" in line, f"line {i + 1}: a capability without its reason"
+        if re.match(r"\s*privileged: true", line):
+            assert lines[i - 1].strip().startswith("#"), f"line {i + 1}: privileged without its reason"
+    readme = (REPO / "README.md").read_text()
+    assert "privileged" in readme and "/proc/sys" in readme
+
+
 def test_rbac_lets_the_service_account_watch_nodes() -> None:
     docs = documents(DEPLOY / "pybridge.yaml")
     role = next(d for d in docs if d["kind"] == "ClusterRole")

@@ -84,9 +84,9 @@ class Host:
         return code
 
     def exec(
-        self, *cmd: str, check: bool = True, input: bytes | None = None
+        self, *cmd: str, check: bool = True, input: bytes | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[bytes]:
-        return sh("ip", "netns", "exec", self.name, *cmd, check=check, input=input)
+        return sh("ip", "netns", "exec", self.name, *cmd, check=check, input=input, timeout=timeout)
 
     def new_pod(self) -> str:
         name = new_netns("pod")
@@ -109,7 +109,10 @@ class Host:
         plugin: str = "pybridge",
         netns_path: str | None = None,
         env: dict[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float = 60,
     ) -> Reply:
+        """One call; `stdin` replaces the JSON of `conf` when given."""
         path = netns_path if netns_path is not None else (f"/run/netns/{pod}" if pod else "")
         variables = {
             "CNI_COMMAND": command,
@@ -124,8 +127,8 @@ class Host:
         if not os.path.exists(binary):
             binary = os.path.join(REFERENCE_PLUGINS, plugin)
         envs = [f"{k}={v}" for k, v in variables.items()]
-        proc = self.exec("env", "-i", f"PATH={os.environ['PATH']}", *envs, binary,
-                         check=False, input=json.dumps(conf).encode())
+        proc = self.exec("env", "-i", f"PATH={os.environ['PATH']}", *envs, binary, check=False,
+                         input=json.dumps(conf).encode() if stdin is None else stdin, timeout=timeout)
         out = json.loads(proc.stdout) if proc.stdout.strip() else None
         return Reply(proc.returncode, out, proc.stdout, proc.stderr)
 

@@ -43,6 +43,8 @@ class FakeAgent:
                 conn.recv(1 << 20)
                 self.calls += 1
                 conn.sendall(self.reply)
+                if self.reply == wire.ACCEPTED:
+                    conn.recv(4)  # the client's GO: from here the call is the agent's
 
     def close(self) -> None:
         self.sock.close()
@@ -86,7 +88,7 @@ def test_declined_call_is_served_in_process(host: Host, fake_agent: type[FakeAge
 def test_agent_failing_after_accepting_is_an_error_not_a_second_try(
     host: Host, fake_agent: type[FakeAgent]
 ) -> None:
-    agent = fake_agent(wire.ACCEPTED)  # accepts, then dies without an answer
+    agent = fake_agent(wire.ACCEPTED)  # accepts, takes the GO, then dies without an answer
     pod = host.new_pod()
     reply = host.cni("ADD", bridge_conf(host), pod)
     assert reply.rc != 0 and reply.out["code"] == 999

@@ -16,6 +16,7 @@ from functools import cached_property
 from pyroute2 import IPRoute
 
 from ..agent import shim, wire
+from ..spec.errors import CNIError
 from ..spec.version import SUPPORTED
 from . import attachments, networks
 
@@ -268,10 +269,16 @@ def run(node: Node) -> list[Check]:
     for check in CHECKS:
         try:
             results.append(check(node))
+        except CNIError as exc:  # what the plugin itself would refuse, e.g. an unsafe store
+            results.append(Check(_name(check), FAIL, f"could not check: {exc}", "mend what this names first"))
         except Exception as exc:  # a check that cannot run says so; the others still run
-            name = check.__name__.removeprefix("check_")
-            results.append(Check(name, FAIL, f"could not check: {type(exc).__name__}: {exc}", "report a bug"))
+            results.append(Check(_name(check), FAIL, f"could not check: {type(exc).__name__}: {exc}",
+                                 "report a bug"))
     return results
+
+
+def _name(check: Callable[[Node], Check]) -> str:
+    return check.__name__.removeprefix("check_")
 
 
 def as_json(results: list[Check]) -> str:

@@ -42,9 +42,12 @@ class FakeAgent:
             with conn:
                 conn.recv(1 << 20)
                 self.calls += 1
-                conn.sendall(self.reply)
-                if self.reply == wire.ACCEPTED:
-                    conn.recv(4)  # the client's GO: from here the call is the agent's
+                if not self.reply.startswith(wire.ACCEPTED):
+                    conn.sendall(self.reply)
+                    continue
+                conn.sendall(wire.ACCEPTED)
+                conn.recv(len(wire.GO))  # the client's GO: from here the call is the agent's
+                conn.sendall(self.reply[len(wire.ACCEPTED):])
 
     def close(self) -> None:
         self.sock.close()

@@ -87,7 +87,8 @@ def _root_sysctls() -> list[str | None]:
     return values
 
 
-CASCADE = {"conf dir": {"conflist"}}  # with no conf dir there is no conflist either
+# With no conf dir there is no conflist either; an unsafe store is refused by the checks that read it.
+CASCADE = {"conf dir": {"conflist"}, "store mode": {"attachments", "masquerade"}}
 FAULTS = ["conf dir", "plugin", "cniVersion", "ip_forward", "br_netfilter", "store mode", "stale", "mtu",
           "masquerade"]
 

@@ -35,14 +35,11 @@ MAX_CONTENT = 1024
 
 _OPEN = os.O_CLOEXEC | os.O_NOFOLLOW
 
-# Parsed reservation files by store path, kept across calls in a long-lived process (the agent),
-# so an ADD on a full store stats its files instead of reading them all. A copy is reused only
-# while the file's (inode, mtime, size) are unchanged, and only if its mtime was already
-# SETTLED_NS old when it was parsed (git's guard against racy timestamps): a file written later,
-# even on a reused inode, has a newer mtime. Files are only ever created whole and unlinked.
-_Parsed = tuple[tuple[int, int, int], "Reservation"]
-_PARSED: dict[str, dict[str, _Parsed]] = {}
-SETTLED_NS = 2_000_000_000
+# The agent's index of each store directory it serves: what every name in it held when last read,
+# kept right by the directory's inotify events (watch.py), so an ADD on a full store reads only
+# the names that changed since the last call, whoever changed them. Off in one-shot processes.
+_INDEXES: dict[str, _Index] = {}
+_keep_indexes = False
 _log = logging.getLogger("ipam.disk")
 
 
@@ -68,6 +65,43 @@ def _owner(data: bytes) -> tuple[str, str | None] | None:
     except (UnicodeDecodeError, CNIError):
         return None
     return container_id, ifname if sep else None
+
+
+def keep_indexes() -> None:
+    """For a long-lived process (the agent): index each store instead of reading it whole."""
+    global _keep_indexes
+    _keep_indexes = True
+
+
+class _Index:
+    """One store directory's names as last read (None: not a reservation) and its watch."""
+
+    def __init__(self) -> None:
+        from . import watch  # ctypes: only the agent pays for it, never a one-shot call
+
+        self.watch = watch.Watch()
+        self.entries: dict[str, Reservation | None] = {}
+
+    def changed(self, dir_fd: int) -> set[str] | None:
+        """Names to read again, or None when the whole directory must be read."""
+        try:
+            same = self.watch.rewatch(dir_fd)
+            names = self.watch.changed()
+        except OSError:
+            return None
+        return names if same else None
+
+
+def _index(path: str) -> _Index | None:
+    if not _keep_indexes:
+        return None
+    index = _INDEXES.get(path)
+    if index is None:
+        try:
+            index = _INDEXES[path] = _Index()
+        except OSError as exc:  # e.g. the inotify instance limit: read whole, as one-shot calls do
+            _log.warning("%s: no index (%s), the store is read whole", path, exc)
+    return index
 
 
 _LOCAL_LOCKS: dict[str, threading.Lock] = {}
@@ -227,50 +261,45 @@ class DiskStore(Store):
             return None
 
     def reservations(self) -> list[Reservation]:
-        try:
-            entries = sorted(os.scandir(self._fd()), key=lambda e: e.name)
-        except OSError as exc:
-            raise _io_error("cannot list the IPAM store", self.path, exc) from exc
-        cache = _PARSED.setdefault(self.path, {})
-        settled = time.time_ns() - SETTLED_NS
-        found = []
-        for entry in entries:
-            name = entry.name
-            if name in (LOCK_FILE, STATUS_PROBE) or name.startswith(LAST_RESERVED_PREFIX):
-                continue
-            if name.startswith(TEMP_PREFIX):
-                # We hold the lock, so no reserve() is under way: a killed writer's leftover.
-                with suppress(OSError):
-                    os.unlink(name, dir_fd=self._fd())
-                continue
-            reservation = self._parse(entry, cache, settled)
-            if reservation is None:
-                self._warn(f"{self.path}/{name}: not a reservation file, skipped")
-                continue
-            found.append(reservation)
-        for gone in cache.keys() - {e.name for e in entries}:
-            del cache[gone]
-        return found
+        index = _index(self.path)
+        names = index.changed(self._fd()) if index is not None else None
+        entries = index.entries if index is not None and names is not None else {}
+        if names is None:
+            try:
+                names = set(os.listdir(self._fd()))
+            except OSError as exc:
+                raise _io_error("cannot list the IPAM store", self.path, exc) from exc
+        for name in names:
+            self._load(name, entries)
+        if index is not None:
+            index.entries = entries
+        return [r for _, r in sorted(entries.items()) if r is not None]
 
-    def _parse(self, entry: os.DirEntry[str], cache: dict[str, _Parsed], settled: int) -> Reservation | None:
-        """A reservation file's owner, read from disk unless an unchanged copy was parsed before."""
+    def _load(self, name: str, entries: dict[str, Reservation | None]) -> None:
+        """Read one name of the directory into `entries`: its reservation, None if it is not
+        one, or no entry if it is gone or not a reservation by its name."""
+        entries.pop(name, None)
+        if name in (LOCK_FILE, STATUS_PROBE) or name.startswith(LAST_RESERVED_PREFIX):
+            return
+        if name.startswith(TEMP_PREFIX):
+            # We hold the lock, so no reserve() is under way: a killed writer's leftover.
+            with suppress(OSError):
+                os.unlink(name, dir_fd=self._fd())
+            return
         try:
-            st = entry.stat(follow_symlinks=False)
+            st = os.stat(name, dir_fd=self._fd(), follow_symlinks=False)
+        except FileNotFoundError:
+            return
         except OSError:
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = cache.get(entry.name)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        ip = _ip_named(entry.name)
-        data = self._read(entry.name) if ip is not None and stat.S_ISREG(st.st_mode) else None
+            st = None
+        ip = _ip_named(name)
+        data = self._read(name) if ip is not None and st and stat.S_ISREG(st.st_mode) else None
         owner = _owner(data) if data is not None else None
         if ip is None or owner is None:
-            return None
-        reservation = Reservation(ip, *owner)
-        if st.st_mtime_ns < settled:
-            cache[entry.name] = (key, reservation)
-        return reservation
+            self._warn(f"{self.path}/{name}: not a reservation file, skipped")
+            entries[name] = None
+            return
+        entries[name] = Reservation(ip, *owner)
 
     def probe_writable(self) -> None:
         """Create and remove a file, as the next ADD would (for STATUS)."""

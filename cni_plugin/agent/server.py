@@ -219,3 +219,6 @@ def _preload() -> None:
 
     for module in ("ipam.plugin", "ipam.__main__", "cni_plugin.masq", "cni_plugin.verbs"):
         importlib.import_module(module)
+    from ipam import disk
+
+    disk.keep_indexes()  # long-lived: index the IPAM stores rather than read them whole per ADD

@@ -15,16 +15,18 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .. import log, netns, skel
 from ..removals import Removals
-from . import wire
+from . import activation, wire
 
 MAX_CONCURRENT = 64
 REQUEST_TIMEOUT = 10.0
+ACCEPT_POLL = 0.5  # how soon an agent on systemd's socket notices a stop
 _FD_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 
 
@@ -81,6 +83,7 @@ class Agent:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._sock: socket.socket | None = None
+        self._inherited = False
         self._defaults = {k: v for k, v in os.environ.items() if k == log.ENV_VAR}
         self.removals = Removals()
         # Calls for one attachment run one at a time, calls for others in parallel: see _answer.
@@ -88,6 +91,13 @@ class Agent:
         self._attachments: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
 
     def bind(self) -> None:
+        inherited = activation.inherited_socket()
+        if inherited is not None:
+            # systemd's socket stays bound and listening after we exit: never shut it down nor
+            # unlink it; accept wakes up now and then to see a stop instead.
+            inherited.settimeout(ACCEPT_POLL)
+            self._sock, self._inherited = inherited, True
+            return
         directory = os.path.dirname(self.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -106,6 +116,8 @@ class Agent:
         while not self._stopping.is_set():
             try:
                 conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 if self._stopping.is_set():
                     break
@@ -115,11 +127,13 @@ class Agent:
             with self._lock:
                 self._inflight.add(thread)
             thread.start()
+        if self._inherited:
+            self._sock.close()  # our copy only: systemd keeps the socket for the next agent
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, then wait for the calls already accepted."""
         self._stopping.set()
-        if self._sock is not None:
+        if self._sock is not None and not self._inherited:  # serve_forever closes systemd's
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
@@ -207,7 +221,11 @@ def run(path: str | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     _preload()
-    agent.bind()  # the socket appears once the agent is ready to serve
+    try:
+        agent.bind()  # the socket appears once the agent is ready to serve
+    except ValueError as exc:  # a socket handed over (systemd) that cannot be served
+        print(f"pybridge agent: {exc}", file=sys.stderr)
+        return 2
     agent.serve_forever()
     agent.stop()
     return 0

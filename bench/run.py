@@ -256,8 +256,21 @@ def machine() -> str:
     )
 
 
+def cri_table(cri: dict[str, list[float]] | str, pods: int) -> list[str]:
+    if isinstance(cri, str):
+        return [f"CRI RunPodSandbox: not measured ({cri})."]
+    ref = cri["reference"]
+    lines = [f"| CRI RunPodSandbox, {pods} pods one after another | " + " | ".join(cri) + " |",
+             "|---" * (len(cri) + 1) + "|"]
+    for name, q in (("p50 ms", 0.5), ("p95 ms", 0.95)):
+        cells = [f"{pct(t, q):.1f} ({pct(t, q) / pct(ref, q):.2f}x)" for t in cri.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(
-    results: dict[str, dict[str, Any]], args: argparse.Namespace, imports: tuple[float, list[str]]
+    results: dict[str, dict[str, Any]], args: argparse.Namespace, imports: tuple[float, list[str]],
+    cri: dict[str, list[float]] | str | None = None,
 ) -> str:
     labels = list(results)
     lines = [
@@ -270,6 +283,8 @@ def render(
     ]
     for name, cells in table(results, args.scale, args.parallel):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if cri is not None:
+        lines += ["", *cri_table(cri, args.cri_pods)]
     errors = {label: len(r["errors"]) for label, r in results.items()}
     lines += [
         "",
@@ -288,13 +303,22 @@ def main() -> int:
     parser.add_argument("--bundle", help="path of the kind bundle's pybridge, if built")
     parser.add_argument("--write", action="store_true", help="write bench/results.md")
     parser.add_argument("--json", help="also dump the raw timings here")
+    parser.add_argument("--cri-pods", type=int, default=0,
+                        help="also time CRI RunPodSandbox for this many pods (containerd, runc)")
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory(prefix="pybridge-bench-") as tmpdir,
         World(max(args.pods, args.parallel, args.scale)) as world,
     ):
         results = run_variants(args, world, Path(tmpdir))
-    text = render(results, args, shim_imports())
+    cri = None
+    if args.cri_pods:
+        sys.path.insert(1, str(HERE.parent))  # bench/cri.py drives the containerd tier's harness
+        from cri import run_pod_sandbox
+
+        with tempfile.TemporaryDirectory(prefix="pbt-bench-cri-") as tmpdir:
+            cri = run_pod_sandbox(Path(tmpdir), args.cri_pods)
+    text = render(results, args, shim_imports(), cri)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(results))

@@ -252,8 +252,21 @@ def machine() -> str:
     )
     return (
         f"{cpus} vCPU ({model}), kernel {platform.release()}, Python {platform.python_version()} "
-        f"({sys.executable}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"(the project venv), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
+
+
+def commit() -> str:
+    proc = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False)
+    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages: other work on the machine skews wall times."""
+    return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def cri_table(cri: dict[str, list[float]] | str, pods: int) -> list[str]:
@@ -275,6 +288,8 @@ def render(
     labels = list(results)
     lines = [
         f"Machine: {machine()}",
+        f"Commit: {commit()}; command: `{' '.join(['bench/run.py', *sys.argv[1:]])}`",
+        f"Load average (1/5/15 min) at the start: {args.load_at_start}; at the end: {load()}",
         f"Pods: {args.pods} sequential (in-process/bundle: {min(args.pods, 50)}), "
         f"{args.parallel} parallel, scale {args.scale}. Ratios are to the reference in the same run.",
         "",
@@ -306,6 +321,7 @@ def main() -> int:
     parser.add_argument("--cri-pods", type=int, default=0,
                         help="also time CRI RunPodSandbox for this many pods (containerd, runc)")
     args = parser.parse_args()
+    args.load_at_start = load()
     with (
         tempfile.TemporaryDirectory(prefix="pybridge-bench-") as tmpdir,
         World(max(args.pods, args.parallel, args.scale)) as world,

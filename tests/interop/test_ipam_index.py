@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,27 +15,19 @@ from typing import Any
 import pytest
 
 from cni_plugin.spec.errors import CNIError
-from ipam import disk, plugin
+from ipam import plugin
 from ipam.allocator import EXHAUSTED
 from tests.netns.harness import REFERENCE_PLUGINS
 
 HOST_LOCAL = os.path.join(REFERENCE_PLUGINS, "host-local")
 pytestmark = [
     pytest.mark.interop,
+    pytest.mark.usefixtures("ipam_indexes"),
     pytest.mark.skipif(not os.path.exists(HOST_LOCAL), reason="no Debian host-local"),
 ]
 
 SIZE = 30  # addresses in the range
 PER_WRITER = 8
-
-
-@pytest.fixture(autouse=True)
-def indexed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(disk, "_keep_indexes", True)
-    monkeypatch.setattr(disk, "_INDEXES", {})
-    yield
-    for index in disk._INDEXES.values():
-        index.watch.close()
 
 
 def _netconf(data_dir: Path, ipam_type: str) -> dict[str, Any]:

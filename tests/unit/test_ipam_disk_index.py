@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,7 @@ import pytest
 from ipam import disk
 from ipam.disk import DiskStore
 
-
-@pytest.fixture(autouse=True)
-def indexed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(disk, "_keep_indexes", True)
-    monkeypatch.setattr(disk, "_INDEXES", {})
-    yield
-    for index in disk._INDEXES.values():
-        index.watch.close()
+pytestmark = pytest.mark.usefixtures("ipam_indexes")
 
 
 def _owners(store: DiskStore) -> dict[str, tuple[str, str | None]]:

@@ -10,6 +10,7 @@ well-formed reservation is reported through `warn` and skipped, never fatal.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -126,6 +127,11 @@ class DiskStore(Store):
         self.lock_timeout = lock_timeout
         self._warn = warn
         self._dir_fd: int | None = None
+        # Reservation files are written here, then linked into the store: creating a file in a
+        # directory of ~1000 reservations costs ~1 ms on ext4 (0.07 ms in a small directory),
+        # while the link into it is cheap. Per network, so its lock covers it.
+        self.temp_path = os.path.join(data_dir, f"{TEMP_PREFIX}{network}")
+        self._temp_fd: int | None = None
 
     def exists(self) -> bool:
         return os.path.isdir(self.path) and not os.path.islink(self.path)
@@ -150,11 +156,14 @@ class DiskStore(Store):
                 raise _io_error("cannot open the IPAM store lock", self.path, exc) from exc
             stack.callback(os.close, lock_fd)  # closing the fd drops the flock
             self._flock(lock_fd, deadline)
+            self._temp_fd = self._open_temp_dir()
+            if self._temp_fd is not None:
+                stack.callback(os.close, self._temp_fd)
             self._dir_fd = dir_fd
             try:
                 yield
             finally:
-                self._dir_fd = None
+                self._dir_fd = self._temp_fd = None
 
     def _timed_out(self) -> CNIError:
         return CNIError(
@@ -171,6 +180,15 @@ class DiskStore(Store):
             return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _OPEN)
         except OSError as exc:
             raise _io_error("cannot open the IPAM store", self.path, exc) from exc
+
+    def _open_temp_dir(self) -> int | None:
+        """The temp directory's fd; None (write in the store itself) if it cannot be used."""
+        try:
+            with suppress(FileExistsError):
+                os.mkdir(self.temp_path, 0o700)
+            return os.open(self.temp_path, os.O_RDONLY | os.O_DIRECTORY | _OPEN)
+        except OSError:
+            return None
 
     def _flock(self, fd: int, deadline: float) -> None:
         """Poll a non-blocking flock so a stuck holder yields "try again later", never a hang."""
@@ -208,12 +226,19 @@ class DiskStore(Store):
             os.close(fd)
         return data if len(data) <= MAX_CONTENT else None
 
-    def _write(self, name: str, data: bytes, flags: int) -> None:
-        fd = os.open(name, os.O_WRONLY | flags | _OPEN, 0o600, dir_fd=self._fd())
+    def _write(
+        self, name: str, data: bytes, flags: int, dir_fd: int | None = None, cut: bool = False
+    ) -> None:
+        """Write `data` into `name`; `cut`: overwrite in place and cut to size, which O_TRUNC
+        would do at ~25x the cost on ext4 here (it frees and reallocates the block)."""
+        where = self._fd() if dir_fd is None else dir_fd
+        fd = os.open(name, os.O_WRONLY | flags | _OPEN, 0o600, dir_fd=where)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if cut:
+                os.ftruncate(fd, len(data))
         finally:
             os.close(fd)
 
@@ -223,24 +248,33 @@ class DiskStore(Store):
         # Written under a temporary name and linked into place (atomic, and exclusive like
         # O_EXCL): a plugin killed mid-write leaves a temp file, never an empty reservation file
         # that no DEL or GC could attribute to anyone.
-        temp = f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
         try:
-            self._write(temp, content, os.O_CREAT | os.O_EXCL)
             try:
-                os.link(temp, name, src_dir_fd=self._fd(), dst_dir_fd=self._fd(), follow_symlinks=False)
-            finally:
-                os.unlink(temp, dir_fd=self._fd())
+                self._link_new(name, content, self._temp_fd)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV or self._temp_fd is None:
+                    raise
+                self._link_new(name, content, None)  # the store is a file system of its own
         except FileExistsError:
             return False
         except OSError as exc:
             raise _io_error("failed to reserve an IP", f"{self.path}/{name}", exc) from exc
         last = f"{LAST_RESERVED_PREFIX}{rangeset_idx}"
         try:
-            self._write(last, name.encode(), os.O_CREAT | os.O_TRUNC)
+            self._write(last, name.encode(), os.O_CREAT, cut=True)
         except OSError as exc:
             self.release(ip)
             raise _io_error("failed to record the last reserved IP", f"{self.path}/{last}", exc) from exc
         return True
+
+    def _link_new(self, name: str, content: bytes, temp_fd: int | None) -> None:
+        temp_fd = self._fd() if temp_fd is None else temp_fd
+        temp = f"{TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
+        self._write(temp, content, os.O_CREAT | os.O_EXCL, temp_fd)
+        try:
+            os.link(temp, name, src_dir_fd=temp_fd, dst_dir_fd=self._fd(), follow_symlinks=False)
+        finally:
+            os.unlink(temp, dir_fd=temp_fd)
 
     def release(self, ip: IPAddress) -> None:
         try:
@@ -269,11 +303,22 @@ class DiskStore(Store):
                 names = set(os.listdir(self._fd()))
             except OSError as exc:
                 raise _io_error("cannot list the IPAM store", self.path, exc) from exc
+            self._remove_leftovers()
         for name in names:
             self._load(name, entries)
         if index is not None:
             index.entries = entries
         return [r for _, r in sorted(entries.items()) if r is not None]
+
+    def _remove_leftovers(self) -> None:
+        """Temp files of killed writers: we hold the lock, so no reserve() is under way."""
+        if self._temp_fd is None:
+            return
+        with suppress(OSError):
+            for name in os.listdir(self._temp_fd):
+                if name.startswith(TEMP_PREFIX):
+                    with suppress(OSError):
+                        os.unlink(name, dir_fd=self._temp_fd)
 
     def _load(self, name: str, entries: dict[str, Reservation | None]) -> None:
         """Read one name of the directory into `entries`: its reservation, None if it is not

@@ -290,7 +290,7 @@ def render(
     labels = list(results)
     lines = [
         f"Machine: {machine()}",
-        f"Commit: {commit()}; command: `{' '.join(['bench/run.py', *sys.argv[1:]])}`",
+        f"Commit: {args.commit}; command: `{' '.join(['bench/run.py', *sys.argv[1:]])}`",
         f"Load average (1/5/15 min) at the start: {args.load_at_start}; at the end: {load()}",
         f"Pods: {args.pods} sequential (in-process/bundle: {min(args.pods, 50)}), "
         f"{args.parallel} parallel, scale {args.scale}. Ratios are to the reference in the same run.",
@@ -323,7 +323,7 @@ def main() -> int:
     parser.add_argument("--cri-pods", type=int, default=0,
                         help="also time CRI RunPodSandbox for this many pods (containerd, runc)")
     args = parser.parse_args()
-    args.load_at_start = load()
+    args.load_at_start, args.commit = load(), commit()
     with (
         tempfile.TemporaryDirectory(prefix="pybridge-bench-") as tmpdir,
         World(max(args.pods, args.parallel, args.scale)) as world,

@@ -102,7 +102,7 @@ test: lint bundle
 
 # The benchmark against the reference plugins (root): writes bench/results.md. Takes ~10 min.
 bench: venv
-	$(PY) bench/run.py --write $(if $(wildcard dist/pybridge/pybridge),--bundle dist/pybridge/pybridge)
+	$(PY) bench/run.py --write --cri-pods 30 $(if $(wildcard dist/pybridge/pybridge),--bundle dist/pybridge/pybridge)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

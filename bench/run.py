@@ -258,16 +258,46 @@ def machine() -> str:
     )
     return (
         f"{cpus} vCPU ({model}), kernel {platform.release()}, Python {platform.python_version()} "
-        f"({sys.executable}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"(the project venv), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
 
 
+def commit() -> str:
+    proc = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False)
+    # Only code counts: the results file itself and the docs are rewritten around a run.
+    code = ["cni_plugin", "ipam", "bench/run.py", "bench/driver.py", "bench/cri.py"]
+    status = ["git", "-C", str(HERE.parent), "status", "--porcelain", "--untracked-files=no", "--", *code]
+    dirty = subprocess.run(status, capture_output=True, text=True, check=False).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + (" (with uncommitted changes to the code)" if dirty else "")
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages: other work on the machine skews wall times."""
+    return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def cri_table(cri: dict[str, list[float]] | str, pods: int) -> list[str]:
+    if isinstance(cri, str):
+        return [f"CRI RunPodSandbox: not measured ({cri})."]
+    ref = cri["reference"]
+    lines = [f"| CRI RunPodSandbox, {pods} pods one after another | " + " | ".join(cri) + " |",
+             "|---" * (len(cri) + 1) + "|"]
+    for name, q in (("p50 ms", 0.5), ("p95 ms", 0.95)):
+        cells = [f"{pct(t, q):.1f} ({pct(t, q) / pct(ref, q):.2f}x)" for t in cri.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(
-    results: dict[str, dict[str, Any]], args: argparse.Namespace, imports: tuple[float, list[str]]
+    results: dict[str, dict[str, Any]], args: argparse.Namespace, imports: tuple[float, list[str]],
+    cri: dict[str, list[float]] | str | None = None,
 ) -> str:
     labels = list(results)
     lines = [
         f"Machine: {machine()}",
+        f"Commit: {args.commit}; command: `{' '.join(['bench/run.py', *sys.argv[1:]])}`",
+        f"Load average (1/5/15 min) at the start: {args.load_at_start}; at the end: {load()}",
         f"Pods: {args.pods} sequential (in-process/bundle: {min(args.pods, 50)}), "
         f"{args.parallel} parallel, scale {args.scale}. Ratios are to the reference in the same run.",
         "",
@@ -276,6 +306,8 @@ def render(
     ]
     for name, cells in table(results, args.scale, args.parallel):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if cri is not None:
+        lines += ["", *cri_table(cri, args.cri_pods)]
     errors = {label: len(r["errors"]) for label, r in results.items()}
     lines += [
         "",
@@ -294,15 +326,26 @@ def main() -> int:
     parser.add_argument("--bundle", help="path of the kind bundle's pybridge, if built")
     parser.add_argument("--write", action="store_true", help="write bench/results.md")
     parser.add_argument("--json", help="also dump the raw timings here")
+    parser.add_argument("--cri-pods", type=int, default=0,
+                        help="also time CRI RunPodSandbox for this many pods (containerd, runc)")
     args = parser.parse_args()
+    args.load_at_start, args.commit = load(), commit()
     progress(f"making the netns of {max(args.pods, args.parallel, args.scale)} pods")
     with (
         tempfile.TemporaryDirectory(prefix="pybridge-bench-") as tmpdir,
         World(max(args.pods, args.parallel, args.scale)) as world,
     ):
         results = run_variants(args, world, Path(tmpdir))
+    cri = None
+    if args.cri_pods:
+        progress(f"timing CRI RunPodSandbox for {args.cri_pods} pods")
+        sys.path.insert(1, str(HERE.parent))  # bench/cri.py drives the containerd tier's harness
+        from cri import run_pod_sandbox
+
+        with tempfile.TemporaryDirectory(prefix="pbt-bench-cri-") as tmpdir:
+            cri = run_pod_sandbox(Path(tmpdir), args.cri_pods)
     progress("done; measuring the shim's imports")
-    text = render(results, args, shim_imports())
+    text = render(results, args, shim_imports(), cri)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(results))

@@ -10,6 +10,7 @@ compiled client (agent/client.c, ~1 ms to start) instead, which falls back to th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import sysconfig
 from collections.abc import Callable
 
 import cni_plugin
+from cni_plugin import skel
 
 PROGRAMS = ("pybridge", "pyipam")
 CLIENT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent", "client.c")
@@ -52,10 +54,22 @@ def _install_file(target: str, write: Callable[[str], None]) -> str:
     return target
 
 
+def version_defines() -> list[str]:
+    """The VERSION answer as the skel writes it, split around the asked version: the client's
+    copy is generated from the Python source of truth on every build, never kept by hand."""
+    marker = "@ASKED@"
+    head, sep, tail = json.dumps(skel.version_reply(marker)).partition(marker)
+    if not sep or not (head + tail).isascii():
+        raise ValueError("the VERSION answer cannot be split around the asked version")
+    # A JSON string of ASCII text is also a C string literal.
+    return [f"-DVERSION_HEAD={json.dumps(head)}", f"-DVERSION_TAIL={json.dumps(tail)}",
+            f"-DVERSION_CURRENT={json.dumps(skel.version_reply()['cniVersion'])}"]
+
+
 def build_client(output: str, fallback_dir: str) -> None:
     """Compile agent/client.c with the launchers' directory baked in as its fallback."""
     subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", f'-DFALLBACK_DIR="{fallback_dir}"',
-                    "-o", output, CLIENT_SOURCE], check=True)
+                    *version_defines(), "-o", output, CLIENT_SOURCE], check=True)
 
 
 def write_launchers(bin_dir: str, python: str | None = None) -> list[str]:

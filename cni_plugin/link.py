@@ -14,6 +14,7 @@ import errno
 import ipaddress
 import os
 import secrets
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -374,13 +375,7 @@ def pod_state(ifname: str) -> PodState | None:
         if link is None:
             return None
         addrs = [a for a, _ in sock.addresses(link.index)]
-    routes = []
-    # All routes of the netns: with two attachments on one network the second default route
-    # is the first one's, and CHECK asks only that the route exists.
-    with _pyroute2() as ipr, netlink_errors(f"read routes of {ifname}"):
-        for family in (2, 10):
-            for msg in ipr.get_routes(family=family):
-                dst = msg.get("RTA_DST")
-                net = f"{dst}/{msg['dst_len']}" if dst else ("0.0.0.0/0" if family == 2 else "::/0")
-                routes.append((str(ipaddress.ip_network(net, strict=False)), msg.get("RTA_GATEWAY")))
+        # All routes of the netns: with two attachments on one network the second default
+        # route is the first one's, and CHECK asks only that the route exists.
+        routes = sock.routes(socket.AF_INET) + sock.routes(socket.AF_INET6)
     return PodState(link=link, addrs=addrs, routes=routes)

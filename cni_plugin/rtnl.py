@@ -23,7 +23,7 @@ NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-RTM_NEWROUTE = 24
+RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
 IFLA_PROTINFO, IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_NET_NS_FD = 12, 16, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER, IFLA_BR_VLAN_FILTERING = 1, 2, 1, 7
@@ -282,6 +282,19 @@ class Socket:
         raw = address.ip.packed
         header = _IFADDR.pack(family, address.network.prefixlen, 0, 0, index)
         self.request(RTM_DELADDR, NLM_F_ACK, header + attr(IFA_LOCAL, raw) + attr(IFA_ADDRESS, raw))
+
+    def routes(self, family: int) -> list[tuple[str, str | None]]:
+        """(destination network, gateway) of every route of one family, in every table."""
+        out = []
+        header = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)  # table 0: no table filter
+        for _kind, body in self.request(RTM_GETROUTE, NLM_F_DUMP, header):
+            fam, dst_len = body[0], body[1]
+            fields = dict(_attrs(body, _RTMSG.size))
+            any_address = "::" if fam == socket.AF_INET6 else "0.0.0.0"
+            dst = socket.inet_ntop(fam, fields[RTA_DST]) if RTA_DST in fields else any_address
+            gateway = socket.inet_ntop(fam, fields[RTA_GATEWAY]) if RTA_GATEWAY in fields else None
+            out.append((str(ipaddress.ip_network(f"{dst}/{dst_len}", strict=False)), gateway))
+        return out
 
     def add_route(self, dst: str, gateway: str | None, oif: int) -> None:
         net = ipaddress.ip_network(dst, strict=False)

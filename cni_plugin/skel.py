@@ -81,16 +81,18 @@ def config_version(config: Mapping[str, Any]) -> str:
     return version.check_supported(raw)
 
 
+def version_reply(asked: str = version.CURRENT) -> dict[str, Any]:
+    """The VERSION answer; the compiled client is built from it (install.build_client)."""
+    return {"cniVersion": asked, "supportedVersions": list(version.SUPPORTED)}
+
+
 def _version_reply(stdin: IO[bytes]) -> dict[str, Any]:
     """Like the reference skel, VERSION does not fail on what stdin holds."""
-    asked = version.CURRENT
     try:
         raw = decode_config(_read_stdin(stdin)).get("cniVersion")
     except CNIError:
         raw = None
-    if isinstance(raw, str) and raw:
-        asked = raw
-    return {"cniVersion": asked, "supportedVersions": list(version.SUPPORTED)}
+    return version_reply(raw) if isinstance(raw, str) and raw else version_reply()
 
 
 def parse_request(

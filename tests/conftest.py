@@ -47,3 +47,15 @@ def nothing_left_behind() -> Iterator[None]:
     assert not leaked, f"test netns left behind: {leaked}"
     assert after[0] == before[0], f"root netns links changed: {after[0] ^ before[0]}"
     assert after[1] == before[1], "root netns nftables ruleset changed"
+
+
+@pytest.fixture
+def ipam_indexes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """pyipam's stores indexed as in the agent (ipam.disk.keep_indexes), fresh for one test."""
+    from ipam import disk
+
+    monkeypatch.setattr(disk, "_keep_indexes", True)
+    monkeypatch.setattr(disk, "_INDEXES", {})
+    yield
+    for index in disk._INDEXES.values():
+        index.watch.close()

@@ -30,6 +30,10 @@
 #define DEFAULT_SOCKET "/run/pybridge/agent.sock"
 #endif
 
+#if !defined(VERSION_HEAD) || !defined(VERSION_TAIL) || !defined(VERSION_CURRENT)
+#error "build with cni_plugin.install.build_client: the VERSION answer comes from the Python skel"
+#endif
+
 #define MAX_STDIN ((4u << 20) + 1)
 #define FLAG_POD_NETNS 1u
 #define FLAG_ROOT 2u
@@ -177,6 +181,66 @@ static void fallback(const char *program, char **argv, const struct buf *in) {
     exit(1);
 }
 
+static const char *skip_ws(const char *p, const char *end) {
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) p++;
+    return p;
+}
+
+/* A JSON string without escapes, of printable ASCII only (json.dumps writes it back as is). */
+static const char *plain_string(const char *p, const char *end, const char **s, size_t *n) {
+    if (p >= end || *p != '"') return NULL;
+    const char *start = ++p;
+    for (; p < end && *p != '"'; p++)
+        if ((unsigned char)*p < 0x20 || (unsigned char)*p > 0x7e || *p == '\\') return NULL;
+    if (p >= end) return NULL;
+    *s = start;
+    *n = (size_t)(p - start);
+    return p + 1;
+}
+
+/* The cniVersion that VERSION's stdin asks for, read as skel._version_reply reads it, but only
+ * for the forms where that reading is certain: nothing (not JSON: the current version) or one
+ * flat object of plain string members, as libcni sends ({"cniVersion":"1.1.0"}). Returns 0 for
+ * anything else, which goes the usual way (agent or Python). */
+static int version_asked(const struct buf *in, const char **asked, size_t *len) {
+    const char *p = skip_ws(in->data, in->data + in->len), *end = in->data + in->len;
+    *asked = VERSION_CURRENT;
+    *len = strlen(VERSION_CURRENT);
+    if (p == end) return 1;
+    if (*p++ != '{') return 0;
+    p = skip_ws(p, end);
+    if (p < end && *p == '}') return skip_ws(p + 1, end) == end;
+    for (;;) {
+        const char *key, *value;
+        size_t klen, vlen;
+        if (!(p = plain_string(p, end, &key, &klen))) return 0;
+        p = skip_ws(p, end);
+        if (p >= end || *p++ != ':') return 0;
+        if (!(p = plain_string(skip_ws(p, end), end, &value, &vlen))) return 0;
+        if (klen == 10 && memcmp(key, "cniVersion", 10) == 0) { /* the last one wins, as in json */
+            *asked = vlen ? value : VERSION_CURRENT;
+            *len = vlen ? vlen : strlen(VERSION_CURRENT);
+        }
+        p = skip_ws(p, end);
+        if (p < end && *p == ',') {
+            p = skip_ws(p + 1, end);
+            continue;
+        }
+        return p < end && *p == '}' && skip_ws(p + 1, end) == end;
+    }
+}
+
+/* VERSION without Python and without the agent: runtimes exec it on every load of a conflist. */
+static void answer_version(const struct buf *in) {
+    const char *asked;
+    size_t len;
+    if (!version_asked(in, &asked, &len)) return;
+    if (write_all(1, VERSION_HEAD, sizeof VERSION_HEAD - 1) || write_all(1, asked, len) ||
+        write_all(1, VERSION_TAIL, sizeof VERSION_TAIL - 1))
+        exit(1);
+    exit(0);
+}
+
 static void failed_after_accept(void) {
     if (errno == ETIMEDOUT) write_all(1, AGENT_LATE, sizeof AGENT_LATE - 1);
     else write_all(1, AGENT_FAILED, sizeof AGENT_FAILED - 1);
@@ -192,6 +256,7 @@ int main(int argc, char **argv) {
 
     struct buf in = {0}, req = {0}, env = {0};
     if (read_stdin(&in)) fallback(program, argv, &in);
+    if (strcmp(command, "VERSION") == 0) answer_version(&in);
 
     const char *path = getenv("PYBRIDGE_AGENT_SOCKET");
     if (!path || !*path) path = DEFAULT_SOCKET;

@@ -13,6 +13,7 @@ import io
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -22,7 +23,7 @@ from .. import log, netns, skel
 from ..removals import Removals
 from ..spec import version
 from ..spec.errors import TRY_AGAIN_LATER, CNIError
-from . import views, wire
+from . import activation, views, wire
 from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline, raise_fd_limit
 from .observer import Observer, Silent, result_code
 
@@ -58,6 +59,7 @@ class Agent:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._sock: socket.socket | None = None
+        self._inherited = False
         self._defaults = {k: v for k, v in os.environ.items() if k == log.ENV_VAR}
         self.removals = Removals()
         # Calls for one attachment run one at a time, calls for others in parallel: see _answer.
@@ -65,6 +67,12 @@ class Agent:
         self._attachments: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
 
     def bind(self) -> None:
+        inherited = activation.inherited_socket()
+        if inherited is not None:
+            # systemd's socket stays bound and listening after we exit: never shut it down nor
+            # unlink it (the intake sees a stop within a second anyway).
+            self._sock, self._inherited = inherited, True
+            return
         directory = os.path.dirname(self.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -84,6 +92,8 @@ class Agent:
     def serve_forever(self) -> None:
         assert self._sock is not None, "bind() first"
         Intake(self._sock, self._start, self._stopping).run()
+        if self._inherited:
+            self._sock.close()  # our copy only: systemd keeps the socket for the next agent
 
     def _start(self, call: Incoming) -> None:
         """Serve a whole request in a thread of its own; with every slot busy, decline it (the
@@ -110,7 +120,7 @@ class Agent:
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, then wait for the calls already accepted."""
         self._stopping.set()
-        if self._sock is not None:
+        if self._sock is not None and not self._inherited:  # serve_forever closes systemd's
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
@@ -247,7 +257,11 @@ def run(path: str | None, observer: Observer | None, endpoint: Served) -> int:
     signal.signal(signal.SIGINT, stop)
     _preload()
     raise_fd_limit()
-    agent.bind()  # the socket appears once the agent is ready to serve
+    try:
+        agent.bind()  # the socket appears once the agent is ready to serve
+    except ValueError as exc:  # a socket handed over (systemd) that cannot be served
+        print(f"pybridge agent: {exc}", file=sys.stderr)
+        return 2
     endpoint.ready_when(agent.listening)
     agent.serve_forever()
     agent.stop()
@@ -280,3 +294,6 @@ def _preload() -> None:
 
     for module in ("ipam.plugin", "ipam.__main__", "cni_plugin.masq", "cni_plugin.verbs"):
         importlib.import_module(module)
+    from ipam import disk
+
+    disk.keep_indexes()  # long-lived: index the IPAM stores rather than read them whole per ADD

@@ -145,9 +145,29 @@ def _in_process(program: str, stdin: bytes | None) -> None:
         from ipam.__main__ import main as serve
     else:
         from cni_plugin.__main__ import main as serve
-    if stdin is not None:
-        import io
+    if stdin is None:
+        serve()
+        sys.exit(0)
+    import io
 
-        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
-    serve()
-    sys.exit(0)
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
+    try:
+        serve()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    _exit_now(code)
+
+
+def _exit_now(code: object) -> None:
+    """End a one-call process without the interpreter's teardown, which frees every module and
+    pydantic schema one by one (~25 ms, 15% of a cold ADD); nothing is left to run at exit."""
+    if code is not None and not isinstance(code, int):
+        sys.stderr.write(f"{code}\n")
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        code = code or 1
+    posix._exit(code or 0)

@@ -81,7 +81,7 @@ def test_bridge_and_veth_match_pyroute2(pair: Pair) -> None:
 
 
 def test_addresses_and_routes_match_pyroute2(pair: Pair) -> None:
-    def pod_side() -> tuple[list[tuple[rtnl.IPInterface, int]], list[Any], list[Any]]:
+    def pod_side() -> tuple[list[tuple[rtnl.IPInterface, int]], list[Any], list[Any], Any, Any]:
         with rtnl.Socket() as sock:
             sock.add_bridge("dummy-br", None, vlan_filtering=False)
             sock.add_bridge("other-br", None, vlan_filtering=False)
@@ -97,11 +97,15 @@ def test_addresses_and_routes_match_pyroute2(pair: Pair) -> None:
             with pytest.raises(rtnl.NetlinkError) as exists:
                 sock.add_address(link.index, ipaddress.ip_interface("10.55.0.2/24"))
             assert exists.value.errno == errno.EEXIST
+            sock.add_route("fd60::/48", "fd55::1", link.index)
             mine = sock.addresses(link.index)
             with IPRoute() as ipr:
-                return mine, ipr.get_addr(index=link.index), ipr.get_routes(family=2, oif=link.index)
+                every = {family: ipr.get_routes(family=family) for family in (2, 10)}
+                ours = {family: sock.routes(family) for family in (2, 10)}
+                by_link = ipr.get_routes(family=2, oif=link.index)
+                return mine, ipr.get_addr(index=link.index), by_link, every, ours
 
-    mine, theirs, routes = pair.pod(pod_side)
+    mine, theirs, routes, every, our_routes = pair.pod(pod_side)
     ours = {str(a) for a, _ in mine if not a.ip.is_link_local}
     assert ours == {"10.55.0.2/24", "fd55::2/64"}  # other-br's address is filtered out
     seen = {f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}" for m in theirs}
@@ -109,6 +113,12 @@ def test_addresses_and_routes_match_pyroute2(pair: Pair) -> None:
     by_dst = {(r.get("RTA_DST"), r["dst_len"]): r.get("RTA_GATEWAY") for r in routes}
     assert by_dst[("10.60.0.0", 16)] == "10.55.0.1"
     assert by_dst[(None, 0)] == "10.55.0.1"
+    # Every route of each family, all tables, as pyroute2 reports them.
+    for family, any_net in ((2, "0.0.0.0/0"), (10, "::/0")):
+        theirs_all = sorted((str(ipaddress.ip_network(f"{r.get('RTA_DST')}/{r['dst_len']}", strict=False))
+                             if r.get("RTA_DST") else any_net, r.get("RTA_GATEWAY")) for r in every[family])
+        assert sorted(our_routes[family], key=str) == sorted(theirs_all, key=str)
+    assert ("fd60::/48", "fd55::1") in our_routes[10] and ("10.60.0.0/16", "10.55.0.1") in our_routes[2]
 
 
 def test_missing_links_and_errors(pair: Pair) -> None:

@@ -1,0 +1,90 @@
+"""Pod start-up as the user sees it: CRI RunPodSandbox (what kubelet calls) on a private
+containerd node, the containerd tier's own harness (tests/e2e/node.py). The reference bridge +
+host-local and pybridge with its agent get the same conflist shape (plugin, then portmap) and
+each its own bridge, subnet and store, one after the other on one node in one run; containerd
+restarts in between so it reads the next conflist. One untimed pod first warms each variant.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.node import NETWORK, REFERENCE_PLUGINS, Node, missing_tools, sandbox_config, wait_for
+
+VARIANTS = {  # label -> (plugin, ipam, bridge, subnet)
+    "reference": ("bridge", "host-local", "pbt-bref0", "10.87.0.0/22"),
+    "pybridge+agent": ("pybridge", "pyipam", "pbt-bpy0", "10.88.0.0/22"),
+}
+
+
+def _conflist(node: Node, plugin: str, ipam: str, bridge: str, subnet: str) -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": NETWORK,
+        "plugins": [
+            {"type": plugin, "bridge": bridge, "isGateway": True, "isDefaultGateway": True, "ipMasq": True,
+             "ipam": {"type": ipam, "dataDir": str(node.root / f"ipam-{plugin}"),
+                      "ranges": [[{"subnet": subnet}]]}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }
+
+
+def _use(node: Node, conflist: dict[str, Any]) -> None:
+    node.stop_containerd()
+    (node.root / "net.d" / "10-pbt-e2e.conflist").write_text(json.dumps(conflist))
+    node.start_containerd()
+    wait_for(lambda: node.cri.conditions().get("NetworkReady"), 20, "CRI NetworkReady")
+
+
+def _start_agent(node: Node) -> subprocess.Popen[bytes]:
+    """In the node's netns, on the socket containerd's environment names (node.env)."""
+    socket = Path(node.env["PYBRIDGE_AGENT_SOCKET"])
+    client = node.root / "bin" / "pybridge"
+    argv = ["nsenter", f"--net=/run/netns/{node.netns}", str(client), "agent", str(socket)]
+    agent = subprocess.Popen(argv, stderr=subprocess.DEVNULL, env=node.env)
+    wait_for(socket.exists, 30, "the agent's socket")
+    return agent
+
+
+def _time_pods(node: Node, label: str, pods: int) -> list[float]:
+    node.cri.run_pod(sandbox_config(f"warm-{label}", node.cgroup_parent))
+    times = []
+    for i in range(pods):
+        config = sandbox_config(f"bench-{label}-{i}", node.cgroup_parent)
+        started = time.perf_counter()
+        node.cri.run_pod(config)
+        times.append((time.perf_counter() - started) * 1000)
+    for pod in node.cri.list_pods():
+        node.cri.stop_pod(pod["id"])
+        node.cri.remove_pod(pod["id"])
+    return times
+
+
+def run_pod_sandbox(root: Path, pods: int) -> dict[str, list[float]] | str:
+    """RunPodSandbox milliseconds per variant, or why the tier cannot run here."""
+    missing = missing_tools()
+    if missing:
+        return f"needs {', '.join(missing)}"
+    node = Node(root=root)
+    times: dict[str, list[float]] = {}
+    try:
+        node.setup()
+        for name in ("bridge", "host-local"):
+            (node.root / "bin" / name).symlink_to(REFERENCE_PLUGINS / name)
+        for label, (plugin, ipam, bridge, subnet) in VARIANTS.items():
+            _use(node, _conflist(node, plugin, ipam, bridge, subnet))
+            agent = _start_agent(node) if label == "pybridge+agent" else None
+            try:
+                times[label] = _time_pods(node, label, pods)
+            finally:
+                if agent is not None:
+                    agent.terminate()
+                    agent.wait(30)
+    finally:
+        node.teardown()
+    return times

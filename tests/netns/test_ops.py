@@ -191,11 +191,12 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     assert host.cni("DEL", conf, pods[0], container_id="m0").ok
     check = host.cni("CHECK", conf, pods[0], container_id="m0")  # deleted: a CHECK error
     assert not check.ok
-    # a client in another netns (a pod's) is declined, then served in-process
-    version = sh("ip", "netns", "exec", pods[1], "env", "-i", "CNI_COMMAND=VERSION",
-                 f"PYBRIDGE_AGENT_SOCKET={host.agent_socket}", str(host.bin_dir / "pybridge"),
-                 input=b'{"cniVersion": "1.0.0"}')
-    assert b"supportedVersions" in version.stdout
+    # a client in another netns (a pod's) is declined, then served in-process (STATUS: VERSION
+    # never reaches the agent, the compiled client answers it)
+    status = sh("ip", "netns", "exec", pods[1], "env", "-i", "CNI_COMMAND=STATUS", "CNI_PATH=/nonexistent",
+                f"PYBRIDGE_AGENT_SOCKET={host.agent_socket}", str(host.bin_dir / "pybridge"),
+                input=json.dumps({**conf, "cniVersion": "1.1.0"}).encode())
+    assert status.returncode == 0 and status.stdout == b"", status
     samples = _scrape(host)
     calls = "pybridge_cni_calls_total"
     assert _value(samples, calls, program="pybridge", verb="ADD", code="0") == 3
@@ -204,7 +205,7 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     assert _value(samples, "pybridge_cni_call_duration_seconds_count", program="pybridge", verb="ADD") == 3
     assert _value(samples, "pybridge_cni_calls_in_flight") == 0
     assert _value(samples, "pybridge_cni_calls_declined_total") == 1
-    assert _value(samples, calls, program="pybridge", verb="VERSION", code="0") is None  # not served here
+    assert _value(samples, calls, program="pybridge", verb="STATUS", code="0") is None  # not served here
     assert _value(samples, "pybridge_ipam_pool_addresses", network="testnet") == 253
     assert _value(samples, "pybridge_ipam_reserved_addresses", network="testnet") == 2
     assert _value(samples, "pybridge_ipam_free_addresses", network="testnet") == 251

@@ -25,8 +25,8 @@ demo: venv
 	bash scripts/demo.sh
 
 lint: venv
-	$(VENV)/bin/ruff check cni_plugin ipam tests
-	$(VENV)/bin/mypy --strict cni_plugin ipam
+	$(VENV)/bin/ruff check cnikit cni_plugin ipam tests
+	$(VENV)/bin/mypy --strict cnikit cni_plugin ipam
 
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
@@ -68,7 +68,7 @@ cnitool:
 # the executable `pybridge` and `pyipam` -> pybridge beside it. Rebuilt only when a source changed;
 # the flock keeps two `make test` in one tree from building into the same dist/ at once.
 BUNDLE         := dist/pybridge
-BUNDLE_SOURCES := $(shell find cni_plugin ipam -name '*.py') cni_plugin/agent/client.c deploy/bundle/pybridge.spec \
+BUNDLE_SOURCES := $(shell find cnikit cni_plugin ipam -name '*.py') cni_plugin/agent/client.c deploy/bundle/pybridge.spec \
 	pyproject.toml
 bundle: venv $(BUNDLE)/pybridge
 $(BUNDLE)/pybridge: $(BUNDLE_SOURCES)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 
+from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, CNIError
+from cnikit.spec.result import Interface, Result
+
 from . import link, netns, rtnl
 from .config import BridgeConf
-from .spec.errors import INTERNAL, INVALID_CONFIG, CNIError
-from .spec.result import Interface, Result
 
 
 def _drift(what: str, details: str) -> CNIError:

@@ -15,10 +15,10 @@ from pydantic import (
     model_validator,
 )
 
-from .spec.args import validate_ifname
-from .spec.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CNIError
-from .spec.result import DNS
-from .spec.validation import config_error
+from cnikit.spec.args import validate_ifname
+from cnikit.spec.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CNIError
+from cnikit.spec.result import DNS
+from cnikit.spec.validation import config_error
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 

@@ -19,9 +19,9 @@ import sysconfig
 from collections.abc import Callable
 
 import cni_plugin
-from cni_plugin import skel
+from cnikit import skel
+from cnikit.programs import PROGRAMS
 
-PROGRAMS = ("pybridge", "pyipam")
 CLIENT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent", "client.c")
 
 
@@ -40,7 +40,7 @@ def launcher(program: str, python: str, paths: list[str]) -> str:
         f"#!{python} -IS\n"
         "import sys\n"
         f"sys.path[:0] = {paths!r}\n"
-        "from cni_plugin.agent.shim import main\n"
+        "from cni_plugin.shim import main\n"
         f"main({program!r})\n"
     )
 

@@ -9,9 +9,9 @@ import subprocess
 from types import ModuleType
 from typing import Any
 
-from .skel import Request
-from .spec.errors import INTERNAL, INVALID_CONFIG, CNIError
-from .spec.result import Result, parse_result
+from cnikit.skel import Request
+from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, CNIError
+from cnikit.spec.result import Result, parse_result
 
 IN_PROCESS = "pyipam"
 EXEC_TIMEOUT = 60.0

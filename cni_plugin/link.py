@@ -20,8 +20,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cnikit.spec.errors import INTERNAL, UNSUPPORTED_FIELD, CNIError
+
 from . import netns, rtnl, sysctl
-from .spec.errors import INTERNAL, UNSUPPORTED_FIELD, CNIError
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 

@@ -21,8 +21,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from functools import cache, partial
 
-from .spec.errors import INVALID_CONFIG, INVALID_ENV, CNIError
-from .spec.names import validate_network_name
+from cnikit.spec.errors import INVALID_CONFIG, INVALID_ENV, CNIError
+from cnikit.spec.names import validate_network_name
 
 MASQ_FAILED = 120  # codes >= 100 are plugin-specific (SPEC "Error")
 

@@ -8,12 +8,14 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from . import config, ipam_client, link, log, netns, sysctl
+from cnikit import log
+from cnikit.skel import Request
+from cnikit.spec.attachments import valid_attachments
+from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, UNSUPPORTED_FIELD, CNIError
+from cnikit.spec.result import Interface, Result, Route, parse_result
+
+from . import config, ipam_client, link, netns, sysctl
 from .config import BridgeConf
-from .skel import Request
-from .spec.attachments import valid_attachments
-from .spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, UNSUPPORTED_FIELD, CNIError
-from .spec.result import Interface, Result, Route, parse_result
 
 POD_INDEX = 2  # interfaces are [bridge, host veth, pod]
 

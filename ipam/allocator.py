@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Set
 
-from cni_plugin.spec.errors import CNIError
+from cnikit.spec.errors import CNIError
 
 from .config import IPAddress, Range, RangeSet, describe
 

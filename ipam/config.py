@@ -28,9 +28,9 @@ from pydantic import (
     model_validator,
 )
 
-from cni_plugin.spec.errors import INVALID_CONFIG, CNIError
-from cni_plugin.spec.names import validate_network_name
-from cni_plugin.spec.validation import config_error
+from cnikit.spec.errors import INVALID_CONFIG, CNIError
+from cnikit.spec.names import validate_network_name
+from cnikit.spec.validation import config_error
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 
-from cni_plugin.spec.args import validate_container_id, validate_ifname
-from cni_plugin.spec.errors import IO_FAILURE, TRY_AGAIN_LATER, CNIError
+from cnikit.spec.args import validate_container_id, validate_ifname
+from cnikit.spec.errors import IO_FAILURE, TRY_AGAIN_LATER, CNIError
 
 from .config import DEFAULT_LOCK_TIMEOUT, IPAddress, parse_ip
 from .store import Reservation, Store

@@ -24,10 +24,10 @@ import os
 from collections.abc import Callable, Mapping, Set
 from typing import Any
 
-from cni_plugin.spec.args import validate_container_id, validate_ifname
-from cni_plugin.spec.errors import INVALID_CONFIG, IO_FAILURE, NOT_AVAILABLE, CNIError
-from cni_plugin.spec.names import validate_network_name
-from cni_plugin.spec.version import CURRENT
+from cnikit.spec.args import validate_container_id, validate_ifname
+from cnikit.spec.errors import INVALID_CONFIG, IO_FAILURE, NOT_AVAILABLE, CNIError
+from cnikit.spec.names import validate_network_name
+from cnikit.spec.version import CURRENT
 
 from .allocator import EXHAUSTED, IP_UNAVAILABLE, pick, range_for
 from .config import IPAddress, IPAMConfig, Range, RangeSet, load_ipam_config

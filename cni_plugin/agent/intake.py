@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import log
+from cnikit import log
+
 from . import wire
 
 REQUEST_TIMEOUT = 10.0  # from accept to the request's last byte

@@ -18,8 +18,9 @@ import re
 import shutil
 import sys
 
-PROGRAMS = ("pybridge", "pyipam")
-EXECUTABLE = "pybridge"
+from cnikit.programs import PROGRAMS, PYBRIDGE
+
+EXECUTABLE = PYBRIDGE
 CLIENT = "cni-client"
 CURRENT = "current"
 _DIGEST = re.compile(r"^[0-9a-f]{16}$")

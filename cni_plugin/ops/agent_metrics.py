@@ -12,9 +12,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import ipam.plugin
+from cnikit.spec.errors import CNIError
 from ipam.config import IPAddress, IPAMConfig
 
-from ..spec.errors import CNIError
 from . import endpoint, networks
 
 VERBS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")

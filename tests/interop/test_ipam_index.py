@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.spec.errors import CNIError
+from cnikit.spec.errors import CNIError
 from ipam import plugin
 from ipam.allocator import EXHAUSTED
 from tests.netns.harness import REFERENCE_PLUGINS

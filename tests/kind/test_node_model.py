@@ -6,10 +6,10 @@ import ipaddress
 import os
 from pathlib import Path
 
-from cni_plugin.frozen import program_for
 from cni_plugin.node import model
 from cni_plugin.node.effects import write_atomic
 from cni_plugin.node.install import install_bundle
+from cnikit.programs import program_for
 
 from .fakeapi import load
 

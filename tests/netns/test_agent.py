@@ -122,7 +122,7 @@ def test_agent_serves_ipam_calls_for_the_reference_bridge(host: Host) -> None:
 
 
 def test_the_exec_path_imports_no_heavy_library() -> None:
-    code = (f"import sys; sys.path[:0] = {import_paths()!r}; import cni_plugin.agent.shim; "
+    code = (f"import sys; sys.path[:0] = {import_paths()!r}; import cni_plugin.shim; "
             "print(sorted(sys.modules))")
     out = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, text=True, check=True)
     modules = json.loads(out.stdout.replace("'", '"'))

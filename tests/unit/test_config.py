@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cni_plugin import config
-from cni_plugin.spec.errors import CNIError
+from cnikit.spec.errors import CNIError
 
 UNSUPPORTED_FIELD = 2
 INVALID_ENV = 4

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cni_plugin.spec.errors import CNIError
+from cnikit.spec.errors import CNIError
 from ipam.allocator import EXHAUSTED, IP_UNAVAILABLE, candidates, pick, range_for
 from ipam.config import IPAddress, Range, RangeSet
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import ipam_client, skel
-from cni_plugin.spec.args import from_env
-from cni_plugin.spec.errors import CNIError
+from cni_plugin import ipam_client
+from cnikit import skel
+from cnikit.spec.args import from_env
+from cnikit.spec.errors import CNIError
 
 INVALID_CONFIG = 7
 DECODE_FAILURE = 6

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.spec.errors import CNIError
+from cnikit.spec.errors import CNIError
 from ipam.allocator import EXHAUSTED, IP_UNAVAILABLE
 from ipam.config import IPAMConfig, load_ipam_config
 from ipam.plugin import DUPLICATE_ALLOCATION, allocate

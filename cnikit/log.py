@@ -11,7 +11,7 @@ import stat
 from collections.abc import Mapping
 from typing import Any
 
-from .spec.errors import INVALID_CONFIG, CNIError
+from cnikit.spec.errors import INVALID_CONFIG, CNIError
 
 ENV_VAR = "PYBRIDGE_LOG_FILE"
 

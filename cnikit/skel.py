@@ -13,10 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from . import log
-from .spec import version
-from .spec.args import CmdArgs, from_env
-from .spec.errors import (
+from cnikit.spec import version
+from cnikit.spec.args import CmdArgs, from_env
+from cnikit.spec.errors import (
     DECODE_FAILURE,
     INCOMPATIBLE_VERSION,
     INTERNAL,
@@ -24,10 +23,12 @@ from .spec.errors import (
     IO_FAILURE,
     CNIError,
 )
-from .spec.names import validate_network_name
+from cnikit.spec.names import validate_network_name
+
+from . import log
 
 if TYPE_CHECKING:
-    from .removals import Removals
+    from cnikit.removals import Removals
 
 MAX_STDIN = 4 * 1024 * 1024
 

@@ -96,12 +96,12 @@ def _enable_forwarding(families: set[int]) -> None:
         sysctl.ensure("net/ipv6/conf/all/forwarding", "1")
 
 
-def _undo(what: str, func: Any, *args: Any) -> None:
+def _undo(logger: log.Logger, what: str, func: Any, *args: Any) -> None:
     """Undo steps must not mask the error that triggered them."""
     try:
         func(*args)
     except Exception as exc:
-        log.warning("undo_failed", step=what, error=str(exc))
+        logger.warning("undo_failed", step=what, error=str(exc))
 
 
 def cmd_add(req: Request) -> dict[str, Any]:
@@ -116,10 +116,10 @@ def cmd_add(req: Request) -> dict[str, Any]:
         result = Result(cniVersion=req.cni_version)
         if conf.ipam_type:
             result = ipam_client.add(req, conf.ipam_type)
-            undo.callback(_undo, "ipam release", ipam_client.delete, req, conf.ipam_type)
+            undo.callback(_undo, req.log, "ipam release", ipam_client.delete, req, conf.ipam_type)
         bridge = link.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc_mode, bool(conf.vlan))
         host = link.create_veth(ipr, pod_fd, ifname, conf.mtu, mac)
-        undo.callback(_undo, "veth delete", link.delete_link, ipr, host.index)
+        undo.callback(_undo, req.log, "veth delete", link.delete_link, ipr, host.index)
         link.attach_port(ipr, host, bridge, conf.hairpin_mode, conf.port_isolation, conf.vlan)
         gateways = _gateways(conf, result)
         _default_routes(conf, result, gateways)
@@ -135,7 +135,7 @@ def cmd_add(req: Request) -> dict[str, Any]:
         if conf.ip_masq and addrs:
             from . import masq
 
-            undo.callback(_undo, "masquerade teardown", masq.teardown, conf.name, cid, ifname)
+            undo.callback(_undo, req.log, "masquerade teardown", masq.teardown, conf.name, cid, ifname)
             masq.setup(conf.name, cid, ifname, addrs, conf.ip_masq_backend)
         if not conf.disable_container_interface:
             host = link.wait_oper_up(ipr, host.index)
@@ -222,7 +222,7 @@ def cmd_gc(req: Request) -> None:
 
     errors = masq.gc(conf.name, valid)
     if conf.ipam_type:
-        errors += ipam_client.gc(req, conf.ipam_type, valid)
+        errors += ipam_client.gc(req, conf.ipam_type)
     if errors:
         raise CNIError(INTERNAL, "GC finished with errors", "; ".join(errors))
 

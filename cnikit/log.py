@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any, TextIO
 
 from cnikit.spec.errors import INVALID_CONFIG, CNIError
 
 ENV_VAR = "PYBRIDGE_LOG_FILE"
-
-_logger: Any = None
-_path: str | None = None
 
 
 def validate_log_path(path: object) -> str:
@@ -65,46 +63,83 @@ def _open_existing_log(path: str, flags: int) -> int:
     return fd
 
 
-def configure(config_path: object, env: Mapping[str, str]) -> None:
-    """Point the logger at the configured file (config wins over the environment)."""
-    global _logger, _path
+class Logger:
+    """One call's log (or the process's own): JSON lines into one file or stream, or nowhere.
+
+    Bound per call and handed on through the request, so concurrent calls of one agent with
+    different `logFile`s each write only into their own."""
+
+    def __init__(self, stream: TextIO | None = None, owned: bool = False,
+                 echo: IO[str] | None = None) -> None:
+        self._stream = stream
+        self._owned = owned
+        self._echo = echo
+        self._logger: Any = None
+        if stream is not None:
+            import structlog
+
+            self._logger = structlog.wrap_logger(
+                structlog.WriteLogger(stream),
+                processors=[
+                    structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer(),
+                ],
+            )
+
+    def event(self, name: str, **fields: Any) -> None:
+        if self._logger is not None:
+            self._logger.info(name, **fields)
+
+    def warning(self, name: str, **fields: Any) -> None:
+        if self._logger is not None:
+            self._logger.warning(name, **fields)
+
+    def notice(self, message: str) -> None:
+        """A warning for the runtime's operator (a skipped store file, say): on the call's
+        stderr as one line, and in its log."""
+        if self._echo is not None:
+            self._echo.write(f"{message}\n")
+        self.warning("notice", message=message)
+
+    def exception(self, name: str, **fields: Any) -> None:
+        if self._logger is not None:
+            self._logger.error(name, exc_info=True, **fields)
+
+    def close(self) -> None:
+        if self._owned and self._stream is not None:
+            self._stream.close()
+            self._stream = self._logger = None
+
+
+NOWHERE = Logger()
+_process = NOWHERE
+
+
+def for_call(config_path: object, env: Mapping[str, str], echo: IO[str] | None = None) -> Logger:
+    """The log of one call: the netconf's `logFile`, else PYBRIDGE_LOG_FILE, else none; notices
+    also go to `echo` (the call's stderr). The file is opened for this call alone; the caller
+    closes it when the call is done."""
     path = config_path if config_path is not None else env.get(ENV_VAR) or None
     if path is None:
-        return
-    path = validate_log_path(path)
-    if path == _path:
-        return
-    import structlog
-
-    fd = _open_log(path)
-    stream = os.fdopen(fd, "a", buffering=1)
-    _logger = structlog.wrap_logger(
-        structlog.WriteLogger(stream),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-    )
-    _path = path
+        return Logger(echo=echo)
+    fd = _open_log(validate_log_path(path))
+    return Logger(os.fdopen(fd, "a", buffering=1), owned=True, echo=echo)
 
 
-def call_done(**fields: Any) -> None:
-    if _logger is not None:
-        _logger.info("cni_call", **fields)
+def to_stderr() -> Logger:
+    """JSON lines on stderr: the node agent's log, read with `kubectl logs`."""
+    return Logger(sys.stderr)
 
 
-def event(name: str, **fields: Any) -> None:
-    if _logger is not None:
-        _logger.info(name, **fields)
+def open_process_log(env: Mapping[str, str]) -> Logger:
+    """The long-lived process's own log (the agent's PYBRIDGE_LOG_FILE), created now, so its
+    warnings outside any call (bad requests, removals) have somewhere to go."""
+    global _process
+    _process = for_call(None, env)
+    return _process
 
 
-def warning(name: str, **fields: Any) -> None:
-    if _logger is not None:
-        _logger.warning(name, **fields)
-
-
-def exception(name: str, **fields: Any) -> None:
-    if _logger is not None:
-        _logger.error(name, exc_info=True, **fields)
+def process() -> Logger:
+    return _process

@@ -19,24 +19,24 @@ from . import plugin
 
 def add(req: skel.Request) -> dict[str, Any]:
     cmd = req.cmd
-    result = plugin.ipam_add(req.config, cmd.container_id, cmd.ifname, cmd.cni_args)
+    result = plugin.ipam_add(req.config, cmd.container_id, cmd.ifname, cmd.cni_args, req.log.notice)
     return convert_result(result, req.cni_version)
 
 
 def delete(req: skel.Request) -> None:
-    plugin.ipam_del(req.config, req.cmd.container_id, req.cmd.ifname)
+    plugin.ipam_del(req.config, req.cmd.container_id, req.cmd.ifname, req.log.notice)
 
 
 def check(req: skel.Request) -> None:
-    plugin.ipam_check(req.config, req.cmd.container_id, req.cmd.ifname)
+    plugin.ipam_check(req.config, req.cmd.container_id, req.cmd.ifname, req.log.notice)
 
 
 def status(req: skel.Request) -> None:
-    plugin.ipam_status(req.config)
+    plugin.ipam_status(req.config, req.log.notice)
 
 
 def gc(req: skel.Request) -> None:
-    plugin.ipam_gc(req.config, valid_attachments(req.config))
+    plugin.ipam_gc(req.config, valid_attachments(req.config), req.log.notice)
 
 
 VERBS: dict[str, skel.Verb] = {"ADD": add, "DEL": delete, "CHECK": check, "STATUS": status, "GC": gc}

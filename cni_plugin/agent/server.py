@@ -140,7 +140,7 @@ class Agent:
             call.conn.setblocking(True)
             self._answer(call.conn, bytes(call.data), call.fds, call.deadline)
         except (OSError, ValueError) as exc:
-            log.warning("agent_bad_request", error=str(exc))
+            log.process().warning("agent_bad_request", error=str(exc))
         finally:
             call.close()
             with self._lock:
@@ -209,7 +209,7 @@ class Agent:
             except OSError:
                 if code == 0 and env.get("CNI_COMMAND") == "ADD":
                     self.observer.add_undone()
-                    log.warning("agent_add_undone", container_id=key[0], ifname=key[1],
+                    log.process().warning("agent_add_undone", container_id=key[0], ifname=key[1],
                                 reason="the caller went away before the result was delivered")
                     skel.run(_verbs_for(program), {**env, "CNI_COMMAND": "DEL"}, io.BytesIO(stdin),
                              io.StringIO(), program=program, stderr=io.StringIO(), netns_fd=pod_fd,
@@ -234,7 +234,7 @@ def _go(conn: socket.socket) -> bool:
             break
         got += chunk
     if got != wire.GO:
-        log.warning("agent_call_dropped", reason="the client did not confirm the call")
+        log.process().warning("agent_call_dropped", reason="the client did not confirm the call")
     return got == wire.GO
 
 
@@ -251,6 +251,11 @@ def _busy(stdin: bytes, key: tuple[str, str]) -> bytes:
 
 def run(path: str | None, observer: Observer | None, endpoint: Endpoint) -> int:
     """Foreground agent; SIGTERM/SIGINT stop it after draining the calls in flight."""
+    try:
+        log.open_process_log(os.environ)  # created now, not at the first call that logs
+    except CNIError as exc:
+        print(f"pybridge agent: {exc}", file=sys.stderr)
+        return 2
     agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET, observer=observer)
 
     def stop(_signum: int, _frame: Any) -> None:

@@ -13,16 +13,15 @@ import argparse
 import ipaddress
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from cnikit import log
+
 from . import model
 
-
-def _log(event: str, **fields: Any) -> None:
-    print(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}), file=sys.stderr, flush=True)
+_log = log.to_stderr().event  # JSON lines on stderr (`kubectl logs`), as every pybridge log
 
 
 class Effects(Protocol):

@@ -12,7 +12,6 @@ Only hashes, IP addresses and CIDRs are ever written into a rule.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import shlex
@@ -21,6 +20,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from functools import cache, partial
 
+from cnikit.ip import IPInterface
 from cnikit.spec.errors import INVALID_CONFIG, INVALID_ENV, CNIError
 from cnikit.spec.names import validate_network_name
 
@@ -29,7 +29,6 @@ MASQ_FAILED = 120  # codes >= 100 are plugin-specific (SPEC "Error")
 NFTABLES = "nftables"
 IPTABLES = "iptables"
 
-Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 _TABLE = "inet pybridge"
 _MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
@@ -64,7 +63,7 @@ def setup(
     network: str,
     container_id: str,
     ifname: str,
-    addrs: Sequence[Interface],
+    addrs: Sequence[IPInterface],
     backend: str | None = None,
 ) -> None:
     """Masquerade traffic from each address to outside its subnet, except to multicast.
@@ -76,7 +75,7 @@ def setup(
     for addr in addrs:
         # Rules only get the canonical .ip and .network; a scope id ("%<free text>") is refused
         # anyway, as no pod address has one and it would change what the caller meant.
-        if not isinstance(addr, Interface) or getattr(addr, "scope_id", None):
+        if not isinstance(addr, IPInterface) or getattr(addr, "scope_id", None):
             raise CNIError(INVALID_CONFIG, "invalid address for masquerade", repr(addr)[:100])
     tag = _tag(network, container_id, ifname)
     if _backend(backend) == NFTABLES:
@@ -317,7 +316,7 @@ def _ipt_if_present(ipt: str, *args: str) -> bool:
     return True
 
 
-def _ipt_setup(ipt: str, family: int, chain: str, tag: str, addrs: list[Interface]) -> None:
+def _ipt_setup(ipt: str, family: int, chain: str, tag: str, addrs: list[IPInterface]) -> None:
     _ipt_teardown(ipt, chain)
     if not addrs:
         return

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from cnikit import log
+from cnikit.ip import IPInterface
 from cnikit.skel import Request
 from cnikit.spec.attachments import valid_attachments
 from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, UNSUPPORTED_FIELD, CNIError
@@ -56,10 +57,10 @@ def _refuse_own_netns(req: Request, fd: int) -> None:
         raise CNIError(INVALID_NETNS, "CNI_NETNS is the plugin's own network namespace", req.cmd.netns)
 
 
-def _gateways(conf: BridgeConf, result: Result) -> dict[int, link.IPInterface]:
+def _gateways(conf: BridgeConf, result: Result) -> dict[int, IPInterface]:
     """Fill in each IP's interface and (with isGateway) its missing gateway; return one gateway
     per family, as an address with the pod subnet's prefix."""
-    found: dict[int, link.IPInterface] = {}
+    found: dict[int, IPInterface] = {}
     for ip in result.ips:
         ip.interface = POD_INDEX
         iface = ipaddress.ip_interface(ip.address)
@@ -70,7 +71,7 @@ def _gateways(conf: BridgeConf, result: Result) -> dict[int, link.IPInterface]:
     return found
 
 
-def _default_routes(conf: BridgeConf, result: Result, gateways: dict[int, link.IPInterface]) -> None:
+def _default_routes(conf: BridgeConf, result: Result, gateways: dict[int, IPInterface]) -> None:
     if not conf.is_default_gateway:
         return
     have = {ipaddress.ip_network(r.dst).version for r in result.routes
@@ -80,7 +81,7 @@ def _default_routes(conf: BridgeConf, result: Result, gateways: dict[int, link.I
             result.routes.append(Route(dst="0.0.0.0/0" if family == 4 else "::/0", gw=str(gateway.ip)))
 
 
-def _pod_routes(result: Result, gateways: dict[int, link.IPInterface]) -> list[tuple[str, str | None]]:
+def _pod_routes(result: Result, gateways: dict[int, IPInterface]) -> list[tuple[str, str | None]]:
     out = []
     for route in result.routes:
         family = ipaddress.ip_network(route.dst).version

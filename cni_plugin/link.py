@@ -48,7 +48,7 @@ def netlink_errors(what: str) -> Iterator[None]:
 
 
 # Opens a netlink socket in the calling thread's netns: the kernel's, or the unit tests' fake.
-open_socket: Callable[[], Netlink] = Netlink
+open_socket: Callable[[], Netlink] = rtnl.Socket
 
 
 @contextlib.contextmanager

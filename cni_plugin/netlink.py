@@ -1,4 +1,5 @@
-"""The one netlink seam: what the verbs and CHECK ask of a netns's links, addresses and routes.
+"""The one netlink seam: what the verbs, CHECK and the node agent ask of a netns's links,
+addresses and routes.
 
 `rtnl.Socket` serves it on the kernel (its own lean encoding on the hot path, pyroute2 behind
 the same methods for the rest); the unit tests serve it with an in-memory fake
@@ -7,6 +8,7 @@ the same methods for the rest); the unit tests serve it with an in-memory fake
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,3 +56,8 @@ class Netlink(Protocol):
     def delete_address(self, index: int, address: IPInterface) -> None: ...
     def routes(self, family: int) -> list[tuple[str, str | None]]: ...
     def add_route(self, dst: str, gateway: str | None, oif: int) -> None: ...
+    # The node agent's routes to the other nodes' pod subnets, and its uplink.
+    def owned_routes(self, proto: int) -> set[tuple[str, str]]: ...
+    def replace_route(self, dst: str, gateway: str, proto: int) -> None: ...
+    def delete_route(self, dst: str, gateway: str, proto: int) -> None: ...
+    def uplink_mtu(self, addresses: Iterable[str]) -> int | None: ...

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from cnikit.ip import IPInterface
@@ -259,6 +259,38 @@ class Socket:
     def enable_vlan_filtering(self, index: int) -> None:
         with _pyroute2() as ipr:
             ipr.link("set", index=index, kind="bridge", br_vlan_filtering=1)
+
+    def owned_routes(self, proto: int) -> set[tuple[str, str]]:
+        """(destination, gateway) of the main table's routes that carry routing protocol `proto`."""
+        found = set()
+        with _pyroute2() as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+                    dst, gateway = msg.get_attr("RTA_DST"), msg.get_attr("RTA_GATEWAY")
+                    if msg["proto"] == proto and dst is not None and gateway is not None:
+                        found.add((f"{dst}/{msg['dst_len']}", str(gateway)))
+        return found
+
+    def replace_route(self, dst: str, gateway: str, proto: int) -> None:
+        with _pyroute2() as ipr:
+            ipr.route("replace", dst=dst, gateway=gateway, proto=proto, table=RT_TABLE_MAIN)
+
+    def delete_route(self, dst: str, gateway: str, proto: int) -> None:
+        with _pyroute2() as ipr:
+            ipr.route("del", dst=dst, gateway=gateway, proto=proto, table=RT_TABLE_MAIN)
+
+    def uplink_mtu(self, addresses: Iterable[str]) -> int | None:
+        """MTU of the link holding one of `addresses`, else of the default route's link."""
+        wanted = set(addresses)
+        with _pyroute2() as ipr:
+            owners = [msg["index"] for msg in ipr.get_addr()
+                      if {str(msg.get_attr("IFA_ADDRESS")), str(msg.get_attr("IFA_LOCAL"))} & wanted]
+            defaults = [msg.get_attr("RTA_OIF") for family in (socket.AF_INET, socket.AF_INET6)
+                        for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN)
+                        if msg["dst_len"] == 0 and msg.get_attr("RTA_OIF")]
+        index = next(iter(owners + defaults), None)
+        found = self.link_by_index(index) if index is not None else None
+        return found.mtu if found is not None else None
 
     def set_port_vlan(self, index: int, vid: int) -> None:
         """The port's only VLAN: `vid`, untagged and its PVID (VLAN 1 removed)."""

@@ -12,7 +12,7 @@ from cnikit import log
 from cnikit.ip import IPInterface
 from cnikit.skel import Request
 from cnikit.spec.attachments import valid_attachments
-from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, UNSUPPORTED_FIELD, CNIError
+from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, CNIError
 from cnikit.spec.result import Interface, Result, Route, parse_result
 
 from . import config, ipam_client, link, netns, sysctl
@@ -22,11 +22,7 @@ POD_INDEX = 2  # interfaces are [bridge, host veth, pod]
 
 
 def _load(req: Request) -> BridgeConf:
-    conf = config.load(req.config)
-    if conf.vlan and conf.is_gateway:
-        raise CNIError(UNSUPPORTED_FIELD, "unsupported field 'vlan' with 'isGateway'",
-                       "a gateway on a VLAN sub-interface is not implemented by pybridge")
-    return conf
+    return config.load(req.config)
 
 
 def _open_pod_netns(req: Request) -> int:

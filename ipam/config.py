@@ -30,7 +30,7 @@ from pydantic import (
 
 from cnikit.spec.errors import INVALID_CONFIG, CNIError
 from cnikit.spec.names import validate_network_name
-from cnikit.spec.validation import config_error
+from cnikit.spec.validation import config_error, declared_runtime_config
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -246,18 +246,11 @@ def _invalid(path: str, details: str) -> CNIError:
 
 
 def _runtime_config(netconf: Mapping[str, Any]) -> _RuntimeConfig:
-    """runtimeConfig keys the network declared as capabilities. libcni strips `capabilities`
-    before calling a plugin, so when it is absent the runtime has already filtered."""
-    raw = netconf.get("runtimeConfig")
+    raw = declared_runtime_config(netconf)
     if raw is None:
         return _RuntimeConfig()
     if not isinstance(raw, dict):
         raise _invalid("runtimeConfig", "an object is required")
-    caps = netconf.get("capabilities")
-    if caps is not None:
-        if not isinstance(caps, dict):
-            raise _invalid("capabilities", "an object is required")
-        raw = {key: value for key, value in raw.items() if caps.get(key) is True}
     return _validate(_RUNTIME, raw, "runtimeConfig")
 
 

@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ HOST = "host"
 class Namespace:
     links: dict[int, Link] = field(default_factory=dict)
     addrs: dict[int, list[IPInterface]] = field(default_factory=dict)
+    # (destination, gateway, oif); the node agent's routes by protocol carry -proto as oif
     routes: list[tuple[str, str | None, int]] = field(default_factory=list)
 
 
@@ -249,3 +250,21 @@ class FakeSocket:
         if any(r[0] == dst for r in self.ns.routes):
             raise NetlinkError(errno.EEXIST, os.strerror(errno.EEXIST))
         self.ns.routes.append((dst, gateway, oif))
+
+    def owned_routes(self, proto: int) -> set[tuple[str, str]]:
+        return {(dst, gw) for dst, gw, owner in self.ns.routes if owner == -proto and gw}
+
+    def replace_route(self, dst: str, gateway: str, proto: int) -> None:
+        self.kernel.step(f"replace route {dst}")
+        self.ns.routes = [r for r in self.ns.routes if r[0] != dst] + [(dst, gateway, -proto)]
+
+    def delete_route(self, dst: str, gateway: str, proto: int) -> None:
+        self.kernel.step(f"delete route {dst}")
+        if (dst, gateway, -proto) not in self.ns.routes:
+            raise NetlinkError(errno.ESRCH, os.strerror(errno.ESRCH))
+        self.ns.routes.remove((dst, gateway, -proto))
+
+    def uplink_mtu(self, addresses: Iterable[str]) -> int | None:
+        wanted = set(addresses)
+        owner = next((i for i, addrs in self.ns.addrs.items() if {str(a.ip) for a in addrs} & wanted), None)
+        return self.ns.links[owner].mtu if owner is not None else None

@@ -103,3 +103,14 @@ def test_a_failure_at_any_step_of_add_leaves_nothing_behind(kernel: FakeKernel, 
             code, error = _call("ADD", _conf(work))
             assert code == 1 and error is not None and "injected failure" in error["details"], (step, error)
             _nothing_left(failing, work)
+
+
+def test_node_agent_routes_through_the_seam() -> None:
+    from cni_plugin.node import effects, model
+
+    sock = FakeKernel().socket()
+    mine, gone = model.Route("10.70.2.0/24", "172.18.0.3"), model.Route("10.70.9.0/24", "172.18.0.9")
+    assert effects.apply_routes(sock, [], [mine]) == []
+    assert effects.current_routes(sock) == {mine}
+    errors = effects.apply_routes(sock, [mine, gone], [])  # one gone already: not an error
+    assert errors == [] and effects.current_routes(sock) == set()

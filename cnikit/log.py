@@ -13,15 +13,16 @@ from collections.abc import Mapping
 from typing import IO, Any, TextIO
 
 from cnikit.spec.errors import INVALID_CONFIG, CNIError
+from cnikit.spec.names import absolute_path
 
 ENV_VAR = "PYBRIDGE_LOG_FILE"
 
 
 def validate_log_path(path: object) -> str:
-    if not isinstance(path, str) or not path.startswith("/") or "\0" in path or "\n" in path \
-            or len(path) > 4096 or "/../" in path + "/":
-        raise CNIError(INVALID_CONFIG, "invalid field 'logFile'", "an absolute path without '..' is required")
-    return path
+    try:
+        return absolute_path(path)
+    except ValueError as exc:
+        raise CNIError(INVALID_CONFIG, "invalid field 'logFile'", str(exc)) from None
 
 
 def _log_error(path: str, why: str) -> CNIError:

@@ -28,12 +28,10 @@ from pydantic import (
     model_validator,
 )
 
+from cnikit.ip import IPAddress, IPNetwork
 from cnikit.spec.errors import INVALID_CONFIG, CNIError
-from cnikit.spec.names import validate_network_name
+from cnikit.spec.names import absolute_path, validate_network_name
 from cnikit.spec.validation import config_error, declared_runtime_config
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 DEFAULT_LOCK_TIMEOUT = 10.0
@@ -90,17 +88,11 @@ def parse_subnet(value: object) -> IPNetwork:
     return net
 
 
-def _absolute_path(value: str) -> str:
-    if not value.startswith("/") or "\0" in value or ".." in value.split("/"):
-        raise ValueError("an absolute path without '..' is required")
-    return value
-
-
 Address = Annotated[IPAddress, PlainValidator(parse_ip)]
 RequestedIP = Annotated[IPAddress, PlainValidator(_parse_requested_ip)]
 Subnet = Annotated[IPNetwork, PlainValidator(parse_subnet)]
 Destination = Annotated[IPNetwork, PlainValidator(lambda v: _parse_cidr(v, strict=False))]
-AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+AbsolutePath = Annotated[str, AfterValidator(absolute_path)]
 
 
 class _Model(BaseModel):

@@ -23,13 +23,23 @@ import os
 from collections.abc import Callable, Mapping, Set
 from typing import Any
 
+from cnikit.ip import IPAddress
 from cnikit.spec.args import validate_container_id, validate_ifname
-from cnikit.spec.errors import INVALID_CONFIG, IO_FAILURE, NOT_AVAILABLE, CNIError
+from cnikit.spec.errors import (
+    DUPLICATE_ALLOCATION,
+    EXHAUSTED,
+    INVALID_CONFIG,
+    IO_FAILURE,
+    IP_UNAVAILABLE,
+    NOT_AVAILABLE,
+    NOT_FOUND,
+    CNIError,
+)
 from cnikit.spec.names import validate_network_name
 from cnikit.spec.version import CURRENT
 
-from .allocator import EXHAUSTED, IP_UNAVAILABLE, pick, range_for
-from .config import IPAddress, IPAMConfig, Range, RangeSet, load_ipam_config
+from .allocator import pick, range_for
+from .config import IPAMConfig, Range, RangeSet, load_ipam_config
 from .disk import DiskStore, Warn, to_stderr
 from .store import Store
 
@@ -48,8 +58,6 @@ __all__ = [
     "read_resolv_conf",
 ]
 
-DUPLICATE_ALLOCATION = 112
-NOT_FOUND = 113
 
 MAX_RESOLV_CONF = 64 * 1024
 

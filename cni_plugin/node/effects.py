@@ -10,17 +10,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
 
-from .. import link
+from .. import hostnet, link
 from ..netlink import Netlink, NetlinkError
 from . import model
 
 RTPROT_PYBRIDGE = 91
-_FALLBACK_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o644) -> bool:
@@ -72,7 +70,7 @@ def apply_routes(sock: Netlink, deletes: Iterable[model.Route], sets: Iterable[m
 
 
 def nft_binary() -> str:
-    found = shutil.which("nft") or shutil.which("nft", path=_FALLBACK_PATH)
+    found = hostnet.find_binary("nft")
     if not found:
         raise RuntimeError("nft not found: the node agent masquerades with nftables")
     return found

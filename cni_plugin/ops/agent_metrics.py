@@ -12,8 +12,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import ipam.plugin
+from cnikit.ip import IPAddress
 from cnikit.spec.errors import CNIError
-from ipam.config import IPAddress, IPAMConfig
+from ipam.config import IPAMConfig
 
 from . import endpoint, networks
 

@@ -42,3 +42,4 @@ def declared_runtime_config(netconf: Mapping[str, Any]) -> Any:
     if not isinstance(caps, dict):
         raise CNIError(INVALID_CONFIG, "invalid field 'capabilities'", "an object is required")
     return {key: value for key, value in raw.items() if caps.get(key) is True}
+

@@ -22,6 +22,8 @@ import cni_plugin
 from cnikit import skel
 from cnikit.programs import PROGRAMS
 
+from . import files
+
 CLIENT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent", "client.c")
 
 
@@ -46,11 +48,12 @@ def launcher(program: str, python: str, paths: list[str]) -> str:
 
 
 def _install_file(target: str, write: Callable[[str], None]) -> str:
-    """Write via temp + rename: a runtime may exec the old file meanwhile."""
-    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp")
-    write(tmp)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, target)
+    """A runtime may exec the old file meanwhile: written aside, then renamed over it."""
+    def make(tmp: str) -> None:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+
+    files.replace(target, make)
     return target
 
 

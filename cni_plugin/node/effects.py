@@ -7,44 +7,16 @@ Masquerade lives in a table of its own, `inet pybridge_node`, replaced as one nf
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterable
 
-from .. import hostnet, link
+from .. import files, hostnet, link
 from ..netlink import Netlink, NetlinkError
 from . import model
 
 RTPROT_PYBRIDGE = 91
-
-
-def write_atomic(path: str, data: bytes, mode: int = 0o644) -> bool:
-    """Write `data` to `path` by temp file + rename in the same directory; False if unchanged.
-
-    The temp name ends in neither .conf, .conflist nor .json, so a runtime scanning the
-    directory never loads a half-written file.
-    """
-    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-        if f.read() == data:
-            return False
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return True
 
 
 def current_routes(sock: Netlink) -> set[model.Route]:
@@ -110,5 +82,6 @@ class Host:
         if plan.masquerade != self._masq_applied:
             apply_masquerade(plan.masquerade)
             self._masq_applied = plan.masquerade
-        write_atomic(os.path.join(self.conf_dir, model.CONFLIST_NAME), model.render_conflist(plan.conflist))
+        conflist = os.path.join(self.conf_dir, model.CONFLIST_NAME)
+        files.write_bytes(conflist, model.render_conflist(plan.conflist))
         return errors

@@ -11,7 +11,7 @@ from cni_plugin.node import model
 from cni_plugin.node.install import install_bundle
 from cnikit.programs import program_for
 
-from .fakeapi import load
+from ..kind.fakeapi import load
 
 R = model.Route
 ME = "pybridge-worker"

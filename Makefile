@@ -97,8 +97,9 @@ kind-down:
 	kind delete cluster --name $(KIND_CLUSTER)
 
 # pytest exits 5 when it ran no test: that is a failure here too (make stops on any non-zero).
-test: lint bundle
-	$(VENV)/bin/pytest -q -rs tests
+# lint and the unit tier (no root, no bundle) come first: they never wait for PyInstaller.
+test: lint unit bundle
+	$(VENV)/bin/pytest -q -rs tests --ignore=tests/unit
 
 # The benchmark against the reference plugins (root): writes bench/results.md. Takes ~10 min.
 bench: venv

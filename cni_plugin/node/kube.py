@@ -31,7 +31,8 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
 
 def node_events(api: client.ApiClient, timeout_seconds: int = 60,
                 stop: Callable[[], bool] = lambda: False,
-                backoff: Callable[[float], None] = time.sleep) -> Iterator[Event]:
+                backoff: Callable[[float], None] = time.sleep,
+                report: Callable[[Exception], None] = lambda _exc: None) -> Iterator[Event]:
     core = client.CoreV1Api(api)
     while not stop():
         try:
@@ -49,4 +50,5 @@ def node_events(api: client.ApiClient, timeout_seconds: int = 60,
                     return
         except client.ApiException as exc:
             if exc.status != 410:  # 410 Gone: our resourceVersion expired, list again at once
+                report(exc)
                 backoff(2.0)

@@ -427,8 +427,9 @@ class Node:
         return self._proc is not None and self.containerd_pid is not None and self._proc.poll() is None
 
     def runc_roots(self) -> list[Path]:
-        """runc state dirs of this node's containers (per containerd namespace), as the host sees them."""
-        return [*self.root.joinpath("runc").glob("*"), *self.root.joinpath("run-containerd", "runc").glob("*")]
+        """runc state dirs of this node's containers (one per containerd namespace), seen from here."""
+        return [*self.root.joinpath("runc").glob("*"),
+                *self.root.joinpath("run-containerd", "runc").glob("*")]
 
     def _remove_pods(self) -> None:
         """The polite way (CNI DEL included) while containerd answers; the steps after it clean

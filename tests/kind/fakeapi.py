@@ -107,7 +107,9 @@ def api_client(pool: FakePool) -> client.ApiClient:
 # --- a served fake: the same Node objects over HTTPS, for a client in a container ----------------
 
 
-def node_object(name: str, internal_ip: str, pod_cidrs: list[str], runtime_version: str = "") -> dict[str, Any]:
+def node_object(
+    name: str, internal_ip: str, pod_cidrs: list[str], runtime_version: str = ""
+) -> dict[str, Any]:
     """A Node as kube-apiserver serves it (the fields the node agent and kubectl read)."""
     spec: dict[str, Any] = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)} if pod_cidrs else {}
     return {
@@ -116,12 +118,23 @@ def node_object(name: str, internal_ip: str, pod_cidrs: list[str], runtime_versi
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
         "spec": spec,
         "status": {
-            "addresses": [{"type": "InternalIP", "address": internal_ip}, {"type": "Hostname", "address": name}],
+            "addresses": [
+                {"type": "InternalIP", "address": internal_ip},
+                {"type": "Hostname", "address": name},
+            ],
             # every field is required by the client's model, as kubelet always fills them
-            "nodeInfo": {"architecture": "amd64", "bootID": name, "containerRuntimeVersion": runtime_version,
-                         "kernelVersion": os.uname().release, "kubeProxyVersion": "v1.33.1",
-                         "kubeletVersion": "v1.33.1", "machineID": name, "operatingSystem": "linux",
-                         "osImage": "Debian GNU/Linux 12 (bookworm)", "systemUUID": name},
+            "nodeInfo": {
+                "architecture": "amd64",
+                "bootID": name,
+                "containerRuntimeVersion": runtime_version,
+                "kernelVersion": os.uname().release,
+                "kubeProxyVersion": "v1.33.1",
+                "kubeletVersion": "v1.33.1",
+                "machineID": name,
+                "operatingSystem": "linux",
+                "osImage": "Debian GNU/Linux 12 (bookworm)",
+                "systemUUID": name,
+            },
         },
     }
 
@@ -174,15 +187,27 @@ class NodeStore:
 
     def listing(self) -> dict[str, Any]:
         with self.changed:
-            return {"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": str(self.version)},
-                    "items": [copy.deepcopy(o) for o in self.nodes.values()]}
+            return {
+                "kind": "NodeList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self.version)},
+                "items": [copy.deepcopy(o) for o in self.nodes.values()],
+            }
 
     def watch(self, since: int, timeout: float, closed: Callable[[], bool]) -> Iterator[dict[str, Any]]:
         """Events after `since` until `timeout`; one ERROR 410 if `since` is older than the history."""
         if since + 1 < self.oldest:
-            yield {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                               "code": 410, "reason": "Expired",
-                                               "message": f"too old resource version: {since}"}}
+            yield {
+                "type": "ERROR",
+                "object": {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "code": 410,
+                    "reason": "Expired",
+                    "message": f"too old resource version: {since}",
+                },
+            }
             return
         deadline = time.monotonic() + timeout
         while not closed():
@@ -231,7 +256,9 @@ class ApiServer:
         self.httpd.socket.close()
         self.httpd.socket = context.wrap_socket(listen, server_side=True)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        )
         self.thread.start()
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
@@ -250,8 +277,11 @@ class ApiServer:
         h.send_header("Content-Type", "application/json")
         h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
-        events = self.store.watch(int(query.get("resourceVersion") or 0),
-                                  float(query.get("timeoutSeconds") or 60), lambda: self.closing)
+        events = self.store.watch(
+            int(query.get("resourceVersion") or 0),
+            float(query.get("timeoutSeconds") or 60),
+            lambda: self.closing,
+        )
         try:
             for event in events:
                 line = json.dumps(event).encode() + b"\n"

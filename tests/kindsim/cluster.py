@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -54,6 +55,62 @@ CLUSTER = "pybridge"  # kind's default node names: <cluster>-control-plane, <clu
 # node path -> directory of the node's tree that the node's mount namespace shows there
 NODE_MOUNTS = {"/run": "run", "/opt": "opt", "/etc/cni/net.d": "etc-cni-net.d", "/var/lib/cni": "var-lib-cni"}
 CLONE_NEWNET = 0x40000000
+# busybox httpd answering GET /cgi-bin/ip with the address the connection came from
+WHOAMI = [
+    "/bin/sh",
+    "-c",
+    "mkdir -p /www/cgi-bin && printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\n"
+    "echo $REMOTE_ADDR\\n' > /www/cgi-bin/ip && chmod +x /www/cgi-bin/ip && exec httpd -f -p 80 -h /www",
+]
+KUBE_PROXY_TABLE = "pbt_kube_proxy"
+
+
+def http_get_script(address: str, port: int, path: str = "/cgi-bin/ip") -> str:
+    """One HTTP GET with busybox nc (the static busybox's wget crashes in glibc's resolver)."""
+    return f"printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {address} {port}"
+
+
+def http_body(output: str) -> str | None:
+    """The body of a 200 answer, or None; busybox httpd's CGI ends headers with a bare LF and
+    gives an IPv4 peer in IPv6-mapped form ("[::ffff:10.70.1.3]"), which this unwraps."""
+    parts = re.split(r"\r?\n\r?\n", output, maxsplit=1)
+    if len(parts) != 2 or not re.match(r"HTTP/1\.[01] 200 ", parts[0]):
+        return None
+    return parts[1].strip().removeprefix("[").removesuffix("]").removeprefix("::ffff:")
+
+
+def service_rules(services: list[tuple[str, str, int, str, int]]) -> str:
+    """What kube-proxy (nftables mode) does for ClusterIP Services: DNAT the VIP to the endpoint,
+    in prerouting (pods) and output (the node), masquerading a pod that reaches itself (hairpin)."""
+    lines = [
+        f"add table ip {KUBE_PROXY_TABLE}",
+        f"delete table ip {KUBE_PROXY_TABLE}",
+        f"table ip {KUBE_PROXY_TABLE} {{",
+        "\tchain svc_mark { type nat hook prerouting priority dstnat - 1; policy accept;",
+    ]
+    lines += [
+        f"\t\tip saddr {ep} ip daddr {vip} {proto} dport {port} meta mark set 0x4000"
+        for proto, vip, port, ep, _ in services
+    ]
+    lines += ["\t}", "\tchain svc_dnat { type nat hook prerouting priority dstnat; policy accept;"]
+    lines += [
+        f"\t\tip daddr {vip} {proto} dport {port} dnat to {ep}:{ep_port}"
+        for proto, vip, port, ep, ep_port in services
+    ]
+    lines += ["\t}", "\tchain svc_out { type nat hook output priority -100; policy accept;"]
+    lines += [
+        f"\t\tip daddr {vip} {proto} dport {port} dnat to {ep}:{ep_port}"
+        for proto, vip, port, ep, ep_port in services
+    ]
+    lines += [
+        "\t}",
+        "\tchain svc_masq { type nat hook postrouting priority srcnat; policy accept;",
+        "\t\tmeta mark 0x4000 masquerade",
+        "\t}",
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def kind_config(path: Path = KIND_CONFIG) -> dict[str, Any]:
@@ -100,11 +157,48 @@ def make_pki(directory: Path, ip: str) -> tuple[Path, Path, Path]:
     """A throw-away CA and a server certificate for `ip` (what kubeadm makes for kind)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca, ca_key, crt, key = (directory / n for n in ("ca.crt", "ca.key", "apiserver.crt", "apiserver.key"))
-    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-       "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=pbt-kindsim-ca")
-    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-       "-keyout", key, "-out", crt, "-days", "2", "-subj", "/CN=kube-apiserver", "-CA", ca, "-CAkey", ca_key,
-       "-addext", f"subjectAltName=IP:{ip}")
+    sh(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        ca_key,
+        "-out",
+        ca,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pbt-kindsim-ca",
+    )
+    sh(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        crt,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kube-apiserver",
+        "-CA",
+        ca,
+        "-CAkey",
+        ca_key,
+        "-addext",
+        f"subjectAltName=IP:{ip}",
+    )
     return ca, crt, key
 
 
@@ -134,10 +228,28 @@ class World:
     def attach(self, netns: str, index: int) -> str:
         ip = f"{WORLD_NET}.{10 + index}"
         port = f"kind{index}-{secrets.token_hex(2)}"
-        sh("ip", "-n", self.netns, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        sh(
+            "ip",
+            "-n",
+            self.netns,
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns,
+        )
         sh("ip", "-n", self.netns, "link", "set", port, "master", "kind", "up")
-        for cmd in (["link", "set", "lo", "up"], ["addr", "add", f"{ip}/24", "dev", "eth0"],
-                    ["link", "set", "eth0", "up"], ["route", "add", "default", "via", GATEWAY]):
+        for cmd in (
+            ["link", "set", "lo", "up"],
+            ["addr", "add", f"{ip}/24", "dev", "eth0"],
+            ["link", "set", "eth0", "up"],
+            ["route", "add", "default", "via", GATEWAY],
+        ):
             sh("ip", "-n", netns, *cmd)
         sh("ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         return ip
@@ -165,7 +277,9 @@ class KindNode(Node):
 
     def node_path(self, path: str) -> Path:
         """Where this process sees the node's `path` (only paths inside the node's own tree)."""
-        path = os.path.normpath(path.replace("/var/run/", "/run/", 1) if path.startswith("/var/run/") else path)
+        path = os.path.normpath(
+            path.replace("/var/run/", "/run/", 1) if path.startswith("/var/run/") else path
+        )
         for target, source in NODE_MOUNTS.items():
             if path == target or path.startswith(target + "/"):
                 return self.root / source / os.path.relpath(path, target)
@@ -185,9 +299,15 @@ class KindNode(Node):
         sh("ip", "netns", "add", self.netns)
         self.ip = world.attach(self.netns, index)
         self.in_node("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1", check=False)
-        (self.root / "config.toml").write_text(containerd_config(
-            self.root, state="/run/containerd", socket="/run/containerd/containerd.sock",
-            bin_dir="/opt/cni/bin", conf_dir="/etc/cni/net.d"))
+        (self.root / "config.toml").write_text(
+            containerd_config(
+                self.root,
+                state="/run/containerd",
+                socket="/run/containerd/containerd.sock",
+                bin_dir="/opt/cni/bin",
+                conf_dir="/etc/cni/net.d",
+            )
+        )
         self._make_kind_mount_namespace()
         self.start_containerd()
         for archive in (images.product, images.dnsmasq, *self._test_images()):
@@ -198,15 +318,27 @@ class KindNode(Node):
         sh("mount", "--bind", ns_dir, ns_dir)  # the nsfs pin must sit on a private mount
         sh("mount", "--make-private", ns_dir)
         self.mntns.touch()
-        binds = " && ".join(f"mount --bind {self.root / source} {target}" for target, source in NODE_MOUNTS.items())
-        sh("unshare", f"--mount={self.mntns}", "--propagation", "private", "sh", "-c",
-           f"{binds} && mount --make-rshared /")
+        binds = " && ".join(
+            f"mount --bind {self.root / source} {target}" for target, source in NODE_MOUNTS.items()
+        )
+        sh(
+            "unshare",
+            f"--mount={self.mntns}",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"{binds} && mount --make-rshared /",
+        )
 
     def _test_images(self) -> list[Path]:
         layer = oci.rootfs_layer()
-        return [oci.build(BUSYBOX_IMAGE, self.root / "images" / "busybox.tar", layer=layer),
-                oci.build(PAUSE_IMAGE, self.root / "images" / "pause.tar", entrypoint=oci.PAUSE_ENTRYPOINT,
-                          layer=layer)]
+        return [
+            oci.build(BUSYBOX_IMAGE, self.root / "images" / "busybox.tar", layer=layer),
+            oci.build(
+                PAUSE_IMAGE, self.root / "images" / "pause.tar", entrypoint=oci.PAUSE_ENTRYPOINT, layer=layer
+            ),
+        ]
 
     def runtime_version(self) -> str:
         """What kubelet reports as status.nodeInfo.containerRuntimeVersion."""
@@ -237,6 +369,7 @@ class Cluster:
     config: dict[str, Any] = field(default_factory=kind_config)
     started: int = 0  # nodes ever added: each gets the next address
     mount_points: list[Path] = field(default_factory=list)  # made on the host for the nodes' binds
+    services: list[tuple[str, str, int, str, int]] = field(default_factory=list)
 
     # --- world and API ------------------------------------------------------------------------
 
@@ -250,8 +383,9 @@ class Cluster:
         self.store = NodeStore(self.config["networking"]["podSubnet"])
         ca, crt, key = make_pki(self.root / "pki", GATEWAY)
         self.sa_dir = write_service_account(self.root / "sa", self.token, ca.read_bytes())
-        self.api = ApiServer(self.store, listen_in_netns(self.world.netns, GATEWAY, API_PORT), crt, key,
-                             self.token)
+        self.api = ApiServer(
+            self.store, listen_in_netns(self.world.netns, GATEWAY, API_PORT), crt, key, self.token
+        )
 
     # --- nodes --------------------------------------------------------------------------------
 
@@ -261,9 +395,16 @@ class Cluster:
         self.nodes[name] = node
         node.setup_kind(self.world, self.started, self.images)
         self.kubelets[name] = Kubelet(
-            node_name=name, node_ip=node.ip, cri=node.cri, cgroup_parent=node.cgroup_parent,
-            log_root=node.root / "logs", sa_dir=self.sa_dir, api_host=GATEWAY, api_port=API_PORT,
-            node_path=node.node_path)
+            node_name=name,
+            node_ip=node.ip,
+            cri=node.cri,
+            cgroup_parent=node.cgroup_parent,
+            log_root=node.root / "logs",
+            sa_dir=self.sa_dir,
+            api_host=GATEWAY,
+            api_port=API_PORT,
+            node_path=node.node_path,
+        )
         if register:
             self.register(name)
         return node
@@ -290,8 +431,12 @@ class Cluster:
 
     def deploy(self, name: str, manifest: Path = MANIFEST) -> Pod:
         spec = daemonset(manifest)["spec"]["template"]
-        pod = self.kubelets[name].run_pod(f"pybridge-{secrets.token_hex(3)}", spec["spec"],
-                                          namespace="kube-system", labels=spec["metadata"]["labels"])
+        pod = self.kubelets[name].run_pod(
+            f"pybridge-{secrets.token_hex(3)}",
+            spec["spec"],
+            namespace="kube-system",
+            labels=spec["metadata"]["labels"],
+        )
         self.daemon_pods[name] = pod
         return pod
 
@@ -318,17 +463,30 @@ class Cluster:
         pod = self.daemon_pods.get(name)
         if pod is None:
             return f"{name}: no DaemonSet pod"
-        return "\n".join(f"--- {name}/{c}:\n" + "\n".join(pod.log(c).splitlines()[-lines:])
-                         for c in dict.fromkeys(("install", *pod.containers)))
+        return "\n".join(
+            f"--- {name}/{c}:\n" + "\n".join(pod.log(c).splitlines()[-lines:])
+            for c in dict.fromkeys(("install", *pod.containers))
+        )
 
     # --- workloads ----------------------------------------------------------------------------
 
-    def run_pod(self, node: str, name: str, containers: dict[str, list[str]] | None = None,
-                labels: dict[str, str] | None = None, image: str = BUSYBOX_IMAGE,
-                extra: dict[str, dict[str, Any]] | None = None, dns: dict[str, list[str]] | None = None) -> Pod:
+    def run_pod(
+        self,
+        node: str,
+        name: str,
+        containers: dict[str, list[str]] | None = None,
+        labels: dict[str, str] | None = None,
+        image: str = BUSYBOX_IMAGE,
+        extra: dict[str, dict[str, Any]] | None = None,
+        dns: dict[str, list[str]] | None = None,
+    ) -> Pod:
         """A pod of busybox containers (name -> command); `extra` adds fields per container."""
-        spec = {"containers": [{"name": c, "image": image, "command": cmd, **(extra or {}).get(c, {})}
-                               for c, cmd in (containers or {"main": ["sleep", "3600"]}).items()]}
+        spec = {
+            "containers": [
+                {"name": c, "image": image, "command": cmd, **(extra or {}).get(c, {})}
+                for c, cmd in (containers or {"main": ["sleep", "3600"]}).items()
+            ]
+        }
         return self.kubelets[node].run_pod(name, spec, labels=labels, dns=dns)
 
     def exec(self, pod: Pod, *cmd: str, container: str | None = None, timeout: int = 20) -> tuple[int, str]:
@@ -337,7 +495,41 @@ class Cluster:
     def delete_pod(self, pod: Pod) -> None:
         self.kubelets[pod.node].delete_pod(pod)
 
-    def in_outside(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def http_get(
+        self,
+        pod: Pod,
+        address: str,
+        port: int,
+        path: str = "/cgi-bin/ip",
+        container: str | None = None,
+        timeout: float = 15,
+    ) -> str:
+        """GET from inside the pod, retried while the server comes up; the body."""
+
+        def attempt() -> str | None:
+            _, out = self.exec(
+                pod, "/bin/sh", "-c", http_get_script(address, port, path), container=container
+            )
+            return http_body(out)
+
+        return str(wait_for(attempt, timeout, f"GET http://{address}:{port}{path} from {pod.name}", 0.3))
+
+    def add_service(
+        self, vip: str, port: int, endpoint: Pod, endpoint_port: int, protocols: tuple[str, ...] = ("tcp",)
+    ) -> None:
+        """A ClusterIP Service with one endpoint, programmed on every node as kube-proxy would."""
+        self.services += [(proto, vip, port, endpoint.ip, endpoint_port) for proto in protocols]
+        self._program_services()
+
+    def _program_services(self) -> None:
+        for node in self.nodes.values():
+            rules = node.root / "kube-proxy.nft"
+            rules.write_text(service_rules(self.services))
+            node.in_node("nft", "-f", rules)
+
+    def in_outside(
+        self, *cmd: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         return sh("nsenter", f"--net=/run/netns/{self.world.outside}", *cmd, check=check, timeout=timeout)
 
     # --- teardown -----------------------------------------------------------------------------

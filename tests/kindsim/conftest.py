@@ -81,9 +81,12 @@ def cluster(images: image.Images) -> Iterator[Cluster]:
         c.down()
         assert not _processes_in(namespaces), "processes left in a node's mount namespace"
         # other helpers' tiers make and drop netns pins meanwhile: judge the paths kind-sim uses
-        ours = {m for m in mount_points() ^ before_mounts
-                if m.startswith(str(c.root)) or (any(m == t or m.startswith(t + "/") for t in NODE_MOUNTS)
-                and not m.startswith("/run/netns/"))}
+        ours = {
+            m
+            for m in mount_points() ^ before_mounts
+            if m.startswith(str(c.root))
+            or (any(m == t or m.startswith(t + "/") for t in NODE_MOUNTS) and not m.startswith("/run/netns/"))
+        }
         assert not ours, f"mounts left behind: {ours}"
         after = _root_state()
         assert after[0] == before_state[0], f"root netns links changed: {after[0] ^ before_state[0]}"

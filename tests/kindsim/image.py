@@ -56,29 +56,43 @@ class Builder:
         for sub in ("graph", "run", "tmp", "netconf", "archives"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
         (self.work / "storage.conf").write_text(
-            f'[storage]\ndriver = "overlay"\ngraphroot = "{self.work}/graph"\nrunroot = "{self.work}/run"\n')
+            f'[storage]\ndriver = "overlay"\ngraphroot = "{self.work}/graph"\nrunroot = "{self.work}/run"\n'
+        )
         # No CAP_SYS_RESOURCE on these machines: runc cannot raise nofile/nproc to podman's defaults.
         (self.work / "containers.conf").write_text(
             '[containers]\ndefault_ulimits = ["nofile=4096:4096", "nproc=32768:32768"]\n'
-            f'[engine]\ntmp_dir = "{self.work}/tmp"\n[network]\nnetwork_config_dir = "{self.work}/netconf"\n')
+            f'[engine]\ntmp_dir = "{self.work}/tmp"\n[network]\nnetwork_config_dir = "{self.work}/netconf"\n'
+        )
         # pip inside RUN trusts what the host trusts (a TLS-inspecting proxy's CA, where there is one).
         (self.work / "pip.conf").write_text(f"[global]\ncert = {BUILD_CA}\n")
 
     @property
     def env(self) -> dict[str, str]:
-        return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
-                "CONTAINERS_STORAGE_CONF": str(self.work / "storage.conf"),
-                "CONTAINERS_CONF": str(self.work / "containers.conf"), "TMPDIR": str(self.work / "tmp")}
+        return {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            "CONTAINERS_STORAGE_CONF": str(self.work / "storage.conf"),
+            "CONTAINERS_CONF": str(self.work / "containers.conf"),
+            "TMPDIR": str(self.work / "tmp"),
+        }
 
     def run(self, *argv: str | Path, timeout: float = 900) -> str:
         """argv in a private mount namespace with tmpfs on /run and /var/lib."""
-        inner = "mount -t tmpfs pbt-run /run && mount -t tmpfs pbt-varlib /var/lib && exec " + \
-            " ".join(shlex.quote(str(a)) for a in argv)
-        proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", inner],
-                              capture_output=True, text=True, env=self.env, timeout=timeout)
+        inner = "mount -t tmpfs pbt-run /run && mount -t tmpfs pbt-varlib /var/lib && exec " + " ".join(
+            shlex.quote(str(a)) for a in argv
+        )
+        proc = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", inner],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(map(str, argv))} -> rc {proc.returncode}\n"
-                               f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(map(str, argv))} -> rc {proc.returncode}\n"
+                f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+            )
         return proc.stdout
 
     def exists(self, image: str) -> bool:
@@ -89,9 +103,25 @@ class Builder:
         return True
 
     def bud(self, tag: str, containerfile: Path, context: Path, *extra: str) -> None:
-        self.run("buildah", "bud", "--quiet", "--pull=never", "--network", "host", "--layers",
-                 "-v", f"{HOST_CA}:{BUILD_CA}:ro", "-v", f"{self.work / 'pip.conf'}:/etc/pip.conf:ro",
-                 *extra, "-t", tag, "-f", containerfile, context)
+        self.run(
+            "buildah",
+            "bud",
+            "--quiet",
+            "--pull=never",
+            "--network",
+            "host",
+            "--layers",
+            "-v",
+            f"{HOST_CA}:{BUILD_CA}:ro",
+            "-v",
+            f"{self.work / 'pip.conf'}:/etc/pip.conf:ro",
+            *extra,
+            "-t",
+            tag,
+            "-f",
+            containerfile,
+            context,
+        )
 
     def archive(self, image: str, name: str, key: str) -> Path:
         """An OCI archive of `image` naming it `name`; kept per input key."""
@@ -107,8 +137,11 @@ class Builder:
 def _hash_files(paths: list[Path], salt: str = "") -> str:
     digest = hashlib.sha256(salt.encode())
     for path in paths:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) \
-            if path.is_dir() else [path]
+        files = (
+            sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+            if path.is_dir()
+            else [path]
+        )
         for f in files:
             digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
     return digest.hexdigest()[:16]
@@ -135,9 +168,13 @@ def _debian_base(b: Builder) -> None:
         subprocess.run(["find", str(rootfs / cache), "-type", "f", "-delete"], check=True)
     tar = b.work / "rootfs.tar"
     subprocess.run(["tar", "--numeric-owner", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
-    b.run("sh", "-c", f"c=$(buildah from scratch) && buildah add $c {tar} / >/dev/null && "
-          "buildah config --cmd bash --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin $c"
-          f" && buildah commit --quiet --rm $c {DEBIAN_IMAGE}")
+    b.run(
+        "sh",
+        "-c",
+        f"c=$(buildah from scratch) && buildah add $c {tar} / >/dev/null && "
+        "buildah config --cmd bash --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin $c"
+        f" && buildah commit --quiet --rm $c {DEBIAN_IMAGE}",
+    )
     subprocess.run(["rm", "-rf", str(rootfs), str(tar)], check=True)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +23,20 @@ from ..e2e.cri import CRIClient
 from ..e2e.node import wait_for
 
 SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
-PROPAGATION = {None: "PROPAGATION_PRIVATE", "None": "PROPAGATION_PRIVATE",
-               "HostToContainer": "PROPAGATION_HOST_TO_CONTAINER", "Bidirectional": "PROPAGATION_BIDIRECTIONAL"}
-POD_IGNORED = {"serviceAccountName", "priorityClassName", "tolerations", "terminationGracePeriodSeconds",
-               "nodeSelector", "affinity"}
+PROPAGATION = {
+    None: "PROPAGATION_PRIVATE",
+    "None": "PROPAGATION_PRIVATE",
+    "HostToContainer": "PROPAGATION_HOST_TO_CONTAINER",
+    "Bidirectional": "PROPAGATION_BIDIRECTIONAL",
+}
+POD_IGNORED = {
+    "serviceAccountName",
+    "priorityClassName",
+    "tolerations",
+    "terminationGracePeriodSeconds",
+    "nodeSelector",
+    "affinity",
+}
 CONTAINER_IGNORED = {"imagePullPolicy", "resources", "livenessProbe", "readinessProbe", "startupProbe"}
 SECCOMP = {"RuntimeDefault": "RuntimeDefault", "Unconfined": "Unconfined"}
 
@@ -48,14 +57,19 @@ def check_host_path(path: Path, kind: str) -> None:
     """kubelet's hostPath `type` rules, `path` as seen from here (the node's tree)."""
     if kind == "DirectoryOrCreate":
         path.mkdir(mode=0o755, parents=True, exist_ok=True)
-    elif kind == "FileOrCreate":
-        if not path.exists():
-            if not path.parent.is_dir():  # kubelet creates the file, never its parents
-                raise Unsupported(f"hostPath {path}: FileOrCreate with a missing parent directory")
-            path.touch(0o644)
+    elif kind == "FileOrCreate" and not path.exists():
+        if not path.parent.is_dir():  # kubelet creates the file, never its parents
+            raise Unsupported(f"hostPath {path}: FileOrCreate with a missing parent directory")
+        path.touch(0o644)
     checks: dict[str, Callable[[int], bool]] = {
-        "DirectoryOrCreate": stat.S_ISDIR, "Directory": stat.S_ISDIR, "FileOrCreate": stat.S_ISREG,
-        "File": stat.S_ISREG, "Socket": stat.S_ISSOCK, "CharDevice": stat.S_ISCHR, "BlockDevice": stat.S_ISBLK}
+        "DirectoryOrCreate": stat.S_ISDIR,
+        "Directory": stat.S_ISDIR,
+        "FileOrCreate": stat.S_ISREG,
+        "File": stat.S_ISREG,
+        "Socket": stat.S_ISSOCK,
+        "CharDevice": stat.S_ISCHR,
+        "BlockDevice": stat.S_ISBLK,
+    }
     if kind and kind not in checks:
         raise Unsupported(f"hostPath type {kind!r}")
     if kind and not (path.exists() and checks[kind](path.stat().st_mode)):
@@ -63,8 +77,16 @@ def check_host_path(path: Path, kind: str) -> None:
 
 
 def _security_context(sc: dict[str, Any]) -> dict[str, Any]:
-    known = {"privileged", "capabilities", "readOnlyRootFilesystem", "allowPrivilegeEscalation",
-             "seccompProfile", "runAsUser", "runAsGroup", "runAsNonRoot"}
+    known = {
+        "privileged",
+        "capabilities",
+        "readOnlyRootFilesystem",
+        "allowPrivilegeEscalation",
+        "seccompProfile",
+        "runAsUser",
+        "runAsGroup",
+        "runAsNonRoot",
+    }
     if extra := set(sc) - known:
         raise Unsupported(f"securityContext fields {sorted(extra)}")
     caps = sc.get("capabilities", {})
@@ -127,8 +149,14 @@ class Kubelet:
 
     # --- pods -------------------------------------------------------------------------------
 
-    def run_pod(self, name: str, spec: dict[str, Any], namespace: str = "default",
-                labels: dict[str, str] | None = None, dns: dict[str, list[str]] | None = None) -> Pod:
+    def run_pod(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        namespace: str = "default",
+        labels: dict[str, str] | None = None,
+        dns: dict[str, list[str]] | None = None,
+    ) -> Pod:
         if extra := set(spec) - POD_IGNORED - {"hostNetwork", "initContainers", "containers", "volumes"}:
             raise Unsupported(f"pod spec fields {sorted(extra)}")
         uid = secrets.token_hex(8)
@@ -143,12 +171,22 @@ class Kubelet:
             "log_directory": str(log_dir),
             "labels": dict(labels or {}),
             "port_mappings": [
-                {"protocol": p.get("protocol", "TCP"), "container_port": p["containerPort"],
-                 "host_port": p["hostPort"]}
-                for c in containers for p in c.get("ports", []) if p.get("hostPort")],
-            "linux": {"cgroup_parent": f"{self.cgroup_parent}/pod{uid}",
-                      "security_context": {"privileged": privileged,
-                                           "namespace_options": {"network": "NODE" if host_network else "POD"}}},
+                {
+                    "protocol": p.get("protocol", "TCP"),
+                    "container_port": p["containerPort"],
+                    "host_port": p["hostPort"],
+                }
+                for c in containers
+                for p in c.get("ports", [])
+                if p.get("hostPort")
+            ],
+            "linux": {
+                "cgroup_parent": f"{self.cgroup_parent}/pod{uid}",
+                "security_context": {
+                    "privileged": privileged,
+                    "namespace_options": {"network": "NODE" if host_network else "POD"},
+                },
+            },
         }
         if dns:
             config["dns_config"] = dns
@@ -182,8 +220,10 @@ class Kubelet:
         name = container["name"]
         attempt = pod.attempts.get(name, -1) + 1
         pod.attempts[name] = attempt
-        env = [{"key": "KUBERNETES_SERVICE_HOST", "value": self.api_host},
-               {"key": "KUBERNETES_SERVICE_PORT", "value": str(self.api_port)}]
+        env = [
+            {"key": "KUBERNETES_SERVICE_HOST", "value": self.api_host},
+            {"key": "KUBERNETES_SERVICE_PORT", "value": str(self.api_port)},
+        ]
         env += [{"key": e["name"], "value": self._env_value(pod, e)} for e in container.get("env", [])]
         config = {
             "metadata": {"name": name, "attempt": attempt},
@@ -192,16 +232,23 @@ class Kubelet:
             "args": container.get("args", []),
             "envs": env,
             "mounts": [
-                *({"container_path": m["mountPath"], "host_path": mounts[m["name"]],
-                   "readonly": bool(m.get("readOnly")), "propagation": PROPAGATION[m.get("mountPropagation")]}
-                  for m in container.get("volumeMounts", [])),
+                *(
+                    {
+                        "container_path": m["mountPath"],
+                        "host_path": mounts[m["name"]],
+                        "readonly": bool(m.get("readOnly")),
+                        "propagation": PROPAGATION[m.get("mountPropagation")],
+                    }
+                    for m in container.get("volumeMounts", [])
+                ),
                 {"container_path": SA_PATH, "host_path": str(self.sa_dir), "readonly": True},
             ],
             "log_path": f"{name}/{attempt}.log",
             "linux": {"security_context": _security_context(container.get("securityContext", {}))},
         }
-        reply = self.cri.call("CreateContainer", {"pod_sandbox_id": pod.id, "config": config,
-                                                  "sandbox_config": pod.config})
+        reply = self.cri.call(
+            "CreateContainer", {"pod_sandbox_id": pod.id, "config": config, "sandbox_config": pod.config}
+        )
         cid = str(reply["container_id"])
         self.cri.start_container(cid)
         pod.containers[name] = cid
@@ -211,8 +258,13 @@ class Kubelet:
         if "value" in env:
             return str(env["value"])
         path = env["valueFrom"]["fieldRef"]["fieldPath"]
-        fields = {"spec.nodeName": self.node_name, "metadata.name": pod.name,
-                  "metadata.namespace": pod.namespace, "status.hostIP": self.node_ip, "status.podIP": pod.ip}
+        fields = {
+            "spec.nodeName": self.node_name,
+            "metadata.name": pod.name,
+            "metadata.namespace": pod.namespace,
+            "status.hostIP": self.node_ip,
+            "status.podIP": pod.ip,
+        }
         if path not in fields:
             raise Unsupported(f"env {env['name']}: fieldRef {path}")
         return fields[path]
@@ -221,11 +273,16 @@ class Kubelet:
         return dict(self.cri.call("ContainerStatus", {"container_id": cid})["status"])
 
     def wait_exit(self, pod: Pod, cid: str, timeout: float) -> None:
-        status = wait_for(lambda: (s := self.state(cid))["state"] == "CONTAINER_EXITED" and s, timeout,
-                          f"{pod.name} init container to exit")
+        status = wait_for(
+            lambda: (s := self.state(cid))["state"] == "CONTAINER_EXITED" and s,
+            timeout,
+            f"{pod.name} init container to exit",
+        )
         if status["exit_code"] != 0:
-            raise AssertionError(f"init container of {pod.name} exited {status['exit_code']}:\n"
-                                 f"{pod.log(status.get('log_path', '').split('/')[0])[-2000:]}")
+            raise AssertionError(
+                f"init container of {pod.name} exited {status['exit_code']}:\n"
+                f"{pod.log(status.get('log_path', '').split('/')[0])[-2000:]}"
+            )
 
     def restart(self, pod: Pod, name: str, timeout: int = 10) -> str:
         """Stop and remove one container, then create and start it again (kubelet's restart)."""
@@ -247,11 +304,6 @@ class Kubelet:
         self.cri.stop_pod(pod.id)
         self.cri.remove_pod(pod.id)
         self.pods.pop(pod.id, None)
-
-    def run_pod_timed(self, name: str, spec: dict[str, Any]) -> tuple[Pod, float]:
-        started = time.perf_counter()
-        pod = self.run_pod(name, spec)
-        return pod, time.perf_counter() - started
 
 
 def write_service_account(directory: Path, token: str, ca: bytes, namespace: str = "kube-system") -> Path:

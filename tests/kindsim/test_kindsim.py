@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cni_plugin.node.install import bundle_digest
 
-from .cluster import GATEWAY, OUTSIDE_IP, Cluster
+from ..e2e.node import BUSYBOX_IMAGE, wait_for
+from .cluster import OUTSIDE_IP, WHOAMI, Cluster, http_body, http_get_script
 from .kubelet import Pod
+
+HAIRPIN_VIP, DNS_VIP = "10.71.0.20", "10.71.0.10"  # in kind-config.yaml's serviceSubnet
+DNSMASQ = [
+    "dnsmasq",
+    "--keep-in-foreground",
+    "--no-resolv",
+    "--no-hosts",
+    "--user=root",
+    "--host-record=web.pbt.test,10.1.2.3",
+    "--log-facility=-",
+    "--log-queries",
+]
+REDIRECT = (
+    "add table ip mesh; add chain ip mesh out { type nat hook output priority -100; }; "
+    "add rule ip mesh out meta skuid != 1337 tcp dport 81 redirect to :15001"
+)
 
 pytestmark = pytest.mark.kindsim
 
@@ -46,31 +65,142 @@ def test_daemonset_installs_the_image_bundle_and_writes_the_conflist(cluster: Cl
         assert node.routes() == others
 
 
-def test_pods_get_addresses_from_their_node_and_reach_each_other(cluster: Cluster) -> None:
-    names = list(cluster.nodes)
-    pods: list[Pod] = []
-    try:
-        for name in names:
-            for i in range(2):
-                pods.append(cluster.run_pod(name, f"web-{i}", {"main": ["sleep", "3600"]}, labels={"app": "web"}))
-        for pod in pods:
-            assert ipaddress.ip_address(pod.ip) in ipaddress.ip_network(cluster.pod_cidr(pod.node))
-        src = pods[0]
-        for dst in pods[1:]:
-            rc, out = cluster.exec(src, "ping", "-c", "1", "-W", "2", dst.ip)
-            assert rc == 0, f"{src.node}/{src.name} -> {dst.node}/{dst.name} ({dst.ip}): {out}"
-    finally:
-        for pod in pods:
-            cluster.delete_pod(pod)
-
-
-def test_outside_through_masquerade(cluster: Cluster) -> None:
-    name = next(iter(cluster.nodes))
-    pod = cluster.run_pod(name, "egress")
-    try:
-        rc, out = cluster.exec(pod, "ping", "-c", "1", "-W", "2", OUTSIDE_IP)
-        assert rc == 0, out
-        rc, out = cluster.exec(pod, "ping", "-c", "1", "-W", "2", GATEWAY)
-        assert rc == 0, out
-    finally:
+@pytest.fixture(scope="module")
+def web(cluster: Cluster) -> Iterator[dict[str, Pod]]:
+    """A whoami server pod on every node, by node name."""
+    pods = {
+        name: cluster.run_pod(name, f"web-{i}", {"main": WHOAMI}, labels={"app": "web"})
+        for i, name in enumerate(cluster.nodes)
+    }
+    yield pods
+    for pod in pods.values():
         cluster.delete_pod(pod)
+
+
+@pytest.fixture
+def pods(cluster: Cluster) -> Iterator[list[Pod]]:
+    made: list[Pod] = []
+    yield made
+    for pod in made:
+        cluster.delete_pod(pod)
+
+
+def test_pod_addresses_come_from_the_node_podcidr(cluster: Cluster, web: dict[str, Pod]) -> None:
+    for name, pod in web.items():
+        assert ipaddress.ip_address(pod.ip) in ipaddress.ip_network(cluster.pod_cidr(name))
+    assert len({pod.ip for pod in web.values()}) == len(web)
+
+
+def test_tcp_same_node_and_across_nodes_keeps_the_source_address(
+    cluster: Cluster, web: dict[str, Pod], pods: list[Pod]
+) -> None:
+    first = next(iter(cluster.nodes))
+    client = cluster.run_pod(first, "client")
+    pods.append(client)
+    for name, server in web.items():
+        seen = cluster.http_get(client, server.ip, 80)
+        assert seen == client.ip, f"{first} -> {name}: the server saw {seen}, not the pod {client.ip}"
+
+
+def test_outside_sees_the_node_address_through_masquerade(
+    cluster: Cluster, pods: list[Pod], tmp_path: Path
+) -> None:
+    cgi = tmp_path / "www" / "cgi-bin"
+    cgi.mkdir(parents=True)
+    (cgi / "ip").write_text("#!/bin/sh\necho Content-Type: text/plain\necho\necho $REMOTE_ADDR\n")
+    (cgi / "ip").chmod(0o755)
+    server = subprocess.Popen(
+        [
+            "nsenter",
+            f"--net=/run/netns/{cluster.world.outside}",
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            str(tmp_path / "www"),
+        ]
+    )
+    try:
+        for name, node in cluster.nodes.items():
+            pod = cluster.run_pod(name, "egress")
+            pods.append(pod)
+            assert cluster.http_get(pod, OUTSIDE_IP, 80) == node.ip
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_host_port_through_the_chained_portmap(cluster: Cluster, pods: list[Pod]) -> None:
+    name, node = list(cluster.nodes.items())[-1]
+    pod = cluster.run_pod(
+        name,
+        "hostport",
+        {"main": WHOAMI},
+        extra={"main": {"ports": [{"containerPort": 80, "hostPort": 8080}]}},
+    )
+    pods.append(pod)
+
+    def from_outside() -> str | None:
+        out = cluster.in_outside(
+            "sh", "-c", http_get_script(node.ip, 8080).replace("nc ", "/bin/busybox nc ", 1), check=False
+        )
+        return http_body(out.stdout)
+
+    assert wait_for(from_outside, 15, f"outside -> {node.ip}:8080") == OUTSIDE_IP
+
+
+def test_pod_reaches_itself_through_a_service_address(cluster: Cluster, web: dict[str, Pod]) -> None:
+    pod = next(iter(web.values()))
+    cluster.add_service(HAIRPIN_VIP, 80, pod, 80)
+    # the reply must come back out of the port it arrived on: hairpin mode on the pod's veth
+    assert cluster.http_get(pod, HAIRPIN_VIP, 80)
+
+
+def test_dns_through_a_service_address_and_udp_across_nodes(cluster: Cluster, pods: list[Pod]) -> None:
+    names = list(cluster.nodes)
+    dns = cluster.run_pod(names[0], "dns", {"main": DNSMASQ}, image="pbt-dnsmasq:1")
+    pods.append(dns)
+    cluster.add_service(DNS_VIP, 53, dns, 53, protocols=("udp", "tcp"))
+    client = cluster.run_pod(names[1], "resolver", dns={"servers": [DNS_VIP], "searches": ["pbt.test"]})
+    pods.append(client)
+
+    def lookup(*server: str) -> str | None:
+        rc, out = cluster.exec(client, "nslookup", "-type=a", "web.pbt.test", *server)
+        return out if rc == 0 and "10.1.2.3" in out else None
+
+    wait_for(lambda: lookup(dns.ip), 15, "UDP DNS query to the pod on another node")
+    wait_for(lookup, 15, "DNS through the Service address from the pod's resolv.conf")
+
+
+def test_sidecar_redirect_inside_the_pod_netns(
+    cluster: Cluster, web: dict[str, Pod], pods: list[Pod]
+) -> None:
+    """The Istio pattern: an init container redirects the pod's outbound TCP to a proxy in the
+    pod (uid 1337 exempt); the app's traffic still reaches the other node through it."""
+    names = list(cluster.nodes)
+    target = web[names[1]]
+    spec = {
+        "initContainers": [
+            {
+                "name": "proxy-init",
+                "image": "pybridge:dev",
+                "command": ["nft", REDIRECT],
+                "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
+            }
+        ],
+        "containers": [
+            {"name": "app", "image": BUSYBOX_IMAGE, "command": ["sleep", "3600"]},
+            {
+                "name": "proxy",
+                "image": BUSYBOX_IMAGE,
+                "securityContext": {"runAsUser": 1337},
+                "command": ["nc", "-ll", "-p", "15001", "-e", "nc", target.ip, "80"],
+            },
+        ],
+    }
+    pod = cluster.kubelets[names[0]].run_pod("meshed", spec)
+    pods.append(pod)
+    # nothing listens on port 81: an answer proves the redirect, its body the source address
+    assert cluster.http_get(pod, target.ip, 81, container="app") == pod.ip

@@ -177,6 +177,11 @@ class NodeStore:
         self._record("MODIFIED", self.nodes[name])
         return cidr
 
+    def heartbeat(self) -> None:
+        """A status update of some node, as kubelets post them (the object itself unchanged)."""
+        if self.nodes:
+            self._record("MODIFIED", next(iter(self.nodes.values())))
+
     def delete(self, name: str) -> None:
         self._record("DELETED", self.nodes.pop(name))
 
@@ -194,20 +199,14 @@ class NodeStore:
                 "items": [copy.deepcopy(o) for o in self.nodes.values()],
             }
 
+    def expired(self, since: int) -> bool:
+        return since + 1 < self.oldest
+
     def watch(self, since: int, timeout: float, closed: Callable[[], bool]) -> Iterator[dict[str, Any]]:
         """Events after `since` until `timeout`; one ERROR 410 if `since` is older than the history."""
-        if since + 1 < self.oldest:
-            yield {
-                "type": "ERROR",
-                "object": {
-                    "kind": "Status",
-                    "apiVersion": "v1",
-                    "status": "Failure",
-                    "code": 410,
-                    "reason": "Expired",
-                    "message": f"too old resource version: {since}",
-                },
-            }
+        if self.expired(since):
+            message = f"too old resource version: {since}"
+            yield {"type": "ERROR", "object": {**_status(410, "Expired"), "message": message}}
             return
         deadline = time.monotonic() + timeout
         while not closed():
@@ -239,6 +238,8 @@ class ApiServer:
         self.store, self.tokens = store, {token}
         self.requests: list[tuple[str, int]] = []  # (path?query, status), for the tests to read
         self.closing = False
+        self.generation = 0  # cut() ends every open watch, as an API server restart does
+        self.compact_after_list = False  # the next list is followed by a compaction: its watch gets 410
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -271,16 +272,23 @@ class ApiServer:
         if url.path != "/api/v1/nodes":
             return self._reply(h, 404, _status(404, "NotFound"))
         if query.get("watch", "").lower() not in ("true", "1"):
-            return self._reply(h, 200, self.store.listing())
-        self.requests.append((h.path, 200))
+            listing = self.store.listing()
+            if self.compact_after_list:  # a node status update, then compaction: that rv is gone
+                self.compact_after_list = False
+                self.store.heartbeat()
+                self.store.compact()
+            return self._reply(h, 200, listing)
+        since = int(query.get("resourceVersion") or 0)
+        self.requests.append((h.path, 410 if self.store.expired(since) else 200))  # 410 rides in the stream
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
+        generation = self.generation
         events = self.store.watch(
-            int(query.get("resourceVersion") or 0),
+            since,
             float(query.get("timeoutSeconds") or 60),
-            lambda: self.closing,
+            lambda: self.closing or self.generation != generation,
         )
         try:
             for event in events:
@@ -299,6 +307,9 @@ class ApiServer:
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         h.wfile.write(data)
+
+    def cut(self) -> None:
+        self.generation += 1
 
     def close(self) -> None:
         self.closing = True

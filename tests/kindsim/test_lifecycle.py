@@ -1,0 +1,108 @@
+"""kind-sim lifecycle: API trouble, the agent restarted, nodes leaving and joining (README "kind-sim").
+
+These change the cluster (a node goes, another comes), so they run after test_kindsim.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest
+
+from ..e2e.node import wait_for
+from .cluster import WHOAMI, Cluster
+from .kubelet import Pod
+
+pytestmark = pytest.mark.kindsim
+
+
+def _events(pod: Pod, container: str, event: str) -> list[dict[str, object]]:
+    found = []
+    for line in pod.log(container).splitlines():
+        if line.startswith("{") and f'"{event}"' in line:
+            found.append(json.loads(line))
+    return found
+
+
+def test_api_refusals_are_logged_and_a_410_relists(cluster: Cluster) -> None:
+    assert cluster.api is not None and cluster.store is not None
+    name = next(iter(cluster.nodes))
+    pod = cluster.daemon_pods[name]
+    api = cluster.api
+    api.tokens.clear()  # the service account token is no longer valid: every call gets 401
+    api.cut()
+    try:
+        wait_for(lambda: any(e.get("status") == 401 for e in _events(pod, "node", "api_error")), 20,
+                 "the node agent to log the 401")
+    finally:
+        api.tokens.add(cluster.token)
+    # etcd compacted right after the next list: that watch gets 410 Gone, the agent lists again
+    api.compact_after_list = True
+    api.cut()
+    wait_for(lambda: any(code == 410 for _, code in api.requests), 20, "a watch answered 410")
+    cluster.store.add("pybridge-ghost", "172.18.0.250", "containerd://1.6.20")
+    ghost = (cluster.pod_cidr("pybridge-ghost"), "172.18.0.250")
+    node = cluster.nodes[name]
+    try:
+        wait_for(lambda: ghost in node.routes(), 20, "the route to a node added after the 410")
+    finally:
+        cluster.store.delete("pybridge-ghost")
+    wait_for(lambda: ghost not in node.routes(), 20, "the ghost's route to go")
+
+
+def test_agent_restart_fallback_serves_and_pods_keep_connectivity(cluster: Cluster) -> None:
+    names = list(cluster.nodes)
+    kubelet = cluster.kubelets[names[0]]
+    daemon = cluster.daemon_pods[names[0]]
+    server = cluster.run_pod(names[0], "steady", {"main": WHOAMI})
+    client = cluster.run_pod(names[1], "prober")
+    made = [server, client]
+    try:
+        assert cluster.http_get(client, server.ip, 80) == client.ip
+        kubelet.stop_container(daemon, "agent")  # killed; kubelet restarts it a little later
+        socket = cluster.nodes[names[0]].node_path("/run/pybridge/agent.sock")
+        assert not cluster.ready(names[0]), f"{socket} still accepts with the agent stopped"
+        between = cluster.run_pod(names[0], "between", {"main": WHOAMI})  # served by the fallback
+        made.append(between)
+        assert ipaddress.ip_address(between.ip) in ipaddress.ip_network(cluster.pod_cidr(names[0]))
+        assert between.ip != server.ip
+        assert cluster.http_get(client, server.ip, 80) == client.ip  # running pods unaffected
+        assert cluster.http_get(client, between.ip, 80) == client.ip
+        container = next(c for c in daemon.spec["containers"] if c["name"] == "agent")
+        kubelet.start(daemon, container)
+        cluster.wait_ready([names[0]], timeout=30)
+        after = cluster.run_pod(names[0], "after", {"main": WHOAMI})
+        made.append(after)
+        assert len({server.ip, between.ip, after.ip}) == 3  # agent and fallback share one IPAM store
+        assert cluster.http_get(client, after.ip, 80) == client.ip
+    finally:
+        for pod in made:
+            cluster.delete_pod(pod)
+
+
+def test_node_leaves_and_another_joins(cluster: Cluster) -> None:
+    names = list(cluster.nodes)
+    leaving = names[-1]
+    gone = (cluster.pod_cidr(leaving), cluster.nodes[leaving].ip)
+    cluster.remove_node(leaving)
+    for name in names[:-1]:
+        wait_for(lambda n=name: gone not in cluster.nodes[n].routes(), 20, f"{name} to drop {leaving}'s route")
+
+    joined = f"{leaving}-new"
+    node = cluster.add_node(joined)
+    cluster.deploy(joined)
+    cluster.wait_ready([joined])
+    cidr = cluster.pod_cidr(joined)
+    conflist = node.conflist()
+    assert conflist is not None and conflist["plugins"][0]["ipam"]["ranges"] == [[{"subnet": cidr}]]
+    for name in names[:-1]:
+        wait_for(lambda n=name: (cidr, node.ip) in cluster.nodes[n].routes(), 20, f"{name} to route {joined}")
+    server = cluster.run_pod(names[0], "old-timer", {"main": WHOAMI})
+    newcomer = cluster.run_pod(joined, "newcomer")
+    try:
+        assert ipaddress.ip_address(newcomer.ip) in ipaddress.ip_network(cidr)
+        assert cluster.http_get(newcomer, server.ip, 80) == newcomer.ip
+    finally:
+        cluster.delete_pod(newcomer)
+        cluster.delete_pod(server)

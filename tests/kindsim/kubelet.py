@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,7 @@ class Pod:
     labels: dict[str, str]
     node: str
     log_dir: Path
+    run_seconds: float = 0.0  # the RunPodSandbox call alone (CNI ADD included)
     containers: dict[str, str] = field(default_factory=dict)  # name -> container id
     attempts: dict[str, int] = field(default_factory=dict)
 
@@ -191,9 +193,22 @@ class Kubelet:
         if dns:
             config["dns_config"] = dns
         mounts = self._volumes(spec.get("volumes", []))
+        started = time.perf_counter()
         pod_id = self.cri.run_pod(config)
+        run_seconds = time.perf_counter() - started
         ip = self.node_ip if host_network else self.cri.pod_status(pod_id)["network"]["ip"]
-        pod = Pod(name, namespace, pod_id, config, ip, spec, dict(labels or {}), self.node_name, log_dir)
+        pod = Pod(
+            name,
+            namespace,
+            pod_id,
+            config,
+            ip,
+            spec,
+            dict(labels or {}),
+            self.node_name,
+            log_dir,
+            run_seconds,
+        )
         self.pods[pod_id] = pod
         for container in spec.get("initContainers", []):
             self.wait_exit(pod, self.start(pod, container, mounts), 60)

@@ -33,8 +33,11 @@ def test_api_refusals_are_logged_and_a_410_relists(cluster: Cluster) -> None:
     api.tokens.clear()  # the service account token is no longer valid: every call gets 401
     api.cut()
     try:
-        wait_for(lambda: any(e.get("status") == 401 for e in _events(pod, "node", "api_error")), 20,
-                 "the node agent to log the 401")
+        wait_for(
+            lambda: any(e.get("status") == 401 for e in _events(pod, "node", "api_error")),
+            20,
+            "the node agent to log the 401",
+        )
     finally:
         api.tokens.add(cluster.token)
     # etcd compacted right after the next list: that watch gets 410 Gone, the agent lists again
@@ -87,7 +90,9 @@ def test_node_leaves_and_another_joins(cluster: Cluster) -> None:
     gone = (cluster.pod_cidr(leaving), cluster.nodes[leaving].ip)
     cluster.remove_node(leaving)
     for name in names[:-1]:
-        wait_for(lambda n=name: gone not in cluster.nodes[n].routes(), 20, f"{name} to drop {leaving}'s route")
+        wait_for(
+            lambda n=name: gone not in cluster.nodes[n].routes(), 20, f"{name} to drop {leaving}'s route"
+        )
 
     joined = f"{leaving}-new"
     node = cluster.add_node(joined)

@@ -26,6 +26,7 @@ import secrets
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -429,13 +430,18 @@ class Cluster:
 
     # --- the DaemonSet ------------------------------------------------------------------------
 
-    def deploy(self, name: str, manifest: Path = MANIFEST) -> Pod:
-        spec = daemonset(manifest)["spec"]["template"]
+    def deploy(
+        self, name: str, manifest: Path = MANIFEST, edit: Callable[[dict[str, Any]], None] | None = None
+    ) -> Pod:
+        """The DaemonSet's pod on node `name`; `edit` may change the parsed pod template first."""
+        template = daemonset(manifest)["spec"]["template"]
+        if edit is not None:
+            edit(template)
         pod = self.kubelets[name].run_pod(
             f"pybridge-{secrets.token_hex(3)}",
-            spec["spec"],
+            template["spec"],
             namespace="kube-system",
-            labels=spec["metadata"]["labels"],
+            labels=template["metadata"]["labels"],
         )
         self.daemon_pods[name] = pod
         return pod

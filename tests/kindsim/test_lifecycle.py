@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from typing import Any
 
 import pytest
 
@@ -82,6 +83,39 @@ def test_agent_restart_fallback_serves_and_pods_keep_connectivity(cluster: Clust
     finally:
         for pod in made:
             cluster.delete_pod(pod)
+
+
+ALT_DATA_DIR = "/run/pbt-alt-ipam"  # a node path the agent container has no volume for
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs issue 13's fix (branch h13): the agent does its file work (dataDir, logFile, "
+    "resolvConf) in the calling runtime's mount namespace view; until then it writes a non-default "
+    "dataDir inside its own container and the fallback hands out the same addresses again",
+)
+def test_agent_and_fallback_share_a_non_default_data_dir(cluster: Cluster) -> None:
+    name = "pybridge-altdir"
+    cluster.add_node(name)
+
+    def alt(template: dict[str, Any]) -> None:
+        node = next(c for c in template["spec"]["containers"] if c["name"] == "node")
+        node["command"] = [*node["command"], "--ipam-data-dir", ALT_DATA_DIR]
+
+    daemon = cluster.deploy(name, edit=alt)
+    cluster.wait_ready([name])
+    made: list[Pod] = []
+    try:
+        conflist = cluster.nodes[name].conflist()
+        assert conflist is not None and conflist["plugins"][0]["ipam"]["dataDir"] == ALT_DATA_DIR
+        made.append(cluster.run_pod(name, "by-agent"))
+        cluster.kubelets[name].stop_container(daemon, "agent")
+        made.append(cluster.run_pod(name, "by-fallback"))
+        assert made[0].ip != made[1].ip, f"duplicate pod IP {made[0].ip}: agent and fallback used two stores"
+    finally:
+        for pod in made:
+            cluster.delete_pod(pod)
+        cluster.remove_node(name)
 
 
 def test_node_leaves_and_another_joins(cluster: Cluster) -> None:

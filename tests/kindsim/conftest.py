@@ -7,7 +7,9 @@ table, no process left in a node's mount namespace, no netns of ours.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from .cluster import NODE_MOUNTS, Cluster, kind_config, node_names
 
 REQUIRE_ENV = "PYBRIDGE_REQUIRE_KINDSIM"  # set by .ci/run: there a missing buildah is a failure
 TIMINGS: dict[str, float] = {}
+TIMINGS_FILE = image.REPO / "build" / "kind-sim" / "timings.json"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -76,6 +79,7 @@ def cluster(images: image.Images) -> Iterator[Cluster]:
         c.wait_ready()
         TIMINGS["daemonset_to_ready_s"] = time.monotonic() - started
         print(f"\nkind-sim: {TIMINGS}")
+        TIMINGS_FILE.write_text(json.dumps(TIMINGS, indent=2))
         yield c
     finally:
         c.down()
@@ -92,6 +96,4 @@ def cluster(images: image.Images) -> Iterator[Cluster]:
         assert after[0] == before_state[0], f"root netns links changed: {after[0] ^ before_state[0]}"
         assert after[1] == before_state[1], "root netns nftables ruleset changed"
         if not any(m.startswith(str(c.root)) for m in mount_points()):
-            import shutil
-
             shutil.rmtree(c.root, ignore_errors=True)

@@ -311,7 +311,7 @@ class KindNode(Node):
         )
         self._make_kind_mount_namespace()
         self.start_containerd()
-        for archive in (images.product, images.dnsmasq, *self._test_images()):
+        for archive in (images.product, images.upgrade, images.dnsmasq, *self._test_images()):
             self.ctr("images", "import", archive, timeout=180)
 
     def _make_kind_mount_namespace(self) -> None:
@@ -371,6 +371,7 @@ class Cluster:
     started: int = 0  # nodes ever added: each gets the next address
     mount_points: list[Path] = field(default_factory=list)  # made on the host for the nodes' binds
     services: list[tuple[str, str, int, str, int]] = field(default_factory=list)
+    mount_namespaces: set[int] = field(default_factory=set)  # every node's, for the leftover check
 
     # --- world and API ------------------------------------------------------------------------
 
@@ -395,6 +396,7 @@ class Cluster:
         node = KindNode(root=self.root / name, name=name)
         self.nodes[name] = node
         node.setup_kind(self.world, self.started, self.images)
+        self.mount_namespaces.add(node.mntns.stat().st_ino)
         self.kubelets[name] = Kubelet(
             node_name=name,
             node_ip=node.ip,

@@ -66,12 +66,11 @@ def _processes_in(namespaces: set[int]) -> list[int]:
 def cluster(images: image.Images) -> Iterator[Cluster]:
     before_state, before_mounts = _root_state(), mount_points()
     c = Cluster(images, Path(tempfile.mkdtemp(prefix="pbt-ks-")))
-    namespaces: set[int] = set()
     try:
         started = time.monotonic()
         c.up()
         for name in node_names(kind_config()):
-            namespaces.add(c.add_node(name).mntns.stat().st_ino)
+            c.add_node(name)
         TIMINGS["nodes_up_s"] = time.monotonic() - started
         started = time.monotonic()
         for name in c.nodes:
@@ -83,7 +82,7 @@ def cluster(images: image.Images) -> Iterator[Cluster]:
         yield c
     finally:
         c.down()
-        assert not _processes_in(namespaces), "processes left in a node's mount namespace"
+        assert not _processes_in(c.mount_namespaces), "processes left in a node's mount namespace"
         # other helpers' tiers make and drop netns pins meanwhile: judge the paths kind-sim uses
         ours = {
             m

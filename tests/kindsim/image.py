@@ -1,12 +1,13 @@
 """The pybridge image from deploy/Dockerfile, built daemonless with buildah, no registry.
 
-Both FROM images are made here under the names the Dockerfile uses: a Debian bookworm minbase
-from debootstrap as docker.io/library/debian:bookworm-slim, and on it the python stand-in of
-base/python.Containerfile as docker.io/library/python:3.11-slim-bookworm. The product image is
-then `buildah bud -f deploy/Dockerfile` of the repository, unchanged, and an OCI archive of it
-is what each node's containerd imports (as docker.io/library/pybridge:dev, the manifest's
-`pybridge:dev` as CRI resolves it). Every step is keyed by a hash of its inputs (the Dockerfile's
-COPY sources for the product) and skipped when its output already exists.
+Both FROM images are made here under the names the Dockerfile uses: tests/bundle's Debian
+bookworm minbase root (debootstrap, cached per machine) as docker.io/library/debian:bookworm-slim,
+and on it the python stand-in of base/python.Containerfile as
+docker.io/library/python:3.11-slim-bookworm. The product image is then `buildah bud -f
+deploy/Dockerfile` of the repository, unchanged, and an OCI archive of it is what each node's
+containerd imports (as docker.io/library/pybridge:dev, the manifest's `pybridge:dev` as CRI
+resolves it). Every step is keyed by a hash of its inputs (the Dockerfile's COPY sources for the
+product) and skipped when its output already exists.
 
 buildah runs with `--network host` in a private mount namespace with fresh tmpfs on /run and
 /var/lib, its storage, config and temp files under build/kind-sim: a RUN step sets up no
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bundle.rootfs import SUITE, apt_sources, copy_root, minbase_root
+
 REPO = Path(__file__).resolve().parents[2]
 BASE_DIR = Path(__file__).parent / "base"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -32,11 +35,7 @@ DEBIAN_IMAGE = "docker.io/library/debian:bookworm-slim"
 PYTHON_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
 DNSMASQ_IMAGE = "docker.io/library/pbt-dnsmasq:1"
 PRODUCT_IMAGE = "docker.io/library/pybridge:dev"  # what CRI makes of the manifest's `pybridge:dev`
-SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
-SOURCES = f"""deb {MIRROR} {SUITE} main
-deb {MIRROR} {SUITE}-updates main
-deb http://deb.debian.org/debian-security {SUITE}-security main
-"""
+UPGRADE_IMAGE = "docker.io/library/pybridge:next"  # the same bundle plus a VERSION file: a new digest
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 BUILD_CA = "/run/pbt-host-ca.pem"  # beside the image's own bundle, which apt may rewrite
 NEEDED_TOOLS = ("buildah", "debootstrap")
@@ -158,12 +157,23 @@ def dockerfile_inputs(dockerfile: Path = DOCKERFILE) -> list[Path]:
 
 
 def _debian_base(b: Builder) -> None:
+    """tests/bundle's cached debootstrap minbase root, with updates and security sources."""
     if b.exists(DEBIAN_IMAGE):
         return
     rootfs = b.work / "rootfs"
     subprocess.run(["rm", "-rf", str(rootfs)], check=True)
-    b.run("debootstrap", "--variant=minbase", SUITE, rootfs, MIRROR, timeout=900)
-    (rootfs / "etc/apt/sources.list").write_text(SOURCES)
+    copy_root(minbase_root(), rootfs)  # hard links: files are replaced below, never written to
+    sources = rootfs / "etc/apt/sources.list"
+    sources.unlink()
+    # the suites this machine's apt uses for bookworm (updates, security), from its own mirrors
+    sources.write_text(
+        "".join(
+            f"deb {uri} {suite} main\n"
+            for uri, suites in apt_sources()
+            for suite in suites
+            if suite.startswith(SUITE)
+        )
+    )
     for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
         subprocess.run(["find", str(rootfs / cache), "-type", "f", "-delete"], check=True)
     tar = b.work / "rootfs.tar"
@@ -187,7 +197,24 @@ def _layered(b: Builder, image: str, containerfile: Path) -> None:
 class Images:
     product: Path  # OCI archives, ready for `ctr images import`
     dnsmasq: Path
+    upgrade: Path
     key: str
+
+
+def _next_version(b: Builder, tag: str, key: str) -> str:
+    """The product image with one more file in its bundle, so `install` sees a new version."""
+    upgraded = f"localhost/pybridge:kindsim-{key}-next"
+    if not b.exists(upgraded):
+        version = b.work / "tmp" / "VERSION"
+        version.write_text(f"{key}-next\n")
+        b.run(
+            "sh",
+            "-c",
+            f"c=$(buildah from --pull=never {tag}) && "
+            f"buildah copy $c {version} /opt/pybridge/bundle/VERSION >/dev/null && "
+            f"buildah commit --quiet --rm $c {upgraded}",
+        )
+    return upgraded
 
 
 @contextlib.contextmanager
@@ -211,9 +238,10 @@ def build_all(b: Builder | None = None, log: object = print) -> Images:
         if not b.exists(tag):
             b.bud(tag, DOCKERFILE, REPO, "--ignorefile", str(DOCKERFILE) + ".dockerignore")
         product = b.archive(tag, PRODUCT_IMAGE, key)
+        upgrade = b.archive(_next_version(b, tag, key), UPGRADE_IMAGE, key)
         dnsmasq = b.archive(DNSMASQ_IMAGE, DNSMASQ_IMAGE, _hash_files([BASE_DIR]))
         log(f"images ready in {time.monotonic() - started:.1f}s (pybridge {key})")  # type: ignore[operator]
-        return Images(product, dnsmasq, key)
+        return Images(product, dnsmasq, upgrade, key)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 
 from ..e2e.node import wait_for
-from .cluster import WHOAMI, Cluster
+from .cluster import WHOAMI, Cluster, daemonset
 from .kubelet import Pod
 
 pytestmark = pytest.mark.kindsim
+
+NEXT_LOG = "/run/pybridge/agent-next.log"  # the upgraded agent's call log (a node path)
 
 
 def _events(pod: Pod, container: str, event: str) -> list[dict[str, object]]:
@@ -80,6 +82,53 @@ def test_agent_restart_fallback_serves_and_pods_keep_connectivity(cluster: Clust
         made.append(after)
         assert len({server.ip, between.ip, after.ip}) == 3  # agent and fallback share one IPAM store
         assert cluster.http_get(client, after.ip, 80) == client.ip
+    finally:
+        for pod in made:
+            cluster.delete_pod(pod)
+
+
+def test_upgrade_rolls_out_node_by_node_keeping_connectivity(cluster: Cluster) -> None:
+    """The DaemonSet's template changes (image pybridge:next, a new bundle) and is rolled out as
+    its updateStrategy says; the new agent logs its calls, which proves who served a new pod."""
+    strategy = daemonset()["spec"]["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"
+    batch = int(strategy["rollingUpdate"]["maxUnavailable"])
+    names = list(cluster.nodes)
+    servers = {n: cluster.run_pod(n, f"keeper-{i}", {"main": WHOAMI}) for i, n in enumerate(names)}
+    prober = cluster.run_pod(names[0], "upgrade-prober")
+    made = [*servers.values(), prober]
+
+    def upgraded(template: dict[str, Any]) -> None:
+        for container in [*template["spec"]["initContainers"], *template["spec"]["containers"]]:
+            container["image"] = "pybridge:next"
+            if container["name"] == "agent":
+                container.setdefault("env", []).append({"name": "PYBRIDGE_LOG_FILE", "value": NEXT_LOG})
+
+    try:
+        old = {n: cluster.nodes[n].node_path("/opt/pybridge/current").readlink().name for n in names}
+        for start in range(0, len(names), batch):
+            for name in names[start : start + batch]:
+                cluster.delete_pod(cluster.daemon_pods[name])
+                cluster.deploy(name, edit=upgraded)
+                cluster.wait_ready([name])
+            for name, server in servers.items():  # running pods never lost connectivity
+                assert cluster.http_get(prober, server.ip, 80) == prober.ip, f"after {name}"
+        for name in names:
+            node = cluster.nodes[name]
+            current = node.node_path("/opt/pybridge/current").readlink().name
+            assert current != old[name] and node.node_path(f"/opt/pybridge/{current}/VERSION").exists()
+            assert node.node_path("/opt/cni/bin/pybridge").readlink().parent.name == current
+            fresh = cluster.run_pod(name, "after-upgrade")
+            made.append(fresh)
+            served = [json.loads(line) for line in node.node_path(NEXT_LOG).read_text().splitlines()]
+            assert any(
+                e.get("event") == "cni_call"
+                and e.get("verb") == "ADD"
+                and e.get("code") == 0
+                and fresh.id == e.get("container_id")
+                for e in served
+            ), f"the new agent on {name} did not serve {fresh.name}"
+            assert cluster.http_get(fresh, servers[names[0]].ip, 80) == fresh.ip
     finally:
         for pod in made:
             cluster.delete_pod(pod)

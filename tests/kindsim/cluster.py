@@ -158,39 +158,15 @@ def make_pki(directory: Path, ip: str) -> tuple[Path, Path, Path]:
     """A throw-away CA and a server certificate for `ip` (what kubeadm makes for kind)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca, ca_key, crt, key = (directory / n for n in ("ca.crt", "ca.key", "apiserver.crt", "apiserver.key"))
+    ec = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
+    sh("openssl", *ec, "-keyout", ca_key, "-out", ca, "-subj", "/CN=pbt-kindsim-ca")
     sh(
         "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        ca_key,
-        "-out",
-        ca,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=pbt-kindsim-ca",
-    )
-    sh(
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
+        *ec,
         "-keyout",
         key,
         "-out",
         crt,
-        "-days",
-        "2",
         "-subj",
         "/CN=kube-apiserver",
         "-CA",
@@ -227,31 +203,16 @@ class World:
         sh(*o, "route", "add", f"{WORLD_NET}.0/24", "via", OUTSIDE_GW)  # the nodes, never the pods
 
     def attach(self, netns: str, index: int) -> str:
+        """Wire `netns` to the bridge as docker wires a kind node: eth0, the next address."""
         ip = f"{WORLD_NET}.{10 + index}"
         port = f"kind{index}-{secrets.token_hex(2)}"
-        sh(
-            "ip",
-            "-n",
-            self.netns,
-            "link",
-            "add",
-            port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns,
-        )
-        sh("ip", "-n", self.netns, "link", "set", port, "master", "kind", "up")
-        for cmd in (
-            ["link", "set", "lo", "up"],
-            ["addr", "add", f"{ip}/24", "dev", "eth0"],
-            ["link", "set", "eth0", "up"],
-            ["route", "add", "default", "via", GATEWAY],
-        ):
-            sh("ip", "-n", netns, *cmd)
+        w, n = ("ip", "-n", self.netns), ("ip", "-n", netns)
+        sh(*w, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        sh(*w, "link", "set", port, "master", "kind", "up")
+        sh(*n, "link", "set", "lo", "up")
+        sh(*n, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh(*n, "link", "set", "eth0", "up")
+        sh(*n, "route", "add", "default", "via", GATEWAY)
         sh("ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         return ip
 

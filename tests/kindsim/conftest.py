@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from ..conftest import _root_state
+from ..e2e.node import gate_tier, mount_points
 from ..e2e.node import missing_tools as containerd_missing
-from ..e2e.node import mount_points
 from . import image
 from .cluster import NODE_MOUNTS, Cluster, kind_config, node_names
 
@@ -29,18 +29,12 @@ TIMINGS_FILE = image.REPO / "build" / "kind-sim" / "timings.json"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    ours = [item for item in items if "tests/kindsim" in str(item.fspath)]
     reason = None
     if os.geteuid() != 0:
         reason = "kind-sim needs root"
     elif missing := containerd_missing() + image.missing_tools():
         reason = f"kind-sim needs {', '.join(missing)} (apt-get install containerd runc buildah debootstrap)"
-    if reason is None or not ours:
-        return
-    if os.environ.get(REQUIRE_ENV) == "1":
-        raise pytest.UsageError(f"{REQUIRE_ENV}=1 but {reason}")
-    for item in ours:
-        item.add_marker(pytest.mark.skip(reason=reason))
+    gate_tier(items, "tests/kindsim", reason, REQUIRE_ENV)
 
 
 @pytest.fixture(scope="session")

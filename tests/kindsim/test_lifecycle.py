@@ -9,6 +9,7 @@ import ipaddress
 import json
 from typing import Any
 
+import grpc
 import pytest
 
 from ..e2e.node import wait_for
@@ -132,6 +133,31 @@ def test_upgrade_rolls_out_node_by_node_keeping_connectivity(cluster: Cluster) -
     finally:
         for pod in made:
             cluster.delete_pod(pod)
+
+
+def test_forced_cni_version_1_1_0_is_what_containerd_1_6_refuses(cluster: Cluster) -> None:
+    """Why `auto` exists: CNI_VERSION=1.1.0 is honoured, and Debian's containerd 1.6 (libcni
+    1.1.2) then fails every pod; back to the default, pods work again."""
+    name = next(iter(cluster.nodes))
+    node = cluster.nodes[name]
+
+    def forced(template: dict[str, Any]) -> None:
+        node_agent = next(c for c in template["spec"]["containers"] if c["name"] == "node")
+        node_agent.setdefault("env", []).append({"name": "CNI_VERSION", "value": "1.1.0"})
+
+    cluster.delete_pod(cluster.daemon_pods[name])
+    cluster.deploy(name, edit=forced)
+    try:
+        wait_for(lambda: (node.conflist() or {}).get("cniVersion") == "1.1.0", 20, "the forced cniVersion")
+        with pytest.raises(grpc.RpcError) as refused:
+            cluster.run_pod(name, "too-new")
+        assert 'unsupported CNI result version "1.1.0"' in str(refused.value.details())
+    finally:
+        cluster.delete_pod(cluster.daemon_pods[name])
+        cluster.deploy(name)
+    wait_for(lambda: (node.conflist() or {}).get("cniVersion") == "1.0.0", 20, "the runtime's cniVersion")
+    pod = cluster.run_pod(name, "just-right")
+    cluster.delete_pod(pod)
 
 
 ALT_DATA_DIR = "/run/pbt-alt-ipam"  # a node path the agent container has no volume for

@@ -55,6 +55,9 @@ def test_daemonset_installs_the_image_bundle_and_writes_the_conflist(cluster: Cl
         for program in ("pybridge", "pyipam"):  # symlinks in the node's own terms
             link = node.node_path(f"/opt/cni/bin/{program}").readlink()
             assert link.parent == Path("/opt/pybridge") / bundle.name, link
+        # hostPath types honoured: DirectoryOrCreate made the dirs, FileOrCreate the lock file
+        assert node.node_path("/run/xtables.lock").is_file()
+        assert node.node_path("/run/cni-ipam-state").is_dir()
         conflist = node.conflist()
         assert conflist is not None
         assert conflist["plugins"][0]["ipam"]["ranges"] == [[{"subnet": cluster.pod_cidr(name)}]]

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,26 +353,37 @@ class Cluster:
 
     # --- nodes --------------------------------------------------------------------------------
 
-    def add_node(self, name: str, register: bool = True) -> KindNode:
-        self.started += 1
-        node = KindNode(root=self.root / name, name=name)
-        self.nodes[name] = node
-        node.setup_kind(self.world, self.started, self.images)
-        self.mount_namespaces.add(node.mntns.stat().st_ino)
-        self.kubelets[name] = Kubelet(
-            node_name=name,
-            node_ip=node.ip,
-            cri=node.cri,
-            cgroup_parent=node.cgroup_parent,
-            log_root=node.root / "logs",
-            sa_dir=self.sa_dir,
-            api_host=GATEWAY,
-            api_port=API_PORT,
-            node_path=node.node_path,
-        )
-        if register:
-            self.register(name)
-        return node
+    def add_node(self, name: str) -> KindNode:
+        return self.add_nodes([name])[0]
+
+    def add_nodes(self, names: list[str]) -> list[KindNode]:
+        """Nodes set up side by side (containerd start and image imports dominate), then given a
+        kubelet and registered in the API in the order given."""
+        nodes = []
+        for name in names:
+            self.started += 1
+            self.nodes[name] = KindNode(root=self.root / name, name=name)
+            nodes.append((self.nodes[name], self.started))
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            for done in [
+                pool.submit(node.setup_kind, self.world, index, self.images) for node, index in nodes
+            ]:
+                done.result()
+        for node, _ in nodes:
+            self.mount_namespaces.add(node.mntns.stat().st_ino)
+            self.kubelets[node.name] = Kubelet(
+                node_name=node.name,
+                node_ip=node.ip,
+                cri=node.cri,
+                cgroup_parent=node.cgroup_parent,
+                log_root=node.root / "logs",
+                sa_dir=self.sa_dir,
+                api_host=GATEWAY,
+                api_port=API_PORT,
+                node_path=node.node_path,
+            )
+            self.register(node.name)
+        return [node for node, _ in nodes]
 
     def register(self, name: str) -> None:
         assert self.store is not None
@@ -457,6 +469,15 @@ class Cluster:
             ]
         }
         return self.kubelets[node].run_pod(name, spec, labels=labels, dns=dns)
+
+    def pods(self, **labels: str) -> list[Pod]:
+        """The running pods (DaemonSet pods included) whose labels include `labels`."""
+        return [
+            pod
+            for kubelet in self.kubelets.values()
+            for pod in kubelet.pods.values()
+            if labels.items() <= pod.labels.items()
+        ]
 
     def exec(self, pod: Pod, *cmd: str, container: str | None = None, timeout: int = 20) -> tuple[int, str]:
         return self.kubelets[pod.node].exec(pod, *cmd, container=container, timeout=timeout)

@@ -63,8 +63,7 @@ def cluster(images: image.Images) -> Iterator[Cluster]:
     try:
         started = time.monotonic()
         c.up()
-        for name in node_names(kind_config()):
-            c.add_node(name)
+        c.add_nodes(node_names(kind_config()))
         TIMINGS["nodes_up_s"] = time.monotonic() - started
         started = time.monotonic()
         for name in c.nodes:

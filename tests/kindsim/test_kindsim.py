@@ -89,6 +89,7 @@ def pods(cluster: Cluster) -> Iterator[list[Pod]]:
 
 
 def test_pod_addresses_come_from_the_node_podcidr(cluster: Cluster, web: dict[str, Pod]) -> None:
+    assert sorted(p.name for p in cluster.pods(app="web")) == sorted(p.name for p in web.values())
     for name, pod in web.items():
         assert ipaddress.ip_address(pod.ip) in ipaddress.ip_network(cluster.pod_cidr(name))
     assert len({pod.ip for pod in web.values()}) == len(web)

@@ -53,8 +53,8 @@ class _Body(io.BytesIO):
 class FakePool:
     """Answers list and watch requests from scripted responses, and records each request."""
 
-    def __init__(self, lists: list[dict[str, Any]], watches: list[list[dict[str, Any]] | int]) -> None:
-        self.lists = list(lists)
+    def __init__(self, lists: list[dict[str, Any] | int], watches: list[list[dict[str, Any]] | int]) -> None:
+        self.lists = list(lists)  # a NodeList, or an HTTP status the list is refused with
         self.watches = list(watches)  # a list of events, or an HTTP-style error code for the watch
         self.requests: list[dict[str, list[str]]] = []
         self.on_exhausted: Callable[[], None] = lambda: None
@@ -83,14 +83,17 @@ class FakePool:
             return self._response(b"".join(json.dumps(e).encode() + b"\n" for e in script))
         if not self.lists:
             self.on_exhausted()
-        return self._response(json.dumps(self.lists.pop(0) if self.lists else {"items": []}).encode())
+        listed = self.lists.pop(0) if self.lists else {"items": []}
+        if isinstance(listed, int):
+            return self._response(json.dumps(_status(listed, "Refused")).encode(), listed)
+        return self._response(json.dumps(listed).encode())
 
     @staticmethod
-    def _response(body: bytes) -> urllib3.HTTPResponse:
+    def _response(body: bytes, status: int = 200) -> urllib3.HTTPResponse:
         return urllib3.HTTPResponse(
             body=_Body(body),
-            status=200,
-            reason="OK",
+            status=status,
+            reason="OK" if status == 200 else "Refused",
             preload_content=False,
             headers={"Content-Type": "application/json"},
         )

@@ -157,3 +157,13 @@ def test_dual_stack_nodes() -> None:
         [{"subnet": "10.70.1.0/24"}],
         [{"subnet": "fd00:10:70:1::/64"}],
     ]
+
+
+def test_a_refused_list_is_reported_then_retried_after_a_backoff() -> None:
+    pool = FakePool([401, load("nodes.json")], [[]])
+    reported: list[int] = []
+    waits: list[float] = []
+    events = kube.node_events(api_client(pool), timeout_seconds=5, backoff=waits.append,
+                              report=lambda exc: reported.append(getattr(exc, "status", 0)))
+    assert next(events)[0] == "SYNC"  # the second list, after the 401 was reported
+    assert reported == [401] and waits == [2.0]

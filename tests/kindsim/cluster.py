@@ -1,9 +1,7 @@
 """kind without docker: a throw-away world, three nodes from kind-config.yaml, a fake API server.
 
-- world (netns `pbt-ks*-world`): bridge `kind` 172.18.0.1/24 like docker's `kind` network, the
-  fake API server on 172.18.0.1:6443 (HTTPS, a throw-away CA), and a veth to "outside"
-  (netns, 198.51.100.2), standing for the internet: it routes back only to the nodes' own
-  addresses, so pods reach it through masquerade or not at all;
+- world (world.py, netns `pbt-ks*-world`): docker's `kind` network with the fake API server on
+  172.18.0.1:6443 (HTTPS, a throw-away CA) and an "outside" netns;
 - node (netns + persistent private mount namespace, tests/e2e's Node with kind's layout): eth0
   on the world bridge, and /run, /opt, /etc/cni/net.d, /var/lib/cni bound from the node's tree,
   `/` made rshared as on a systemd host (HostToContainer mounts need it); its containerd uses
@@ -18,14 +16,11 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
-import re
 import secrets
 import socket
 import subprocess
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,7 +33,6 @@ from ..e2e import oci
 from ..e2e.node import (
     BUSYBOX_IMAGE,
     PAUSE_IMAGE,
-    PREFIX,
     REFERENCE_PLUGINS,
     Node,
     containerd_config,
@@ -48,71 +42,14 @@ from ..e2e.node import (
 from ..kind.fakeapi import ApiServer, NodeStore
 from .image import REPO, Images
 from .kubelet import Kubelet, Pod, write_service_account
+from .workloads import http_body, http_get_script, service_rules
+from .world import API_PORT, GATEWAY, World, listen_in_netns, make_pki
 
 MANIFEST = REPO / "deploy" / "pybridge.yaml"
 KIND_CONFIG = REPO / "kind-config.yaml"
-WORLD_NET, GATEWAY, API_PORT = "172.18.0", "172.18.0.1", 6443
-OUTSIDE_GW, OUTSIDE_IP = "198.51.100.1", "198.51.100.2"
 CLUSTER = "pybridge"  # kind's default node names: <cluster>-control-plane, <cluster>-worker, -worker2
 # node path -> directory of the node's tree that the node's mount namespace shows there
 NODE_MOUNTS = {"/run": "run", "/opt": "opt", "/etc/cni/net.d": "etc-cni-net.d", "/var/lib/cni": "var-lib-cni"}
-CLONE_NEWNET = 0x40000000
-# busybox httpd answering GET /cgi-bin/ip with the address the connection came from
-WHOAMI = [
-    "/bin/sh",
-    "-c",
-    "mkdir -p /www/cgi-bin && printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\n"
-    "echo $REMOTE_ADDR\\n' > /www/cgi-bin/ip && chmod +x /www/cgi-bin/ip && exec httpd -f -p 80 -h /www",
-]
-KUBE_PROXY_TABLE = "pbt_kube_proxy"
-
-
-def http_get_script(address: str, port: int, path: str = "/cgi-bin/ip") -> str:
-    """One HTTP GET with busybox nc (the static busybox's wget crashes in glibc's resolver)."""
-    return f"printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {address} {port}"
-
-
-def http_body(output: str) -> str | None:
-    """The body of a 200 answer, or None; busybox httpd's CGI ends headers with a bare LF and
-    gives an IPv4 peer in IPv6-mapped form ("[::ffff:10.70.1.3]"), which this unwraps."""
-    parts = re.split(r"\r?\n\r?\n", output, maxsplit=1)
-    if len(parts) != 2 or not re.match(r"HTTP/1\.[01] 200 ", parts[0]):
-        return None
-    return parts[1].strip().removeprefix("[").removesuffix("]").removeprefix("::ffff:")
-
-
-def service_rules(services: list[tuple[str, str, int, str, int]]) -> str:
-    """What kube-proxy (nftables mode) does for ClusterIP Services: DNAT the VIP to the endpoint,
-    in prerouting (pods) and output (the node), masquerading a pod that reaches itself (hairpin)."""
-    lines = [
-        f"add table ip {KUBE_PROXY_TABLE}",
-        f"delete table ip {KUBE_PROXY_TABLE}",
-        f"table ip {KUBE_PROXY_TABLE} {{",
-        "\tchain svc_mark { type nat hook prerouting priority dstnat - 1; policy accept;",
-    ]
-    lines += [
-        f"\t\tip saddr {ep} ip daddr {vip} {proto} dport {port} meta mark set 0x4000"
-        for proto, vip, port, ep, _ in services
-    ]
-    lines += ["\t}", "\tchain svc_dnat { type nat hook prerouting priority dstnat; policy accept;"]
-    lines += [
-        f"\t\tip daddr {vip} {proto} dport {port} dnat to {ep}:{ep_port}"
-        for proto, vip, port, ep, ep_port in services
-    ]
-    lines += ["\t}", "\tchain svc_out { type nat hook output priority -100; policy accept;"]
-    lines += [
-        f"\t\tip daddr {vip} {proto} dport {port} dnat to {ep}:{ep_port}"
-        for proto, vip, port, ep, ep_port in services
-    ]
-    lines += [
-        "\t}",
-        "\tchain svc_masq { type nat hook postrouting priority srcnat; policy accept;",
-        "\t\tmeta mark 0x4000 masquerade",
-        "\t}",
-        "}",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def kind_config(path: Path = KIND_CONFIG) -> dict[str, Any]:
@@ -134,93 +71,6 @@ def node_names(config: dict[str, Any]) -> list[str]:
             workers += 1
             names.append(f"{CLUSTER}-worker{workers if workers > 1 else ''}")
     return names
-
-
-def listen_in_netns(netns: str, address: str, port: int) -> socket.socket:
-    """A listening TCP socket made inside `netns` (it stays there; this thread returns home)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {netns}")
-        try:
-            sock = socket.create_server((address, port), reuse_port=False)
-        finally:
-            if libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(home)
-        os.close(target)
-    return sock
-
-
-def make_pki(directory: Path, ip: str) -> tuple[Path, Path, Path]:
-    """A throw-away CA and a server certificate for `ip` (what kubeadm makes for kind)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca, ca_key, crt, key = (directory / n for n in ("ca.crt", "ca.key", "apiserver.crt", "apiserver.key"))
-    ec = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
-    sh("openssl", *ec, "-keyout", ca_key, "-out", ca, "-subj", "/CN=pbt-kindsim-ca")
-    sh(
-        "openssl",
-        *ec,
-        "-keyout",
-        key,
-        "-out",
-        crt,
-        "-subj",
-        "/CN=kube-apiserver",
-        "-CA",
-        ca,
-        "-CAkey",
-        ca_key,
-        "-addext",
-        f"subjectAltName=IP:{ip}",
-    )
-    return ca, crt, key
-
-
-@dataclass
-class World:
-    netns: str = ""
-    outside: str = ""
-
-    def up(self, tag: str) -> None:
-        self.netns, self.outside = f"{PREFIX}ks{tag}-world", f"{PREFIX}ks{tag}-out"
-        for ns in (self.netns, self.outside):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        w = ("ip", "-n", self.netns)
-        sh(*w, "link", "add", "kind", "type", "bridge")
-        sh(*w, "addr", "add", f"{GATEWAY}/24", "dev", "kind")
-        sh(*w, "link", "set", "kind", "up")
-        sh(*w, "link", "add", "out0", "type", "veth", "peer", "name", "eth0", "netns", self.outside)
-        sh(*w, "addr", "add", f"{OUTSIDE_GW}/24", "dev", "out0")
-        sh(*w, "link", "set", "out0", "up")
-        sh("ip", "netns", "exec", self.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        o = ("ip", "-n", self.outside)
-        sh(*o, "addr", "add", f"{OUTSIDE_IP}/24", "dev", "eth0")
-        sh(*o, "link", "set", "eth0", "up")
-        sh(*o, "route", "add", f"{WORLD_NET}.0/24", "via", OUTSIDE_GW)  # the nodes, never the pods
-
-    def attach(self, netns: str, index: int) -> str:
-        """Wire `netns` to the bridge as docker wires a kind node: eth0, the next address."""
-        ip = f"{WORLD_NET}.{10 + index}"
-        port = f"kind{index}-{secrets.token_hex(2)}"
-        w, n = ("ip", "-n", self.netns), ("ip", "-n", netns)
-        sh(*w, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        sh(*w, "link", "set", port, "master", "kind", "up")
-        sh(*n, "link", "set", "lo", "up")
-        sh(*n, "addr", "add", f"{ip}/24", "dev", "eth0")
-        sh(*n, "link", "set", "eth0", "up")
-        sh(*n, "route", "add", "default", "via", GATEWAY)
-        sh("ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        return ip
-
-    def down(self) -> None:
-        for ns in (self.netns, self.outside):
-            if ns:
-                sh("ip", "netns", "del", ns, check=False)
 
 
 @dataclass
@@ -539,8 +389,3 @@ class Cluster:
                 directory.rmdir()
         if errors:
             raise AssertionError("; ".join(errors))
-
-
-def timed(fn: Any, *args: Any) -> tuple[Any, float]:
-    started = time.perf_counter()
-    return fn(*args), time.perf_counter() - started

@@ -110,6 +110,14 @@ def _security_context(sc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _pod_defaults(pod_sc: dict[str, Any]) -> dict[str, Any]:
+    """The pod-level securityContext fields a container inherits unless it sets its own."""
+    inherited = {"seccompProfile", "runAsUser", "runAsGroup", "runAsNonRoot"}
+    if extra := set(pod_sc) - inherited:
+        raise Unsupported(f"pod securityContext fields {sorted(extra)}")
+    return dict(pod_sc)
+
+
 @dataclass
 class Pod:
     name: str
@@ -159,7 +167,8 @@ class Kubelet:
         labels: dict[str, str] | None = None,
         dns: dict[str, list[str]] | None = None,
     ) -> Pod:
-        if extra := set(spec) - POD_IGNORED - {"hostNetwork", "initContainers", "containers", "volumes"}:
+        known = {"hostNetwork", "initContainers", "containers", "volumes", "securityContext"}
+        if extra := set(spec) - POD_IGNORED - known:
             raise Unsupported(f"pod spec fields {sorted(extra)}")
         uid = secrets.token_hex(8)
         host_network = bool(spec.get("hostNetwork"))
@@ -259,7 +268,14 @@ class Kubelet:
                 {"container_path": SA_PATH, "host_path": str(self.sa_dir), "readonly": True},
             ],
             "log_path": f"{name}/{attempt}.log",
-            "linux": {"security_context": _security_context(container.get("securityContext", {}))},
+            "linux": {
+                "security_context": _security_context(
+                    {
+                        **_pod_defaults(pod.spec.get("securityContext", {})),
+                        **container.get("securityContext", {}),
+                    }
+                )
+            },
         }
         reply = self.cri.call(
             "CreateContainer", {"pod_sandbox_id": pod.id, "config": config, "sandbox_config": pod.config}

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import API_PORT, GATEWAY, Cluster, make_pki
+from .cluster import Cluster
+from .world import API_PORT, GATEWAY, make_pki
 
 pytestmark = pytest.mark.kindsim
 
@@ -34,21 +35,8 @@ def kubeconfig(path: Path, server: str, ca: Path, token: str) -> Path:
 
 def first_complaint(cluster: Cluster, config: Path, conf_dir: Path, timeout: float = 30) -> dict[str, object]:
     """The node agent's first api_error or retry log event."""
-    argv = [
-        "nsenter",
-        f"--net=/run/netns/{cluster.world.netns}",
-        sys.executable,
-        "-m",
-        "cni_plugin",
-        "node",
-        "run",
-        "--node-name",
-        "nowhere",
-        "--kubeconfig",
-        str(config),
-        "--cni-conf-dir",
-        str(conf_dir),
-    ]
+    node_run = f"-m cni_plugin node run --node-name nowhere --kubeconfig {config} --cni-conf-dir {conf_dir}"
+    argv = ["nsenter", f"--net=/run/netns/{cluster.world.netns}", sys.executable, *node_run.split()]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert proc.stderr is not None
     deadline = time.monotonic() + timeout

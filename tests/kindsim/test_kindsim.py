@@ -13,8 +13,10 @@ import pytest
 from cni_plugin.node.install import bundle_digest
 
 from ..e2e.node import BUSYBOX_IMAGE, wait_for
-from .cluster import OUTSIDE_IP, WHOAMI, Cluster, http_body, http_get_script
+from .cluster import Cluster
 from .kubelet import Pod
+from .workloads import WHOAMI, http_body, http_get_script
+from .world import OUTSIDE_IP
 
 HAIRPIN_VIP, DNS_VIP = "10.71.0.20", "10.71.0.10"  # in kind-config.yaml's serviceSubnet
 DNSMASQ = [
@@ -199,7 +201,14 @@ def test_sidecar_redirect_inside_the_pod_netns(
             {
                 "name": "proxy",
                 "image": BUSYBOX_IMAGE,
-                "securityContext": {"runAsUser": 1337},
+                # a hardened container, as a mesh proxy is: the stand-in kubelet passes all of it on
+                "securityContext": {
+                    "runAsUser": 1337,
+                    "readOnlyRootFilesystem": True,
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
                 "command": ["nc", "-ll", "-p", "15001", "-e", "nc", target.ip, "80"],
             },
         ],
@@ -208,3 +217,5 @@ def test_sidecar_redirect_inside_the_pod_netns(
     pods.append(pod)
     # nothing listens on port 81: an answer proves the redirect, its body the source address
     assert cluster.http_get(pod, target.ip, 81, container="app") == pod.ip
+    rc, out = cluster.exec(pod, "sh", "-c", "id -u; touch /probe", container="proxy")
+    assert rc != 0 and out.startswith("1337") and "Read-only file system" in out, out

@@ -13,8 +13,9 @@ import grpc
 import pytest
 
 from ..e2e.node import wait_for
-from .cluster import WHOAMI, Cluster, daemonset
+from .cluster import Cluster, daemonset
 from .kubelet import Pod
+from .workloads import WHOAMI
 
 pytestmark = pytest.mark.kindsim
 

@@ -74,7 +74,11 @@ def cluster(images: image.Images) -> Iterator[Cluster]:
         TIMINGS_FILE.write_text(json.dumps(TIMINGS, indent=2))
         yield c
     finally:
-        c.down()
+        try:
+            c.down()
+        finally:  # the node trees go unless something is still mounted there (the check below)
+            if not any(m.startswith(str(c.root)) for m in mount_points()):
+                shutil.rmtree(c.root, ignore_errors=True)
         assert not _processes_in(c.mount_namespaces), "processes left in a node's mount namespace"
         # other helpers' tiers make and drop netns pins meanwhile: judge the paths kind-sim uses
         ours = {
@@ -87,5 +91,3 @@ def cluster(images: image.Images) -> Iterator[Cluster]:
         after = _root_state()
         assert after[0] == before_state[0], f"root netns links changed: {after[0] ^ before_state[0]}"
         assert after[1] == before_state[1], "root netns nftables ruleset changed"
-        if not any(m.startswith(str(c.root)) for m in mount_points()):
-            shutil.rmtree(c.root, ignore_errors=True)

@@ -7,7 +7,8 @@ of the reconcile is unit tested on plain data:
 - every other node's podCIDRs are routed via that node's InternalIP of the same family;
   routes of nodes that left (or whose address changed) are removed;
 - traffic from this node's pods to anything outside the cluster CIDRs (and every node's
-  podCIDRs) is masqueraded, multicast excepted.
+  podCIDRs) is masqueraded, multicast excepted;
+- the conflist's cniVersion is one the node's runtime accepts (cni_version).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 CONFLIST_NAME = "10-pybridge.conflist"
 NFT_TABLE = "pybridge_node"  # inet family; the plugin's own per-pod table is `inet pybridge`
 MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+AUTO = "auto"
+CNI_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Node:
     name: str
     internal_ips: tuple[Address, ...] = ()
     pod_cidrs: tuple[Network, ...] = ()
+    runtime_version: str = ""  # status.nodeInfo.containerRuntimeVersion, "containerd://1.7.24"
 
     def internal_ip(self, version: int) -> Address | None:
         return next((ip for ip in self.internal_ips if ip.version == version), None)
@@ -49,7 +53,7 @@ class Settings:
     network: str = "pybridge"
     bridge: str = "pyb0"
     ipam_data_dir: str = "/run/cni-ipam-state"
-    cni_version: str = "1.1.0"
+    cni_version: str = AUTO  # or one of CNI_VERSIONS
     log_file: str | None = None
 
 
@@ -92,7 +96,22 @@ def node_from_object(obj: Mapping[str, Any]) -> Node:
                       if isinstance(a, Mapping) and a.get("type") == "InternalIP")
         if ip is not None
     )
-    return Node(name=str(meta.get("name", "")), internal_ips=ips, pod_cidrs=cidrs)
+    info = status.get("nodeInfo")
+    runtime = info.get("containerRuntimeVersion") if isinstance(info, Mapping) else None
+    return Node(name=str(meta.get("name", "")), internal_ips=ips, pod_cidrs=cidrs,
+                runtime_version=runtime if isinstance(runtime, str) else "")
+
+
+def cni_version(settings: Settings, own: Node) -> str:
+    """The configured cniVersion, or for `auto` the newest the node's runtime takes, read from
+    its Node object: containerd 2.x (libcni 1.2+) only calls STATUS and GC for 1.1.0, while
+    containerd 1.6/1.7 (libcni 1.1) reject a 1.1.0 result outright, so every pod would fail.
+    Any other or unknown runtime gets 1.0.0, which every libcni since 1.0 accepts."""
+    if settings.cni_version != AUTO:
+        return settings.cni_version
+    runtime, _, version = own.runtime_version.partition("://")
+    major = version.split(".", 1)[0]
+    return "1.1.0" if runtime == "containerd" and major.isdigit() and int(major) >= 2 else "1.0.0"
 
 
 def desired_routes(me: str, nodes: Iterable[Node]) -> frozenset[Route]:
@@ -142,7 +161,7 @@ def conflist(settings: Settings, own: Node, mtu: int | None) -> dict[str, Any]:
     if settings.log_file:
         plugin["logFile"] = settings.log_file
     return {
-        "cniVersion": settings.cni_version,
+        "cniVersion": cni_version(settings, own),
         "name": settings.network,
         "plugins": [plugin, {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}],
     }

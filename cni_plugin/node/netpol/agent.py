@@ -153,7 +153,8 @@ def kube_stream(api: Any, resync: int, stop: threading.Event, log: Log) -> Strea
     calls = listers(api)
 
     def refused(kind: str) -> Callable[[Exception], None]:  # 401, 403 (RBAC): said before each retry
-        return lambda exc: log("api_error", kind=kind, status=getattr(exc, "status", None), error=str(exc)[:300])
+        return lambda exc: log("api_error", kind=kind, status=getattr(exc, "status", None),
+                               error=str(exc)[:300])
 
     return lambda kind: kube.list_watch(api, calls[kind], timeout_seconds=resync, stop=stop.is_set,
                                         report=refused(kind))

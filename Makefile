@@ -5,7 +5,8 @@ CNI_BIN_DIR ?= /opt/cni/bin
 PREFIX      ?= /opt/pybridge
 PY          := $(VENV)/bin/python
 
-.PHONY: venv install demo test lint unit netns bench stress interop e2e cnitool clean bundle kind-up kind-e2e kind-down
+.PHONY: venv install demo test lint unit netns bench stress interop e2e cnitool clean bundle kind-up kind-e2e kind-down \
+	kind-sim
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -95,6 +96,12 @@ kind-e2e:
 
 kind-down:
 	kind delete cluster --name $(KIND_CLUSTER)
+
+# kind without docker (root; apt-get install containerd runc buildah debootstrap): the image from
+# deploy/Dockerfile built by buildah, three nodes from kind-config.yaml, the DaemonSet of
+# deploy/pybridge.yaml through each node's CRI, pods on them. README "kind-sim". `make test` runs it too.
+kind-sim: venv
+	$(VENV)/bin/pytest -q -rs tests/kindsim
 
 # pytest exits 5 when it ran no test: that is a failure here too (make stops on any non-zero).
 # lint and the unit tier (no root, no bundle) come first: they never wait for PyInstaller.

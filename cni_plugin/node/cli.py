@@ -105,7 +105,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     settings = model.Settings(
         node_name=args.node_name, cluster_cidrs=_networks(args.cluster_cidr or []), bridge=args.bridge,
-        ipam_data_dir=args.ipam_data_dir, network=args.network, log_file=args.plugin_log_file)
+        ipam_data_dir=args.ipam_data_dir, network=args.network, log_file=args.plugin_log_file,
+        cni_version=args.cni_version)
     agent = NodeAgent(settings, Host(args.cni_conf_dir))
     if args.nodes_file:
         result = agent.handle("SYNC", load_nodes_file(args.nodes_file))
@@ -124,9 +125,10 @@ def _run(args: argparse.Namespace) -> int:
     _network_policy(args, api)
     while True:
         try:
-            for kind, payload in kube.node_events(api, timeout_seconds=args.resync):
+            for kind, payload in kube.node_events(api, timeout_seconds=args.resync, report=_api_error):
                 agent.handle(kind, payload)
-        except (urllib3.exceptions.HTTPError, OSError, RuntimeError) as exc:
+        # ValueError: an object the client's models refuse; a retry, not a crash loop
+        except (urllib3.exceptions.HTTPError, OSError, RuntimeError, ValueError) as exc:
             _log("retry", error=str(exc)[:300])
             time.sleep(2.0)
 
@@ -143,6 +145,12 @@ def _network_policy(args: argparse.Namespace, api: Any) -> None:
         _log("netpol-off")
     except apply.NftError as exc:
         _log("netpol-error", error=str(exc))
+
+
+def _api_error(exc: Exception) -> None:
+    """A refused list or watch (401 for a bad token, 403 without RBAC...), before the retry."""
+    status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
+    _log("api_error", status=status, reason=str(reason)[:100], error=str(exc)[:300])
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -172,6 +180,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--bridge", default="pyb0")
     run.add_argument("--network", default="pybridge")
     run.add_argument("--plugin-log-file", default=None)
+    run.add_argument("--cni-version", default=os.environ.get("CNI_VERSION", model.AUTO),
+                     choices=(model.AUTO, *model.CNI_VERSIONS),
+                     help="the conflist's cniVersion; auto (default): from the node's container runtime "
+                          "(containerd 2.x: 1.1.0, else 1.0.0) (env CNI_VERSION)")
     run.add_argument("--kubeconfig", default=None)
     run.add_argument("--resync", type=int, default=60, help="seconds between full lists")
     run.add_argument("--nodes-file", help="reconcile once from a recorded NodeList (JSON) instead")

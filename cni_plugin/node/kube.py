@@ -32,14 +32,17 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
 
 def node_events(api: client.ApiClient, timeout_seconds: int = 60,
                 stop: Callable[[], bool] = lambda: False,
-                backoff: Callable[[float], None] = time.sleep) -> Iterator[Event]:
-    return list_watch(api, client.CoreV1Api(api).list_node, timeout_seconds, stop, backoff)
+                backoff: Callable[[float], None] = time.sleep,
+                report: Callable[[Exception], None] = lambda _exc: None) -> Iterator[Event]:
+    return list_watch(api, client.CoreV1Api(api).list_node, timeout_seconds, stop, backoff, report)
 
 
 def list_watch(api: client.ApiClient, lister: Callable[..., Any], timeout_seconds: int = 60,
                stop: Callable[[], bool] = lambda: False,
-               backoff: Callable[[float], None] = time.sleep) -> Iterator[Event]:
-    """The events of one kind; `lister` is the client's list call for it (e.g. CoreV1Api.list_node)."""
+               backoff: Callable[[float], None] = time.sleep,
+               report: Callable[[Exception], None] = lambda _exc: None) -> Iterator[Event]:
+    """The events of one kind; `lister` is the client's list call for it (e.g. CoreV1Api.list_node).
+    `report` hears of every refused call (401, 403...) before the retry."""
     while not stop():
         try:
             listed = lister()
@@ -56,4 +59,5 @@ def list_watch(api: client.ApiClient, lister: Callable[..., Any], timeout_second
                     return
         except client.ApiException as exc:
             if exc.status != 410:  # 410 Gone: our resourceVersion expired, list again at once
+                report(exc)
                 backoff(2.0)

@@ -7,7 +7,8 @@ of the reconcile is unit tested on plain data:
 - every other node's podCIDRs are routed via that node's InternalIP of the same family;
   routes of nodes that left (or whose address changed) are removed;
 - traffic from this node's pods to anything outside the cluster CIDRs (and every node's
-  podCIDRs) is masqueraded, multicast excepted.
+  podCIDRs) is masqueraded, multicast excepted;
+- the conflist's cniVersion is one the node's runtime accepts (cni_version).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cnikit.ip import IPAddress, IPNetwork
+from cnikit.spec.version import SUPPORTED
 
 from .. import hostnet
 
@@ -27,6 +29,8 @@ Address = IPAddress
 
 CONFLIST_NAME = "10-pybridge.conflist"
 NFT_TABLE = "pybridge_node"  # inet family; the plugin's own per-pod table is `inet pybridge`
+AUTO = "auto"
+CNI_VERSIONS = SUPPORTED  # what cniVersion the written conflist may name
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Node:
     name: str
     internal_ips: tuple[Address, ...] = ()
     pod_cidrs: tuple[Network, ...] = ()
+    runtime_version: str = ""  # status.nodeInfo.containerRuntimeVersion, "containerd://1.7.24"
 
     def internal_ip(self, version: int) -> Address | None:
         return next((ip for ip in self.internal_ips if ip.version == version), None)
@@ -52,7 +57,7 @@ class Settings:
     network: str = "pybridge"
     bridge: str = "pyb0"
     ipam_data_dir: str = "/run/cni-ipam-state"
-    cni_version: str = "1.1.0"
+    cni_version: str = AUTO  # or one of CNI_VERSIONS
     log_file: str | None = None
 
 
@@ -95,7 +100,22 @@ def node_from_object(obj: Mapping[str, Any]) -> Node:
                       if isinstance(a, Mapping) and a.get("type") == "InternalIP")
         if ip is not None
     )
-    return Node(name=str(meta.get("name", "")), internal_ips=ips, pod_cidrs=cidrs)
+    info = status.get("nodeInfo")
+    runtime = info.get("containerRuntimeVersion") if isinstance(info, Mapping) else None
+    return Node(name=str(meta.get("name", "")), internal_ips=ips, pod_cidrs=cidrs,
+                runtime_version=runtime if isinstance(runtime, str) else "")
+
+
+def cni_version(settings: Settings, own: Node) -> str:
+    """The configured cniVersion, or for `auto` the newest the node's runtime takes, read from
+    its Node object: containerd 2.x (libcni 1.2+) only calls STATUS and GC for 1.1.0, while
+    containerd 1.6/1.7 (libcni 1.1) reject a 1.1.0 result outright, so every pod would fail.
+    Any other or unknown runtime gets 1.0.0, which every libcni since 1.0 accepts."""
+    if settings.cni_version != AUTO:
+        return settings.cni_version
+    runtime, _, version = own.runtime_version.partition("://")
+    major = version.split(".", 1)[0]
+    return "1.1.0" if runtime == "containerd" and major.isdigit() and int(major) >= 2 else "1.0.0"
 
 
 def desired_routes(me: str, nodes: Iterable[Node]) -> frozenset[Route]:
@@ -145,7 +165,7 @@ def conflist(settings: Settings, own: Node, mtu: int | None) -> dict[str, Any]:
     if settings.log_file:
         plugin["logFile"] = settings.log_file
     return {
-        "cniVersion": settings.cni_version,
+        "cniVersion": cni_version(settings, own),
         "name": settings.network,
         "plugins": [plugin, {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}],
     }

@@ -10,24 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from .node import Node, Pods, missing_tools
+from .node import Node, Pods, gate_tier, missing_tools
 
 REQUIRE_ENV = "PYBRIDGE_REQUIRE_E2E"  # set by .ci/run: there a missing containerd is a failure
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    ours = [item for item in items if "tests/e2e" in str(item.fspath)]
     reason = None
     if os.geteuid() != 0:
         reason = "the containerd tier needs root"
     elif missing := missing_tools():
         reason = f"the containerd tier needs {', '.join(missing)} (apt-get install containerd runc)"
-    if reason is None or not ours:
-        return
-    if os.environ.get(REQUIRE_ENV) == "1":
-        raise pytest.UsageError(f"{REQUIRE_ENV}=1 but {reason}")
-    for item in ours:
-        item.add_marker(pytest.mark.skip(reason=reason))
+    gate_tier(items, "tests/e2e", reason, REQUIRE_ENV)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

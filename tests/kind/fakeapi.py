@@ -1,15 +1,27 @@
-"""The Kubernetes client talking to recorded Node objects instead of an API server.
+"""Fake Kubernetes API servers for the node agent, consumed by the real Kubernetes client.
 
-The client's urllib3 pool manager is replaced: GET /api/v1/nodes answers a NodeList, and
-GET /api/v1/nodes?watch=true streams watch events line by line, both through the client's
+FakePool: the client's urllib3 pool manager is replaced: GET /api/v1/nodes answers a NodeList,
+and GET /api/v1/nodes?watch=true streams watch events line by line, both through the client's
 real request, deserialization and watch code. No socket is opened.
+
+NodeStore + ApiServer: the same API over HTTPS with bearer-token auth, for a node agent running
+in a container (tests/kindsim): nodes with podCIDRs allocated from the pod subnet, list and watch
+with resourceVersion, 410 Gone after a compaction.
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import ipaddress
 import json
-from collections.abc import Callable
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -43,8 +55,8 @@ class FakePool:
 
     path = "/api/v1/nodes"  # the collection it serves (FakeApi sets others)
 
-    def __init__(self, lists: list[dict[str, Any]], watches: list[list[dict[str, Any]] | int]) -> None:
-        self.lists = list(lists)
+    def __init__(self, lists: list[dict[str, Any] | int], watches: list[list[dict[str, Any]] | int]) -> None:
+        self.lists = list(lists)  # a list object, or an HTTP status the list is refused with
         self.watches = list(watches)  # a list of events, or an HTTP-style error code for the watch
         self.requests: list[dict[str, list[str]]] = []
         self.on_exhausted: Callable[[], None] = lambda: None
@@ -73,14 +85,17 @@ class FakePool:
             return self._response(b"".join(json.dumps(e).encode() + b"\n" for e in script))
         if not self.lists:
             self.on_exhausted()
-        return self._response(json.dumps(self.lists.pop(0) if self.lists else {"items": []}).encode())
+        listed = self.lists.pop(0) if self.lists else {"items": []}
+        if isinstance(listed, int):
+            return self._response(json.dumps(_status(listed, "Refused")).encode(), listed)
+        return self._response(json.dumps(listed).encode())
 
     @staticmethod
-    def _response(body: bytes) -> urllib3.HTTPResponse:
+    def _response(body: bytes, status: int = 200) -> urllib3.HTTPResponse:
         return urllib3.HTTPResponse(
             body=_Body(body),
-            status=200,
-            reason="OK",
+            status=status,
+            reason="OK" if status == 200 else "Refused",
             preload_content=False,
             headers={"Content-Type": "application/json"},
         )
@@ -105,3 +120,217 @@ class FakeApi:
 
     def request(self, method: str, url: str, **kwargs: Any) -> urllib3.HTTPResponse:
         return self.pools[urlparse(url).path].request(method, url, **kwargs)
+
+
+# --- a served fake: the same Node objects over HTTPS, for a client in a container ----------------
+
+
+def node_object(
+    name: str, internal_ip: str, pod_cidrs: list[str], runtime_version: str = ""
+) -> dict[str, Any]:
+    """A Node as kube-apiserver serves it (the fields the node agent and kubectl read)."""
+    spec: dict[str, Any] = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)} if pod_cidrs else {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": spec,
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": internal_ip},
+                {"type": "Hostname", "address": name},
+            ],
+            # every field is required by the client's model, as kubelet always fills them
+            "nodeInfo": {
+                "architecture": "amd64",
+                "bootID": name,
+                "containerRuntimeVersion": runtime_version,
+                "kernelVersion": os.uname().release,
+                "kubeProxyVersion": "v1.33.1",
+                "kubeletVersion": "v1.33.1",
+                "machineID": name,
+                "operatingSystem": "linux",
+                "osImage": "Debian GNU/Linux 12 (bookworm)",
+                "systemUUID": name,
+            },
+        },
+    }
+
+
+class NodeStore:
+    """Nodes as the API server keeps them, with kube-controller-manager's podCIDR allocation.
+
+    Every change gets the next resourceVersion and is kept as a watch event; `compact()` drops
+    the history, so a watch from an older resourceVersion gets 410 Gone, as after etcd compaction.
+    A node is created without podCIDRs and gets the first free /mask of the pod subnet in a
+    second update (the range allocator's order), so an agent sees it join, then get its range.
+    """
+
+    def __init__(self, pod_subnet: str, mask: int = 24) -> None:
+        self.free = list(ipaddress.ip_network(pod_subnet).subnets(new_prefix=mask))
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.version = 1
+        self.oldest = 1  # the oldest resourceVersion a watch may start from
+        self.events: list[tuple[int, str, dict[str, Any]]] = []
+        self.changed = threading.Condition()
+
+    def _record(self, kind: str, obj: dict[str, Any]) -> None:
+        with self.changed:
+            self.version += 1
+            obj["metadata"]["resourceVersion"] = str(self.version)
+            self.events.append((self.version, kind, copy.deepcopy(obj)))
+            self.changed.notify_all()
+
+    def add(self, name: str, internal_ip: str, runtime_version: str = "", allocate: bool = True) -> None:
+        obj = node_object(name, internal_ip, [], runtime_version)
+        self.nodes[name] = obj
+        self._record("ADDED", obj)
+        if allocate:
+            self.allocate(name)
+
+    def allocate(self, name: str) -> str:
+        used = {c for o in self.nodes.values() for c in o["spec"].get("podCIDRs", [])}
+        cidr = str(next(n for n in self.free if str(n) not in used))
+        self.nodes[name]["spec"] = {"podCIDR": cidr, "podCIDRs": [cidr]}
+        self._record("MODIFIED", self.nodes[name])
+        return cidr
+
+    def heartbeat(self) -> None:
+        """A status update of some node, as kubelets post them (the object itself unchanged)."""
+        if self.nodes:
+            self._record("MODIFIED", next(iter(self.nodes.values())))
+
+    def delete(self, name: str) -> None:
+        self._record("DELETED", self.nodes.pop(name))
+
+    def compact(self) -> None:
+        with self.changed:
+            self.events.clear()
+            self.oldest = self.version + 1
+
+    def listing(self) -> dict[str, Any]:
+        with self.changed:
+            return {
+                "kind": "NodeList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self.version)},
+                "items": [copy.deepcopy(o) for o in self.nodes.values()],
+            }
+
+    def expired(self, since: int) -> bool:
+        return since + 1 < self.oldest
+
+    def watch(self, since: int, timeout: float, closed: Callable[[], bool]) -> Iterator[dict[str, Any]]:
+        """Events after `since` until `timeout`; one ERROR 410 if `since` is older than the history."""
+        if self.expired(since):
+            message = f"too old resource version: {since}"
+            yield {"type": "ERROR", "object": {**_status(410, "Expired"), "message": message}}
+            return
+        deadline = time.monotonic() + timeout
+        while not closed():
+            with self.changed:
+                pending = [(v, k, o) for v, k, o in self.events if v > since]
+                if not pending:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self.changed.wait(min(left, 0.5))
+                    continue
+            for version, kind, obj in pending:
+                since = version
+                yield {"type": kind, "object": obj}
+
+
+def _status(code: int, reason: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason}
+
+
+class ApiServer:
+    """NodeStore served over HTTPS with bearer-token auth: list and watch of /api/v1/nodes.
+
+    `listen` is a bound socket (made by the caller in whatever netns the clients reach it).
+    `tokens` may change at run time (a revoked token gets 401, as a rotated service account does).
+    """
+
+    def __init__(self, store: NodeStore, listen: socket.socket, cert: Path, key: Path, token: str) -> None:
+        self.store, self.tokens = store, {token}
+        self.requests: list[tuple[str, int]] = []  # (path?query, status), for the tests to read
+        self.closing = False
+        self.generation = 0  # cut() ends every open watch, as an API server restart does
+        self.compact_after_list = False  # the next list is followed by a compaction: its watch gets 410
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.handle(self)
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.httpd = ThreadingHTTPServer(listen.getsockname()[:2], Handler, bind_and_activate=False)
+        self.httpd.socket.close()
+        self.httpd.socket = context.wrap_socket(listen, server_side=True)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        )
+        self.thread.start()
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        url = urlparse(h.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        # The Python client sends "bearer <token>": the scheme is case-insensitive (RFC 7235).
+        scheme, _, token = (h.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or token not in self.tokens:
+            return self._reply(h, 401, _status(401, "Unauthorized"))
+        if url.path != "/api/v1/nodes":
+            return self._reply(h, 404, _status(404, "NotFound"))
+        if query.get("watch", "").lower() not in ("true", "1"):
+            listing = self.store.listing()
+            if self.compact_after_list:  # a node status update, then compaction: that rv is gone
+                self.compact_after_list = False
+                self.store.heartbeat()
+                self.store.compact()
+            return self._reply(h, 200, listing)
+        since = int(query.get("resourceVersion") or 0)
+        self.requests.append((h.path, 410 if self.store.expired(since) else 200))  # 410 rides in the stream
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        generation = self.generation
+        events = self.store.watch(
+            since,
+            float(query.get("timeoutSeconds") or 60),
+            lambda: self.closing or self.generation != generation,
+        )
+        try:
+            for event in events:
+                line = json.dumps(event).encode() + b"\n"
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                h.wfile.flush()
+            h.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the client went away
+
+    def _reply(self, h: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:
+        self.requests.append((h.path, code))
+        data = json.dumps(body).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def cut(self) -> None:
+        self.generation += 1
+
+    def close(self) -> None:
+        self.closing = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)

@@ -114,7 +114,7 @@ def test_agent_thread_follows_the_events() -> None:
 
     for pool in api.pools.values():
         pool.on_exhausted = hold
-    stream = netpol.kube_stream(api_client(api), 7, stop)  # type: ignore[arg-type]
+    stream = netpol.kube_stream(api_client(api), 7, stop, lambda *_a, **_k: None)  # type: ignore[arg-type]
     threads = netpol.start(agent, stream, lambda *a, **k: None, (Exhausted,), stop)
     try:
         deadline = time.monotonic() + 20

@@ -176,3 +176,13 @@ def test_metrics_follow_the_recorded_watch(tmp_path: Path) -> None:
     assert registry.get_sample_value("pybridge_node_routes") == len(effects.installed) == 2
     assert (registry.get_sample_value("pybridge_node_seconds_since_last_sync") or -1) >= 0
     assert metrics.readiness() == f"conflist {conflist} not written"  # Recorder writes no file
+
+
+def test_a_refused_list_is_reported_then_retried_after_a_backoff() -> None:
+    pool = FakePool([401, load("nodes.json")], [[]])
+    reported: list[int] = []
+    waits: list[float] = []
+    events = kube.node_events(api_client(pool), timeout_seconds=5, backoff=waits.append,
+                              report=lambda exc: reported.append(getattr(exc, "status", 0)))
+    assert next(events)[0] == "SYNC"  # the second list, after the 401 was reported
+    assert reported == [401] and waits == [2.0]

@@ -6,6 +6,8 @@ import ipaddress
 import os
 from pathlib import Path
 
+import pytest
+
 from cni_plugin.files import write_bytes
 from cni_plugin.node import model
 from cni_plugin.node.install import install_bundle
@@ -161,3 +163,25 @@ def test_frozen_entry_picks_the_program_by_name() -> None:
     assert program_for("/opt/cni/bin/pyipam") == "pyipam"
     assert program_for("pybridge") == "pybridge"
     assert program_for("/opt/pybridge/0123/pybridge") == "pybridge"
+
+
+@pytest.mark.parametrize(
+    ("runtime", "configured", "expected"),
+    [
+        ("containerd://2.1.4", "auto", "1.1.0"),  # kind's node images: STATUS and GC need 1.1.0
+        ("containerd://1.6.20~ds1", "auto", "1.0.0"),  # Debian's: libcni 1.1.2 rejects a 1.1.0 result
+        ("containerd://1.7.24", "auto", "1.0.0"),
+        ("cri-o://1.30.0", "auto", "1.0.0"),
+        ("", "auto", "1.0.0"),
+        ("containerd://2.1.4", "1.0.0", "1.0.0"),  # configured wins
+        ("containerd://1.6.20", "1.1.0", "1.1.0"),
+    ],
+)
+def test_cni_version_follows_the_runtime(runtime: str, configured: str, expected: str) -> None:
+    objects = load("nodes.json")["items"]
+    for obj in objects:
+        obj["status"]["nodeInfo"]["containerRuntimeVersion"] = runtime
+    plan = model.plan(
+        model.Settings(ME, cni_version=configured), [model.node_from_object(o) for o in objects], (), 1500
+    )
+    assert plan.conflist is not None and plan.conflist["cniVersion"] == expected

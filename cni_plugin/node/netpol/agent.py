@@ -147,11 +147,17 @@ def listers(api: Any) -> dict[str, Callable[..., Any]]:
             "Pod": core.list_pod_for_all_namespaces, "Namespace": core.list_namespace}
 
 
-def kube_stream(api: Any, resync: int, stop: threading.Event) -> Stream:
+def kube_stream(api: Any, resync: int, stop: threading.Event, log: Log) -> Stream:
     from .. import kube
 
     calls = listers(api)
-    return lambda kind: kube.list_watch(api, calls[kind], timeout_seconds=resync, stop=stop.is_set)
+
+    def refused(kind: str) -> Callable[[Exception], None]:  # 401, 403 (RBAC): said before each retry
+        return lambda exc: log("api_error", kind=kind, status=getattr(exc, "status", None),
+                               error=str(exc)[:300])
+
+    return lambda kind: kube.list_watch(api, calls[kind], timeout_seconds=resync, stop=stop.is_set,
+                                        report=refused(kind))
 
 
 def launch(node_name: str, api: Any, resync: int, log: Log) -> threading.Event:
@@ -162,6 +168,6 @@ def launch(node_name: str, api: Any, resync: int, log: Log) -> threading.Event:
     agent = NetpolAgent(node_name, apply.replace, log)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after 2 s.
-    start(agent, kube_stream(api, resync, stop), log, (Exception,), stop)
+    start(agent, kube_stream(api, resync, stop, log), log, (Exception,), stop)
     log("netpol-started", node=node_name)
     return stop

@@ -1,0 +1,93 @@
+"""kind-sim: one three-node cluster per session, the DaemonSet deployed on every node.
+
+`cluster` is the fixture to build on (tests/kindsim/cluster.py says what it offers). The session
+ends by checking that the machine is as it was: root netns links and nftables ruleset, mount
+table, no process left in a node's mount namespace, no netns of ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..conftest import _root_state
+from ..e2e.node import gate_tier, mount_points
+from ..e2e.node import missing_tools as containerd_missing
+from . import image
+from .cluster import NODE_MOUNTS, Cluster, kind_config, node_names
+
+REQUIRE_ENV = "PYBRIDGE_REQUIRE_KINDSIM"  # set by .ci/run: there a missing buildah is a failure
+TIMINGS: dict[str, float] = {}
+TIMINGS_FILE = image.REPO / "build" / "kind-sim" / "timings.json"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reason = None
+    if os.geteuid() != 0:
+        reason = "kind-sim needs root"
+    elif missing := containerd_missing() + image.missing_tools():
+        reason = f"kind-sim needs {', '.join(missing)} (apt-get install containerd runc buildah debootstrap)"
+    gate_tier(items, "tests/kindsim", reason, REQUIRE_ENV)
+
+
+@pytest.fixture(scope="session")
+def images() -> image.Images:
+    started = time.monotonic()
+    built = image.build_all(log=lambda line: print("\n" + line))
+    TIMINGS["images_s"] = time.monotonic() - started
+    return built
+
+
+def _processes_in(namespaces: set[int]) -> list[int]:
+    pids = []
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if pid_dir.joinpath("ns", "mnt").stat().st_ino in namespaces:
+                pids.append(int(pid_dir.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.fixture(scope="session")
+def cluster(images: image.Images) -> Iterator[Cluster]:
+    before_state, before_mounts = _root_state(), mount_points()
+    c = Cluster(images, Path(tempfile.mkdtemp(prefix="pbt-ks-")))
+    try:
+        started = time.monotonic()
+        c.up()
+        c.add_nodes(node_names(kind_config()))
+        TIMINGS["nodes_up_s"] = time.monotonic() - started
+        started = time.monotonic()
+        for name in c.nodes:
+            c.deploy(name)
+        c.wait_ready()
+        TIMINGS["daemonset_to_ready_s"] = time.monotonic() - started
+        print(f"\nkind-sim: {TIMINGS}")
+        TIMINGS_FILE.write_text(json.dumps(TIMINGS, indent=2))
+        yield c
+    finally:
+        try:
+            c.down()
+        finally:  # the node trees go unless something is still mounted there (the check below)
+            if not any(m.startswith(str(c.root)) for m in mount_points()):
+                shutil.rmtree(c.root, ignore_errors=True)
+        assert not _processes_in(c.mount_namespaces), "processes left in a node's mount namespace"
+        # other helpers' tiers make and drop netns pins meanwhile: judge the paths kind-sim uses
+        ours = {
+            m
+            for m in mount_points() ^ before_mounts
+            if m.startswith(str(c.root))
+            or (any(m == t or m.startswith(t + "/") for t in NODE_MOUNTS) and not m.startswith("/run/netns/"))
+        }
+        assert not ours, f"mounts left behind: {ours}"
+        after = _root_state()
+        assert after[0] == before_state[0], f"root netns links changed: {after[0] ^ before_state[0]}"
+        assert after[1] == before_state[1], "root netns nftables ruleset changed"

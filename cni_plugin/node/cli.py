@@ -21,7 +21,9 @@ from cnikit import log
 
 from . import model
 
-_log = log.to_stderr().event  # JSON lines on stderr (`kubectl logs`), as every pybridge log
+# JSON lines on stderr (`kubectl logs`), as every pybridge log. The Node, NetworkPolicy and
+# metrics threads log at once: structlog writes each line whole under a lock of its stream.
+_log = log.to_stderr().event
 
 
 class Effects(Protocol):

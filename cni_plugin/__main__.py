@@ -19,7 +19,11 @@ def verbs() -> Mapping[str, skel.Verb]:
 
 
 def main() -> None:
-    if sys.argv[1:2] in (["agent"], ["ls"], ["doctor"]):
+    if sys.argv[1:2] == ["agent"]:
+        from .ops import serve
+
+        sys.exit(serve.main(sys.argv[2:]))
+    if sys.argv[1:2] in (["ls"], ["doctor"]):
         from .ops.cli import main as ops_main
 
         sys.exit(ops_main(sys.argv[1], sys.argv[2:]))

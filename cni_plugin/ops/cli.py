@@ -1,4 +1,4 @@
-"""`pybridge agent`, `pybridge ls` and `pybridge doctor`: argument parsing and output."""
+"""`pybridge ls` and `pybridge doctor`: argument parsing and output."""
 
 from __future__ import annotations
 
@@ -6,24 +6,8 @@ import argparse
 import json
 import os
 
-from ..agent import server, wire
-from . import agent_metrics, attachments, doctor, networks
-
-
-def agent(argv: list[str]) -> int:
-    """`pybridge agent`: the resident agent with its metrics endpoint."""
-    parser = argparse.ArgumentParser(prog="pybridge agent", description="The resident agent.")
-    parser.add_argument("socket", nargs="?", help=f"default: ${wire.SOCKET_ENV} or {wire.DEFAULT_SOCKET}")
-    parser.add_argument("--metrics-address", help="HOST:PORT of /metrics, /healthz, /readyz, or 'off' "
-                        "(env PYBRIDGE_METRICS_ADDRESS; default 127.0.0.1:9430)")
-    parser.add_argument("--conf-dir", help="CNI conf dir whose networks' pools are measured "
-                        "(env PYBRIDGE_CONF_DIR; default /etc/cni/net.d)")
-    args = parser.parse_args(argv)
-    try:
-        observer, endpoint = agent_metrics.start(args.metrics_address, args.conf_dir)
-    except ValueError as exc:  # a bad metrics address
-        parser.error(str(exc))
-    return server.run(args.socket, observer, endpoint)
+from ..agent import wire
+from . import attachments, doctor, networks
 
 
 def _common(prog: str, description: str) -> argparse.ArgumentParser:
@@ -55,8 +39,5 @@ def run_doctor(argv: list[str]) -> int:
     return 1 if any(c.status == doctor.FAIL for c in results) else 0
 
 
-COMMANDS = {"agent": agent, "ls": ls, "doctor": run_doctor}
-
-
 def main(command: str, argv: list[str]) -> int:
-    return COMMANDS[command](argv)
+    return ls(argv) if command == "ls" else run_doctor(argv)

@@ -103,6 +103,11 @@ kind-down:
 kind-sim: venv
 	$(VENV)/bin/pytest -q -rs tests/kindsim
 
+# Every NetworkPolicy case across the three simulated nodes (CI runs a subset: README "NetworkPolicy").
+.PHONY: kind-sim-netpol
+kind-sim-netpol: venv
+	PYBRIDGE_NETPOL_ALL=1 $(VENV)/bin/pytest -q -rs -s tests/kindsim/test_netpol.py
+
 # pytest exits 5 when it ran no test: that is a failure here too (make stops on any non-zero).
 test: lint bundle
 	$(VENV)/bin/pytest -q -rs tests

@@ -300,7 +300,7 @@ class ApiServer:
         self.requests: list[tuple[str, int]] = []  # (path?query, status), for the tests to read
         self.closing = False
         self.generation = 0  # cut() ends every open watch, as an API server restart does
-        self.compact_after_list = False  # the next list is followed by a compaction: its watch gets 410
+        self.compact_after_list = False  # the next list of nodes is followed by a compaction: 410
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -335,7 +335,8 @@ class ApiServer:
         resource = COLLECTIONS[url.path][0]
         if query.get("watch", "").lower() not in ("true", "1"):
             listing = self.store.listing(resource)
-            if self.compact_after_list:  # a node status update, then compaction: that rv is gone
+            # a node status update, then compaction: the rv of that list is gone
+            if self.compact_after_list and resource == "nodes":
                 self.compact_after_list = False
                 self.store.heartbeat()
                 self.store.compact()

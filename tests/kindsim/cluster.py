@@ -259,7 +259,8 @@ class Cluster:
         assert self.store is not None
         self.store.delete(name)
         node = self.nodes.pop(name)
-        self.kubelets.pop(name)
+        for pod in self.kubelets.pop(name).pods.values():  # the pod garbage collector's part
+            self.store.remove("pods", f"{pod.namespace}/{pod.name}")
         self.daemon_pods.pop(name, None)
         node.teardown()
 

@@ -14,15 +14,23 @@ import ipaddress
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from . import model
 
+_LOG_LOCK = threading.Lock()
+
 
 def _log(event: str, **fields: Any) -> None:
-    print(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}), file=sys.stderr, flush=True)
+    # One write per line under a lock: the netpol threads log too, and print() writes the text and
+    # its newline separately, so two lines could run together.
+    line = json.dumps({"ts": round(time.time(), 3), "event": event, **fields}) + "\n"
+    with _LOG_LOCK:
+        sys.stderr.write(line)
+        sys.stderr.flush()
 
 
 class Effects(Protocol):

@@ -161,16 +161,18 @@ def probe(probes: Iterable[Probe], proto: str, port: int, timeout: float) -> dic
     return result
 
 
-def observe(world: Pods, proto: str, port: int, family: int, expected: Matrix | None = None) -> Matrix:
-    """Every ordered pair of distinct pods. A pair expected open but not reached is probed again
-    with more time (a loaded machine may be slow to answer); a pair the rules block stays blocked."""
+def observe(world: Pods, proto: str, port: int, family: int, expected: Matrix | None = None,
+            first: float = 1.0) -> Matrix:
+    """Every ordered pair of distinct pods, waiting `first` seconds for answers. A pair expected
+    open but not reached is probed again with more time (a loaded machine may be slow to answer);
+    a pair the rules block stays blocked."""
     pairs = [(s, t) for s in PODS for t in PODS if s != t]
     def run(which: list[tuple[str, str]], timeout: float) -> Matrix:
         seen = probe([(world.netns[s], world.ips[t][family]) for s, t in which], proto, port, timeout)
         return {(s, t): seen[(world.netns[s], world.ips[t][family])] for s, t in which}
-    first = run(pairs, 1.0)
-    again = run([p for p, ok in first.items() if not ok and (expected or {}).get(p, True)], 3.0)
-    return {**first, **again}
+    seen = run(pairs, first)
+    again = run([p for p, ok in seen.items() if not ok and (expected or {}).get(p, True)], 3.0)
+    return {**seen, **again}
 
 
 def differences(expected: Matrix, seen: Matrix) -> list[str]:

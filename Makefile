@@ -103,6 +103,12 @@ kind-down:
 kind-sim: venv
 	$(VENV)/bin/pytest -q -rs tests/kindsim
 
+# The NetworkPolicy cases and event benchmark across the three simulated nodes alone (README
+# "NetworkPolicy"); `make kind-sim` runs them too. PYBRIDGE_NETPOL_ROUNDS=N: more benchmark rounds.
+.PHONY: kind-sim-netpol
+kind-sim-netpol: venv
+	$(VENV)/bin/pytest -q -rs -s tests/kindsim/test_netpol.py
+
 # pytest exits 5 when it ran no test: that is a failure here too (make stops on any non-zero).
 # lint and the unit tier (no root, no bundle) come first: they never wait for PyInstaller.
 test: lint unit bundle

@@ -5,8 +5,9 @@ and GET /api/v1/nodes?watch=true streams watch events line by line, both through
 real request, deserialization and watch code. No socket is opened.
 
 NodeStore + ApiServer: the same API over HTTPS with bearer-token auth, for a node agent running
-in a container (tests/kindsim): nodes with podCIDRs allocated from the pod subnet, list and watch
-with resourceVersion, 410 Gone after a compaction.
+in a container (tests/kindsim): nodes with podCIDRs allocated from the pod subnet, and the pods,
+namespaces and NetworkPolicies of the agent's netpol/, each with list and watch by
+resourceVersion, 410 Gone after a compaction.
 """
 
 from __future__ import annotations
@@ -157,71 +158,80 @@ def node_object(
     }
 
 
-class NodeStore:
-    """Nodes as the API server keeps them, with kube-controller-manager's podCIDR allocation.
+# kube-apiserver's collections served here: URL path -> (resource, list kind)
+COLLECTIONS = {
+    "/api/v1/nodes": ("nodes", "NodeList"),
+    "/api/v1/pods": ("pods", "PodList"),
+    "/api/v1/namespaces": ("namespaces", "NamespaceList"),
+    "/apis/networking.k8s.io/v1/networkpolicies": ("networkpolicies", "NetworkPolicyList"),
+}
+
+
+def _name(obj: dict[str, Any]) -> str:
+    meta = obj["metadata"]
+    return f"{meta['namespace']}/{meta['name']}" if meta.get("namespace") else str(meta["name"])
+
+
+class Store:
+    """Objects as the API server keeps them, several resources under one resourceVersion counter
+    (etcd's revision), so a list of one resource and the watch after it follow the other's changes.
 
     Every change gets the next resourceVersion and is kept as a watch event; `compact()` drops
     the history, so a watch from an older resourceVersion gets 410 Gone, as after etcd compaction.
-    A node is created without podCIDRs and gets the first free /mask of the pod subnet in a
-    second update (the range allocator's order), so an agent sees it join, then get its range.
     """
 
-    def __init__(self, pod_subnet: str, mask: int = 24) -> None:
-        self.free = list(ipaddress.ip_network(pod_subnet).subnets(new_prefix=mask))
-        self.nodes: dict[str, dict[str, Any]] = {}
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {r: {} for r, _ in COLLECTIONS.values()}
         self.version = 1
         self.oldest = 1  # the oldest resourceVersion a watch may start from
-        self.events: list[tuple[int, str, dict[str, Any]]] = []
+        self.events: list[tuple[int, str, str, dict[str, Any]]] = []  # (version, resource, type, obj)
         self.changed = threading.Condition()
+        self.changed_at = time.monotonic()  # when the last change was made (the event benchmark's start)
 
-    def _record(self, kind: str, obj: dict[str, Any]) -> None:
+    def _record(self, resource: str, kind: str, obj: dict[str, Any]) -> None:
         with self.changed:
             self.version += 1
             obj["metadata"]["resourceVersion"] = str(self.version)
-            self.events.append((self.version, kind, copy.deepcopy(obj)))
+            self.events.append((self.version, resource, kind, copy.deepcopy(obj)))
+            self.changed_at = time.monotonic()
             self.changed.notify_all()
 
-    def add(self, name: str, internal_ip: str, runtime_version: str = "", allocate: bool = True) -> None:
-        obj = node_object(name, internal_ip, [], runtime_version)
-        self.nodes[name] = obj
-        self._record("ADDED", obj)
-        if allocate:
-            self.allocate(name)
+    def put(self, resource: str, obj: dict[str, Any]) -> None:
+        """Create or replace (ADDED or MODIFIED) the object of the same namespace/name."""
+        with self.changed:
+            kind = "MODIFIED" if _name(obj) in self.objects[resource] else "ADDED"
+            self.objects[resource][_name(obj)] = obj
+            self._record(resource, kind, obj)
 
-    def allocate(self, name: str) -> str:
-        used = {c for o in self.nodes.values() for c in o["spec"].get("podCIDRs", [])}
-        cidr = str(next(n for n in self.free if str(n) not in used))
-        self.nodes[name]["spec"] = {"podCIDR": cidr, "podCIDRs": [cidr]}
-        self._record("MODIFIED", self.nodes[name])
-        return cidr
-
-    def heartbeat(self) -> None:
-        """A status update of some node, as kubelets post them (the object itself unchanged)."""
-        if self.nodes:
-            self._record("MODIFIED", next(iter(self.nodes.values())))
-
-    def delete(self, name: str) -> None:
-        self._record("DELETED", self.nodes.pop(name))
+    def remove(self, resource: str, name: str) -> None:
+        """`name` is namespace/name for a namespaced object; nothing happens if it is not there."""
+        with self.changed:
+            if name in self.objects[resource]:
+                self._record(resource, "DELETED", self.objects[resource].pop(name))
 
     def compact(self) -> None:
         with self.changed:
             self.events.clear()
             self.oldest = self.version + 1
 
-    def listing(self) -> dict[str, Any]:
+    def listing(self, resource: str = "nodes") -> dict[str, Any]:
+        kind = next(k for r, k in COLLECTIONS.values() if r == resource)
         with self.changed:
             return {
-                "kind": "NodeList",
+                "kind": kind,
                 "apiVersion": "v1",
                 "metadata": {"resourceVersion": str(self.version)},
-                "items": [copy.deepcopy(o) for o in self.nodes.values()],
+                "items": [copy.deepcopy(o) for o in self.objects[resource].values()],
             }
 
     def expired(self, since: int) -> bool:
         return since + 1 < self.oldest
 
-    def watch(self, since: int, timeout: float, closed: Callable[[], bool]) -> Iterator[dict[str, Any]]:
-        """Events after `since` until `timeout`; one ERROR 410 if `since` is older than the history."""
+    def watch(
+        self, since: int, timeout: float, closed: Callable[[], bool], resource: str = "nodes"
+    ) -> Iterator[dict[str, Any]]:
+        """Events of `resource` after `since` until `timeout`; one ERROR 410 if `since` is older
+        than the history."""
         if self.expired(since):
             message = f"too old resource version: {since}"
             yield {"type": "ERROR", "object": {**_status(410, "Expired"), "message": message}}
@@ -229,7 +239,7 @@ class NodeStore:
         deadline = time.monotonic() + timeout
         while not closed():
             with self.changed:
-                pending = [(v, k, o) for v, k, o in self.events if v > since]
+                pending = [(v, k, o) for v, r, k, o in self.events if v > since and r == resource]
                 if not pending:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -241,12 +251,45 @@ class NodeStore:
                 yield {"type": kind, "object": obj}
 
 
+class NodeStore(Store):
+    """A Store with kube-controller-manager's podCIDR allocation for its Nodes.
+
+    A node is created without podCIDRs and gets the first free /mask of the pod subnet in a
+    second update (the range allocator's order), so an agent sees it join, then get its range.
+    """
+
+    def __init__(self, pod_subnet: str, mask: int = 24) -> None:
+        super().__init__()
+        self.free = list(ipaddress.ip_network(pod_subnet).subnets(new_prefix=mask))
+        self.nodes = self.objects["nodes"]
+
+    def add(self, name: str, internal_ip: str, runtime_version: str = "", allocate: bool = True) -> None:
+        self.put("nodes", node_object(name, internal_ip, [], runtime_version))
+        if allocate:
+            self.allocate(name)
+
+    def allocate(self, name: str) -> str:
+        used = {c for o in self.nodes.values() for c in o["spec"].get("podCIDRs", [])}
+        cidr = str(next(n for n in self.free if str(n) not in used))
+        self.nodes[name]["spec"] = {"podCIDR": cidr, "podCIDRs": [cidr]}
+        self.put("nodes", self.nodes[name])
+        return cidr
+
+    def heartbeat(self) -> None:
+        """A status update of some node, as kubelets post them (the object itself unchanged)."""
+        if self.nodes:
+            self.put("nodes", next(iter(self.nodes.values())))
+
+    def delete(self, name: str) -> None:
+        self.remove("nodes", name)
+
+
 def _status(code: int, reason: str) -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason}
 
 
 class ApiServer:
-    """NodeStore served over HTTPS with bearer-token auth: list and watch of /api/v1/nodes.
+    """A NodeStore served over HTTPS with bearer-token auth: list and watch of COLLECTIONS.
 
     `listen` is a bound socket (made by the caller in whatever netns the clients reach it).
     `tokens` may change at run time (a revoked token gets 401, as a rotated service account does).
@@ -257,7 +300,7 @@ class ApiServer:
         self.requests: list[tuple[str, int]] = []  # (path?query, status), for the tests to read
         self.closing = False
         self.generation = 0  # cut() ends every open watch, as an API server restart does
-        self.compact_after_list = False  # the next list is followed by a compaction: its watch gets 410
+        self.compact_after_list = False  # the next list of nodes is followed by a compaction: 410
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -287,11 +330,13 @@ class ApiServer:
         scheme, _, token = (h.headers.get("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or token not in self.tokens:
             return self._reply(h, 401, _status(401, "Unauthorized"))
-        if url.path != "/api/v1/nodes":
+        if url.path not in COLLECTIONS:
             return self._reply(h, 404, _status(404, "NotFound"))
+        resource = COLLECTIONS[url.path][0]
         if query.get("watch", "").lower() not in ("true", "1"):
-            listing = self.store.listing()
-            if self.compact_after_list:  # a node status update, then compaction: that rv is gone
+            listing = self.store.listing(resource)
+            # a node status update, then compaction: the rv of that list is gone
+            if self.compact_after_list and resource == "nodes":
                 self.compact_after_list = False
                 self.store.heartbeat()
                 self.store.compact()
@@ -307,6 +352,7 @@ class ApiServer:
             since,
             float(query.get("timeoutSeconds") or 60),
             lambda: self.closing or self.generation != generation,
+            resource,
         )
         try:
             for event in events:

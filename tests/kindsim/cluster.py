@@ -200,6 +200,15 @@ class Cluster:
         self.api = ApiServer(
             self.store, listen_in_netns(self.world.netns, GATEWAY, API_PORT), crt, key, self.token
         )
+        for namespace in ("default", "kube-system"):
+            self.add_namespace(namespace)
+
+    def add_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
+        """Create or relabel a Namespace; the API server adds kubernetes.io/metadata.name itself."""
+        assert self.store is not None
+        labels = {**(labels or {}), "kubernetes.io/metadata.name": name}
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+        self.store.put("namespaces", namespace)
 
     # --- nodes --------------------------------------------------------------------------------
 
@@ -231,6 +240,7 @@ class Cluster:
                 api_host=GATEWAY,
                 api_port=API_PORT,
                 node_path=node.node_path,
+                store=self.store,
             )
             self.register(node.name)
         return [node for node, _ in nodes]
@@ -249,7 +259,8 @@ class Cluster:
         assert self.store is not None
         self.store.delete(name)
         node = self.nodes.pop(name)
-        self.kubelets.pop(name)
+        for pod in self.kubelets.pop(name).pods.values():  # the pod garbage collector's part
+            self.store.remove("pods", f"{pod.namespace}/{pod.name}")
         self.daemon_pods.pop(name, None)
         node.teardown()
 
@@ -310,6 +321,7 @@ class Cluster:
         image: str = BUSYBOX_IMAGE,
         extra: dict[str, dict[str, Any]] | None = None,
         dns: dict[str, list[str]] | None = None,
+        namespace: str = "default",
     ) -> Pod:
         """A pod of busybox containers (name -> command); `extra` adds fields per container."""
         spec = {
@@ -318,7 +330,12 @@ class Cluster:
                 for c, cmd in (containers or {"main": ["sleep", "3600"]}).items()
             ]
         }
-        return self.kubelets[node].run_pod(name, spec, labels=labels, dns=dns)
+        return self.kubelets[node].run_pod(name, spec, namespace=namespace, labels=labels, dns=dns)
+
+    def relabel_pod(self, pod: Pod, labels: dict[str, str]) -> None:
+        """kubectl label --overwrite: the API object changes, the running pod does not."""
+        pod.labels = dict(labels)
+        self.kubelets[pod.node].post(pod)
 
     def pods(self, **labels: str) -> list[Pod]:
         """The running pods (DaemonSet pods included) whose labels include `labels`."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..e2e.cri import CRIClient
 from ..e2e.node import wait_for
+from ..kind.fakeapi import Store
 
 SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 PROPAGATION = {
@@ -155,6 +156,7 @@ class Kubelet:
     api_host: str
     api_port: int
     node_path: Callable[[str], Path]
+    store: Store | None = None  # the API server's objects: this kubelet posts its pods there
     pods: dict[str, Pod] = field(default_factory=dict)
 
     # --- pods -------------------------------------------------------------------------------
@@ -223,7 +225,33 @@ class Kubelet:
             self.wait_exit(pod, self.start(pod, container, mounts), 60)
         for container in spec["containers"]:
             self.start(pod, container, mounts)
+        self.post(pod)
         return pod
+
+    def api_object(self, pod: Pod) -> dict[str, Any]:
+        """The Pod as the API serves it once scheduled here and its status posted by kubelet."""
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod.name,
+                "namespace": pod.namespace,
+                "uid": pod.config["metadata"]["uid"],
+                "labels": dict(pod.labels),
+            },
+            "spec": {**pod.spec, "nodeName": self.node_name},
+            "status": {
+                "phase": "Running",
+                "hostIP": self.node_ip,
+                "podIP": pod.ip,
+                "podIPs": [{"ip": pod.ip}],
+            },
+        }
+
+    def post(self, pod: Pod) -> None:
+        """Create or update the pod's API object (labels changed: the API's update, not kubelet's)."""
+        if self.store is not None:
+            self.store.put("pods", self.api_object(pod))
 
     def _volumes(self, volumes: list[dict[str, Any]]) -> dict[str, str]:
         """volume name -> host path (the node's view), each checked or created per its type."""
@@ -335,6 +363,8 @@ class Kubelet:
         self.cri.stop_pod(pod.id)
         self.cri.remove_pod(pod.id)
         self.pods.pop(pod.id, None)
+        if self.store is not None:
+            self.store.remove("pods", f"{pod.namespace}/{pod.name}")
 
 
 def write_service_account(directory: Path, token: str, ca: bytes, namespace: str = "kube-system") -> Path:

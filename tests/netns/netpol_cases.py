@@ -20,22 +20,33 @@ Matrix = dict[tuple[str, str], bool]
 
 
 @dataclass
-class World:
-    """The node netns and its pods, as the cases and the tests see them."""
+class Pods:
+    """The pods as the cases see them, on one node (tests/netns) or spread over the simulated
+    nodes (tests/kindsim)."""
 
-    host: Host
-    netns: dict[str, str]  # "x/a" -> pod netns
+    netns: dict[str, str]  # "x/a" -> pod netns (a name under /run/netns, or a path)
     ips: dict[str, dict[int, str]]  # "x/a" -> {4: address, 6: address}
     labels: dict[str, dict[str, str]] = field(default_factory=dict)  # "x/a" -> labels, while relabelled
-
-    def nft(self) -> list[str]:
-        return ["ip", "netns", "exec", self.host.name, "nft"]
+    subnet: str = "10.89.0.0/24"  # holds every pod's IPv4 address
+    nodes: dict[str, str] = field(default_factory=dict)  # "x/a" -> its node, NODE if not here
 
     def pod_object(self, pod: str) -> dict[str, Any]:
         ns, name = pod.split("/")
         return {"metadata": {"name": name, "namespace": ns, "labels": self.labels.get(pod, {"pod": name})},
-                "spec": {"nodeName": NODE, "containers": [{"ports": PORT_NAMES}]},
+                "spec": {"nodeName": self.nodes.get(pod, NODE), "containers": [{"name": "main",
+                                                                                "ports": PORT_NAMES}]},
                 "status": {"phase": "Running", "podIPs": [{"ip": ip} for ip in self.ips[pod].values()]}}
+
+
+@dataclass
+class World(Pods):
+    """The node netns (tests/netns) and its pods."""
+
+    host: Host | None = None
+
+    def nft(self) -> list[str]:
+        assert self.host is not None
+        return ["ip", "netns", "exec", self.host.name, "nft"]
 
 
 # The upstream Reachability helpers: everything reachable, then patterns ("x/*", "*", "x/a").
@@ -82,58 +93,58 @@ def add(ns: str, name: str, spec: dict[str, Any]) -> tuple[str, str, dict[str, A
 DENY_INTO_X = reachable(("*", "x/*", False))
 ONLY_Y_TO_XA = reachable(("x/*", "x/a", False), ("z/*", "x/a", False))
 CLOSED_XA = reachable(("*", "x/a", False))
-CASES: dict[str, Callable[[World], list[Step]]] = {}
+CASES: dict[str, Callable[[Pods], list[Step]]] = {}
 
 
-def case(title: str) -> Callable[[Callable[[World], list[Step]]], Callable[[World], list[Step]]]:
-    def register(fn: Callable[[World], list[Step]]) -> Callable[[World], list[Step]]:
+def case(title: str) -> Callable[[Callable[[Pods], list[Step]]], Callable[[Pods], list[Step]]]:
+    def register(fn: Callable[[Pods], list[Step]]) -> Callable[[Pods], list[Step]]:
         CASES[title] = fn
         return fn
     return register
 
 
 @case("should support a 'default-deny-ingress' policy")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     return [Step([add("x", "deny-ingress", {"podSelector": {}})],
                  [("TCP", 80, DENY_INTO_X), ("UDP", 80, DENY_INTO_X)], families=(4, 6))]
 
 
 @case("should support a 'default-deny-all' policy")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     return [Step([add("x", "deny-all", spec)],
                  [("TCP", 80, reachable(("*", "x/*", False), ("x/*", "*", False)))], families=(4, 6))]
 
 
 @case("should enforce policy to allow traffic from pods within server namespace based on PodSelector")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}
     return [Step([add("x", "x-a-allows-x-b", spec)],
                  [("TCP", 80, reachable(("*", "x/a", False), ("x/b", "x/a", True)))])]
 
 
 @case("should enforce policy to allow ingress traffic for a target")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     allow = {"podSelector": POD_A, "ingress": [{"from": [{"podSelector": {}, "namespaceSelector": {}}]}]}
     return [Step([add("x", "deny-all", {"podSelector": {}}), add("x", "allow-all-to-a", allow)],
                  [("TCP", 80, reachable(("*", "x/b", False), ("*", "x/c", False)))])]
 
 
 @case("should enforce policy to allow ingress traffic from pods in all namespaces")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {}}}]}]}
     return [Step([add("x", "allow-from-another-ns", spec)], [("TCP", 80, reachable())])]
 
 
 @case("should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NS_Y}]}]}
     return [Step([add("x", "allow-client-a-via-ns-selector", spec)], [("TCP", 80, ONLY_Y_TO_XA)],
                  families=(4, 6))]
 
 
 @case("should enforce policy based on PodSelector with MatchExpressions")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     sel = {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b"]}]}
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"podSelector": sel}]}]}
     return [Step([add("x", "x-a-allows-x-b", spec)],
@@ -141,14 +152,14 @@ def _(w: World) -> list[Step]:
 
 
 @case("should enforce policy based on NamespaceSelector with MatchExpressions")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     sel = {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["y"]}]}
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": sel}]}]}
     return [Step([add("x", "allow-ns-y-match-selector", spec)], [("TCP", 80, ONLY_Y_TO_XA)])]
 
 
 @case("should enforce policy based on PodSelector or NamespaceSelector")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     peers = [{"namespaceSelector": NOT_X}, {"podSelector": {"matchLabels": {"pod": "b"}}}]
     spec = {"podSelector": POD_A, "ingress": [{"from": peers}]}
     return [Step([add("x", "allow-ns-y-match-selector", spec)],
@@ -156,7 +167,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should enforce policy based on PodSelector and NamespaceSelector")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     peer = {"namespaceSelector": NOT_X, "podSelector": {"matchLabels": {"pod": "b"}}}
     spec = {"podSelector": POD_A, "ingress": [{"from": [peer]}]}
     return [Step([add("x", "allow-ns-y-podselector-and-nsselector", spec)],
@@ -164,7 +175,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should enforce policy based on Multiple PodSelectors and NamespaceSelectors")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     pods = {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b", "c"]}]}
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NOT_X, "podSelector": pods}]}]}
     return [Step([add("x", "allow-ns-y-z-pod-b-c", spec)],
@@ -173,7 +184,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should enforce policy based on any PodSelectors")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     peers = [{"podSelector": {"matchLabels": {"pod": p}}} for p in "bc"]
     spec = {"podSelector": POD_A, "ingress": [{"from": peers}]}
     return [Step([add("x", "allow-ns-x-pod-b-c", spec)],
@@ -181,14 +192,14 @@ def _(w: World) -> list[Step]:
 
 
 @case("should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector")  # noqa: E501  (upstream's title)
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [Y_A]}]}
     return [Step([add("x", "allow-ns-y-pod-a-via-namespace-pod-selector", spec)],
                  [("TCP", 80, reachable(("*", "x/a", False), ("y/a", "x/a", True)))], families=(4, 6))]
 
 
 @case("should enforce policy based on Ports")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NS_Y}],
                                                "ports": [{"port": 81, "protocol": "TCP"}]}]}
     return [Step([add("x", "allow-client-a-via-ns-selector", spec)],
@@ -196,7 +207,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should enforce multiple, stacked policies with overlapping podSelectors")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     def allow(port: int) -> dict[str, Any]:
         return {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NS_Y}],
                                                    "ports": [{"port": port, "protocol": "TCP"}]}]}
@@ -206,19 +217,19 @@ def _(w: World) -> list[Step]:
 
 
 @case("should support allow-all policy")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     return [Step([add("x", "allow-all", {"podSelector": {}, "ingress": [{}]})],
                  [("TCP", 80, reachable()), ("TCP", 81, reachable())])]
 
 
 @case("should allow ingress access on one named port")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": {}, "ingress": [{"ports": [{"port": "serve-81-tcp"}]}]}
     return [Step([add("x", "allow-all", spec)], [("TCP", 81, reachable()), ("TCP", 80, DENY_INTO_X)])]
 
 
 @case("should allow ingress access from namespace on one named port")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NS_Y}],
                                                "ports": [{"port": "serve-80-tcp", "protocol": "TCP"}]}]}
     return [Step([add("x", "allow-client-a-via-ns-selector-80", spec)],
@@ -226,14 +237,14 @@ def _(w: World) -> list[Step]:
 
 
 @case("should allow egress access on one named port")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {**EGRESS, "podSelector": {}, "egress": [{"ports": [{"port": "serve-80-tcp"}]}]}
     return [Step([add("x", "allow-egress", spec)],
                  [("TCP", 80, reachable()), ("TCP", 81, reachable(("x/*", "*", False)))], families=(4, 6))]
 
 
 @case("should enforce updated policy")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     allow_all = ns_policy("x", "allow-all-mutate-to-deny-all", {"podSelector": {}, "ingress": [{}]})
     deny = ns_policy("x", "allow-all-mutate-to-deny-all", {"podSelector": {}, "ingress": []})
     return [Step([("NetworkPolicy", "ADDED", allow_all)], [("TCP", 81, reachable())]),
@@ -241,7 +252,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should allow ingress access from updated namespace")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     updated = {"namespaceSelector": {"matchLabels": {"ns2": "updated"}}}
     spec = {"podSelector": POD_A, "ingress": [{"from": [updated]}]}
     relabelled = {"metadata": {"name": "y", "labels": {"ns2": "updated"}}}
@@ -251,7 +262,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should allow ingress access from updated pod")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     labels = {"pod": "b", "pod2": "updated"}
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"podSelector": {"matchLabels": labels}}]}]}
     w.labels["x/b"] = labels
@@ -263,14 +274,14 @@ def _(w: World) -> list[Step]:
 
 
 @case("should deny ingress from pods on other namespaces")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {}}}]}]}
     return [Step([add("x", "deny-empty-policy", spec)],
                  [("TCP", 80, reachable(("y/*", "x/*", False), ("z/*", "x/*", False)))])]
 
 
 @case("should deny ingress access to updated pod")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     w.labels["x/a"] = {"pod": "a", "target": "isolated"}
     isolated = w.pod_object("x/a")
     del w.labels["x/a"]
@@ -280,19 +291,19 @@ def _(w: World) -> list[Step]:
 
 
 @case("should deny egress from pods based on PodSelector")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "policyTypes": ["Egress"]}
     return [Step([add("x", "deny-egress-pod-a", spec)], [("TCP", 80, reachable(("x/a", "*", False)))])]
 
 
 @case("should deny egress from all pods in a namespace")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     return [Step([add("x", "deny-egress-ns-x", {"podSelector": {}, "policyTypes": ["Egress"]})],
                  [("TCP", 80, reachable(("x/*", "*", False))), ("UDP", 80, reachable(("x/*", "*", False)))])]
 
 
 @case("should work with Ingress, Egress specified together")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "policyTypes": ["Egress", "Ingress"],
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}],
             "egress": [{"ports": [{"port": 80}]}]}
@@ -302,7 +313,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should support denying of egress traffic on the client side (even if the server explicitly allows this traffic)")  # noqa: E501  (upstream's title)
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     to_ya = {**EGRESS, "podSelector": POD_A, "egress": [{"to": [Y_A]}]}
     from_xa = [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "x"}},
                           "podSelector": POD_A}]}]
@@ -314,21 +325,21 @@ def _(w: World) -> list[Step]:
 
 
 @case("should enforce egress policy allowing traffic to a server in a different namespace based on PodSelector and NamespaceSelector")  # noqa: E501  (upstream's title)
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {**EGRESS, "podSelector": POD_A, "egress": [{"to": [Y_A]}]}
     return [Step([add("x", "allow-to-ns-y-pod-a", spec)],
                  [("TCP", 80, reachable(("x/a", "*", False), ("x/a", "y/a", True)))])]
 
 
 @case("should enforce ingress policy allowing any port traffic to a server on a specific protocol")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"ports": [{"protocol": "TCP"}]}]}
     return [Step([add("x", "allow-ingress-by-proto", spec)],
                  [("TCP", 80, reachable()), ("UDP", 80, reachable(("*", "x/a", False)))])]
 
 
 @case("should enforce multiple ingress policies with ingress allow-all policy taking precedence")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     port_80 = {"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]}
     return [Step([add("x", "allow-ingress-port-80", port_80)],
                  [("TCP", 81, DENY_INTO_X)]),
@@ -337,7 +348,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should enforce multiple egress policies with egress allow-all policy taking precedence")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     port_80 = {**EGRESS, "podSelector": {}, "egress": [{"ports": [{"port": 80}]}]}
     return [Step([add("x", "allow-egress-port-80", port_80)],
                  [("TCP", 81, reachable(("x/*", "*", False)))]),
@@ -346,7 +357,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should stop enforcing policies after they are deleted")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     deny = ns_policy("x", "deny-all", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})
     return [Step([("NetworkPolicy", "ADDED", deny)],
                  [("TCP", 80, reachable(("x/*", "*", False), ("*", "x/*", False)))]),
@@ -354,7 +365,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should allow egress access to server in CIDR block")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     to_yb = {"ipBlock": {"cidr": f"{w.ips['y/b'][4]}/32"}}
     spec = {**EGRESS, "podSelector": POD_A, "egress": [{"to": [to_yb]}]}
     return [Step([add("x", "allow-client-a-via-cidr-egress-rule", spec)],
@@ -362,16 +373,16 @@ def _(w: World) -> list[Step]:
 
 
 @case("should enforce except clause while egress access to server in CIDR block")
-def _(w: World) -> list[Step]:
-    block = {"cidr": "10.89.0.0/24", "except": [f"{w.ips['x/b'][4]}/32"]}
+def _(w: Pods) -> list[Step]:
+    block = {"cidr": w.subnet, "except": [f"{w.ips['x/b'][4]}/32"]}
     spec = {**EGRESS, "podSelector": POD_A, "egress": [{"to": [{"ipBlock": block}]}]}
     return [Step([add("x", "allow-client-a-via-cidr-egress-rule", spec)],
                  [("TCP", 80, reachable(("x/a", "x/b", False)))])]
 
 
 @case("should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed")
-def _(w: World) -> list[Step]:
-    block = {"cidr": "10.89.0.0/24", "except": [f"{w.ips['x/b'][4]}/32"]}
+def _(w: Pods) -> list[Step]:
+    block = {"cidr": w.subnet, "except": [f"{w.ips['x/b'][4]}/32"]}
     to_xb = {"ipBlock": {"cidr": f"{w.ips['x/b'][4]}/32"}}
     only_b = {**EGRESS, "podSelector": POD_A, "egress": [{"to": [to_xb]}]}
     name = "allow-client-a-via-cidr-egress-rule"
@@ -382,7 +393,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should enforce policies to check ingress and egress policies can be controlled independently based on PodSelector")  # noqa: E501  (upstream's title)
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     return [Step([add("x", "allow-egress-for-target", {**EGRESS, "podSelector": POD_A, "egress": [{}]})],
                  [("TCP", 80, reachable())]),
             Step([add("x", "deny-ingress-via-label-selector", {"podSelector": POD_A, "ingress": []})],
@@ -390,7 +401,7 @@ def _(w: World) -> list[Step]:
 
 
 @case("should not mistakenly treat 'protocol: SCTP' as 'protocol: TCP', even if the plugin doesn't support SCTP")  # noqa: E501  (upstream's title)
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     sctp = {"podSelector": POD_A, "ingress": [{"ports": [{"port": 81, "protocol": "SCTP"}]}]}
     return [Step([add("x", "deny-ingress", {"podSelector": {}}),
                   add("x", "allow-only-sctp-ingress-on-port-81", sctp)],
@@ -398,14 +409,14 @@ def _(w: World) -> list[Step]:
 
 
 @case("should properly isolate pods that are selected by a policy allowing SCTP, even if the plugin doesn't support SCTP")  # noqa: E501  (upstream's title)
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     sctp = {"podSelector": POD_A, "ingress": [{"ports": [{"port": 80, "protocol": "SCTP"}]}]}
     return [Step([add("x", "allow-only-sctp-ingress-on-port-80", sctp)], [("TCP", 81, CLOSED_XA)])]
 
 
 # Not an upstream case: a port range (endPort) in a real kernel, both families.
 @case("pybridge: a range of ports by endPort, TCP and UDP")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": {}, "ingress": [{"ports": [{"port": 79, "endPort": 80},
                                                       {"protocol": "UDP", "port": 81, "endPort": 9000}]}]}
     return [Step([add("x", "range", spec)],
@@ -414,21 +425,21 @@ def _(w: World) -> list[Step]:
 
 
 @case("should not allow access by TCP when a policy specifies only UDP")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     udp = {"podSelector": POD_A, "ingress": [{"ports": [{"port": 81, "protocol": "UDP"}]}]}
     return [Step([add("x", "allow-only-udp-ingress-on-port-81", udp)],
                  [("TCP", 81, reachable(("*", "x/a", False))), ("UDP", 81, reachable())])]
 
 
 @case("should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label")  # noqa: E501  (upstream's title)
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NS_Y}]}]}
     return [Step([add("x", "allow-client-a-via-ns-selector-for-immutable-ns-label", spec)],
                  [("TCP", 80, ONLY_Y_TO_XA)])]
 
 
 @case("should enforce policy based on NamespaceSelector with MatchExpressions using default ns label")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     not_y = {"matchExpressions": [{"key": NAME_LABEL, "operator": "NotIn", "values": ["y"]}]}
     spec = {**EGRESS, "podSelector": POD_A, "egress": [{"to": [{"namespaceSelector": not_y}]}]}
     return [Step([add("x", "allow-ns-y-match-selector-for-immutable-ns-label", spec)],
@@ -436,14 +447,14 @@ def _(w: World) -> list[Step]:
 
 
 @case("UDP: should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector")  # noqa: E501  (upstream's title)
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NS_Y, "podSelector": POD_A}]}]}
     return [Step([add("x", "allow-ns-y-pod-a-via-namespace-pod-selector", spec)],
                  [("UDP", 80, reachable(("*", "x/a", False), ("y/a", "x/a", True)))])]
 
 
 @case("UDP: should enforce policy based on Ports")
-def _(w: World) -> list[Step]:
+def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NS_Y}],
                                                "ports": [{"port": 81, "protocol": "UDP"}]}]}
     return [Step([add("x", "allow-ingress-on-port-81-ns-x", spec)], [("UDP", 81, ONLY_Y_TO_XA)])]

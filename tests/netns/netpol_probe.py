@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+from .netpol_cases import PODS, Matrix, Pods
+
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 PORTS = (80, 81)
@@ -26,13 +28,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def in_netns(netns: str, make: Callable[[], T]) -> T:
-    """`make()` run by a thread that entered /run/netns/<netns>."""
+    """`make()` run by a thread that entered /run/netns/<netns> (or `netns`, a path)."""
     out: dict[str, T] = {}
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            fd = os.open(netns if netns.startswith("/") else f"/run/netns/{netns}", os.O_RDONLY)
             try:
                 if _libc.setns(fd, CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), f"setns {netns}")
@@ -157,3 +159,22 @@ def probe(probes: Iterable[Probe], proto: str, port: int, timeout: float) -> dic
             key.fileobj.close()  # type: ignore[union-attr]
         selector.close()
     return result
+
+
+def observe(world: Pods, proto: str, port: int, family: int, expected: Matrix | None = None,
+            first: float = 1.0) -> Matrix:
+    """Every ordered pair of distinct pods, waiting `first` seconds for answers. A pair expected
+    open but not reached is probed again with more time (a loaded machine may be slow to answer);
+    a pair the rules block stays blocked."""
+    pairs = [(s, t) for s in PODS for t in PODS if s != t]
+    def run(which: list[tuple[str, str]], timeout: float) -> Matrix:
+        seen = probe([(world.netns[s], world.ips[t][family]) for s, t in which], proto, port, timeout)
+        return {(s, t): seen[(world.netns[s], world.ips[t][family])] for s, t in which}
+    seen = run(pairs, first)
+    again = run([p for p, ok in seen.items() if not ok and (expected or {}).get(p, True)], 3.0)
+    return {**seen, **again}
+
+
+def differences(expected: Matrix, seen: Matrix) -> list[str]:
+    return [f"{s} -> {t}: expected {'open' if ok else 'blocked'}" for (s, t), ok in sorted(expected.items())
+            if seen[(s, t)] != ok]

@@ -37,12 +37,11 @@ from .netpol_cases import (
     POD_A,
     POD_B,
     PODS,
-    Matrix,
     World,
     ns_policy,
     reachable,
 )
-from .netpol_probe import Servers, client, in_netns, probe
+from .netpol_probe import Servers, client, differences, in_netns, observe, probe
 
 pytestmark = [
     pytest.mark.netns,
@@ -67,23 +66,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, launchers: Path) -> Iterator
             result = host.add(conf, netns[pod], container_id=pod.replace("/", "-"))
             ips[pod] = {(6 if ":" in i["address"] else 4): i["address"].split("/")[0] for i in result["ips"]}
         servers = Servers(netns)
-        yield World(host, netns, ips)
+        yield World(netns, ips, host=host)
     finally:
         if servers is not None:
             servers.close()
         host.destroy()
-
-
-def observe(world: World, proto: str, port: int, family: int, expected: Matrix | None = None) -> Matrix:
-    """Every ordered pair of distinct pods. A pair expected open but not reached is probed again
-    with more time (a loaded machine may be slow to answer); a pair the rules block stays blocked."""
-    pairs = [(s, t) for s in PODS for t in PODS if s != t]
-    def run(which: list[tuple[str, str]], timeout: float) -> Matrix:
-        seen = probe([(world.netns[s], world.ips[t][family]) for s, t in which], proto, port, timeout)
-        return {(s, t): seen[(world.netns[s], world.ips[t][family])] for s, t in which}
-    first = run(pairs, 1.0)
-    again = run([p for p, ok in first.items() if not ok and (expected or {}).get(p, True)], 3.0)
-    return {**first, **again}
 
 
 def _reset(world: World) -> NetpolAgent:
@@ -93,11 +80,6 @@ def _reset(world: World) -> NetpolAgent:
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": ns}} for ns in "xyz"])
     assert agent.reconcile()
     return agent
-
-
-def _differences(expected: Matrix, seen: Matrix) -> list[str]:
-    return [f"{s} -> {t}: expected {'open' if ok else 'blocked'}" for (s, t), ok in sorted(expected.items())
-            if seen[(s, t)] != ok]
 
 
 @pytest.mark.parametrize("title", list(CASES), ids=[re.sub(r"[^A-Za-z0-9]+", "-", t).strip("-")
@@ -111,7 +93,7 @@ def test_upstream_case_reachability(world: World, title: str) -> None:
             agent.reconcile()
             for proto, port, expected in step.checks:
                 for family in step.families:
-                    wrong = _differences(expected, observe(world, proto, port, family, expected))
+                    wrong = differences(expected, observe(world, proto, port, family, expected))
                     assert not wrong, f"step {number}, {proto}/{port} IPv{family}: " + "; ".join(wrong)
     finally:
         apply.remove(world.nft())

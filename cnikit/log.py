@@ -6,11 +6,12 @@ imported only then, so a call without logging does not pay for it.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import sys
 from collections.abc import Mapping
-from typing import IO, Any, TextIO
+from typing import IO, Any, TextIO, cast
 
 from cnikit.spec.errors import INVALID_CONFIG, CNIError
 from cnikit.spec.names import absolute_path
@@ -129,9 +130,20 @@ def for_call(config_path: object, env: Mapping[str, str], echo: IO[str] | None =
     return Logger(os.fdopen(fd, "a", buffering=1), owned=True, echo=echo)
 
 
+class _Stderr(io.TextIOBase):
+    """Whatever sys.stderr is when a line is written (a test's capture, say), not at import."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def to_stderr() -> Logger:
-    """JSON lines on stderr: the node agent's log, read with `kubectl logs`."""
-    return Logger(sys.stderr)
+    """JSON lines on stderr: the node agent's log, read with `kubectl logs`. structlog writes
+    each line whole under its stream's lock, so the agent's threads never share a line."""
+    return Logger(cast(TextIO, _Stderr()))  # structlog needs only write and flush
 
 
 def open_process_log(env: Mapping[str, str]) -> Logger:

@@ -26,8 +26,8 @@ demo: venv
 	bash scripts/demo.sh
 
 lint: venv
-	$(VENV)/bin/ruff check cni_plugin ipam tests
-	$(VENV)/bin/mypy --strict cni_plugin ipam
+	$(VENV)/bin/ruff check cnikit cni_plugin ipam tests
+	$(VENV)/bin/mypy --strict cnikit cni_plugin ipam
 
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
@@ -69,7 +69,7 @@ cnitool:
 # the executable `pybridge` and `pyipam` -> pybridge beside it. Rebuilt only when a source changed;
 # the flock keeps two `make test` in one tree from building into the same dist/ at once.
 BUNDLE         := dist/pybridge
-BUNDLE_SOURCES := $(shell find cni_plugin ipam -name '*.py') cni_plugin/agent/client.c deploy/bundle/pybridge.spec \
+BUNDLE_SOURCES := $(shell find cnikit cni_plugin ipam -name '*.py') cni_plugin/agent/client.c deploy/bundle/pybridge.spec \
 	pyproject.toml
 bundle: venv $(BUNDLE)/pybridge
 $(BUNDLE)/pybridge: $(BUNDLE_SOURCES)
@@ -110,8 +110,9 @@ kind-sim-netpol: venv
 	$(VENV)/bin/pytest -q -rs -s tests/kindsim/test_netpol.py
 
 # pytest exits 5 when it ran no test: that is a failure here too (make stops on any non-zero).
-test: lint bundle
-	$(VENV)/bin/pytest -q -rs tests
+# lint and the unit tier (no root, no bundle) come first: they never wait for PyInstaller.
+test: lint unit bundle
+	$(VENV)/bin/pytest -q -rs tests --ignore=tests/unit
 
 # The benchmark against the reference plugins (root): writes bench/results.md. Takes ~10 min.
 bench: venv

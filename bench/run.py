@@ -121,7 +121,7 @@ def drive(
 def shim_imports() -> tuple[float, list[str]]:
     """The exec path's own imports (-X importtime): total ms of the top-level imports, and the
     project's modules among them."""
-    code = f"import sys; sys.path[:0] = {import_paths()!r}; import cni_plugin.agent.shim"
+    code = f"import sys; sys.path[:0] = {import_paths()!r}; import cni_plugin.shim"
     proc = subprocess.run(
         [sys.executable, "-IS", "-X", "importtime", "-c", code], capture_output=True, text=True, check=True
     )

@@ -5,13 +5,24 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cnikit import skel
+
+
+def verbs() -> Mapping[str, skel.Verb]:
+    """The verb table, imported only when a verb is served (VERSION stays cheap)."""
+    from .verbs import VERBS
+
+    return VERBS
 
 
 def main() -> None:
     if sys.argv[1:2] == ["agent"]:
-        from .agent import server
+        from .ops import serve
 
-        sys.exit(server.main(sys.argv[2:]))
+        sys.exit(serve.main(sys.argv[2:]))
     if sys.argv[1:2] in (["ls"], ["doctor"]):
         from .ops.cli import main as ops_main
 
@@ -20,14 +31,9 @@ def main() -> None:
         from .node import cli
 
         sys.exit(cli.main(sys.argv[2:]))
-    from . import skel
+    from cnikit import programs, skel
 
-    def verbs() -> Mapping[str, skel.Verb]:
-        from .verbs import VERBS
-
-        return VERBS
-
-    sys.exit(skel.run(verbs, os.environ, sys.stdin.buffer, sys.stdout, program="pybridge"))
+    sys.exit(skel.run(verbs, os.environ, sys.stdin.buffer, sys.stdout, program=programs.PYBRIDGE))
 
 
 if __name__ == "__main__":

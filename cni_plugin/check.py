@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from . import link, netns, rtnl
+from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, CNIError
+from cnikit.spec.result import Interface, Result
+
+from . import link, netns
 from .config import BridgeConf
-from .spec.errors import INTERNAL, INVALID_CONFIG, CNIError
-from .spec.result import Interface, Result
+from .netlink import Link, Netlink
 
 
 def _drift(what: str, details: str) -> CNIError:
@@ -22,7 +24,7 @@ def _find(prev: Result, name: str, sandbox: str | None) -> tuple[int, Interface]
     raise CNIError(INVALID_CONFIG, "prevResult does not list the interface", f"{name} {where}")
 
 
-def _verify_bridge(ipr: rtnl.Socket, conf: BridgeConf, prev: Result) -> link.Link:
+def _verify_bridge(ipr: Netlink, conf: BridgeConf, prev: Result) -> Link:
     bridge = link.find(ipr, conf.bridge)
     if bridge is None or bridge.kind != "bridge":
         raise _drift("bridge missing", f"{conf.bridge} does not exist or is not a bridge")
@@ -35,7 +37,7 @@ def _verify_bridge(ipr: rtnl.Socket, conf: BridgeConf, prev: Result) -> link.Lin
 
 
 def _verify_host_veth(
-    ipr: rtnl.Socket, conf: BridgeConf, prev: Result, bridge: link.Link, pod: link.Link
+    ipr: Netlink, conf: BridgeConf, prev: Result, bridge: Link, pod: Link
 ) -> None:
     for iface in prev.interfaces:
         if iface.sandbox or iface.name == conf.bridge:
@@ -45,7 +47,7 @@ def _verify_host_veth(
             continue
         if host.master != bridge.index:
             raise _drift("host veth not on the bridge", f"{host.name} is not a port of {bridge.name}")
-        if conf.hairpin_mode and not link.brport_hairpin(host.index):
+        if conf.hairpin_mode and not ipr.brport_hairpin(host.index):
             raise _drift("hairpin mode off", host.name)
         return
     raise _drift("host veth missing", f"no host veth in prevResult is the peer of {pod.name}")

@@ -15,10 +15,10 @@ from pydantic import (
     model_validator,
 )
 
-from .spec.args import validate_ifname
-from .spec.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CNIError
-from .spec.result import DNS
-from .spec.validation import config_error
+from cnikit.spec.args import validate_ifname
+from cnikit.spec.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CNIError
+from cnikit.spec.result import DNS
+from cnikit.spec.validation import config_error, declared_runtime_config
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
@@ -124,11 +124,6 @@ class BridgeConf(_Model):
         kind = self.ipam.get("type")
         return kind if isinstance(kind, str) else ""
 
-    def capability(self, name: str) -> bool:
-        """runtimeConfig keys count only for declared capabilities. libcni strips `capabilities`
-        before calling a plugin, so an absent map means the runtime already filtered."""
-        return self.capabilities is None or bool(self.capabilities.get(name))
-
     def mac(self, cni_args: dict[str, str]) -> str | None:
         """MAC precedence, lowest to highest: CNI_ARGS MAC=, args.cni.mac, runtimeConfig.mac."""
         mac = None
@@ -138,9 +133,7 @@ class BridgeConf(_Model):
             except ValueError as exc:
                 raise CNIError(INVALID_CONFIG, "invalid CNI_ARGS 'MAC'", str(exc)) from None
         mac = self.args.cni.mac or mac
-        if self.capability("mac") and self.runtime_config.mac:
-            mac = self.runtime_config.mac
-        return mac
+        return self.runtime_config.mac or mac  # only a declared capability is left in it
 
 
 def load(config: dict[str, Any]) -> BridgeConf:
@@ -148,7 +141,13 @@ def load(config: dict[str, Any]) -> BridgeConf:
         if config.get(key):
             raise CNIError(UNSUPPORTED_FIELD, f"unsupported field '{key}'",
                            f"{key}={config[key]!r} is not implemented by pybridge")
+    if config.get("runtimeConfig") is not None:
+        config = {**config, "runtimeConfig": declared_runtime_config(config)}
     try:
-        return BridgeConf.model_validate(config)
+        conf = BridgeConf.model_validate(config)
     except ValidationError as exc:
         raise config_error(exc) from None
+    if conf.vlan and conf.is_gateway:  # after the model made isDefaultGateway imply isGateway
+        raise CNIError(UNSUPPORTED_FIELD, "unsupported field 'vlan' with 'isGateway'",
+                       "a gateway on a VLAN sub-interface is not implemented by pybridge")
+    return conf

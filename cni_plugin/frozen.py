@@ -2,18 +2,14 @@
 
 Installed as /opt/cni/bin/pybridge and, through a symlink to the same file, /opt/cni/bin/pyipam:
 the name it was exec'd under picks the program. Then it does what the venv launchers do
-(agent/shim.py): forward the call to the resident agent, or serve it in-process when no agent
+(shim.py): forward the call to the resident agent, or serve it in-process when no agent
 accepts. `pybridge agent` and `pybridge node` run the agents from the same bundle.
 """
 
 import sys
 
-from cni_plugin.agent.shim import main as shim_main
-
-
-def program_for(argv0: str) -> str:
-    name = argv0.rsplit("/", 1)[-1]
-    return "pyipam" if name.startswith("pyipam") else "pybridge"
+from cni_plugin.shim import main as shim_main
+from cnikit.programs import program_for
 
 
 def main() -> None:

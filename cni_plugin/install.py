@@ -19,9 +19,12 @@ import sysconfig
 from collections.abc import Callable
 
 import cni_plugin
-from cni_plugin import skel
+from cnikit import skel
+from cnikit.programs import PROGRAMS
 
-PROGRAMS = ("pybridge", "pyipam")
+from . import files
+from .agent import wire
+
 CLIENT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent", "client.c")
 
 
@@ -40,17 +43,18 @@ def launcher(program: str, python: str, paths: list[str]) -> str:
         f"#!{python} -IS\n"
         "import sys\n"
         f"sys.path[:0] = {paths!r}\n"
-        "from cni_plugin.agent.shim import main\n"
+        "from cni_plugin.shim import main\n"
         f"main({program!r})\n"
     )
 
 
 def _install_file(target: str, write: Callable[[str], None]) -> str:
-    """Write via temp + rename: a runtime may exec the old file meanwhile."""
-    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp")
-    write(tmp)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, target)
+    """A runtime may exec the old file meanwhile: written aside, then renamed over it."""
+    def make(tmp: str) -> None:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+
+    files.replace(target, make)
     return target
 
 
@@ -66,10 +70,23 @@ def version_defines() -> list[str]:
             f"-DVERSION_CURRENT={json.dumps(skel.version_reply()['cniVersion'])}"]
 
 
+def wire_defines() -> list[str]:
+    """agent/wire.py's constants as WIRE_* for the client: one protocol, written down once."""
+    strings = {"REQUEST": wire.REQUEST.decode(), "ACCEPTED": wire.ACCEPTED.decode(), "GO": wire.GO.decode(),
+               "RESPONSE": wire.RESPONSE.decode(), "DEFAULT_SOCKET": wire.DEFAULT_SOCKET,
+               "SOCKET_ENV": wire.SOCKET_ENV, "ANSWER_TIMEOUT_ENV": wire.ANSWER_TIMEOUT_ENV}
+    numbers = {"FLAG_POD_NETNS": f"{wire.FLAG_POD_NETNS}u", "FLAG_ROOT": f"{wire.FLAG_ROOT}u",
+               "MAX_STDIN": f"{wire.MAX_STDIN}u", "RESPONSE_HEADER_LEN": str(wire.RESPONSE_HEADER_LEN),
+               "ACK_TIMEOUT_MS": str(round(wire.ACK_TIMEOUT * 1000)),
+               "ANSWER_TIMEOUT_MS": str(round(wire.ANSWER_TIMEOUT * 1000))}
+    return [*(f"-DWIRE_{k}={json.dumps(v)}" for k, v in strings.items()),
+            *(f"-DWIRE_{k}={v}" for k, v in numbers.items())]
+
+
 def build_client(output: str, fallback_dir: str) -> None:
     """Compile agent/client.c with the launchers' directory baked in as its fallback."""
     subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", f'-DFALLBACK_DIR="{fallback_dir}"',
-                    *version_defines(), "-o", output, CLIENT_SOURCE], check=True)
+                    *version_defines(), *wire_defines(), "-o", output, CLIENT_SOURCE], check=True)
 
 
 def write_launchers(bin_dir: str, python: str | None = None) -> list[str]:

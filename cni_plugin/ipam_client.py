@@ -6,22 +6,28 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
-from .skel import Request
-from .spec.errors import INTERNAL, INVALID_CONFIG, CNIError
-from .spec.result import Result, parse_result
+from cnikit.skel import Request
+from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, CNIError
+from cnikit.spec.result import Result, parse_result
 
 IN_PROCESS = "pyipam"
 EXEC_TIMEOUT = 60.0
 
 
-def _pyipam() -> ModuleType:
-    """pyipam in-process, imported only by calls that use it."""
-    import ipam.plugin
+class IPAMPlugin(Protocol):
+    def call(self, verb: str, req: Request) -> dict[str, Any] | None: ...
 
-    return ipam.plugin
+
+class InProcess:
+    """pyipam in this process: the verb table its executable serves, imported by calls that use
+    it; its notices reach this call's log and stderr as the exec'd plugin's would."""
+
+    def call(self, verb: str, req: Request) -> dict[str, Any] | None:
+        from ipam.verbs import VERBS
+
+        return VERBS[verb](req)
 
 
 def _find_plugin(kind: str, path: tuple[str, ...]) -> str:
@@ -31,6 +37,16 @@ def _find_plugin(kind: str, path: tuple[str, ...]) -> str:
             return candidate
     raise CNIError(INVALID_CONFIG, f"failed to find IPAM plugin {kind!r}",
                    f"not in CNI_PATH {':'.join(path) or '(empty)'}")
+
+
+class Exec:
+    """Any other IPAM type: its executable found in CNI_PATH."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def call(self, verb: str, req: Request) -> dict[str, Any] | None:
+        return _exec(self.kind, verb, req)
 
 
 def _exec(kind: str, verb: str, req: Request) -> dict[str, Any] | None:
@@ -56,45 +72,34 @@ def _exec(kind: str, verb: str, req: Request) -> dict[str, Any] | None:
     return reply if isinstance(reply, dict) else None
 
 
+def plugin_for(kind: str) -> IPAMPlugin:
+    return InProcess() if kind == IN_PROCESS else Exec(kind)
+
+
 def add(req: Request, kind: str) -> Result:
-    if kind == IN_PROCESS:
-        reply: Any = _pyipam().ipam_add(req.config, req.cmd.container_id, req.cmd.ifname, req.cmd.cni_args)
-    else:
-        reply = _exec(kind, "ADD", req)
-    result = parse_result(reply, "IPAM result")
+    result = parse_result(plugin_for(kind).call("ADD", req), "IPAM result")
     if not result.ips:
         raise CNIError(INTERNAL, "IPAM plugin returned missing IP config")
     return result
 
 
 def delete(req: Request, kind: str) -> None:
-    if kind == IN_PROCESS:
-        _pyipam().ipam_del(req.config, req.cmd.container_id, req.cmd.ifname)
-    else:
-        _exec(kind, "DEL", req)
+    plugin_for(kind).call("DEL", req)
 
 
 def check(req: Request, kind: str) -> None:
-    if kind == IN_PROCESS:
-        _pyipam().ipam_check(req.config, req.cmd.container_id, req.cmd.ifname)
-    else:
-        _exec(kind, "CHECK", req)
+    plugin_for(kind).call("CHECK", req)
 
 
 def status(req: Request, kind: str) -> None:
-    if kind == IN_PROCESS:
-        _pyipam().ipam_status(req.config)
-    else:
-        _exec(kind, "STATUS", req)
+    plugin_for(kind).call("STATUS", req)
 
 
-def gc(req: Request, kind: str, valid: set[tuple[str, str]]) -> list[str]:
-    """Returns the errors, so the caller can finish its own GC before reporting them."""
+def gc(req: Request, kind: str) -> list[str]:
+    """Returns the errors, so the caller can finish its own GC before reporting them. The IPAM
+    plugin takes the valid attachments from the same netconf."""
     try:
-        if kind == IN_PROCESS:
-            _pyipam().ipam_gc(req.config, valid)
-        else:
-            _exec(kind, "GC", req)
+        plugin_for(kind).call("GC", req)
     except CNIError as exc:
         return [f"IPAM {kind}: {exc}"]
     return []

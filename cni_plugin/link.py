@@ -2,7 +2,7 @@
 
 The hot path (what every ADD and DEL does) goes through the lean `rtnl` layer; pyroute2, the
 project's netlink library, serves the rest (bridge VLAN filters, CHECK's route and bridge-port
-reads). Host-side functions take an `rtnl.Socket` opened in the plugin's (host) netns.
+reads). Host-side functions take an `Netlink` opened in the plugin's (host) netns.
 Pod-side functions (`pod_*`) run inside the pod netns via `netns.run_in` and open their own
 socket there, because a netlink socket stays in the netns it was created in.
 """
@@ -11,42 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
-import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+
+from cnikit.ip import IPInterface
+from cnikit.spec.errors import INTERNAL, UNSUPPORTED_FIELD, CNIError
 
 from . import netns, rtnl, sysctl
-from .spec.errors import INTERNAL, UNSUPPORTED_FIELD, CNIError
-
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+from .netlink import Link, Netlink, NetlinkError
 
 IFA_F_TENTATIVE = 0x40
 IFA_F_DADFAILED = 0x08
-BRIDGE_VLAN_INFO_PVID = 0x2
-BRIDGE_VLAN_INFO_UNTAGGED = 0x4
 VETH_NAME_TRIES = 10
 # The reference plugin's wait for the bridge port to come up, in seconds (shorter first steps).
 OPER_UP_WAITS = (0.0, 0.002, 0.01, 0.05, 0.5, 1.0, 1.0)
 DAD_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class Link:
-    index: int
-    name: str
-    mac: str
-    mtu: int
-    kind: str
-    master: int | None = None
-    peer_index: int | None = None
-    promisc: bool = False
-    up: bool = False
-    oper_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,60 +43,29 @@ def netlink_errors(what: str) -> Iterator[None]:
     """The one place where netlink failures become CNI errors."""
     try:
         yield
-    except rtnl.NetlinkError as exc:
+    except NetlinkError as exc:
         raise CNIError(INTERNAL, f"netlink: {what} failed", exc.strerror or str(exc)) from exc
 
 
-@contextlib.contextmanager
-def route_socket() -> Iterator[rtnl.Socket]:
-    with rtnl.Socket() as sock:
-        yield sock
+# Opens a netlink socket in the calling thread's netns: the kernel's, or the unit tests' fake.
+open_socket: Callable[[], Netlink] = rtnl.Socket
 
 
 @contextlib.contextmanager
-def _pyroute2() -> Iterator[Any]:
-    """pyroute2 for the requests off the hot path, its errors raised as rtnl's."""
-    from pyroute2.iproute.linux import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    ipr = IPRoute()
+def route_socket() -> Iterator[Netlink]:
+    sock = open_socket()
     try:
-        yield ipr
-    except NetlinkError as exc:
-        raise rtnl.NetlinkError(exc.code, os.strerror(exc.code)) from exc
+        yield sock
     finally:
-        ipr.close()
+        sock.close()
 
 
-def _from_info(info: rtnl.LinkInfo | None) -> Link | None:
-    if info is None:
-        return None
-    return Link(
-        index=info.index,
-        name=info.name,
-        mac=info.mac,
-        mtu=info.mtu,
-        kind=info.kind,
-        master=info.master,
-        peer_index=info.peer_index,
-        promisc=bool(info.flags & rtnl.IFF_PROMISC),
-        up=bool(info.flags & rtnl.IFF_UP),
-        oper_up=info.operstate == rtnl.OPER_UP,
-    )
+def find(sock: Netlink, name: str) -> Link | None:
+    return sock.link_by_name(name)
 
 
-def find(sock: rtnl.Socket, name: str) -> Link | None:
-    return _from_info(sock.link_by_name(name))
-
-
-def get(sock: rtnl.Socket, index: int) -> Link | None:
-    return _from_info(sock.link_by_index(index))
-
-
-def brport_hairpin(index: int) -> bool | None:
-    with _pyroute2() as ipr:
-        shown = ipr.brport("show", index=index)
-        return bool(shown[0].get(("protinfo", "mode"))) if shown else None
+def get(sock: Netlink, index: int) -> Link | None:
+    return sock.link_by_index(index)
 
 
 # --- host side -----------------------------------------------------------------------------
@@ -128,14 +79,14 @@ def _no_vlan_filtering() -> CNIError:
     )
 
 
-def ensure_bridge(sock: rtnl.Socket, name: str, mtu: int | None, promisc: bool, vlan_filtering: bool) -> Link:
+def ensure_bridge(sock: Netlink, name: str, mtu: int | None, promisc: bool, vlan_filtering: bool) -> Link:
     """Create the bridge or reuse it; EEXIST is a concurrent first ADD, not an error."""
     with netlink_errors(f"create bridge {name}"):
         bridge = find(sock, name)
         if bridge is None:
             try:
                 sock.add_bridge(name, mtu, vlan_filtering)
-            except rtnl.NetlinkError as exc:
+            except NetlinkError as exc:
                 if exc.errno == errno.EOPNOTSUPP and vlan_filtering:
                     raise _no_vlan_filtering() from exc
                 if exc.errno != errno.EEXIST:
@@ -146,7 +97,7 @@ def ensure_bridge(sock: rtnl.Socket, name: str, mtu: int | None, promisc: bool, 
         if bridge.kind != "bridge":
             raise CNIError(INTERNAL, f"{name} already exists but is not a bridge", f"kind {bridge.kind!r}")
         if vlan_filtering:
-            _enable_vlan_filtering(bridge.index)
+            _enable_vlan_filtering(sock, bridge.index)
         if bridge.up and bridge.promisc >= promisc:
             return bridge  # the common case: one lookup
         sysctl.try_write(f"net/ipv6/conf/{name}/accept_ra", "0")
@@ -156,17 +107,16 @@ def ensure_bridge(sock: rtnl.Socket, name: str, mtu: int | None, promisc: bool, 
     return found
 
 
-def _enable_vlan_filtering(index: int) -> None:
+def _enable_vlan_filtering(sock: Netlink, index: int) -> None:
     try:
-        with _pyroute2() as ipr:
-            ipr.link("set", index=index, kind="bridge", br_vlan_filtering=1)
-    except rtnl.NetlinkError as exc:
+        sock.enable_vlan_filtering(index)
+    except NetlinkError as exc:
         if exc.errno == errno.EOPNOTSUPP:
             raise _no_vlan_filtering() from exc
         raise
 
 
-def create_veth(sock: rtnl.Socket, pod_fd: int, ifname: str, mtu: int | None, mac: str | None) -> Link:
+def create_veth(sock: Netlink, pod_fd: int, ifname: str, mtu: int | None, mac: str | None) -> Link:
     """Create the pair from the host with the peer born in the pod netns (no move needed).
 
     The caller has checked that `ifname` is free in the pod, so EEXIST means the random host
@@ -177,7 +127,7 @@ def create_veth(sock: rtnl.Socket, pod_fd: int, ifname: str, mtu: int | None, ma
         with netlink_errors(f"create veth {name}"):
             try:
                 sock.add_veth(name, ifname, pod_fd, mtu, mac)
-            except rtnl.NetlinkError as exc:
+            except NetlinkError as exc:
                 if exc.errno == errno.EEXIST:
                     continue
                 raise
@@ -189,7 +139,7 @@ def create_veth(sock: rtnl.Socket, pod_fd: int, ifname: str, mtu: int | None, ma
 
 
 def attach_port(
-    sock: rtnl.Socket, host: Link, bridge: Link, hairpin: bool, isolated: bool, vlan: int
+    sock: Netlink, host: Link, bridge: Link, hairpin: bool, isolated: bool, vlan: int
 ) -> None:
     with netlink_errors(f"attach {host.name} to {bridge.name}"):
         sysctl.try_write(f"net/ipv6/conf/{host.name}/accept_ra", "0")
@@ -197,21 +147,15 @@ def attach_port(
         if hairpin or isolated:
             sock.set_brport(host.index, hairpin, isolated)
         if vlan:
-            with _pyroute2() as ipr:
-                ipr.vlan_filter(
-                    "add",
-                    index=host.index,
-                    vlan_info={"vid": vlan, "flags": BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED},
-                )
-                ipr.vlan_filter("del", index=host.index, vlan_info={"vid": 1})
+            sock.set_port_vlan(host.index, vlan)
 
 
-def delete_link(sock: rtnl.Socket, index: int) -> None:
-    with netlink_errors("delete link"), contextlib.suppress(rtnl.NetlinkError):
+def delete_link(sock: Netlink, index: int) -> None:
+    with netlink_errors("delete link"), contextlib.suppress(NetlinkError):
         sock.delete_link(index)
 
 
-def ensure_gateway(sock: rtnl.Socket, link: Link, gateway: IPInterface, force: bool) -> None:
+def ensure_gateway(sock: Netlink, link: Link, gateway: IPInterface, force: bool) -> None:
     """Put the gateway on the bridge once. A different address of the same family and subnet is an
     error, or is replaced with forceAddress (as the reference does)."""
     with netlink_errors(f"add gateway {gateway} to {link.name}"):
@@ -233,12 +177,12 @@ def ensure_gateway(sock: rtnl.Socket, link: Link, gateway: IPInterface, force: b
         try:
             # Our own subnet's gateway: no DAD, so pods can use it at once.
             sock.add_address(link.index, gateway, nodad=gateway.version == 6)
-        except rtnl.NetlinkError as exc:
+        except NetlinkError as exc:
             if exc.errno != errno.EEXIST:  # a concurrent ADD put it there first
                 raise
 
 
-def pin_mac(sock: rtnl.Socket, bridge: Link) -> Link:
+def pin_mac(sock: Netlink, bridge: Link) -> Link:
     """Stop the bridge MAC from following its lowest port's MAC as pods come and go. Read it
     now: a bridge whose last port left has a zero MAC until a port joins again."""
     with netlink_errors("pin bridge MAC"):
@@ -248,7 +192,7 @@ def pin_mac(sock: rtnl.Socket, bridge: Link) -> Link:
         return current
 
 
-def wait_oper_up(sock: rtnl.Socket, index: int) -> Link:
+def wait_oper_up(sock: Netlink, index: int) -> Link:
     for delay in OPER_UP_WAITS:
         time.sleep(delay)
         link = get(sock, index)
@@ -263,10 +207,10 @@ def wait_oper_up(sock: rtnl.Socket, index: int) -> Link:
 
 
 @contextlib.contextmanager
-def pod_socket(pod_fd: int) -> Iterator[rtnl.Socket]:
+def pod_socket(pod_fd: int) -> Iterator[Netlink]:
     """A netlink socket inside the pod netns, usable from the calling thread: only its creation
     needs a thread that entered the netns."""
-    sock = netns.run_in(pod_fd, rtnl.Socket)
+    sock = netns.run_in(pod_fd, open_socket)
     try:
         yield sock
     finally:
@@ -283,7 +227,7 @@ def _pod_ipv6_sysctls(ifname: str, enable_dad: bool) -> None:
 
 
 def pod_configure(
-    sock: rtnl.Socket,
+    sock: Netlink,
     pod_fd: int,
     ifname: str,
     addrs: Sequence[IPInterface],
@@ -311,7 +255,7 @@ def pod_configure(
         for dst, gw in routes:
             try:
                 sock.add_route(dst, gw, link.index)
-            except rtnl.NetlinkError as exc:
+            except NetlinkError as exc:
                 if exc.errno != errno.EEXIST:
                     raise
         found = get(sock, link.index)
@@ -319,7 +263,7 @@ def pod_configure(
         return found
 
 
-def _settle_dad(sock: rtnl.Socket, index: int) -> None:
+def _settle_dad(sock: Netlink, index: int) -> None:
     deadline = time.monotonic() + DAD_TIMEOUT
     while time.monotonic() < deadline:
         flags = [f for a, f in sock.addresses(index) if a.version == 6 and not a.ip.is_link_local]
@@ -331,7 +275,7 @@ def _settle_dad(sock: rtnl.Socket, index: int) -> None:
     raise CNIError(INTERNAL, "IPv6 duplicate address detection did not finish", f"{DAD_TIMEOUT} s")
 
 
-def _pod_veth(sock: rtnl.Socket, ifname: str) -> Link | None:
+def _pod_veth(sock: Netlink, ifname: str) -> Link | None:
     """The pod end by name, if it is a veth: any other kind of link by that name was made by
     someone else and is never ours to touch."""
     link = find(sock, ifname)
@@ -346,7 +290,7 @@ def pod_delete(ifname: str) -> None:
             return
         try:
             sock.delete_link(link.index)
-        except rtnl.NetlinkError as exc:
+        except NetlinkError as exc:
             if exc.errno not in (errno.ENODEV, errno.ENOENT):
                 raise
 

@@ -12,34 +12,30 @@ Only hashes, IP addresses and CIDRs are ever written into a rule.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import shlex
-import shutil
 import subprocess
 from collections.abc import Callable, Sequence
-from functools import cache, partial
+from functools import partial
 
-from .spec.errors import INVALID_CONFIG, INVALID_ENV, CNIError
-from .spec.names import validate_network_name
+from cnikit.ip import IPInterface
+from cnikit.spec.errors import INVALID_CONFIG, INVALID_ENV, MASQ_FAILED, CNIError
+from cnikit.spec.names import validate_network_name
 
-MASQ_FAILED = 120  # codes >= 100 are plugin-specific (SPEC "Error")
+from . import hostnet
 
 NFTABLES = "nftables"
 IPTABLES = "iptables"
 
-Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 _TABLE = "inet pybridge"
-_MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
 _IPT_BINARY = {4: "iptables", 6: "ip6tables"}
 _NFT_FAMILY = {4: "ip", 6: "ip6"}
 _CHAIN_PREFIX = "PYB-"
 _CHAIN_LEN = 28  # iptables chain names must be under 29 chars
 _TIMEOUT = 30.0
 # Runtimes may exec plugins with a PATH that lacks the sbin directories these binaries live in.
-_FALLBACK_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
 # stderr of a list/delete whose object is already gone (never set up, or a concurrent DEL/GC won).
 _NFT_GONE = ("No such file or directory",)
 _IPT_GONE = ("No chain/target/match by that name", "does a matching rule exist")
@@ -50,8 +46,8 @@ _NFT_BASE = f"""add table {_TABLE}
 add chain {_TABLE} postrouting {{ type nat hook postrouting priority srcnat; }}
 add chain {_TABLE} masq
 flush chain {_TABLE} postrouting
-add rule {_TABLE} postrouting ip daddr {_MULTICAST[4]} return
-add rule {_TABLE} postrouting ip6 daddr {_MULTICAST[6]} return
+add rule {_TABLE} postrouting ip daddr {hostnet.MULTICAST[4]} return
+add rule {_TABLE} postrouting ip6 daddr {hostnet.MULTICAST[6]} return
 add rule {_TABLE} postrouting jump masq
 """
 
@@ -64,7 +60,7 @@ def setup(
     network: str,
     container_id: str,
     ifname: str,
-    addrs: Sequence[Interface],
+    addrs: Sequence[IPInterface],
     backend: str | None = None,
 ) -> None:
     """Masquerade traffic from each address to outside its subnet, except to multicast.
@@ -76,7 +72,7 @@ def setup(
     for addr in addrs:
         # Rules only get the canonical .ip and .network; a scope id ("%<free text>") is refused
         # anyway, as no pod address has one and it would change what the caller meant.
-        if not isinstance(addr, Interface) or getattr(addr, "scope_id", None):
+        if not isinstance(addr, IPInterface) or getattr(addr, "scope_id", None):
             raise CNIError(INVALID_CONFIG, "invalid address for masquerade", repr(addr)[:100])
     tag = _tag(network, container_id, ifname)
     if _backend(backend) == NFTABLES:
@@ -175,10 +171,7 @@ def _chain(network: str, container_id: str, ifname: str) -> str:
     return _CHAIN_PREFIX + digest[: _CHAIN_LEN - len(_CHAIN_PREFIX)]
 
 
-@cache
-def _binary(name: str) -> str | None:
-    path = os.environ.get("PATH")
-    return shutil.which(name, path=f"{path}:{_FALLBACK_PATH}" if path else _FALLBACK_PATH)
+_binary = hostnet.find_binary
 
 
 def _required(name: str) -> str:
@@ -317,7 +310,7 @@ def _ipt_if_present(ipt: str, *args: str) -> bool:
     return True
 
 
-def _ipt_setup(ipt: str, family: int, chain: str, tag: str, addrs: list[Interface]) -> None:
+def _ipt_setup(ipt: str, family: int, chain: str, tag: str, addrs: list[IPInterface]) -> None:
     _ipt_teardown(ipt, chain)
     if not addrs:
         return
@@ -326,6 +319,6 @@ def _ipt_setup(ipt: str, family: int, chain: str, tag: str, addrs: list[Interfac
     # -s per address keeps each address's exemption to its own subnet, as the nft rules do.
     for a in addrs:
         _ipt(ipt, "-A", chain, "-s", str(a.ip), "-d", str(a.network), *comment, "-j", "ACCEPT")
-    _ipt(ipt, "-A", chain, "!", "-d", _MULTICAST[family], *comment, "-j", "MASQUERADE")
+    _ipt(ipt, "-A", chain, "!", "-d", hostnet.MULTICAST[family], *comment, "-j", "MASQUERADE")
     for a in addrs:
         _ipt(ipt, "-A", "POSTROUTING", "-s", str(a.ip), *comment, "-j", chain)

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from .spec.errors import INVALID_NETNS, CNIError
+from cnikit.spec.errors import INVALID_NETNS, CNIError
 
 T = TypeVar("T")
 

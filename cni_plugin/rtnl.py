@@ -8,13 +8,18 @@ same kernel state. Everything else (VLANs, CHECK's reads) stays on pyroute2.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from cnikit.ip import IPInterface
+
+from .netlink import Link, NetlinkError
 
 NETLINK_ROUTE = 0
 SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
@@ -37,32 +42,13 @@ IFF_UP, IFF_PROMISC = 0x1, 0x100
 AF_BRIDGE = 7
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RTN_UNICAST = 254, 3, 0, 253, 1
 OPER_UP = 6
+BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED = 0x2, 0x4
 
 _NLMSG = struct.Struct("=IHHII")
 _IFINFO = struct.Struct("=BxHiII")
 _IFADDR = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTA = struct.Struct("=HH")
-
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-
-
-class NetlinkError(OSError):
-    """A request the kernel refused; `errno` says why."""
-
-
-@dataclass(frozen=True)
-class LinkInfo:
-    index: int
-    name: str
-    mac: str
-    mtu: int
-    kind: str
-    flags: int
-    master: int | None
-    peer_index: int | None
-    operstate: int
-
 
 def attr(kind: int, data: bytes) -> bytes:
     raw = _RTA.pack(4 + len(data), kind) + data
@@ -90,28 +76,45 @@ def _u32(data: bytes) -> int:
     return int(struct.unpack("=I", data[:4])[0])
 
 
-def _parse_link(body: bytes) -> LinkInfo:
+def _parse_link(body: bytes) -> Link:
     _family, _type, index, flags, _change = _IFINFO.unpack_from(body)
     fields = dict(_attrs(body, _IFINFO.size))
     kind = ""
     if IFLA_LINKINFO in fields:
         info = dict(_attrs(fields[IFLA_LINKINFO]))
         kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
-    return LinkInfo(
+    return Link(
         index=index,
         name=fields.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(),
         mac=":".join(f"{b:02x}" for b in fields.get(IFLA_ADDRESS, b"")),
         mtu=_u32(fields[IFLA_MTU]) if IFLA_MTU in fields else 0,
         kind=kind,
-        flags=flags,
         master=_u32(fields[IFLA_MASTER]) if IFLA_MASTER in fields else None,
         peer_index=_u32(fields[IFLA_LINK]) if IFLA_LINK in fields else None,
-        operstate=fields[IFLA_OPERSTATE][0] if IFLA_OPERSTATE in fields else 0,
+        promisc=bool(flags & IFF_PROMISC),
+        up=bool(flags & IFF_UP),
+        oper_up=IFLA_OPERSTATE in fields and fields[IFLA_OPERSTATE][0] == OPER_UP,
     )
 
 
 def _mac_bytes(mac: str) -> bytes:
     return bytes(int(part, 16) for part in mac.split(":"))
+
+
+@contextlib.contextmanager
+def _pyroute2() -> Iterator[Any]:
+    """pyroute2 for the requests off the hot path (in this thread's netns), its errors raised
+    as this layer's."""
+    from pyroute2.iproute.linux import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError as PyrouteError
+
+    ipr = IPRoute()
+    try:
+        yield ipr
+    except PyrouteError as exc:
+        raise NetlinkError(exc.code, os.strerror(exc.code)) from exc
+    finally:
+        ipr.close()
 
 
 class Socket:
@@ -164,13 +167,13 @@ class Socket:
 
     # --- links ---------------------------------------------------------------------------
 
-    def link_by_name(self, name: str) -> LinkInfo | None:
+    def link_by_name(self, name: str) -> Link | None:
         return self._get_link(ifinfo() + attr(IFLA_IFNAME, name.encode() + b"\0"))
 
-    def link_by_index(self, index: int) -> LinkInfo | None:
+    def link_by_index(self, index: int) -> Link | None:
         return self._get_link(ifinfo(index))
 
-    def _get_link(self, payload: bytes) -> LinkInfo | None:
+    def _get_link(self, payload: bytes) -> Link | None:
         try:
             replies = self.request(RTM_GETLINK, 0, payload)
         except NetlinkError as exc:
@@ -245,6 +248,56 @@ class Socket:
 
     def delete_link(self, index: int) -> None:
         self.request(RTM_DELLINK, NLM_F_ACK, ifinfo(index))
+
+    # --- off the hot path: pyroute2 behind the same seam ------------------------------------
+
+    def brport_hairpin(self, index: int) -> bool | None:
+        with _pyroute2() as ipr:
+            shown = ipr.brport("show", index=index)
+            return bool(shown[0].get(("protinfo", "mode"))) if shown else None
+
+    def enable_vlan_filtering(self, index: int) -> None:
+        with _pyroute2() as ipr:
+            ipr.link("set", index=index, kind="bridge", br_vlan_filtering=1)
+
+    def owned_routes(self, proto: int) -> set[tuple[str, str]]:
+        """(destination, gateway) of the main table's routes that carry routing protocol `proto`."""
+        found = set()
+        with _pyroute2() as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+                    dst, gateway = msg.get_attr("RTA_DST"), msg.get_attr("RTA_GATEWAY")
+                    if msg["proto"] == proto and dst is not None and gateway is not None:
+                        found.add((f"{dst}/{msg['dst_len']}", str(gateway)))
+        return found
+
+    def replace_route(self, dst: str, gateway: str, proto: int) -> None:
+        with _pyroute2() as ipr:
+            ipr.route("replace", dst=dst, gateway=gateway, proto=proto, table=RT_TABLE_MAIN)
+
+    def delete_route(self, dst: str, gateway: str, proto: int) -> None:
+        with _pyroute2() as ipr:
+            ipr.route("del", dst=dst, gateway=gateway, proto=proto, table=RT_TABLE_MAIN)
+
+    def uplink_mtu(self, addresses: Iterable[str]) -> int | None:
+        """MTU of the link holding one of `addresses`, else of the default route's link."""
+        wanted = set(addresses)
+        with _pyroute2() as ipr:
+            owners = [msg["index"] for msg in ipr.get_addr()
+                      if {str(msg.get_attr("IFA_ADDRESS")), str(msg.get_attr("IFA_LOCAL"))} & wanted]
+            defaults = [msg.get_attr("RTA_OIF") for family in (socket.AF_INET, socket.AF_INET6)
+                        for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN)
+                        if msg["dst_len"] == 0 and msg.get_attr("RTA_OIF")]
+        index = next(iter(owners + defaults), None)
+        found = self.link_by_index(index) if index is not None else None
+        return found.mtu if found is not None else None
+
+    def set_port_vlan(self, index: int, vid: int) -> None:
+        """The port's only VLAN: `vid`, untagged and its PVID (VLAN 1 removed)."""
+        with _pyroute2() as ipr:
+            flags = BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED
+            ipr.vlan_filter("add", index=index, vlan_info={"vid": vid, "flags": flags})
+            ipr.vlan_filter("del", index=index, vlan_info={"vid": 1})
 
     # --- addresses and routes --------------------------------------------------------------
 

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 from collections.abc import Iterator
 from typing import Any
 
-from . import config, ipam_client, link, log, netns, sysctl
-from .config import BridgeConf
-from .skel import Request
-from .spec.attachments import valid_attachments
-from .spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, UNSUPPORTED_FIELD, CNIError
-from .spec.result import Interface, Result, Route, parse_result
+from cnikit import log
+from cnikit.skel import Request
+from cnikit.spec.attachments import valid_attachments
+from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, CNIError
+from cnikit.spec.result import Interface, Result, parse_result
 
-POD_INDEX = 2  # interfaces are [bridge, host veth, pod]
+from . import config, ipam_client, link, netns, plan, sysctl
+from .config import BridgeConf
 
 
 def _load(req: Request) -> BridgeConf:
-    conf = config.load(req.config)
-    if conf.vlan and conf.is_gateway:
-        raise CNIError(UNSUPPORTED_FIELD, "unsupported field 'vlan' with 'isGateway'",
-                       "a gateway on a VLAN sub-interface is not implemented by pybridge")
-    return conf
+    return config.load(req.config)
 
 
 def _open_pod_netns(req: Request) -> int:
@@ -54,39 +49,6 @@ def _refuse_own_netns(req: Request, fd: int) -> None:
         raise CNIError(INVALID_NETNS, "CNI_NETNS is the plugin's own network namespace", req.cmd.netns)
 
 
-def _gateways(conf: BridgeConf, result: Result) -> dict[int, link.IPInterface]:
-    """Fill in each IP's interface and (with isGateway) its missing gateway; return one gateway
-    per family, as an address with the pod subnet's prefix."""
-    found: dict[int, link.IPInterface] = {}
-    for ip in result.ips:
-        ip.interface = POD_INDEX
-        iface = ipaddress.ip_interface(ip.address)
-        if ip.gateway is None and conf.is_gateway:
-            ip.gateway = str(iface.network.network_address + 1)
-        if ip.gateway and iface.version not in found:
-            found[iface.version] = ipaddress.ip_interface(f"{ip.gateway}/{iface.network.prefixlen}")
-    return found
-
-
-def _default_routes(conf: BridgeConf, result: Result, gateways: dict[int, link.IPInterface]) -> None:
-    if not conf.is_default_gateway:
-        return
-    have = {ipaddress.ip_network(r.dst).version for r in result.routes
-            if ipaddress.ip_network(r.dst).prefixlen == 0}
-    for family, gateway in sorted(gateways.items()):
-        if family not in have:
-            result.routes.append(Route(dst="0.0.0.0/0" if family == 4 else "::/0", gw=str(gateway.ip)))
-
-
-def _pod_routes(result: Result, gateways: dict[int, link.IPInterface]) -> list[tuple[str, str | None]]:
-    out = []
-    for route in result.routes:
-        family = ipaddress.ip_network(route.dst).version
-        gw = route.gw or (str(gateways[family].ip) if family in gateways else None)
-        out.append((route.dst, gw))
-    return out
-
-
 def _enable_forwarding(families: set[int]) -> None:
     if 4 in families:
         sysctl.ensure("net/ipv4/ip_forward", "1")
@@ -94,12 +56,12 @@ def _enable_forwarding(families: set[int]) -> None:
         sysctl.ensure("net/ipv6/conf/all/forwarding", "1")
 
 
-def _undo(what: str, func: Any, *args: Any) -> None:
+def _undo(logger: log.Logger, what: str, func: Any, *args: Any) -> None:
     """Undo steps must not mask the error that triggered them."""
     try:
         func(*args)
     except Exception as exc:
-        log.warning("undo_failed", step=what, error=str(exc))
+        logger.warning("undo_failed", step=what, error=str(exc))
 
 
 def cmd_add(req: Request) -> dict[str, Any]:
@@ -114,27 +76,25 @@ def cmd_add(req: Request) -> dict[str, Any]:
         result = Result(cniVersion=req.cni_version)
         if conf.ipam_type:
             result = ipam_client.add(req, conf.ipam_type)
-            undo.callback(_undo, "ipam release", ipam_client.delete, req, conf.ipam_type)
+            undo.callback(_undo, req.log, "ipam release", ipam_client.delete, req, conf.ipam_type)
+        todo = plan.plan(conf, result)
+        result = todo.result
         bridge = link.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc_mode, bool(conf.vlan))
         host = link.create_veth(ipr, pod_fd, ifname, conf.mtu, mac)
-        undo.callback(_undo, "veth delete", link.delete_link, ipr, host.index)
+        undo.callback(_undo, req.log, "veth delete", link.delete_link, ipr, host.index)
         link.attach_port(ipr, host, bridge, conf.hairpin_mode, conf.port_isolation, conf.vlan)
-        gateways = _gateways(conf, result)
-        _default_routes(conf, result, gateways)
-        addrs = [ipaddress.ip_interface(ip.address) for ip in result.ips]
-        routes = _pod_routes(result, gateways)
-        pod = link.pod_configure(pod_sock, pod_fd, ifname, addrs, routes, conf.enable_dad,
+        pod = link.pod_configure(pod_sock, pod_fd, ifname, todo.addrs, todo.routes, conf.enable_dad,
                                  up=not conf.disable_container_interface)
         if conf.is_gateway:
-            for gateway in gateways.values():
+            for gateway in todo.gateways.values():
                 link.ensure_gateway(ipr, bridge, gateway, conf.force_address)
             bridge = link.pin_mac(ipr, bridge)
-            _enable_forwarding(set(gateways))
-        if conf.ip_masq and addrs:
+            _enable_forwarding(set(todo.gateways))
+        if conf.ip_masq and todo.addrs:
             from . import masq
 
-            undo.callback(_undo, "masquerade teardown", masq.teardown, conf.name, cid, ifname)
-            masq.setup(conf.name, cid, ifname, addrs, conf.ip_masq_backend)
+            undo.callback(_undo, req.log, "masquerade teardown", masq.teardown, conf.name, cid, ifname)
+            masq.setup(conf.name, cid, ifname, todo.addrs, conf.ip_masq_backend)
         if not conf.disable_container_interface:
             host = link.wait_oper_up(ipr, host.index)
         if not conf.is_gateway:  # the bridge MAC follows its ports: read it after this one joined
@@ -220,7 +180,7 @@ def cmd_gc(req: Request) -> None:
 
     errors = masq.gc(conf.name, valid)
     if conf.ipam_type:
-        errors += ipam_client.gc(req, conf.ipam_type, valid)
+        errors += ipam_client.gc(req, conf.ipam_type)
     if errors:
         raise CNIError(INTERNAL, "GC finished with errors", "; ".join(errors))
 

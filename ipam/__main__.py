@@ -1,48 +1,23 @@
 """pyipam: the host-local compatible IPAM plugin executable, plus `pyipam ls` for humans.
 
-GC takes the valid attachments from `cni.dev/valid-attachments` (spec HEAD) or else
-`cni.dev/attachments` (the spec-v1.1.0 tag's name); libcni sends both. With neither key (or a
-null one) nothing is valid and every reservation of the network is released: that is what
-`cnitool gc` asks for, and the spec says an empty list is meaningful.
-
-pydantic is imported only once a verb is served, so VERSION and argument errors stay cheap.
+The verbs (verbs.py, pydantic) are imported only once one is served, so VERSION and argument
+errors stay cheap.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from collections.abc import Mapping
 
-from cni_plugin import skel
-from cni_plugin.spec.attachments import valid_attachments
-from cni_plugin.spec.errors import CNIError
+from cnikit import programs, skel
+from cnikit.spec.errors import CNIError
 
 
-def verbs() -> dict[str, skel.Verb]:
-    """The verb table; skel asks for it only when a verb is served."""
-    from cni_plugin.spec.result import convert_result
+def verbs() -> Mapping[str, skel.Verb]:
+    from .verbs import VERBS
 
-    from . import plugin
-
-    def add(req: skel.Request) -> dict[str, Any]:
-        cmd = req.cmd
-        result = plugin.ipam_add(req.config, cmd.container_id, cmd.ifname, cmd.cni_args)
-        return convert_result(result, req.cni_version)
-
-    def delete(req: skel.Request) -> None:
-        plugin.ipam_del(req.config, req.cmd.container_id, req.cmd.ifname)
-
-    def check(req: skel.Request) -> None:
-        plugin.ipam_check(req.config, req.cmd.container_id, req.cmd.ifname)
-
-    def status(req: skel.Request) -> None:
-        plugin.ipam_status(req.config)
-
-    def gc(req: skel.Request) -> None:
-        plugin.ipam_gc(req.config, valid_attachments(req.config))
-
-    return {"ADD": add, "DEL": delete, "CHECK": check, "STATUS": status, "GC": gc}
+    return VERBS
 
 
 def _ls(argv: list[str]) -> int:
@@ -71,7 +46,7 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["ls"]:
         sys.exit(_ls(argv[1:]))
-    sys.exit(skel.run(verbs, os.environ, sys.stdin.buffer, sys.stdout, program="pyipam"))
+    sys.exit(skel.run(verbs, os.environ, sys.stdin.buffer, sys.stdout, program=programs.PYIPAM))
 
 
 if __name__ == "__main__":

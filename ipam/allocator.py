@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Set
 
-from cni_plugin.spec.errors import CNIError
+from cnikit.ip import IPAddress
+from cnikit.spec.errors import EXHAUSTED, IP_UNAVAILABLE, CNIError
 
-from .config import IPAddress, Range, RangeSet, describe
-
-# Plugin-specific codes (the spec leaves 100+ to plugins).
-EXHAUSTED = 110
-IP_UNAVAILABLE = 111
+from .config import Range, RangeSet, describe
 
 
 def range_for(range_set: RangeSet, ip: IPAddress) -> Range | None:

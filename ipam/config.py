@@ -28,12 +28,10 @@ from pydantic import (
     model_validator,
 )
 
-from cni_plugin.spec.errors import INVALID_CONFIG, CNIError
-from cni_plugin.spec.names import validate_network_name
-from cni_plugin.spec.validation import config_error
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from cnikit.ip import IPAddress, IPNetwork
+from cnikit.spec.errors import INVALID_CONFIG, CNIError
+from cnikit.spec.names import absolute_path, validate_network_name
+from cnikit.spec.validation import config_error, declared_runtime_config
 
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 DEFAULT_LOCK_TIMEOUT = 10.0
@@ -90,17 +88,11 @@ def parse_subnet(value: object) -> IPNetwork:
     return net
 
 
-def _absolute_path(value: str) -> str:
-    if not value.startswith("/") or "\0" in value or ".." in value.split("/"):
-        raise ValueError("an absolute path without '..' is required")
-    return value
-
-
 Address = Annotated[IPAddress, PlainValidator(parse_ip)]
 RequestedIP = Annotated[IPAddress, PlainValidator(_parse_requested_ip)]
 Subnet = Annotated[IPNetwork, PlainValidator(parse_subnet)]
 Destination = Annotated[IPNetwork, PlainValidator(lambda v: _parse_cidr(v, strict=False))]
-AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+AbsolutePath = Annotated[str, AfterValidator(absolute_path)]
 
 
 class _Model(BaseModel):
@@ -246,18 +238,11 @@ def _invalid(path: str, details: str) -> CNIError:
 
 
 def _runtime_config(netconf: Mapping[str, Any]) -> _RuntimeConfig:
-    """runtimeConfig keys the network declared as capabilities. libcni strips `capabilities`
-    before calling a plugin, so when it is absent the runtime has already filtered."""
-    raw = netconf.get("runtimeConfig")
+    raw = declared_runtime_config(netconf)
     if raw is None:
         return _RuntimeConfig()
     if not isinstance(raw, dict):
         raise _invalid("runtimeConfig", "an object is required")
-    caps = netconf.get("capabilities")
-    if caps is not None:
-        if not isinstance(caps, dict):
-            raise _invalid("capabilities", "an object is required")
-        raw = {key: value for key, value in raw.items() if caps.get(key) is True}
     return _validate(_RUNTIME, raw, "runtimeConfig")
 
 

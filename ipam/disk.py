@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import secrets
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 
-from cni_plugin.spec.args import validate_container_id, validate_ifname
-from cni_plugin.spec.errors import IO_FAILURE, TRY_AGAIN_LATER, CNIError
+from cnikit import log
+from cnikit.ip import IPAddress
+from cnikit.spec.args import validate_container_id, validate_ifname
+from cnikit.spec.errors import IO_FAILURE, TRY_AGAIN_LATER, CNIError
 
-from .config import DEFAULT_LOCK_TIMEOUT, IPAddress, parse_ip
+from .config import DEFAULT_LOCK_TIMEOUT, parse_ip
 from .store import Reservation, Store
 
 LOCK_FILE = "lock"
@@ -41,7 +43,13 @@ _OPEN = os.O_CLOEXEC | os.O_NOFOLLOW
 # the names that changed since the last call, whoever changed them. Off in one-shot processes.
 _INDEXES: dict[str, _Index] = {}
 _keep_indexes = False
-_log = logging.getLogger("ipam.disk")
+# Where a store reports what it skipped (a file it does not own, a bad name): the call's log
+# and stderr (cnikit.log.Logger.notice); a human's `pyipam ls` sees it on stderr.
+Warn = Callable[[str], None]
+
+
+def to_stderr(message: str) -> None:
+    sys.stderr.write(f"{message}\n")
 
 
 def _io_error(what: str, path: str, exc: OSError) -> CNIError:
@@ -126,7 +134,7 @@ def _index(path: str) -> _Index | None:
         try:
             index = _INDEXES[path] = _Index()
         except OSError as exc:  # e.g. the inotify instance limit: read whole, as one-shot calls do
-            _log.warning("%s: no index (%s), the store is read whole", path, exc)
+            log.process().warning("ipam_no_index", store=path, error=str(exc), effect="read whole")
     return index
 
 
@@ -145,7 +153,7 @@ class DiskStore(Store):
         data_dir: str,
         network: str,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        warn: Callable[[str], None] = _log.warning,
+        warn: Warn = to_stderr,
     ) -> None:
         self.data_dir = data_dir
         self.path = os.path.join(data_dir, network)

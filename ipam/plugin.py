@@ -19,19 +19,28 @@ Error codes (spec codes below 100, plugin codes from 100; the spec leaves 100+ t
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Callable, Mapping, Set
 from typing import Any
 
-from cni_plugin.spec.args import validate_container_id, validate_ifname
-from cni_plugin.spec.errors import INVALID_CONFIG, IO_FAILURE, NOT_AVAILABLE, CNIError
-from cni_plugin.spec.names import validate_network_name
-from cni_plugin.spec.version import CURRENT
+from cnikit.ip import IPAddress
+from cnikit.spec.args import validate_container_id, validate_ifname
+from cnikit.spec.errors import (
+    DUPLICATE_ALLOCATION,
+    EXHAUSTED,
+    INVALID_CONFIG,
+    IO_FAILURE,
+    IP_UNAVAILABLE,
+    NOT_AVAILABLE,
+    NOT_FOUND,
+    CNIError,
+)
+from cnikit.spec.names import validate_network_name
+from cnikit.spec.version import CURRENT
 
-from .allocator import EXHAUSTED, IP_UNAVAILABLE, pick, range_for
-from .config import IPAddress, IPAMConfig, Range, RangeSet, load_ipam_config
-from .disk import DiskStore
+from .allocator import pick, range_for
+from .config import IPAMConfig, Range, RangeSet, load_ipam_config
+from .disk import DiskStore, Warn, to_stderr
 from .store import Store
 
 __all__ = [
@@ -49,16 +58,11 @@ __all__ = [
     "read_resolv_conf",
 ]
 
-DUPLICATE_ALLOCATION = 112
-NOT_FOUND = 113
 
 MAX_RESOLV_CONF = 64 * 1024
 
-_log = logging.getLogger("ipam")
-
-
-def _store(cfg: IPAMConfig) -> DiskStore:
-    return DiskStore(cfg.data_dir, cfg.network, cfg.lock_timeout)
+def _store(cfg: IPAMConfig, warn: Warn) -> DiskStore:
+    return DiskStore(cfg.data_dir, cfg.network, cfg.lock_timeout, warn)
 
 
 def _attachment(container_id: str, ifname: str) -> None:
@@ -170,13 +174,14 @@ def read_resolv_conf(path: str) -> dict[str, Any]:
 
 
 def ipam_add(
-    netconf: Mapping[str, Any], container_id: str, ifname: str, cni_args: Mapping[str, str]
+    netconf: Mapping[str, Any], container_id: str, ifname: str, cni_args: Mapping[str, str],
+    warn: Warn = to_stderr,
 ) -> dict[str, Any]:
     """Reserve one IP per range set; the result is 1.1.0-shaped (convert it for the caller)."""
     _attachment(container_id, ifname)
     cfg = load_ipam_config(netconf, cni_args)
     dns = read_resolv_conf(cfg.resolv_conf) if cfg.resolv_conf else None
-    allocated = allocate(_store(cfg), cfg, container_id, ifname)
+    allocated = allocate(_store(cfg, warn), cfg, container_id, ifname)
     result: dict[str, Any] = {
         "cniVersion": CURRENT,
         "ips": [
@@ -191,19 +196,19 @@ def ipam_add(
     return result
 
 
-def ipam_del(netconf: Mapping[str, Any], container_id: str, ifname: str) -> list[str]:
+def ipam_del(netconf: Mapping[str, Any], container_id: str, ifname: str, warn: Warn = to_stderr) -> list[str]:
     """Release what (container id, ifname) holds; an unknown attachment is not an error."""
     _attachment(container_id, ifname)
-    store = _store(load_ipam_config(netconf, {}))
+    store = _store(load_ipam_config(netconf, {}), warn)
     if not store.exists():
         return []
     with store.lock():
         return [str(ip) for ip in store.release_by_id(container_id, ifname)]
 
 
-def ipam_check(netconf: Mapping[str, Any], container_id: str, ifname: str) -> None:
+def ipam_check(netconf: Mapping[str, Any], container_id: str, ifname: str, warn: Warn = to_stderr) -> None:
     _attachment(container_id, ifname)
-    store = _store(load_ipam_config(netconf, {}))
+    store = _store(load_ipam_config(netconf, {}), warn)
     found = False
     if store.exists():
         with store.lock():
@@ -216,10 +221,10 @@ def ipam_check(netconf: Mapping[str, Any], container_id: str, ifname: str) -> No
         )
 
 
-def ipam_status(netconf: Mapping[str, Any]) -> None:
+def ipam_status(netconf: Mapping[str, Any], warn: Warn = to_stderr) -> None:
     """Ready for ADD: the store can be written and every range set has a free IP."""
     cfg = load_ipam_config(netconf, {})
-    store = _store(cfg)
+    store = _store(cfg, warn)
     try:
         with store.lock():
             store.probe_writable()
@@ -236,12 +241,12 @@ def ipam_status(netconf: Mapping[str, Any]) -> None:
 GC_RELEASED: list[Callable[[str, int], None]] = []
 
 
-def ipam_gc(netconf: Mapping[str, Any], valid: Set[tuple[str, str]]) -> list[str]:
+def ipam_gc(netconf: Mapping[str, Any], valid: Set[tuple[str, str]], warn: Warn = to_stderr) -> list[str]:
     """Release every reservation whose attachment is not in `valid` (a legacy id-only one if its
     id is in no valid pair); returns the released IPs. Keeps going past a failed release and
     raises one error naming them all at the end."""
     cfg = load_ipam_config(netconf, {})
-    store = _store(cfg)
+    store = _store(cfg, warn)
     if not store.exists():
         return []
     valid_ids = {container_id for container_id, _ in valid}

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import NamedTuple, Protocol
 
-from .config import IPAddress
+from cnikit.ip import IPAddress
 
 
 class Reservation(NamedTuple):

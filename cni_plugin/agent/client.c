@@ -26,20 +26,15 @@
 #ifndef FALLBACK_DIR
 #define FALLBACK_DIR "/opt/pybridge/libexec"
 #endif
-#ifndef DEFAULT_SOCKET
-#define DEFAULT_SOCKET "/run/pybridge/agent.sock"
-#endif
-
 #if !defined(VERSION_HEAD) || !defined(VERSION_TAIL) || !defined(VERSION_CURRENT)
 #error "build with cni_plugin.install.build_client: the VERSION answer comes from the Python skel"
 #endif
-
-#define MAX_STDIN ((4u << 20) + 1)
-#define FLAG_POD_NETNS 1u
-#define FLAG_ROOT 2u
-/* wire.py's deadlines: not acknowledged in time, serve in-process; not answered, an error. */
-#define ACK_TIMEOUT_MS 2000
-#define ANSWER_TIMEOUT_MS 330000
+/* The protocol's constants come from agent/wire.py at build time (install.wire_defines), as
+ * WIRE_*: magics, flags, limits, header size, deadlines (wire.py's: not acknowledged in time,
+ * serve in-process; not answered, an error), the socket and the variables naming it. */
+#if !defined(WIRE_REQUEST) || !defined(WIRE_ANSWER_TIMEOUT_MS)
+#error "build with cni_plugin.install.build_client: the wire constants come from agent/wire.py"
+#endif
 
 extern char **environ;
 
@@ -89,7 +84,7 @@ static int read_stdin(struct buf *b) {
             return -1;
         }
         b->len += (size_t)n;
-        if (b->len > MAX_STDIN) return -1;
+        if (b->len > WIRE_MAX_STDIN) return -1;
     }
 }
 
@@ -154,10 +149,10 @@ static int recv_by(int fd, void *dst, size_t len, long long deadline) {
 }
 
 static long long answer_timeout_ms(void) {
-    const char *raw = getenv("PYBRIDGE_AGENT_ANSWER_TIMEOUT");
+    const char *raw = getenv(WIRE_ANSWER_TIMEOUT_ENV);
     char *end;
     double seconds = raw && *raw ? strtod(raw, &end) : 0;
-    if (!raw || !*raw || *end || !(seconds > 0 && seconds < 86400)) return ANSWER_TIMEOUT_MS;
+    if (!raw || !*raw || *end || !(seconds > 0 && seconds < 86400)) return WIRE_ANSWER_TIMEOUT_MS;
     return (long long)(seconds * 1000);
 }
 
@@ -174,7 +169,7 @@ static void fallback(const char *program, char **argv, const struct buf *in) {
         }
         close(mfd);
     }
-    setenv("PYBRIDGE_AGENT_SOCKET", "", 1); /* the launcher must not ask the agent again */
+    setenv(WIRE_SOCKET_ENV, "", 1); /* the launcher must not ask the agent again */
     execv(path, argv);
     fprintf(stderr, "pybridge: cannot exec %s: %s\n", path, strerror(errno));
     printf("{\"code\": 999, \"msg\": \"pybridge fallback missing\", \"details\": \"%s\"}", path);
@@ -258,12 +253,12 @@ int main(int argc, char **argv) {
     if (read_stdin(&in)) fallback(program, argv, &in);
     if (strcmp(command, "VERSION") == 0) answer_version(&in);
 
-    const char *path = getenv("PYBRIDGE_AGENT_SOCKET");
-    if (!path || !*path) path = DEFAULT_SOCKET;
+    const char *path = getenv(WIRE_SOCKET_ENV);
+    if (!path || !*path) path = WIRE_DEFAULT_SOCKET;
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof addr.sun_path) fallback(program, argv, &in);
     strcpy(addr.sun_path, path);
-    long long deadline = now_ms() + ACK_TIMEOUT_MS;
+    long long deadline = now_ms() + WIRE_ACK_TIMEOUT_MS;
     /* Non-blocking: a full backlog is EAGAIN (serve in-process), never a wait. */
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) fallback(program, argv, &in);
@@ -279,20 +274,20 @@ int main(int argc, char **argv) {
         int fd = open(netns, O_PATH | O_CLOEXEC);
         if (fd >= 0) {
             fds[nfds++] = fd;
-            flags |= FLAG_POD_NETNS;
+            flags |= WIRE_FLAG_POD_NETNS;
         }
     }
     /* Our view of the files: the agent serves the call only if it sees the same (views.py). */
     fds[nfds] = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (fds[nfds] < 0) fallback(program, argv, &in);
     nfds++;
-    flags |= FLAG_ROOT;
+    flags |= WIRE_FLAG_ROOT;
 
     for (char **e = environ; *e; e++) {
         if (env.len && append(&env, "", 1)) return 1;
         if (append(&env, *e, strlen(*e))) return 1;
     }
-    if (append(&req, "PBQ1", 4) || append_u32(&req, flags) || append_u32(&req, strlen(program)) ||
+    if (append(&req, WIRE_REQUEST, 4) || append_u32(&req, flags) || append_u32(&req, strlen(program)) ||
         append_u32(&req, env.len) || append_u32(&req, in.len) || append(&req, program, strlen(program)) ||
         append(&req, env.data, env.len) || append(&req, in.data, in.len))
         return 1;
@@ -321,13 +316,13 @@ int main(int argc, char **argv) {
     for (int i = 0; i < nfds; i++) close(fds[i]);
 
     char answer[4];
-    if (recv_by(sock, answer, 4, deadline) || memcmp(answer, "PBK1", 4) != 0) fallback(program, argv, &in);
+    if (recv_by(sock, answer, 4, deadline) || memcmp(answer, WIRE_ACCEPTED, 4) != 0) fallback(program, argv, &in);
     /* Confirm: from here the call is the agent's. Had this failed, the agent never saw it. */
-    if (send_by(sock, "PBG1", 4, deadline)) fallback(program, argv, &in);
+    if (send_by(sock, WIRE_GO, 4, deadline)) fallback(program, argv, &in);
     deadline = now_ms() + answer_timeout_ms();
-    unsigned char header[16];
+    unsigned char header[WIRE_RESPONSE_HEADER_LEN];
     errno = 0;
-    if (recv_by(sock, header, sizeof header, deadline) || memcmp(header, "PBR1", 4) != 0) failed_after_accept();
+    if (recv_by(sock, header, sizeof header, deadline) || memcmp(header, WIRE_RESPONSE, 4) != 0) failed_after_accept();
     uint32_t code = read_u32(header + 4), olen = read_u32(header + 8), elen = read_u32(header + 12);
     char *body = malloc((size_t)olen + elen + 1);
     if (!body || recv_by(sock, body, (size_t)olen + elen, deadline)) failed_after_accept();

@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import log
+from cnikit import log
+
 from . import wire
 
 REQUEST_TIMEOUT = 10.0  # from accept to the request's last byte
@@ -148,7 +149,7 @@ class Intake:
             if self._stopping.is_set():
                 return  # stop() shut the socket down
             # Out of fds (EMFILE, ENFILE) or memory, or anything else: pause, never end.
-            log.warning("agent_accept_paused", error=str(exc), seconds=ACCEPT_BACKOFF)
+            log.process().warning("agent_accept_paused", error=str(exc), seconds=ACCEPT_BACKOFF)
             self._selector.unregister(self._sock)
             self._paused_until = time.monotonic() + ACCEPT_BACKOFF
             return
@@ -171,7 +172,7 @@ class Intake:
         try:
             whole = incoming.receive()
         except (OSError, ValueError) as exc:
-            log.warning("agent_bad_request", error=str(exc))
+            log.process().warning("agent_bad_request", error=str(exc))
             self._drop(incoming)
             return
         if whole:
@@ -181,7 +182,7 @@ class Intake:
     def _expire(self) -> None:
         now = time.monotonic()
         for incoming in [i for i in self._incoming.values() if i.deadline <= now]:
-            log.warning("agent_bad_request", error="request not received in time")
+            log.process().warning("agent_bad_request", error="request not received in time")
             self._drop(incoming)
 
     def _resume(self) -> None:

@@ -4,9 +4,10 @@ so the agent's serving code never imports prometheus_client and metrics `off` co
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Protocol
 
-from ..spec.errors import INTERNAL
+from cnikit.spec.errors import INTERNAL
 
 
 class Observer(Protocol):
@@ -14,6 +15,13 @@ class Observer(Protocol):
     def call_finished(self, program: str, verb: str, code: int, seconds: float) -> None: ...
     def declined(self) -> None: ...
     def add_undone(self) -> None: ...
+
+
+class Endpoint(Protocol):
+    """Where the agent's health is served: ready once the agent listens, closed when it stops."""
+
+    def ready_when(self, listening: Callable[[], bool]) -> None: ...
+    def close(self) -> None: ...
 
 
 class Silent:

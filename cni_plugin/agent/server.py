@@ -17,18 +17,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .. import log, netns, skel
-from ..removals import Removals
-from ..spec import version
-from ..spec.errors import TRY_AGAIN_LATER, CNIError
+from cnikit import log, programs, skel
+from cnikit.removals import Removals
+from cnikit.spec import version
+from cnikit.spec.errors import TRY_AGAIN_LATER, CNIError
+
+from .. import netns
 from . import activation, views, wire
 from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline, raise_fd_limit
-from .observer import Observer, Silent, result_code
-
-if TYPE_CHECKING:
-    from ..ops.agent_metrics import Served
+from .observer import Endpoint, Observer, Silent, result_code
 
 MAX_CONCURRENT = 64
 # A call waits this long for an earlier call on the same attachment, as the IPAM lock's default.
@@ -36,8 +35,12 @@ ATTACHMENT_TIMEOUT = 10.0
 
 
 def _verbs_for(program: str) -> Callable[[], Mapping[str, skel.Verb]]:
-    if program == "pyipam":
-        from ipam.__main__ import verbs as ipam_verbs
+    """The program's verb table, imported when its first call is served."""
+    if program == programs.PYIPAM:
+        def ipam_verbs() -> Mapping[str, skel.Verb]:
+            from ipam.verbs import VERBS
+
+            return VERBS
 
         return ipam_verbs
 
@@ -137,7 +140,7 @@ class Agent:
             call.conn.setblocking(True)
             self._answer(call.conn, bytes(call.data), call.fds, call.deadline)
         except (OSError, ValueError) as exc:
-            log.warning("agent_bad_request", error=str(exc))
+            log.process().warning("agent_bad_request", error=str(exc))
         finally:
             call.close()
             with self._lock:
@@ -174,7 +177,7 @@ class Agent:
         conn.settimeout(max(deadline - time.monotonic(), 0.001))
         # The agent does host-side work in its own netns and opens files in its own mount
         # namespace: serve only clients in that netns that see the same files (views.py).
-        if not fds or not netns.same_netns(fds[0]) or program not in ("pybridge", "pyipam") \
+        if not fds or not netns.same_netns(fds[0]) or program not in programs.PROGRAMS \
                 or root_fd is None or not views.caller_sees_the_same(root_fd, stdin, caller_env):
             self.observer.declined()
             conn.sendall(wire.DECLINED)
@@ -206,7 +209,7 @@ class Agent:
             except OSError:
                 if code == 0 and env.get("CNI_COMMAND") == "ADD":
                     self.observer.add_undone()
-                    log.warning("agent_add_undone", container_id=key[0], ifname=key[1],
+                    log.process().warning("agent_add_undone", container_id=key[0], ifname=key[1],
                                 reason="the caller went away before the result was delivered")
                     skel.run(_verbs_for(program), {**env, "CNI_COMMAND": "DEL"}, io.BytesIO(stdin),
                              io.StringIO(), program=program, stderr=io.StringIO(), netns_fd=pod_fd,
@@ -231,7 +234,7 @@ def _go(conn: socket.socket) -> bool:
             break
         got += chunk
     if got != wire.GO:
-        log.warning("agent_call_dropped", reason="the client did not confirm the call")
+        log.process().warning("agent_call_dropped", reason="the client did not confirm the call")
     return got == wire.GO
 
 
@@ -246,8 +249,13 @@ def _busy(stdin: bytes, key: tuple[str, str]) -> bytes:
     return wire.encode_response(1, error.to_json(cni_version).encode(), b"")
 
 
-def run(path: str | None, observer: Observer | None, endpoint: Served) -> int:
+def run(path: str | None, observer: Observer | None, endpoint: Endpoint) -> int:
     """Foreground agent; SIGTERM/SIGINT stop it after draining the calls in flight."""
+    try:
+        log.open_process_log(os.environ)  # created now, not at the first call that logs
+    except CNIError as exc:
+        print(f"pybridge agent: {exc}", file=sys.stderr)
+        return 2
     agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET, observer=observer)
 
     def stop(_signum: int, _frame: Any) -> None:
@@ -269,30 +277,11 @@ def run(path: str | None, observer: Observer | None, endpoint: Served) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="pybridge agent", description="The resident agent.")
-    parser.add_argument("socket", nargs="?", help=f"default: ${wire.SOCKET_ENV} or {wire.DEFAULT_SOCKET}")
-    parser.add_argument("--metrics-address", help="HOST:PORT of /metrics, /healthz, /readyz, or 'off' "
-                        "(env PYBRIDGE_METRICS_ADDRESS; default 127.0.0.1:9430)")
-    parser.add_argument("--conf-dir", help="CNI conf dir whose networks' pools are measured "
-                        "(env PYBRIDGE_CONF_DIR; default /etc/cni/net.d)")
-    args = parser.parse_args(argv)
-    from ..ops import agent_metrics
-
-    try:
-        observer, endpoint = agent_metrics.start(args.metrics_address, args.conf_dir)
-    except ValueError as exc:  # a bad metrics address
-        parser.error(str(exc))
-    return run(args.socket, observer, endpoint)
-
-
 def _preload() -> None:
     """Import what calls need now, not during the first pod's ADD."""
     import importlib
 
-    for module in ("ipam.plugin", "ipam.__main__", "cni_plugin.masq", "cni_plugin.verbs"):
+    for module in ("ipam.plugin", "ipam.verbs", "cni_plugin.masq", "cni_plugin.verbs"):
         importlib.import_module(module)
     from ipam import disk
 

@@ -13,24 +13,17 @@ import argparse
 import ipaddress
 import json
 import os
-import sys
-import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from cnikit import log
+
 from . import model
 
-_LOG_LOCK = threading.Lock()
-
-
-def _log(event: str, **fields: Any) -> None:
-    """One JSON line on stderr; the Node, NetworkPolicy and metrics threads log at once, so each
-    line is written whole under a lock (print writes the text and its newline apart)."""
-    line = json.dumps({"ts": round(time.time(), 3), "event": event, **fields}) + "\n"
-    with _LOG_LOCK:
-        sys.stderr.write(line)
-        sys.stderr.flush()
+# JSON lines on stderr (`kubectl logs`), as every pybridge log. The Node, NetworkPolicy and
+# metrics threads log at once: structlog writes each line whole under a lock of its stream.
+_log = log.to_stderr().event
 
 
 class Effects(Protocol):

@@ -18,8 +18,11 @@ import re
 import shutil
 import sys
 
-PROGRAMS = ("pybridge", "pyipam")
-EXECUTABLE = "pybridge"
+from cnikit.programs import PROGRAMS, PYBRIDGE
+
+from .. import files
+
+EXECUTABLE = PYBRIDGE
 CLIENT = "cni-client"
 CURRENT = "current"
 _DIGEST = re.compile(r"^[0-9a-f]{16}$")
@@ -33,9 +36,9 @@ def running_bundle_dir() -> str | None:
 
 def bundle_digest(source: str) -> str:
     digest = hashlib.sha256()
-    for root, dirs, files in os.walk(source):
+    for root, dirs, names in os.walk(source):
         dirs.sort()
-        for name in sorted(files):
+        for name in sorted(names):
             path = os.path.join(root, name)
             digest.update(os.path.relpath(path, source).encode() + b"\0")
             if os.path.islink(path):
@@ -48,11 +51,7 @@ def bundle_digest(source: str) -> str:
 
 
 def _swap_symlink(target: str, link: str) -> None:
-    tmp = os.path.join(os.path.dirname(link), f".{os.path.basename(link)}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+    files.replace(link, lambda tmp: os.symlink(target, tmp))
 
 
 def install_bundle(source: str, bin_dir: str, store_dir: str, host_store_dir: str | None = None) -> str:

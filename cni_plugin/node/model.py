@@ -19,14 +19,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+from cnikit.ip import IPAddress, IPNetwork
+from cnikit.spec.version import SUPPORTED
+
+from .. import hostnet
+
+Network = IPNetwork  # the names this package's models use
+Address = IPAddress
 
 CONFLIST_NAME = "10-pybridge.conflist"
 NFT_TABLE = "pybridge_node"  # inet family; the plugin's own per-pod table is `inet pybridge`
-MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
 AUTO = "auto"
-CNI_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+CNI_VERSIONS = SUPPORTED  # what cniVersion the written conflist may name
 
 
 @dataclass(frozen=True)
@@ -181,8 +185,8 @@ def masquerade_script(own: Iterable[Network], no_masquerade: Iterable[Network]) 
         sources = [n for n in own if n.version == version]
         if not sources:
             continue
-        dests = sorted({n for n in keep if n.version == version} | {ipaddress.ip_network(MULTICAST[version])},
-                       key=str)
+        multicast = ipaddress.ip_network(hostnet.MULTICAST[version])
+        dests = sorted({n for n in keep if n.version == version} | {multicast}, key=str)
         lines.append(f"\t\t{family} saddr {{ {', '.join(map(str, sources))} }} "
                      f"{family} daddr != {{ {', '.join(map(str, dests))} }} masquerade")
     lines += ["\t}", "}", ""]

@@ -12,9 +12,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import ipam.plugin
-from ipam.config import IPAddress, IPAMConfig
+from cnikit.ip import IPAddress
+from cnikit.spec.errors import CNIError
+from ipam.config import IPAMConfig
 
-from ..spec.errors import CNIError
 from . import endpoint, networks
 
 VERBS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")

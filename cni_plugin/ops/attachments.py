@@ -20,10 +20,10 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from cnikit.spec.errors import CNIError
 from ipam.config import IPAMConfig
 
 from .. import netns
-from ..spec.errors import CNIError
 from . import networks
 
 OK = "ok"

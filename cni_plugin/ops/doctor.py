@@ -15,9 +15,12 @@ from functools import cached_property
 
 from pyroute2 import IPRoute
 
-from ..agent import shim, wire
-from ..spec.errors import CNIError
-from ..spec.version import SUPPORTED
+from cnikit.programs import PYBRIDGE
+from cnikit.spec.errors import CNIError
+from cnikit.spec.version import SUPPORTED
+
+from ..agent import wire
+from ..agent.forward import forward
 from . import attachments, networks
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -147,12 +150,12 @@ def _versions(reply: bytes) -> list[str] | None:
 def check_agent(node: Node) -> Check:
     request = b'{"cniVersion": "1.1.0"}'
     env = {b"CNI_COMMAND": b"VERSION", b"CNI_PATH": node.bin_dir.encode()}
-    reply = shim.forward(b"pybridge", request, env, node.agent_socket.encode())
+    reply = forward(PYBRIDGE.encode(), request, env, node.agent_socket.encode())
     if reply is None:
         return Check("agent", WARN, f"no agent at {node.agent_socket}: calls are served in-process (slower)",
                      "start `pybridge agent` (conf/pybridge-agent.service, or the DaemonSet)")
     agent = _versions(reply[1])
-    client_path = os.path.join(node.bin_dir, "pybridge")
+    client_path = os.path.join(node.bin_dir, PYBRIDGE)
     no_agent = {"PATH": os.environ.get("PATH", ""), "CNI_COMMAND": "VERSION",
                 wire.SOCKET_ENV: os.path.join(node.bin_dir, ".no-agent")}
     client = _versions(_run([client_path], env=no_agent, stdin=request).encode()) \

@@ -11,10 +11,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from cnikit.spec.errors import CNIError
 from ipam.config import IPAMConfig, RangeSet, load_ipam_config
 from ipam.disk import DiskStore
-
-from ..spec.errors import CNIError
 
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
 CONF_DIR_ENV = "PYBRIDGE_CONF_DIR"

@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.spec.errors import CNIError
+from cnikit.spec.errors import EXHAUSTED, CNIError
 from ipam import plugin
-from ipam.allocator import EXHAUSTED
 from tests.netns.harness import REFERENCE_PLUGINS
 
 HOST_LOCAL = os.path.join(REFERENCE_PLUGINS, "host-local")

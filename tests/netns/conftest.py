@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.install import install
+from cnikit.spec.version import SUPPORTED
 
 from .harness import Host, new_netns
 
@@ -17,6 +18,12 @@ def launchers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("install")
     install(str(root / "bin"), str(root / "libexec"))
     return root / "bin"
+
+
+@pytest.fixture(params=SUPPORTED)
+def spec_version(request: pytest.FixtureRequest) -> str:
+    """The core ADD/CHECK/DEL tests run once per supported spec version."""
+    return str(request.param)
 
 
 # Every netns test runs twice: calls forwarded to a resident agent, and served in-process by

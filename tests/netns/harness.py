@@ -176,13 +176,13 @@ def pod_json(host: Host, pod: str, *args: str) -> Any:
 
 def bridge_conf(host: Host, name: str = "testnet", **overrides: Any) -> dict[str, Any]:
     conf: dict[str, Any] = {
-        "cniVersion": os.environ.get("PYBRIDGE_TEST_VERSION", "1.1.0"),
+        "cniVersion": "1.1.0",
         "name": name,
         "type": "pybridge",
         "bridge": "br-test",
         "isGateway": True,
         "ipam": {
-            "type": os.environ.get("PYBRIDGE_TEST_IPAM", "pyipam"),
+            "type": "pyipam",
             "dataDir": str(host.data_dir),
             "ranges": [[{"subnet": "10.88.0.0/24"}]],
         },

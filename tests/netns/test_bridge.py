@@ -9,19 +9,21 @@ import time
 
 import pytest
 
+from cnikit.spec.version import at_least
+
 from .harness import Host, bridge_conf, delete_netns, pod_json
 
 pytestmark = pytest.mark.netns
 
 
-def test_two_pods_ping_each_other_and_the_gateway(host: Host) -> None:
-    conf = bridge_conf(host, isDefaultGateway=True)
+def test_two_pods_ping_each_other_and_the_gateway(host: Host, spec_version: str) -> None:
+    conf = bridge_conf(host, cniVersion=spec_version, isDefaultGateway=True)
     a, b = host.new_pod(), host.new_pod()
     ra = host.add(conf, a, "pod-a")
     rb = host.add(conf, b, "pod-b")
     ip_a = ra["ips"][0]["address"].split("/")[0]
     ip_b = rb["ips"][0]["address"].split("/")[0]
-    assert ip_a != ip_b
+    assert ra["cniVersion"] == spec_version and ip_a != ip_b
     assert ipaddress.ip_address(ip_a) in ipaddress.ip_network("10.88.0.0/24")
     assert host.ping(a, ip_b)
     assert host.ping(b, ip_a)
@@ -53,8 +55,8 @@ def test_add_twice_with_one_ifname_fails_and_keeps_the_first(host: Host) -> None
     assert first["interfaces"][1]["name"] in host.links()
 
 
-def test_del_twice_succeeds_and_frees_everything(host: Host) -> None:
-    conf = bridge_conf(host)
+def test_del_twice_succeeds_and_frees_everything(host: Host, spec_version: str) -> None:
+    conf = bridge_conf(host, cniVersion=spec_version)
     pod = host.new_pod()
     result = host.add(conf, pod)
     veth = result["interfaces"][1]["name"]
@@ -90,11 +92,15 @@ def test_del_with_empty_netns_frees_the_ip(host: Host) -> None:
     assert host.reservations("testnet") == {}
 
 
-def test_check_passes_then_fails_after_an_address_is_removed(host: Host) -> None:
-    conf = bridge_conf(host, isDefaultGateway=True)
+def test_check_passes_then_fails_after_an_address_is_removed(host: Host, spec_version: str) -> None:
+    conf = bridge_conf(host, cniVersion=spec_version, isDefaultGateway=True)
     pod = host.new_pod()
     result = host.add(conf, pod)
     check_conf = {**conf, "prevResult": result}
+    if not at_least(spec_version, "0.4.0"):  # no CHECK before 0.4.0: refused, code 1
+        refused = host.cni("CHECK", check_conf, pod)
+        assert refused.rc != 0 and refused.out["code"] == 1, refused.stdout
+        return
     ok = host.cni("CHECK", check_conf, pod)
     assert ok.ok and ok.out is None, ok.stdout
     address = result["ips"][0]["address"]

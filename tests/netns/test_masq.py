@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from cni_plugin import masq
-from cni_plugin.spec.errors import CNIError
+from cnikit.spec.errors import CNIError
 
 pytestmark = [
     pytest.mark.netns,

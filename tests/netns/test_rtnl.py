@@ -12,6 +12,8 @@ import pytest
 from pyroute2.iproute.linux import IPRoute
 
 from cni_plugin import netns, rtnl
+from cni_plugin.netlink import Link
+from cnikit.ip import IPInterface
 
 from .harness import delete_netns, new_netns
 
@@ -54,7 +56,7 @@ def pyroute2_link(name: str) -> Any:
 
 
 def test_bridge_and_veth_match_pyroute2(pair: Pair) -> None:
-    def host_side() -> tuple[rtnl.LinkInfo | None, rtnl.LinkInfo | None, Any, Any]:
+    def host_side() -> tuple[Link | None, Link | None, Any, Any]:
         with rtnl.Socket() as sock:
             sock.add_bridge("br-rt", 1400, vlan_filtering=False)
             sock.add_veth("veth-rt", "eth7", pair.fds[1], 1400, "0a:58:0a:00:00:07")
@@ -73,7 +75,7 @@ def test_bridge_and_veth_match_pyroute2(pair: Pair) -> None:
     assert (bridge.index, bridge.name, bridge.mac, bridge.mtu, bridge.kind) == (
         py_bridge["index"], py_bridge.get("ifname"), py_bridge.get("address"), py_bridge.get("mtu"),
         py_bridge.get(("linkinfo", "kind")))
-    assert veth.kind == "veth" and veth.master == bridge.index and veth.flags & rtnl.IFF_UP
+    assert veth.kind == "veth" and veth.master == bridge.index and veth.up
     assert port.get(("protinfo", "mode")) == 1 and port.get(("protinfo", "isolated")) == 1
     peer = pair.pod(lambda: pyroute2_link("eth7"))
     assert peer.get("address") == "0a:58:0a:00:00:07" and peer.get("mtu") == 1400
@@ -81,7 +83,7 @@ def test_bridge_and_veth_match_pyroute2(pair: Pair) -> None:
 
 
 def test_addresses_and_routes_match_pyroute2(pair: Pair) -> None:
-    def pod_side() -> tuple[list[tuple[rtnl.IPInterface, int]], list[Any], list[Any], Any, Any]:
+    def pod_side() -> tuple[list[tuple[IPInterface, int]], list[Any], list[Any], Any, Any]:
         with rtnl.Socket() as sock:
             sock.add_bridge("dummy-br", None, vlan_filtering=False)
             sock.add_bridge("other-br", None, vlan_filtering=False)

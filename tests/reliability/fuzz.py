@@ -25,8 +25,8 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from cni_plugin import skel
 from cni_plugin.agent import intake, server, wire
+from cnikit import skel
 
 HANG_SECONDS = 10
 VERBS = ["ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"]

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cni_plugin.spec.args import from_env, parse_cni_args, validate_container_id, validate_ifname
-from cni_plugin.spec.errors import CNIError
+from cnikit.spec.args import from_env, parse_cni_args, validate_container_id, validate_ifname
+from cnikit.spec.errors import CNIError
 
 INVALID_ENV = 4
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin.install import PROGRAMS, build_client, write_launchers
+from cni_plugin.install import build_client, write_launchers
+from cnikit.programs import PROGRAMS
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 

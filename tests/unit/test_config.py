@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cni_plugin import config
-from cni_plugin.spec.errors import CNIError
+from cnikit.spec.errors import CNIError
 
 UNSUPPORTED_FIELD = 2
 INVALID_ENV = 4
@@ -47,14 +47,20 @@ def test_defaults() -> None:
 
 
 def test_json_keys_are_read() -> None:
-    conf = load(bridge="br-test", isGateway=True, ipMasq=True, hairpinMode=True, mtu=1400, vlan=100,
+    conf = load(bridge="br-test", isGateway=True, ipMasq=True, hairpinMode=True, mtu=1400,
                 forceAddress=True, portIsolation=True, enabledad=True, ipam={"type": "host-local"})
     assert conf.bridge == "br-test"
     assert conf.is_gateway and conf.ip_masq and conf.hairpin_mode and conf.force_address
     assert conf.port_isolation and conf.enable_dad
     assert conf.mtu == 1400
-    assert conf.vlan == 100
     assert conf.ipam_type == "host-local"
+    assert load(vlan=100).vlan == 100
+
+
+@pytest.mark.parametrize("gateway", [{"isGateway": True}, {"isDefaultGateway": True}])
+def test_a_gateway_on_a_vlan_is_unsupported_code_2(gateway: dict[str, Any]) -> None:
+    err = load_error(vlan=100, **gateway)
+    assert err.code == UNSUPPORTED_FIELD and "'vlan' with 'isGateway'" in err.msg
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cni_plugin.spec.errors import CNIError
-from ipam.allocator import EXHAUSTED, IP_UNAVAILABLE, candidates, pick, range_for
-from ipam.config import IPAddress, Range, RangeSet
+from cnikit.ip import IPAddress
+from cnikit.spec.errors import EXHAUSTED, IP_UNAVAILABLE, CNIError
+from ipam.allocator import candidates, pick, range_for
+from ipam.config import Range, RangeSet
 
 ip = ipaddress.ip_address
 

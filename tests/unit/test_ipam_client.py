@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import ipam_client, skel
-from cni_plugin.spec.args import from_env
-from cni_plugin.spec.errors import CNIError
+from cni_plugin import ipam_client
+from cnikit import skel
+from cnikit.spec.args import from_env
+from cnikit.spec.errors import CNIError
 
 INVALID_CONFIG = 7
 DECODE_FAILURE = 6
@@ -104,7 +105,7 @@ def test_non_executable_file_earlier_in_path_is_skipped(tmp_path: Path) -> None:
         (lambda req: ipam_client.delete(req, "fake-ipam"), "DEL"),
         (lambda req: ipam_client.check(req, "fake-ipam"), "CHECK"),
         (lambda req: ipam_client.status(req, "fake-ipam"), "STATUS"),
-        (lambda req: ipam_client.gc(req, "fake-ipam", set()), "GC"),
+        (lambda req: ipam_client.gc(req, "fake-ipam"), "GC"),
     ],
     ids=["add", "delete", "check", "status", "gc"],
 )
@@ -144,7 +145,7 @@ def test_plugin_error_object_is_re_raised(tmp_path: Path, code: int, msg: str, d
 def test_gc_collects_the_error_instead_of_raising(tmp_path: Path) -> None:
     plugins = tmp_path / "plugins"
     write_plugin(plugins, reply({"code": 11, "msg": "busy"}, 1))
-    errors = ipam_client.gc(make_request(str(plugins)), "fake-ipam", {("ctr", "eth0")})
+    errors = ipam_client.gc(make_request(str(plugins)), "fake-ipam")
     assert len(errors) == 1
     assert "busy" in errors[0]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.spec.errors import INVALID_CONFIG, CNIError
+from cnikit.spec.errors import INVALID_CONFIG, CNIError
 from ipam.config import DEFAULT_DATA_DIR, load_ipam_config
 
 ip = ipaddress.ip_address

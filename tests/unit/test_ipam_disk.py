@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin.spec.errors import IO_FAILURE, TRY_AGAIN_LATER, CNIError
+from cnikit.spec.errors import IO_FAILURE, TRY_AGAIN_LATER, CNIError
 from ipam.disk import DiskStore
 from ipam.store import Reservation
 

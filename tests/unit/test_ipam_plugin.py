@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.spec.errors import INVALID_CONFIG, INVALID_ENV, NOT_AVAILABLE, CNIError
-from ipam.allocator import EXHAUSTED
+from cnikit.spec.errors import EXHAUSTED, INVALID_CONFIG, INVALID_ENV, NOT_AVAILABLE, CNIError
 from ipam.plugin import (
     NOT_FOUND,
     ipam_add,

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.spec.errors import CNIError
-from ipam.allocator import EXHAUSTED, IP_UNAVAILABLE
+from cnikit.spec.errors import DUPLICATE_ALLOCATION, EXHAUSTED, IP_UNAVAILABLE, CNIError
 from ipam.config import IPAMConfig, load_ipam_config
-from ipam.plugin import DUPLICATE_ALLOCATION, allocate
+from ipam.plugin import allocate
 from ipam.store import MemoryStore, Reservation, owned_by
 
 ip = ipaddress.ip_address

@@ -112,8 +112,8 @@ def test_node_metrics_follow_reconciles(tmp_path: Path) -> None:
     assert registry.get_sample_value("pybridge_node_routes") == 2
 
 
-EXEC_PATH = ("cni_plugin.agent.shim", "cni_plugin.__main__", "cni_plugin.skel", "cni_plugin.verbs",
-             "cni_plugin.ipam_client", "ipam.__main__", "ipam.plugin", "cni_plugin.frozen")
+EXEC_PATH = ("cni_plugin.shim", "cni_plugin.__main__", "cnikit.skel", "cni_plugin.verbs",
+             "cni_plugin.ipam_client", "ipam.__main__", "ipam.verbs", "ipam.plugin", "cni_plugin.frozen")
 
 
 def test_exec_path_does_not_import_metrics() -> None:

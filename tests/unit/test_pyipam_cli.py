@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ipam.__main__ import valid_attachments
+from cnikit.spec.attachments import valid_attachments
 
 REPO = Path(__file__).resolve().parents[2]
 

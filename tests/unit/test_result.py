@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cni_plugin.spec.errors import CNIError
-from cni_plugin.spec.result import Result, convert_result, parse_result
+from cnikit.spec.errors import CNIError
+from cnikit.spec.result import Result, convert_result, parse_result
 
 DECODE_FAILURE = 6
 OLD = ["0.3.0", "0.3.1", "0.4.0"]

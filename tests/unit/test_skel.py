@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cni_plugin import skel
-from cni_plugin.spec.errors import CNIError
+from cnikit import skel
+from cnikit.spec.errors import CNIError
 
 ALL_VERBS = ("ADD", "DEL", "CHECK", "STATUS", "GC")
 # The versions this plugin is meant to speak (brief + anchors.md 1.15): 0.3.0 to 1.1.0.

@@ -13,8 +13,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+from cnikit.ip import IPAddress, IPNetwork
+
+Network = IPNetwork  # the names this package's models use
+Address = IPAddress
+
 Protocol = Literal["TCP", "UDP", "SCTP"]
 PortNumber = Annotated[int, Field(ge=1, le=65535)]
 

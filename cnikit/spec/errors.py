@@ -17,6 +17,13 @@ NOT_AVAILABLE = 50
 LIMITED_CONNECTIVITY = 51
 INTERNAL = 999
 
+# Plugin-specific codes (SPEC: 100 and up), numbered here so no two mean different things.
+EXHAUSTED = 110  # pyipam: no free IP in a range set
+IP_UNAVAILABLE = 111  # pyipam: the requested IP is taken or outside the ranges
+DUPLICATE_ALLOCATION = 112  # pyipam: the attachment already holds an IP in that range set
+NOT_FOUND = 113  # pyipam: CHECK found no reservation for the attachment
+MASQ_FAILED = 120  # pybridge: the masquerade rules could not be set up
+
 
 class CNIError(Exception):
     """An error the plugin reports to the runtime as a spec error object."""

@@ -31,7 +31,7 @@ class Removals:
         try:
             work()
         except Exception as exc:
-            log.warning("removal_failed", error=str(exc))
+            log.process().warning("removal_failed", error=str(exc))
         finally:
             with self._idle:
                 self._pending -= 1

@@ -1,4 +1,5 @@
-"""Checks on names that end up in paths, link names or rules, made before anything is touched."""
+"""Checks on names and configured paths that end up in paths, link names or rules, made before
+anything is touched."""
 
 from __future__ import annotations
 
@@ -25,3 +26,11 @@ def validate_network_name(name: str) -> str:
 
 def validate_container_id(value: str) -> str:
     return _check(value, MAX_CONTAINER_ID, INVALID_ENV, "CNI_CONTAINERID")
+
+
+def absolute_path(value: object) -> str:
+    """A configured path (logFile, dataDir, ...): absolute, one line, no '..' component."""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or "\n" in value \
+            or len(value) > 4096 or ".." in value.split("/"):
+        raise ValueError("an absolute path without '..' is required")
+    return value

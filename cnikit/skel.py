@@ -6,6 +6,7 @@ binary, a resident agent and the unit tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -13,10 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from . import log
-from .spec import version
-from .spec.args import CmdArgs, from_env
-from .spec.errors import (
+from cnikit.spec import version
+from cnikit.spec.args import CmdArgs, from_env
+from cnikit.spec.errors import (
     DECODE_FAILURE,
     INCOMPATIBLE_VERSION,
     INTERNAL,
@@ -24,10 +24,12 @@ from .spec.errors import (
     IO_FAILURE,
     CNIError,
 )
-from .spec.names import validate_network_name
+from cnikit.spec.names import validate_network_name
+
+from . import log
 
 if TYPE_CHECKING:
-    from .removals import Removals
+    from cnikit.removals import Removals
 
 MAX_STDIN = 4 * 1024 * 1024
 
@@ -47,6 +49,8 @@ class Request:
     netns_fd: int | None = None
     # Where a long-lived caller (the agent) lets slow teardown finish after the reply.
     removals: Removals | None = None
+    # This call's log (the netconf's logFile): never a process-wide one, calls run concurrently.
+    log: log.Logger = log.NOWHERE
 
 
 Verb = Callable[[Request], "dict[str, Any] | None"]
@@ -138,6 +142,7 @@ def run(
     cni_version = version.CURRENT
     cmd: CmdArgs | None = None
     req: Request | None = None
+    logger = log.NOWHERE
     code = 0
     try:
         cmd = from_env(env)
@@ -146,7 +151,8 @@ def run(
             return 0
         req = parse_request(cmd, env, _read_stdin(stdin), netns_fd, removals)
         cni_version = req.cni_version
-        log.configure(req.config.get("logFile"), env)
+        logger = log.for_call(req.config.get("logFile"), env, echo=err)
+        req = dataclasses.replace(req, log=logger)
         result = verbs()[cmd.command](req)
         if result is not None:
             stdout.write(json.dumps(result))
@@ -160,11 +166,12 @@ def run(
         one_line = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
         stdout.write(CNIError(INTERNAL, "internal error", one_line).to_json(cni_version))
         err.write(f"{program}: internal error: {one_line}\n")
-        log.exception("internal error", program=program)
+        logger.exception("internal error", program=program)
         return 1
     finally:
         if cmd is not None and cmd.command != "VERSION":
-            log.call_done(
+            logger.event(
+                "cni_call",
                 program=program,
                 verb=cmd.command,
                 container_id=cmd.container_id,
@@ -174,3 +181,4 @@ def run(
                 code=code,
                 duration_ms=round((time.monotonic() - started) * 1000, 3),
             )
+        logger.close()

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin.frozen import program_for
+from cni_plugin.files import write_bytes
 from cni_plugin.node import model
-from cni_plugin.node.effects import write_atomic
 from cni_plugin.node.install import install_bundle
+from cnikit.programs import program_for
 
-from .fakeapi import load
+from ..kind.fakeapi import load
 
 R = model.Route
 ME = "pybridge-worker"
@@ -113,11 +113,11 @@ def test_masquerade_script() -> None:
     assert "ip6" not in model.masquerade_script([ipaddress.ip_network("10.70.1.0/24")], [])
 
 
-def test_write_atomic(tmp_path: Path) -> None:
+def test_write_bytes(tmp_path: Path) -> None:
     path = tmp_path / "net.d" / "10-pybridge.conflist"
-    assert write_atomic(str(path), b"a") is True
-    assert write_atomic(str(path), b"a") is False
-    assert write_atomic(str(path), b"b") is True
+    assert write_bytes(str(path), b"a") is True
+    assert write_bytes(str(path), b"a") is False
+    assert write_bytes(str(path), b"b") is True
     assert path.read_bytes() == b"b" and oct(path.stat().st_mode & 0o777) == "0o644"
     assert os.listdir(path.parent) == ["10-pybridge.conflist"]
 

@@ -1,0 +1,42 @@
+"""pyipam's verb table, served by its executable (`__main__`) and by the agent.
+
+GC takes the valid attachments from `cni.dev/valid-attachments` (spec HEAD) or else
+`cni.dev/attachments` (the spec-v1.1.0 tag's name); libcni sends both. With neither key (or a
+null one) nothing is valid and every reservation of the network is released: that is what
+`cnitool gc` asks for, and the spec says an empty list is meaningful.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnikit import skel
+from cnikit.spec.attachments import valid_attachments
+from cnikit.spec.result import convert_result
+
+from . import plugin
+
+
+def add(req: skel.Request) -> dict[str, Any]:
+    cmd = req.cmd
+    result = plugin.ipam_add(req.config, cmd.container_id, cmd.ifname, cmd.cni_args, req.log.notice)
+    return convert_result(result, req.cni_version)
+
+
+def delete(req: skel.Request) -> None:
+    plugin.ipam_del(req.config, req.cmd.container_id, req.cmd.ifname, req.log.notice)
+
+
+def check(req: skel.Request) -> None:
+    plugin.ipam_check(req.config, req.cmd.container_id, req.cmd.ifname, req.log.notice)
+
+
+def status(req: skel.Request) -> None:
+    plugin.ipam_status(req.config, req.log.notice)
+
+
+def gc(req: skel.Request) -> None:
+    plugin.ipam_gc(req.config, valid_attachments(req.config), req.log.notice)
+
+
+VERBS: dict[str, skel.Verb] = {"ADD": add, "DEL": delete, "CHECK": check, "STATUS": status, "GC": gc}

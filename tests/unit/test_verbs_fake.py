@@ -1,0 +1,116 @@
+"""The bridge plugin's ADD, CHECK and DEL through the netlink seam's fake (fakenet.py): no root.
+
+The failure test runs ADD once to count its steps, then once per step with that step failing,
+and asserts each time that nothing of the attachment is left: no veth on either side (so no
+pod address), no IPAM reservation, no masquerade rule.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni_plugin import verbs
+from cnikit import skel
+from cnikit.spec.version import SUPPORTED, at_least
+from ipam.plugin import list_reservations
+
+from .fakenet import HOST, FakeKernel
+
+POD = "/run/netns/fake-pod"
+CID = "ctr-fake"
+
+
+@pytest.fixture
+def kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
+    kernel = FakeKernel().install(monkeypatch)
+    kernel.new_netns(POD)
+    return kernel
+
+
+def _conf(tmp_path: Path, version: str = "1.1.0", **extra: Any) -> dict[str, Any]:
+    ranges = [[{"subnet": "10.77.0.0/24"}], [{"subnet": "fd77::/64"}]]
+    return {"cniVersion": version, "name": "fakenet", "type": "pybridge", "bridge": "pbfake0",
+            "isGateway": True, "isDefaultGateway": True, "ipMasq": True,
+            "ipam": {"type": "pyipam", "dataDir": str(tmp_path / "ipam"), "ranges": ranges}, **extra}
+
+
+def _call(verb: str, conf: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+    env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": CID, "CNI_NETNS": POD, "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/nonexistent"}
+    out = io.StringIO()
+    code = skel.run(lambda: verbs.VERBS, env, io.BytesIO(json.dumps(conf).encode()), out,
+                    program="pybridge", stderr=io.StringIO())
+    return code, json.loads(out.getvalue()) if out.getvalue() else None
+
+
+def _nothing_left(kernel: FakeKernel, tmp_path: Path) -> None:
+    assert kernel.links(HOST, "veth") == [] and kernel.links(POD) == []
+    assert kernel.addresses_in(POD) == []
+    assert list_reservations(str(tmp_path / "ipam"), "fakenet") == []
+    assert kernel.masq == set()
+
+
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_add_check_del(kernel: FakeKernel, tmp_path: Path, version: str) -> None:
+    conf = _conf(tmp_path, version)
+    code, result = _call("ADD", conf)
+    assert code == 0 and result is not None, result
+    assert [ip["address"] for ip in result["ips"]] == ["10.77.0.2/24", "fd77::2/64"]
+    bridge, host, pod = kernel.links(HOST, "bridge")[0], kernel.links(HOST, "veth")[0], kernel.links(POD)[0]
+    assert host.master == bridge.index and host.up and pod.up and pod.name == "eth0"
+    assert [str(a) for a in kernel.addresses_in(POD)] == ["10.77.0.2/24", "fd77::2/64"]
+    assert sorted(map(str, kernel.addresses_in(HOST))) == ["10.77.0.1/24", "fd77::1/64"]
+    assert sorted(r[:2] for r in kernel.namespaces[POD].routes) == [("0.0.0.0/0", "10.77.0.1"),
+                                                                    ("::/0", "fd77::1")]
+    assert kernel.masq == {("fakenet", CID, "eth0")}
+    assert [row[2] for row in list_reservations(str(tmp_path / "ipam"), "fakenet")] == [CID, CID]
+    if at_least(version, "0.4.0"):  # CHECK exists from 0.4.0 on
+        assert _call("CHECK", {**conf, "prevResult": result})[0] == 0
+    assert _call("DEL", conf) == (0, None)
+    _nothing_left(kernel, tmp_path)
+    assert kernel.links(HOST, "bridge") == [bridge]  # the bridge is shared: it stays
+
+
+def test_check_reports_what_drifted(kernel: FakeKernel, tmp_path: Path) -> None:
+    conf = _conf(tmp_path)
+    _, result = _call("ADD", conf)
+    pod = kernel.links(POD)[0]
+    kernel.namespaces[POD].addrs[pod.index].remove(kernel.addresses_in(POD)[0])
+    code, error = _call("CHECK", {**conf, "prevResult": result})
+    assert code == 1 and error is not None and error["msg"] == "CHECK failed: address missing"
+    kernel.masq.clear()
+    kernel.namespaces[POD].links.clear()
+    code, error = _call("CHECK", {**conf, "prevResult": result})
+    assert error is not None and error["msg"] == "CHECK failed: interface missing"
+
+
+def test_a_failure_at_any_step_of_add_leaves_nothing_behind(kernel: FakeKernel, tmp_path: Path) -> None:
+    assert _call("ADD", _conf(tmp_path))[0] == 0
+    steps = list(kernel.steps)
+    assert len(steps) > 10 and "ipam add" in steps and "masquerade setup" in steps
+    for n, step in enumerate(steps, start=1):
+        failing = FakeKernel()
+        with pytest.MonkeyPatch.context() as mp:
+            failing.install(mp)
+            failing.new_netns(POD)
+            failing.fail_at = n
+            work = tmp_path / f"fail-{n}"
+            code, error = _call("ADD", _conf(work))
+            assert code == 1 and error is not None and "injected failure" in error["details"], (step, error)
+            _nothing_left(failing, work)
+
+
+def test_node_agent_routes_through_the_seam() -> None:
+    from cni_plugin.node import effects, model
+
+    sock = FakeKernel().socket()
+    mine, gone = model.Route("10.70.2.0/24", "172.18.0.3"), model.Route("10.70.9.0/24", "172.18.0.9")
+    assert effects.apply_routes(sock, [], [mine]) == []
+    assert effects.current_routes(sock) == {mine}
+    errors = effects.apply_routes(sock, [mine, gone], [])  # one gone already: not an error
+    assert errors == [] and effects.current_routes(sock) == set()

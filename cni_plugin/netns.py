@@ -87,7 +87,7 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-MAX_IDLE_WORKERS = 8
+MAX_IDLE_WORKERS = 32
 _idle: list[_Worker] = []
 _idle_lock = threading.Lock()
 

@@ -116,8 +116,13 @@ class Intake:
         self._paused_until = 0.0
 
     def run(self) -> None:
-        self._sock.setblocking(False)
-        self._selector.register(self._sock, selectors.EVENT_READ)
+        try:
+            self._sock.setblocking(False)
+            self._selector.register(self._sock, selectors.EVENT_READ)
+        except (OSError, ValueError):
+            if self._stopping.is_set():
+                return  # a stop closed the socket before the intake started
+            raise
         try:
             while not self._stopping.is_set():
                 for key, _ in self._selector.select(self._wait()):

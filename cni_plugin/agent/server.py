@@ -103,7 +103,8 @@ class Agent:
         assert self._sock is not None, "bind() first"
         for thread in self._servers:
             thread.start()
-        Intake(self._sock, self._start, self._stopping).run()
+        if not self._stopping.is_set():  # else stopped while they started: the socket is closed
+            Intake(self._sock, self._start, self._stopping).run()
         if self._inherited:
             self._sock.close()  # our copy only: systemd keeps the socket for the next agent
 

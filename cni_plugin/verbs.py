@@ -80,9 +80,9 @@ def cmd_add(req: Request) -> dict[str, Any]:
         todo = plan.plan(conf, result)
         result = todo.result
         bridge = link.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc_mode, bool(conf.vlan))
-        host = link.create_veth(ipr, pod_fd, ifname, conf.mtu, mac)
+        host = link.create_veth(ipr, pod_fd, ifname, conf.mtu, mac, bridge)
         undo.callback(_undo, req.log, "veth delete", link.delete_link, ipr, host.index)
-        link.attach_port(ipr, host, bridge, conf.hairpin_mode, conf.port_isolation, conf.vlan)
+        link.configure_port(ipr, host, conf.hairpin_mode, conf.port_isolation, conf.vlan)
         pod = link.pod_configure(pod_sock, pod_fd, ifname, todo.addrs, todo.routes, conf.enable_dad,
                                  up=not conf.disable_container_interface)
         if conf.is_gateway:

@@ -43,6 +43,25 @@ def test_two_pods_ping_each_other_and_the_gateway(host: Host, spec_version: str)
     assert host.pod_exec(a, "cat", "/proc/sys/net/ipv4/conf/eth0/arp_notify").stdout.strip() == b"1"
 
 
+NET_ADDR_SET = "3"  # include/linux/netdevice.h: the address was set, it no longer follows the ports
+
+
+def test_the_bridge_mac_is_pinned_and_stays_as_pods_come_and_go(host: Host) -> None:
+    conf = bridge_conf(host)
+    pods = [host.new_pod() for _ in range(4)]
+    first = host.add(conf, pods[0], "c0")
+    pinned = first["interfaces"][0]["mac"]
+    for i, pod in enumerate(pods[1:3], start=1):
+        assert host.add(conf, pod, f"c{i}")["interfaces"][0]["mac"] == pinned
+    for i, pod in enumerate(pods[:3]):
+        assert host.cni("DEL", conf, pod, f"c{i}").ok
+    host.settle_veths(0)
+    last = host.add(conf, pods[3], "c3")  # one port again, its own MAC: the bridge keeps its own
+    assert last["interfaces"][0]["mac"] == pinned
+    assert host.links()["br-test"]["address"] == pinned
+    assert host.exec("cat", "/sys/class/net/br-test/addr_assign_type").stdout.strip() == NET_ADDR_SET.encode()
+
+
 def test_add_twice_with_one_ifname_fails_and_keeps_the_first(host: Host) -> None:
     conf = bridge_conf(host)
     pod = host.new_pod()

@@ -96,6 +96,7 @@ class FakeKernel:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
         monkeypatch.setattr(link, "open_socket", self.socket)
+        monkeypatch.setattr(link, "_pinned", {})  # what a process pinned belongs to its kernel
         monkeypatch.setattr(netns, "open_netns", self.open_netns)
         monkeypatch.setattr(netns, "same_netns", self.same_netns)
         monkeypatch.setattr(netns, "run_in", self.run_in)
@@ -160,14 +161,17 @@ class FakeSocket:
         return self.ns.links.get(index)
 
     def add_veth(self, name: str, peer: str, peer_netns_fd: int, mtu: int | None,
-                 peer_mac: str | None) -> None:
+                 peer_mac: str | None, master: int | None = None) -> None:
         self.kernel.step(f"add veth {name}")
         pod = self.kernel.namespaces[self.kernel.fds[peer_netns_fd]]
         self._name_free(self.ns, name)
         self._name_free(pod, peer)
         host_index, pod_index = self.kernel.new_index(), self.kernel.new_index()
         mtu = mtu or 1500
-        self.ns.links[host_index] = Link(host_index, name, _mac(), mtu, "veth", peer_index=pod_index)
+        if master is not None:
+            self._link(master)
+        self.ns.links[host_index] = Link(host_index, name, _mac(), mtu, "veth", peer_index=pod_index,
+                                         master=master, up=master is not None, oper_up=master is not None)
         pod.links[pod_index] = Link(pod_index, peer, peer_mac or _mac(), mtu, "veth", peer_index=host_index)
 
     def add_bridge(self, name: str, mtu: int | None, vlan_filtering: bool) -> None:

@@ -144,6 +144,16 @@ def _go_home(home: int) -> bool:
         return False
 
 
+def prestart(count: int = MAX_IDLE_WORKERS) -> None:
+    """Start idle workers now (the agent, at start): a burst of pods would otherwise start
+    them one per call, each start waiting for the GIL the other calls hold."""
+    with _idle_lock:
+        missing = max(0, min(count, MAX_IDLE_WORKERS) - len(_idle))
+    workers = [_Worker() for _ in range(missing)]
+    with _idle_lock:
+        _idle.extend(workers)
+
+
 def run_in(fd: int, func: Callable[[], T]) -> T:
     """Run `func` in a worker thread that has entered netns `fd`, and return its result."""
     with _idle_lock:

@@ -298,3 +298,4 @@ def _preload() -> None:
     from ipam import disk
 
     disk.keep_indexes()  # long-lived: index the IPAM stores rather than read them whole per ADD
+    netns.prestart()

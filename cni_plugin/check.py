@@ -66,8 +66,7 @@ def verify(conf: BridgeConf, prev: Result, path: str, ifname: str, pod_fd: int) 
         if ip.interface == pod_pos and ipaddress.ip_interface(ip.address) not in state.addrs:
             raise _drift("address missing", f"{ip.address} not on {ifname}")
     for route in prev.routes:
-        dst = str(ipaddress.ip_network(route.dst, strict=False))
-        matching = [gw for d, gw in state.routes if d == dst]
+        matching = [gw for d, gw in state.routes if d == route.dst]  # both as networks
         gws = {ipaddress.ip_address(gw) for gw in matching if gw}
         if not matching or (route.gw and ipaddress.ip_address(route.gw) not in gws):
             raise _drift("route missing", f"{route.dst} via {route.gw or '(gateway)'} not in {path}")

@@ -28,9 +28,10 @@ from pydantic import (
     model_validator,
 )
 
-from cnikit.ip import IPAddress, IPNetwork
+from cnikit.ip import IPAddress, IPNetwork, parse_cidr, parse_ip
 from cnikit.spec.errors import INVALID_CONFIG, CNIError
 from cnikit.spec.names import absolute_path, validate_network_name
+from cnikit.spec.result import Route
 from cnikit.spec.validation import config_error, declared_runtime_config
 
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
@@ -38,21 +39,6 @@ DEFAULT_LOCK_TIMEOUT = 10.0
 MAX_LOCK_TIMEOUT = 300.0
 
 T = TypeVar("T")
-
-
-def parse_ip(value: object) -> IPAddress:
-    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("an IP address string is required")
-    try:
-        ip = ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError("not an IP address") from None
-    # A zone ("fe80::1%eth0") would end up in a file name and means nothing to a pool.
-    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
-        raise ValueError("a scoped IPv6 address is not allowed")
-    return ip
 
 
 def _parse_requested_ip(value: object) -> IPAddress:
@@ -65,23 +51,8 @@ def _parse_requested_ip(value: object) -> IPAddress:
     return parse_ip(value)
 
 
-def _parse_cidr(value: object, *, strict: bool) -> IPNetwork:
-    if not isinstance(value, str) or "/" not in value:
-        raise ValueError("a CIDR string (address/prefix) is required")
-    try:
-        iface = ipaddress.ip_interface(value)
-    except ValueError:
-        raise ValueError("not a CIDR") from None
-    if strict and iface.ip != iface.network.network_address:
-        raise ValueError(
-            f"network has host bits set; for a prefix of length {iface.network.prefixlen}"
-            f" the network address is {iface.network.network_address}"
-        )
-    return iface.network
-
-
 def parse_subnet(value: object) -> IPNetwork:
-    net = _parse_cidr(value, strict=True)
+    net = parse_cidr(value, strict=True)
     # host-local: "too small to allocate from" once fewer than 4 addresses (v4) remain.
     if net.prefixlen > net.max_prefixlen - 2:
         raise ValueError(f"network {net} is too small to allocate from")
@@ -91,7 +62,6 @@ def parse_subnet(value: object) -> IPNetwork:
 Address = Annotated[IPAddress, PlainValidator(parse_ip)]
 RequestedIP = Annotated[IPAddress, PlainValidator(_parse_requested_ip)]
 Subnet = Annotated[IPNetwork, PlainValidator(parse_subnet)]
-Destination = Annotated[IPNetwork, PlainValidator(lambda v: _parse_cidr(v, strict=False))]
 AbsolutePath = Annotated[str, AfterValidator(absolute_path)]
 
 
@@ -167,19 +137,6 @@ _ValidRangeSet = Annotated[RangeSet, AfterValidator(_check_range_set)]
 
 def describe(range_set: RangeSet) -> str:
     return ",".join(str(r) for r in range_set)
-
-
-class Route(_Model):
-    dst: Destination
-    gw: Address | None = None
-    mtu: int | None = None
-    advmss: int | None = None
-    priority: int | None = None
-    table: int | None = None
-    scope: int | None = None
-
-    def to_result(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
 
 
 class _IPAMBlock(_Model):

@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 
 from cnikit import log
-from cnikit.ip import IPAddress
+from cnikit.ip import IPAddress, parse_ip
 from cnikit.spec.args import validate_container_id, validate_ifname
 from cnikit.spec.errors import IO_FAILURE, TRY_AGAIN_LATER, CNIError
 
-from .config import DEFAULT_LOCK_TIMEOUT, parse_ip
+from .config import DEFAULT_LOCK_TIMEOUT
 from .store import Reservation, Store
 
 LOCK_FILE = "lock"

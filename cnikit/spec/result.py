@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cnikit.ip import parse_cidr, parse_ip
+
 from . import version
 from .errors import DECODE_FAILURE, CNIError
 
@@ -58,6 +60,9 @@ class IPConfig(_Model):
 
 
 class Route(_Model):
+    """One route, in results and in the `ipam.routes` of a config. `dst` is kept as its network
+    ("10.9.0.1/16" is 10.9.0.0/16), as Go's ParseCIDR reads it in host-local and libcni."""
+
     dst: str
     gw: str | None = None
     mtu: int | None = None
@@ -66,16 +71,18 @@ class Route(_Model):
     table: int | None = None
     scope: int | None = None
 
-    @field_validator("dst")
+    @field_validator("dst", mode="plain")
     @classmethod
-    def _net(cls, value: str) -> str:
-        ipaddress.ip_network(value, strict=False)
-        return value
+    def _net(cls, value: object) -> str:
+        return str(parse_cidr(value, strict=False))
 
-    @field_validator("gw")
+    @field_validator("gw", mode="plain")
     @classmethod
-    def _gw(cls, value: str | None) -> str | None:
-        return _ip(value)
+    def _gw(cls, value: object) -> str | None:
+        return None if value is None else str(parse_ip(value))
+
+    def to_result(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
 
 class DNS(_Model):

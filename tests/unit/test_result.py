@@ -123,6 +123,15 @@ def test_ipam_style_result_without_interfaces() -> None:
     assert out["interfaces"] == []
 
 
+def test_route_dst_is_read_as_its_network_like_go() -> None:
+    # Go's ParseCIDR (libcni, host-local, the reference bridge) keeps a route's network: the one
+    # Route model does the same for results and for `ipam.routes` alike.
+    result = parse_result({"cniVersion": "1.1.0", "routes": [{"dst": "10.9.0.1/16", "gw": "10.1.0.1"},
+                                                           {"dst": "fd00::5/8"}]})
+    assert [r.to_result() for r in result.routes] == [{"dst": "10.9.0.0/16", "gw": "10.1.0.1"},
+                                                      {"dst": "fd00::/8"}]
+
+
 BAD_RESULTS = {
     "bad ipv4": {"ips": [{"address": "10.0.0.300/24"}]},
     "not an ip": {"ips": [{"address": "not-an-ip/24"}]},
@@ -131,6 +140,9 @@ BAD_RESULTS = {
     "missing address": {"ips": [{"gateway": "10.0.0.1"}]},
     "address not a string": {"ips": [{"address": 167772165}]},
     "bad route dst": {"routes": [{"dst": "10.0.0.0/40"}]},
+    "route dst without prefix": {"routes": [{"dst": "10.0.0.0"}]},
+    "route dst not a string": {"routes": [{"dst": 167772160}]},
+    "scoped route gw": {"routes": [{"dst": "::/0", "gw": "fe80::1%eth0"}]},
     "missing route dst": {"routes": [{"gw": "10.0.0.1"}]},
     "interfaces not a list": {"interfaces": {"name": "eth0"}},
     "interface without name": {"interfaces": [{"mac": "0a:58:0a:01:00:05"}]},

@@ -7,7 +7,7 @@ crash-looping container does not get the same IP back until the whole set has be
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Set
+from collections.abc import Container, Iterator
 
 from cnikit.ip import IPAddress
 from cnikit.spec.errors import EXHAUSTED, IP_UNAVAILABLE, CNIError
@@ -52,7 +52,7 @@ def candidates(
 
 def pick(
     range_set: RangeSet,
-    reserved: Set[IPAddress],
+    reserved: Container[IPAddress],
     last_reserved: IPAddress | None,
     requested: IPAddress | None = None,
 ) -> tuple[IPAddress, Range]:

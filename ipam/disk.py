@@ -27,7 +27,7 @@ from cnikit.spec.args import validate_container_id, validate_ifname
 from cnikit.spec.errors import IO_FAILURE, TRY_AGAIN_LATER, CNIError
 
 from .config import DEFAULT_LOCK_TIMEOUT
-from .store import Reservation, Store
+from .store import Holdings, Reservation, Store
 
 LOCK_FILE = "lock"
 LAST_RESERVED_PREFIX = "last_reserved_ip."
@@ -115,6 +115,7 @@ class _Index:
 
         self.watch = watch.Watch()
         self.entries: dict[str, Reservation | None] = {}
+        self.holdings = Holdings()
 
     def changed(self, dir_fd: int) -> set[str] | None:
         """Names to read again, or None when the whole directory must be read."""
@@ -339,20 +340,31 @@ class DiskStore(Store):
             return None
 
     def reservations(self) -> list[Reservation]:
+        entries, _ = self._current()
+        return [r for _, r in sorted(entries.items()) if r is not None]
+
+    def holdings(self) -> Holdings:
+        return self._current()[1]
+
+    def _current(self) -> tuple[dict[str, Reservation | None], Holdings]:
+        """The store's names as they are now, and its holdings: the index brought up to date by
+        the names that changed, or the directory read whole."""
         index = _index(self.path)
         names = index.changed(self._fd()) if index is not None else None
-        entries = index.entries if index is not None and names is not None else {}
-        if names is None:
+        if index is not None and names is not None:
+            entries, holdings = index.entries, index.holdings
+        else:
+            entries, holdings = {}, Holdings()
             try:
                 names = set(os.listdir(self._fd()))
             except OSError as exc:
                 raise _io_error("cannot list the IPAM store", self.path, exc) from exc
             self._remove_leftovers()
         for name in names:
-            self._load(name, entries)
+            self._load(name, entries, holdings)
         if index is not None:
-            index.entries = entries
-        return [r for _, r in sorted(entries.items()) if r is not None]
+            index.entries, index.holdings = entries, holdings
+        return entries, holdings
 
     def _remove_leftovers(self) -> None:
         """Temp files of killed writers: we hold the lock, so no reserve() is under way."""
@@ -364,10 +376,12 @@ class DiskStore(Store):
                     with suppress(OSError):
                         os.unlink(name, dir_fd=self._temp_fd)
 
-    def _load(self, name: str, entries: dict[str, Reservation | None]) -> None:
-        """Read one name of the directory into `entries`: its reservation, None if it is not
-        one, or no entry if it is gone or not a reservation by its name."""
-        entries.pop(name, None)
+    def _load(self, name: str, entries: dict[str, Reservation | None], holdings: Holdings) -> None:
+        """Read one name of the directory into `entries` (and `holdings`): its reservation, None
+        if it is not one, or no entry if it is gone or not a reservation by its name."""
+        old = entries.pop(name, None)
+        if old is not None:
+            holdings.discard(old)
         if name in (LOCK_FILE, STATUS_PROBE) or name.startswith(LAST_RESERVED_PREFIX):
             return
         if name.startswith(TEMP_PREFIX):
@@ -388,7 +402,8 @@ class DiskStore(Store):
             self._warn(f"{self.path}/{name}: not a reservation file, skipped")
             entries[name] = None
             return
-        entries[name] = Reservation(ip, *owner)
+        entries[name] = reservation = Reservation(ip, *owner)
+        holdings.add(reservation)
 
     def probe_writable(self) -> None:
         """Create and remove a file, as the next ADD would (for STATUS)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Container, Mapping, Set
 from typing import Any
 
 from cnikit.ip import IPAddress
@@ -92,11 +92,25 @@ def _requested_per_set(cfg: IPAMConfig) -> dict[int, IPAddress]:
     return assigned
 
 
+class _Taken:
+    """The store's reserved IPs and this call's picks, without copying the store's set."""
+
+    def __init__(self, held: Container[IPAddress]) -> None:
+        self._held = held
+        self._picked: set[IPAddress] = set()
+
+    def __contains__(self, ip: object) -> bool:
+        return ip in self._picked or ip in self._held
+
+    def add(self, ip: IPAddress) -> None:
+        self._picked.add(ip)
+
+
 def _reserve_in(
     store: Store,
     idx: int,
     range_set: RangeSet,
-    reserved: set[IPAddress],
+    reserved: _Taken,
     requested: IPAddress | None,
     attachment: tuple[str, str],
 ) -> tuple[IPAddress, Range]:
@@ -115,17 +129,16 @@ def allocate(
     """One IP per range set under one lock, all or nothing."""
     requested = _requested_per_set(cfg)
     with store.lock():
-        held = store.reservations()
-        reserved = {r.ip for r in held}
+        holdings = store.holdings()
         # Stricter than host-local, which checks this only when no IP is requested.
-        for r in held:
-            mine = (r.container_id, r.ifname) == (container_id, ifname)
-            if mine and _set_of(cfg, r.ip) is not None:
+        for ip in holdings.exact(container_id, ifname):
+            if _set_of(cfg, ip) is not None:
                 raise CNIError(
                     DUPLICATE_ALLOCATION,
                     "duplicate allocation is not allowed",
-                    f"{r.ip} has been allocated to {container_id}/{ifname}",
+                    f"{ip} has been allocated to {container_id}/{ifname}",
                 )
+        reserved = _Taken(holdings.ips)
         done: list[tuple[IPAddress, Range]] = []
         try:
             for idx, range_set in enumerate(cfg.ranges):
@@ -228,9 +241,9 @@ def ipam_status(netconf: Mapping[str, Any], warn: Warn = to_stderr) -> None:
     try:
         with store.lock():
             store.probe_writable()
-            reserved = {r.ip for r in store.reservations()}
-        for range_set in cfg.ranges:
-            pick(range_set, reserved, None)
+            reserved = store.holdings().ips  # the index's own set: read it under the lock
+            for range_set in cfg.ranges:
+                pick(range_set, reserved, None)
     except CNIError as exc:
         if exc.code not in (IO_FAILURE, EXHAUSTED):
             raise

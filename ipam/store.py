@@ -19,13 +19,36 @@ class Reservation(NamedTuple):
     ifname: str | None  # None: a legacy reservation that recorded only the container id
 
 
-def owned_by(
-    reservations: Iterable[Reservation], container_id: str, ifname: str
-) -> list[Reservation]:
-    """Exact (id, ifname) matches; only if there are none, legacy id-only ones (host-local)."""
-    held = list(reservations)
-    exact = [r for r in held if r.container_id == container_id and r.ifname == ifname]
-    return exact or [r for r in held if r.ifname is None and r.container_id == container_id]
+class Holdings:
+    """What a store holds, indexed for the questions every call asks: is this IP taken, what
+    does this attachment hold. Kept up to date by a long-lived store's index, so an ADD in a
+    store of a thousand reservations does not hash a thousand addresses (~0.8 ms here)."""
+
+    def __init__(self, reservations: Iterable[Reservation] = ()) -> None:
+        self.ips: set[IPAddress] = set()
+        self._owners: dict[tuple[str, str | None], set[IPAddress]] = {}
+        for r in reservations:
+            self.add(r)
+
+    def add(self, r: Reservation) -> None:
+        self.ips.add(r.ip)
+        self._owners.setdefault((r.container_id, r.ifname), set()).add(r.ip)
+
+    def discard(self, r: Reservation) -> None:
+        self.ips.discard(r.ip)
+        owned = self._owners.get((r.container_id, r.ifname))
+        if owned is not None:
+            owned.discard(r.ip)
+            if not owned:
+                del self._owners[(r.container_id, r.ifname)]
+
+    def exact(self, container_id: str, ifname: str) -> list[IPAddress]:
+        return sorted(self._owners.get((container_id, ifname), ()), key=lambda ip: (ip.version, int(ip)))
+
+    def owned_by(self, container_id: str, ifname: str) -> list[IPAddress]:
+        """Exact (id, ifname) matches; only if there are none, legacy id-only ones (host-local)."""
+        return self.exact(container_id, ifname) or sorted(
+            self._owners.get((container_id, None), ()), key=lambda ip: (ip.version, int(ip)))
 
 
 class Store(Protocol):
@@ -43,8 +66,12 @@ class Store(Protocol):
 
     def reservations(self) -> list[Reservation]: ...
 
+    def holdings(self) -> Holdings:
+        """The reservations indexed; read-only for the caller."""
+        return Holdings(self.reservations())
+
     def get_by_id(self, container_id: str, ifname: str) -> list[IPAddress]:
-        return [r.ip for r in owned_by(self.reservations(), container_id, ifname)]
+        return self.holdings().owned_by(container_id, ifname)
 
     def release_by_id(self, container_id: str, ifname: str) -> list[IPAddress]:
         owned = self.get_by_id(container_id, ifname)

@@ -13,7 +13,7 @@ import pytest
 from cnikit.spec.errors import DUPLICATE_ALLOCATION, EXHAUSTED, IP_UNAVAILABLE, CNIError
 from ipam.config import IPAMConfig, load_ipam_config
 from ipam.plugin import allocate
-from ipam.store import MemoryStore, Reservation, owned_by
+from ipam.store import Holdings, MemoryStore, Reservation
 
 ip = ipaddress.ip_address
 
@@ -113,9 +113,9 @@ def test_owned_by_prefers_exact_then_legacy() -> None:
     exact = Reservation(ip("10.0.0.2"), "c1", "eth0")
     legacy = Reservation(ip("10.0.0.3"), "c1", None)
     other_if = Reservation(ip("10.0.0.4"), "c1", "eth1")
-    assert owned_by([exact, legacy, other_if], "c1", "eth0") == [exact]
-    assert owned_by([legacy, other_if], "c1", "eth0") == [legacy]
-    assert owned_by([other_if], "c1", "eth0") == []
+    assert Holdings([exact, legacy, other_if]).owned_by("c1", "eth0") == [exact.ip]
+    assert Holdings([legacy, other_if]).owned_by("c1", "eth0") == [legacy.ip]
+    assert Holdings([other_if]).owned_by("c1", "eth0") == []
 
 
 def test_one_lock_for_the_whole_dual_stack_add() -> None:

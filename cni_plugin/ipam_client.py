@@ -25,8 +25,10 @@ class InProcess:
     it; its notices reach this call's log and stderr as the exec'd plugin's would."""
 
     def call(self, verb: str, req: Request) -> dict[str, Any] | None:
-        from ipam.verbs import VERBS
+        from ipam.verbs import VERBS, add_result
 
+        if verb == "ADD":  # parse_result reads it next: converting it first would validate it twice
+            return add_result(req)
         return VERBS[verb](req)
 
 

@@ -17,10 +17,15 @@ from cnikit.spec.result import convert_result
 from . import plugin
 
 
-def add(req: skel.Request) -> dict[str, Any]:
+def add_result(req: skel.Request) -> dict[str, Any]:
+    """The ADD result as pyipam makes it (1.1.0-shaped), before conversion to the caller's
+    version: what an in-process caller that parses it anyway wants."""
     cmd = req.cmd
-    result = plugin.ipam_add(req.config, cmd.container_id, cmd.ifname, cmd.cni_args, req.log.notice)
-    return convert_result(result, req.cni_version)
+    return plugin.ipam_add(req.config, cmd.container_id, cmd.ifname, cmd.cni_args, req.log.notice)
+
+
+def add(req: skel.Request) -> dict[str, Any]:
+    return convert_result(add_result(req), req.cni_version)
 
 
 def delete(req: skel.Request) -> None:

@@ -26,8 +26,10 @@ from .netlink import Link, Netlink, NetlinkError
 IFA_F_TENTATIVE = 0x40
 IFA_F_DADFAILED = 0x08
 VETH_NAME_TRIES = 10
-# The reference plugin's wait for the bridge port to come up, in seconds (shorter first steps).
-OPER_UP_WAITS = (0.0, 0.002, 0.01, 0.05, 0.5, 1.0, 1.0)
+# The reference plugin's wait for the bridge port to come up, in seconds, with shorter first
+# steps: the kernel's link watch usually flips it within a millisecond of the pod end coming up,
+# and on a bridge of a thousand ports the first read is often just too early.
+OPER_UP_WAITS = (0.0, 0.0003, 0.001, 0.002, 0.01, 0.05, 0.5, 1.0, 1.0)
 DAD_TIMEOUT = 5.0
 
 

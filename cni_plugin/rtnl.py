@@ -187,8 +187,8 @@ class Socket:
         master: int | None = None,
     ) -> None:
         """The pair with its peer born in another netns (no move afterwards). With `master`, the
-        host end is also enslaved to it and up, in the same request (the kernel undoes the
-        creation if either fails)."""
+        host end is also enslaved to it in the same request (the kernel undoes the creation if
+        that fails). Both ends stay down."""
         peer_attrs = [
             attr(IFLA_IFNAME, peer.encode() + b"\0"),
             attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns_fd)),
@@ -206,9 +206,7 @@ class Socket:
             attr(IFLA_INFO_KIND, b"veth\0"),
             nested(IFLA_INFO_DATA, nested(VETH_INFO_PEER, ifinfo() + b"".join(peer_attrs))),
         )
-        up = IFF_UP if master is not None else 0
-        header = ifinfo(0, flags=up, change=up)
-        self.request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, header + b"".join(own) + info)
+        self.request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, ifinfo() + b"".join(own) + info)
 
     def add_bridge(self, name: str, mtu: int | None, vlan_filtering: bool) -> None:
         attrs = attr(IFLA_IFNAME, name.encode() + b"\0")

@@ -153,6 +153,11 @@ def test_dual_stack_add_returns_both_families_without_waiting_for_dad(host: Host
     assert host.ping(a, "fd88::1")
     defaults = {r["dst"] for r in ra["routes"]}
     assert defaults == {"0.0.0.0/0", "::/0"}
+    # ...through bridge ports with no IPv6 of their own (no link-local address, no routes).
+    for result in (ra, rb):
+        port = result["interfaces"][1]["name"]
+        assert host.exec("cat", f"/proc/sys/net/ipv6/conf/{port}/disable_ipv6").stdout.strip() == b"1"
+        assert json.loads(host.exec("ip", "-j", "-6", "addr", "show", "dev", port).stdout) in ([], [{}])
 
 
 def test_hairpin_mtu_and_promisc_are_set(host: Host) -> None:

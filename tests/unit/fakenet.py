@@ -171,7 +171,7 @@ class FakeSocket:
         if master is not None:
             self._link(master)
         self.ns.links[host_index] = Link(host_index, name, _mac(), mtu, "veth", peer_index=pod_index,
-                                         master=master, up=master is not None, oper_up=master is not None)
+                                         master=master)
         pod.links[pod_index] = Link(pod_index, peer, peer_mac or _mac(), mtu, "veth", peer_index=host_index)
 
     def add_bridge(self, name: str, mtu: int | None, vlan_filtering: bool) -> None:

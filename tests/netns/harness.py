@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,3 +191,33 @@ def bridge_conf(host: Host, name: str = "testnet", **overrides: Any) -> dict[str
     }
     conf.update(overrides)
     return conf
+
+
+class StandInAgent:
+    """Listens where the agent would; with `serve`, a thread accepts connections and hands each to
+    `handle` (which subclasses define), else connections wait in the backlog, never accepted."""
+
+    def __init__(self, path: Path, serve: bool = True) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.held: list[socket.socket] = []
+        if serve:
+            threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,42 +11,29 @@ import pytest
 
 from cni_plugin.agent import wire
 
-from .harness import Host, bridge_conf, pod_json
+from .harness import Host, StandInAgent, bridge_conf, pod_json
 
 pytestmark = pytest.mark.netns
 
 
-class FakeAgent:
-    """Listens where the agent would and answers every call with `reply` (bytes), then closes."""
+class FakeAgent(StandInAgent):
+    """Answers every call with `reply` (bytes), then closes."""
 
     def __init__(self, path: Path, reply: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(4)
         self.reply = reply
         self.calls = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(path)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(1 << 20)
+            self.calls += 1
+            if not self.reply.startswith(wire.ACCEPTED):
+                conn.sendall(self.reply)
                 return
-            with conn:
-                conn.recv(1 << 20)
-                self.calls += 1
-                if not self.reply.startswith(wire.ACCEPTED):
-                    conn.sendall(self.reply)
-                    continue
-                conn.sendall(wire.ACCEPTED)
-                conn.recv(len(wire.GO))  # the client's GO: from here the call is the agent's
-                conn.sendall(self.reply[len(wire.ACCEPTED):])
-
-    def close(self) -> None:
-        self.sock.close()
+            conn.sendall(wire.ACCEPTED)
+            conn.recv(len(wire.GO))  # the client's GO: from here the call is the agent's
+            conn.sendall(self.reply[len(wire.ACCEPTED):])
 
 
 @pytest.fixture

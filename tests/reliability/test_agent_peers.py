@@ -10,7 +10,6 @@ import os
 import resource
 import socket
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from cni_plugin.agent import wire
 from cni_plugin.agent.server import REQUEST_TIMEOUT
-from tests.netns.harness import REFERENCE_PLUGINS, Host, bridge_conf
+from tests.netns.harness import REFERENCE_PLUGINS, Host, StandInAgent, bridge_conf
 
 from .conftest import HostFactory, record, scale
 from .peers import (
@@ -128,33 +127,17 @@ def test_slow_clients_never_hold_a_real_call(agent_host: tuple[Host, int]) -> No
         peers.close()
 
 
-class SilentAgent:
+class SilentAgent(StandInAgent):
     """An agent that never acknowledges (`ack=False`: it never even accepts), or acknowledges,
     takes the GO and never answers."""
 
     def __init__(self, path: Path, ack: bool) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(8)
-        self.held: list[socket.socket] = []
-        if ack:
-            threading.Thread(target=self._ack_and_sleep, daemon=True).start()
+        super().__init__(path, serve=ack)
 
-    def _ack_and_sleep(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-            conn.recv(1 << 20)
-            conn.sendall(wire.ACCEPTED)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
+    def handle(self, conn: socket.socket) -> None:
+        self.held.append(conn)
+        conn.recv(1 << 20)
+        conn.sendall(wire.ACCEPTED)
 
 
 @pytest.mark.parametrize("client", ["compiled", "python"])

@@ -240,12 +240,13 @@ def pod_socket(pod_fd: int) -> Iterator[Netlink]:
 
 
 def _pod_ipv6_sysctls(ifname: str, enable_dad: bool) -> None:
-    for dev in ("lo", ifname):
-        sysctl.try_write(f"net/ipv6/conf/{dev}/disable_ipv6", "0")
-    sysctl.try_write(f"net/ipv6/conf/{ifname}/keep_addr_on_down", "1")
-    sysctl.try_write(f"net/ipv6/conf/{ifname}/accept_dad", "1" if enable_dad else "0")
-    if enable_dad:
-        sysctl.try_write(f"net/ipv6/conf/{ifname}/enhanced_dad", "1")
+    with sysctl.batch():
+        for dev in ("lo", ifname):
+            sysctl.try_write(f"net/ipv6/conf/{dev}/disable_ipv6", "0")
+        sysctl.try_write(f"net/ipv6/conf/{ifname}/keep_addr_on_down", "1")
+        sysctl.try_write(f"net/ipv6/conf/{ifname}/accept_dad", "1" if enable_dad else "0")
+        if enable_dad:
+            sysctl.try_write(f"net/ipv6/conf/{ifname}/enhanced_dad", "1")
 
 
 def pod_configure(

@@ -30,6 +30,20 @@ def _thread_netns() -> tuple[int, int]:
 _HOME = _thread_netns()
 _cache_lock = threading.Lock()
 _cached: dict[str, int] = {}
+_batch = threading.local()  # .fds: the directories a batch() of this thread opened
+
+
+@contextlib.contextmanager
+def batch() -> Iterator[None]:
+    """Within the block, a thread in another netns (a pod's) keeps the directories it opens, so
+    several knobs cost one lookup of /proc/sys/net/ipv6/conf, not one each."""
+    _batch.fds = {}
+    try:
+        yield
+    finally:
+        fds, _batch.fds = _batch.fds, None
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _open_base(base: str) -> int:
@@ -39,7 +53,12 @@ def _open_base(base: str) -> int:
 def _base_fd(base: str) -> tuple[int, bool]:
     """(fd of `base` in the calling thread's netns, whether the caller must close it)."""
     if _thread_netns() != _HOME:
-        return _open_base(base), True
+        kept: dict[str, int] | None = getattr(_batch, "fds", None)
+        if kept is None:
+            return _open_base(base), True
+        if base not in kept:
+            kept[base] = _open_base(base)
+        return kept[base], False
     with _cache_lock:
         if base not in _cached:
             _cached[base] = _open_base(base)

@@ -24,6 +24,15 @@ SCRIPT = textwrap.dedent("""
     print(netns.run_in(other, lambda: sysctl.read("net/ipv4/ip_forward")))
     netns.run_in(other, lambda: sysctl.try_write("net/ipv6/conf/lo/disable_ipv6", "1"))
     print(sysctl.read("net/ipv6/conf/lo/disable_ipv6"))
+
+    def batched() -> None:
+        with sysctl.batch():
+            sysctl.write("net/ipv6/conf/lo/keep_addr_on_down", "1")
+            sysctl.write("net/ipv6/conf/all/keep_addr_on_down", "1")
+
+    fds = len(os.listdir("/proc/self/fd"))
+    netns.run_in(pod, batched)
+    print(sysctl.read("net/ipv6/conf/lo/keep_addr_on_down"), len(os.listdir("/proc/self/fd")) == fds)
 """)
 
 
@@ -38,7 +47,9 @@ def test_each_thread_sees_its_own_netns() -> None:
                               capture_output=True, text=True, check=True, timeout=60)
         # What each step saw: the host's forwarding off, then the other pod's still off after the
         # host's went on, and the host's lo untouched by the other pod's write.
-        assert proc.stdout.split() == ["0", "0", "0"]
+        # A batch in the pod's thread wrote the pod's knobs, not the host's, and kept no fd after.
+        assert proc.stdout.split() == ["0", "0", "0", "0", "True"], proc.stdout
+        assert _read(pod, "net/ipv6/conf/lo/keep_addr_on_down") == "1"
         assert _read(host, "net/ipv4/ip_forward") == "1"
         assert _read(pod, "net/ipv4/ip_forward") == "1"
         assert _read(other, "net/ipv4/ip_forward") == "0"

@@ -128,11 +128,19 @@ def test_bandwidth_shapes_the_host_veth_found_in_prev_result(host: Host, libcni:
     assert host.reservations("bw") == {}
 
 
+def _tuning_dir(host: Host) -> str:
+    """Where tuning keeps the values it replaced: the test's own directory, not the host's
+    /run/cni/tuning (its default), which no test may leave behind."""
+    return str(host.data_dir.parent / "tuning")
+
+
 def test_tuning_sets_a_sysctl_in_the_pod(host: Host, libcni: Libcni) -> None:
-    tuning = {"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.rp_filter": "2"}, "mtu": 1400}
+    tuning = {"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.rp_filter": "2"}, "mtu": 1400,
+              "dataDir": _tuning_dir(host)}
     conf = conflist(host, "tun", VERSION, tuning)
     pod = host.new_pod()
     _chain_result(libcni, conf, pod)
+    assert os.listdir(_tuning_dir(host)), "tuning kept its state somewhere else"
     rp = host.pod_exec(pod, "cat", "/proc/sys/net/ipv4/conf/eth0/rp_filter").stdout.decode().strip()
     assert rp == "2"
     assert pod_json(host, pod, "link", "show", "eth0")[0]["mtu"] == 1400
@@ -158,7 +166,8 @@ def test_firewall_admits_the_pod_and_forgets_it_after_del(host: Host, libcni: Li
 
 def test_pod_to_pod_traffic_through_a_full_chain(host: Host, libcni: Libcni) -> None:
     """pybridge -> tuning -> bandwidth -> firewall -> portmap, two pods: they still talk."""
-    chain = [{"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.rp_filter": "2"}},
+    chain = [{"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.rp_filter": "2"},
+              "dataDir": _tuning_dir(host)},
              {"type": "bandwidth", "capabilities": {"bandwidth": True}},
              {"type": "firewall", "backend": "iptables"},
              {"type": "portmap", "capabilities": {"portMappings": True}}]

@@ -95,6 +95,7 @@ def _state(host: Host, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         assert veth.pop("address") == result["interfaces"][1]["mac"]
         state[cid] = {
             "veth": veth,
+            "veth_ipv6_off": _sysctl(host, f"ipv6/conf/{result['interfaces'][1]['name']}/disable_ipv6"),
             "eth0": {**_link(eth0), "address": "<mac>"},
             "eth0_addrs": _addrs(eth0["addr_info"]),
             "routes": _routes(host, pod),
@@ -128,6 +129,9 @@ def _differences(ref: dict[str, Any], ours: dict[str, Any], pods: tuple[str, ...
     for side, nodad in ((ref, None), (ours, True)):  # IPv6 gateway on the bridge: DAD skipped
         v6 = [a for a in side["bridge_addrs"] if a["family"] == "inet6"]
         assert [a.pop("nodad", None) for a in v6] == [nodad]
+    for side, off in ((ref, "0"), (ours, "1")):  # pybridge's host veths have no IPv6 of their own
+        for cid in pods:
+            assert side[cid].pop("veth_ipv6_off") == off
     # The reference bridge keeps its own MAC; pybridge's takes its first port's and pins it.
     first_port_present = "par-a" in pods
     assert (ref.pop("bridge_mac_is_a_port_mac"), ours.pop("bridge_mac_is_a_port_mac")) == (

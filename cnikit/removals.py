@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable
 
 from . import log
+from .inflight import InFlight
 
 
 class Removals:
     def __init__(self) -> None:
-        self._pending = 0
-        self._idle = threading.Condition()
+        self._pending = InFlight()
         self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
 
     def submit(self, work: Callable[[], None]) -> None:
-        with self._idle:
-            self._pending += 1
+        self._pending.started()
+        with self._start_lock:
             if self._thread is None:  # started at the first DEL, then kept
                 self._thread = threading.Thread(target=self._run, name="removal", daemon=True)
                 self._thread.start()
@@ -43,17 +43,8 @@ class Removals:
             except Exception as exc:
                 log.process().warning("removal_failed", error=str(exc))
             finally:
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
+                self._pending.finished()
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait for the removals under way; False if some were still running at the timeout."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(remaining)
-        return True
+        return self._pending.drain(timeout)

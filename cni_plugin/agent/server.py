@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from cnikit import log, programs, skel
+from cnikit.inflight import InFlight
 from cnikit.removals import Removals
 from cnikit.spec import version
 from cnikit.spec.errors import TRY_AGAIN_LATER, CNIError
@@ -65,8 +66,7 @@ class Agent:
         self._queue: queue.SimpleQueue[Incoming | None] = queue.SimpleQueue()
         self._servers = [threading.Thread(target=self._serve_queue, name="serve", daemon=True)
                          for _ in range(max_concurrent)]
-        self._busy = 0
-        self._idle = threading.Condition()
+        self._calls = InFlight()
         self._stopping = threading.Event()
         self._sock: socket.socket | None = None
         self._inherited = False
@@ -103,8 +103,7 @@ class Agent:
         assert self._sock is not None, "bind() first"
         for thread in self._servers:
             thread.start()
-        if not self._stopping.is_set():  # else stopped while they started: the socket is closed
-            Intake(self._sock, self._start, self._stopping).run()
+        Intake(self._sock, self._start, self._stopping).run()  # returns at once after a stop
         if self._inherited:
             self._sock.close()  # our copy only: systemd keeps the socket for the next agent
 
@@ -114,8 +113,7 @@ class Agent:
         if not self._slots.acquire(blocking=False):
             self._decline(call)
             return
-        with self._idle:
-            self._busy += 1
+        self._calls.started()
         self._queue.put(call)
 
     def _decline(self, call: Incoming) -> None:
@@ -132,10 +130,7 @@ class Agent:
             self._sock.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-        deadline = time.monotonic() + drain_timeout
-        with self._idle:
-            while self._busy and time.monotonic() < deadline:
-                self._idle.wait(deadline - time.monotonic())
+        self._calls.drain(drain_timeout)
         for _ in self._servers:
             self._queue.put(None)
         self.removals.drain(drain_timeout)
@@ -154,9 +149,7 @@ class Agent:
             log.process().exception("agent_internal_error", error=str(exc))
         finally:
             call.close()
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
+            self._calls.finished()
             self._slots.release()
 
     @contextlib.contextmanager

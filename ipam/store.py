@@ -43,12 +43,14 @@ class Holdings:
                 del self._owners[(r.container_id, r.ifname)]
 
     def exact(self, container_id: str, ifname: str) -> list[IPAddress]:
-        return sorted(self._owners.get((container_id, ifname), ()), key=lambda ip: (ip.version, int(ip)))
+        return self._of(container_id, ifname)
 
     def owned_by(self, container_id: str, ifname: str) -> list[IPAddress]:
         """Exact (id, ifname) matches; only if there are none, legacy id-only ones (host-local)."""
-        return self.exact(container_id, ifname) or sorted(
-            self._owners.get((container_id, None), ()), key=lambda ip: (ip.version, int(ip)))
+        return self._of(container_id, ifname) or self._of(container_id, None)
+
+    def _of(self, container_id: str, ifname: str | None) -> list[IPAddress]:
+        return sorted(self._owners.get((container_id, ifname), ()), key=lambda ip: (ip.version, int(ip)))
 
 
 class Store(Protocol):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from typing import Any, Protocol
 
 from cnikit.skel import Request
@@ -52,6 +51,8 @@ class Exec:
 
 
 def _exec(kind: str, verb: str, req: Request) -> dict[str, Any] | None:
+    import subprocess  # here: ~4 ms of imports a one-shot call with in-process pyipam skips
+
     binary = _find_plugin(kind, req.cmd.path)
     env = {**req.env, "CNI_COMMAND": verb}
     try:

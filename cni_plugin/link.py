@@ -9,10 +9,10 @@ socket there, because a netlink socket stays in the netns it was created in.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import secrets
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -342,5 +342,5 @@ def pod_state(ifname: str) -> PodState | None:
         addrs = [a for a, _ in sock.addresses(link.index)]
         # All routes of the netns: with two attachments on one network the second default
         # route is the first one's, and CHECK asks only that the route exists.
-        routes = sock.routes(socket.AF_INET) + sock.routes(socket.AF_INET6)
+        routes = sock.routes(_socket.AF_INET) + sock.routes(_socket.AF_INET6)
     return PodState(link=link, addrs=addrs, routes=routes)

@@ -8,11 +8,11 @@ same kernel state. Everything else (VLANs, CHECK's reads) stays on pyroute2.
 
 from __future__ import annotations
 
+import _socket  # not `socket`: its enum wrappers cost ~2 ms of a one-shot call's imports
 import contextlib
 import errno
 import ipaddress
 import os
-import socket
 import struct
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -121,7 +121,8 @@ class Socket:
     """One rtnetlink socket: it stays in the netns it was opened in, whichever thread uses it."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        kind = _socket.SOCK_RAW | _socket.SOCK_CLOEXEC
+        self._sock = _socket.socket(_socket.AF_NETLINK, kind, NETLINK_ROUTE)
         self._sock.bind((0, 0))
         # Strict checking makes the kernel filter dumps by the request's fields (the link of
         # an address dump), so a bridge with a thousand ports is not read whole each time.
@@ -237,7 +238,7 @@ class Socket:
         """Per-link IPv4 sysctls (IPV4_DEVCONF_*) over netlink: no thread in the link's netns."""
         conf = nested(IFLA_INET_CONF, *(attr(key, struct.pack("=I", value)) for key, value in values.items()))
         self.request(
-            RTM_NEWLINK, NLM_F_ACK, ifinfo(index) + nested(IFLA_AF_SPEC, nested(socket.AF_INET, conf))
+            RTM_NEWLINK, NLM_F_ACK, ifinfo(index) + nested(IFLA_AF_SPEC, nested(_socket.AF_INET, conf))
         )
 
     def rename(self, index: int, name: str) -> None:
@@ -269,7 +270,7 @@ class Socket:
         """(destination, gateway) of the main table's routes that carry routing protocol `proto`."""
         found = set()
         with _pyroute2() as ipr:
-            for family in (socket.AF_INET, socket.AF_INET6):
+            for family in (_socket.AF_INET, _socket.AF_INET6):
                 for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
                     dst, gateway = msg.get_attr("RTA_DST"), msg.get_attr("RTA_GATEWAY")
                     if msg["proto"] == proto and dst is not None and gateway is not None:
@@ -290,7 +291,7 @@ class Socket:
         with _pyroute2() as ipr:
             owners = [msg["index"] for msg in ipr.get_addr()
                       if {str(msg.get_attr("IFA_ADDRESS")), str(msg.get_attr("IFA_LOCAL"))} & wanted]
-            defaults = [msg.get_attr("RTA_OIF") for family in (socket.AF_INET, socket.AF_INET6)
+            defaults = [msg.get_attr("RTA_OIF") for family in (_socket.AF_INET, _socket.AF_INET6)
                         for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN)
                         if msg["dst_len"] == 0 and msg.get_attr("RTA_OIF")]
         index = next(iter(owners + defaults), None)
@@ -319,12 +320,12 @@ class Socket:
                 continue
             if IFA_FLAGS in fields:
                 flags = _u32(fields[IFA_FLAGS])
-            ip = socket.inet_ntop(family, raw)
+            ip = _socket.inet_ntop(family, raw)
             out.append((ipaddress.ip_interface(f"{ip}/{prefixlen}"), flags))
         return out
 
     def add_address(self, index: int, address: IPInterface, nodad: bool = False) -> None:
-        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        family = _socket.AF_INET if address.version == 4 else _socket.AF_INET6
         raw = address.ip.packed
         attrs = attr(IFA_LOCAL, raw) + attr(IFA_ADDRESS, raw)
         if address.version == 4 and address.network.prefixlen < 31:
@@ -336,7 +337,7 @@ class Socket:
         self.request(RTM_NEWADDR, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, header + attrs)
 
     def delete_address(self, index: int, address: IPInterface) -> None:
-        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        family = _socket.AF_INET if address.version == 4 else _socket.AF_INET6
         raw = address.ip.packed
         header = _IFADDR.pack(family, address.network.prefixlen, 0, 0, index)
         self.request(RTM_DELADDR, NLM_F_ACK, header + attr(IFA_LOCAL, raw) + attr(IFA_ADDRESS, raw))
@@ -348,15 +349,15 @@ class Socket:
         for _kind, body in self.request(RTM_GETROUTE, NLM_F_DUMP, header):
             fam, dst_len = body[0], body[1]
             fields = dict(_attrs(body, _RTMSG.size))
-            any_address = "::" if fam == socket.AF_INET6 else "0.0.0.0"
-            dst = socket.inet_ntop(fam, fields[RTA_DST]) if RTA_DST in fields else any_address
-            gateway = socket.inet_ntop(fam, fields[RTA_GATEWAY]) if RTA_GATEWAY in fields else None
+            any_address = "::" if fam == _socket.AF_INET6 else "0.0.0.0"
+            dst = _socket.inet_ntop(fam, fields[RTA_DST]) if RTA_DST in fields else any_address
+            gateway = _socket.inet_ntop(fam, fields[RTA_GATEWAY]) if RTA_GATEWAY in fields else None
             out.append((str(ipaddress.ip_network(f"{dst}/{dst_len}", strict=False)), gateway))
         return out
 
     def add_route(self, dst: str, gateway: str | None, oif: int) -> None:
         net = ipaddress.ip_network(dst, strict=False)
-        family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+        family = _socket.AF_INET if net.version == 4 else _socket.AF_INET6
         scope = RT_SCOPE_UNIVERSE if gateway else RT_SCOPE_LINK
         header = _RTMSG.pack(family, net.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, RTN_UNICAST, 0)
         attrs = attr(RTA_OIF, struct.pack("=I", oif))

@@ -31,6 +31,10 @@ def main(program: str = programs.PYBRIDGE) -> None:
 
 
 def _in_process(program: str, stdin: bytes | None) -> None:
+    if stdin is not None:  # one CNI call, then exit (not `agent`, `node`, `ls`)
+        from . import oneshot
+
+        oneshot.prepare()
     if program == programs.PYIPAM:
         from ipam.__main__ import main as serve
     else:

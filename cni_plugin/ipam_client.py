@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any, Protocol
 
+from cnikit import turns
 from cnikit.skel import Request
 from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, CNIError
 from cnikit.spec.result import Result, parse_result
@@ -56,8 +57,9 @@ def _exec(kind: str, verb: str, req: Request) -> dict[str, Any] | None:
     binary = _find_plugin(kind, req.cmd.path)
     env = {**req.env, "CNI_COMMAND": verb}
     try:
-        proc = subprocess.run([binary], input=req.raw_config, env=env, stdout=subprocess.PIPE,
-                              timeout=EXEC_TIMEOUT, check=False)
+        with turns.waiting():
+            proc = subprocess.run([binary], input=req.raw_config, env=env, stdout=subprocess.PIPE,
+                                  timeout=EXEC_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CNIError(INTERNAL, f"IPAM plugin {kind} {verb} failed", str(exc)) from exc
     reply: Any = None

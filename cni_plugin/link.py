@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from cnikit import turns
 from cnikit.ip import IPInterface
 from cnikit.spec.errors import INTERNAL, UNSUPPORTED_FIELD, CNIError
 
@@ -216,7 +217,9 @@ def pin_mac(sock: Netlink, bridge: Link) -> Link:
 
 def wait_oper_up(sock: Netlink, index: int) -> Link:
     for delay in OPER_UP_WAITS:
-        time.sleep(delay)
+        if delay:
+            with turns.waiting():
+                time.sleep(delay)
         link = get(sock, index)
         if link is None:
             break
@@ -292,7 +295,8 @@ def _settle_dad(sock: Netlink, index: int) -> None:
             raise CNIError(INTERNAL, "IPv6 duplicate address detection failed")
         if not any(f & IFA_F_TENTATIVE for f in flags):
             return
-        time.sleep(0.05)
+        with turns.waiting():
+            time.sleep(0.05)
     raise CNIError(INTERNAL, "IPv6 duplicate address detection did not finish", f"{DAD_TIMEOUT} s")
 
 

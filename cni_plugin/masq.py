@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from functools import partial
 
+from cnikit import turns
 from cnikit.ip import IPInterface
 from cnikit.spec.errors import INVALID_CONFIG, INVALID_ENV, MASQ_FAILED, CNIError
 from cnikit.spec.names import validate_network_name
@@ -202,9 +203,10 @@ def _attempt(steps: Sequence[Callable[[], object]]) -> list[str]:
 
 def _run(argv: list[str], stdin: str = "", gone: tuple[str, ...] = ()) -> str:
     try:
-        proc = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False
-        )
+        with turns.waiting():
+            proc = subprocess.run(
+                argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False
+            )
     except (OSError, subprocess.SubprocessError) as exc:
         raise CNIError(MASQ_FAILED, f"{os.path.basename(argv[0])} failed", str(exc)) from exc
     if proc.returncode == 0:

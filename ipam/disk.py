@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 
-from cnikit import log
+from cnikit import log, turns
 from cnikit.ip import IPAddress, parse_ip
 from cnikit.spec.args import validate_container_id, validate_ifname
 from cnikit.spec.errors import IO_FAILURE, TRY_AGAIN_LATER, CNIError
@@ -177,7 +177,9 @@ class DiskStore(Store):
         deadline = time.monotonic() + self.lock_timeout
         with ExitStack() as stack:
             # Threads of one process (the agent's concurrent calls) queue on a lock of their own,
-            # which hands over at once; only other processes are met by polling the flock.
+            # which hands over at once; only other processes are met by polling the flock. The
+            # queue keeps its turn (cnikit/turns.py): a call handed the lock without one would
+            # hold the store while it waited for a turn (IPAM took ~35 ms in a burst of 32 ADDs).
             local = _local_lock(self.path)
             if not local.acquire(timeout=self.lock_timeout):
                 raise self._timed_out()
@@ -247,7 +249,8 @@ class DiskStore(Store):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._timed_out()
-            time.sleep(min(delay, remaining))
+            with turns.waiting():
+                time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.01)
 
     def _fd(self) -> int:

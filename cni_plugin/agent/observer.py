@@ -15,6 +15,7 @@ class Observer(Protocol):
     def call_finished(self, program: str, verb: str, code: int, seconds: float) -> None: ...
     def declined(self) -> None: ...
     def add_undone(self) -> None: ...
+    def ran_without_turn(self) -> None: ...
 
 
 class Endpoint(Protocol):
@@ -37,6 +38,9 @@ class Silent:
         pass
 
     def add_undone(self) -> None:
+        pass
+
+    def ran_without_turn(self) -> None:
         pass
 
 

@@ -1,6 +1,6 @@
-"""The agent's metrics: CNI calls by verb and result code, latency, calls in flight, declined and
-undone, and per network the IPAM pool (read from the stores at scrape time, so the figures are
-what `pyipam ls` shows whichever process made the reservations)."""
+"""The agent's metrics: CNI calls by verb and result code, latency, calls in flight, declined,
+undone and run without a turn, and per network the IPAM pool (read from the stores at scrape
+time, so the figures are what `pyipam ls` shows whichever process made the reservations)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ class Metrics:
                                       "then serves them in-process)", registry=registry)
         self.undone = Counter("pybridge_cni_adds_undone", "Successful ADDs undone because the caller left "
                               "before the result was delivered", registry=registry)
+        self.without_turn = Counter("pybridge_cni_calls_without_turn", "Calls that waited the longest "
+                                    "allowed for a turn and ran without one (the agent is saturated, or "
+                                    "calls hold their turns while blocked)", registry=registry)
         self.gc_released = Counter("pybridge_ipam_gc_released_addresses", "Addresses released by IPAM GC",
                                    ["network"], registry=registry)
 
@@ -61,6 +64,9 @@ class Metrics:
 
     def add_undone(self) -> None:
         self.undone.inc()
+
+    def ran_without_turn(self) -> None:
+        self.without_turn.inc()
 
     def released(self, network: str, count: int) -> None:
         self.gc_released.labels(network).inc(count)

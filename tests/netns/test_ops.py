@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cni_plugin.agent import wire
 
-from .harness import Host, sh
+from .harness import Host, bridge_conf, sh
 from .ops import METRICS_PORT, agent_env, doctor, http_get, ls, ops_conf, pybridge, restart_agent, write_conf
 from .test_agent import FakeAgent
 
@@ -205,6 +206,7 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     assert _value(samples, "pybridge_cni_call_duration_seconds_count", program="pybridge", verb="ADD") == 3
     assert _value(samples, "pybridge_cni_calls_in_flight") == 0
     assert _value(samples, "pybridge_cni_calls_declined_total") == 1
+    assert _value(samples, "pybridge_cni_calls_without_turn_total") == 0
     assert _value(samples, calls, program="pybridge", verb="STATUS", code="0") is None  # not served here
     assert _value(samples, "pybridge_ipam_pool_addresses", network="testnet") == 253
     assert _value(samples, "pybridge_ipam_reserved_addresses", network="testnet") == 2
@@ -217,6 +219,57 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     samples = _scrape(host)
     assert _value(samples, "pybridge_ipam_gc_released_addresses_total", network="testnet") == 1
     assert _value(samples, "pybridge_ipam_reserved_addresses", network="testnet") == 1
+
+
+# An exec'd IPAM plugin that, on ADD, blocks until the test creates `go` (at most 15 s).
+SLOW_IPAM = """#!/bin/sh
+[ "$CNI_COMMAND" = ADD ] || exit 0
+touch "{dir}/started.$CNI_CONTAINERID"
+i=0
+while [ ! -e "{dir}/go" ] && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done
+printf '{{"cniVersion":"1.0.0","ips":[{{"address":"10.89.0.%d/24"}}]}}' $((${{CNI_CONTAINERID#slow}} + 10))
+"""
+
+
+def test_calls_blocked_in_an_exec_d_ipam_plugin_lend_their_turns(host: Host, tmp_path: Path) -> None:
+    # Two calls at once have a turn (cnikit/turns.py). Two ADDs stuck in their IPAM plugin must
+    # not keep a third call waiting for one: it gets a turn, and none runs without.
+    if host.agent is None:
+        pytest.skip("the agent's turns: agent mode only")
+    conf = ops_conf(host)
+    restart_agent(host, tmp_path / "agent-turns.log", agent_env(write_conf(tmp_path / "conf", conf)))
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    script = plugins / "slowipam"
+    script.write_text(SLOW_IPAM.format(dir=plugins))
+    script.chmod(0o755)
+    slow_conf = bridge_conf(host, name="slownet", bridge="br-slow", ipam={"type": "slowipam"})
+    env = {"CNI_PATH": f"{plugins}:{host.bin_dir}"}
+    pods = [host.new_pod() for _ in range(3)]
+    replies: dict[int, Any] = {}
+
+    def slow_add(i: int) -> None:
+        replies[i] = host.cni("ADD", slow_conf, pods[i], container_id=f"slow{i}", env=env)
+
+    threads = [threading.Thread(target=slow_add, args=(i,)) for i in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while not all((plugins / f"started.slow{i}").exists() for i in range(2)):
+            assert time.monotonic() < deadline, "the slow IPAM plugin was never called"
+            time.sleep(0.02)
+        host.add(conf, pods[2], container_id="quick")
+        assert not (plugins / "go").exists() and all(t.is_alive() for t in threads)
+        assert _value(_scrape(host), "pybridge_cni_calls_without_turn_total") == 0
+    finally:
+        (plugins / "go").touch()
+        for thread in threads:
+            thread.join(30)
+    assert all(replies[i].ok for i in range(2)), replies
+    for i in range(2):
+        assert host.cni("DEL", slow_conf, pods[i], container_id=f"slow{i}", env=env).ok
+    assert host.cni("DEL", conf, pods[2], container_id="quick").ok
 
 
 def test_agent_not_ready_when_store_unwritable(host: Host, tmp_path: Path) -> None:

@@ -72,8 +72,8 @@ def main() -> None:
         return call(args.binary, verb, conf, f"par-{r}-{i}", pods[i], env)
 
     add_walls, del_walls, errors, distinct = [], [], 0, []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        for r in range(args.rounds):
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:
+        for r in range(args.rounds if args.parallel else 0):
             started = time.perf_counter()
             adds = list(pool.map(lambda i, r=r: par("ADD", i, r), range(args.parallel)))
             add_walls.append((time.perf_counter() - started) * 1000)
@@ -83,10 +83,10 @@ def main() -> None:
             errors += sum(1 for result in adds + dels if result[1] != 0)
             distinct.append(len({a[2]["ips"][0]["address"] for a in adds if a[1] == 0 and a[2]}))
     report["par_add_walls"], report["par_del_walls"] = add_walls, del_walls
-    report["par_add_wall"] = sorted(add_walls)[len(add_walls) // 2]
-    report["par_del_wall"] = sorted(del_walls)[len(del_walls) // 2]
+    report["par_add_wall"] = sorted(add_walls)[len(add_walls) // 2] if add_walls else None
+    report["par_del_wall"] = sorted(del_walls)[len(del_walls) // 2] if del_walls else None
     report["par_errors"] = errors
-    report["par_distinct_ips"] = min(distinct)  # per burst: every ADD of a burst got its own IP
+    report["par_distinct_ips"] = min(distinct, default=None)  # per burst: each ADD got its own IP
 
     # Scale: ADD latency as the bridge fills up to `scale` pods.
     scale_add = []

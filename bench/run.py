@@ -8,6 +8,7 @@ writes it with the machine's description to bench/results.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,15 +148,18 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def run_variants(args: argparse.Namespace, world: World, tmp: Path) -> dict[str, dict[str, Any]]:
+Variant = tuple[str, str, str, str, dict[str, str]]  # label, binary, type, IPAM type, env
+AGENT = "pybridge+agent"
+
+
+def variants(args: argparse.Namespace, tmp: Path) -> list[Variant]:
     bin_dir = tmp / "bin"
     install(str(bin_dir), str(tmp / "libexec"))
     socket = tmp / "agent" / "agent.sock"
-    results: dict[str, dict[str, Any]] = {}
-    plan = [
+    plan: list[Variant] = [
         ("reference", f"{REFERENCE}/bridge", "bridge", "host-local", {"CNI_PATH": REFERENCE}),
         (
-            "pybridge+agent",
+            AGENT,
             str(bin_dir / "pybridge"),
             "pybridge",
             "pyipam",
@@ -182,19 +187,37 @@ def run_variants(args: argparse.Namespace, world: World, tmp: Path) -> dict[str,
                 {"CNI_PATH": str(kind_bin), "PYBRIDGE_AGENT_SOCKET": str(tmp / "none.sock")},
             )
         )
+    return plan
+
+
+@contextlib.contextmanager
+def agent_for(label: str, world: World, env: dict[str, str], binary: str) -> Iterator[int | None]:
+    """The resident agent (its pid) while the agent variant runs; None for the others."""
+    if label != AGENT:
+        yield None
+        return
+    socket = env["PYBRIDGE_AGENT_SOCKET"]
+    agent = subprocess.Popen(
+        ["ip", "netns", "exec", world.host, binary, "agent", socket], stderr=subprocess.DEVNULL
+    )
+    try:
+        while not os.path.exists(socket):
+            time.sleep(0.02)
+        yield agent.pid
+    finally:
+        agent.terminate()
+        agent.wait(30)
+
+
+def run_variants(
+    args: argparse.Namespace, world: World, tmp: Path, plan: list[Variant]
+) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
     for i, (label, binary, kind, ipam, env) in enumerate(plan):
         progress(f"[{i + 1}/{len(plan)}] {label}")
         config = conf(kind, ipam, f"brb{i}", f"10.{200 + i}.0.0/22", str(tmp / f"ipam{i}"))
         slow = label in ("pybridge in-process", "kind bundle (no agent)")
-        agent = None
-        if label == "pybridge+agent":
-            agent = subprocess.Popen(
-                ["ip", "netns", "exec", world.host, str(bin_dir / "pybridge"), "agent", str(socket)],
-                stderr=subprocess.DEVNULL,
-            )
-            while not socket.exists():
-                time.sleep(0.02)
-        try:
+        with agent_for(label, world, env, binary) as pid:
             report = drive(
                 world,
                 tmp,
@@ -206,14 +229,30 @@ def run_variants(args: argparse.Namespace, world: World, tmp: Path) -> dict[str,
                 0 if slow else args.scale,
                 1 if slow else args.rounds,
             )
-            if agent is not None:
-                report["rss"] = rss_mib(agent.pid)
-        finally:
-            if agent is not None:
-                agent.terminate()
-                agent.wait(30)
+            if pid is not None:
+                report["rss"] = rss_mib(pid)
         results[label] = report
     return results
+
+
+def scale_without_pod_ipv6(
+    args: argparse.Namespace, world: World, tmp: Path, plan: list[Variant], results: dict[str, dict[str, Any]]
+) -> None:
+    """The scale run again with IPv6 off in the pods: what the growth is without the pods' IPv6
+    multicast (router solicitations, MLD reports, DAD), which the bridge floods to every port."""
+    progress(f"turning IPv6 off in {args.scale} pods")
+    for pod in world.pods[: args.scale]:
+        sh("ip", "netns", "exec", pod, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+           "net.ipv6.conf.default.disable_ipv6=1")
+    for i, (label, binary, kind, ipam, env) in enumerate(plan):
+        if label not in ("reference", AGENT):
+            continue
+        progress(f"scale, pods without IPv6: {label}")
+        config = conf(kind, ipam, f"brc{i}", f"10.{210 + i}.0.0/22", str(tmp / f"ipam-no6-{i}"))
+        with agent_for(label, world, env, binary):
+            report = drive(world, tmp, binary, config, env, 0, 0, args.scale, 1)
+        results[label]["scale_add_no6"] = report["scale_add"]
+        results[label]["errors"] += report["errors"]
 
 
 def table(results: dict[str, dict[str, Any]], scale: int, parallel: int) -> list[tuple[str, list[str]]]:
@@ -240,11 +279,11 @@ def table(results: dict[str, dict[str, Any]], scale: int, parallel: int) -> list
     row("parallel errors", lambda r: r["par_errors"], "{:d}")
     row("parallel distinct IPs (fewest in a burst)", lambda r: r["par_distinct_ips"], "{:d}")
     if scale >= 100:
-        row("ADD p50 ms, pods 1-50", lambda r: pct(r["scale_add"][:50], 0.5) if r["scale_add"] else None)
-        row(
-            f"ADD p50 ms, pods {scale - 49}-{scale}",
-            lambda r: pct(r["scale_add"][-50:], 0.5) if r["scale_add"] else None,
-        )
+        for key, note in (("scale_add", ""), ("scale_add_no6", ", pods without IPv6")):
+            row(f"ADD p50 ms, pods 1-50{note}",
+                lambda r, k=key: pct(r[k][:50], 0.5) if r.get(k) else None)
+            row(f"ADD p50 ms, pods {scale - 49}-{scale}{note}",
+                lambda r, k=key: pct(r[k][-50:], 0.5) if r.get(k) else None)
     row("start-up (VERSION) ms", lambda r: r["startup"])
     row("agent RSS MiB", lambda r: r.get("rss"))
     return rows
@@ -303,7 +342,8 @@ def render(
         f"Commit: {args.commit}; command: `{' '.join(['bench/run.py', *sys.argv[1:]])}`",
         f"Load average (1/5/15 min) at the start: {args.load_at_start}; at the end: {load()}",
         f"Pods: {args.pods} sequential (in-process/bundle: {min(args.pods, 50)}), "
-        f"{args.parallel} parallel in {args.rounds} bursts (in-process/bundle: 1), scale {args.scale}. "
+        f"{args.parallel} parallel in {args.rounds} bursts (in-process/bundle: 1), scale {args.scale} "
+        "(then again with IPv6 off in the pods). "
         "Ratios are to the reference in the same run.",
         "",
         "| figure | " + " | ".join(labels) + " |",
@@ -342,7 +382,10 @@ def main() -> int:
         tempfile.TemporaryDirectory(prefix="pybridge-bench-") as tmpdir,
         World(max(args.pods, args.parallel, args.scale)) as world,
     ):
-        results = run_variants(args, world, Path(tmpdir))
+        plan = variants(args, Path(tmpdir))
+        results = run_variants(args, world, Path(tmpdir), plan)
+        if args.scale >= 100:
+            scale_without_pod_ipv6(args, world, Path(tmpdir), plan, results)
     cri = None
     if args.cri_pods:
         progress(f"timing CRI RunPodSandbox for {args.cri_pods} pods")

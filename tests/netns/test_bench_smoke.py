@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "raw.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--pods", "20", "--parallel", "4", "--scale", "0",
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--pods", "20", "--parallel", "4", "--scale", "100",
          "--json", str(raw)], capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| ADD p50 ms |" in proc.stdout and "| DEL p99 ms |" in proc.stdout
@@ -30,3 +30,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert report["errors"] == [] and report["par_errors"] == 0, label
         assert report["par_distinct_ips"] == 4, label
         assert len(report["add"]) == 20 and len(report["del"]) == 20, label
+    # the scale run, then again with IPv6 off in the pods, for the reference and the agent
+    assert "| ADD p50 ms, pods 51-100, pods without IPv6 |" in proc.stdout
+    for label in ("reference", "pybridge+agent"):
+        assert len(results[label]["scale_add"]) == 100 and len(results[label]["scale_add_no6"]) == 100

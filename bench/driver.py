@@ -44,6 +44,11 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1, help="parallel bursts; the median is reported")
     parser.add_argument("--env", default="{}")
+    # A second variant whose parallel bursts alternate with this one's: the machine's speed drifts
+    # over minutes, so the ratio of bursts made side by side is the steadier one.
+    parser.add_argument("--pair-binary")
+    parser.add_argument("--pair-conf")
+    parser.add_argument("--pair-env", default="{}")
     args = parser.parse_args()
     with open(args.conf) as f:
         conf = json.load(f)
@@ -67,24 +72,34 @@ def main() -> None:
         record("del", call(args.binary, "DEL", conf, cid, pods[i], env))
 
     # Concurrency: N ADDs at once, then N DELs at once; `rounds` such bursts, as one burst's wall
-    # time swings by a third between runs on a small VM.
-    def par(verb: str, i: int, r: int) -> tuple[float, int, Any]:
-        return call(args.binary, verb, conf, f"par-{r}-{i}", pods[i], env)
-
-    add_walls, del_walls, errors, distinct = [], [], 0, []
+    # time swings by a third between runs on a small VM. With a pair, each round makes one burst
+    # of each variant, in turn first.
+    variants = [("", args.binary, conf, env)]
+    if args.pair_binary and args.pair_conf:
+        with open(args.pair_conf) as f:
+            variants.append(("pair_", args.pair_binary, json.load(f),
+                             {"PATH": os.environ["PATH"], **json.loads(args.pair_env)}))
+    walls: dict[str, tuple[list[float], list[float]]] = {key: ([], []) for key, *_ in variants}
+    errors, distinct = 0, []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:
         for r in range(args.rounds if args.parallel else 0):
-            started = time.perf_counter()
-            adds = list(pool.map(lambda i, r=r: par("ADD", i, r), range(args.parallel)))
-            add_walls.append((time.perf_counter() - started) * 1000)
-            started = time.perf_counter()
-            dels = list(pool.map(lambda i, r=r: par("DEL", i, r), range(args.parallel)))
-            del_walls.append((time.perf_counter() - started) * 1000)
-            errors += sum(1 for result in adds + dels if result[1] != 0)
-            distinct.append(len({a[2]["ips"][0]["address"] for a in adds if a[1] == 0 and a[2]}))
-    report["par_add_walls"], report["par_del_walls"] = add_walls, del_walls
-    report["par_add_wall"] = sorted(add_walls)[len(add_walls) // 2] if add_walls else None
-    report["par_del_wall"] = sorted(del_walls)[len(del_walls) // 2] if del_walls else None
+            for key, binary, vconf, venv in variants if r % 2 == 0 else variants[::-1]:
+                def par(verb: str, i: int, r: int = r, binary: str = binary, vconf: Any = vconf,
+                        venv: dict[str, str] = venv, key: str = key) -> tuple[float, int, Any]:
+                    return call(binary, verb, vconf, f"{key}par-{r}-{i}", pods[i], venv)
+
+                started = time.perf_counter()
+                adds = list(pool.map(lambda i: par("ADD", i), range(args.parallel)))
+                walls[key][0].append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                dels = list(pool.map(lambda i: par("DEL", i), range(args.parallel)))
+                walls[key][1].append((time.perf_counter() - started) * 1000)
+                errors += sum(1 for result in adds + dels if result[1] != 0)
+                distinct.append(len({a[2]["ips"][0]["address"] for a in adds if a[1] == 0 and a[2]}))
+    for key, (add_walls, del_walls) in walls.items():
+        report[f"{key}par_add_walls"], report[f"{key}par_del_walls"] = add_walls, del_walls
+        report[f"{key}par_add_wall"] = sorted(add_walls)[len(add_walls) // 2] if add_walls else None
+        report[f"{key}par_del_wall"] = sorted(del_walls)[len(del_walls) // 2] if del_walls else None
     report["par_errors"] = errors
     report["par_distinct_ips"] = min(distinct, default=None)  # per burst: each ADD got its own IP
 

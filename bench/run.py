@@ -87,9 +87,16 @@ def drive(
     parallel: int,
     scale: int,
     rounds: int,
+    pair: tuple[str, dict[str, Any], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     conf_file = tmp / f"{config['bridge']}.json"
     conf_file.write_text(json.dumps(config))
+    pair_args: list[str] = []
+    if pair is not None:
+        pair_conf = tmp / f"{pair[1]['bridge']}.json"
+        pair_conf.write_text(json.dumps(pair[1]))
+        pair_args = ["--pair-binary", pair[0], "--pair-conf", str(pair_conf),
+                     "--pair-env", json.dumps(pair[2])]
     pods_file = tmp / "pods.txt"
     pods_file.write_text("\n".join(f"/run/netns/{p}" for p in world.pods))
     proc = subprocess.run(
@@ -116,6 +123,7 @@ def drive(
             str(rounds),
             "--env",
             json.dumps(env),
+            *pair_args,
         ],
         capture_output=True,
         check=True,
@@ -235,6 +243,25 @@ def run_variants(
     return results
 
 
+def paired_bursts(
+    args: argparse.Namespace, world: World, tmp: Path, plan: list[Variant], results: dict[str, dict[str, Any]]
+) -> None:
+    """The parallel bursts again, the reference's and the agent's alternating in one driver."""
+    named = {variant[0]: variant for variant in plan}
+    _, ref_binary, ref_kind, ref_ipam, ref_env = named["reference"]
+    _, binary, kind, ipam, env = named[AGENT]
+    progress(f"{args.rounds} rounds of parallel bursts, reference and agent alternating")
+    ref_conf = conf(ref_kind, ref_ipam, "brp0", "10.220.0.0/22", str(tmp / "ipam-pair-ref"))
+    agent_conf = conf(kind, ipam, "brp1", "10.221.0.0/22", str(tmp / "ipam-pair-agent"))
+    with agent_for(AGENT, world, env, binary):
+        report = drive(world, tmp, binary, agent_conf, env, 0, args.parallel, 0, args.rounds,
+                       pair=(ref_binary, ref_conf, ref_env))
+    results[AGENT]["paired_add_wall"] = report["par_add_wall"]
+    results["reference"]["paired_add_wall"] = report["pair_par_add_wall"]
+    results[AGENT]["errors"] += report["errors"]
+    results[AGENT]["par_errors"] += report["par_errors"]
+
+
 def scale_without_pod_ipv6(
     args: argparse.Namespace, world: World, tmp: Path, plan: list[Variant], results: dict[str, dict[str, Any]]
 ) -> None:
@@ -276,6 +303,8 @@ def table(results: dict[str, dict[str, Any]], scale: int, parallel: int) -> list
         row(f"{verb.upper()} p99 ms", lambda r, v=verb: pct(r[v], 0.99) if r[v] else None)
     row(f"{parallel} parallel ADD wall ms (median of bursts)", lambda r: r["par_add_wall"])
     row(f"{parallel} parallel DEL wall ms (median of bursts)", lambda r: r["par_del_wall"])
+    row(f"{parallel} parallel ADD wall ms, bursts alternating with the other variant's (median)",
+        lambda r: r.get("paired_add_wall"))
     row("parallel errors", lambda r: r["par_errors"], "{:d}")
     row("parallel distinct IPs (fewest in a burst)", lambda r: r["par_distinct_ips"], "{:d}")
     if scale >= 100:
@@ -384,6 +413,8 @@ def main() -> int:
     ):
         plan = variants(args, Path(tmpdir))
         results = run_variants(args, world, Path(tmpdir), plan)
+        if args.parallel:
+            paired_bursts(args, world, Path(tmpdir), plan, results)
         if args.scale >= 100:
             scale_without_pod_ipv6(args, world, Path(tmpdir), plan, results)
     cri = None

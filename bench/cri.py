@@ -1,8 +1,10 @@
 """Pod start-up as the user sees it: CRI RunPodSandbox (what kubelet calls) on a private
 containerd node, the containerd tier's own harness (tests/e2e/node.py). The reference bridge +
 host-local and pybridge with its agent get the same conflist shape (plugin, then portmap) and
-each its own bridge, subnet and store, one after the other on one node in one run; containerd
-restarts in between so it reads the next conflist. One untimed pod first warms each variant.
+each its own bridge, subnet and store, on one node in one run. The pods are timed in blocks, the
+variants' blocks alternating (each in turn first), as the machine's speed drifts over minutes;
+containerd restarts between blocks so it reads the next conflist, and one untimed pod warms
+each block.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def _time_pods(node: Node, label: str, pods: int) -> list[float]:
     return times
 
 
+BLOCKS = 3
+
+
 def run_pod_sandbox(root: Path, pods: int) -> dict[str, list[float]] | str:
     """RunPodSandbox milliseconds per variant, or why the tier cannot run here."""
     missing = missing_tools()
@@ -76,15 +81,18 @@ def run_pod_sandbox(root: Path, pods: int) -> dict[str, list[float]] | str:
         node.setup()
         for name in ("bridge", "host-local"):
             (node.root / "bin" / name).symlink_to(REFERENCE_PLUGINS / name)
-        for label, (plugin, ipam, bridge, subnet) in VARIANTS.items():
-            _use(node, _conflist(node, plugin, ipam, bridge, subnet))
-            agent = _start_agent(node) if label == "pybridge+agent" else None
-            try:
-                times[label] = _time_pods(node, label, pods)
-            finally:
-                if agent is not None:
-                    agent.terminate()
-                    agent.wait(30)
+        order = list(VARIANTS.items())
+        for block in range(BLOCKS):
+            for label, (plugin, ipam, bridge, subnet) in order if block % 2 == 0 else order[::-1]:
+                _use(node, _conflist(node, plugin, ipam, bridge, subnet))
+                agent = _start_agent(node) if label == "pybridge+agent" else None
+                try:
+                    count = pods // BLOCKS + (1 if block < pods % BLOCKS else 0)
+                    times.setdefault(label, []).extend(_time_pods(node, f"{label}-{block}", count))
+                finally:
+                    if agent is not None:
+                        agent.terminate()
+                        agent.wait(30)
     finally:
         node.teardown()
     return times

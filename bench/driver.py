@@ -34,6 +34,21 @@ def call(
     return elapsed, proc.returncode, out
 
 
+def burst(
+    pool: concurrent.futures.Executor, size: int, binary: str, verb: str, conf: dict[str, Any], tag: str,
+    pods: list[str], env: dict[str, str],
+) -> tuple[float, list[tuple[float, int, Any]]]:
+    """`size` calls at once, pod i as container `tag`-i: (wall ms, each call's result)."""
+    started = time.perf_counter()
+    results = list(pool.map(lambda i: call(binary, verb, conf, f"{tag}-{i}", pods[i], env), range(size)))
+    return (time.perf_counter() - started) * 1000, results
+
+
+def variables(raw: str) -> dict[str, str]:
+    """The calls' environment: PATH and the variant's own variables (a JSON object)."""
+    return {"PATH": os.environ["PATH"], **json.loads(raw)}
+
+
 def non_bridges() -> int:
     """Links of the host netns other than bridges (a burst's first ADD may make its bridge)."""
     names = os.listdir("/sys/class/net")
@@ -68,7 +83,7 @@ def main() -> None:
         conf = json.load(f)
     with open(args.pods) as f:
         pods = f.read().split()
-    env = {"PATH": os.environ["PATH"], **json.loads(args.env)}
+    env = variables(args.env)
     report: dict[str, Any] = {"add": [], "check": [], "del": [], "errors": []}
 
     def record(kind: str, result: tuple[float, int, Any]) -> Any:
@@ -91,24 +106,17 @@ def main() -> None:
     variants = [("", args.binary, conf, env)]
     if args.pair_binary and args.pair_conf:
         with open(args.pair_conf) as f:
-            variants.append(("pair_", args.pair_binary, json.load(f),
-                             {"PATH": os.environ["PATH"], **json.loads(args.pair_env)}))
+            variants.append(("pair_", args.pair_binary, json.load(f), variables(args.pair_env)))
     walls: dict[str, tuple[list[float], list[float]]] = {key: ([], []) for key, *_ in variants}
     errors, distinct = 0, []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:
         for r in range(args.rounds if args.parallel else 0):
             for key, binary, vconf, venv in variants if r % 2 == 0 else variants[::-1]:
-                def par(verb: str, i: int, r: int = r, binary: str = binary, vconf: Any = vconf,
-                        venv: dict[str, str] = venv, key: str = key) -> tuple[float, int, Any]:
-                    return call(binary, verb, vconf, f"{key}par-{r}-{i}", pods[i], venv)
-
                 links = non_bridges()
-                started = time.perf_counter()
-                adds = list(pool.map(lambda i: par("ADD", i), range(args.parallel)))
-                walls[key][0].append((time.perf_counter() - started) * 1000)
-                started = time.perf_counter()
-                dels = list(pool.map(lambda i: par("DEL", i), range(args.parallel)))
-                walls[key][1].append((time.perf_counter() - started) * 1000)
+                add_wall, adds = burst(pool, args.parallel, binary, "ADD", vconf, f"{key}par-{r}", pods, venv)
+                del_wall, dels = burst(pool, args.parallel, binary, "DEL", vconf, f"{key}par-{r}", pods, venv)
+                walls[key][0].append(add_wall)
+                walls[key][1].append(del_wall)
                 settle(links)
                 errors += sum(1 for result in adds + dels if result[1] != 0)
                 distinct.append(len({a[2]["ips"][0]["address"] for a in adds if a[1] == 0 and a[2]}))

@@ -211,11 +211,7 @@ class Agent:
             self.observer.call_started()
             code = 1
             try:
-                with self._turns.turn() as held:
-                    if not held:
-                        self.observer.ran_without_turn()
-                    code = skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program,
-                                    stderr=err, netns_fd=pod_fd, removals=self.removals)
+                code = self._run(program, env, stdin, out, err, pod_fd)
             finally:
                 self.observer.call_finished(program, env.get("CNI_COMMAND", ""),
                                             result_code(code, out.getvalue()), time.monotonic() - started)
@@ -226,11 +222,18 @@ class Agent:
                     self.observer.add_undone()
                     log.process().warning("agent_add_undone", container_id=key[0], ifname=key[1],
                                 reason="the caller went away before the result was delivered")
-                    with self._turns.turn():
-                        skel.run(_verbs_for(program), {**env, "CNI_COMMAND": "DEL"}, io.BytesIO(stdin),
-                                 io.StringIO(), program=program, stderr=io.StringIO(), netns_fd=pod_fd,
-                                 removals=self.removals)
+                    self._run(program, {**env, "CNI_COMMAND": "DEL"}, stdin, io.StringIO(), io.StringIO(),
+                              pod_fd)
                 raise
+
+    def _run(self, program: str, env: Mapping[str, str], stdin: bytes, out: io.StringIO,
+             err: io.StringIO, pod_fd: int | None) -> int:
+        """One verb through the same skel as the exec'd plugin, in a turn of its own."""
+        with self._turns.turn() as held:
+            if not held:
+                self.observer.ran_without_turn()
+            return skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program, stderr=err,
+                            netns_fd=pod_fd, removals=self.removals)
 
 
 def _passed_fds(flags: int, fds: list[int]) -> tuple[int | None, int | None]:

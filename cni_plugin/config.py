@@ -73,6 +73,7 @@ class BridgeConf(_Model):
     vlan: int = Field(default=0, ge=0, le=4094)
     enable_dad: bool = Field(default=False, alias="enabledad")
     disable_container_interface: bool = Field(default=False, alias="disableContainerInterface")
+    pod_ipv6_link_local: bool = Field(default=False, alias="podIPv6LinkLocal")
     ipam: dict[str, Any] = Field(default_factory=dict)
     dns: DNS | None = None
     log_file: str | None = Field(default=None, alias="logFile")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import _socket
 import contextlib
 import errno
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -231,38 +232,70 @@ def wait_oper_up(sock: Netlink, index: int) -> Link:
 # --- pod side (run inside the pod netns) ----------------------------------------------------
 
 
-@contextlib.contextmanager
-def pod_socket(pod_fd: int) -> Iterator[Netlink]:
-    """A netlink socket inside the pod netns, usable from the calling thread: only its creation
-    needs a thread that entered the netns."""
-    sock = netns.run_in(pod_fd, open_socket)
+@dataclass(frozen=True)
+class Pod:
+    """The pod netns, usable from the calling thread: a netlink socket and the directory of its
+    IPv6 sysctls (None: no IPv6 in the kernel). Only their opening needs a thread that entered
+    the netns, and one trip serves both."""
+
+    sock: Netlink
+    ipv6_conf: int | None
+
+
+def _open_pod() -> Pod:
+    sock = open_socket()
     try:
-        yield sock
-    finally:
+        return Pod(sock, sysctl.open_dir("net/ipv6/conf/"))
+    except BaseException:
         sock.close()
+        raise
 
 
-def _pod_ipv6_sysctls(ifname: str, enable_dad: bool) -> None:
-    with sysctl.batch():
-        for dev in ("lo", ifname):
-            sysctl.try_write(f"net/ipv6/conf/{dev}/disable_ipv6", "0")
-        sysctl.try_write(f"net/ipv6/conf/{ifname}/keep_addr_on_down", "1")
-        sysctl.try_write(f"net/ipv6/conf/{ifname}/accept_dad", "1" if enable_dad else "0")
-        if enable_dad:
-            sysctl.try_write(f"net/ipv6/conf/{ifname}/enhanced_dad", "1")
+@contextlib.contextmanager
+def open_pod(pod_fd: int) -> Iterator[Pod]:
+    pod = netns.run_in(pod_fd, _open_pod)
+    try:
+        yield pod
+    finally:
+        pod.sock.close()
+        if pod.ipv6_conf is not None:
+            os.close(pod.ipv6_conf)
+
+
+def _pod_ipv6(conf: int, ifname: str, v6: bool, enable_dad: bool) -> None:
+    """IPv6 on the pod end, set while it is down. With IPv6 addresses: on (lo too, as the
+    reference), DAD as asked. With IPv4 ones only: off, as Docker does on IPv4-only interfaces:
+    no link-local address a pod could reach others by around IPv4 rules, and no DAD, MLD reports
+    and router solicitations for the bridge to flood to every port (at 1000 pods, most of an
+    ADD's growth)."""
+    if not v6:
+        try:
+            sysctl.write(f"{ifname}/disable_ipv6", "1", conf)
+        except OSError as exc:
+            raise CNIError(INTERNAL, f"failed to turn IPv6 off on {ifname}",
+                           f"{exc.strerror}; set podIPv6LinkLocal to keep it on") from exc
+        return
+    for dev in ("lo", ifname):
+        sysctl.try_write(f"{dev}/disable_ipv6", "0", conf)
+    sysctl.try_write(f"{ifname}/keep_addr_on_down", "1", conf)
+    sysctl.try_write(f"{ifname}/accept_dad", "1" if enable_dad else "0", conf)
+    if enable_dad:
+        sysctl.try_write(f"{ifname}/enhanced_dad", "1", conf)
 
 
 def pod_configure(
-    sock: Netlink,
-    pod_fd: int,
+    pod: Pod,
     ifname: str,
     addrs: Sequence[IPInterface],
     routes: Sequence[tuple[str, str | None]],
     enable_dad: bool,
     up: bool,
+    keep_link_local: bool,
 ) -> Link:
     """Addresses, link up, routes; DAD off unless asked (accept_dad), so ADD never waits for it.
-    `sock` is a pod_socket(); only IPv6's sysctls need a thread inside the pod netns."""
+    `keep_link_local`: leave an IPv4-only pod end's IPv6 as the netns has it (the reference's
+    way). With no addresses at all (no IPAM) the pod's IPv6 is the user's and left alone."""
+    sock = pod.sock
     with netlink_errors(f"configure {ifname}"):
         link = find(sock, ifname)
         if link is None:
@@ -270,8 +303,8 @@ def pod_configure(
         # Gratuitous ARP when the link comes up, as the reference sets it.
         sock.set_ipv4_conf(link.index, {rtnl.IPV4_DEVCONF_ARP_NOTIFY: 1})
         v6 = any(a.version == 6 for a in addrs)
-        if v6:
-            netns.run_in(pod_fd, lambda: _pod_ipv6_sysctls(ifname, enable_dad))
+        if pod.ipv6_conf is not None and (v6 or (addrs and not keep_link_local)):
+            _pod_ipv6(pod.ipv6_conf, ifname, v6, enable_dad)
         for addr in addrs:
             sock.add_address(link.index, addr)  # DAD is off by the accept_dad sysctl, as the reference
         if up:

@@ -9,6 +9,10 @@ netns. So the directories below /proc/sys/net/ipv4 and ipv6/conf are opened once
 files are opened relative to them: from there the names are the netns' own (~4 µs at any count).
 They are kept for the netns the module was loaded in (the agent's or plugin's own netns, where
 host-side work runs); a thread in any other netns (a pod's) opens them for the one call.
+
+A directory opened inside a pod netns (`open_dir`) keeps naming that netns' knobs whichever
+thread writes below it (`write(..., dir_fd=)`): links born in the pod after it was opened
+included. So one trip of a thread into the pod serves all of an ADD's pod sysctls.
 """
 
 from __future__ import annotations
@@ -30,20 +34,6 @@ def _thread_netns() -> tuple[int, int]:
 _HOME = _thread_netns()
 _cache_lock = threading.Lock()
 _cached: dict[str, int] = {}
-_batch = threading.local()  # .fds: the directories a batch() of this thread opened
-
-
-@contextlib.contextmanager
-def batch() -> Iterator[None]:
-    """Within the block, a thread in another netns (a pod's) keeps the directories it opens, so
-    several knobs cost one lookup of /proc/sys/net/ipv6/conf, not one each."""
-    _batch.fds = {}
-    try:
-        yield
-    finally:
-        fds, _batch.fds = _batch.fds, None
-        for fd in fds.values():
-            os.close(fd)
 
 
 def _open_base(base: str) -> int:
@@ -53,34 +43,41 @@ def _open_base(base: str) -> int:
 def _base_fd(base: str) -> tuple[int, bool]:
     """(fd of `base` in the calling thread's netns, whether the caller must close it)."""
     if _thread_netns() != _HOME:
-        kept: dict[str, int] | None = getattr(_batch, "fds", None)
-        if kept is None:
-            return _open_base(base), True
-        if base not in kept:
-            kept[base] = _open_base(base)
-        return kept[base], False
+        return _open_base(base), True
     with _cache_lock:
         if base not in _cached:
             _cached[base] = _open_base(base)
         return _cached[base], False
 
 
+def open_dir(base: str) -> int | None:
+    """/proc/sys/`base` of the calling thread's netns, as an fd for `dir_fd=`; None if absent
+    (`net/ipv6/conf/` in a kernel without IPv6). The caller closes it."""
+    try:
+        return _open_base(base)
+    except FileNotFoundError:
+        return None
+
+
 @contextlib.contextmanager
-def _opened(key: str, flags: int) -> Iterator[int]:
-    base = next((b for b in _BASES if key.startswith(b)), "")
-    if base:
-        dir_fd, owned = _base_fd(base)
-        try:
-            fd = os.open(key[len(base):], flags | os.O_CLOEXEC, dir_fd=dir_fd)
-        finally:
-            if owned:
-                os.close(dir_fd)
-    else:
-        fd = os.open(os.path.join("/proc/sys", key), flags | os.O_CLOEXEC)
+def _opened(key: str, flags: int, dir_fd: int | None = None) -> Iterator[int]:
+    fd = os.open(key, flags | os.O_CLOEXEC, dir_fd=dir_fd) if dir_fd is not None else _open_key(key, flags)
     try:
         yield fd
     finally:
         os.close(fd)
+
+
+def _open_key(key: str, flags: int) -> int:
+    base = next((b for b in _BASES if key.startswith(b)), "")
+    if not base:
+        return os.open(os.path.join("/proc/sys", key), flags | os.O_CLOEXEC)
+    base_fd, owned = _base_fd(base)
+    try:
+        return os.open(key[len(base):], flags | os.O_CLOEXEC, dir_fd=base_fd)
+    finally:
+        if owned:
+            os.close(base_fd)
 
 
 def read(key: str) -> str:
@@ -88,8 +85,9 @@ def read(key: str) -> str:
         return os.read(fd, 4096).decode().strip()
 
 
-def write(key: str, value: str) -> None:
-    with _opened(key, os.O_WRONLY) as fd:
+def write(key: str, value: str, dir_fd: int | None = None) -> None:
+    """`key` below /proc/sys, or below `dir_fd` (an `open_dir`) when given."""
+    with _opened(key, os.O_WRONLY, dir_fd) as fd:
         os.write(fd, value.encode())
 
 
@@ -99,10 +97,10 @@ def ensure(key: str, value: str) -> None:
         write(key, value)
 
 
-def try_write(key: str, value: str) -> bool:
+def try_write(key: str, value: str, dir_fd: int | None = None) -> bool:
     """For knobs that may be absent (IPv6 disabled in the kernel, a link already gone)."""
     try:
-        write(key, value)
+        write(key, value, dir_fd)
     except OSError:
         return False
     return True

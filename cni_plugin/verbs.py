@@ -68,9 +68,9 @@ def cmd_add(req: Request) -> dict[str, Any]:
     conf = _load(req)
     mac = conf.mac(req.cmd.cni_args)
     ifname, cid = req.cmd.ifname, req.cmd.container_id
-    with _pod_netns(req) as pod_fd, link.route_socket() as ipr, link.pod_socket(pod_fd) as pod_sock, \
+    with _pod_netns(req) as pod_fd, link.route_socket() as ipr, link.open_pod(pod_fd) as pod, \
             contextlib.ExitStack() as undo:
-        if link.find(pod_sock, ifname) is not None:
+        if link.find(pod.sock, ifname) is not None:
             raise CNIError(INTERNAL, f"container veth name {ifname!r} already exists", req.cmd.netns)
         # IPAM first: it validates its own config (dataDir, ranges) before any link is touched.
         result = Result(cniVersion=req.cni_version)
@@ -83,8 +83,9 @@ def cmd_add(req: Request) -> dict[str, Any]:
         host = link.create_veth(ipr, pod_fd, ifname, conf.mtu, mac, bridge)
         undo.callback(_undo, req.log, "veth delete", link.delete_link, ipr, host.index)
         link.configure_port(ipr, host, conf.hairpin_mode, conf.port_isolation, conf.vlan)
-        pod = link.pod_configure(pod_sock, pod_fd, ifname, todo.addrs, todo.routes, conf.enable_dad,
-                                 up=not conf.disable_container_interface)
+        pod_link = link.pod_configure(pod, ifname, todo.addrs, todo.routes, conf.enable_dad,
+                                      up=not conf.disable_container_interface,
+                                      keep_link_local=conf.pod_ipv6_link_local)
         if conf.is_gateway:
             for gateway in todo.gateways.values():
                 link.ensure_gateway(ipr, bridge, gateway, conf.force_address)
@@ -103,7 +104,8 @@ def cmd_add(req: Request) -> dict[str, Any]:
     result.interfaces = [
         Interface(name=bridge.name, mac=bridge.mac, mtu=bridge.mtu if conf.mtu else None),
         Interface(name=host.name, mac=host.mac, mtu=host.mtu if conf.mtu else None),
-        Interface(name=pod.name, mac=pod.mac, mtu=pod.mtu if conf.mtu else None, sandbox=req.cmd.netns),
+        Interface(name=pod_link.name, mac=pod_link.mac, mtu=pod_link.mtu if conf.mtu else None,
+                  sandbox=req.cmd.netns),
     ]
     if conf.dns is not None:
         result.dns = conf.dns

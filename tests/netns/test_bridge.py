@@ -43,6 +43,19 @@ def test_two_pods_ping_each_other_and_the_gateway(host: Host, spec_version: str)
     assert host.pod_exec(a, "cat", "/proc/sys/net/ipv4/conf/eth0/arp_notify").stdout.strip() == b"1"
 
 
+def test_ipv4_only_pods_have_no_ipv6_on_eth0_unless_asked(host: Host) -> None:
+    a, b = host.new_pod(), host.new_pod()
+    host.add(bridge_conf(host), a, "pod-a")
+    assert host.pod_exec(a, "cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6").stdout.strip() == b"1"
+    assert pod_json(host, a, "-6", "addr", "show", "dev", "eth0") in ([], [{}])
+    lo = host.pod_exec(a, "cat", "/proc/sys/net/ipv6/conf/lo/disable_ipv6").stdout.strip()
+    assert lo == b"0"  # ::1 stays
+    host.add(bridge_conf(host, podIPv6LinkLocal=True), b, "pod-b")  # as the reference leaves it
+    assert host.pod_exec(b, "cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6").stdout.strip() == b"0"
+    eth0 = pod_json(host, b, "-6", "addr", "show", "dev", "eth0")[0]["addr_info"]
+    assert [i["scope"] for i in eth0] == ["link"], eth0
+
+
 NET_ADDR_SET = "3"  # include/linux/netdevice.h: the address was set, it no longer follows the ports
 
 

@@ -46,6 +46,7 @@ class FakeKernel:
         self.namespaces: dict[str, Namespace] = {HOST: Namespace()}
         self.fds: dict[int, str] = {}
         self.sysctls: dict[str, str] = {}
+        self.written_while_up: list[str] = []
         self.masq: set[tuple[str, str, str]] = set()
         self.hairpin: set[int] = set()
         self.steps: list[str] = []
@@ -80,6 +81,22 @@ class FakeKernel:
         finally:
             self._current.ns = before
 
+    def open_sysctl_dir(self, base: str) -> int:
+        fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self.fds[fd] = f"{self.current()}:{base}"
+        return fd
+
+    def write_sysctl(self, key: str, value: str, dir_fd: int | None = None) -> bool:
+        """Kept as `netns:key`: below a directory, in the netns it was opened in. A link's own
+        knobs written while it is up are also noted in `written_while_up`."""
+        where = self.fds[dir_fd] if dir_fd is not None else f"{self.current()}:"
+        self.sysctls[where + key] = value
+        ns, _, path = (where + key).partition(":")
+        parts = path.removeprefix("net/ipv6/conf/").split("/")
+        if len(parts) == 2 and any(lk.name == parts[0] and lk.up for lk in self.links(ns)):
+            self.written_while_up.append(where + key)
+        return True
+
     def socket(self) -> FakeSocket:
         return FakeSocket(self, self.current())
 
@@ -100,7 +117,9 @@ class FakeKernel:
         monkeypatch.setattr(netns, "open_netns", self.open_netns)
         monkeypatch.setattr(netns, "same_netns", self.same_netns)
         monkeypatch.setattr(netns, "run_in", self.run_in)
-        monkeypatch.setattr(sysctl, "try_write", lambda key, value: self.sysctls.update({key: value}) or True)
+        monkeypatch.setattr(sysctl, "try_write", self.write_sysctl)
+        monkeypatch.setattr(sysctl, "write", self.write_sysctl)
+        monkeypatch.setattr(sysctl, "open_dir", self.open_sysctl_dir)
         has_rules = lambda network, cid, ifname: (network, cid, ifname) in self.masq  # noqa: E731
 
         def ensure(key: str, value: str) -> None:

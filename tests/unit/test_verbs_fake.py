@@ -76,6 +76,28 @@ def test_add_check_del(kernel: FakeKernel, tmp_path: Path, version: str) -> None
     assert kernel.links(HOST, "bridge") == [bridge]  # the bridge is shared: it stays
 
 
+@pytest.mark.parametrize(("families", "extra", "written"), [
+    ("dual-stack", {}, {"lo/disable_ipv6": "0", "eth0/disable_ipv6": "0", "eth0/accept_dad": "0"}),
+    ("IPv4", {}, {"eth0/disable_ipv6": "1"}),
+    ("IPv4", {"podIPv6LinkLocal": True}, {}),  # the pod's IPv6 as the netns has it
+    ("no IPAM", {"ipam": {}, "isGateway": False, "isDefaultGateway": False, "ipMasq": False}, {}),
+])
+def test_pod_ipv6_is_on_with_ipv6_addresses_and_off_with_ipv4_ones_only(
+    kernel: FakeKernel, tmp_path: Path, families: str, extra: dict[str, Any], written: dict[str, str]
+) -> None:
+    conf = _conf(tmp_path, **extra)
+    if families == "IPv4":
+        conf["ipam"]["ranges"] = conf["ipam"]["ranges"][:1]
+    assert _call("ADD", conf)[0] == 0
+    prefix = f"{POD}:net/ipv6/conf/"
+    pod_knobs = {k.removeprefix(prefix): v for k, v in kernel.sysctls.items() if k.startswith(prefix)}
+    assert {k: pod_knobs.get(k) for k in ("lo/disable_ipv6", "eth0/disable_ipv6")} == {
+        k: written.get(k) for k in ("lo/disable_ipv6", "eth0/disable_ipv6")}
+    assert written.items() <= pod_knobs.items()
+    assert kernel.written_while_up == []  # set before the link comes up: no DAD, MLD or RS sent
+    assert kernel.links(POD)[0].up
+
+
 def test_check_reports_what_drifted(kernel: FakeKernel, tmp_path: Path) -> None:
     conf = _conf(tmp_path)
     _, result = _call("ADD", conf)

@@ -73,8 +73,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1, help="parallel bursts; the median is reported")
     parser.add_argument("--env", default="{}")
-    # A second variant whose parallel bursts alternate with this one's: the machine's speed drifts
-    # over minutes, so the ratio of bursts made side by side is the steadier one.
+    # A second variant whose sequential calls and parallel bursts alternate with this one's.
     parser.add_argument("--pair-binary")
     parser.add_argument("--pair-conf")
     parser.add_argument("--pair-env", default="{}")
@@ -84,7 +83,7 @@ def main() -> None:
     with open(args.pods) as f:
         pods = f.read().split()
     env = variables(args.env)
-    report: dict[str, Any] = {"add": [], "check": [], "del": [], "errors": []}
+    report: dict[str, Any] = {"errors": []}
 
     def record(kind: str, result: tuple[float, int, Any]) -> Any:
         elapsed, rc, out = result
@@ -93,20 +92,30 @@ def main() -> None:
             report["errors"].append({"verb": kind, "out": out})
         return out
 
-    for i in range(args.sequential):
-        cid = f"seq-{i}"
-        result = record("add", call(args.binary, "ADD", conf, cid, pods[i], env))
-        if result and conf["cniVersion"] >= "0.4.0":
-            record("check", call(args.binary, "CHECK", {**conf, "prevResult": result}, cid, pods[i], env))
-        record("del", call(args.binary, "DEL", conf, cid, pods[i], env))
-
-    # Concurrency: N ADDs at once, then N DELs at once; `rounds` such bursts, as one burst's wall
-    # time swings by a third between runs on a small VM. With a pair, each round makes one burst
-    # of each variant, in turn first.
+    # With a pair, each step makes one call sequence or burst of each variant, in turn first:
+    # the machine's speed drifts over minutes, so ratios of figures made side by side are the
+    # steadier ones.
     variants = [("", args.binary, conf, env)]
     if args.pair_binary and args.pair_conf:
         with open(args.pair_conf) as f:
             variants.append(("pair_", args.pair_binary, json.load(f), variables(args.pair_env)))
+    for key, *_ in variants:
+        report.update({f"{key}add": [], f"{key}check": [], f"{key}del": []})
+
+    links = non_bridges()
+    for i in range(args.sequential):
+        for key, binary, vconf, venv in variants if i % 2 == 0 else variants[::-1]:
+            cid = f"{key}seq-{i}"
+            result = record(f"{key}add", call(binary, "ADD", vconf, cid, pods[i], venv))
+            if result and vconf["cniVersion"] >= "0.4.0":
+                checked = {**vconf, "prevResult": result}
+                record(f"{key}check", call(binary, "CHECK", checked, cid, pods[i], venv))
+            record(f"{key}del", call(binary, "DEL", vconf, cid, pods[i], venv))
+            if len(variants) > 1:
+                settle(links)  # neither variant's calls pay for the other's deferred deletions
+
+    # Concurrency: N ADDs at once, then N DELs at once; `rounds` such bursts, as one burst's wall
+    # time swings by a third between runs on a small VM.
     walls: dict[str, tuple[list[float], list[float]]] = {key: ([], []) for key, *_ in variants}
     errors, distinct = 0, []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:

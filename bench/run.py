@@ -243,21 +243,24 @@ def run_variants(
     return results
 
 
-def paired_bursts(
+def paired(
     args: argparse.Namespace, world: World, tmp: Path, plan: list[Variant], results: dict[str, dict[str, Any]]
 ) -> None:
-    """The parallel bursts again, the reference's and the agent's alternating in one driver."""
+    """The sequential calls and parallel bursts again, the reference's and the agent's
+    alternating in one driver."""
     named = {variant[0]: variant for variant in plan}
     _, ref_binary, ref_kind, ref_ipam, ref_env = named["reference"]
     _, binary, kind, ipam, env = named[AGENT]
-    progress(f"{args.rounds} rounds of parallel bursts, reference and agent alternating")
+    progress(f"{args.pods} sequential pods and {args.rounds} rounds of parallel bursts, reference and agent "
+             "alternating")
     ref_conf = conf(ref_kind, ref_ipam, "brp0", "10.220.0.0/22", str(tmp / "ipam-pair-ref"))
     agent_conf = conf(kind, ipam, "brp1", "10.221.0.0/22", str(tmp / "ipam-pair-agent"))
     with agent_for(AGENT, world, env, binary):
-        report = drive(world, tmp, binary, agent_conf, env, 0, args.parallel, 0, args.rounds,
+        report = drive(world, tmp, binary, agent_conf, env, args.pods, args.parallel, 0, args.rounds,
                        pair=(ref_binary, ref_conf, ref_env))
-    results[AGENT]["paired_add_wall"] = report["par_add_wall"]
-    results["reference"]["paired_add_wall"] = report["pair_par_add_wall"]
+    for label, key in ((AGENT, ""), ("reference", "pair_")):
+        for figure in ("add", "check", "del", "par_add_wall"):
+            results[label][f"paired_{figure}"] = report[f"{key}{figure}"]
     results[AGENT]["errors"] += report["errors"]
     results[AGENT]["par_errors"] += report["par_errors"]
 
@@ -301,10 +304,13 @@ def table(results: dict[str, dict[str, Any]], scale: int, parallel: int) -> list
     for verb in ("add", "check", "del"):
         row(f"{verb.upper()} p50 ms", lambda r, v=verb: pct(r[v], 0.5) if r[v] else None)
         row(f"{verb.upper()} p99 ms", lambda r, v=verb: pct(r[v], 0.99) if r[v] else None)
+    for verb in ("add", "check", "del"):
+        row(f"{verb.upper()} p50 ms, calls alternating with the other variant's",
+            lambda r, v=verb: pct(r[f"paired_{v}"], 0.5) if r.get(f"paired_{v}") else None)
     row(f"{parallel} parallel ADD wall ms (median of bursts)", lambda r: r["par_add_wall"])
     row(f"{parallel} parallel DEL wall ms (median of bursts)", lambda r: r["par_del_wall"])
     row(f"{parallel} parallel ADD wall ms, bursts alternating with the other variant's (median)",
-        lambda r: r.get("paired_add_wall"))
+        lambda r: r.get("paired_par_add_wall"))
     row("parallel errors", lambda r: r["par_errors"], "{:d}")
     row("parallel distinct IPs (fewest in a burst)", lambda r: r["par_distinct_ips"], "{:d}")
     if scale >= 100:
@@ -349,11 +355,12 @@ def load() -> str:
     return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def cri_table(cri: dict[str, list[float]] | str, pods: int) -> list[str]:
+def cri_table(cri: dict[str, list[float]] | str, pods: int, blocks: int) -> list[str]:
     if isinstance(cri, str):
         return [f"CRI RunPodSandbox: not measured ({cri})."]
     ref = cri["reference"]
-    lines = [f"| CRI RunPodSandbox, {pods} pods one after another | " + " | ".join(cri) + " |",
+    lines = [f"| CRI RunPodSandbox, {pods} pods in {blocks} blocks per variant, the variants' alternating | "
+             + " | ".join(cri) + " |",
              "|---" * (len(cri) + 1) + "|"]
     for name, q in (("p50 ms", 0.5), ("p95 ms", 0.95)):
         cells = [f"{pct(t, q):.1f} ({pct(t, q) / pct(ref, q):.2f}x)" for t in cri.values()]
@@ -381,7 +388,7 @@ def render(
     for name, cells in table(results, args.scale, args.parallel):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if cri is not None:
-        lines += ["", *cri_table(cri, args.cri_pods)]
+        lines += ["", *cri_table(cri, args.cri_pods, args.cri_blocks)]
     errors = {label: len(r["errors"]) for label, r in results.items()}
     lines += [
         "",
@@ -414,14 +421,16 @@ def main() -> int:
         plan = variants(args, Path(tmpdir))
         results = run_variants(args, world, Path(tmpdir), plan)
         if args.parallel:
-            paired_bursts(args, world, Path(tmpdir), plan, results)
+            paired(args, world, Path(tmpdir), plan, results)
         if args.scale >= 100:
             scale_without_pod_ipv6(args, world, Path(tmpdir), plan, results)
     cri = None
     if args.cri_pods:
         progress(f"timing CRI RunPodSandbox for {args.cri_pods} pods")
         sys.path.insert(1, str(HERE.parent))  # bench/cri.py drives the containerd tier's harness
-        from cri import run_pod_sandbox
+        from cri import BLOCKS, run_pod_sandbox
+
+        args.cri_blocks = BLOCKS
 
         with tempfile.TemporaryDirectory(prefix="pbt-bench-cri-") as tmpdir:
             cri = run_pod_sandbox(Path(tmpdir), args.cri_pods)

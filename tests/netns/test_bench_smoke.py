@@ -30,6 +30,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert report["errors"] == [] and report["par_errors"] == 0, label
         assert report["par_distinct_ips"] == 4, label
         assert len(report["add"]) == 20 and len(report["del"]) == 20, label
+    # sequential calls and bursts made again, the reference's and the agent's alternating
+    assert "| ADD p50 ms, calls alternating with the other variant's |" in proc.stdout
+    for label in ("reference", "pybridge+agent"):
+        for verb in ("add", "check", "del"):
+            assert len(results[label][f"paired_{verb}"]) == 20, (label, verb)
+        assert results[label]["paired_par_add_wall"] is not None, label
     # the scale run, then again with IPv6 off in the pods, for the reference and the agent
     assert "| ADD p50 ms, pods 51-100, pods without IPv6 |" in proc.stdout
     for label in ("reference", "pybridge+agent"):

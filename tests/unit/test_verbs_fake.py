@@ -7,6 +7,7 @@ pod address), no IPAM reservation, no masquerade rule.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import verbs
+from cni_plugin import sysctl, verbs
 from cnikit import skel
 from cnikit.spec.version import SUPPORTED, at_least
 from ipam.plugin import list_reservations
@@ -96,6 +97,22 @@ def test_pod_ipv6_is_on_with_ipv6_addresses_and_off_with_ipv4_ones_only(
     assert written.items() <= pod_knobs.items()
     assert kernel.written_while_up == []  # set before the link comes up: no DAD, MLD or RS sent
     assert kernel.links(POD)[0].up
+
+
+def test_pod_ipv6_that_cannot_be_turned_off_fails_the_add_and_leaves_nothing(
+    kernel: FakeKernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read_only(key: str, value: str, dir_fd: int | None = None) -> bool:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(sysctl, "write", read_only)
+    conf = _conf(tmp_path)
+    conf["ipam"]["ranges"] = conf["ipam"]["ranges"][:1]
+    code, error = _call("ADD", conf)
+    assert code == 1 and error is not None, error
+    assert error["code"] == 999 and error["msg"] == "failed to turn IPv6 off on eth0", error
+    assert "podIPv6LinkLocal" in error["details"] and "Read-only" in error["details"], error
+    _nothing_left(kernel, tmp_path)
 
 
 def test_check_reports_what_drifted(kernel: FakeKernel, tmp_path: Path) -> None:

@@ -147,6 +147,26 @@ def test_nftables_layout(host: str) -> None:
     assert masq.attachment_has_rules(NET, "c1", "eth0")
 
 
+def test_an_intact_base_chain_is_left_alone_and_a_broken_one_rewritten(host: str) -> None:
+    """Rewriting the base chain costs a transaction that waits for the kernel: a setup writes it
+    only when the listing does not find it whole, as this or an older version left it."""
+    masq.setup(NET, "c1", "eth0", [V4], masq.NFTABLES)
+    handles = [r["handle"] for r in nft_rules("postrouting")]
+    masq.setup(NET, "c2", "eth0", [IPv4Interface("10.77.0.3/24")], masq.NFTABLES)
+    assert [r["handle"] for r in nft_rules("postrouting")] == handles  # not flushed and re-added
+    # A base without the jump, then one as versions before the marks wrote it (no comments).
+    sh("nft", "delete", "rule", "inet", "pybridge", "postrouting", "handle", str(handles[-1]))
+    unmarked = "\n".join(line.split(" comment ")[0] for line in masq._NFT_BASE.splitlines())
+    for i, damage in enumerate((None, unmarked)):
+        if damage:
+            subprocess.run(["nft", "-f", "-"], input=damage, text=True, check=True)
+        masq.setup(NET, f"c{i + 3}", "eth0", [IPv4Interface(f"10.77.0.{i + 4}/24")], masq.NFTABLES)
+        returns = [r["expr"] for r in nft_rules("postrouting")]
+        assert [e[-1] for e in returns] == [{"return": None}, {"return": None}, {"jump": {"target": "masq"}}]
+        assert [r.get("comment") for r in nft_rules("postrouting")] == [masq._BASE_MARK] * 3
+    assert len(nft_rules("masq")) == 4
+
+
 def test_iptables_layout(host: str) -> None:
     masq.setup(NET, "c1", "eth0", [V4, V6], masq.IPTABLES)
 

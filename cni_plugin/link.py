@@ -3,8 +3,10 @@
 The hot path (what every ADD and DEL does) goes through the lean `rtnl` layer; pyroute2, the
 project's netlink library, serves the rest (bridge VLAN filters, CHECK's route and bridge-port
 reads). Host-side functions take an `Netlink` opened in the plugin's (host) netns.
-Pod-side functions (`pod_*`) run inside the pod netns via `netns.run_in` and open their own
-socket there, because a netlink socket stays in the netns it was created in.
+A netlink socket stays in the netns it was created in, and a /proc/sys directory names the
+knobs of the netns it was opened in: `pod_configure` works through both, opened by one trip of
+a thread into the pod (`open_pod`); the other pod-side functions (`pod_*`) run inside the pod
+netns via `netns.run_in` and open their own socket there.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ IFLA_PROTINFO, IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_NET_NS_FD = 12, 16, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER, IFLA_BR_VLAN_FILTERING = 1, 2, 1, 7
 IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33
 IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_ARP_NOTIFY = 26, 1, 22
+IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 31, 32
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
 IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
@@ -48,6 +49,7 @@ _NLMSG = struct.Struct("=IHHII")
 _IFINFO = struct.Struct("=BxHiII")
 _IFADDR = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
+_ONE = struct.pack("=I", 1)
 _RTA = struct.Struct("=HH")
 
 def attr(kind: int, data: bytes) -> bytes:
@@ -189,12 +191,20 @@ class Socket:
     ) -> None:
         """The pair with its peer born in another netns (no move afterwards). With `master`, the
         host end is also enslaved to it in the same request (the kernel undoes the creation if
-        that fails). Both ends stay down."""
+        that fails). Both ends stay down.
+
+        Each end gets one TX and one RX queue, the number the kernel's veth uses by default. Left
+        unsaid, the kernel allocates one per possible CPU and then cuts the count in use down to
+        one, and each cut waits for an expedited RCU grace period with rtnl_lock held: two per
+        pair, stalling every other netlink request of the host and interrupting the other CPUs.
+        Creating a pair took 0.37 ms that way and 0.22 ms this way (2-vCPU VM, alternating)."""
+        queues = [attr(IFLA_NUM_TX_QUEUES, _ONE), attr(IFLA_NUM_RX_QUEUES, _ONE)]
         peer_attrs = [
             attr(IFLA_IFNAME, peer.encode() + b"\0"),
             attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns_fd)),
+            *queues,
         ]
-        own = [attr(IFLA_IFNAME, name.encode() + b"\0")]
+        own = [attr(IFLA_IFNAME, name.encode() + b"\0"), *queues]
         if master is not None:
             own.append(attr(IFLA_MASTER, struct.pack("=I", master)))
         if mtu:

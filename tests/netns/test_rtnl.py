@@ -68,9 +68,10 @@ def test_bridge_and_veth_match_pyroute2(pair: Pair) -> None:
             with IPRoute() as ipr:
                 port = ipr.brport("show", index=veth.index)[0]
             # Read both views after the port joined: the bridge then takes the port's MAC.
-            return sock.link_by_name("br-rt"), sock.link_by_index(veth.index), pyroute2_link("br-rt"), port
+            return (sock.link_by_name("br-rt"), sock.link_by_index(veth.index), pyroute2_link("br-rt"),
+                    port, pyroute2_link("veth-rt"))
 
-    bridge, veth, py_bridge, port = pair.host(host_side)
+    bridge, veth, py_bridge, port, py_veth = pair.host(host_side)
     assert bridge is not None and veth is not None
     assert (bridge.index, bridge.name, bridge.mac, bridge.mtu, bridge.kind) == (
         py_bridge["index"], py_bridge.get("ifname"), py_bridge.get("address"), py_bridge.get("mtu"),
@@ -80,6 +81,10 @@ def test_bridge_and_veth_match_pyroute2(pair: Pair) -> None:
     peer = pair.pod(lambda: pyroute2_link("eth7"))
     assert peer.get("address") == "0a:58:0a:00:00:07" and peer.get("mtu") == 1400
     assert peer.get("link") == veth.index
+    # One queue each way on both ends, the number a veth uses by default, allocated as such
+    # instead of one per CPU that the kernel then shrinks under rtnl_lock.
+    for end in (py_veth, peer):
+        assert (end.get("num_tx_queues"), end.get("num_rx_queues")) == (1, 1)
 
 
 def test_addresses_and_routes_match_pyroute2(pair: Pair) -> None:

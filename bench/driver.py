@@ -117,7 +117,8 @@ def main() -> None:
     # Concurrency: N ADDs at once, then N DELs at once; `rounds` such bursts, as one burst's wall
     # time swings by a third between runs on a small VM.
     walls: dict[str, tuple[list[float], list[float]]] = {key: ([], []) for key, *_ in variants}
-    errors, distinct = 0, []
+    errors: dict[str, int] = {key: 0 for key, *_ in variants}
+    distinct: list[int] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:
         for r in range(args.rounds if args.parallel else 0):
             for key, binary, vconf, venv in variants if r % 2 == 0 else variants[::-1]:
@@ -127,13 +128,13 @@ def main() -> None:
                 walls[key][0].append(add_wall)
                 walls[key][1].append(del_wall)
                 settle(links)
-                errors += sum(1 for result in adds + dels if result[1] != 0)
+                errors[key] += sum(1 for result in adds + dels if result[1] != 0)
                 distinct.append(len({a[2]["ips"][0]["address"] for a in adds if a[1] == 0 and a[2]}))
     for key, (add_walls, del_walls) in walls.items():
         report[f"{key}par_add_walls"], report[f"{key}par_del_walls"] = add_walls, del_walls
         report[f"{key}par_add_wall"] = sorted(add_walls)[len(add_walls) // 2] if add_walls else None
         report[f"{key}par_del_wall"] = sorted(del_walls)[len(del_walls) // 2] if del_walls else None
-    report["par_errors"] = errors
+        report[f"{key}par_errors"] = errors[key]
     report["par_distinct_ips"] = min(distinct, default=None)  # per burst: each ADD got its own IP
 
     # Scale: ADD latency as the bridge fills up to `scale` pods.

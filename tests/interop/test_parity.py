@@ -67,7 +67,8 @@ def _routes(host: Host, pod: str) -> list[dict[str, Any]]:
 
 
 def _link(entry: dict[str, Any]) -> dict[str, Any]:
-    keep = ("mtu", "operstate", "promiscuity", "master", "txqlen", "address")
+    keep = ("mtu", "operstate", "promiscuity", "master", "txqlen", "address",
+            "num_tx_queues", "num_rx_queues")
     out = {k: entry[k] for k in keep if k in entry}
     slave = entry.get("linkinfo", {}).get("info_slave_data", {})
     out.update({f"port_{k}": slave[k] for k in ("hairpin", "isolated", "learning", "flood", "state")
@@ -120,8 +121,19 @@ def _result_shape(result: dict[str, Any], pod_of: Callable[[str], str]) -> dict[
     }
 
 
+def _possible_cpus() -> int:
+    with open("/sys/devices/system/cpu/possible") as f:
+        spans = [span.split("-") for span in f.read().strip().split(",")]
+    return sum(int(span[-1]) - int(span[0]) + 1 for span in spans)
+
+
 def _differences(ref: dict[str, Any], ours: dict[str, Any], pods: tuple[str, ...]) -> None:
     """Check the differences README.md documents, then drop them: the rest must be equal."""
+    for side, queues in ((ref, _possible_cpus()), (ours, 1)):  # veth queues allocated, both ends
+        for cid in pods:
+            for end in ("veth", "eth0"):
+                assert (side[cid][end].pop("num_tx_queues"), side[cid][end].pop("num_rx_queues")) == (
+                    queues, queues), (cid, end)
     for side, txqlen in ((ref, 0), (ours, 1000)):  # host veth and pod eth0 queue length
         for cid in pods:
             assert side[cid]["veth"].pop("txqlen", 0) == txqlen

@@ -43,9 +43,10 @@ _IPT_GONE = ("No chain/target/match by that name", "does a matching rule exist")
 
 # Written whole (flush + add) by a setup that does not find it intact, so concurrent first setups
 # converge on one copy of the base chain instead of racing to create it or appending duplicate
-# rules. Its rules carry _BASE_MARK: a listing that finds them in order needs no rewrite, which
-# matters, as a transaction that re-adds a chain or deletes rules waits for the kernel (~16 ms on
-# a 2-vCPU VM, against ~3 ms for one that only adds a rule).
+# rules. Its rules carry _BASE_MARK: a listing that finds exactly those marked rules there (by
+# their comments; what they match is not compared) needs no rewrite, which matters, as a
+# transaction that re-adds a chain or deletes rules waits for the kernel (~16 ms on a 2-vCPU VM,
+# against ~3 ms for one that only adds a rule).
 _BASE_MARK = "pybridge base v1"
 _NFT_BASE = f"""add table {_TABLE}
 add chain {_TABLE} postrouting {{ type nat hook postrouting priority srcnat; }}
@@ -228,8 +229,8 @@ def _run(argv: list[str], stdin: str = "", gone: tuple[str, ...] = ()) -> str:
 
 def _nft_listing(nft: str) -> tuple[list[tuple[int, str]], bool]:
     """(handle, comment) of each rule in our masq chain, and whether the base chain is intact
-    (hooked at srcnat, holding our base rules in order, the masq chain there); none and False
-    if the table does not exist."""
+    (hooked at srcnat, holding exactly our _BASE_RULES rules by their comment, the masq chain
+    there); none and False if the table does not exist."""
     try:
         out = _run([nft, "-j", "-a", "list", "table", *_TABLE.split()], gone=_NFT_GONE)
     except _Gone:

@@ -237,3 +237,27 @@ def _port_chains(host: Host) -> dict[str, str]:
     items = json.loads(host.exec("nft", "-j", "list", "table", "bridge", "pybridge").stdout)["nftables"]
     ports = next(item["map"] for item in items if "map" in item)
     return {verdict["goto"]["target"]: port for port, verdict in ports.get("elem", [])}
+
+
+def _udp_sender() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+
+def test_a_pod_still_reaches_itself_through_a_service_address(host: Host) -> None:
+    """Hairpin as kube-proxy makes it: the pod sends to a service address, the host DNATs it back
+    to the pod and masquerades it, so it returns through the pod's own port. The port's check
+    sees only what the pod sends, from its own address."""
+    conf = _dual_stack(host, hairpinMode=True, ipMasq=True, isDefaultGateway=True)
+    pod = _pods(host, conf, ("self",))["self"]
+    service = (f"add table ip svc\n"
+               f"add chain ip svc pre {{ type nat hook prerouting priority dstnat; }}\n"
+               f"add rule ip svc pre ip daddr 10.96.0.10 udp dport {PORT} dnat to {pod.v4}:{PORT}\n"
+               f"add chain ip svc post {{ type nat hook postrouting priority srcnat; }}\n"
+               f"add rule ip svc post ip saddr {pod.v4} ip daddr {pod.v4} masquerade\n")
+    host.exec("nft", "-f", "-", input=service.encode())
+    listener = in_netns(pod.netns, _udp_listener)
+    sender = in_netns(pod.netns, _udp_sender)
+    with listener, sender:
+        sender.sendto(b"hairpin", ("10.96.0.10", PORT))
+        got = _drain(listener, 1.0)
+    assert [(data, peer[0]) for data, peer in got] == [(b"hairpin", "::ffff:10.88.0.1")]

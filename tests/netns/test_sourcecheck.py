@@ -7,6 +7,7 @@ check, not lost on the way. With `sourceCheck` off the forged frames arrive (the
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import json
 import socket
@@ -225,7 +226,8 @@ def test_check_finds_the_port_chain_and_del_and_gc_remove_it(host: Host) -> None
     gc_conf = {**conf, "cni.dev/attachments": [{"containerID": "kept", "ifname": "eth0"}]}
     assert host.cni("GC", gc_conf).ok
     assert list(_port_chains(host).values()) == [result["interfaces"][1]["name"]]
-    host.exec("nft", "flush", "chain", "bridge", "pybridge", next(iter(_port_chains(host))))
+    port = result["interfaces"][1]["name"]
+    host.exec("nft", "delete", "element", "bridge", "pybridge", "ports", f'{{ "{port}" }}')
     check = host.cni("CHECK", {**conf, "prevResult": result}, kept, container_id="kept")
     assert not check.ok and check.out["msg"] == "source check rules missing", check.out
     assert host.cni("DEL", conf, kept, container_id="kept").ok
@@ -261,3 +263,28 @@ def test_a_pod_still_reaches_itself_through_a_service_address(host: Host) -> Non
         sender.sendto(b"hairpin", ("10.96.0.10", PORT))
         got = _drain(listener, 1.0)
     assert [(data, peer[0]) for data, peer in got] == [(b"hairpin", "::ffff:10.88.0.1")]
+
+
+def test_a_retried_add_replaces_what_a_crashed_one_left(host: Host) -> None:
+    """An ADD that died after its nft run leaves its chain and element; the runtime's next ADD of
+    that attachment (a new veth) must take them over, not fail or keep the old port's."""
+    conf = _dual_stack(host)
+    first = host.add(conf, host.new_pod(), container_id="retry")
+    host.exec("ip", "link", "del", first["interfaces"][1]["name"])  # no DEL: as after a crash
+    for ip, owner in host.reservations("testnet").items():  # nor the IPAM reservation
+        if owner.startswith("retry"):
+            (host.data_dir / "testnet" / ip).unlink()
+    second = host.add(conf, host.new_pod(), container_id="retry")
+    assert list(_port_chains(host).values()) == [second["interfaces"][1]["name"]]
+
+
+def test_concurrent_first_adds_leave_one_base_rule(host: Host) -> None:
+    conf = _dual_stack(host)
+    pods = [host.new_pod() for _ in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(len(pods)) as pool:
+        replies = list(pool.map(lambda i: host.cni("ADD", conf, pods[i], container_id=f"c{i}"),
+                                range(len(pods))))
+    assert all(r.ok for r in replies), [r.stderr for r in replies if not r.ok]
+    base = json.loads(host.exec("nft", "-j", "list", "chain", "bridge", "pybridge", "prerouting").stdout)
+    assert [item["rule"]["comment"] for item in base["nftables"] if "rule" in item] == ["pybridge base v1"]
+    assert sorted(_port_chains(host).values()) == sorted(r.out["interfaces"][1]["name"] for r in replies)

@@ -16,8 +16,9 @@ attachment's chain, named by masq's tag (hashes only), drops from its port:
 
 The chain and its map element are written in one transaction, so a port is never half checked.
 ADD costs one nft run: `create chain` + rules + element; only when that misses (no table yet, a
-retried ADD's chain left over) does it list the table and rewrite what it needs, as masq does.
-Commands go through masq's nft runner.
+retried ADD's chain left over) does it list and rewrite what it needs, as masq does. nft runs
+in-process through libnftables where present (libnft.py: ~1.5 ms, not ~15 ms per run), else
+through masq's nft runner.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cnikit.ip import IPInterface
 from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, CNIError
 from cnikit.spec.names import validate_network_name
 
-from . import masq
+from . import libnft, masq
 
 _TABLE = "bridge pybridge"
 _BASE_MARK = "pybridge base v1"
@@ -112,13 +113,32 @@ def setup(network: str, container_id: str, ifname: str, port: str, mac: str,
         raise CNIError(INTERNAL, "sourceCheck needs nft", "not in PATH or sbin; or set sourceCheck false")
     try:
         try:
-            masq._run([nft, "-f", "-"], f"create chain {_TABLE} {chain}\n" + body, gone=_MISS)
+            _nft_do(nft, f"create chain {_TABLE} {chain}\n" + body, _MISS)
         except masq._Gone:
             _replace(nft, lambda c, key: c == chain or key == port,
                      f"add chain {_TABLE} {chain}\nflush chain {_TABLE} {chain}\n" + body, base=True,
                      rewrite=chain)
     except CNIError as exc:
         raise _fail("setup", exc) from exc
+
+
+def _nft_do(nft: str, command: str, gone: tuple[str, ...], json: bool = False) -> str:
+    """`command` (a script, or one list command with `json`) in-process where libnftables is
+    there, else by exec'ing nft; its output. _Gone when the error text has a `gone` marker."""
+    if not libnft.available():
+        if json:
+            return masq._run([nft, "-j", *command.split()], gone=gone)
+        return masq._run([nft, "-f", "-"], command, gone=gone)
+    try:
+        code, output, error = libnft.run(command, masq._TIMEOUT, json)
+    except TimeoutError as exc:
+        raise CNIError(INTERNAL, "nft failed", str(exc)) from exc
+    if code == 0:
+        return output
+    if any(marker in error for marker in gone):
+        raise masq._Gone
+    line = next((ln.strip() for ln in error.splitlines() if ln.strip()), "no error text")
+    raise CNIError(INTERNAL, "nft failed", f"{command.splitlines()[0][:60]}: {line}")
 
 
 def teardown(network: str, container_id: str, ifname: str) -> None:
@@ -174,7 +194,7 @@ class _Listing:
 def _list(nft: str, *what: str) -> list[dict[str, Any]] | None:
     """`nft -j list <what>`'s items; None if what it names does not exist."""
     try:
-        out = masq._run([nft, "-j", "list", *what], gone=masq._NFT_GONE)
+        out = _nft_do(nft, " ".join(("list", *what)), masq._NFT_GONE, json=True)
     except masq._Gone:
         return None
     try:
@@ -226,7 +246,7 @@ def _replace(nft: str, drop: Callable[[str, str], bool], add: str = "", base: bo
         intact = listing.hooked and _base_rule_intact(nft) if base else True
         script = deletes + ("" if intact else _BASE) + add
         if script:
-            masq._run([nft, "-f", "-"], script, gone)
+            _nft_do(nft, script, gone)
 
     try:
         apply(masq._NFT_GONE)

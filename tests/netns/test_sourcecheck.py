@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from cni_plugin import libnft, sourcecheck
+
 from .harness import Host, bridge_conf, pod_json
 from .netpol_probe import in_netns
 
@@ -288,3 +290,34 @@ def test_concurrent_first_adds_leave_one_base_rule(host: Host) -> None:
     base = json.loads(host.exec("nft", "-j", "list", "chain", "bridge", "pybridge", "prerouting").stdout)
     assert [item["rule"]["comment"] for item in base["nftables"] if "rule" in item] == ["pybridge base v1"]
     assert sorted(_port_chains(host).values()) == sorted(r.out["interfaces"][1]["name"] for r in replies)
+
+
+@pytest.mark.skipif(not libnft.available(), reason="libnftables not installed")
+def test_libnftables_answers_as_nft_does(host: Host) -> None:
+    """What ADD's one-run path relies on: success, and the error text nft prints (its misses)."""
+    script = "create table bridge pbt\n"
+    assert in_netns(host.name, lambda: libnft.run(script, 10)) == (0, "", "")
+    code, _, error = in_netns(host.name, lambda: libnft.run(script, 10))
+    assert code != 0 and "File exists" in error
+    code, _, error = in_netns(host.name, lambda: libnft.run("list table bridge nosuch", 10, json=True))
+    assert code != 0 and "No such file or directory" in error
+    code, listing, _ = in_netns(host.name, lambda: libnft.run("list table bridge pbt", 10, json=True))
+    assert code == 0 and {"table": {"family": "bridge", "name": "pbt", "handle": 1}} in json.loads(
+        listing)["nftables"]
+
+
+@pytest.mark.parametrize("in_process", [True, False])
+def test_the_port_chain_is_the_same_with_or_without_libnftables(
+    host: Host, monkeypatch: pytest.MonkeyPatch, in_process: bool
+) -> None:
+    if in_process and not libnft.available():
+        pytest.skip("libnftables not installed")
+    monkeypatch.setattr(libnft, "available", lambda: in_process)
+    host.exec("ip", "link", "add", "vethpbt", "type", "veth", "peer", "name", "vethpbt-peer")
+    mac, addr = "0a:58:0a:58:00:09", ipaddress.ip_interface("10.88.0.9/24")
+    for _ in range(2):  # the second finds the chain there: the listing path
+        in_netns(host.name, lambda: sourcecheck.setup("net", "c", "eth0", "vethpbt", mac, [addr], False))
+    assert list(_port_chains(host).values()) == ["vethpbt"]
+    chain = sourcecheck.chain_name("net", "c", "eth0")
+    rules = host.exec("nft", "list", "chain", "bridge", "pybridge", chain).stdout.decode()
+    assert "ip saddr != 10.88.0.9 drop" in rules and f"ether saddr != {mac} drop" in rules

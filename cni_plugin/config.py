@@ -70,6 +70,9 @@ class BridgeConf(_Model):
     hairpin_mode: bool = Field(default=False, alias="hairpinMode")
     promisc_mode: bool = Field(default=False, alias="promiscMode")
     port_isolation: bool = Field(default=False, alias="portIsolation")
+    # Each port lets in only its pod's own MAC and addresses, and no router advertisements
+    # (sourcecheck.py); not in the reference, so on unless turned off.
+    source_check: bool = Field(default=True, alias="sourceCheck")
     vlan: int = Field(default=0, ge=0, le=4094)
     enable_dad: bool = Field(default=False, alias="enabledad")
     disable_container_interface: bool = Field(default=False, alias="disableContainerInterface")

@@ -285,6 +285,20 @@ def _pod_ipv6(conf: int, ifname: str, v6: bool, enable_dad: bool) -> None:
         sysctl.try_write(f"{ifname}/enhanced_dad", "1", conf)
 
 
+def _pod_no_router(conf: int, ifname: str) -> None:
+    """A pod end with IPv6 on takes no router advertisements and makes no SLAAC address: its
+    addresses and routes are IPAM's, and another pod's RA would route it through that pod (the
+    class of CVE-2020-10749). Its link-local address is the EUI-64 one of its MAC, which the
+    source check (sourcecheck.py) lets through. Set on the interface only: the kernel reads
+    accept_ra and autoconf per interface (`all` is not consulted), and `default` would reach
+    links other plugins put in the same netns."""
+    for knob, value in (("accept_ra", "0"), ("autoconf", "0"), ("addr_gen_mode", "0")):
+        try:
+            sysctl.write(f"{ifname}/{knob}", value, conf)
+        except OSError as exc:
+            raise CNIError(INTERNAL, f"failed to set {knob} on {ifname}", exc.strerror or str(exc)) from exc
+
+
 def pod_configure(
     pod: Pod,
     ifname: str,
@@ -307,6 +321,8 @@ def pod_configure(
         v6 = any(a.version == 6 for a in addrs)
         if pod.ipv6_conf is not None and (v6 or (addrs and not keep_link_local)):
             _pod_ipv6(pod.ipv6_conf, ifname, v6, enable_dad)
+        if pod.ipv6_conf is not None and addrs and (v6 or keep_link_local):
+            _pod_no_router(pod.ipv6_conf, ifname)
         for addr in addrs:
             sock.add_address(link.index, addr)  # DAD is off by the accept_dad sysctl, as the reference
         if up:

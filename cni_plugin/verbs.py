@@ -86,6 +86,13 @@ def cmd_add(req: Request) -> dict[str, Any]:
         pod_link = link.pod_configure(pod, ifname, todo.addrs, todo.routes, conf.enable_dad,
                                       up=not conf.disable_container_interface,
                                       keep_link_local=conf.pod_ipv6_link_local)
+        if conf.source_check:
+            from . import sourcecheck
+
+            undo.callback(_undo, req.log, "source check teardown", sourcecheck.teardown,
+                          conf.name, cid, ifname)
+            ipv6 = conf.pod_ipv6_link_local or any(a.version == 6 for a in todo.addrs)
+            sourcecheck.setup(conf.name, cid, ifname, host.name, pod_link.mac, todo.addrs, ipv6)
         if conf.is_gateway:
             for gateway in todo.gateways.values():
                 link.ensure_gateway(ipr, bridge, gateway, conf.force_address)
@@ -148,6 +155,10 @@ def cmd_del(req: Request) -> None:
         from . import masq
 
         masq.teardown(conf.name, req.cmd.container_id, req.cmd.ifname)
+    if conf.source_check:
+        from . import sourcecheck
+
+        sourcecheck.teardown(conf.name, req.cmd.container_id, req.cmd.ifname)
 
 
 def cmd_check(req: Request) -> None:
@@ -167,6 +178,13 @@ def cmd_check(req: Request) -> None:
             if not masq.attachment_has_rules(conf.name, req.cmd.container_id, req.cmd.ifname):
                 raise CNIError(INTERNAL, "masquerade rules missing",
                                f"ipMasq is on but no rule exists for {req.cmd.container_id}/{req.cmd.ifname}")
+        if conf.source_check:
+            from . import sourcecheck
+
+            if not sourcecheck.attachment_has_rules(conf.name, req.cmd.container_id, req.cmd.ifname):
+                raise CNIError(INTERNAL, "source check rules missing",
+                               f"sourceCheck is on but no port chain is in effect for "
+                               f"{req.cmd.container_id}/{req.cmd.ifname}")
 
 
 def cmd_status(req: Request) -> None:
@@ -178,9 +196,9 @@ def cmd_status(req: Request) -> None:
 def cmd_gc(req: Request) -> None:
     conf = _load(req)
     valid = valid_attachments(req.config)
-    from . import masq
+    from . import masq, sourcecheck
 
-    errors = masq.gc(conf.name, valid)
+    errors = masq.gc(conf.name, valid) + sourcecheck.gc(conf.name, valid)
     if conf.ipam_type:
         errors += ipam_client.gc(req, conf.ipam_type)
     if errors:

@@ -251,11 +251,18 @@ def check_mtu(node: Node) -> Check:
     return Check("mtu", OK, f"bridge MTU within the uplink's ({name} {mtu})")
 
 
+def _without_bridge_tables(ruleset: str) -> str:
+    """`nft list ruleset` text without its bridge-family tables (a table starts at column 0 and
+    ends at the next line that is a lone `}`)."""
+    return re.sub(r"(?ms)^table bridge .*?^}$", "", ruleset)
+
+
 def check_masquerade(node: Node) -> Check:
     masq_networks = {c.name for c in node.confs if not c.error and (c.bridge_plugin() or {}).get("ipMasq")}
     wanted = [a for r in node.rows if r.state == attachments.OK and r.network in masq_networks
               for a in r.addresses]
-    missing = [a for a in wanted if not re.search(rf"(?<![\w.:]){re.escape(a)}(?![\w.:])", node.ruleset)]
+    rules = _without_bridge_tables(node.ruleset)  # sourceCheck's port chains name pod addresses too
+    missing = [a for a in wanted if not re.search(rf"(?<![\w.:]){re.escape(a)}(?![\w.:])", rules)]
     if missing:
         return Check("masquerade", FAIL, f"no masquerade rule for {', '.join(missing[:4])}",
                      "nft/iptables rules were flushed: CHECK names the pod; recreate it (DEL then ADD)")

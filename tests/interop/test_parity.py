@@ -87,6 +87,7 @@ def _state(host: Host, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                         if link.get("master") == "br-par"),
         "forwarding": [_sysctl(host, "ipv4/ip_forward"), _sysctl(host, "ipv6/conf/all/forwarding")],
         "bridge_accept_ra": _sysctl(host, "ipv6/conf/br-par/accept_ra"),
+        "port_chains": _port_chains(host),
     }
     for cid, result in results.items():
         pod = result["interfaces"][2]["sandbox"].rsplit("/", 1)[1]
@@ -101,11 +102,22 @@ def _state(host: Host, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "eth0_addrs": _addrs(eth0["addr_info"]),
             "routes": _routes(host, pod),
             "sysctls": [_sysctl(host, k, pod) for k in (
-                "ipv4/conf/eth0/arp_notify", "ipv6/conf/eth0/accept_dad", "ipv6/conf/eth0/disable_ipv6")],
+                "ipv4/conf/eth0/arp_notify", "ipv6/conf/eth0/accept_dad", "ipv6/conf/eth0/disable_ipv6",
+                "ipv6/conf/eth0/addr_gen_mode")],
+            "router_knobs": [_sysctl(host, f"ipv6/conf/eth0/{k}", pod) for k in ("accept_ra", "autoconf")],
         }
     state["bridge_mac_is_a_port_mac"] = bridge.pop("address") in {
         r["interfaces"][1]["mac"] for r in results.values()}
     return state
+
+
+def _port_chains(host: Host) -> int:
+    """Ports in pybridge's bridge-family map (sourceCheck); 0 without the table."""
+    listing = host.exec("nft", "-j", "list", "table", "bridge", "pybridge", check=False)
+    if listing.returncode != 0:
+        return 0
+    items = json.loads(listing.stdout)["nftables"]
+    return sum(len(item["map"].get("elem", [])) for item in items if "map" in item)
 
 
 def _result_shape(result: dict[str, Any], pod_of: Callable[[str], str]) -> dict[str, Any]:
@@ -144,6 +156,11 @@ def _differences(ref: dict[str, Any], ours: dict[str, Any], pods: tuple[str, ...
     for side, off in ((ref, "0"), (ours, "1")):  # pybridge's host veths have no IPv6 of their own
         for cid in pods:
             assert side[cid].pop("veth_ipv6_off") == off
+    for side, knobs in ((ref, ["1", "1"]), (ours, ["0", "0"])):  # pybridge's pods take no RA, no SLAAC
+        for cid in pods:
+            assert side[cid].pop("router_knobs") == knobs, cid
+    # pybridge filters each port to its pod's own sources (sourceCheck); the reference does not.
+    assert (ref.pop("port_chains"), ours.pop("port_chains")) == (0, len(pods))
     # The reference bridge keeps its own MAC; pybridge's takes its first port's and pins it.
     first_port_present = "par-a" in pods
     assert (ref.pop("bridge_mac_is_a_port_mac"), ours.pop("bridge_mac_is_a_port_mac")) == (

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from cni_plugin import ipam_client, link, masq, netns, sysctl
+from cni_plugin import ipam_client, link, masq, netns, sourcecheck, sysctl
 from cni_plugin.netlink import Link, NetlinkError
 from cnikit.ip import IPInterface
 
@@ -48,6 +48,7 @@ class FakeKernel:
         self.sysctls: dict[str, str] = {}
         self.written_while_up: list[str] = []
         self.masq: set[tuple[str, str, str]] = set()
+        self.port_chains: dict[tuple[str, str, str], tuple[str, str]] = {}  # -> (port, pod MAC)
         self.hairpin: set[int] = set()
         self.steps: list[str] = []
         self.fail_at: int | None = None
@@ -135,6 +136,16 @@ class FakeKernel:
         monkeypatch.setattr(masq, "teardown", lambda net, cid, ifname: self.masq.discard((net, cid, ifname)))
         monkeypatch.setattr(masq, "attachment_has_rules", has_rules)
         monkeypatch.setattr(masq, "gc", lambda network, valid: [])
+        def port_setup(network: str, cid: str, ifname: str, port: str, mac: str, *_: Any) -> None:
+            self.step("source check setup")
+            self.port_chains[(network, cid, ifname)] = (port, mac)
+
+        monkeypatch.setattr(sourcecheck, "setup", port_setup)
+        monkeypatch.setattr(sourcecheck, "teardown",
+                            lambda net, cid, ifname: self.port_chains.pop((net, cid, ifname), None))
+        monkeypatch.setattr(sourcecheck, "attachment_has_rules",
+                            lambda net, cid, ifname: (net, cid, ifname) in self.port_chains)
+        monkeypatch.setattr(sourcecheck, "gc", lambda network, valid: [])
         real_add = ipam_client.add
 
         def ipam_add(req: Any, kind: str) -> Any:

@@ -44,6 +44,19 @@ def test_defaults() -> None:
     assert conf.mtu is None
     assert conf.ipam_type == ""
     assert conf.mac({}) is None
+    assert conf.source_check is True  # pybridge's own: on unless turned off
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), (False, False)])
+def test_source_check_is_read(value: bool, expected: bool) -> None:
+    assert load(sourceCheck=value).source_check is expected
+
+
+@pytest.mark.parametrize("value", ["false", 0, None, "off"])
+def test_source_check_must_be_a_boolean_code_7_naming_it(value: Any) -> None:
+    err = load_error(sourceCheck=value)
+    assert err.code == INVALID_CONFIG
+    assert "sourceCheck" in err.msg
 
 
 def test_json_keys_are_read() -> None:

@@ -54,6 +54,7 @@ def _nothing_left(kernel: FakeKernel, tmp_path: Path) -> None:
     assert kernel.addresses_in(POD) == []
     assert list_reservations(str(tmp_path / "ipam"), "fakenet") == []
     assert kernel.masq == set()
+    assert kernel.port_chains == {}
 
 
 @pytest.mark.parametrize("version", SUPPORTED)
@@ -77,10 +78,14 @@ def test_add_check_del(kernel: FakeKernel, tmp_path: Path, version: str) -> None
     assert kernel.links(HOST, "bridge") == [bridge]  # the bridge is shared: it stays
 
 
+NO_ROUTER = {"eth0/accept_ra": "0", "eth0/autoconf": "0", "eth0/addr_gen_mode": "0"}
+
+
 @pytest.mark.parametrize(("families", "extra", "written"), [
-    ("dual-stack", {}, {"lo/disable_ipv6": "0", "eth0/disable_ipv6": "0", "eth0/accept_dad": "0"}),
+    ("dual-stack", {}, {"lo/disable_ipv6": "0", "eth0/disable_ipv6": "0", "eth0/accept_dad": "0",
+                        **NO_ROUTER}),
     ("IPv4", {}, {"eth0/disable_ipv6": "1"}),
-    ("IPv4", {"podIPv6LinkLocal": True}, {}),  # the pod's IPv6 as the netns has it
+    ("IPv4", {"podIPv6LinkLocal": True}, NO_ROUTER),  # the pod's IPv6 as the netns has it, no RA
     ("no IPAM", {"ipam": {}, "isGateway": False, "isDefaultGateway": False, "ipMasq": False}, {}),
 ])
 def test_pod_ipv6_is_on_with_ipv6_addresses_and_off_with_ipv4_ones_only(
@@ -112,6 +117,27 @@ def test_pod_ipv6_that_cannot_be_turned_off_fails_the_add_and_leaves_nothing(
     assert code == 1 and error is not None, error
     assert error["code"] == 999 and error["msg"] == "failed to turn IPv6 off on eth0", error
     assert "podIPv6LinkLocal" in error["details"] and "Read-only" in error["details"], error
+    _nothing_left(kernel, tmp_path)
+
+
+@pytest.mark.parametrize("source_check", [True, False])
+def test_the_port_chain_follows_source_check_and_check_reports_it_missing(
+    kernel: FakeKernel, tmp_path: Path, source_check: bool
+) -> None:
+    conf = _conf(tmp_path, sourceCheck=source_check)
+    _, result = _call("ADD", conf)
+    assert result is not None
+    host, pod = result["interfaces"][1], result["interfaces"][2]
+    expected = {("fakenet", CID, "eth0"): (host["name"], pod["mac"])} if source_check else {}
+    assert kernel.port_chains == expected
+    assert _call("CHECK", {**conf, "prevResult": result})[0] == 0
+    kernel.port_chains.clear()
+    code, error = _call("CHECK", {**conf, "prevResult": result})
+    if source_check:
+        assert code == 1 and error is not None and error["msg"] == "source check rules missing", error
+    else:
+        assert code == 0
+    assert _call("DEL", conf) == (0, None)
     _nothing_left(kernel, tmp_path)
 
 

@@ -1,0 +1,323 @@
+"""A hostile pod on the bridge (CAP_NET_RAW, as containerd's default set gives it): rogue router
+advertisements and forged sources, sent from raw sockets made inside the attacker's netns.
+
+Each test sends the genuine frames too, and sees them arrive: what is dropped is dropped by the
+check, not lost on the way. With `sourceCheck` off the forged frames arrive (the test can fail).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ipaddress
+import json
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from cni_plugin import libnft, sourcecheck
+
+from .harness import Host, bridge_conf, pod_json
+from .netpol_probe import in_netns
+
+pytestmark = pytest.mark.netns
+
+PORT = 7777
+RA_PREFIX = ipaddress.IPv6Network("2001:db8:66::/64")
+ETH_P_ALL = 0x0003
+
+
+@dataclass(frozen=True)
+class Pod:
+    netns: str
+    mac: str
+    v4: str
+    v6: str
+    link_local: str  # as the kernel made it, read from the pod
+
+
+def _dual_stack(host: Host, **overrides: Any) -> dict[str, Any]:
+    conf = bridge_conf(host, **overrides)
+    conf["ipam"]["ranges"] = [[{"subnet": "10.88.0.0/24"}], [{"subnet": "fd88::/64"}]]
+    return conf
+
+
+def _pods(host: Host, conf: dict[str, Any], names: tuple[str, ...]) -> dict[str, Pod]:
+    pods = {}
+    for name in names:
+        netns = host.new_pod()
+        result = host.add(conf, netns, container_id=name)
+        ips = [ip["address"].split("/")[0] for ip in result["ips"]]
+        pods[name] = Pod(netns, result["interfaces"][2]["mac"], ips[0], ips[1], _link_local(host, netns))
+    return pods
+
+
+def _link_local(host: Host, netns: str) -> str:
+    deadline = time.monotonic() + 5
+    while True:
+        addrs = pod_json(host, netns, "-6", "addr", "show", "dev", "eth0", "scope", "link")
+        found = [a["local"] for a in (addrs[0]["addr_info"] if addrs else []) if "local" in a]
+        if found:
+            return str(found[0])
+        assert time.monotonic() < deadline, f"no link-local address in {netns}"
+        time.sleep(0.05)
+
+
+# --- frames, as a pod with CAP_NET_RAW can write them --------------------------------------
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, payload: bytes) -> bytes:
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    length = 8 + len(payload)
+    udp = struct.pack("!HHHH", PORT, PORT, length, 0) + payload
+    if s.version == 4:
+        pseudo = s.packed + d.packed + struct.pack("!BBH", 0, socket.IPPROTO_UDP, length)
+        udp = udp[:6] + struct.pack("!H", _checksum(pseudo + udp) or 0xFFFF) + udp[8:]
+        header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0, 64, socket.IPPROTO_UDP, 0,
+                             s.packed, d.packed)
+        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+        ethertype = 0x0800
+    else:
+        pseudo = s.packed + d.packed + struct.pack("!I3xB", length, socket.IPPROTO_UDP)
+        udp = udp[:6] + struct.pack("!H", _checksum(pseudo + udp) or 0xFFFF) + udp[8:]
+        header = struct.pack("!IHBB16s16s", 6 << 28, length, socket.IPPROTO_UDP, 64, s.packed, d.packed)
+        ethertype = 0x86DD
+    ether = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", ""))
+    return ether + struct.pack("!H", ethertype) + header + udp
+
+
+def router_advertisement(mac: str) -> bytes:
+    """An RA (ICMPv6 type 134; the kernel fills in the checksum) announcing a default route and
+    a SLAAC prefix, as a rogue router would."""
+    ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+    source_lla = struct.pack("!BB6s", 1, 1, bytes.fromhex(mac.replace(":", "")))
+    prefix = struct.pack("!BBBBIII16s", 3, 4, RA_PREFIX.prefixlen, 0xC0, 86400, 14400, 0,
+                         RA_PREFIX.network_address.packed)
+    return ra + source_lla + prefix
+
+
+def _packet_socket() -> socket.socket:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.bind(("eth0", ETH_P_ALL))
+    return s
+
+
+def _ra_sender() -> tuple[socket.socket, int]:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+    return s, socket.if_nametoindex("eth0")
+
+
+def _ra_listener() -> socket.socket:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    s.setblocking(False)
+    return s
+
+
+def _udp_listener() -> socket.socket:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", PORT))
+    s.setblocking(False)
+    return s
+
+
+def _drain(sock: socket.socket, seconds: float) -> list[tuple[bytes, Any]]:
+    got = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            got.append(sock.recvfrom(2048))
+        except BlockingIOError:
+            time.sleep(0.02)
+    return got
+
+
+# --- rogue router advertisements ----------------------------------------------------------
+
+
+def _send_ras(attacker: Pod, count: int = 3) -> None:
+    sender, index = in_netns(attacker.netns, _ra_sender)
+    with sender:
+        for _ in range(count):
+            sender.sendto(router_advertisement(attacker.mac), ("ff02::1", 0, 0, index))
+            time.sleep(0.1)
+
+
+def _router_state(host: Host, pod: Pod) -> tuple[list[str], list[Any]]:
+    """The victim's addresses in the RA's prefix, and its IPv6 default routes."""
+    addrs = pod_json(host, pod.netns, "-6", "addr", "show", "dev", "eth0")[0]["addr_info"]
+    taken = [a["local"] for a in addrs if "local" in a and ipaddress.ip_address(a["local"]) in RA_PREFIX]
+    return taken, pod_json(host, pod.netns, "-6", "route", "show", "default")
+
+
+@pytest.mark.parametrize("source_check", [True, False])
+def test_a_rogue_router_advertisement_takes_no_other_pods_ipv6(host: Host, source_check: bool) -> None:
+    conf = _dual_stack(host, sourceCheck=source_check)
+    pods = _pods(host, conf, ("attacker", "victim"))
+    attacker, victim = pods["attacker"], pods["victim"]
+    listener = in_netns(victim.netns, _ra_listener)
+    with listener:
+        _send_ras(attacker)
+        seen = [data for data, _ in _drain(listener, 1.0) if data[:1] == b"\x86"]
+    assert _router_state(host, victim) == ([], [])
+    # The bridge drops RAs from pod ports; with the check off they arrive, and the pod's own
+    # accept_ra=0 and autoconf=0 keep its addresses and routes its own.
+    assert bool(seen) is not source_check
+    for knob in ("accept_ra", "autoconf"):
+        value = host.pod_exec(victim.netns, "cat", f"/proc/sys/net/ipv6/conf/eth0/{knob}").stdout.strip()
+        assert value == b"0", knob
+
+
+# --- forged sources -----------------------------------------------------------------------
+
+
+def _sends(pods: dict[str, Pod]) -> dict[str, bytes]:
+    """label -> frame from the attacker to the victim; "genuine" ones carry the attacker's own
+    MAC and addresses, "forged" ones the peer's."""
+    a, v, p = pods["attacker"], pods["victim"], pods["peer"]
+    cases = {
+        "genuine v4": (a.mac, a.v4, v.v4),
+        "genuine v6": (a.mac, a.v6, v.v6),
+        "genuine link-local": (a.mac, a.link_local, v.link_local),
+        "forged v4": (a.mac, p.v4, v.v4),
+        "forged v6": (a.mac, p.v6, v.v6),
+        "forged link-local": (a.mac, p.link_local, v.v6),
+        "forged link-local to link-local": (a.mac, p.link_local, v.link_local),
+        "forged MAC": (p.mac, p.v4, v.v4),
+        "forged MAC own v4": (p.mac, a.v4, v.v4),
+    }
+    return {label: udp_frame(mac, v.mac, src, dst, label.encode())
+            for label, (mac, src, dst) in cases.items()}
+
+
+@pytest.mark.parametrize("source_check", [True, False])
+def test_a_forged_source_never_reaches_another_pod(host: Host, source_check: bool) -> None:
+    conf = _dual_stack(host, sourceCheck=source_check)
+    pods = _pods(host, conf, ("attacker", "victim", "peer"))
+    frames = _sends(pods)
+    sender = in_netns(pods["attacker"].netns, _packet_socket)
+    listener = in_netns(pods["victim"].netns, _udp_listener)
+    with sender, listener:
+        for frame in frames.values():
+            sender.send(frame)
+        got = {data.decode(): peer[0] for data, peer in _drain(listener, 1.0)}
+    expected = set(frames) if source_check is False else {k for k in frames if k.startswith("genuine")}
+    assert set(got) == expected, json.dumps(got)
+
+
+def test_check_finds_the_port_chain_and_del_and_gc_remove_it(host: Host) -> None:
+    conf = _dual_stack(host)
+    kept, gone = host.new_pod(), host.new_pod()
+    result = host.add(conf, kept, container_id="kept")
+    host.add(conf, gone, container_id="gone")
+    assert len(_port_chains(host)) == 2
+    assert host.cni("CHECK", {**conf, "prevResult": result}, kept, container_id="kept").ok
+    gc_conf = {**conf, "cni.dev/attachments": [{"containerID": "kept", "ifname": "eth0"}]}
+    assert host.cni("GC", gc_conf).ok
+    assert list(_port_chains(host).values()) == [result["interfaces"][1]["name"]]
+    port = result["interfaces"][1]["name"]
+    host.exec("nft", "delete", "element", "bridge", "pybridge", "ports", f'{{ "{port}" }}')
+    check = host.cni("CHECK", {**conf, "prevResult": result}, kept, container_id="kept")
+    assert not check.ok and check.out["msg"] == "source check rules missing", check.out
+    assert host.cni("DEL", conf, kept, container_id="kept").ok
+    assert _port_chains(host) == {}
+
+
+def _port_chains(host: Host) -> dict[str, str]:
+    """chain -> host port, from the map."""
+    items = json.loads(host.exec("nft", "-j", "list", "table", "bridge", "pybridge").stdout)["nftables"]
+    ports = next(item["map"] for item in items if "map" in item)
+    return {verdict["goto"]["target"]: port for port, verdict in ports.get("elem", [])}
+
+
+def _udp_sender() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+
+def test_a_pod_still_reaches_itself_through_a_service_address(host: Host) -> None:
+    """Hairpin as kube-proxy makes it: the pod sends to a service address, the host DNATs it back
+    to the pod and masquerades it, so it returns through the pod's own port. The port's check
+    sees only what the pod sends, from its own address."""
+    conf = _dual_stack(host, hairpinMode=True, ipMasq=True, isDefaultGateway=True)
+    pod = _pods(host, conf, ("self",))["self"]
+    service = (f"add table ip svc\n"
+               f"add chain ip svc pre {{ type nat hook prerouting priority dstnat; }}\n"
+               f"add rule ip svc pre ip daddr 10.96.0.10 udp dport {PORT} dnat to {pod.v4}:{PORT}\n"
+               f"add chain ip svc post {{ type nat hook postrouting priority srcnat; }}\n"
+               f"add rule ip svc post ip saddr {pod.v4} ip daddr {pod.v4} masquerade\n")
+    host.exec("nft", "-f", "-", input=service.encode())
+    listener = in_netns(pod.netns, _udp_listener)
+    sender = in_netns(pod.netns, _udp_sender)
+    with listener, sender:
+        sender.sendto(b"hairpin", ("10.96.0.10", PORT))
+        got = _drain(listener, 1.0)
+    assert [(data, peer[0]) for data, peer in got] == [(b"hairpin", "::ffff:10.88.0.1")]
+
+
+def test_a_retried_add_replaces_what_a_crashed_one_left(host: Host) -> None:
+    """An ADD that died after its nft run leaves its chain and element; the runtime's next ADD of
+    that attachment (a new veth) must take them over, not fail or keep the old port's."""
+    conf = _dual_stack(host)
+    first = host.add(conf, host.new_pod(), container_id="retry")
+    host.exec("ip", "link", "del", first["interfaces"][1]["name"])  # no DEL: as after a crash
+    for ip, owner in host.reservations("testnet").items():  # nor the IPAM reservation
+        if owner.startswith("retry"):
+            (host.data_dir / "testnet" / ip).unlink()
+    second = host.add(conf, host.new_pod(), container_id="retry")
+    assert list(_port_chains(host).values()) == [second["interfaces"][1]["name"]]
+
+
+def test_concurrent_first_adds_leave_one_base_rule(host: Host) -> None:
+    conf = _dual_stack(host)
+    pods = [host.new_pod() for _ in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(len(pods)) as pool:
+        replies = list(pool.map(lambda i: host.cni("ADD", conf, pods[i], container_id=f"c{i}"),
+                                range(len(pods))))
+    assert all(r.ok for r in replies), [r.stderr for r in replies if not r.ok]
+    base = json.loads(host.exec("nft", "-j", "list", "chain", "bridge", "pybridge", "prerouting").stdout)
+    assert [item["rule"]["comment"] for item in base["nftables"] if "rule" in item] == ["pybridge base v1"]
+    assert sorted(_port_chains(host).values()) == sorted(r.out["interfaces"][1]["name"] for r in replies)
+
+
+@pytest.mark.skipif(not libnft.available(), reason="libnftables not installed")
+def test_libnftables_answers_as_nft_does(host: Host) -> None:
+    """What ADD's one-run path relies on: success, and the error text nft prints (its misses)."""
+    script = "create table bridge pbt\n"
+    assert in_netns(host.name, lambda: libnft.run(script, 10)) == (0, "", "")
+    code, _, error = in_netns(host.name, lambda: libnft.run(script, 10))
+    assert code != 0 and "File exists" in error
+    code, _, error = in_netns(host.name, lambda: libnft.run("list table bridge nosuch", 10, json=True))
+    assert code != 0 and "No such file or directory" in error
+    code, listing, _ = in_netns(host.name, lambda: libnft.run("list table bridge pbt", 10, json=True))
+    assert code == 0 and {"table": {"family": "bridge", "name": "pbt", "handle": 1}} in json.loads(
+        listing)["nftables"]
+
+
+@pytest.mark.parametrize("in_process", [True, False])
+def test_the_port_chain_is_the_same_with_or_without_libnftables(
+    host: Host, monkeypatch: pytest.MonkeyPatch, in_process: bool
+) -> None:
+    if in_process and not libnft.available():
+        pytest.skip("libnftables not installed")
+    monkeypatch.setattr(libnft, "available", lambda: in_process)
+    host.exec("ip", "link", "add", "vethpbt", "type", "veth", "peer", "name", "vethpbt-peer")
+    mac, addr = "0a:58:0a:58:00:09", ipaddress.ip_interface("10.88.0.9/24")
+    for _ in range(2):  # the second finds the chain there: the listing path
+        in_netns(host.name, lambda: sourcecheck.setup("net", "c", "eth0", "vethpbt", mac, [addr], False))
+    assert list(_port_chains(host).values()) == ["vethpbt"]
+    chain = sourcecheck.chain_name("net", "c", "eth0")
+    rules = host.exec("nft", "list", "chain", "bridge", "pybridge", chain).stdout.decode()
+    assert "ip saddr != 10.88.0.9 drop" in rules and f"ether saddr != {mac} drop" in rules

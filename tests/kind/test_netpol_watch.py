@@ -141,7 +141,7 @@ def test_flag_turns_enforcement_off_and_removes_the_rules(monkeypatch: pytest.Mo
 
     calls: list[str] = []
     monkeypatch.setattr(apply, "remove", lambda: calls.append("remove"))
-    def launch(node: str, _api: object, resync: int, _log: object) -> None:
+    def launch(node: str, _api: object, resync: int, _log: object, _observer: object = None) -> None:
         calls.append(f"launch {node} {resync}")
 
     monkeypatch.setattr(netpol, "launch", launch)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from .compile import Decision, Rule
+from .compile import Decision, PolicyRules, Rule
 from .objects import Address
 
 TABLE = "pybridge_netpol"
+NFT_COMMENT = 128  # nft's longest comment
+REFUSED = "refused:"  # in a policy chain's comment: the fields that made it allow nothing
 _FAMILY = {4: "ip", 6: "ip6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _ND = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert, nd-redirect"
@@ -42,6 +44,14 @@ def _printable(name: str) -> str:
     """A policy's namespace/name as an nft comment: the API allows only [a-z0-9.-] in both, but
     a hostile source could send anything, and a quote would end the comment."""
     return "".join(c if c.isascii() and (c.isalnum() or c in "./-_") else "?" for c in name)[:120]
+
+
+def _comment(policy: PolicyRules) -> str:
+    """The policy's name, and the fields that closed it (`pybridge doctor` reads them)."""
+    if not policy.refused:
+        return _printable(policy.name)
+    fields = " ".join(sorted({_printable(r.field) for r in policy.refused}))
+    return f"{_printable(policy.name)} {REFUSED} {fields}"[:NFT_COMMENT]
 
 
 def _port(first: int, last: int) -> str:
@@ -94,10 +104,10 @@ class _Script:
                     lines.append(line)
         return lines
 
-    def policy_chain(self, chain: str, name: str, rules: Iterable[Rule], peer_side: str) -> None:
+    def policy_chain(self, chain: str, policy: PolicyRules, rules: Iterable[Rule], peer_side: str) -> None:
         body = [line for k, rule in enumerate(rules)
                 for line in self.rule_lines(f"{chain}{k}", rule, peer_side)]
-        self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_printable(name)}"', *body, "\t}"]
+        self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_comment(policy)}"', *body, "\t}"]
 
     def dispatch(self, direction: str, selected: Mapping[Address, tuple[int, ...]], key: str,
                  priority: str) -> None:
@@ -125,9 +135,9 @@ def ruleset(decision: Decision) -> str:
     script = _Script()
     for i, policy in enumerate(decision.policies):
         if policy.ingress is not None:
-            script.policy_chain(f"p{i}_ingress", policy.name, policy.ingress, "saddr")
+            script.policy_chain(f"p{i}_ingress", policy, policy.ingress, "saddr")
         if policy.egress is not None:
-            script.policy_chain(f"p{i}_egress", policy.name, policy.egress, "daddr")
+            script.policy_chain(f"p{i}_egress", policy, policy.egress, "daddr")
     script.dispatch("egress", decision.egress, "saddr", "filter - 1")
     script.dispatch("ingress", decision.ingress, "daddr", "filter + 1")
     return "\n".join([f"add table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{",

@@ -127,7 +127,7 @@ BAD_SPECS = [  # each would make the API server refuse the policy, or is what nf
 def test_an_unreadable_ingress_field_isolates_the_selected_pods(spec: dict[str, Any], field: str) -> None:
     """The rule of the bad field, and the others of its direction, allow nothing; the policy's
     pods are isolated all the same, and the policy and field are logged and counted."""
-    good_rule = {"from": [{"namespaceSelector": {}}]}  # would allow everyone, if it were read
+    good_rule: dict[str, Any] = {"from": [{"namespaceSelector": {}}]}  # would allow everyone, if it were read
     spec = {"podSelector": POD_A, "ingress": [*spec["ingress"], good_rule]}
     agent, seen, applied = _agent([{"metadata": {"name": "bad", "namespace": "x"}, "spec": spec}])
     assert _ingress_map(applied[-1]) == _ips("x/a")  # isolated; was open: the policy was dropped
@@ -231,8 +231,9 @@ def test_malformed_pods_and_namespaces_are_left_out_alone() -> None:
     pods[0]["metadata"]["labels"] = {"pod": ["a"]}  # x/a: labels are strings: left out, counted
     pods[1]["spec"]["containers"] = [{"ports": [{"containerPort": "eighty"}]}]  # x/b: port dropped
     pods[2]["status"]["podIP"] = "not an ip"  # x/c: podIP dropped, podIPs kept
-    spaces = [{"metadata": {"name": "x", "labels": {"ns": "x"}}}, {"metadata": {"name": "y", "labels": 7}},
-              {"metadata": {"name": "z", "labels": {"ns": "z"}}}]
+    spaces: list[dict[str, Any]] = [{"metadata": {"name": "x", "labels": {"ns": "x"}}},
+                                    {"metadata": {"name": "y", "labels": 7}},
+                                    {"metadata": {"name": "z", "labels": {"ns": "z"}}}]
     deny = {"metadata": {"name": "deny", "namespace": "x"}, "spec": {"podSelector": {}}}
     agent, seen, applied = _agent([deny], pods, spaces)
     assert _ingress_map(applied[-1]) == _ips("x/b", "x/c")

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Protocol
 
+from ...netlink import NetlinkError
 from . import apply, compile, nft, objects
-from .objects import KINDS, Model, Refusal
+from .objects import KINDS, Address, Model, Refusal
 
 Log = Callable[..., None]
+Ports = Callable[[], Mapping[Address, Collection[str]]]
 Key = tuple[str, str]
 
 
@@ -38,11 +40,13 @@ class NetpolAgent:
     """Feed it (kind, event, object) with handle(); reconcile() applies when something changed."""
 
     def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, ports: Ports | None = None) -> None:
         self.node_name = node_name
         self.apply_script = apply_script
         self.log = log
         self.observer = observer
+        self.ports = ports  # the bridge ports of pod addresses (apply.pod_ports); None: not keyed by port
+        self.port_map: Mapping[Address, Collection[str]] = {}
         self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in KINDS}
         self.listed: set[str] = set()
         self.applied: str | None = None
@@ -83,7 +87,12 @@ class NetpolAgent:
         self.closed = closed
         if self.observer:
             self.observer.policies_refused(sum(bool(p.refused) for p in decision.policies))
-        return nft.ruleset(decision)
+        if self.ports is not None:
+            try:
+                self.port_map = self.ports()
+            except (NetlinkError, OSError) as exc:  # the last ports read stay in force
+                self.log("netpol-warning", error=f"bridge ports not read: {exc}"[:300])
+        return nft.ruleset(decision, self.port_map)
 
     def reconcile(self) -> bool:
         """True when a new ruleset was applied."""
@@ -183,7 +192,7 @@ def launch(node_name: str, api: Any, resync: int, log: Log,
     for error in apply.enable_bridge_netfilter():
         log("netpol-warning", error=f"pod-to-pod traffic on the bridge escapes policy: {error}")
     stop = threading.Event()
-    agent = NetpolAgent(node_name, apply.replace, log, observer)
+    agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after 2 s.
     start(agent, kube_stream(api, resync, stop, log), log, (Exception,), stop)

@@ -22,6 +22,9 @@ def test_one_transaction_replacing_the_table() -> None:
     assert egress < ingress
     assert "priority filter - 1;" in text[egress:ingress] and "priority filter + 1;" in text[ingress:]
     assert text.count("ct state established,related accept") == 2
+    # address resolution passes, in both tables; a pod's router advertisement or redirect is judged
+    assert text.count("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept") == 4
+    assert "router" not in text and "redirect" not in text
 
 
 def test_verdict_maps_per_pod_and_chains_per_combination_of_policies() -> None:

@@ -12,8 +12,10 @@ never one rule per pod pair):
 Pod to pod on the bridge crosses the forward hook through br_netfilter (bridge-nf-call-ip{,6}tables,
 on by default, turned on by the agent where off); routed traffic to and from other nodes crosses it anyway.
 Traffic between the node itself and its pods takes the input/output hooks and is never judged.
-IPv6 neighbour discovery is never judged either: a pod that cannot resolve its peer cannot talk
-at all, whatever the policy.
+IPv6 neighbour solicitations and advertisements are never judged either: a pod that cannot
+resolve its peer cannot talk at all, whatever the policy. Router solicitations, advertisements
+and redirects between pods are judged like any packet (a pod's router is the node, whose
+traffic takes the input/output hooks).
 
 The inet table knows a pod by its API addresses only. What a pod receives at, or sends from, any
 other address (its IPv6 link-local one, a broadcast or multicast address, an address it added
@@ -42,7 +44,6 @@ NFT_COMMENT = 128  # nft's longest comment
 REFUSED = "refused:"  # in a policy chain's comment: the fields that made it allow nothing
 _FAMILY = {4: "ip", 6: "ip6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
-_ND = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert, nd-redirect"
 _NEIGHBOUR = "nd-neighbor-solicit, nd-neighbor-advert"  # what address resolution needs between pods
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a port name safe to quote in the script
 
@@ -146,7 +147,7 @@ class _Script:
         self.chains += [f"\tchain forward_{direction} {{",
                         f"\t\ttype filter hook forward priority {priority}; policy accept;",
                         "\t\tct state established,related accept",
-                        f"\t\ticmpv6 type {{ {_ND} }} accept",
+                        f"\t\ticmpv6 type {{ {_NEIGHBOUR} }} accept",
                         f"\t\tip {key} vmap @{direction}4",
                         f"\t\tip6 {key} vmap @{direction}6",
                         "\t}"]

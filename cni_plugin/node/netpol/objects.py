@@ -39,10 +39,11 @@ _LEADING_ZEROS = re.compile(r"(^|:)0*(0|[1-9][0-9]*)\.0*(0|[1-9][0-9]*)\.0*(0|[1
                             r"((/)0*(0|[1-9][0-9]*))?$")
 
 
-def _sloppy(value: object, what: str) -> str:
-    if not isinstance(value, str) or "%" in value:  # a zone means nothing in a rule (nft refuses it)
-        raise ValueError(f"not an {what} (a scoped address is not one)" if isinstance(value, str)
-                         else f"an {what} string is required")
+def _sloppy(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a string is required")
+    if "%" in value:  # a zone means nothing in a rule, and nft refuses the whole script for it
+        raise ValueError("a scoped address (with a %zone) is not allowed")
     return _LEADING_ZEROS.sub(r"\1\2.\3.\4.\5\7\8", value)
 
 
@@ -51,9 +52,9 @@ def parse_address(value: object) -> IPAddress:
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return value
     try:
-        ip = ipaddress.ip_address(_sloppy(value, "IP address"))
-    except ValueError:
-        raise ValueError("not an IP address") from None
+        ip = ipaddress.ip_address(_sloppy(value))
+    except ValueError as exc:
+        raise ValueError(f"not an IP address: {exc}") from None
     mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
     return mapped or ip
 
@@ -62,7 +63,10 @@ def parse_cidr(value: object) -> IPNetwork:
     """A CIDR as the API server reads it (ParseCIDRSloppy); host bits mean the network."""
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return value
-    text = _sloppy(value, "CIDR")
+    try:
+        text = _sloppy(value)
+    except ValueError as exc:
+        raise ValueError(f"not a CIDR: {exc}") from None
     _address, slash, prefix = text.partition("/")
     if not slash or not prefix.isascii() or not prefix.isdigit():  # Go takes no netmask form
         raise ValueError("not a CIDR (address/prefix length)")
@@ -81,8 +85,6 @@ Address = Annotated[IPAddress, BeforeValidator(parse_address)]
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 PortNumber = Annotated[int, Field(ge=1, le=65535)]
-# A container port's name as the API validates it (IANA_SVC_NAME): 1-15 of [a-z0-9-], a letter,
-# no leading, trailing or double hyphen.
 _PORT_NAME = re.compile(r"(?=.*[a-z])(?!-)(?!.*--)[a-z0-9-]{1,15}(?<!-)")
 
 
@@ -145,7 +147,7 @@ class PolicySpec(_Api):
     pod_selector: LabelSelector = Field(default_factory=LabelSelector, alias="podSelector")
     ingress: tuple[IngressRule, ...] | None = None
     egress: tuple[EgressRule, ...] | None = None
-    policy_types: tuple[Literal["Ingress", "Egress"], ...] | None = Field(default=None, alias="policyTypes")
+    policy_types: tuple[Direction, ...] | None = Field(default=None, alias="policyTypes")
 
 
 class Name(_Api):

@@ -158,12 +158,10 @@ class Socket:
                 offset += (length + 3) & ~3
                 if mseq != seq:
                     continue
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", body)[0]
+                if mtype in (NLMSG_ERROR, NLMSG_DONE):  # a dump's error comes in its DONE
+                    code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
                     if code:
                         raise NetlinkError(code, os.strerror(code))
-                    return replies
-                if mtype == NLMSG_DONE:
                     return replies
                 replies.append((mtype, body))
                 if not mflags & NLM_F_MULTI and not flags & NLM_F_ACK:

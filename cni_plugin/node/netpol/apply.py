@@ -7,6 +7,7 @@ the tables in that one commit, so there is never a moment with no rules or half 
 
 from __future__ import annotations
 
+import errno
 import subprocess
 from collections.abc import Callable, Sequence
 
@@ -67,8 +68,10 @@ def pod_ports(open_socket: Callable[[], rtnl.Socket] = rtnl.Socket) -> dict[Addr
         for link, nsid in sock.bridge_ports():
             try:
                 addresses = sock.peer_addresses(nsid, link.peer_index or 0)
-            except NetlinkError:  # the pod went away meanwhile
-                continue
+            except NetlinkError as exc:
+                if exc.errno in (errno.EINVAL, errno.ENODEV):  # the pod's netns went away meanwhile
+                    continue
+                raise  # EACCES without CAP_NET_ADMIN: said by the agent, never taken for "no pods"
             for address in addresses:
                 found.setdefault(address.ip, set()).add(link.name)
     return found

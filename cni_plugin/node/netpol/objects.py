@@ -13,6 +13,7 @@ when the field is not in such a list, is left out whole. Each such field is a Re
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -305,13 +306,13 @@ def _droppable(loc: tuple[int | str, ...]) -> tuple[int | str, ...] | None:
 
 
 def _pruned_pod(obj: dict[str, Any], name: str) -> tuple[Pod | None, list[Refusal]]:
-    import copy
-
-    obj, refused = copy.deepcopy(obj), list[Refusal]()
+    refused, copied = list[Refusal](), False
     while True:
         try:
             return Pod.model_validate(obj), refused
         except ValidationError as exc:
+            if not copied:  # pruned on a copy: the caller's object stays as it came
+                obj, copied = copy.deepcopy(obj), True
             found = _refusals("Pod", name, exc)
             heads = {_droppable(e["loc"]) for e in exc.errors()}
             if None in heads:

@@ -35,7 +35,8 @@ IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER, IFLA_BR_VLAN_FILTERING = 1, 2, 1
 IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33
 IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_ARP_NOTIFY = 26, 1, 22
 IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 31, 32
-IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
+IFLA_LINK_NETNSID = 37
+IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS, IFA_TARGET_NETNSID = 1, 2, 4, 8, 10
 IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
 NLA_F_NESTED = 0x8000
@@ -157,12 +158,10 @@ class Socket:
                 offset += (length + 3) & ~3
                 if mseq != seq:
                     continue
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", body)[0]
+                if mtype in (NLMSG_ERROR, NLMSG_DONE):  # a dump's error comes in its DONE
+                    code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
                     if code:
                         raise NetlinkError(code, os.strerror(code))
-                    return replies
-                if mtype == NLMSG_DONE:
                     return replies
                 replies.append((mtype, body))
                 if not mflags & NLM_F_MULTI and not flags & NLM_F_ACK:
@@ -319,8 +318,11 @@ class Socket:
 
     def addresses(self, index: int) -> list[tuple[IPInterface, int]]:
         """(address, IFA flags) of one link."""
+        return self._address_dump(_IFADDR.pack(0, 0, 0, 0, index), index)
+
+    def _address_dump(self, payload: bytes, index: int) -> list[tuple[IPInterface, int]]:
         out = []
-        for _kind, body in self.request(RTM_GETADDR, NLM_F_DUMP, _IFADDR.pack(0, 0, 0, 0, index)):
+        for _kind, body in self.request(RTM_GETADDR, NLM_F_DUMP, payload):
             family, prefixlen, flags, _scope, ifindex = _IFADDR.unpack_from(body)
             if ifindex != index:
                 continue
@@ -333,6 +335,22 @@ class Socket:
             ip = _socket.inet_ntop(family, raw)
             out.append((ipaddress.ip_interface(f"{ip}/{prefixlen}"), flags))
         return out
+
+    def bridge_ports(self) -> list[tuple[Link, int]]:
+        """Each veth on a bridge whose peer is in another netns, with that netns's id here."""
+        out = []
+        for _kind, body in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo()):
+            link = _parse_link(body)
+            nsid = dict(_attrs(body, _IFINFO.size)).get(IFLA_LINK_NETNSID)
+            if link.kind == "veth" and link.master and link.peer_index and nsid is not None:
+                out.append((link, struct.unpack("=i", nsid[:4])[0]))
+        return out
+
+    def peer_addresses(self, nsid: int, index: int) -> list[IPInterface]:
+        """The addresses of link `index` of the netns known here as `nsid`, read without entering
+        it (IFA_TARGET_NETNSID: CAP_NET_ADMIN over that netns)."""
+        payload = _IFADDR.pack(0, 0, 0, 0, index) + attr(IFA_TARGET_NETNSID, struct.pack("=i", nsid))
+        return [address for address, _flags in self._address_dump(payload, index)]
 
     def add_address(self, index: int, address: IPInterface, nodad: bool = False) -> None:
         family = _socket.AF_INET if address.version == 4 else _socket.AF_INET6

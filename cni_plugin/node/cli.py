@@ -15,11 +15,14 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cnikit import log
 
 from . import model
+
+if TYPE_CHECKING:
+    from .netpol import agent as netpol_agent
 
 # JSON lines on stderr (`kubectl logs`), as every pybridge log. The Node, NetworkPolicy and
 # metrics threads log at once: structlog writes each line whole under a lock of its stream.
@@ -119,12 +122,13 @@ def _run(args: argparse.Namespace) -> int:
     from ..ops import node_metrics
     from . import kube
 
-    agent.observer, _endpoint = node_metrics.start(args.metrics_address,
-                                                   os.path.join(args.cni_conf_dir, model.CONFLIST_NAME))
+    metrics, _endpoint = node_metrics.start(args.metrics_address,
+                                            os.path.join(args.cni_conf_dir, model.CONFLIST_NAME))
+    agent.observer = metrics
 
     api = kube.api_client(args.kubeconfig)
     _log("started", node=settings.node_name, cluster_cidrs=[str(c) for c in settings.cluster_cidrs])
-    _network_policy(args, api)
+    _network_policy(args, api, metrics)
     while True:
         try:
             for kind, payload in kube.node_events(api, timeout_seconds=args.resync, report=_api_error):
@@ -135,12 +139,13 @@ def _run(args: argparse.Namespace) -> int:
             time.sleep(2.0)
 
 
-def _network_policy(args: argparse.Namespace, api: Any) -> None:
+def _network_policy(args: argparse.Namespace, api: Any,
+                    observer: netpol_agent.Observer | None = None) -> None:
     """Enforce NetworkPolicy in background threads (netpol/), or remove the rules of an earlier run."""
     from .netpol import agent, apply
 
     if args.network_policy == "on":
-        agent.launch(args.node_name, api, args.resync, _log)
+        agent.launch(args.node_name, api, args.resync, _log, observer)
         return
     try:
         apply.remove()

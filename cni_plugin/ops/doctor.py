@@ -269,9 +269,25 @@ def check_masquerade(node: Node) -> Check:
     return Check("masquerade", OK, f"{len(wanted)} pod address(es) of ipMasq networks masqueraded")
 
 
+def check_network_policy(node: Node) -> Check:
+    """The node agent marks each policy it enforces as allowing nothing in a direction, because
+    a field of it could not be read, in the comment of the policy's chain (netpol/nft.py)."""
+    from ..node.netpol.nft import REFUSED, TABLE
+
+    if f"table inet {TABLE}" not in node.ruleset:
+        return Check("netpolicy", OK, "no NetworkPolicy rules on this node")
+    closed = sorted(set(re.findall(rf'comment "(\S+) {re.escape(REFUSED)} ([^"]*)"', node.ruleset)))
+    if closed:
+        shown = "; ".join(f"{name} ({fields})" for name, fields in closed[:3])
+        return Check("netpolicy", WARN, f"{len(closed)} NetworkPolicy(ies) enforced as allowing nothing in a "
+                     f"direction, a field refused: {shown}",
+                     "fix the field the node agent logs (netpol-refused); the selected pods stay isolated")
+    return Check("netpolicy", OK, "every NetworkPolicy enforced on this node was read whole")
+
+
 CHECKS: tuple[Callable[[Node], Check], ...] = (
     check_dirs, check_conflist, check_cni_version, check_agent, check_ip_forward, check_br_netfilter,
-    check_stores, check_attachments, check_mtu, check_masquerade)
+    check_stores, check_attachments, check_mtu, check_masquerade, check_network_policy)
 
 
 def run(node: Node) -> list[Check]:

@@ -11,6 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
+from ..node.netpol.objects import Refusal
 from . import endpoint
 
 DEFAULT_ADDRESS = "127.0.0.1:9431"
@@ -31,6 +32,12 @@ class NodeMetrics:
         self.routes = Gauge("pybridge_node_routes", "Routes to other nodes' podCIDRs programmed",
                             registry=registry)
         self.nodes = Gauge("pybridge_node_nodes", "Node objects seen", registry=registry)
+        self.refusals = Counter("pybridge_netpol_refused_fields", "Fields of NetworkPolicy, Pod and "
+                                "Namespace objects read that could not be used (each read of one counts)",
+                                ["kind"], registry=registry)
+        self.closed = Gauge("pybridge_netpol_policies_refused", "NetworkPolicies selecting pods of this node "
+                            "enforced as allowing nothing in a direction, as a field of it was refused",
+                            registry=registry)
         since = Gauge("pybridge_node_seconds_since_last_sync", "Seconds since the last reconcile of a "
                       "full Node list without errors (NaN before the first)", registry=registry)
         since.set_function(self._since_sync)
@@ -52,6 +59,12 @@ class NodeMetrics:
             self._waiting = None
             if full_sync and not errors:
                 self._last_sync = time.monotonic()
+
+    def refused(self, refusal: Refusal) -> None:
+        self.refusals.labels(refusal.kind).inc()
+
+    def policies_refused(self, count: int) -> None:
+        self.closed.set(count)
 
     def readiness(self) -> str | None:
         with self._lock:

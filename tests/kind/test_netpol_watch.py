@@ -141,7 +141,7 @@ def test_flag_turns_enforcement_off_and_removes_the_rules(monkeypatch: pytest.Mo
 
     calls: list[str] = []
     monkeypatch.setattr(apply, "remove", lambda: calls.append("remove"))
-    def launch(node: str, _api: object, resync: int, _log: object) -> None:
+    def launch(node: str, _api: object, resync: int, _log: object, _observer: object = None) -> None:
         calls.append(f"launch {node} {resync}")
 
     monkeypatch.setattr(netpol, "launch", launch)
@@ -202,3 +202,34 @@ def test_a_failing_batch_is_logged_and_the_next_event_applies() -> None:
     assert not thread.is_alive()
     assert logs == ["netpol-error", "netpol-applied"] and scripts[0] == "refused"
     assert "x/deny" in scripts[-1]
+
+
+def test_what_the_api_accepts_through_the_client_isolates() -> None:
+    """An except with host bits and a cidr with leading zeros (values the API server accepts)
+    and a pod address with a zone reach the agent through the client as served; the policy
+    isolates x/a (it was dropped whole, x/a left open) and the zone never reaches nft."""
+    sloppy = {"podSelector": {"matchLabels": {"pod": "a"}},
+              "ingress": [{"from": [{"ipBlock": {"cidr": "010.244.0.0/16", "except": ["10.244.2.1/24"]}}]}]}
+    scoped = pod("y", "c", "10.244.1.9")
+    scoped["status"]["podIPs"].append({"ip": "fd00::9%x"})
+    api = FakeApi({
+        PATHS["NetworkPolicy"]: FakePool([listing([policy("x", "sloppy", sloppy)], "1")], []),
+        PATHS["Pod"]: FakePool([listing([pod("x", "a", "10.244.1.5"), scoped], "2")], []),
+        PATHS["Namespace"]: FakePool([listing([namespace("x"), namespace("y")], "3")], []),
+    })
+    client = api_client(api)  # type: ignore[arg-type]
+    applied: list[str] = []
+    logs: list[tuple[str, dict[str, Any]]] = []
+    agent = NetpolAgent(ME, applied.append, lambda event, **f: logs.append((event, f)))
+    for kind, lister in netpol.listers(client).items():
+        def exhausted() -> None:
+            raise Exhausted
+        api.pools[PATHS[kind]].on_exhausted = exhausted
+        with pytest.raises(Exhausted):
+            for event, obj in kube.list_watch(client, lister, timeout_seconds=7, backoff=lambda _s: None):
+                agent.handle(kind, event, obj)
+    assert agent.reconcile()
+    assert "10.244.1.5 : jump ingress_0" in applied[-1] and "%" not in applied[-1]
+    assert "elements = { 10.244.0.0/23, 10.244.3.0/24, 10.244.4.0/22, " in applied[-1]  # minus 10.244.2.0/24
+    assert [(f["object"], f["field"]) for e, f in logs if e == "netpol-refused"] == [
+        ("y/c", "status.podIPs.1.ip")]

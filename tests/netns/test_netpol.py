@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from cni_plugin import rtnl
 from cni_plugin.node.netpol import apply, compile, nft
 from cni_plugin.node.netpol.agent import NetpolAgent
 from cni_plugin.node.netpol.nft import TABLE
@@ -73,8 +75,16 @@ def world(tmp_path_factory: pytest.TempPathFactory, launchers: Path) -> Iterator
         host.destroy()
 
 
+def _ports(world: World) -> Callable[[], dict[Any, set[str]]]:
+    """The node agent's read of the bridge ports, from the node netns."""
+    assert world.host is not None
+    host = world.host.name
+    return lambda: apply.pod_ports(lambda: in_netns(host, rtnl.Socket))
+
+
 def _reset(world: World) -> NetpolAgent:
-    agent = NetpolAgent(NODE, lambda script: apply.replace(script, world.nft()), lambda *_a, **_k: None)
+    agent = NetpolAgent(NODE, lambda script: apply.replace(script, world.nft()), lambda *_a, **_k: None,
+                        ports=_ports(world))
     agent.handle("NetworkPolicy", "SYNC", [])
     agent.handle("Pod", "SYNC", [world.pod_object(p) for p in PODS])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": ns}} for ns in "xyz"])
@@ -198,11 +208,12 @@ def test_rulesets_pass_nft_check_mode() -> None:
     netns = new_netns("h17chk")
     command = ["ip", "netns", "exec", netns, "nft"]
     try:
+        ports = {a: {f"veth{i}"} for i, pod in enumerate(world_pods()) for a in pod.addresses()}
         for number, spec in enumerate(CHECKED_SPECS):
             decision = compile.decide([policy("x", spec, name=f"p{number}"), policy("y", spec)], world_pods(),
                                       namespaces(), ME)
             assert decision.policies, spec
-            apply.replace(nft.ruleset(decision), command, check_only=True)
+            apply.replace(nft.ruleset(decision, ports), command, check_only=True)
         with pytest.raises(apply.NftError):
             apply.replace(nft.ruleset(compile.decide([], [], [], ME)).replace("vmap", "vamp"), command,
                           check_only=True)
@@ -259,5 +270,131 @@ def test_routed_traffic_to_and_from_another_node_is_judged(world: World, remote:
         assert outbound == {(world.netns["x/a"], REMOTE_POD): True, (world.netns["x/b"], REMOTE_POD): False,
                             (world.netns["x/c"], REMOTE_POD): True}
         assert observe(world, "TCP", 80, 4, reachable(("y/a", "x/a", False)))[("y/a", "x/a")] is False
+    finally:
+        apply.remove(world.nft())
+
+
+def _link_local(world: World, pod: str) -> tuple[str, int]:
+    """The pod's IPv6 link-local address on eth0, and eth0's index (its scope)."""
+    out = sh("ip", "-n", world.netns[pod], "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link").stdout
+    address = out.decode().split()[3].split("/")[0]
+    return address, in_netns(world.netns[pod], lambda: socket.if_nametoindex("eth0"))
+
+
+def _tcp_link_local(world: World, source: str, target: str) -> bool:
+    """Whether `source` completes a TCP handshake with `target`'s link-local address, port 80."""
+    address, _ = _link_local(world, target)
+    scope = in_netns(world.netns[source], lambda: socket.if_nametoindex("eth0"))
+
+    def connect() -> bool:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.settimeout(2.0)
+            try:
+                s.connect((address, 80, 0, scope))
+            except OSError:
+                return False
+            return True
+    return in_netns(world.netns[source], connect)
+
+
+GROUP_PORT = 9099
+# (family, destination, SO_BROADCAST) of the datagrams every pod's bridge port gets a copy of
+FLOODED = [(socket.AF_INET, "10.89.0.255", True), (socket.AF_INET, "255.255.255.255", True),
+           (socket.AF_INET6, "ff02::1", False)]
+
+
+def _flooded_udp(world: World, source: str, receivers: list[str]) -> dict[tuple[str, str], bool]:
+    """UDP from `source` to the subnet broadcast, the limited broadcast and all-nodes multicast;
+    whether each receiver got each one (a socket on GROUP_PORT per family in each)."""
+    def listen() -> list[socket.socket]:
+        socks = []
+        for family, any_address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((any_address, GROUP_PORT))
+            s.setblocking(False)
+            socks.append(s)
+        return socks
+
+    def send() -> None:
+        scope = socket.if_nametoindex("eth0")
+        for family, destination, broadcast in FLOODED:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                if broadcast:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                target = (destination, GROUP_PORT, 0, scope)[:2 if family == socket.AF_INET else 4]
+                for _ in range(3):
+                    s.sendto(destination.encode(), target)
+
+    listeners = {pod: in_netns(world.netns[pod], listen) for pod in receivers}
+    try:
+        in_netns(world.netns[source], send)
+        time.sleep(0.5)
+        got = {(pod, dest) : False for pod in receivers for _f, dest, _b in FLOODED}
+        for pod, socks in listeners.items():
+            for s in socks:
+                while True:
+                    try:
+                        got[(pod, s.recv(64).decode())] = True
+                    except BlockingIOError:
+                        break
+        return got
+    finally:
+        for socks in listeners.values():
+            for s in socks:
+                s.close()
+
+
+def test_link_local_tcp_to_an_isolated_pod_is_judged(world: World) -> None:
+    """x/a admits only x/c: x/b reached x/a at its fe80:: address all the same, as the rules
+    knew x/a by its API addresses only. A link-local source is no pod peer: x/c is refused
+    there too, and reaches x/a at its API address."""
+    agent = _reset(world)
+    assert _tcp_link_local(world, "x/b", "x/a")  # the probe itself works
+    agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "from-c", {
+        "podSelector": POD_A, "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "c"}}}]}]}))
+    assert agent.reconcile()
+    try:
+        assert not _tcp_link_local(world, "x/b", "x/a")
+        assert not _tcp_link_local(world, "x/c", "x/a")
+        assert _tcp_link_local(world, "x/b", "x/c")  # between pods not isolated: as before
+        seen = probe([(world.netns["x/c"], world.ips["x/a"][6]), (world.netns["x/b"], world.ips["x/a"][6])],
+                     "TCP", 80, 3.0)
+        assert list(seen.values()) == [True, False]
+    finally:
+        apply.remove(world.nft())
+
+
+def test_link_local_from_an_egress_isolated_pod_is_judged(world: World) -> None:
+    """x/b may send to x/c only: not to x/a's fe80:: address from its own fe80:: one."""
+    agent = _reset(world)
+    to_c = {"to": [{"podSelector": {"matchLabels": {"pod": "c"}}}]}
+    agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "to-c", {**EGRESS, "podSelector": POD_B,
+                                                                    "egress": [to_c]}))
+    assert agent.reconcile()
+    try:
+        assert not _tcp_link_local(world, "x/b", "x/a")
+        assert _tcp_link_local(world, "x/a", "x/c")
+    finally:
+        apply.remove(world.nft())
+
+
+def test_broadcast_and_multicast_to_an_ingress_isolated_pod_are_judged_like_unicast(world: World) -> None:
+    """Deny-all ingress on x/a: no broadcast or multicast datagram reaches it (x/c, open, gets
+    them all). Allowed from x/b on that port: the IPv4 broadcasts, sent from x/b's API address,
+    pass; the IPv6 multicast, sent from x/b's link-local address, does not."""
+    agent = _reset(world)
+    agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "deny", {"podSelector": POD_A}))
+    assert agent.reconcile()
+    try:
+        got = _flooded_udp(world, "x/b", ["x/a", "x/c"])
+        assert got == {(pod, dest): pod == "x/c" for pod in ("x/a", "x/c") for _f, dest, _b in FLOODED}
+        from_b = {"from": [{"podSelector": POD_B}], "ports": [{"protocol": "UDP", "port": GROUP_PORT}]}
+        agent.handle("NetworkPolicy", "MODIFIED", ns_policy("x", "deny", {"podSelector": POD_A,
+                                                                           "ingress": [from_b]}))
+        assert agent.reconcile()
+        assert _flooded_udp(world, "x/b", ["x/a"]) == {
+            ("x/a", "10.89.0.255"): True, ("x/a", "255.255.255.255"): True, ("x/a", "ff02::1"): False}
     finally:
         apply.remove(world.nft())

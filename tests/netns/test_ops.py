@@ -69,7 +69,7 @@ def test_doctor_healthy_node(host: Host, tmp_path: Path) -> None:
     conf_dir = _healthy(host, tmp_path)[1]
     code, checks = doctor(host, conf_dir)
     names = ("dirs", "conflist", "cniVersion", "agent", "ip_forward", "br_netfilter", "stores", "attachments",
-             "mtu", "masquerade")
+             "mtu", "masquerade", "netpolicy")
     expected = dict.fromkeys(names, "ok")
     if host.agent is None:
         expected["agent"] = "warn"
@@ -91,7 +91,22 @@ def _root_sysctls() -> list[str | None]:
 # With no conf dir there is no conflist either; an unsafe store is refused by the checks that read it.
 CASCADE = {"conf dir": {"conflist"}, "store mode": {"attachments", "masquerade"}}
 FAULTS = ["conf dir", "plugin", "cniVersion", "ip_forward", "br_netfilter", "store mode", "stale", "mtu",
-          "masquerade"]
+          "masquerade", "refused policy"]
+
+
+def _refused_policy(host: Host, result: dict[str, Any]) -> None:
+    """The node agent's rules for a policy with an except it cannot read, selecting the pod."""
+    from cni_plugin.node.netpol import apply
+    from cni_plugin.node.netpol.agent import NetpolAgent
+
+    agent = NetpolAgent("n1", lambda script: apply.replace(script, ["ip", "netns", "exec", host.name, "nft"]),
+                        lambda *_a, **_k: None)
+    bad = {"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/33"]}}]}]}
+    agent.handle("NetworkPolicy", "SYNC", [{"metadata": {"name": "bad", "namespace": "x"}, "spec": bad}])
+    agent.handle("Pod", "SYNC", [{"metadata": {"name": "a", "namespace": "x"}, "spec": {"nodeName": "n1"},
+                                  "status": {"podIP": result["ips"][0]["address"].split("/")[0]}}])
+    agent.handle("Namespace", "SYNC", [])
+    assert agent.reconcile()
 
 
 def _inject(fault: str, host: Host, conf: dict[str, Any], conf_dir: Path, result: dict[str, Any]) -> tuple[
@@ -128,6 +143,9 @@ def _inject(fault: str, host: Host, conf: dict[str, Any], conf_dir: Path, result
         host.exec("ip", "link", "set", "up0", "up")
         host.exec("ip", "route", "add", "default", "dev", "up0")
         return "mtu", "fail", "(up0 1400): br-test 1500"
+    if fault == "refused policy":
+        _refused_policy(host, result)
+        return "netpolicy", "warn", "x/bad (spec.ingress.0.from.0.ipBlock.except.0)"
     assert fault == "masquerade"
     host.exec("nft", "flush table inet pybridge")
     return "masquerade", "fail", result["ips"][0]["address"].split("/")[0]

@@ -138,3 +138,35 @@ def test_missing_links_and_errors(pair: Pair) -> None:
             assert gone.value.errno == errno.ENODEV
 
     pair.host(host_side)
+
+
+def test_bridge_ports_and_their_peers_addresses_read_from_the_host(pair: Pair) -> None:
+    """A bridge port's peer addresses, read without entering the pod netns, as pyroute2 sees
+    them inside it; a veth off any bridge is no port."""
+    def host_side() -> tuple[list[tuple[Link, int]], list[IPInterface]]:
+        with rtnl.Socket() as sock:
+            sock.add_bridge("br-pp", None, vlan_filtering=False)
+            sock.add_veth("veth-pp", "eth8", pair.fds[1], None, None)
+            sock.add_veth("veth-off", "eth9", pair.fds[1], None, None)
+            bridge, veth = sock.link_by_name("br-pp"), sock.link_by_name("veth-pp")
+            assert bridge is not None and veth is not None
+            sock.set_link(veth.index, up=True, master=bridge.index)
+            ports = sock.bridge_ports()
+            pair.pod(add_addresses)
+            return ports, sock.peer_addresses(ports[0][1], ports[0][0].peer_index or 0)
+
+    def add_addresses() -> Any:
+        with rtnl.Socket() as sock:
+            eth8 = sock.link_by_name("eth8")
+            assert eth8 is not None
+            sock.add_address(eth8.index, ipaddress.ip_interface("10.57.0.2/24"))
+            sock.add_address(eth8.index, ipaddress.ip_interface("fe80::57/64"), nodad=True)
+
+    def pod_view() -> set[str]:
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname="eth8")[0]
+            return {f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}" for m in ipr.get_addr(index=index)}
+
+    ports, addresses = pair.host(host_side)
+    assert [link.name for link, _nsid in ports] == ["veth-pp"]
+    assert {str(a) for a in addresses} == pair.pod(pod_view) == {"10.57.0.2/24", "fe80::57/64"}

@@ -14,12 +14,17 @@ A4, A6, B4 = (ipaddress.ip_address(a) for a in ("10.0.0.2", "fd00::2", "10.0.0.3
 def test_one_transaction_replacing_the_table() -> None:
     text = ruleset(Decision((), {}, {}))
     assert text.startswith(f"add table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n")
-    assert removal() == f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
+    assert removal() == (f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
+                         f"add table bridge {TABLE}\ndelete table bridge {TABLE}\n")
+    assert f"add table bridge {TABLE}\ndelete table bridge {TABLE}\ntable bridge {TABLE} {{\n" in text
     # egress judged before ingress, replies of accepted connections first in both
     egress, ingress = text.index("chain forward_egress"), text.index("chain forward_ingress")
     assert egress < ingress
     assert "priority filter - 1;" in text[egress:ingress] and "priority filter + 1;" in text[ingress:]
     assert text.count("ct state established,related accept") == 2
+    # address resolution passes, in both tables; a pod's router advertisement or redirect is judged
+    assert text.count("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept") == 4
+    assert "router" not in text and "redirect" not in text
 
 
 def test_verdict_maps_per_pod_and_chains_per_combination_of_policies() -> None:
@@ -36,6 +41,30 @@ def test_verdict_maps_per_pod_and_chains_per_combination_of_policies() -> None:
     assert "\t\tmeta l4proto . th dport @p1_ingress0_ports accept\n" in text
 
 
+def test_the_bridge_table_judges_by_port_what_is_not_addressed_to_the_ports_own_addresses() -> None:
+    deny = PolicyRules("x/deny", ingress=(), egress=None)
+    web = PolicyRules("x/web", ingress=(Rule(peers=None, ranges=(("TCP", 80, 81),)),),
+                      egress=(Rule(None, None),))
+    ports = {A4: {"vetha"}, A6: {"vetha"}, B4: {"vethb", "veth;drop"},
+             ipaddress.ip_address("10.0.0.9"): {"vethc"}}
+    text = ruleset(Decision((deny, web), {A4: (0, 1), A6: (0, 1), B4: (0,)}, {B4: (1,)}), ports)
+    bridge = text[text.index(f"table bridge {TABLE} {{"):]
+    assert 'elements = { "vetha" : jump ingress_1, "vethb" : jump ingress_0 }' in bridge
+    assert 'elements = { "vethb" : jump egress_0 }' in bridge
+    assert 'elements = { "vetha" . 10.0.0.2, "vethb" . 10.0.0.3 }' in bridge  # 10.0.0.9: selected by none
+    assert 'elements = { "vetha" . fd00::2 }' in bridge
+    assert "veth;drop" not in text  # a port name nft could misread is left out
+    assert "\t\toifname . ip daddr @own4 accept\n\t\toifname . ip6 daddr @own6 accept\n" in bridge
+    assert "\t\tmeta protocol { ip, ip6 } oifname vmap @ingress_ports\n" in bridge
+    assert "\t\tiifname . ip saddr @own4 accept\n" in bridge
+    assert "\t\ticmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept\n" in bridge
+    assert "\tchain ingress_1 {\n\t\tjump p0_ingress\n\t\tjump p1_ingress\n\t\tdrop\n\t}" in bridge
+    assert "\t\tmeta l4proto . th dport @p1_ingress0_ports accept\n" in bridge
+    assert "ct state" not in bridge  # the bridge family has no conntrack
+    no_ports = ruleset(Decision((deny,), {A4: (0,)}, {}))
+    assert "jump" not in no_ports[no_ports.index("table bridge"):]
+
+
 def test_peers_per_family_and_named_ports_on_the_destination() -> None:
     peers = tuple(ipaddress.ip_network(n) for n in ("10.1.0.0/16", "fd01::/64"))
     rule = Rule(peers=peers, ranges=(), named=((A4, "UDP", 53),))
@@ -50,7 +79,7 @@ def test_peers_per_family_and_named_ports_on_the_destination() -> None:
 def test_peers_of_one_family_allow_nothing_in_the_other() -> None:
     only_v4 = Rule(peers=(ipaddress.ip_network("10.1.0.0/16"),), ranges=None)
     text = ruleset(Decision((PolicyRules("x/v4", ingress=(only_v4,), egress=None),), {A6: (0,)}, {}))
-    assert "\t\tip saddr @p0_ingress0_peer4 accept\n" in text and "ip6 saddr @" not in text
+    assert "\t\tip saddr @p0_ingress0_peer4 accept\n" in text and "ip6 saddr @p0" not in text
 
 
 def test_a_hostile_policy_name_cannot_leave_its_comment() -> None:

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ValidationError
+from ...netlink import NetlinkError
+from . import apply, compile, nft, objects
+from .objects import KINDS, Address, Model, Refusal
 
-from . import apply, compile, nft
-from .objects import Namespace, NetworkPolicy, Pod
-
-KINDS: dict[str, type[BaseModel]] = {"NetworkPolicy": NetworkPolicy, "Pod": Pod, "Namespace": Namespace}
 Log = Callable[..., None]
+Ports = Callable[[], Mapping[Address, Collection[str]]]
 Key = tuple[str, str]
 
 
@@ -30,24 +29,39 @@ def _key(obj: Any) -> Key:
     return str(meta.get("namespace", "")), str(meta.get("name", ""))
 
 
+class Observer(Protocol):
+    """Told what was refused (ops/node_metrics.py)."""
+
+    def refused(self, refusal: Refusal) -> None: ...
+    def policies_refused(self, count: int) -> None: ...
+
+
 class NetpolAgent:
     """Feed it (kind, event, object) with handle(); reconcile() applies when something changed."""
 
-    def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log) -> None:
+    def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log,
+                 observer: Observer | None = None, ports: Ports | None = None) -> None:
         self.node_name = node_name
         self.apply_script = apply_script
         self.log = log
+        self.observer = observer
+        self.ports = ports  # the bridge ports of pod addresses (apply.pod_ports); None: not keyed by port
+        self.port_map: Mapping[Address, Collection[str]] = {}
         self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in KINDS}
         self.listed: set[str] = set()
         self.applied: str | None = None
+        self.closed: set[Refusal] = set()
 
-    def _parse(self, kind: str, obj: Any) -> BaseModel | None:
-        try:
-            return KINDS[kind].model_validate(obj)
-        except ValidationError as exc:
-            reasons = (f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            self.log("netpol-invalid", kind=kind, object="/".join(_key(obj)), error="; ".join(reasons)[:500])
-            return None
+    def _parse(self, kind: str, obj: Any) -> Model | None:
+        """The object, or None; each refused field logged and counted (policies refused in part
+        are kept, in their closed form: objects.read)."""
+        model, refused = objects.read(kind, obj)
+        for refusal in refused:
+            self.log("netpol-refused", kind=kind, object=refusal.name[:300], field=refusal.field[:300],
+                     error=refusal.reason[:300], kept=model is not None)
+            if self.observer:
+                self.observer.refused(refusal)
+        return model
 
     def handle(self, kind: str, event: str, payload: Any) -> None:
         store = self.objects[kind]
@@ -66,7 +80,19 @@ class NetpolAgent:
     def ruleset(self) -> str:
         decision = compile.decide(self.objects["NetworkPolicy"].values(), self.objects["Pod"].values(),
                                   self.objects["Namespace"].values(), self.node_name)
-        return nft.ruleset(decision)
+        closed = {r for p in decision.policies for r in p.refused}
+        for refusal in closed - self.closed:  # once, from when it is enforced closed on this node
+            self.log("netpol-closed", policy=refusal.name[:300], field=refusal.field[:300],
+                     error=refusal.reason[:300])
+        self.closed = closed
+        if self.observer:
+            self.observer.policies_refused(sum(bool(p.refused) for p in decision.policies))
+        if self.ports is not None:
+            try:
+                self.port_map = self.ports()
+            except (NetlinkError, OSError) as exc:  # the last ports read stay in force
+                self.log("netpol-warning", error=f"bridge ports not read: {exc}"[:300])
+        return nft.ruleset(decision, self.port_map)
 
     def reconcile(self) -> bool:
         """True when a new ruleset was applied."""
@@ -160,12 +186,13 @@ def kube_stream(api: Any, resync: int, stop: threading.Event, log: Log) -> Strea
                                         report=refused(kind))
 
 
-def launch(node_name: str, api: Any, resync: int, log: Log) -> threading.Event:
+def launch(node_name: str, api: Any, resync: int, log: Log,
+           observer: Observer | None = None) -> threading.Event:
     """Enforcement in background threads of the node agent; set the returned event to stop."""
     for error in apply.enable_bridge_netfilter():
         log("netpol-warning", error=f"pod-to-pod traffic on the bridge escapes policy: {error}")
     stop = threading.Event()
-    agent = NetpolAgent(node_name, apply.replace, log)
+    agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after 2 s.
     start(agent, kube_stream(api, resync, stop, log), log, (Exception,), stop)

@@ -14,6 +14,8 @@ The API's rules, as networking.k8s.io/v1 documents them:
   destination pod: the selected pod for ingress, the peer for egress), or absent (all ports
   of its protocol, TCP when absent).
 Host-network pods are never selected and never a pod peer (their addresses are the node's).
+A direction of a policy that could not be read or compiled allows nothing (objects.read): it
+still isolates the pods the policy selects, and its refused fields are kept to be reported.
 """
 
 from __future__ import annotations
@@ -21,12 +23,22 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
-from .objects import Address, EgressRule, IngressRule, IPBlock, Namespace, Network, NetworkPolicy, Peer, Pod
+from .objects import (
+    Address,
+    Direction,
+    EgressRule,
+    IngressRule,
+    IPBlock,
+    Namespace,
+    Network,
+    NetworkPolicy,
+    Peer,
+    Pod,
+    Refusal,
+)
 from .selectors import matches
 
-Direction = Literal["Ingress", "Egress"]
 PortRange = tuple[str, int, int]  # (protocol, first, last)
 NamedPort = tuple[Address, str, int]  # (destination address, protocol, resolved number)
 
@@ -45,6 +57,7 @@ class PolicyRules:
     name: str  # "namespace/name"
     ingress: tuple[Rule, ...] | None  # None: the policy does not affect this direction
     egress: tuple[Rule, ...] | None
+    refused: tuple[Refusal, ...] = ()  # fields that made a direction allow nothing
 
 
 @dataclass(frozen=True)
@@ -170,12 +183,21 @@ def _rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
                 named=tuple(sorted(named, key=lambda n: (n[0].version, n[0], n[1], n[2]))))
 
 
-def _direction_rules(policy: NetworkPolicy, world: World, direction: Direction,
-                     targets: Sequence[Pod]) -> tuple[Rule, ...] | None:
+def _direction_rules(policy: NetworkPolicy, world: World, direction: Direction, targets: Sequence[Pod],
+                     refused: list[Refusal]) -> tuple[Rule, ...] | None:
     if not policy.affects(direction):
         return None
     rules = policy.spec.ingress if direction == "Ingress" else policy.spec.egress
-    return tuple(_rule(r, policy, world, direction, targets) for r in rules or ())
+    try:
+        return tuple(_rule(r, policy, world, direction, targets) for r in rules or ())
+    except Exception as exc:  # a bug here must close this direction, not drop the policy
+        refused.append(Refusal("NetworkPolicy", _name(policy), f"spec.{direction.lower()}",
+                               f"not compiled: {type(exc).__name__}: {exc}"))
+        return ()
+
+
+def _name(policy: NetworkPolicy) -> str:
+    return f"{policy.metadata.namespace}/{policy.metadata.name}"
 
 
 def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: Iterable[Namespace],
@@ -192,10 +214,11 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
         if not targets:
             continue  # selects nothing here: nothing to enforce on this node
         index = len(compiled)
+        refused = list(policy.refused)
         compiled.append(PolicyRules(
-            name=f"{policy.metadata.namespace}/{policy.metadata.name}",
-            ingress=_direction_rules(policy, world, "Ingress", targets),
-            egress=_direction_rules(policy, world, "Egress", targets)))
+            name=_name(policy),
+            ingress=_direction_rules(policy, world, "Ingress", targets, refused),
+            egress=_direction_rules(policy, world, "Egress", targets, refused), refused=tuple(refused)))
         for direction, table in selected_by.items():
             if policy.affects(direction):
                 for address in (a for pod in targets for a in pod.addresses()):

@@ -1,4 +1,5 @@
-"""A Decision rendered as one nftables script that replaces the table `inet pybridge_netpol`.
+"""A Decision rendered as one nftables script that replaces the tables `inet pybridge_netpol` and
+`bridge pybridge_netpol` in one transaction.
 
 Layout (per packet: two verdict-map lookups and the set lookups of the selecting policies,
 never one rule per pod pair):
@@ -11,21 +12,40 @@ never one rule per pod pair):
 Pod to pod on the bridge crosses the forward hook through br_netfilter (bridge-nf-call-ip{,6}tables,
 on by default, turned on by the agent where off); routed traffic to and from other nodes crosses it anyway.
 Traffic between the node itself and its pods takes the input/output hooks and is never judged.
-IPv6 neighbour discovery is never judged either: a pod that cannot resolve its peer cannot talk
-at all, whatever the policy.
+IPv6 neighbour solicitations and advertisements are never judged either: a pod that cannot
+resolve its peer cannot talk at all, whatever the policy. Router solicitations, advertisements
+and redirects between pods are judged like any packet (a pod's router is the node, whose
+traffic takes the input/output hooks).
+
+The inet table knows a pod by its API addresses only. What a pod receives at, or sends from, any
+other address (its IPv6 link-local one, a broadcast or multicast address, an address it added
+itself) is judged in the bridge table by the pod's bridge port, when the node agent found the
+pod's API address on the pod side of that port (apply.pod_ports): base chains `forward_egress`
+and `forward_ingress` of the bridge forward hook let frames whose source (egress) or destination
+(ingress) is the port's own API address on to the inet table, pass IPv6 neighbour solicitations
+and advertisements and non-IP frames (ARP), and send every other IP frame from or to the port of
+an isolated pod through the same policy chains, looked up by port in @egress_ports and
+@ingress_ports. The bridge family has no conntrack: such traffic passes only as new traffic the
+policy allows, so replies to a pod's own link-local or multicast conversations do not (its API
+addresses keep their conntrack in the inet table). A link-local source is never a pod peer: it
+passes only a rule whose peers are all addresses or an ipBlock holding it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Collection, Iterable, Mapping
 
-from .compile import Decision, Rule
+from .compile import Decision, PolicyRules, Rule
 from .objects import Address
 
 TABLE = "pybridge_netpol"
+NFT_COMMENT = 128  # nft's longest comment
+REFUSED = "refused:"  # in a policy chain's comment: the fields that made it allow nothing
 _FAMILY = {4: "ip", 6: "ip6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
-_ND = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert, nd-redirect"
+_NEIGHBOUR = "nd-neighbor-solicit, nd-neighbor-advert"  # what address resolution needs between pods
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a port name safe to quote in the script
 
 
 def _set(name: str, type_: str, elements: Iterable[str], interval: bool, kind: str = "set") -> list[str]:
@@ -42,6 +62,14 @@ def _printable(name: str) -> str:
     """A policy's namespace/name as an nft comment: the API allows only [a-z0-9.-] in both, but
     a hostile source could send anything, and a quote would end the comment."""
     return "".join(c if c.isascii() and (c.isalnum() or c in "./-_") else "?" for c in name)[:120]
+
+
+def _comment(policy: PolicyRules) -> str:
+    """The policy's name, and the fields that closed it (`pybridge doctor` reads them)."""
+    if not policy.refused:
+        return _printable(policy.name)
+    fields = " ".join(sorted({_printable(r.field) for r in policy.refused}))
+    return f"{_printable(policy.name)} {REFUSED} {fields}"[:NFT_COMMENT]
 
 
 def _port(first: int, last: int) -> str:
@@ -94,18 +122,23 @@ class _Script:
                     lines.append(line)
         return lines
 
-    def policy_chain(self, chain: str, name: str, rules: Iterable[Rule], peer_side: str) -> None:
+    def policy_chain(self, chain: str, policy: PolicyRules, rules: Iterable[Rule], peer_side: str) -> None:
         body = [line for k, rule in enumerate(rules)
                 for line in self.rule_lines(f"{chain}{k}", rule, peer_side)]
-        self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_printable(name)}"', *body, "\t}"]
+        self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_comment(policy)}"', *body, "\t}"]
+
+    def combo_chains(self, direction: str, selected: Iterable[tuple[int, ...]]) -> dict[tuple[int, ...], int]:
+        """A chain per combination of policies selecting a pod: jumps each one's chain, then drops."""
+        combos = {c: k for k, c in enumerate(sorted(set(selected)))}
+        for combo, k in combos.items():
+            jumps = [f"\t\tjump p{i}_{direction}" for i in combo]
+            self.chains += [f"\tchain {direction}_{k} {{", *jumps, "\t\tdrop", "\t}"]
+        return combos
 
     def dispatch(self, direction: str, selected: Mapping[Address, tuple[int, ...]], key: str,
                  priority: str) -> None:
         """The per-combination chains, the verdict maps from pod address to them, the base chain."""
-        combos = {c: k for k, c in enumerate(sorted(set(selected.values())))}
-        for combo, k in combos.items():
-            jumps = [f"\t\tjump p{i}_{direction}" for i in combo]
-            self.chains += [f"\tchain {direction}_{k} {{", *jumps, "\t\tdrop", "\t}"]
+        combos = self.combo_chains(direction, selected.values())
         for version in (4, 6):
             elements = [f"{a} : jump {direction}_{combos[c]}"
                         for a, c in sorted((a, c) for a, c in selected.items() if a.version == version)]
@@ -114,26 +147,73 @@ class _Script:
         self.chains += [f"\tchain forward_{direction} {{",
                         f"\t\ttype filter hook forward priority {priority}; policy accept;",
                         "\t\tct state established,related accept",
-                        f"\t\ticmpv6 type {{ {_ND} }} accept",
+                        f"\t\ticmpv6 type {{ {_NEIGHBOUR} }} accept",
                         f"\t\tip {key} vmap @{direction}4",
                         f"\t\tip6 {key} vmap @{direction}6",
                         "\t}"]
 
+    def port_dispatch(self, direction: str, by_port: Mapping[str, tuple[int, ...]], side: str, key: str,
+                      priority: str) -> None:
+        """The bridge table's: a port's frames at other addresses than its own judged by its policies."""
+        combos = self.combo_chains(direction, by_port.values())
+        elements = [f'"{port}" : jump {direction}_{combos[c]}' for port, c in sorted(by_port.items())]
+        self.sets += _set(f"{direction}_ports", "ifname : verdict", elements, interval=False, kind="map")
+        self.chains += [f"\tchain forward_{direction} {{",
+                        f"\t\ttype filter hook forward priority {priority}; policy accept;",
+                        f"\t\ticmpv6 type {{ {_NEIGHBOUR} }} accept",
+                        f"\t\t{side} . ip {key} @own4 accept",
+                        f"\t\t{side} . ip6 {key} @own6 accept",
+                        f"\t\tmeta protocol {{ ip, ip6 }} {side} vmap @{direction}_ports",
+                        "\t}"]
 
-def ruleset(decision: Decision) -> str:
-    """The whole table, replaced in one transaction (add + delete + define is idempotent)."""
-    script = _Script()
+
+def _policy_chains(script: _Script, decision: Decision,
+                   used: Mapping[str, Collection[int]] | None = None) -> None:
+    """Each policy's chain per direction it affects (only the `used` ones, when given)."""
     for i, policy in enumerate(decision.policies):
-        if policy.ingress is not None:
-            script.policy_chain(f"p{i}_ingress", policy.name, policy.ingress, "saddr")
-        if policy.egress is not None:
-            script.policy_chain(f"p{i}_egress", policy.name, policy.egress, "daddr")
+        for direction, rules, peer_side in (("ingress", policy.ingress, "saddr"),
+                                            ("egress", policy.egress, "daddr")):
+            if rules is not None and (used is None or i in used[direction]):
+                script.policy_chain(f"p{i}_{direction}", policy, rules, peer_side)
+
+
+def _table(family: str, script: _Script) -> list[str]:
+    return [f"add table {family} {TABLE}", f"delete table {family} {TABLE}", f"table {family} {TABLE} {{",
+            *script.sets, *script.chains, "}"]
+
+
+def _bridge(decision: Decision, ports: Mapping[Address, Collection[str]]) -> _Script:
+    """The bridge table: for each port holding a selected pod's API address, that pod's policies
+    (a port holding several pods' addresses is judged by all their policies)."""
+    by_port: dict[str, dict[str, set[int]]] = {"ingress": {}, "egress": {}}
+    own: set[tuple[str, Address]] = set()
+    for direction, selected in (("ingress", decision.ingress), ("egress", decision.egress)):
+        for address, combo in selected.items():
+            for port in filter(_IFNAME.fullmatch, ports.get(address, ())):
+                by_port[direction].setdefault(port, set()).update(combo)
+                own.add((port, address))
+    script = _Script()
+    _policy_chains(script, decision, {d: {i for c in p.values() for i in c} for d, p in by_port.items()})
+    for version in (4, 6):
+        script.sets += _set(f"own{version}", f"ifname . {_ADDR_TYPE[version]}",
+                            sorted(f'"{p}" . {a}' for p, a in own if a.version == version), interval=False)
+    combos = {d: {port: tuple(sorted(c)) for port, c in p.items()} for d, p in by_port.items()}
+    script.port_dispatch("egress", combos["egress"], "iifname", "saddr", "filter - 1")
+    script.port_dispatch("ingress", combos["ingress"], "oifname", "daddr", "filter + 1")
+    return script
+
+
+def ruleset(decision: Decision, ports: Mapping[Address, Collection[str]] | None = None) -> str:
+    """Both tables, replaced in one transaction (add + delete + define is idempotent). `ports`:
+    the bridge ports each address was found on (none: the bridge table judges nothing)."""
+    script = _Script()
+    _policy_chains(script, decision)
     script.dispatch("egress", decision.egress, "saddr", "filter - 1")
     script.dispatch("ingress", decision.ingress, "daddr", "filter + 1")
-    return "\n".join([f"add table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{",
-                      *script.sets, *script.chains, "}", ""])
+    return "\n".join([*_table("inet", script), *_table("bridge", _bridge(decision, ports or {})), ""])
 
 
 def removal() -> str:
-    """Deletes the table if present (the add makes the delete never fail)."""
-    return f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
+    """Deletes the tables if present (the add makes the delete never fail)."""
+    return "".join(f"add table {family} {TABLE}\ndelete table {family} {TABLE}\n"
+                   for family in ("inet", "bridge"))

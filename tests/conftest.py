@@ -23,7 +23,8 @@ TOOLS = {"ip": "iproute2", "nft": "nftables"}
 
 
 def _missing_tools() -> list[str]:
-    return [f"`{tool}` (Debian package {package})" for tool, package in TOOLS.items() if not shutil.which(tool)]
+    return [f"`{tool}` (Debian package {package})" for tool, package in TOOLS.items()
+            if not shutil.which(tool)]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

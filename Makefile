@@ -127,7 +127,8 @@ kind-sim-netpol: deps
 test: deps lint unit bundle
 	$(VENV)/bin/pytest -q -rs tests --ignore=tests/unit
 
-# The benchmark against the reference plugins (root): writes bench/results.md. Takes ~10 min.
+# The benchmark against the reference plugins (root): writes bench/results.md; several minutes
+# (docs/performance.md).
 bench: deps
 	$(PY) bench/run.py --write --cri-pods 30 $(if $(wildcard dist/pybridge/pybridge),--bundle dist/pybridge/pybridge)
 

@@ -13,9 +13,9 @@ PY          := $(VENV)/bin/python
 # there), then the venv is (re)installed only when pyproject.toml changed since. Prerequisites are
 # made left to right, so the root check comes before anything is touched.
 packages:
-	@bash scripts/deps.sh test "$(or $(MAKECMDGOALS),deps)"
+	@PYTHON=$(PYTHON) bash scripts/deps.sh test "$(or $(MAKECMDGOALS),deps)"
 packages-demo:
-	@bash scripts/deps.sh demo "$(or $(MAKECMDGOALS),demo)"
+	@PYTHON=$(PYTHON) bash scripts/deps.sh demo "$(or $(MAKECMDGOALS),demo)"
 deps: packages venv
 
 $(PY):

@@ -5,14 +5,28 @@ CNI_BIN_DIR ?= /opt/cni/bin
 PREFIX      ?= /opt/pybridge
 PY          := $(VENV)/bin/python
 
-.PHONY: venv install demo test lint unit netns bench stress interop e2e cnitool clean bundle kind-up kind-e2e kind-down \
-	kind-sim
+.PHONY: venv deps packages packages-demo install demo test lint unit netns bench stress interop e2e cnitool clean \
+	bundle kind-up kind-e2e kind-down kind-sim
+
+# `make demo` and `make test` set the machine up themselves: scripts/deps.sh checks for root and
+# installs the Debian packages that are missing (nothing, and no apt-get update, when all are
+# there), then the venv is (re)installed only when pyproject.toml changed since. Prerequisites are
+# made left to right, so the root check comes before anything is touched.
+packages:
+	@PYTHON=$(PYTHON) bash scripts/deps.sh test "$(or $(MAKECMDGOALS),deps)"
+packages-demo:
+	@PYTHON=$(PYTHON) bash scripts/deps.sh demo "$(or $(MAKECMDGOALS),demo)"
+deps: packages venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-venv: $(PY)
+# lint and unit need only this (no root, no packages).
+VENV_STAMP := $(VENV)/.installed
+venv: $(VENV_STAMP)
+$(VENV_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test,bundle,kind]'
+	touch $@
 
 # A venv under $(PREFIX); in $(CNI_BIN_DIR) the compiled client that forwards to the agent, and
 # behind it, in $(PREFIX)/libexec, launchers that start the venv's interpreter by absolute path
@@ -22,7 +36,7 @@ install:
 	$(PREFIX)/bin/python -m pip install -q .
 	$(PREFIX)/bin/python -I -m cni_plugin.install --bin-dir $(CNI_BIN_DIR) --libexec-dir $(PREFIX)/libexec
 
-demo: venv
+demo: packages-demo venv
 	bash scripts/demo.sh
 
 lint: venv
@@ -32,29 +46,29 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
 
-netns: venv
+netns: deps
 	$(VENV)/bin/pytest -q tests/netns
 
 # NetworkPolicy figures (root, bench/netpol.py): a full sync of 200 pods x 100 policies, the
 # event -> rules latency per kind of event, the agent's RSS. Prints JSON.
 .PHONY: bench-netpol
-bench-netpol: venv
+bench-netpol: deps
 	$(PY) bench/netpol.py
 
 # The long reliability run (crash trials x200, churn x1000, fuzz x100k, agent fds before/after
 # 1000 bad frames, ADD p50/p99 idle and with 200 slow connections open, lock-FIFO time to error);
 # `make test` runs the short versions. The figures are appended to build/reliability.jsonl. -v: each
 # test's name as it starts and its result as it ends, so a long run shows where it is.
-stress: venv
+stress: deps
 	$(PY) -m pip install -q -e '.[test,fuzz]' || echo 'atheris not installed: its run is skipped'
 	mkdir -p build
 	PYBRIDGE_STRESS=1 PYBRIDGE_FIGURES=build/reliability.jsonl $(VENV)/bin/pytest -v -rs --durations=10 tests/reliability
 
-interop: venv
+interop: deps
 	$(VENV)/bin/pytest -q tests/interop
 
-# The containerd tier alone (root, `apt-get install containerd runc`): README "containerd tier".
-e2e: venv
+# The containerd tier alone (root): docs/testing.md.
+e2e: deps
 	$(VENV)/bin/pytest -v -rs -m e2e tests/e2e
 
 # cnidrive, the cnitool-style libcni driver of tests/interop, built offline in GOPATH mode against
@@ -63,7 +77,7 @@ GO_ENV := GO111MODULE=off GOPATH=$(CURDIR)/build/gopath:/usr/share/gocode GOCACH
 	CGO_ENABLED=0 GOFLAGS=
 cnitool:
 	cd tests/interop/cnidrive && $(GO_ENV) go build -o $(CURDIR)/build/cnidrive .
-	@echo "built build/cnidrive (see README: cnitool manual testing)"
+	@echo "built build/cnidrive (see docs/testing.md: cnitool by hand)"
 
 # The frozen bundle (PyInstaller one-dir) for nodes without Python, e.g. kind: dist/pybridge/ with
 # the executable `pybridge` and `pyipam` -> pybridge beside it. Rebuilt only when a source changed;
@@ -80,7 +94,7 @@ $(BUNDLE)/pybridge: $(BUNDLE_SOURCES)
 	$(PY) -I -c 'from cni_plugin.install import build_client; build_client("$(BUNDLE)/cni-client", "/opt/pybridge/current")'
 	touch $@
 
-# kind (needs docker, kind, kubectl; not on the CI machines): see README "Kubernetes on kind".
+# kind (needs docker, kind, kubectl; not on the CI machines): see docs/kubernetes.md.
 KIND_CLUSTER ?= pybridge
 KIND_CONFIG  ?= kind-config.yaml
 IMAGE        ?= pybridge:dev
@@ -99,23 +113,23 @@ kind-down:
 
 # kind without docker (root; apt-get install containerd runc buildah debootstrap): the image from
 # deploy/Dockerfile built by buildah, three nodes from kind-config.yaml, the DaemonSet of
-# deploy/pybridge.yaml through each node's CRI, pods on them. README "kind-sim". `make test` runs it too.
-kind-sim: venv
+# deploy/pybridge.yaml through each node's CRI, pods on them. docs/kubernetes.md. `make test` runs it too.
+kind-sim: deps
 	$(VENV)/bin/pytest -q -rs tests/kindsim
 
-# The NetworkPolicy cases and event benchmark across the three simulated nodes alone (README
-# "NetworkPolicy"); `make kind-sim` runs them too. PYBRIDGE_NETPOL_ROUNDS=N: more benchmark rounds.
+# The NetworkPolicy cases and event benchmark across the three simulated nodes alone (docs/networkpolicy.md); `make kind-sim` runs them too. PYBRIDGE_NETPOL_ROUNDS=N: more benchmark rounds.
 .PHONY: kind-sim-netpol
-kind-sim-netpol: venv
+kind-sim-netpol: deps
 	$(VENV)/bin/pytest -q -rs -s tests/kindsim/test_netpol.py
 
 # pytest exits 5 when it ran no test: that is a failure here too (make stops on any non-zero).
-# lint and the unit tier (no root, no bundle) come first: they never wait for PyInstaller.
-test: lint unit bundle
+# deps first (root, packages, venv), then lint and the unit tier: they never wait for PyInstaller.
+test: deps lint unit bundle
 	$(VENV)/bin/pytest -q -rs tests --ignore=tests/unit
 
-# The benchmark against the reference plugins (root): writes bench/results.md. Takes ~10 min.
-bench: venv
+# The benchmark against the reference plugins (root): writes bench/results.md; several minutes
+# (docs/performance.md).
+bench: deps
 	$(PY) bench/run.py --write --cri-pods 30 $(if $(wildcard dist/pybridge/pybridge),--bundle dist/pybridge/pybridge)
 
 clean:

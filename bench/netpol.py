@@ -1,4 +1,4 @@
-"""NetworkPolicy figures of the node agent (root; README "NetworkPolicy"): not a timed test.
+"""NetworkPolicy figures of the node agent (root; docs/networkpolicy.md): not a timed test.
 
 - full sync: 200 pods (all on this node, the worst case: every one gets rules) in 10
   namespaces and 100 policies of the shapes users write (pod and namespace selectors, both in

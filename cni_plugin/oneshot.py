@@ -1,5 +1,5 @@
-"""Lighten a process that serves one CNI call and exits (no agent took it): ADD then costs
-~130 ms instead of ~165 on a 2-vCPU VM, most of the rest being pydantic's own import (~85 ms).
+"""Lighten a process that serves one CNI call and exits (no agent took it); what is left of its
+cost is mostly pydantic's own import.
 
 - No cyclic garbage collector: the imports and model builds allocate enough to run a dozen
   collections (~10 ms) in a process that exits right after the call anyway.

@@ -195,8 +195,7 @@ class Socket:
         Each end gets one TX and one RX queue, the number the kernel's veth uses by default. Left
         unsaid, the kernel allocates one per possible CPU and then cuts the count in use down to
         one, and each cut waits for an expedited RCU grace period with rtnl_lock held: two per
-        pair, stalling every other netlink request of the host and interrupting the other CPUs.
-        Creating a pair took 0.37 ms that way and 0.22 ms this way (2-vCPU VM, alternating)."""
+        pair, stalling every other netlink request of the host and interrupting the other CPUs."""
         queues = [attr(IFLA_NUM_TX_QUEUES, _ONE), attr(IFLA_NUM_RX_QUEUES, _ONE)]
         peer_attrs = [
             attr(IFLA_IFNAME, peer.encode() + b"\0"),

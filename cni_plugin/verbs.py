@@ -44,7 +44,7 @@ def _pod_netns(req: Request) -> Iterator[int]:
 
 def _refuse_own_netns(req: Request, fd: int) -> None:
     """CNI_IFNAME names a link inside the pod: in the plugin's own netns it would name a host link.
-    No override: libcni's CNI_NETNS_OVERRIDE is not honoured (README, "Reliability")."""
+    No override: libcni's CNI_NETNS_OVERRIDE is not honoured (docs/configuration.md)."""
     if netns.same_netns(fd):
         raise CNIError(INVALID_NETNS, "CNI_NETNS is the plugin's own network namespace", req.cmd.netns)
 

@@ -1,10 +1,9 @@
 """Calls of a resident agent take turns: a few run at once, the others wait for a turn.
 
-Python runs one thread at a time, and a thread gives the GIL up at every syscall. With 32 calls
-running at once, the agent spent about a third of its CPU handing the GIL and the CPU from thread
-to thread (futex waits and wake-ups in `perf`). With two at a time, a burst of 32 ADDs took
-~10-20% less wall time and ~35% less agent CPU: one call runs Python while the other is in the
-kernel.
+Python runs one thread at a time, and a thread gives the GIL up at every syscall: with dozens of
+calls running at once, much of the agent's CPU goes to handing the GIL from thread to thread.
+Two at a time keep both CPUs of a small node busy: one call runs Python while the other is in the
+kernel (docs/performance.md).
 
 A call that waits for something other than this process (a sleep between polls, an exec'd
 program, a lock another process holds) gives its turn up meanwhile, through `waiting()`, so a

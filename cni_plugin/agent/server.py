@@ -36,9 +36,8 @@ from .observer import Endpoint, Observer, Silent, result_code
 MAX_CONCURRENT = 64
 # A call waits this long for an earlier call on the same attachment, as the IPAM lock's default.
 ATTACHMENT_TIMEOUT = 10.0
-# Calls doing their work at once (one in Python while the other is in the kernel; 1, 2, 3 and 64
-# measured, in bursts of 32 ADDs on 2 vCPUs), and how long a call waits for its turn before it
-# goes ahead without one.
+# Calls doing their work at once (one in Python while the other is in the kernel; cnikit/turns.py),
+# and how long a call waits for its turn before it goes ahead without one.
 AT_ONCE = 2
 TURN_PATIENCE = 1.0
 

@@ -224,7 +224,7 @@ def check_attachments(node: Node) -> Check:
     if stale:
         shown = "; ".join(f"{r.network} {r.container_id[:12] or r.host_veth}: {r.state}" for r in stale[:3])
         return Check("attachments", WARN, f"{len(stale)} stale attachment(s): {shown}",
-                     "`pybridge ls` lists them; the runtime's CNI GC (or a DEL) releases them")
+                     "`pybridge ls` lists them; a DEL of each (or a CNI GC sent by hand) releases them")
     return Check("attachments", OK, f"{len(node.rows)} attachment(s), all with a reservation and a veth")
 
 

@@ -1,7 +1,7 @@
 """Same conflist, same pods: reference bridge + host-local against pybridge + pyipam, via libcni.
 
 The results and the kernel state they leave must match, except for the differences listed in
-README.md ("Differences from the reference bridge"), which DIFFERENCES pins down here.
+docs/configuration.md ("Differences from the reference bridge"), which DIFFERENCES pins down here.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _possible_cpus() -> int:
 
 
 def _differences(ref: dict[str, Any], ours: dict[str, Any], pods: tuple[str, ...]) -> None:
-    """Check the differences README.md documents, then drop them: the rest must be equal."""
+    """Check the differences docs/configuration.md documents, then drop them: the rest must be equal."""
     for side, queues in ((ref, _possible_cpus()), (ours, 1)):  # veth queues allocated, both ends
         for cid in pods:
             for end in ("veth", "eth0"):

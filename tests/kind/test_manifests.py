@@ -177,7 +177,7 @@ def test_probes_and_scraping_reach_the_metrics_endpoints() -> None:
     assert mounts["/etc/cni/net.d"]["readOnly"] is True
 
 
-# What each container's code uses (README "Reliability"); the agent is privileged instead.
+# What each container's code uses (docs/kubernetes.md); the agent is privileged instead.
 CAPABILITIES = {"install": set(), "node": {"NET_ADMIN"}}
 
 
@@ -204,8 +204,8 @@ def test_every_added_capability_and_privilege_says_why() -> None:
             assert "#" in line, f"line {i + 1}: a capability without its reason"
         if re.match(r"\s*privileged: true", line):
             assert lines[i - 1].strip().startswith("#"), f"line {i + 1}: privileged without its reason"
-    readme = (REPO / "README.md").read_text()
-    assert "privileged" in readme and "/proc/sys" in readme
+    doc = (REPO / "docs/kubernetes.md").read_text()
+    assert "privileged" in doc and "/proc/sys" in doc
 
 
 def test_rbac_lets_the_service_account_watch_nodes() -> None:

@@ -1,5 +1,5 @@
 """kind-sim measurement: CRI RunPodSandbox with pybridge against the reference bridge + host-local,
-on the same nodes in the same run (README "kind-sim"). It records the figures, asserting only
+on the same nodes in the same run (docs/kubernetes.md "kind-sim"). It records the figures, asserting only
 that every pod got an address from its plugin: speed is reported, never a pass/fail condition.
 """
 

@@ -1,4 +1,4 @@
-"""kind-sim: the image, the DaemonSet and pods on three nodes made of real parts (README "kind-sim")."""
+"""kind-sim: the image, the DaemonSet and pods on three nodes made of real parts (docs/kubernetes.md)."""
 
 from __future__ import annotations
 

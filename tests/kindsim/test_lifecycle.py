@@ -1,4 +1,4 @@
-"""kind-sim lifecycle: API trouble, the agent restarted, nodes leaving and joining (README "kind-sim").
+"""kind-sim lifecycle: API trouble, the agent restarted, nodes leaving and joining (docs/kubernetes.md).
 
 These change the cluster (a node goes, another comes), so they run after test_kindsim.py.
 """

@@ -8,6 +8,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
@@ -24,6 +25,11 @@ class NodeMetrics:
         self._lock = threading.Lock()
         self._last_sync: float | None = None
         self._waiting: str | None = "no Node list received yet"
+        self._checks: list[Callable[[], str | None]] = []
+        self.refusals = Counter("pybridge_node_refused", "Things the node agent declined, by reason: "
+                                "malformed (an object or field skipped), outside-cluster and default-route "
+                                "(a podCIDR not routed), route-conflict (a route it does not own)",
+                                ["reason"], registry=registry)
         self.reconciles = Counter("pybridge_node_reconciles", "Reconciles of the node's conflist, routes "
                                   "and masquerade", registry=registry)
         self.errors = Counter("pybridge_node_reconcile_errors", "Errors met while applying a reconcile",
@@ -43,6 +49,14 @@ class NodeMetrics:
         with self._lock:
             self._waiting = reason
 
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
+
+    def add_check(self, check: Callable[[], str | None]) -> None:
+        """Another condition of readiness (NetworkPolicy's bridge-nf-call): its reason, or None.
+        It must be cheap and do no I/O: /readyz calls it."""
+        self._checks.append(check)
+
     def reconciled(self, nodes: int, routes: int, errors: int, full_sync: bool) -> None:
         self.reconciles.inc()
         self.errors.inc(errors)
@@ -59,6 +73,9 @@ class NodeMetrics:
                 return self._waiting
             if self._last_sync is None:
                 return "Node watch not in sync"
+        for check in self._checks:
+            if (reason := check()) is not None:
+                return reason
         return None if os.path.isfile(self.conflist) else f"conflist {self.conflist} not written"
 
 

@@ -79,12 +79,16 @@ def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
     client = api_client(api)  # type: ignore[arg-type]
     seen: dict[str, list[tuple[str, Any]]] = {}
     for kind, lister in netpol.listers(client).items():
-        def exhausted() -> None:
+        done = threading.Event()
+
+        def exhausted(done: threading.Event = done) -> None:
+            done.set()
             raise Exhausted
         api.pools[PATHS[kind]].on_exhausted = exhausted
-        with pytest.raises(Exhausted):
-            for event, obj in kube.list_watch(client, lister, timeout_seconds=7, backoff=lambda _s: None):
-                seen.setdefault(kind, []).append((event, obj))
+        for event, obj in kube.list_watch(client, lister, timeout_seconds=7, backoff=lambda _s: None,
+                                          stop=done.is_set):
+            seen.setdefault(kind, []).append((event, obj))
+        assert done.is_set()
     names = {k: [(e, [o["metadata"]["name"] for o in obj] if e == "SYNC" else obj["metadata"]["name"])
                  for e, obj in v] for k, v in seen.items()}
     assert names == {
@@ -141,8 +145,9 @@ def test_flag_turns_enforcement_off_and_removes_the_rules(monkeypatch: pytest.Mo
 
     calls: list[str] = []
     monkeypatch.setattr(apply, "remove", lambda: calls.append("remove"))
-    def launch(node: str, _api: object, resync: int, _log: object) -> None:
+    def launch(node: str, _api: object, resync: int, _log: object) -> netpol.Enforcement:
         calls.append(f"launch {node} {resync}")
+        return netpol.Enforcement(threading.Event(), [])
 
     monkeypatch.setattr(netpol, "launch", launch)
     args = cli.parser().parse_args(["run", "--node-name", ME, "--network-policy", "off"])

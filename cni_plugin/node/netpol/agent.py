@@ -4,14 +4,17 @@ Three list+watch streams (NetworkPolicy, Pod, Namespace; kube.list_watch: resour
 relist on 410 Gone, a relist every `resync` seconds) feed one queue; one thread takes an event,
 also takes every event already queued behind it, and only then compiles and applies, so a burst
 of events costs one nft transaction. Nothing is applied before all three kinds were listed once
-(a policy without its pods would cut them off).
+(a policy without its pods would cut them off). A ruleset nft refused or did not take in time is
+applied again after an exponential backoff, events or not; no error ends a thread.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -40,6 +43,7 @@ class NetpolAgent:
         self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in KINDS}
         self.listed: set[str] = set()
         self.applied: str | None = None
+        self.failed = False  # the last reconcile could not apply its ruleset
 
     def _parse(self, kind: str, obj: Any) -> BaseModel | None:
         try:
@@ -70,6 +74,7 @@ class NetpolAgent:
 
     def reconcile(self) -> bool:
         """True when a new ruleset was applied."""
+        self.failed = False
         if self.listed != set(KINDS):
             return False
         script = self.ruleset()
@@ -78,6 +83,7 @@ class NetpolAgent:
         try:
             self.apply_script(script)
         except apply.NftError as exc:
+            self.failed = True
             self.log("netpol-error", error=str(exc))
             return False
         self.applied = script
@@ -90,38 +96,60 @@ Stream = Callable[[str], Iterator[tuple[str, Any]]]
 
 def pump(kind: str, stream: Stream, events: queue.Queue[tuple[str, str, Any]], log: Log,
          stop: threading.Event, errors: tuple[type[BaseException], ...]) -> None:
-    """One kind's events into the queue, reconnecting after a transport error."""
+    """One kind's events into the queue, starting over (after a backoff) when the stream fails."""
+    from ..kube import Backoff
+
+    delays = Backoff()
     while not stop.is_set():
         try:
             for event, payload in stream(kind):
                 events.put((kind, event, payload))
+                delays.reset()
                 if stop.is_set():
                     return
         except errors as exc:
             log("netpol-retry", kind=kind, error=str(exc)[:300])
-            stop.wait(2.0)
+            stop.wait(delays.next())
+
+
+def _batch(events: queue.Queue[tuple[str, str, Any]], wait: float) -> list[tuple[str, str, Any]]:
+    """The next event (waiting up to `wait` s) and every one already queued behind it."""
+    try:
+        batch = [events.get(timeout=wait)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            batch.append(events.get_nowait())
+        except queue.Empty:
+            return batch
 
 
 def serve(agent: NetpolAgent, events: queue.Queue[tuple[str, str, Any]], stop: threading.Event,
-          on_applied: Callable[[], None] = lambda: None) -> None:
-    """Handle events until `stop`; a burst already queued is applied once."""
+          on_applied: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
+    """Handle events until `stop`; a burst already queued is applied once. A ruleset that could
+    not be applied (nft failed or hung, or a bug) is tried again after a backoff."""
+    from ..kube import Backoff
+
+    delays = Backoff(first=1.0, cap=60.0)
+    retry_at: float | None = None
     while not stop.is_set():
-        try:
-            batch = [events.get(timeout=0.5)]
-        except queue.Empty:
+        batch = _batch(events, 0.5 if retry_at is None else min(0.5, max(0.0, retry_at - clock())))
+        if not batch and (retry_at is None or clock() < retry_at):
             continue
-        while True:
-            try:
-                batch.append(events.get_nowait())
-            except queue.Empty:
-                break
         try:
             for kind, event, payload in batch:
                 agent.handle(kind, event, payload)
             applied = agent.reconcile()
-        except Exception as exc:  # a bug must not stop enforcement: the next event tries again
+            failed = agent.failed
+        except Exception as exc:  # a bug must not stop enforcement: retried
             agent.log("netpol-error", error=f"{type(exc).__name__}: {exc}"[:500])
-            continue
+            applied, failed = False, True
+        if failed:
+            retry_at = clock() + delays.next()
+        else:
+            delays.reset()
+            retry_at = None
         if applied:
             on_applied()
 
@@ -160,14 +188,36 @@ def kube_stream(api: Any, resync: int, stop: threading.Event, log: Log) -> Strea
                                         report=refused(kind))
 
 
-def launch(node_name: str, api: Any, resync: int, log: Log) -> threading.Event:
-    """Enforcement in background threads of the node agent; set the returned event to stop."""
-    for error in apply.enable_bridge_netfilter():
-        log("netpol-warning", error=f"pod-to-pod traffic on the bridge escapes policy: {error}")
-    stop = threading.Event()
+@dataclass
+class Enforcement:
+    """The running enforcement: `stop` ends it; readiness() says why it cannot hold, or None."""
+
+    stop: threading.Event
+    bridge_errors: list[str]
+
+    def readiness(self) -> str | None:
+        if self.bridge_errors:
+            return "NetworkPolicy cannot see bridged pod-to-pod traffic: " + "; ".join(self.bridge_errors)
+        return None
+
+    def check_bridge(self, log: Log, enable: Callable[[], list[str]] = apply.enable_bridge_netfilter) -> None:
+        """Turn bridge-nf-call on if off (again: br_netfilter may have been loaded since)."""
+        errors = enable()
+        for error in sorted(set(errors) - set(self.bridge_errors)):
+            log("netpol-warning", error=f"pod-to-pod traffic on the bridge escapes policy: {error}")
+        self.bridge_errors = errors
+
+
+def launch(node_name: str, api: Any, resync: int, log: Log,
+           enable: Callable[[], list[str]] = apply.enable_bridge_netfilter) -> Enforcement:
+    """Enforcement in background threads of the node agent. Not ready while bridged traffic
+    escapes the rules (bridge-nf-call off and not settable); checked again after each apply."""
+    enforcement = Enforcement(threading.Event(), [])
+    enforcement.check_bridge(log, enable)
     agent = NetpolAgent(node_name, apply.replace, log)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
-    # stream starts over with a fresh list after 2 s.
-    start(agent, kube_stream(api, resync, stop, log), log, (Exception,), stop)
+    # stream starts over with a fresh list after a backoff.
+    start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,), enforcement.stop,
+          on_applied=lambda: enforcement.check_bridge(log, enable))
     log("netpol-started", node=node_name)
-    return stop
+    return enforcement

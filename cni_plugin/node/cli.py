@@ -44,7 +44,7 @@ class Observer(Protocol):
 
     def waiting(self, reason: str) -> None: ...
     def reconciled(self, nodes: int, routes: int, errors: int, full_sync: bool) -> None: ...
-    def refused(self, reason: str) -> None: ...
+    def refused(self, kind: str, reason: str) -> None: ...
 
 
 class NodeAgent:
@@ -63,7 +63,7 @@ class NodeAgent:
     def _refuse(self, refusal: model.Refusal) -> None:
         _log("refused", reason=refusal.reason, subject=refusal.subject, detail=refusal.detail)
         if self.observer:
-            self.observer.refused(refusal.reason)
+            self.observer.refused("Node", refusal.reason)
 
     def _parse(self, obj: Any) -> model.Node | None:
         """The Node, or None for one without a name; every entry skipped is logged and counted."""
@@ -167,16 +167,16 @@ def _run(args: argparse.Namespace) -> int:
     _log("started", node=settings.node_name, cluster_cidrs=[str(c) for c in settings.cluster_cidrs])
     if not settings.cluster_cidrs:
         _log("error", error="no --cluster-cidr (env POD_SUBNET): no podCIDR will be routed or used")
-    unready = _network_policy(args, api)
+    unready = _network_policy(args, api, metrics)
     if metrics is not None and unready is not None:
         metrics.add_check(unready)
-    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
     threading.Thread(target=_pump, args=(api, args.resync, events), name="nodes", daemon=True).start()
     serve(agent, events, threading.Event())
     return 0
 
 
-def serve(agent: NodeAgent, events: queue.Queue[tuple[str, Any]], stop: threading.Event,
+def serve(agent: NodeAgent, events: queue.Queue[tuple[str, str, Any]], stop: threading.Event,
           delays: Backoff | None = None, clock: Callable[[], float] = time.monotonic) -> None:
     """Handle Node events until `stop`. A reconcile that failed (nft down or hung, a route
     refused, a bug) is retried after an exponential backoff, also when no event comes."""
@@ -187,7 +187,7 @@ def serve(agent: NodeAgent, events: queue.Queue[tuple[str, Any]], stop: threadin
     while not stop.is_set():
         wait = 0.5 if retry_at is None else min(0.5, max(0.0, retry_at - clock()))
         try:
-            kind, payload = events.get(timeout=wait)
+            _node, kind, payload = events.get(timeout=wait)
         except queue.Empty:
             if retry_at is None or clock() < retry_at:
                 continue
@@ -208,20 +208,24 @@ def serve(agent: NodeAgent, events: queue.Queue[tuple[str, Any]], stop: threadin
             retry_at = None
 
 
-def _pump(api: Any, resync: int, events: queue.Queue[tuple[str, Any]]) -> None:
+def _pump(api: Any, resync: int, events: queue.Queue[tuple[str, str, Any]]) -> None:
+    """Node events into the queue, as ("Node", event, payload), for good (no error ends it)."""
     from . import kube
+    from .netpol.agent import pump
 
-    for event in kube.node_events(api, timeout_seconds=resync, report=_api_error):
-        events.put(event)
+    pump("Node", lambda _kind: kube.node_events(api, timeout_seconds=resync, report=_api_error),
+         events, _log, threading.Event(), (Exception,))
 
 
-def _network_policy(args: argparse.Namespace, api: Any) -> Callable[[], str | None] | None:
+def _network_policy(args: argparse.Namespace, api: Any,
+                    observer: Observer | None = None) -> Callable[[], str | None] | None:
     """Enforce NetworkPolicy in background threads (netpol/), or remove the rules of an earlier
     run. Returns enforcement's readiness check when it is on."""
     from .netpol import agent, apply
 
     if args.network_policy == "on":
-        return agent.launch(args.node_name, api, args.resync, _log).readiness
+        refused = observer.refused if observer else None
+        return agent.launch(args.node_name, api, args.resync, _log, refused=refused).readiness
     try:
         apply.remove()
         _log("netpol-off")
@@ -231,13 +235,11 @@ def _network_policy(args: argparse.Namespace, api: Any) -> Callable[[], str | No
 
 
 def _api_error(exc: Exception) -> None:
-    """A refused list or watch (401 for a bad token, 403 without RBAC, 410 Gone...) or a
-    transport error (TLS, refused, timed out), before the retry."""
-    status = getattr(exc, "status", None)
-    if not status:
-        _log("retry", error=f"{type(exc).__name__}: {exc}"[:300])
-        return
-    _log("api_error", status=status, reason=str(getattr(exc, "reason", None))[:100], error=str(exc)[:300])
+    """A failed list or watch of Nodes, before the retry."""
+    from .kube import complaint
+
+    event, fields = complaint(exc)
+    _log(event, kind="Node", **fields)
 
 
 def _install(args: argparse.Namespace) -> int:

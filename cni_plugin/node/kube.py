@@ -120,6 +120,17 @@ def _resource_version(obj: Any) -> str | None:
     return version if isinstance(version, str) and version else None
 
 
+def complaint(exc: Exception) -> tuple[str, dict[str, Any]]:
+    """The log event for a failed list or watch: `api_error` for an answer refusing it (401 for a
+    bad token, 403 without RBAC, 410 Gone...), `retry` for no usable answer (TLS, refused, timed
+    out, garbage)."""
+    status = getattr(exc, "status", None)
+    if not status:
+        return "retry", {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return "api_error", {"status": status, "reason": str(getattr(exc, "reason", None))[:100],
+                         "error": str(exc)[:300]}
+
+
 def list_watch(api: client.ApiClient, lister: Callable[..., Any], timeout_seconds: int = 60,
                stop: Callable[[], bool] = lambda: False,
                backoff: Callable[[float], None] = time.sleep,

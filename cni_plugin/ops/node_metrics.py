@@ -26,10 +26,10 @@ class NodeMetrics:
         self._last_sync: float | None = None
         self._waiting: str | None = "no Node list received yet"
         self._checks: list[Callable[[], str | None]] = []
-        self.refusals = Counter("pybridge_node_refused", "Things the node agent declined, by reason: "
-                                "malformed (an object or field skipped), outside-cluster and default-route "
-                                "(a podCIDR not routed), route-conflict (a route it does not own)",
-                                ["reason"], registry=registry)
+        self.refusals = Counter("pybridge_node_refused", "API objects and fields the node agent declined, "
+                                "by kind and reason: malformed (an object or field skipped), outside-cluster "
+                                "and default-route (a podCIDR not routed), route-conflict (a route it does "
+                                "not own holds the destination)", ["kind", "reason"], registry=registry)
         self.reconciles = Counter("pybridge_node_reconciles", "Reconciles of the node's conflist, routes "
                                   "and masquerade", registry=registry)
         self.errors = Counter("pybridge_node_reconcile_errors", "Errors met while applying a reconcile",
@@ -49,8 +49,8 @@ class NodeMetrics:
         with self._lock:
             self._waiting = reason
 
-    def refused(self, reason: str) -> None:
-        self.refusals.labels(reason).inc()
+    def refused(self, kind: str, reason: str) -> None:
+        self.refusals.labels(kind, reason).inc()
 
     def add_check(self, check: Callable[[], str | None]) -> None:
         """Another condition of readiness (NetworkPolicy's bridge-nf-call): its reason, or None.

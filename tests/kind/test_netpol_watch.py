@@ -145,7 +145,7 @@ def test_flag_turns_enforcement_off_and_removes_the_rules(monkeypatch: pytest.Mo
 
     calls: list[str] = []
     monkeypatch.setattr(apply, "remove", lambda: calls.append("remove"))
-    def launch(node: str, _api: object, resync: int, _log: object) -> netpol.Enforcement:
+    def launch(node: str, _api: object, resync: int, _log: object, **_kw: object) -> netpol.Enforcement:
         calls.append(f"launch {node} {resync}")
         return netpol.Enforcement(threading.Event(), [])
 
@@ -175,7 +175,7 @@ def test_a_stream_error_is_logged_and_the_stream_starts_over() -> None:
 
     netpol.pump("Pod", stream, events, lambda event, **f: logs.append((event, f)), stop, (OSError,))
     assert attempts == ["Pod", "Pod"]
-    assert logs == [("netpol-retry", {"kind": "Pod", "error": "connection refused"})]
+    assert logs == [("retry", {"kind": "Pod", "error": "connection refused"})]
     assert events.get_nowait() == ("Pod", "SYNC", [])
 
 

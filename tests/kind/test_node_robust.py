@@ -156,7 +156,8 @@ def test_a_malformed_node_in_a_list_is_skipped_counted_and_the_others_apply(tmp_
     agent.handle(kind, items)
     assert routes_of(effects_) == {("10.70.0.0/24", "172.18.0.4"), ("10.70.2.0/24", "172.18.0.3")}
     assert "broken" in agent.nodes and agent.nodes["broken"].pod_cidrs == ()
-    assert registry.get_sample_value("pybridge_node_refused_total", {"reason": "malformed"}) == 2
+    malformed = {"kind": "Node", "reason": "malformed"}
+    assert registry.get_sample_value("pybridge_node_refused_total", malformed) == 2
 
 
 def test_a_malformed_pod_in_a_list_does_not_block_the_others() -> None:
@@ -169,9 +170,14 @@ def test_a_malformed_pod_in_a_list_does_not_block_the_others() -> None:
     pods.path = PATHS["Pod"]
     lister = netpol.listers(api)["Pod"]
     kind, items = next(kube.list_watch(api, lister, timeout_seconds=5, backoff=lambda _s: None))
-    agent = netpol.NetpolAgent(ME, lambda _s: None, lambda *_a, **_k: None)
+    refused: list[tuple[str, str]] = []
+    agent = netpol.NetpolAgent(ME, lambda _s: None, lambda *_a, **_k: None,
+                               lambda kind, reason: refused.append((kind, reason)))
     agent.handle("Pod", kind, items)
     assert ("x", "a") in agent.objects["Pod"]
+    broken = {**pod("x", "broken", "10.244.1.8"), "spec": "not an object"}
+    agent.handle("Pod", "ADDED", broken)
+    assert ("x", "broken") not in agent.objects["Pod"] and refused[-1] == ("Pod", "malformed")
 
 
 class Gone(FakePool):
@@ -242,12 +248,12 @@ def test_a_hung_nft_fails_its_reconcile_and_a_retry_applies_once_nft_works(
         assert agent.failed and plan.waiting is None
         conflist = tmp_path / "net.d" / model.CONFLIST_NAME
         assert not conflist.exists()  # no conflist before masquerade holds
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         stop = threading.Event()
         thread = threading.Thread(target=cli.serve, args=(agent, events, stop), daemon=True)
         thread.start()
         try:
-            events.put(("MODIFIED", items[0]))  # fails again: nft still hangs
+            events.put(("Node", "MODIFIED", items[0]))  # fails again: nft still hangs
             time.sleep(1.5)
             assert thread.is_alive() and agent.failed
             hang.unlink()  # nft works again: a retry applies without any further event

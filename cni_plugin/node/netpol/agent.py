@@ -36,10 +36,12 @@ def _key(obj: Any) -> Key:
 class NetpolAgent:
     """Feed it (kind, event, object) with handle(); reconcile() applies when something changed."""
 
-    def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log) -> None:
+    def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log,
+                 refused: Callable[[str, str], None] = lambda _kind, _reason: None) -> None:
         self.node_name = node_name
         self.apply_script = apply_script
         self.log = log
+        self.refused = refused  # told (kind, "malformed") for each object skipped
         self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in KINDS}
         self.listed: set[str] = set()
         self.applied: str | None = None
@@ -51,6 +53,7 @@ class NetpolAgent:
         except ValidationError as exc:
             reasons = (f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             self.log("netpol-invalid", kind=kind, object="/".join(_key(obj)), error="; ".join(reasons)[:500])
+            self.refused(kind, "malformed")
             return None
 
     def handle(self, kind: str, event: str, payload: Any) -> None:
@@ -108,7 +111,7 @@ def pump(kind: str, stream: Stream, events: queue.Queue[tuple[str, str, Any]], l
                 if stop.is_set():
                     return
         except errors as exc:
-            log("netpol-retry", kind=kind, error=str(exc)[:300])
+            log("retry", kind=kind, error=str(exc)[:300])
             stop.wait(delays.next())
 
 
@@ -180,12 +183,14 @@ def kube_stream(api: Any, resync: int, stop: threading.Event, log: Log) -> Strea
 
     calls = listers(api)
 
-    def refused(kind: str) -> Callable[[Exception], None]:  # 401, 403 (RBAC): said before each retry
-        return lambda exc: log("api_error", kind=kind, status=getattr(exc, "status", None),
-                               error=str(exc)[:300])
+    def report(kind: str) -> Callable[[Exception], None]:  # 401, 403 (RBAC), TLS...: before each retry
+        def say(exc: Exception) -> None:
+            event, fields = kube.complaint(exc)
+            log(event, kind=kind, **fields)
+        return say
 
     return lambda kind: kube.list_watch(api, calls[kind], timeout_seconds=resync, stop=stop.is_set,
-                                        report=refused(kind))
+                                        report=report(kind))
 
 
 @dataclass
@@ -209,12 +214,13 @@ class Enforcement:
 
 
 def launch(node_name: str, api: Any, resync: int, log: Log,
-           enable: Callable[[], list[str]] = apply.enable_bridge_netfilter) -> Enforcement:
+           enable: Callable[[], list[str]] = apply.enable_bridge_netfilter,
+           refused: Callable[[str, str], None] | None = None) -> Enforcement:
     """Enforcement in background threads of the node agent. Not ready while bridged traffic
     escapes the rules (bridge-nf-call off and not settable); checked again after each apply."""
     enforcement = Enforcement(threading.Event(), [])
     enforcement.check_bridge(log, enable)
-    agent = NetpolAgent(node_name, apply.replace, log)
+    agent = NetpolAgent(node_name, apply.replace, log, *([refused] if refused else []))
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after a backoff.
     start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,), enforcement.stop,

@@ -15,16 +15,12 @@ import json
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from cnikit import log
 
-from . import model
-
-if TYPE_CHECKING:
-    from .kube import Backoff
+from . import loop, model
 
 # JSON lines on stderr (`kubectl logs`), as every pybridge log. The Node, NetworkPolicy and
 # metrics threads log at once: structlog writes each line whole under a lock of its stream.
@@ -170,51 +166,32 @@ def _run(args: argparse.Namespace) -> int:
     unready = _network_policy(args, api, metrics)
     if metrics is not None and unready is not None:
         metrics.add_check(unready)
-    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    events: queue.Queue[loop.Event] = queue.Queue()
     threading.Thread(target=_pump, args=(api, args.resync, events), name="nodes", daemon=True).start()
     serve(agent, events, threading.Event())
     return 0
 
 
-def serve(agent: NodeAgent, events: queue.Queue[tuple[str, str, Any]], stop: threading.Event,
-          delays: Backoff | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+def serve(agent: NodeAgent, events: queue.Queue[loop.Event], stop: threading.Event) -> None:
     """Handle Node events until `stop`. A reconcile that failed (nft down or hung, a route
     refused, a bug) is retried after an exponential backoff, also when no event comes."""
-    from .kube import Backoff
 
-    delays = delays or Backoff(first=1.0, cap=60.0)
-    retry_at: float | None = None
-    while not stop.is_set():
-        wait = 0.5 if retry_at is None else min(0.5, max(0.0, retry_at - clock()))
-        try:
-            _node, kind, payload = events.get(timeout=wait)
-        except queue.Empty:
-            if retry_at is None or clock() < retry_at:
-                continue
-            kind, payload = "", None
-        try:
-            if kind:
-                agent.handle(kind, payload)
-            else:
-                agent.reconcile()
-            failed = agent.failed
-        except Exception as exc:  # a bug must not end routing: retried like a failure
-            _log("error", error=f"{type(exc).__name__}: {exc}"[:500])
-            failed = True
-        if failed:
-            retry_at = clock() + delays.next()
-        else:
-            delays.reset()
-            retry_at = None
+    def step(batch: list[loop.Event]) -> bool:
+        for _node, kind, payload in batch:
+            agent.handle(kind, payload)
+        if not batch:
+            agent.reconcile()
+        return agent.failed
+
+    loop.drive(step, events, stop, _log)
 
 
-def _pump(api: Any, resync: int, events: queue.Queue[tuple[str, str, Any]]) -> None:
+def _pump(api: Any, resync: int, events: queue.Queue[loop.Event]) -> None:
     """Node events into the queue, as ("Node", event, payload), for good (no error ends it)."""
     from . import kube
-    from .netpol.agent import pump
 
-    pump("Node", lambda _kind: kube.node_events(api, timeout_seconds=resync, report=_api_error),
-         events, _log, threading.Event(), (Exception,))
+    loop.pump("Node", lambda _kind: kube.node_events(api, timeout_seconds=resync, report=_api_error),
+              events, _log, threading.Event(), (Exception,))
 
 
 def _network_policy(args: argparse.Namespace, api: Any,

@@ -11,13 +11,14 @@ failure, 410 included, is retried after an exponential backoff with jitter.
 from __future__ import annotations
 
 import json
-import random
 import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from kubernetes import client, config
+
+from .loop import Backoff
 
 Event = tuple[str, Any]
 
@@ -54,24 +55,6 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
                               "outside a cluster give --kubeconfig") from exc
     cfg.socket_options = KEEPALIVE
     return client.ApiClient(cfg)
-
-
-class Backoff:
-    """Exponential delays with jitter: `first` doubling up to `cap`, each drawn from [d/2, d]
-    (a fleet of agents does not retry in step); reset() after a success."""
-
-    def __init__(self, first: float = 0.5, cap: float = 30.0,
-                 rand: Callable[[], float] = random.random) -> None:
-        self.first, self.cap, self.rand = first, cap, rand
-        self.failures = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.first * 2.0 ** min(self.failures, 32))
-        self.failures += 1
-        return delay * (0.5 + self.rand() / 2)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 def node_events(api: client.ApiClient, timeout_seconds: int = 60,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.node import kube
+from cni_plugin.node import kube, loop
 from cni_plugin.node.netpol import agent as netpol
 from cni_plugin.node.netpol.agent import NetpolAgent
 
@@ -173,7 +173,7 @@ def test_a_stream_error_is_logged_and_the_stream_starts_over() -> None:
         yield "SYNC", []
         stop.set()
 
-    netpol.pump("Pod", stream, events, lambda event, **f: logs.append((event, f)), stop, (OSError,))
+    loop.pump("Pod", stream, events, lambda event, **f: logs.append((event, f)), stop, (OSError,))
     assert attempts == ["Pod", "Pod"]
     assert logs == [("retry", {"kind": "Pod", "error": "connection refused"})]
     assert events.get_nowait() == ("Pod", "SYNC", [])

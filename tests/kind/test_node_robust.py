@@ -23,7 +23,7 @@ import pytest
 import urllib3
 from prometheus_client import CollectorRegistry
 
-from cni_plugin.node import cli, effects, kube, model
+from cni_plugin.node import cli, effects, kube, loop, model
 from cni_plugin.node.netpol import agent as netpol
 from cni_plugin.node.netpol.apply import NftError
 from cni_plugin.ops.node_metrics import NodeMetrics
@@ -214,7 +214,7 @@ def test_repeated_410_relists_are_spaced_by_a_backoff() -> None:
 
 
 def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
-    high, low = kube.Backoff(first=1, cap=8, rand=lambda: 1.0), kube.Backoff(first=1, cap=8, rand=lambda: 0.0)
+    high, low = loop.Backoff(first=1, cap=8, rand=lambda: 1.0), loop.Backoff(first=1, cap=8, rand=lambda: 0.0)
     assert [high.next() for _ in range(6)] == [1, 2, 4, 8, 8, 8]
     assert [low.next() for _ in range(4)] == [0.5, 1, 2, 4]
     high.reset()

@@ -13,17 +13,17 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ..loop import Event, Log, Stream, drive, pump
 from . import apply, compile, nft
 from .objects import Namespace, NetworkPolicy, Pod
 
 KINDS: dict[str, type[BaseModel]] = {"NetworkPolicy": NetworkPolicy, "Pod": Pod, "Namespace": Namespace}
-Log = Callable[..., None]
 Key = tuple[str, str]
 
 
@@ -94,73 +94,25 @@ class NetpolAgent:
         return True
 
 
-Stream = Callable[[str], Iterator[tuple[str, Any]]]
-
-
-def pump(kind: str, stream: Stream, events: queue.Queue[tuple[str, str, Any]], log: Log,
-         stop: threading.Event, errors: tuple[type[BaseException], ...]) -> None:
-    """One kind's events into the queue, starting over (after a backoff) when the stream fails."""
-    from ..kube import Backoff
-
-    delays = Backoff()
-    while not stop.is_set():
-        try:
-            for event, payload in stream(kind):
-                events.put((kind, event, payload))
-                delays.reset()
-                if stop.is_set():
-                    return
-        except errors as exc:
-            log("retry", kind=kind, error=str(exc)[:300])
-            stop.wait(delays.next())
-
-
-def _batch(events: queue.Queue[tuple[str, str, Any]], wait: float) -> list[tuple[str, str, Any]]:
-    """The next event (waiting up to `wait` s) and every one already queued behind it."""
-    try:
-        batch = [events.get(timeout=wait)]
-    except queue.Empty:
-        return []
-    while True:
-        try:
-            batch.append(events.get_nowait())
-        except queue.Empty:
-            return batch
-
-
-def serve(agent: NetpolAgent, events: queue.Queue[tuple[str, str, Any]], stop: threading.Event,
+def serve(agent: NetpolAgent, events: queue.Queue[Event], stop: threading.Event,
           on_applied: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
     """Handle events until `stop`; a burst already queued is applied once. A ruleset that could
     not be applied (nft failed or hung, or a bug) is tried again after a backoff."""
-    from ..kube import Backoff
 
-    delays = Backoff(first=1.0, cap=60.0)
-    retry_at: float | None = None
-    while not stop.is_set():
-        batch = _batch(events, 0.5 if retry_at is None else min(0.5, max(0.0, retry_at - clock())))
-        if not batch and (retry_at is None or clock() < retry_at):
-            continue
-        try:
-            for kind, event, payload in batch:
-                agent.handle(kind, event, payload)
-            applied = agent.reconcile()
-            failed = agent.failed
-        except Exception as exc:  # a bug must not stop enforcement: retried
-            agent.log("netpol-error", error=f"{type(exc).__name__}: {exc}"[:500])
-            applied, failed = False, True
-        if failed:
-            retry_at = clock() + delays.next()
-        else:
-            delays.reset()
-            retry_at = None
-        if applied:
+    def step(batch: list[Event]) -> bool:
+        for kind, event, payload in batch:
+            agent.handle(kind, event, payload)
+        if agent.reconcile():
             on_applied()
+        return agent.failed
+
+    drive(step, events, stop, lambda event, **fields: agent.log(f"netpol-{event}", **fields), clock)
 
 
 def start(agent: NetpolAgent, stream: Stream, log: Log, errors: tuple[type[BaseException], ...],
           stop: threading.Event,
           on_applied: Callable[[], None] = lambda: None) -> list[threading.Thread]:
-    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    events: queue.Queue[Event] = queue.Queue()
     threads = [threading.Thread(target=pump, args=(kind, stream, events, log, stop, errors),
                                 name=f"netpol-{kind}", daemon=True) for kind in KINDS]
     threads.append(threading.Thread(target=serve, args=(agent, events, stop, on_applied), name="netpol",

@@ -109,7 +109,7 @@ def complaint(exc: Exception) -> tuple[str, dict[str, Any]]:
     out, garbage)."""
     status = getattr(exc, "status", None)
     if not status:
-        return "retry", {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        return "retry", {"error": str(exc)[:300], "type": type(exc).__name__}
     return "api_error", {"status": status, "reason": str(getattr(exc, "reason", None))[:100],
                          "error": str(exc)[:300]}
 

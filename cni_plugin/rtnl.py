@@ -274,20 +274,23 @@ class Socket:
         with _pyroute2() as ipr:
             ipr.link("set", index=index, kind="bridge", br_vlan_filtering=1)
 
-    def owned_routes(self, proto: int) -> set[tuple[str, str]]:
-        """(destination, gateway) of the main table's routes that carry routing protocol `proto`."""
+    def main_routes(self) -> set[tuple[str, str | None, int]]:
+        """(destination, gateway, routing protocol) of every route of the main table; a default
+        route's destination is 0.0.0.0/0 or ::/0 (the kernel sends it none)."""
         found = set()
         with _pyroute2() as ipr:
-            for family in (_socket.AF_INET, _socket.AF_INET6):
+            for family, anywhere in ((_socket.AF_INET, "0.0.0.0"), (_socket.AF_INET6, "::")):
                 for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
                     dst, gateway = msg.get_attr("RTA_DST"), msg.get_attr("RTA_GATEWAY")
-                    if msg["proto"] == proto and dst is not None and gateway is not None:
-                        found.add((f"{dst}/{msg['dst_len']}", str(gateway)))
+                    found.add((f"{dst or anywhere}/{msg['dst_len']}", str(gateway) if gateway else None,
+                               msg["proto"]))
         return found
 
-    def replace_route(self, dst: str, gateway: str, proto: int) -> None:
+    def set_route(self, dst: str, gateway: str, proto: int, replace: bool) -> None:
+        """`replace` only a route this caller owns; else `add`, which fails (EEXIST) on one there."""
         with _pyroute2() as ipr:
-            ipr.route("replace", dst=dst, gateway=gateway, proto=proto, table=RT_TABLE_MAIN)
+            ipr.route("replace" if replace else "add", dst=dst, gateway=gateway, proto=proto,
+                      table=RT_TABLE_MAIN)
 
     def delete_route(self, dst: str, gateway: str, proto: int) -> None:
         with _pyroute2() as ipr:

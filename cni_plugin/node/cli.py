@@ -13,13 +13,14 @@ import argparse
 import ipaddress
 import json
 import os
-import time
-from collections.abc import Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cnikit import log
 
-from . import model
+from . import loop, model
 
 if TYPE_CHECKING:
     from .netpol import agent as netpol_agent
@@ -31,6 +32,7 @@ _log = log.to_stderr().event
 
 class Effects(Protocol):
     def routes(self) -> set[model.Route]: ...
+    def foreign_routes(self) -> set[str]: ...
     def mtu(self, node: model.Node | None) -> int | None: ...
     def apply(self, plan: model.Plan) -> list[str]: ...
     def resync(self) -> None: ...
@@ -41,46 +43,74 @@ class Observer(Protocol):
 
     def waiting(self, reason: str) -> None: ...
     def reconciled(self, nodes: int, routes: int, errors: int, full_sync: bool) -> None: ...
+    def refused(self, kind: str, reason: str) -> None: ...
 
 
 class NodeAgent:
-    """Keeps the node cache from events and reconciles after each one."""
+    """Keeps the node cache from events and reconciles after each one; `failed` says the last
+    reconcile left something undone (the caller retries it after a backoff)."""
 
     def __init__(self, settings: model.Settings, effects: Effects, observer: Observer | None = None) -> None:
         self.settings = settings
         self.effects = effects
         self.observer = observer
         self.nodes: dict[str, model.Node] = {}
+        self.failed = False
         self._waiting: str | None = None
+        self._refused: set[model.Refusal] = set()
+
+    def _refuse(self, refusal: model.Refusal) -> None:
+        _log("refused", reason=refusal.reason, subject=refusal.subject, detail=refusal.detail)
+        if self.observer:
+            self.observer.refused("Node", refusal.reason)
+
+    def _parse(self, obj: Any) -> model.Node | None:
+        """The Node, or None for one without a name; every entry skipped is logged and counted."""
+        try:
+            node = model.node_from_object(obj)
+        except model.Malformed as exc:
+            self._refuse(model.Refusal("malformed", "node " + repr(_name_of(obj)), str(exc)))
+            return None
+        for problem in node.problems:
+            self._refuse(model.Refusal("malformed", f"node {node.name!r}", problem))
+        return node
 
     def handle(self, kind: str, payload: Any) -> model.Plan:
         if kind == "SYNC":
             self.effects.resync()  # after a full list, re-apply everything even if unchanged
-            self.nodes = {n.name: n for n in (model.node_from_object(o) for o in payload)}
+            self.nodes = {n.name: n for n in (self._parse(o) for o in payload) if n is not None}
         else:
-            node = model.node_from_object(payload)
-            if kind == "DELETED":
+            node = self._parse(payload)
+            if node is not None and kind == "DELETED":
                 self.nodes.pop(node.name, None)
-            else:
+            elif node is not None:
                 self.nodes[node.name] = node
         return self.reconcile(full_sync=kind == "SYNC")
 
     def reconcile(self, full_sync: bool = False) -> model.Plan:
+        self.failed = True  # until this one has run to its end
         nodes = list(self.nodes.values())
         own = self.nodes.get(self.settings.node_name)
         if own is None or not own.pod_cidrs:  # wait before touching anything, even to read
             result = model.plan(self.settings, nodes, (), None)
         else:
-            result = model.plan(self.settings, nodes, self.effects.routes(), self.effects.mtu(own))
+            result = model.plan(self.settings, nodes, self.effects.routes(), self.effects.mtu(own),
+                                self.effects.foreign_routes())
+        refused = set(result.refused)
+        for refusal in sorted(refused - self._refused):  # said once, until it changes
+            self._refuse(refusal)
+        self._refused = refused
         if result.waiting:
             if result.waiting != self._waiting:
                 _log("waiting", reason=result.waiting)
             self._waiting = result.waiting
             if self.observer:
                 self.observer.waiting(result.waiting)
+            self.failed = False
             return result
         self._waiting = None
         errors = self.effects.apply(result)
+        self.failed = bool(errors)
         if self.observer:
             self.observer.reconciled(len(self.nodes), len(result.routes), len(errors), full_sync)
         if result.route_sets or result.route_deletes or errors:
@@ -89,6 +119,11 @@ class NodeAgent:
         for note in result.notes:
             _log("note", note=note)
         return result
+
+
+def _name_of(obj: Any) -> str:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    return str(meta.get("name", ""))[:100] if isinstance(meta, dict) else ""
 
 
 def _networks(values: Iterable[str]) -> tuple[model.Network, ...]:
@@ -117,47 +152,73 @@ def _run(args: argparse.Namespace) -> int:
         result = agent.handle("SYNC", load_nodes_file(args.nodes_file))
         return 3 if result.waiting else 0
 
-    import urllib3
-
     from ..ops import node_metrics
     from . import kube
 
+    try:
+        api = kube.api_client(args.kubeconfig)
+    except kube.ConfigError as exc:
+        _log("error", error=str(exc))
+        return 2
     metrics, _endpoint = node_metrics.start(args.metrics_address,
                                             os.path.join(args.cni_conf_dir, model.CONFLIST_NAME))
     agent.observer = metrics
-
-    api = kube.api_client(args.kubeconfig)
     _log("started", node=settings.node_name, cluster_cidrs=[str(c) for c in settings.cluster_cidrs])
-    _network_policy(args, api, metrics)
-    while True:
-        try:
-            for kind, payload in kube.node_events(api, timeout_seconds=args.resync, report=_api_error):
-                agent.handle(kind, payload)
-        # ValueError: an object the client's models refuse; a retry, not a crash loop
-        except (urllib3.exceptions.HTTPError, OSError, RuntimeError, ValueError) as exc:
-            _log("retry", error=str(exc)[:300])
-            time.sleep(2.0)
+    if not settings.cluster_cidrs:
+        _log("error", error="no --cluster-cidr (env POD_SUBNET): no podCIDR will be routed or used")
+    unready = _network_policy(args, api, metrics)
+    if metrics is not None and unready is not None:
+        metrics.add_check(unready)
+    events: queue.Queue[loop.Event] = queue.Queue()
+    threading.Thread(target=_pump, args=(api, args.resync, events), name="nodes", daemon=True).start()
+    serve(agent, events, threading.Event())
+    return 0
+
+
+def serve(agent: NodeAgent, events: queue.Queue[loop.Event], stop: threading.Event) -> None:
+    """Handle Node events until `stop`. A reconcile that failed (nft down or hung, a route
+    refused, a bug) is retried after an exponential backoff, also when no event comes."""
+
+    def step(batch: list[loop.Event]) -> bool:
+        for _node, kind, payload in batch:
+            agent.handle(kind, payload)
+        if not batch:
+            agent.reconcile()
+        return agent.failed
+
+    loop.drive(step, events, stop, _log)
+
+
+def _pump(api: Any, resync: int, events: queue.Queue[loop.Event]) -> None:
+    """Node events into the queue, as ("Node", event, payload), for good (no error ends it)."""
+    from . import kube
+
+    loop.pump("Node", lambda _kind: kube.node_events(api, timeout_seconds=resync, report=_api_error),
+              events, _log, threading.Event(), (Exception,))
 
 
 def _network_policy(args: argparse.Namespace, api: Any,
-                    observer: netpol_agent.Observer | None = None) -> None:
-    """Enforce NetworkPolicy in background threads (netpol/), or remove the rules of an earlier run."""
+                    observer: netpol_agent.Observer | None = None) -> Callable[[], str | None] | None:
+    """Enforce NetworkPolicy in background threads (netpol/), or remove the rules of an earlier
+    run. Returns enforcement's readiness check when it is on."""
     from .netpol import agent, apply
 
     if args.network_policy == "on":
-        agent.launch(args.node_name, api, args.resync, _log, observer)
-        return
+        return agent.launch(args.node_name, api, args.resync, _log, observer=observer).readiness
     try:
         apply.remove()
         _log("netpol-off")
     except apply.NftError as exc:
         _log("netpol-error", error=str(exc))
+    return None
 
 
 def _api_error(exc: Exception) -> None:
-    """A refused list or watch (401 for a bad token, 403 without RBAC...), before the retry."""
-    status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
-    _log("api_error", status=status, reason=str(reason)[:100], error=str(exc)[:300])
+    """A failed list or watch of Nodes, before the retry."""
+    from .kube import complaint
+
+    event, fields = complaint(exc)
+    _log(event, kind="Node", **fields)
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -191,7 +252,9 @@ def parser() -> argparse.ArgumentParser:
                      choices=(model.AUTO, *model.CNI_VERSIONS),
                      help="the conflist's cniVersion; auto (default): from the node's container runtime "
                           "(containerd 2.x: 1.1.0, else 1.0.0) (env CNI_VERSION)")
-    run.add_argument("--kubeconfig", default=None)
+    run.add_argument("--kubeconfig", default=None,
+                     help="outside a cluster only (development): in a pod the service account is used, "
+                          "never $KUBECONFIG or ~/.kube/config")
     run.add_argument("--resync", type=int, default=60, help="seconds between full lists")
     run.add_argument("--nodes-file", help="reconcile once from a recorded NodeList (JSON) instead")
     run.add_argument("--metrics-address", help="HOST:PORT of /metrics, /healthz, /readyz, or 'off' "

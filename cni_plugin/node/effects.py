@@ -20,13 +20,24 @@ RTPROT_PYBRIDGE = 91
 
 
 def current_routes(sock: Netlink) -> set[model.Route]:
-    """The routes of the main table this agent installed (by their protocol number)."""
-    return {model.Route(dst, gateway) for dst, gateway in sock.owned_routes(RTPROT_PYBRIDGE)}
+    """The routes of the main table this agent installed (by their protocol number), default
+    routes included: whatever it ever installed, it can find and remove."""
+    return {model.Route(dst, gateway) for dst, gateway, proto in sock.main_routes()
+            if proto == RTPROT_PYBRIDGE and gateway is not None}
 
 
-def apply_routes(sock: Netlink, deletes: Iterable[model.Route], sets: Iterable[model.Route]) -> list[str]:
-    """Apply the changes; returns one error text per route that failed (the rest still applies)."""
+def foreign_destinations(sock: Netlink) -> set[str]:
+    """The destinations of the main table's routes this agent did not install."""
+    return {dst for dst, _gateway, proto in sock.main_routes() if proto != RTPROT_PYBRIDGE}
+
+
+def apply_routes(sock: Netlink, deletes: Iterable[model.Route], sets: Iterable[model.Route],
+                 owned: Iterable[model.Route] = ()) -> list[str]:
+    """Apply the changes; returns one error text per route that failed (the rest still applies).
+    Only a destination in `owned` (the agent's routes now) is replaced; any other is added, which
+    the kernel refuses if a route appeared there meanwhile: the agent never overwrites one."""
     errors = []
+    ours = {r.dst for r in owned}
     for route in sorted(deletes):
         try:
             sock.delete_route(route.dst, route.gateway, RTPROT_PYBRIDGE)
@@ -34,10 +45,12 @@ def apply_routes(sock: Netlink, deletes: Iterable[model.Route], sets: Iterable[m
             if exc.errno != errno.ESRCH:  # already gone
                 errors.append(f"del {route.dst} via {route.gateway}: {exc.strerror}")
     for route in sorted(sets):
+        replace = route.dst in ours
         try:
-            sock.replace_route(route.dst, route.gateway, RTPROT_PYBRIDGE)
+            sock.set_route(route.dst, route.gateway, RTPROT_PYBRIDGE, replace=replace)
         except NetlinkError as exc:
-            errors.append(f"replace {route.dst} via {route.gateway}: {exc.strerror}")
+            verb = "replace" if replace else "add"
+            errors.append(f"{verb} {route.dst} via {route.gateway}: {exc.strerror}")
     return errors
 
 
@@ -48,9 +61,18 @@ def nft_binary() -> str:
     return found
 
 
+NFT_TIMEOUT = 30.0  # seconds one nft transaction may take; a hung nft fails it, never the agent
+
+
 def apply_masquerade(script: str) -> None:
-    proc = subprocess.run([nft_binary(), "-f", "-"], input=script, capture_output=True, text=True,
-                          timeout=30, check=False)
+    """Raises RuntimeError when nft fails, is missing, or does not finish within NFT_TIMEOUT."""
+    try:
+        proc = subprocess.run([nft_binary(), "-f", "-"], input=script, capture_output=True, text=True,
+                              timeout=NFT_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"nft did not finish within {NFT_TIMEOUT:g} s") from exc
+    except OSError as exc:
+        raise RuntimeError(f"nft: {exc}") from exc
     if proc.returncode != 0:
         raise RuntimeError(f"nft failed: {proc.stderr.strip()[:500]}")
 
@@ -66,6 +88,10 @@ class Host:
         with link.route_socket() as sock:
             return current_routes(sock)
 
+    def foreign_routes(self) -> set[str]:
+        with link.route_socket() as sock:
+            return foreign_destinations(sock)
+
     def mtu(self, node: model.Node | None) -> int | None:
         with link.route_socket() as sock:
             return sock.uplink_mtu(str(a) for a in (node.internal_ips if node else ()))
@@ -75,12 +101,16 @@ class Host:
 
     def apply(self, plan: model.Plan) -> list[str]:
         """Routes, then masquerade, then the conflist last: the node turns Ready only when
-        pods it gets can already reach the other nodes."""
+        pods it gets can already reach the other nodes. A failed masquerade is an error (the
+        caller retries), and the conflist waits for it."""
         assert plan.conflist is not None and plan.masquerade is not None
         with link.route_socket() as sock:
-            errors = apply_routes(sock, plan.route_deletes, plan.route_sets)
+            errors = apply_routes(sock, plan.route_deletes, plan.route_sets, current_routes(sock))
         if plan.masquerade != self._masq_applied:
-            apply_masquerade(plan.masquerade)
+            try:
+                apply_masquerade(plan.masquerade)
+            except RuntimeError as exc:
+                return [*errors, f"masquerade: {exc}"]
             self._masq_applied = plan.masquerade
         conflist = os.path.join(self.conf_dir, model.CONFLIST_NAME)
         files.write_bytes(conflist, model.render_conflist(plan.conflist))

@@ -1,32 +1,59 @@
-"""Node objects from the API server through the official Kubernetes client: list, then watch.
+"""Objects from the API server through the official Kubernetes client: list, then watch.
 
-Yields ("SYNC", [node objects]) after every list and (event type, node object) for each watch
-event, objects in the API's JSON form (the watch's raw objects; list items serialized back).
-A watch ends after `timeout_seconds` (a resync: list again) or on 410 Gone (list again).
-`list_watch` does the same for any kind (netpol/ watches NetworkPolicy, Pod, Namespace).
+Yields ("SYNC", [objects]) after every list and (event type, object) for each watch event,
+objects as the API's raw JSON (never the client's models: one object a model refuses must not
+fail the whole list). A watch ends after `timeout_seconds` (a resync: list again) or on 410 Gone
+(list again). Every request has a client read deadline (a watch: a little longer than the
+server's `timeoutSeconds`), so a black-holed connection ends in a relist, never a hang; every
+failure, 410 included, is retried after an exponential backoff with jitter.
 """
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kubernetes import client, config, watch
+from kubernetes import client, config
+
+from .loop import Backoff
 
 Event = tuple[str, Any]
 
+CONNECT_TIMEOUT = 10.0
+LIST_READ_TIMEOUT = 60.0
+WATCH_READ_GRACE = 15.0  # on top of the server's timeoutSeconds (the server may send nothing until then)
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Probe an idle API connection after 30 s (client-go's keepalive), drop it after 3 more missed.
+KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30), (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)]
+
+
+class ConfigError(RuntimeError):
+    """No way to reach the API server that may be used."""
+
+
+class MalformedEvent(ValueError):
+    """A watch line that is not a JSON event object: the watch starts over with a list."""
+
 
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """In-cluster config (the DaemonSet's service account), else a kubeconfig for development."""
-    if kubeconfig is None:
-        try:
-            config.load_incluster_config()
-            return client.ApiClient()
-        except config.ConfigException:
-            pass
+    """The explicit `kubeconfig` (development, outside a cluster), else the pod's service
+    account. Never $KUBECONFIG or ~/.kube/config: a root agent must not pick up whatever
+    credentials its environment happens to hold."""
     cfg = client.Configuration()
-    config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    if kubeconfig is not None:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException as exc:
+            raise ConfigError(f"no service account ({SA_DIR}, KUBERNETES_SERVICE_HOST): {exc}; "
+                              "outside a cluster give --kubeconfig") from exc
+    cfg.socket_options = KEEPALIVE
     return client.ApiClient(cfg)
 
 
@@ -37,27 +64,93 @@ def node_events(api: client.ApiClient, timeout_seconds: int = 60,
     return list_watch(api, client.CoreV1Api(api).list_node, timeout_seconds, stop, backoff, report)
 
 
+def _read_json(response: Any) -> Any:
+    try:
+        return json.loads(response.data)
+    finally:
+        response.release_conn()
+
+
+def _watch_lines(response: Any) -> Iterator[bytes]:
+    try:
+        yield from response
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def _event(line: bytes) -> tuple[str, Any]:
+    """(type, object) of one watch line; an ERROR's object is its Status (fields all optional)."""
+    try:
+        event = json.loads(line)
+    except ValueError as exc:
+        raise MalformedEvent(f"watch line is not JSON: {line[:100]!r}") from exc
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise MalformedEvent(f"watch line is not an event: {line[:100]!r}")
+    obj = event.get("object")
+    return event["type"], obj if isinstance(obj, dict) else {}
+
+
+def _watch_error(status: dict[str, Any]) -> client.ApiException:
+    code = status.get("code")
+    reason = f"{status.get('reason', 'watch error')}: {status.get('message', '')}"
+    return client.ApiException(status=code if isinstance(code, int) else 0, reason=reason[:300])
+
+
+def _resource_version(obj: Any) -> str | None:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) and version else None
+
+
+def complaint(exc: Exception) -> tuple[str, dict[str, Any]]:
+    """The log event for a failed list or watch: `api_error` for an answer refusing it (401 for a
+    bad token, 403 without RBAC, 410 Gone...), `retry` for no usable answer (TLS, refused, timed
+    out, garbage)."""
+    status = getattr(exc, "status", None)
+    if not status:
+        return "retry", {"error": str(exc)[:300], "type": type(exc).__name__}
+    return "api_error", {"status": status, "reason": str(getattr(exc, "reason", None))[:100],
+                         "error": str(exc)[:300]}
+
+
 def list_watch(api: client.ApiClient, lister: Callable[..., Any], timeout_seconds: int = 60,
                stop: Callable[[], bool] = lambda: False,
                backoff: Callable[[float], None] = time.sleep,
-               report: Callable[[Exception], None] = lambda _exc: None) -> Iterator[Event]:
+               report: Callable[[Exception], None] = lambda _exc: None,
+               delays: Backoff | None = None) -> Iterator[Event]:
     """The events of one kind; `lister` is the client's list call for it (e.g. CoreV1Api.list_node).
-    `report` hears of every refused call (401, 403...) before the retry."""
+    `report` hears of every failure (a refusal such as 401 or 403, a transport error, 410)
+    before the wait of `backoff`. Never raises: a consumer sees only SYNC and watch events."""
+    delays = delays or Backoff()
     while not stop():
         try:
-            listed = lister()
-            yield "SYNC", [api.sanitize_for_serialization(item) for item in listed.items]
-            version = listed.metadata.resource_version if listed.metadata else None
-            w = watch.Watch()
-            for event in w.stream(lister, resource_version=version, timeout_seconds=timeout_seconds,
-                                  allow_watch_bookmarks=True):
-                kind = event["type"]
+            listed = _read_json(lister(_preload_content=False,
+                                       _request_timeout=(CONNECT_TIMEOUT, LIST_READ_TIMEOUT)))
+            items = listed.get("items") if isinstance(listed, dict) else None
+            if not isinstance(items, list):
+                raise MalformedEvent("list answer has no items")
+            yield "SYNC", items
+            version = _resource_version(listed)
+            response = lister(watch=True, resource_version=version, timeout_seconds=timeout_seconds,
+                              allow_watch_bookmarks=True, _preload_content=False,
+                              _request_timeout=(CONNECT_TIMEOUT, timeout_seconds + WATCH_READ_GRACE))
+            started = time.monotonic()
+            for line in _watch_lines(response):
+                if not line.strip():
+                    continue
+                kind, obj = _event(line)
+                if kind == "ERROR":
+                    raise _watch_error(obj)  # 410 Gone among them: list again, after the backoff
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
-                    yield kind, event["raw_object"]
+                    yield kind, obj
+                delays.reset()  # an event arrived: the connection and our resourceVersion are good
                 if stop():
-                    w.stop()
                     return
-        except client.ApiException as exc:
-            if exc.status != 410:  # 410 Gone: our resourceVersion expired, list again at once
-                report(exc)
-                backoff(2.0)
+            if time.monotonic() - started >= timeout_seconds / 2:
+                delays.reset()  # the server ended the watch at its timeout: a plain resync, at once
+                continue
+            backoff(delays.next())  # a watch cut short: no relist storm if every one is
+        except Exception as exc:  # any failure is a relist, never the end of the agent
+            report(exc)
+            backoff(delays.next())

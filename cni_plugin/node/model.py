@@ -4,10 +4,14 @@ Nothing here talks to the API server or the kernel (kube.py and effects.py do), 
 of the reconcile is unit tested on plain data:
 - the own node's spec.podCIDRs (one per family, dual-stack) become the conflist's IPAM ranges;
   without them the agent waits and writes nothing;
-- every other node's podCIDRs are routed via that node's InternalIP of the same family;
+- a podCIDR counts only inside the configured cluster CIDRs (none configured: nothing counts,
+  the agent waits) and never as a default route: a Node object cannot claim the LAN or the
+  internet, for routing or masquerade;
+- every other node's podCIDRs are routed via that node's InternalIP of the same family, unless
+  a route the agent does not own already has that destination (never replaced);
   routes of nodes that left (or whose address changed) are removed;
-- traffic from this node's pods to anything outside the cluster CIDRs (and every node's
-  podCIDRs) is masqueraded, multicast excepted;
+- traffic from this node's pods to anything outside the cluster CIDRs is masqueraded,
+  multicast excepted;
 - the conflist's cniVersion is one the node's runtime accepts (cni_version).
 """
 
@@ -39,9 +43,23 @@ class Node:
     internal_ips: tuple[Address, ...] = ()
     pod_cidrs: tuple[Network, ...] = ()
     runtime_version: str = ""  # status.nodeInfo.containerRuntimeVersion, "containerd://1.7.24"
+    problems: tuple[str, ...] = ()  # "field: why" of each entry skipped when it was read
 
     def internal_ip(self, version: int) -> Address | None:
         return next((ip for ip in self.internal_ips if ip.version == version), None)
+
+
+class Malformed(ValueError):
+    """An API object the agent cannot use at all (not an object, no name)."""
+
+
+@dataclass(frozen=True, order=True)
+class Refusal:
+    """Something the agent declined to do, and why (logged and counted once per change)."""
+
+    reason: str  # a fixed word: "malformed", "outside-cluster", "default-route", "route-conflict"
+    subject: str  # the node (and field) it concerns
+    detail: str
 
 
 @dataclass(frozen=True, order=True)
@@ -72,6 +90,7 @@ class Plan:
     route_sets: frozenset[Route] = frozenset()
     masquerade: str | None = None  # nft script, applied as one transaction
     notes: list[str] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
 
 
 def _network(text: Any) -> Network | None:
@@ -82,28 +101,60 @@ def _network(text: Any) -> Network | None:
 
 
 def _address(text: Any) -> Address | None:
+    """An address without a zone: `fd00::9%x` would reach nft and ip as text neither takes."""
     try:
-        return ipaddress.ip_address(str(text))
+        address = ipaddress.ip_address(str(text))
     except ValueError:
         return None
+    return None if getattr(address, "scope_id", None) else address
 
 
-def node_from_object(obj: Mapping[str, Any]) -> Node:
-    """A Node in the API's JSON form (camelCase, as served or recorded); bad entries are skipped."""
-    meta = obj.get("metadata") or {}
-    spec = obj.get("spec") or {}
-    status = obj.get("status") or {}
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _sequence(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def node_from_object(obj: Any) -> Node:
+    """A Node in the API's JSON form (camelCase, as served or recorded). Entries it cannot use
+    are skipped and named in `problems`; Malformed if it has no name at all."""
+    meta, spec, status = (_mapping(_mapping(obj).get(k)) for k in ("metadata", "spec", "status"))
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise Malformed("metadata.name: missing")
+    problems = []
     raw_cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
-    cidrs = tuple(n for n in (_network(c) for c in raw_cidrs) if n is not None)
-    ips = tuple(
-        ip for ip in (_address(a.get("address")) for a in status.get("addresses") or []
-                      if isinstance(a, Mapping) and a.get("type") == "InternalIP")
-        if ip is not None
-    )
-    info = status.get("nodeInfo")
-    runtime = info.get("containerRuntimeVersion") if isinstance(info, Mapping) else None
-    return Node(name=str(meta.get("name", "")), internal_ips=ips, pod_cidrs=cidrs,
-                runtime_version=runtime if isinstance(runtime, str) else "")
+    cidrs = []
+    for i, raw in enumerate(_sequence(raw_cidrs)):
+        network = _network(raw)
+        if network is None:
+            problems.append(f"spec.podCIDRs[{i}]: {str(raw)[:60]!r} is not a network")
+        else:
+            cidrs.append(network)
+    ips = []
+    for i, entry in enumerate(_sequence(status.get("addresses"))):
+        if _mapping(entry).get("type") != "InternalIP":
+            continue
+        address = _address(entry.get("address"))
+        if address is None:
+            problems.append(f"status.addresses[{i}].address: {str(entry.get('address'))[:60]!r} "
+                            "is not an address without a zone")
+        else:
+            ips.append(address)
+    runtime = _mapping(status.get("nodeInfo")).get("containerRuntimeVersion")
+    return Node(name=name, internal_ips=tuple(ips), pod_cidrs=tuple(cidrs),
+                runtime_version=runtime if isinstance(runtime, str) else "", problems=tuple(problems))
+
+
+def refusal(cidr: Network, cluster: Iterable[Network]) -> str | None:
+    """Why a podCIDR may not be used (routed, masqueraded for, given to the bridge), or None."""
+    if cidr.prefixlen == 0:
+        return "default-route"
+    if not any(cidr.version == c.version and cidr.subnet_of(c) for c in cluster):  # type: ignore[arg-type]
+        return "outside-cluster"
+    return None
 
 
 def cni_version(settings: Settings, own: Node) -> str:
@@ -118,14 +169,22 @@ def cni_version(settings: Settings, own: Node) -> str:
     return "1.1.0" if runtime == "containerd" and major.isdigit() and int(major) >= 2 else "1.0.0"
 
 
-def desired_routes(me: str, nodes: Iterable[Node]) -> frozenset[Route]:
-    nodes = list(nodes)
+def desired_routes(me: str, nodes: Iterable[Node], cluster: Iterable[Network],
+                   refused: list[Refusal] | None = None) -> frozenset[Route]:
+    """Routes to the other nodes' podCIDRs; each one refused (outside `cluster`, a default
+    route) is added to `refused`."""
+    nodes, cluster = list(nodes), list(cluster)
     own = [c for n in nodes if n.name == me for c in n.pod_cidrs]
     routes = set()
     for node in nodes:
         if node.name == me:
             continue
         for cidr in node.pod_cidrs:
+            why = refusal(cidr, cluster)
+            if why is not None:
+                if refused is not None:
+                    refused.append(Refusal(why, f"node {node.name!r} podCIDR {cidr}", "not routed"))
+                continue
             gateway = node.internal_ip(cidr.version)
             if gateway is None or any(cidr.overlaps(o) for o in own if o.version == cidr.version):
                 continue  # no address of that family, or a CIDR clashing with ours: never route it
@@ -136,7 +195,7 @@ def desired_routes(me: str, nodes: Iterable[Node]) -> frozenset[Route]:
 def route_changes(
     current: Iterable[Route], desired: frozenset[Route]
 ) -> tuple[frozenset[Route], frozenset[Route]]:
-    """(routes to delete, routes to set with `replace`) to go from `current` (ours only) to `desired`.
+    """(routes to delete, routes to set) to go from `current` (ours only) to `desired`.
 
     A destination that moved to another gateway is only replaced, never deleted: deleting the old
     (dst, gateway) after the replace would find nothing, and deleting before would open a gap.
@@ -146,6 +205,17 @@ def route_changes(
     deletes = frozenset(r for r in current if r.dst not in wanted_dsts)
     sets = frozenset(desired - current)
     return deletes, sets
+
+
+def without_foreign(desired: frozenset[Route], current: Iterable[Route], foreign: Iterable[str],
+                    refused: list[Refusal]) -> frozenset[Route]:
+    """`desired` less the destinations a route the agent does not own holds (each one refused):
+    the admin's route (a LAN, a VPN) is never replaced."""
+    taken = set(foreign) - {r.dst for r in current}
+    refused.extend(Refusal("route-conflict", f"route {r.dst}",
+                           f"a route not the agent's has it: not via {r.gateway}")
+                   for r in sorted(desired) if r.dst in taken)
+    return frozenset(r for r in desired if r.dst not in taken)
 
 
 def conflist(settings: Settings, own: Node, mtu: int | None) -> dict[str, Any]:
@@ -194,18 +264,30 @@ def masquerade_script(own: Iterable[Network], no_masquerade: Iterable[Network]) 
 
 
 def plan(settings: Settings, nodes: Iterable[Node], current_routes: Iterable[Route],
-         mtu: int | None) -> Plan:
+         mtu: int | None, foreign_routes: Iterable[str] = ()) -> Plan:
+    """`current_routes`: the agent's own routes now; `foreign_routes`: the destinations of every
+    other route of the main table."""
     nodes = list(nodes)
     own = next((n for n in nodes if n.name == settings.node_name), None)
     if own is None:
         return Plan(waiting=f"node {settings.node_name!r} not found")
     if not own.pod_cidrs:
         return Plan(waiting=f"node {settings.node_name!r} has no podCIDRs assigned yet")
-    routes = desired_routes(settings.node_name, nodes)
+    if not settings.cluster_cidrs:
+        return Plan(waiting="no cluster CIDR configured (--cluster-cidr, env POD_SUBNET): "
+                            "no podCIDR is routed or used")
+    bad = [f"{c} ({why})" for c in own.pod_cidrs if (why := refusal(c, settings.cluster_cidrs))]
+    if bad:
+        return Plan(waiting=f"node {settings.node_name!r} podCIDRs {', '.join(bad)}: "
+                            f"not inside the cluster CIDRs {', '.join(map(str, settings.cluster_cidrs))}")
+    refused: list[Refusal] = []
+    current_routes = frozenset(current_routes)
+    routes = desired_routes(settings.node_name, nodes, settings.cluster_cidrs, refused)
+    routes = without_foreign(routes, current_routes, foreign_routes, refused)
     deletes, sets = route_changes(current_routes, routes)
-    cluster = set(settings.cluster_cidrs) | {c for n in nodes for c in n.pod_cidrs}
     result = Plan(conflist=conflist(settings, own, mtu), routes=routes, route_deletes=deletes,
-                  route_sets=sets, masquerade=masquerade_script(own.pod_cidrs, cluster))
+                  route_sets=sets, masquerade=masquerade_script(own.pod_cidrs, settings.cluster_cidrs),
+                  refused=refused)
     for node in nodes:
         if node.name != settings.node_name and node.pod_cidrs and not node.internal_ips:
             result.notes.append(f"node {node.name!r} has podCIDRs but no InternalIP: not routed")

@@ -8,6 +8,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
@@ -25,6 +26,11 @@ class NodeMetrics:
         self._lock = threading.Lock()
         self._last_sync: float | None = None
         self._waiting: str | None = "no Node list received yet"
+        self._checks: list[Callable[[], str | None]] = []
+        self.refusals = Counter("pybridge_node_refused", "API objects and fields the node agent declined, "
+                                "by kind and reason: malformed (an object or field skipped), outside-cluster "
+                                "and default-route (a podCIDR not routed), route-conflict (a route it does "
+                                "not own holds the destination)", ["kind", "reason"], registry=registry)
         self.reconciles = Counter("pybridge_node_reconciles", "Reconciles of the node's conflist, routes "
                                   "and masquerade", registry=registry)
         self.errors = Counter("pybridge_node_reconcile_errors", "Errors met while applying a reconcile",
@@ -32,7 +38,7 @@ class NodeMetrics:
         self.routes = Gauge("pybridge_node_routes", "Routes to other nodes' podCIDRs programmed",
                             registry=registry)
         self.nodes = Gauge("pybridge_node_nodes", "Node objects seen", registry=registry)
-        self.refusals = Counter("pybridge_netpol_refused_fields", "Fields of NetworkPolicy, Pod and "
+        self.fields_refused = Counter("pybridge_netpol_refused_fields", "Fields of NetworkPolicy, Pod and "
                                 "Namespace objects read that could not be used (each read of one counts)",
                                 ["kind"], registry=registry)
         self.closed = Gauge("pybridge_netpol_policies_refused", "NetworkPolicies selecting pods of this node "
@@ -50,6 +56,14 @@ class NodeMetrics:
         with self._lock:
             self._waiting = reason
 
+    def refused(self, kind: str, reason: str) -> None:
+        self.refusals.labels(kind, reason).inc()
+
+    def add_check(self, check: Callable[[], str | None]) -> None:
+        """Another condition of readiness (NetworkPolicy's bridge-nf-call): its reason, or None.
+        It must be cheap and do no I/O: /readyz calls it."""
+        self._checks.append(check)
+
     def reconciled(self, nodes: int, routes: int, errors: int, full_sync: bool) -> None:
         self.reconciles.inc()
         self.errors.inc(errors)
@@ -60,8 +74,8 @@ class NodeMetrics:
             if full_sync and not errors:
                 self._last_sync = time.monotonic()
 
-    def refused(self, refusal: Refusal) -> None:
-        self.refusals.labels(refusal.kind).inc()
+    def field_refused(self, refusal: Refusal) -> None:
+        self.fields_refused.labels(refusal.kind).inc()
 
     def policies_refused(self, count: int) -> None:
         self.closed.set(count)
@@ -72,6 +86,9 @@ class NodeMetrics:
                 return self._waiting
             if self._last_sync is None:
                 return "Node watch not in sync"
+        for check in self._checks:
+            if (reason := check()) is not None:
+                return reason
         return None if os.path.isfile(self.conflist) else f"conflist {self.conflist} not written"
 
 

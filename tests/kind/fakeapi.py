@@ -293,12 +293,17 @@ class ApiServer:
 
     `listen` is a bound socket (made by the caller in whatever netns the clients reach it).
     `tokens` may change at run time (a revoked token gets 401, as a rotated service account does).
+    Without `cert` it serves plain HTTP. `blackhole`: watches are accepted and never answered
+    (not even headers), as over a connection a firewall silently drops.
     """
 
-    def __init__(self, store: NodeStore, listen: socket.socket, cert: Path, key: Path, token: str) -> None:
+    def __init__(self, store: NodeStore, listen: socket.socket, cert: Path | None, key: Path | None,
+                 token: str) -> None:
         self.store, self.tokens = store, {token}
         self.requests: list[tuple[str, int]] = []  # (path?query, status), for the tests to read
         self.closing = False
+        self.blackhole = False
+        self.closed = threading.Event()
         self.generation = 0  # cut() ends every open watch, as an API server restart does
         self.compact_after_list = False  # the next list of nodes is followed by a compaction: 410
         server = self
@@ -312,11 +317,13 @@ class ApiServer:
             def do_GET(self) -> None:
                 server.handle(self)
 
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
         self.httpd = ThreadingHTTPServer(listen.getsockname()[:2], Handler, bind_and_activate=False)
         self.httpd.socket.close()
-        self.httpd.socket = context.wrap_socket(listen, server_side=True)
+        self.httpd.socket = listen
+        if cert is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert, key)
+            self.httpd.socket = context.wrap_socket(listen, server_side=True)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
@@ -342,6 +349,10 @@ class ApiServer:
                 self.store.compact()
             return self._reply(h, 200, listing)
         since = int(query.get("resourceVersion") or 0)
+        if self.blackhole:
+            self.requests.append((h.path, 0))
+            self.closed.wait()
+            return
         self.requests.append((h.path, 410 if self.store.expired(since) else 200))  # 410 rides in the stream
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
@@ -377,6 +388,7 @@ class ApiServer:
 
     def close(self) -> None:
         self.closing = True
+        self.closed.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(10)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.node import kube
+from cni_plugin.node import kube, loop
 from cni_plugin.node.netpol import agent as netpol
 from cni_plugin.node.netpol.agent import NetpolAgent
 
@@ -79,12 +79,16 @@ def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
     client = api_client(api)  # type: ignore[arg-type]
     seen: dict[str, list[tuple[str, Any]]] = {}
     for kind, lister in netpol.listers(client).items():
-        def exhausted() -> None:
+        done = threading.Event()
+
+        def exhausted(done: threading.Event = done) -> None:
+            done.set()
             raise Exhausted
         api.pools[PATHS[kind]].on_exhausted = exhausted
-        with pytest.raises(Exhausted):
-            for event, obj in kube.list_watch(client, lister, timeout_seconds=7, backoff=lambda _s: None):
-                seen.setdefault(kind, []).append((event, obj))
+        for event, obj in kube.list_watch(client, lister, timeout_seconds=7, backoff=lambda _s: None,
+                                          stop=done.is_set):
+            seen.setdefault(kind, []).append((event, obj))
+        assert done.is_set()
     names = {k: [(e, [o["metadata"]["name"] for o in obj] if e == "SYNC" else obj["metadata"]["name"])
                  for e, obj in v] for k, v in seen.items()}
     assert names == {
@@ -141,8 +145,9 @@ def test_flag_turns_enforcement_off_and_removes_the_rules(monkeypatch: pytest.Mo
 
     calls: list[str] = []
     monkeypatch.setattr(apply, "remove", lambda: calls.append("remove"))
-    def launch(node: str, _api: object, resync: int, _log: object, _observer: object = None) -> None:
+    def launch(node: str, _api: object, resync: int, _log: object, **_kw: object) -> netpol.Enforcement:
         calls.append(f"launch {node} {resync}")
+        return netpol.Enforcement(threading.Event(), [])
 
     monkeypatch.setattr(netpol, "launch", launch)
     args = cli.parser().parse_args(["run", "--node-name", ME, "--network-policy", "off"])
@@ -168,9 +173,9 @@ def test_a_stream_error_is_logged_and_the_stream_starts_over() -> None:
         yield "SYNC", []
         stop.set()
 
-    netpol.pump("Pod", stream, events, lambda event, **f: logs.append((event, f)), stop, (OSError,))
+    loop.pump("Pod", stream, events, lambda event, **f: logs.append((event, f)), stop, (OSError,))
     assert attempts == ["Pod", "Pod"]
-    assert logs == [("netpol-retry", {"kind": "Pod", "error": "connection refused"})]
+    assert logs == [("retry", {"kind": "Pod", "error": "connection refused"})]
     assert events.get_nowait() == ("Pod", "SYNC", [])
 
 

@@ -11,7 +11,6 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from cni_plugin.node import kube, model
@@ -22,6 +21,7 @@ from cni_plugin.ops.node_metrics import NodeMetrics
 from .fakeapi import FakePool, api_client, load, load_events
 
 ME = "pybridge-worker"
+CLUSTER = (ipaddress.ip_network("10.70.0.0/16"),)
 
 
 class Exhausted(Exception):
@@ -39,6 +39,9 @@ class Recorder:
     def routes(self) -> set[model.Route]:
         return set(self.installed)
 
+    def foreign_routes(self) -> set[str]:
+        return set()
+
     def mtu(self, node: model.Node | None) -> int | None:
         return 1500
 
@@ -53,17 +56,21 @@ class Recorder:
 
 
 def run(pool: FakePool, agent: NodeAgent) -> list[tuple[str, str]]:
-    """Feed every event the client yields to the agent until the script is used up."""
+    """Feed every event the client yields to the agent until the script is used up (the
+    stream never raises: the used-up script's error stops it)."""
+    done: list[bool] = []
 
     def exhausted() -> None:
+        done.append(True)
         raise Exhausted
 
     pool.on_exhausted = exhausted
     seen = []
-    with pytest.raises(Exhausted):
-        for kind, obj in kube.node_events(api_client(pool), timeout_seconds=5, backoff=lambda _s: None):
-            seen.append((kind, obj["metadata"]["name"] if kind != "SYNC" else str(len(obj))))
-            agent.handle(kind, obj)
+    for kind, obj in kube.node_events(api_client(pool), timeout_seconds=5, backoff=lambda _s: None,
+                                      stop=lambda: bool(done)):
+        seen.append((kind, obj["metadata"]["name"] if kind != "SYNC" else str(len(obj))))
+        agent.handle(kind, obj)
+    assert done
     return seen
 
 
@@ -74,7 +81,7 @@ def routes_of(effects: Recorder) -> set[tuple[str, str]]:
 def test_list_then_watch_node_added_then_removed() -> None:
     pool = FakePool([load("nodes.json")], [load_events("watch-events.jsonl")])
     effects = Recorder()
-    agent = NodeAgent(model.Settings(node_name=ME), effects)
+    agent = NodeAgent(model.Settings(node_name=ME, cluster_cidrs=CLUSTER), effects)
     seen = run(pool, agent)
     assert seen == [
         ("SYNC", "3"),
@@ -94,9 +101,9 @@ def test_list_then_watch_node_added_then_removed() -> None:
     assert routes_of(effects) == states[3]
     conf = effects.applied[-1].conflist
     assert conf is not None and conf["plugins"][0]["ipam"]["ranges"] == [[{"subnet": "10.70.1.0/24"}]]
-    # masquerade keeps every node's podCIDR (and only those seen now) unmasqueraded
+    # masquerade keeps the cluster CIDR unmasqueraded (every node's podCIDR lies inside it)
     masq = effects.applied[-1].masquerade or ""
-    assert "ip saddr { 10.70.1.0/24 }" in masq and "10.70.3.0/24" in masq and "10.70.2.0/24" not in masq
+    assert "ip saddr { 10.70.1.0/24 } ip daddr != { 10.70.0.0/16, 224.0.0.0/4 } masquerade" in masq
 
 
 def routes_of_plan(plan: model.Plan) -> set[tuple[str, str]]:
@@ -108,7 +115,7 @@ def test_expired_watch_lists_again() -> None:
     later["metadata"]["resourceVersion"] = "1500"
     pool = FakePool([load("nodes.json"), later], [410, []])
     effects = Recorder()
-    seen = run(pool, NodeAgent(model.Settings(node_name=ME), effects))
+    seen = run(pool, NodeAgent(model.Settings(node_name=ME, cluster_cidrs=CLUSTER), effects))
     assert seen == [("SYNC", "3"), ("SYNC", "3")]
     assert effects.resyncs == 2
     watches = [q["resourceVersion"] for q in pool.requests if q.get("watch")]
@@ -124,14 +131,15 @@ def test_own_podcidr_not_yet_assigned_waits_and_writes_nothing(tmp_path: Path) -
     host = Host(str(tmp_path / "net.d"))
     touched: list[str] = []
     host.routes = lambda: touched.append("routes") or set()  # type: ignore[method-assign]
+    host.foreign_routes = lambda: touched.append("foreign") or set()  # type: ignore[method-assign]
     host.apply = lambda plan: touched.append("apply") or []  # type: ignore[method-assign]
-    agent = NodeAgent(model.Settings(node_name=ME), host)
+    agent = NodeAgent(model.Settings(node_name=ME, cluster_cidrs=CLUSTER), host)
     run(pool, agent)
     assert touched == []
     assert not (tmp_path / "net.d").exists()
     # the podCIDR arrives: now (and only now) the agent acts
     plan = agent.handle("MODIFIED", assigned)
-    assert plan.waiting is None and touched == ["routes", "apply"]
+    assert plan.waiting is None and touched == ["routes", "foreign", "apply"]
 
 
 def test_dual_stack_nodes() -> None:
@@ -168,7 +176,7 @@ def test_metrics_follow_the_recorded_watch(tmp_path: Path) -> None:
     metrics = NodeMetrics(registry := CollectorRegistry(), str(conflist))
     pool = FakePool([load("nodes.json")], [load_events("watch-events.jsonl")])
     effects = Recorder()
-    agent = NodeAgent(model.Settings(node_name=ME), effects, metrics)
+    agent = NodeAgent(model.Settings(node_name=ME, cluster_cidrs=CLUSTER), effects, metrics)
     run(pool, agent)
     assert registry.get_sample_value("pybridge_node_reconciles_total") == 4  # SYNC + 3 events
     assert registry.get_sample_value("pybridge_node_reconcile_errors_total") == 0
@@ -185,4 +193,4 @@ def test_a_refused_list_is_reported_then_retried_after_a_backoff() -> None:
     events = kube.node_events(api_client(pool), timeout_seconds=5, backoff=waits.append,
                               report=lambda exc: reported.append(getattr(exc, "status", 0)))
     assert next(events)[0] == "SYNC"  # the second list, after the 401 was reported
-    assert reported == [401] and waits == [2.0]
+    assert reported == [401] and len(waits) == 1 and 0.25 <= waits[0] <= 0.5  # the backoff's first step

@@ -285,11 +285,14 @@ class FakeSocket:
             raise NetlinkError(errno.EEXIST, os.strerror(errno.EEXIST))
         self.ns.routes.append((dst, gateway, oif))
 
-    def owned_routes(self, proto: int) -> set[tuple[str, str]]:
-        return {(dst, gw) for dst, gw, owner in self.ns.routes if owner == -proto and gw}
+    def main_routes(self) -> set[tuple[str, str | None, int]]:
+        # a route added by add_route (an oif, no owner) counts as proto 3 (boot), as the kernel's
+        return {(dst, gw, -owner if owner < 0 else 3) for dst, gw, owner in self.ns.routes}
 
-    def replace_route(self, dst: str, gateway: str, proto: int) -> None:
-        self.kernel.step(f"replace route {dst}")
+    def set_route(self, dst: str, gateway: str, proto: int, replace: bool) -> None:
+        self.kernel.step(f"{'replace' if replace else 'add'} route {dst}")
+        if not replace and any(r[0] == dst for r in self.ns.routes):
+            raise NetlinkError(errno.EEXIST, os.strerror(errno.EEXIST))
         self.ns.routes = [r for r in self.ns.routes if r[0] != dst] + [(dst, gateway, -proto)]
 
     def delete_route(self, dst: str, gateway: str, proto: int) -> None:

@@ -81,7 +81,7 @@ class Recorder:
     def log(self, event: str, **fields: Any) -> None:
         self.logs.append((event, fields))
 
-    def refused(self, refusal: Refusal) -> None:
+    def field_refused(self, refusal: Refusal) -> None:
         self.refusals.append(refusal)
 
     def policies_refused(self, count: int) -> None:

@@ -17,6 +17,7 @@ from ..kind.fakeapi import load
 
 R = model.Route
 ME = "pybridge-worker"
+CLUSTER = (ipaddress.ip_network("10.70.0.0/16"), ipaddress.ip_network("fd00:10:70::/56"))
 
 
 def nodes(name: str = "nodes.json") -> list[model.Node]:
@@ -46,11 +47,11 @@ def test_node_from_object_reads_podcidrs_and_internal_ips_only() -> None:
 
 
 def test_routes_to_every_other_node_per_family() -> None:
-    assert model.desired_routes(ME, nodes()) == {
+    assert model.desired_routes(ME, nodes(), CLUSTER) == {
         R("10.70.0.0/24", "172.18.0.4"),
         R("10.70.2.0/24", "172.18.0.3"),
     }
-    dual = model.desired_routes(ME, nodes("nodes-dualstack.json"))
+    dual = model.desired_routes(ME, nodes("nodes-dualstack.json"), CLUSTER)
     assert R("fd00:10:70:2::/64", "fc00:f853:ccd:e793::3") in dual and len(dual) == 4
 
 
@@ -58,8 +59,8 @@ def test_no_route_without_an_address_of_that_family_or_for_a_clashing_cidr() -> 
     me = model.Node(ME, (ipaddress.ip_address("172.18.0.2"),), (ipaddress.ip_network("10.70.1.0/24"),))
     v6only = model.Node("a", (ipaddress.ip_address("fc00::3"),), (ipaddress.ip_network("10.70.2.0/24"),))
     clash = model.Node("b", (ipaddress.ip_address("172.18.0.5"),), (ipaddress.ip_network("10.70.1.0/25"),))
-    assert model.desired_routes(ME, [me, v6only, clash]) == frozenset()
-    plan = model.plan(model.Settings(ME), [me, v6only, clash], (), 1500)
+    assert model.desired_routes(ME, [me, v6only, clash], CLUSTER) == frozenset()
+    plan = model.plan(model.Settings(ME, cluster_cidrs=CLUSTER), [me, v6only, clash], (), 1500)
     assert plan.waiting is None
 
 
@@ -75,14 +76,15 @@ def test_route_changes_delete_departed_and_replace_moved() -> None:
 def test_waits_until_own_node_and_podcidrs_exist() -> None:
     assert model.plan(model.Settings("absent"), nodes(), (), 1500).waiting == "node 'absent' not found"
     bare = [model.Node(ME, (ipaddress.ip_address("172.18.0.2"),), ())]
-    plan = model.plan(model.Settings(ME), bare, (), 1500)
+    plan = model.plan(model.Settings(ME, cluster_cidrs=CLUSTER), bare, (), 1500)
     assert (
         plan.waiting and "no podCIDRs" in plan.waiting and plan.conflist is None and plan.masquerade is None
     )
 
 
 def test_conflist() -> None:
-    plan = model.plan(model.Settings(ME, ipam_data_dir="/x"), nodes("nodes-dualstack.json"), (), 1450)
+    settings = model.Settings(ME, ipam_data_dir="/x", cluster_cidrs=CLUSTER)
+    plan = model.plan(settings, nodes("nodes-dualstack.json"), (), 1450)
     conf = plan.conflist
     assert conf is not None
     assert conf["cniVersion"] == "1.1.0" and conf["name"] == "pybridge"
@@ -95,7 +97,7 @@ def test_conflist() -> None:
         "dataDir": "/x",
         "ranges": [[{"subnet": "10.70.1.0/24"}], [{"subnet": "fd00:10:70:1::/64"}]],
     }
-    assert "mtu" not in model.conflist(model.Settings(ME), nodes()[1], None)["plugins"][0]
+    assert "mtu" not in model.conflist(settings, nodes()[1], None)["plugins"][0]
     # the conflist is loadable by the plugin's own config parser
     from cni_plugin import config
 
@@ -182,6 +184,69 @@ def test_cni_version_follows_the_runtime(runtime: str, configured: str, expected
     for obj in objects:
         obj["status"]["nodeInfo"]["containerRuntimeVersion"] = runtime
     plan = model.plan(
-        model.Settings(ME, cni_version=configured), [model.node_from_object(o) for o in objects], (), 1500
+        model.Settings(ME, cni_version=configured, cluster_cidrs=CLUSTER),
+        [model.node_from_object(o) for o in objects], (), 1500
     )
     assert plan.conflist is not None and plan.conflist["cniVersion"] == expected
+
+
+def _node(name: str, ip: str, *cidrs: str) -> model.Node:
+    return model.Node(name, (ipaddress.ip_address(ip),), tuple(ipaddress.ip_network(c) for c in cidrs))
+
+
+ROGUES = [_node("lan", "172.18.0.5", "192.168.50.0/24"), _node("half", "172.18.0.6", "128.0.0.0/1"),
+          _node("v4-default", "172.18.0.7", "0.0.0.0/0"), _node("v6-default", "fc00::8", "::/0"),
+          _node("wide", "172.18.0.9", "10.0.0.0/8")]
+
+
+def test_podcidrs_outside_the_cluster_or_default_are_refused_for_routes_and_masquerade() -> None:
+    me, good = _node(ME, "172.18.0.2", "10.70.1.0/24"), _node("good", "172.18.0.3", "10.70.2.0/24")
+    plan = model.plan(model.Settings(ME, cluster_cidrs=CLUSTER), [me, good, *ROGUES], (), 1500)
+    assert plan.routes == {R("10.70.2.0/24", "172.18.0.3")} == plan.route_sets
+    assert sorted((r.reason, r.subject) for r in plan.refused) == [
+        ("default-route", "node 'v4-default' podCIDR 0.0.0.0/0"),
+        ("default-route", "node 'v6-default' podCIDR ::/0"),
+        ("outside-cluster", "node 'half' podCIDR 128.0.0.0/1"),
+        ("outside-cluster", "node 'lan' podCIDR 192.168.50.0/24"),
+        ("outside-cluster", "node 'wide' podCIDR 10.0.0.0/8"),
+    ]
+    # masquerade is kept off only towards the cluster: a rogue podCIDR takes no one's masquerade
+    assert "ip daddr != { 10.70.0.0/16, 224.0.0.0/4 } masquerade" in (plan.masquerade or "")
+
+
+def test_no_cluster_cidr_or_own_podcidr_outside_it_waits() -> None:
+    me = _node(ME, "172.18.0.2", "10.70.1.0/24")
+    plan = model.plan(model.Settings(ME), [me, _node("b", "172.18.0.3", "10.70.2.0/24")], (), 1500)
+    assert plan.waiting and "no cluster CIDR" in plan.waiting and plan.route_sets == frozenset()
+    own_default = model.plan(model.Settings(ME, cluster_cidrs=CLUSTER),
+                             [_node(ME, "172.18.0.2", "0.0.0.0/0")], (), 1500)
+    assert own_default.waiting and "0.0.0.0/0 (default-route)" in own_default.waiting
+    assert own_default.conflist is None
+
+
+def test_a_foreign_route_is_never_replaced_and_owned_defaults_are_removed() -> None:
+    me, b, c = (_node(ME, "172.18.0.2", "10.70.1.0/24"), _node("b", "172.18.0.3", "10.70.2.0/24"),
+                _node("c", "172.18.0.4", "10.70.3.0/24"))
+    owned = {R("10.70.3.0/24", "172.18.0.9"), R("::/0", "fc00::8")}  # c moved; a default of an old agent
+    plan = model.plan(model.Settings(ME, cluster_cidrs=CLUSTER), [me, b, c], owned, 1500,
+                      foreign_routes={"10.70.2.0/24", "0.0.0.0/0", "10.70.3.0/24"})
+    assert plan.route_sets == {R("10.70.3.0/24", "172.18.0.4")}  # ours: replaced despite a foreign twin
+    assert plan.route_deletes == {R("::/0", "fc00::8")}
+    assert [(r.reason, r.subject) for r in plan.refused] == [("route-conflict", "route 10.70.2.0/24")]
+
+
+def test_malformed_nodes_and_scoped_addresses_are_refused_at_the_edge() -> None:
+    addresses = [{"type": "InternalIP", "address": "fd00::9%x"}, "junk",
+                 {"type": "InternalIP", "address": "10.0.0.1"}]
+    node = model.node_from_object({"metadata": {"name": "n"}, "spec": {"podCIDRs": ["10.70.1.0/24", 7]},
+                                   "status": {"addresses": addresses}})
+    assert node.internal_ips == (ipaddress.ip_address("10.0.0.1"),)
+    assert node.problems == ("spec.podCIDRs[1]: '7' is not a network",
+                             "status.addresses[0].address: 'fd00::9%x' is not an address without a zone")
+    bad: object
+    for bad in ({"spec": {}}, {"metadata": {"name": ""}}, [], "x", {"metadata": "n"}):
+        with pytest.raises(model.Malformed, match=r"metadata\.name"):
+            model.node_from_object(bad)
+    odd = model.node_from_object({"metadata": {"name": "o"}, "spec": "x", "status": {"addresses": {"a": 1},
+                                                                                    "nodeInfo": []}})
+    assert odd == model.Node("o")

@@ -3,6 +3,7 @@ agent's readiness, and the exec path staying free of prometheus_client."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import subprocess
@@ -78,6 +79,9 @@ class _Effects:
     def mtu(self, node: model.Node | None) -> int | None:
         return None
 
+    def foreign_routes(self) -> set[str]:
+        return set()
+
     def apply(self, plan: model.Plan) -> list[str]:
         return ["route failed"] if len(plan.routes) > 1 else []
 
@@ -93,7 +97,8 @@ def _node(name: str, cidr: str | None, ip: str) -> dict[str, object]:
 def test_node_metrics_follow_reconciles(tmp_path: Path) -> None:
     conflist = tmp_path / model.CONFLIST_NAME
     metrics = NodeMetrics(registry := CollectorRegistry(), str(conflist))
-    agent = cli.NodeAgent(model.Settings(node_name="n1"), _Effects(), metrics)
+    settings = model.Settings(node_name="n1", cluster_cidrs=(ipaddress.ip_network("10.70.0.0/16"),))
+    agent = cli.NodeAgent(settings, _Effects(), metrics)
     assert metrics.readiness() == "no Node list received yet"
     agent.handle("SYNC", [_node("n1", None, "172.18.0.2")])
     assert "podCIDR" in (metrics.readiness() or "")

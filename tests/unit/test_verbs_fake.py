@@ -179,3 +179,19 @@ def test_node_agent_routes_through_the_seam() -> None:
     assert effects.current_routes(sock) == {mine}
     errors = effects.apply_routes(sock, [mine, gone], [])  # one gone already: not an error
     assert errors == [] and effects.current_routes(sock) == set()
+
+
+def test_node_agent_adds_never_replaces_a_route_it_does_not_own() -> None:
+    from cni_plugin.node import effects, model
+
+    sock = FakeKernel().socket()
+    sock.ns.routes.append(("10.70.2.0/24", "172.18.0.99", 7))  # the admin's (an oif, no owner)
+    route = model.Route("10.70.2.0/24", "172.18.0.3")
+    assert effects.foreign_destinations(sock) == {"10.70.2.0/24"}
+    errors = effects.apply_routes(sock, [], [route])  # appeared after the plan: the kernel says EEXIST
+    assert errors == ["add 10.70.2.0/24 via 172.18.0.3: File exists"]
+    assert sock.ns.routes == [("10.70.2.0/24", "172.18.0.99", 7)] and effects.current_routes(sock) == set()
+    moved = model.Route("10.70.2.0/24", "172.18.0.4")
+    sock.ns.routes = [("10.70.2.0/24", "172.18.0.3", -effects.RTPROT_PYBRIDGE)]
+    assert effects.apply_routes(sock, [], [moved], owned=[route]) == []  # its own: replaced
+    assert effects.current_routes(sock) == {moved}

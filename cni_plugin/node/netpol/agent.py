@@ -4,21 +4,24 @@ Three list+watch streams (NetworkPolicy, Pod, Namespace; kube.list_watch: resour
 relist on 410 Gone, a relist every `resync` seconds) feed one queue; one thread takes an event,
 also takes every event already queued behind it, and only then compiles and applies, so a burst
 of events costs one nft transaction. Nothing is applied before all three kinds were listed once
-(a policy without its pods would cut them off).
+(a policy without its pods would cut them off). A ruleset nft refused or did not take in time is
+applied again after an exponential backoff, events or not; no error ends a thread.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Collection, Iterator, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ...netlink import NetlinkError
+from ..loop import Event, Log, Stream, drive, pump
 from . import apply, compile, nft, objects
 from .objects import KINDS, Address, Model, Refusal
 
-Log = Callable[..., None]
 Ports = Callable[[], Mapping[Address, Collection[str]]]
 Key = tuple[str, str]
 
@@ -32,7 +35,7 @@ def _key(obj: Any) -> Key:
 class Observer(Protocol):
     """Told what was refused (ops/node_metrics.py)."""
 
-    def refused(self, refusal: Refusal) -> None: ...
+    def field_refused(self, refusal: Refusal) -> None: ...
     def policies_refused(self, count: int) -> None: ...
 
 
@@ -51,6 +54,7 @@ class NetpolAgent:
         self.listed: set[str] = set()
         self.applied: str | None = None
         self.closed: set[Refusal] = set()
+        self.failed = False  # the last reconcile could not apply its ruleset
 
     def _parse(self, kind: str, obj: Any) -> Model | None:
         """The object, or None; each refused field logged and counted (policies refused in part
@@ -60,7 +64,7 @@ class NetpolAgent:
             self.log("netpol-refused", kind=kind, object=refusal.name[:300], field=refusal.field[:300],
                      error=refusal.reason[:300], kept=model is not None)
             if self.observer:
-                self.observer.refused(refusal)
+                self.observer.field_refused(refusal)
         return model
 
     def handle(self, kind: str, event: str, payload: Any) -> None:
@@ -96,6 +100,7 @@ class NetpolAgent:
 
     def reconcile(self) -> bool:
         """True when a new ruleset was applied."""
+        self.failed = False
         if self.listed != set(KINDS):
             return False
         script = self.ruleset()
@@ -104,6 +109,7 @@ class NetpolAgent:
         try:
             self.apply_script(script)
         except apply.NftError as exc:
+            self.failed = True
             self.log("netpol-error", error=str(exc))
             return False
         self.applied = script
@@ -111,51 +117,25 @@ class NetpolAgent:
         return True
 
 
-Stream = Callable[[str], Iterator[tuple[str, Any]]]
+def serve(agent: NetpolAgent, events: queue.Queue[Event], stop: threading.Event,
+          on_applied: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
+    """Handle events until `stop`; a burst already queued is applied once. A ruleset that could
+    not be applied (nft failed or hung, or a bug) is tried again after a backoff."""
 
-
-def pump(kind: str, stream: Stream, events: queue.Queue[tuple[str, str, Any]], log: Log,
-         stop: threading.Event, errors: tuple[type[BaseException], ...]) -> None:
-    """One kind's events into the queue, reconnecting after a transport error."""
-    while not stop.is_set():
-        try:
-            for event, payload in stream(kind):
-                events.put((kind, event, payload))
-                if stop.is_set():
-                    return
-        except errors as exc:
-            log("netpol-retry", kind=kind, error=str(exc)[:300])
-            stop.wait(2.0)
-
-
-def serve(agent: NetpolAgent, events: queue.Queue[tuple[str, str, Any]], stop: threading.Event,
-          on_applied: Callable[[], None] = lambda: None) -> None:
-    """Handle events until `stop`; a burst already queued is applied once."""
-    while not stop.is_set():
-        try:
-            batch = [events.get(timeout=0.5)]
-        except queue.Empty:
-            continue
-        while True:
-            try:
-                batch.append(events.get_nowait())
-            except queue.Empty:
-                break
-        try:
-            for kind, event, payload in batch:
-                agent.handle(kind, event, payload)
-            applied = agent.reconcile()
-        except Exception as exc:  # a bug must not stop enforcement: the next event tries again
-            agent.log("netpol-error", error=f"{type(exc).__name__}: {exc}"[:500])
-            continue
-        if applied:
+    def step(batch: list[Event]) -> bool:
+        for kind, event, payload in batch:
+            agent.handle(kind, event, payload)
+        if agent.reconcile():
             on_applied()
+        return agent.failed
+
+    drive(step, events, stop, lambda event, **fields: agent.log(f"netpol-{event}", **fields), clock)
 
 
 def start(agent: NetpolAgent, stream: Stream, log: Log, errors: tuple[type[BaseException], ...],
           stop: threading.Event,
           on_applied: Callable[[], None] = lambda: None) -> list[threading.Thread]:
-    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    events: queue.Queue[Event] = queue.Queue()
     threads = [threading.Thread(target=pump, args=(kind, stream, events, log, stop, errors),
                                 name=f"netpol-{kind}", daemon=True) for kind in KINDS]
     threads.append(threading.Thread(target=serve, args=(agent, events, stop, on_applied), name="netpol",
@@ -178,23 +158,47 @@ def kube_stream(api: Any, resync: int, stop: threading.Event, log: Log) -> Strea
 
     calls = listers(api)
 
-    def refused(kind: str) -> Callable[[Exception], None]:  # 401, 403 (RBAC): said before each retry
-        return lambda exc: log("api_error", kind=kind, status=getattr(exc, "status", None),
-                               error=str(exc)[:300])
+    def report(kind: str) -> Callable[[Exception], None]:  # 401, 403 (RBAC), TLS...: before each retry
+        def say(exc: Exception) -> None:
+            event, fields = kube.complaint(exc)
+            log(event, kind=kind, **fields)
+        return say
 
     return lambda kind: kube.list_watch(api, calls[kind], timeout_seconds=resync, stop=stop.is_set,
-                                        report=refused(kind))
+                                        report=report(kind))
+
+
+@dataclass
+class Enforcement:
+    """The running enforcement: `stop` ends it; readiness() says why it cannot hold, or None."""
+
+    stop: threading.Event
+    bridge_errors: list[str]
+
+    def readiness(self) -> str | None:
+        if self.bridge_errors:
+            return "NetworkPolicy cannot see bridged pod-to-pod traffic: " + "; ".join(self.bridge_errors)
+        return None
+
+    def check_bridge(self, log: Log, enable: Callable[[], list[str]] = apply.enable_bridge_netfilter) -> None:
+        """Turn bridge-nf-call on if off (again: br_netfilter may have been loaded since)."""
+        errors = enable()
+        for error in sorted(set(errors) - set(self.bridge_errors)):
+            log("netpol-warning", error=f"pod-to-pod traffic on the bridge escapes policy: {error}")
+        self.bridge_errors = errors
 
 
 def launch(node_name: str, api: Any, resync: int, log: Log,
-           observer: Observer | None = None) -> threading.Event:
-    """Enforcement in background threads of the node agent; set the returned event to stop."""
-    for error in apply.enable_bridge_netfilter():
-        log("netpol-warning", error=f"pod-to-pod traffic on the bridge escapes policy: {error}")
-    stop = threading.Event()
+           enable: Callable[[], list[str]] = apply.enable_bridge_netfilter,
+           observer: Observer | None = None) -> Enforcement:
+    """Enforcement in background threads of the node agent. Not ready while bridged traffic
+    escapes the rules (bridge-nf-call off and not settable); checked again after each apply."""
+    enforcement = Enforcement(threading.Event(), [])
+    enforcement.check_bridge(log, enable)
     agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
-    # stream starts over with a fresh list after 2 s.
-    start(agent, kube_stream(api, resync, stop, log), log, (Exception,), stop)
+    # stream starts over with a fresh list after a backoff.
+    start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,), enforcement.stop,
+          on_applied=lambda: enforcement.check_bridge(log, enable))
     log("netpol-started", node=node_name)
-    return stop
+    return enforcement

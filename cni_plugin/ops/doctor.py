@@ -262,9 +262,33 @@ def check_masquerade(node: Node) -> Check:
     return Check("masquerade", OK, f"{len(wanted)} pod address(es) of ipMasq networks masqueraded")
 
 
+POOL_WARN = 0.9  # of a range set's addresses in use
+
+
+def check_pools(node: Node) -> Check:
+    """Use per range set from the stores; a full set fails every ADD of its network (code 110),
+    while STATUS stays ok (a full pool is not a node fault)."""
+    high, unread = [], []
+    for _conf, cfg in networks.stores(node.confs):
+        held = networks.reserved_ips(cfg)
+        if held is None:
+            unread.append(cfg.network)
+            continue
+        high += [u for u in networks.range_use(cfg, held) if u.size and u.used >= POOL_WARN * u.size]
+    if high:
+        shown = "; ".join(f"network {u.network} {u.subnets}: {u.used} of {u.size} in use" for u in high[:4])
+        return Check("pools", WARN, f"range set(s) at {POOL_WARN:.0%} use or more: {shown}",
+                     "when full, every ADD fails (code 110): remove stale reservations (`pybridge ls`), "
+                     "fewer pods (kubelet maxPods), or a larger pod CIDR")
+    if unread:
+        return Check("pools", WARN, f"could not read the store of {', '.join(unread)}",
+                     "see the stores check")
+    return Check("pools", OK, f"every range set below {POOL_WARN:.0%} use")
+
+
 CHECKS: tuple[Callable[[Node], Check], ...] = (
-    check_dirs, check_conflist, check_cni_version, check_agent, check_ip_forward, check_br_netfilter,
-    check_stores, check_attachments, check_mtu, check_masquerade)
+    check_dirs, check_conflist, check_cni_version, check_agent, check_ip_forward,
+    check_br_netfilter, check_stores, check_pools, check_attachments, check_mtu, check_masquerade)
 
 
 def run(node: Node) -> list[Check]:

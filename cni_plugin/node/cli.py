@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from cnikit import log
 
+from .. import chain
 from . import model
 
 # JSON lines on stderr (`kubectl logs`), as every pybridge log. The Node, NetworkPolicy and
@@ -43,12 +44,15 @@ class Observer(Protocol):
 class NodeAgent:
     """Keeps the node cache from events and reconciles after each one."""
 
-    def __init__(self, settings: model.Settings, effects: Effects, observer: Observer | None = None) -> None:
+    def __init__(self, settings: model.Settings, effects: Effects, observer: Observer | None = None,
+                 plugins: chain.Cache | None = None) -> None:
         self.settings = settings
         self.effects = effects
         self.observer = observer
+        self.plugins = plugins  # asks the chained plugins' VERSION; None: not asked
         self.nodes: dict[str, model.Node] = {}
         self._waiting: str | None = None
+        self._notes: list[str] = []
 
     def handle(self, kind: str, payload: Any) -> model.Plan:
         if kind == "SYNC":
@@ -68,7 +72,12 @@ class NodeAgent:
         if own is None or not own.pod_cidrs:  # wait before touching anything, even to read
             result = model.plan(self.settings, nodes, (), None)
         else:
-            result = model.plan(self.settings, nodes, self.effects.routes(), self.effects.mtu(own))
+            chained = [self.plugins.probe(t) for t in model.CHAINED] if self.plugins else []
+            result = model.plan(self.settings, nodes, self.effects.routes(), self.effects.mtu(own), chained)
+        if result.notes != self._notes:  # each reconcile repeats them: log them when they change
+            for note in result.notes:
+                _log("note", note=note)
+            self._notes = result.notes
         if result.waiting:
             if result.waiting != self._waiting:
                 _log("waiting", reason=result.waiting)
@@ -83,8 +92,6 @@ class NodeAgent:
         if result.route_sets or result.route_deletes or errors:
             _log("reconciled", set=[f"{r.dst} via {r.gateway}" for r in sorted(result.route_sets)],
                  deleted=[f"{r.dst} via {r.gateway}" for r in sorted(result.route_deletes)], errors=errors)
-        for note in result.notes:
-            _log("note", note=note)
         return result
 
 
@@ -109,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
         node_name=args.node_name, cluster_cidrs=_networks(args.cluster_cidr or []), bridge=args.bridge,
         ipam_data_dir=args.ipam_data_dir, network=args.network, log_file=args.plugin_log_file,
         cni_version=args.cni_version)
-    agent = NodeAgent(settings, Host(args.cni_conf_dir))
+    agent = NodeAgent(settings, Host(args.cni_conf_dir), plugins=chain.Cache(args.cni_bin_dir.split(":")))
     if args.nodes_file:
         result = agent.handle("SYNC", load_nodes_file(args.nodes_file))
         return 3 if result.waiting else 0
@@ -178,6 +185,10 @@ def parser() -> argparse.ArgumentParser:
                      default=[os.environ["POD_SUBNET"]] if os.environ.get("POD_SUBNET") else None,
                      help="never masquerade towards these (comma-separated or repeated; env POD_SUBNET)")
     run.add_argument("--cni-conf-dir", default="/etc/cni/net.d")
+    run.add_argument("--cni-bin-dir", default=os.environ.get("CNI_BIN_DIR", "/opt/cni/bin"),
+                     help="where the chained plugins (portmap) are as this process sees them, ':'-separated; "
+                          "asked for their VERSION so the conflist's cniVersion is one they take "
+                          "(env CNI_BIN_DIR)")
     run.add_argument("--ipam-data-dir", default="/run/cni-ipam-state")
     run.add_argument("--bridge", default="pyb0")
     run.add_argument("--network", default="pybridge")
@@ -185,7 +196,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--cni-version", default=os.environ.get("CNI_VERSION", model.AUTO),
                      choices=(model.AUTO, *model.CNI_VERSIONS),
                      help="the conflist's cniVersion; auto (default): from the node's container runtime "
-                          "(containerd 2.x: 1.1.0, else 1.0.0) (env CNI_VERSION)")
+                          "(containerd 2.x: 1.1.0, else 1.0.0); either is lowered to one every chained "
+                          "plugin takes (env CNI_VERSION)")
     run.add_argument("--kubeconfig", default=None)
     run.add_argument("--resync", type=int, default=60, help="seconds between full lists")
     run.add_argument("--nodes-file", help="reconcile once from a recorded NodeList (JSON) instead")

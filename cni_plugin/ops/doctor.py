@@ -19,6 +19,7 @@ from cnikit.programs import PYBRIDGE
 from cnikit.spec.errors import CNIError
 from cnikit.spec.version import SUPPORTED
 
+from .. import chain
 from ..agent import wire
 from ..agent.forward import forward
 from . import attachments, networks
@@ -262,6 +263,49 @@ def check_masquerade(node: Node) -> Check:
     return Check("masquerade", OK, f"{len(wanted)} pod address(es) of ipMasq networks masqueraded")
 
 
+# Chains: every plugin of every conflist asked for VERSION (chain.py says why one that rejects the
+# conflist's cniVersion leaks as well as fails).
+
+
+def _chain_types(conf: networks.Conf) -> list[str]:
+    types = [t for p in conf.plugins for t in (p.get("type"), _ipam_type(p)) if isinstance(t, str) and t]
+    return list(dict.fromkeys(types))
+
+
+def chain_problems(node: Node) -> tuple[list[str], list[str]]:
+    """(problems of the conflist the runtime uses, of the others): each plugin whose VERSION does
+    not list its conflist's cniVersion, or that could not be asked, with the version all would take."""
+    probes: dict[str, chain.Probe] = {}  # each plugin asked once, with a bounded wait
+    used: list[str] = []
+    others: list[str] = []
+    for index, conf in enumerate(node.confs):
+        if conf.error:
+            continue
+        for t in _chain_types(conf):
+            if t not in probes:
+                probes[t] = chain.probe(t, [node.bin_dir], timeout=chain.VERSION_TIMEOUT)
+        found = [probes[t] for t in _chain_types(conf)]
+        # a plugin not installed at all is the conflist check's to report
+        bad = [p for p in found if p.path and p.takes(conf.cni_version) is not True]
+        if not bad:
+            continue
+        common = chain.newest_common(conf.cni_version, found)
+        fix = f"set cniVersion to {common}" if common else "no cniVersion suits every plugin: upgrade them"
+        (used if index == 0 else others).append(
+            f"{conf.path} (cniVersion {conf.cni_version}): {'; '.join(p.describe() for p in bad)} "
+            f"[fix: {fix}, or upgrade the plugin (containernetworking-plugins 1.9.1 speaks 1.1.0)]")
+    return used, others
+
+
+def check_chains(node: Node) -> Check:
+    used, others = chain_problems(node)
+    if used or others:
+        return Check("chains", FAIL if used else WARN, " | ".join(used + others),
+                     "a plugin that rejects the cniVersion fails every ADD and its DEL, so the plugins "
+                     "before it leak; the pybridge node agent picks a version all of them take")
+    return Check("chains", OK, "every plugin of every conflist supports its cniVersion")
+
+
 POOL_WARN = 0.9  # of a range set's addresses in use
 
 
@@ -287,7 +331,7 @@ def check_pools(node: Node) -> Check:
 
 
 CHECKS: tuple[Callable[[Node], Check], ...] = (
-    check_dirs, check_conflist, check_cni_version, check_agent, check_ip_forward,
+    check_dirs, check_conflist, check_cni_version, check_chains, check_agent, check_ip_forward,
     check_br_netfilter, check_stores, check_pools, check_attachments, check_mtu, check_masquerade)
 
 

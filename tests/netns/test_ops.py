@@ -68,7 +68,7 @@ def _healthy(host: Host, tmp_path: Path, **overrides: Any) -> tuple[dict[str, An
 def test_doctor_healthy_node(host: Host, tmp_path: Path) -> None:
     conf_dir = _healthy(host, tmp_path)[1]
     code, checks = doctor(host, conf_dir)
-    names = ("dirs", "conflist", "cniVersion", "agent", "ip_forward", "br_netfilter", "stores",
+    names = ("dirs", "conflist", "cniVersion", "chains", "agent", "ip_forward", "br_netfilter", "stores",
              "pools", "attachments", "mtu", "masquerade")
     expected = dict.fromkeys(names, "ok")
     if host.agent is None:
@@ -89,7 +89,8 @@ def _root_sysctls() -> list[str | None]:
 
 
 # With no conf dir there is no conflist either; an unsafe store is refused by the checks that read it.
-CASCADE = {"conf dir": {"conflist"}, "store mode": {"attachments", "masquerade"}}
+# A cniVersion no plugin speaks is also every plugin's incompatibility (chains).
+CASCADE = {"conf dir": {"conflist"}, "store mode": {"attachments", "masquerade"}, "cniVersion": {"chains"}}
 FAULTS = ["conf dir", "plugin", "cniVersion", "ip_forward", "br_netfilter", "store mode", "stale", "mtu",
           "masquerade"]
 

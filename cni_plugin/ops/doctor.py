@@ -225,7 +225,8 @@ def check_attachments(node: Node) -> Check:
     if stale:
         shown = "; ".join(f"{r.network} {r.container_id[:12] or r.host_veth}: {r.state}" for r in stale[:3])
         return Check("attachments", WARN, f"{len(stale)} stale attachment(s): {shown}",
-                     "`pybridge ls` lists them; the runtime's CNI GC (or a DEL) releases them")
+                     "`pybridge ls` lists them; nothing frees them by itself (no runtime calls CNI GC: "
+                     "not containerd 1.6, 1.7 or 2.x, not podman): send a CNI DEL for each, or a GC by hand")
     return Check("attachments", OK, f"{len(node.rows)} attachment(s), all with a reservation and a veth")
 
 

@@ -239,6 +239,17 @@ def test_full_pool_fails_the_add_cleanly_and_status_still_succeeds(host: Host) -
     assert status.ok and status.out is None, status.stdout
 
 
+def test_status_fails_when_the_bridge_name_is_taken_by_another_kind_of_link(host: Host) -> None:
+    conf = bridge_conf(host)
+    host.exec("ip", "link", "add", conf["bridge"], "type", "veth", "peer", "name", "peer-of-br")
+    status = host.cni("STATUS", conf)
+    assert status.rc != 0 and status.out["code"] == 50, status.stdout
+    assert "not a bridge" in status.out["msg"], status.stdout
+    assert not host.cni("ADD", conf, host.new_pod(), "c1").ok  # what STATUS foretold
+    host.exec("ip", "link", "del", conf["bridge"])
+    assert host.cni("STATUS", conf).ok
+
+
 def test_status_fails_when_the_store_cannot_be_written(host: Host) -> None:
     conf = bridge_conf(host)
     host.add(conf, host.new_pod(), "first")

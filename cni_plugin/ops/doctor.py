@@ -294,7 +294,7 @@ def chain_problems(node: Node) -> tuple[list[str], list[str]]:
         fix = f"set cniVersion to {common}" if common else "no cniVersion suits every plugin: upgrade them"
         (used if index == 0 else others).append(
             f"{conf.path} (cniVersion {conf.cni_version}): {'; '.join(p.describe() for p in bad)} "
-            f"[fix: {fix}, or upgrade the plugin (containernetworking-plugins 1.9.1 speaks 1.1.0)]")
+            f"[fix: {fix}, or upgrade the plugin]")
     return used, others
 
 
@@ -302,8 +302,9 @@ def check_chains(node: Node) -> Check:
     used, others = chain_problems(node)
     if used or others:
         return Check("chains", FAIL if used else WARN, " | ".join(used + others),
-                     "a plugin that rejects the cniVersion fails every ADD and its DEL, so the plugins "
-                     "before it leak; the pybridge node agent picks a version all of them take")
+                     "as each [fix] says (containernetworking-plugins 1.9.1 speak 1.1.0); a plugin that "
+                     "rejects the cniVersion fails every ADD, and every DEL before the plugins ahead of it "
+                     "see it (they leak); the pybridge node agent picks a version all of them take")
     return Check("chains", OK, "every plugin of every conflist supports its cniVersion")
 
 

@@ -24,7 +24,8 @@ from . import model
 
 # JSON lines on stderr (`kubectl logs`), as every pybridge log. The Node, NetworkPolicy and
 # metrics threads log at once: structlog writes each line whole under a lock of its stream.
-_log = log.to_stderr().event
+_logger = log.to_stderr()
+_log = _logger.event
 
 
 class Effects(Protocol):
@@ -75,8 +76,8 @@ class NodeAgent:
             chained = [self.plugins.probe(t) for t in model.CHAINED] if self.plugins else []
             result = model.plan(self.settings, nodes, self.effects.routes(), self.effects.mtu(own), chained)
         if result.notes != self._notes:  # each reconcile repeats them: log them when they change
-            for note in result.notes:
-                _log("note", note=note)
+            for note in result.notes:  # each a risk to the node's pods: a warning
+                _logger.warning("note", note=note)
             self._notes = result.notes
         if result.waiting:
             if result.waiting != self._waiting:

@@ -10,7 +10,7 @@ from typing import Any
 from cnikit import log
 from cnikit.skel import Request
 from cnikit.spec.attachments import valid_attachments
-from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, CNIError
+from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, NOT_AVAILABLE, CNIError
 from cnikit.spec.result import Interface, Result, parse_result
 
 from . import config, ipam_client, link, netns, plan, sysctl
@@ -188,7 +188,16 @@ def cmd_check(req: Request) -> None:
 
 
 def cmd_status(req: Request) -> None:
+    """Whether an ADD could succeed for reasons of this node: the bridge can be made or reused,
+    the IPAM store written. Never a full pool (that fails the ADD that wants an address):
+    containerd 2.x, which calls STATUS on each CRI Status, turns any STATUS error into
+    NetworkReady=false, and kubelet then takes the node NotReady and evicts its pods."""
     conf = _load(req)
+    with link.route_socket() as ipr:
+        found = link.find(ipr, conf.bridge)
+    if found is not None and found.kind != "bridge":
+        raise CNIError(NOT_AVAILABLE, f"{conf.bridge} already exists but is not a bridge: no ADD can succeed",
+                       f"kind {found.kind!r}")
     if conf.ipam_type:
         ipam_client.status(req, conf.ipam_type)
 

@@ -12,7 +12,7 @@ from collections.abc import Container, Iterator
 from cnikit.ip import IPAddress
 from cnikit.spec.errors import EXHAUSTED, IP_UNAVAILABLE, CNIError
 
-from .config import Range, RangeSet, describe
+from .config import Range, RangeSet, describe, subnets
 
 
 def range_for(range_set: RangeSet, ip: IPAddress) -> Range | None:
@@ -58,10 +58,14 @@ def pick(
 ) -> tuple[IPAddress, Range]:
     """The IP to reserve next in this set and the range it belongs to."""
     if requested is None:
+        size = 0
         for ip, r in candidates(range_set, last_reserved):
             if ip not in reserved:
                 return ip, r
-        raise CNIError(EXHAUSTED, f"no IP addresses available in range set: {describe(range_set)}")
+            size += 1
+        # host-local's words first (tools match them), then what an operator needs: how big.
+        raise CNIError(EXHAUSTED, f"no IP addresses available in range set: {describe(range_set)} "
+                                  f"({subnets(range_set)}: {size} of {size} in use)")
     found = range_for(range_set, requested)
     if found is None:
         raise CNIError(

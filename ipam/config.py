@@ -139,6 +139,11 @@ def describe(range_set: RangeSet) -> str:
     return ",".join(str(r) for r in range_set)
 
 
+def subnets(range_set: RangeSet) -> str:
+    """The set's subnets, each once, in order: "10.244.1.0/24"."""
+    return ",".join(dict.fromkeys(str(r.subnet) for r in range_set))
+
+
 class _IPAMBlock(_Model):
     type: str = Field(min_length=1)
     ranges: tuple[_ValidRangeSet, ...] = ()

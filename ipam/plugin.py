@@ -9,7 +9,7 @@ Error codes (spec codes below 100, plugin codes from 100; the spec leaves 100+ t
   5    I/O failure on the store
   7    invalid configuration, naming the field (`invalid field 'ipam.ranges[0][0].subnet'`)
   11   the store lock was not obtained within `lockTimeout`
-  50   STATUS: the store cannot be created or written, or a range set is full
+  50   STATUS: the store cannot be created or written (never for a full range set)
   110  EXHAUSTED: no free IP left in a range set
   111  IP_UNAVAILABLE: a requested IP is taken, is a gateway, or lies in no range set
   112  DUPLICATE_ALLOCATION: this (container id, ifname) already holds an IP in the range set
@@ -235,17 +235,17 @@ def ipam_check(netconf: Mapping[str, Any], container_id: str, ifname: str, warn:
 
 
 def ipam_status(netconf: Mapping[str, Any], warn: Warn = to_stderr) -> None:
-    """Ready for ADD: the store can be written and every range set has a free IP."""
+    """Ready for ADD as far as this node goes: the store can be locked and written. A full range
+    set is not a STATUS failure: containerd 2.x turns any STATUS error into NetworkReady=false,
+    kubelet marks the node NotReady and its pods are evicted; a full pool only stops the next
+    ADD, which fails with EXHAUSTED naming the range set and its use."""
     cfg = load_ipam_config(netconf, {})
     store = _store(cfg, warn)
     try:
         with store.lock():
             store.probe_writable()
-            reserved = store.holdings().ips  # the index's own set: read it under the lock
-            for range_set in cfg.ranges:
-                pick(range_set, reserved, None)
     except CNIError as exc:
-        if exc.code not in (IO_FAILURE, EXHAUSTED):
+        if exc.code != IO_FAILURE:
             raise
         raise CNIError(NOT_AVAILABLE, exc.msg, exc.details) from exc
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cnikit import log
 
+from .. import chain
 from . import loop, model
 
 if TYPE_CHECKING:
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 
 # JSON lines on stderr (`kubectl logs`), as every pybridge log. The Node, NetworkPolicy and
 # metrics threads log at once: structlog writes each line whole under a lock of its stream.
-_log = log.to_stderr().event
+_logger = log.to_stderr()
+_log = _logger.event
 
 
 class Effects(Protocol):
@@ -50,14 +52,17 @@ class NodeAgent:
     """Keeps the node cache from events and reconciles after each one; `failed` says the last
     reconcile left something undone (the caller retries it after a backoff)."""
 
-    def __init__(self, settings: model.Settings, effects: Effects, observer: Observer | None = None) -> None:
+    def __init__(self, settings: model.Settings, effects: Effects, observer: Observer | None = None,
+                 plugins: chain.Cache | None = None) -> None:
         self.settings = settings
         self.effects = effects
         self.observer = observer
+        self.plugins = plugins  # asks the chained plugins' VERSION; None: not asked
         self.nodes: dict[str, model.Node] = {}
         self.failed = False
         self._waiting: str | None = None
         self._refused: set[model.Refusal] = set()
+        self._notes: list[str] = []
 
     def _refuse(self, refusal: model.Refusal) -> None:
         _log("refused", reason=refusal.reason, subject=refusal.subject, detail=refusal.detail)
@@ -94,12 +99,17 @@ class NodeAgent:
         if own is None or not own.pod_cidrs:  # wait before touching anything, even to read
             result = model.plan(self.settings, nodes, (), None)
         else:
+            chained = [self.plugins.probe(t) for t in model.CHAINED] if self.plugins else []
             result = model.plan(self.settings, nodes, self.effects.routes(), self.effects.mtu(own),
-                                self.effects.foreign_routes())
+                                self.effects.foreign_routes(), chained)
         refused = set(result.refused)
         for refusal in sorted(refused - self._refused):  # said once, until it changes
             self._refuse(refusal)
         self._refused = refused
+        if result.notes != self._notes:  # each reconcile repeats them: log them when they change
+            for note in result.notes:  # each a risk to the node's pods: a warning
+                _logger.warning("note", note=note)
+            self._notes = result.notes
         if result.waiting:
             if result.waiting != self._waiting:
                 _log("waiting", reason=result.waiting)
@@ -116,8 +126,6 @@ class NodeAgent:
         if result.route_sets or result.route_deletes or errors:
             _log("reconciled", set=[f"{r.dst} via {r.gateway}" for r in sorted(result.route_sets)],
                  deleted=[f"{r.dst} via {r.gateway}" for r in sorted(result.route_deletes)], errors=errors)
-        for note in result.notes:
-            _log("note", note=note)
         return result
 
 
@@ -147,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
         node_name=args.node_name, cluster_cidrs=_networks(args.cluster_cidr or []), bridge=args.bridge,
         ipam_data_dir=args.ipam_data_dir, network=args.network, log_file=args.plugin_log_file,
         cni_version=args.cni_version)
-    agent = NodeAgent(settings, Host(args.cni_conf_dir))
+    agent = NodeAgent(settings, Host(args.cni_conf_dir), plugins=chain.Cache(args.cni_bin_dir.split(":")))
     if args.nodes_file:
         result = agent.handle("SYNC", load_nodes_file(args.nodes_file))
         return 3 if result.waiting else 0
@@ -244,6 +252,10 @@ def parser() -> argparse.ArgumentParser:
                      default=[os.environ["POD_SUBNET"]] if os.environ.get("POD_SUBNET") else None,
                      help="never masquerade towards these (comma-separated or repeated; env POD_SUBNET)")
     run.add_argument("--cni-conf-dir", default="/etc/cni/net.d")
+    run.add_argument("--cni-bin-dir", default=os.environ.get("CNI_BIN_DIR", "/opt/cni/bin"),
+                     help="where the chained plugins (portmap) are as this process sees them, ':'-separated; "
+                          "asked for their VERSION so the conflist's cniVersion is one they take "
+                          "(env CNI_BIN_DIR)")
     run.add_argument("--ipam-data-dir", default="/run/cni-ipam-state")
     run.add_argument("--bridge", default="pyb0")
     run.add_argument("--network", default="pybridge")
@@ -251,7 +263,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--cni-version", default=os.environ.get("CNI_VERSION", model.AUTO),
                      choices=(model.AUTO, *model.CNI_VERSIONS),
                      help="the conflist's cniVersion; auto (default): from the node's container runtime "
-                          "(containerd 2.x: 1.1.0, else 1.0.0) (env CNI_VERSION)")
+                          "(containerd 2.x: 1.1.0, else 1.0.0); either is lowered to one every chained "
+                          "plugin takes (env CNI_VERSION)")
     run.add_argument("--kubeconfig", default=None,
                      help="outside a cluster only (development): in a pod the service account is used, "
                           "never $KUBECONFIG or ~/.kube/config")

@@ -12,21 +12,25 @@ of the reconcile is unit tested on plain data:
   routes of nodes that left (or whose address changed) are removed;
 - traffic from this node's pods to anything outside the cluster CIDRs is masqueraded,
   multicast excepted;
-- the conflist's cniVersion is one the node's runtime accepts (cni_version).
+- the conflist's cniVersion is one the node's runtime accepts (cni_version) and every plugin of
+  the chain supports (chain_version: portmap is asked with VERSION; a step down is noted);
+- a pod CIDR with fewer addresses than the node's maxPods is noted.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cnikit.ip import IPAddress, IPNetwork
 from cnikit.spec.version import SUPPORTED
+from ipam.config import Range
 
-from .. import hostnet
+from .. import chain, hostnet
+from ..ops.networks import pool_size
 
 Network = IPNetwork  # the names this package's models use
 Address = IPAddress
@@ -35,6 +39,7 @@ CONFLIST_NAME = "10-pybridge.conflist"
 NFT_TABLE = "pybridge_node"  # inet family; the plugin's own per-pod table is `inet pybridge`
 AUTO = "auto"
 CNI_VERSIONS = SUPPORTED  # what cniVersion the written conflist may name
+CHAINED = ("portmap",)  # the plugins after pybridge in the written conflist
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class Node:
     pod_cidrs: tuple[Network, ...] = ()
     runtime_version: str = ""  # status.nodeInfo.containerRuntimeVersion, "containerd://1.7.24"
     problems: tuple[str, ...] = ()  # "field: why" of each entry skipped when it was read
+    max_pods: int | None = None  # status.capacity.pods
 
     def internal_ip(self, version: int) -> Address | None:
         return next((ip for ip in self.internal_ips if ip.version == version), None)
@@ -144,8 +150,10 @@ def node_from_object(obj: Any) -> Node:
         else:
             ips.append(address)
     runtime = _mapping(status.get("nodeInfo")).get("containerRuntimeVersion")
+    pods = str(_mapping(status.get("capacity")).get("pods", ""))
     return Node(name=name, internal_ips=tuple(ips), pod_cidrs=tuple(cidrs),
-                runtime_version=runtime if isinstance(runtime, str) else "", problems=tuple(problems))
+                runtime_version=runtime if isinstance(runtime, str) else "", problems=tuple(problems),
+                max_pods=int(pods) if pods.isdigit() and len(pods) < 10 else None)
 
 
 def refusal(cidr: Network, cluster: Iterable[Network]) -> str | None:
@@ -159,14 +167,41 @@ def refusal(cidr: Network, cluster: Iterable[Network]) -> str | None:
 
 def cni_version(settings: Settings, own: Node) -> str:
     """The configured cniVersion, or for `auto` the newest the node's runtime takes, read from
-    its Node object: containerd 2.x (libcni 1.2+) only calls STATUS and GC for 1.1.0, while
-    containerd 1.6/1.7 (libcni 1.1) reject a 1.1.0 result outright, so every pod would fail.
-    Any other or unknown runtime gets 1.0.0, which every libcni since 1.0 accepts."""
+    its Node object: containerd 2.x (libcni 1.2+) accepts 1.1.0 and calls STATUS (on every CRI
+    Status) only for a 1.1.0 conflist, while containerd 1.6/1.7 (libcni 1.1) reject a 1.1.0
+    result outright, so every pod would fail. No runtime calls GC (containerd 1.6, 1.7 and 2.x,
+    podman: measured). Any other or unknown runtime gets 1.0.0, which every libcni since 1.0
+    accepts. The chain may lower it further (chain_version)."""
     if settings.cni_version != AUTO:
         return settings.cni_version
     runtime, _, version = own.runtime_version.partition("://")
     major = version.split(".", 1)[0]
     return "1.1.0" if runtime == "containerd" and major.isdigit() and int(major) >= 2 else "1.0.0"
+
+
+def chain_version(ceiling: str, probes: Sequence[chain.Probe]) -> tuple[str | None, list[str]]:
+    """The newest cniVersion up to `ceiling` that pybridge and every probed plugin of the chain
+    support, and notes naming the plugins that forced a step down or could not be asked (those
+    do not lower it: nothing says what they take). None: no version all of them take."""
+    chosen = chain.newest_common(ceiling, probes, CNI_VERSIONS)
+    notes = [f"chained plugin {p.describe()}" for p in probes if p.versions is None]
+    if chosen != ceiling:
+        forcing = "; ".join(p.describe() for p in probes if p.takes(ceiling) is False)
+        notes.append(f"cniVersion {chosen or 'none'} instead of {ceiling}: {forcing}")
+    return chosen, notes
+
+
+def pod_cidr_notes(own: Node) -> list[str]:
+    """Pod CIDRs too small for the node's maxPods: pods past the pool's size fail at ADD (code 110)."""
+    if own.max_pods is None:
+        return []
+    notes = []
+    for cidr in own.pod_cidrs:
+        size = pool_size(((Range.model_validate({"subnet": str(cidr)}),),))
+        if size < own.max_pods:
+            notes.append(f"pod CIDR {cidr} holds {size} pod addresses, fewer than the node's maxPods "
+                         f"{own.max_pods} (status.capacity.pods): ADDs past {size} pods fail with code 110")
+    return notes
 
 
 def desired_routes(me: str, nodes: Iterable[Node], cluster: Iterable[Network],
@@ -218,8 +253,9 @@ def without_foreign(desired: frozenset[Route], current: Iterable[Route], foreign
     return frozenset(r for r in desired if r.dst not in taken)
 
 
-def conflist(settings: Settings, own: Node, mtu: int | None) -> dict[str, Any]:
-    """pybridge (gateway + default route per family, hairpin for Services) chained to portmap."""
+def conflist(settings: Settings, own: Node, mtu: int | None, version: str | None = None) -> dict[str, Any]:
+    """pybridge (gateway + default route per family, hairpin for Services) chained to portmap,
+    at `version` (default: cni_version)."""
     ranges = [[{"subnet": str(c)}] for c in sorted(own.pod_cidrs, key=lambda n: n.version)]
     plugin: dict[str, Any] = {
         "type": "pybridge",
@@ -235,9 +271,9 @@ def conflist(settings: Settings, own: Node, mtu: int | None) -> dict[str, Any]:
     if settings.log_file:
         plugin["logFile"] = settings.log_file
     return {
-        "cniVersion": cni_version(settings, own),
+        "cniVersion": version or cni_version(settings, own),
         "name": settings.network,
-        "plugins": [plugin, {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}],
+        "plugins": [plugin, {"type": CHAINED[0], "capabilities": {"portMappings": True}, "snat": True}],
     }
 
 
@@ -264,9 +300,10 @@ def masquerade_script(own: Iterable[Network], no_masquerade: Iterable[Network]) 
 
 
 def plan(settings: Settings, nodes: Iterable[Node], current_routes: Iterable[Route],
-         mtu: int | None, foreign_routes: Iterable[str] = ()) -> Plan:
+         mtu: int | None, foreign_routes: Iterable[str] = (), chained: Sequence[chain.Probe] = ()) -> Plan:
     """`current_routes`: the agent's own routes now; `foreign_routes`: the destinations of every
-    other route of the main table."""
+    other route of the main table; `chained`: what the plugins of CHAINED answered to VERSION
+    (none asked: the runtime's pick)."""
     nodes = list(nodes)
     own = next((n for n in nodes if n.name == settings.node_name), None)
     if own is None:
@@ -280,14 +317,17 @@ def plan(settings: Settings, nodes: Iterable[Node], current_routes: Iterable[Rou
     if bad:
         return Plan(waiting=f"node {settings.node_name!r} podCIDRs {', '.join(bad)}: "
                             f"not inside the cluster CIDRs {', '.join(map(str, settings.cluster_cidrs))}")
+    version, version_notes = chain_version(cni_version(settings, own), chained)
+    if version is None:  # every pod would fail at the plugin that rejects it: write nothing
+        return Plan(waiting="; ".join(version_notes), notes=version_notes)
     refused: list[Refusal] = []
     current_routes = frozenset(current_routes)
     routes = desired_routes(settings.node_name, nodes, settings.cluster_cidrs, refused)
     routes = without_foreign(routes, current_routes, foreign_routes, refused)
     deletes, sets = route_changes(current_routes, routes)
-    result = Plan(conflist=conflist(settings, own, mtu), routes=routes, route_deletes=deletes,
+    result = Plan(conflist=conflist(settings, own, mtu, version), routes=routes, route_deletes=deletes,
                   route_sets=sets, masquerade=masquerade_script(own.pod_cidrs, settings.cluster_cidrs),
-                  refused=refused)
+                  refused=refused, notes=version_notes + pod_cidr_notes(own))
     for node in nodes:
         if node.name != settings.node_name and node.pod_cidrs and not node.internal_ips:
             result.notes.append(f"node {node.name!r} has podCIDRs but no InternalIP: not routed")

@@ -12,9 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import ipam.plugin
-from cnikit.ip import IPAddress
 from cnikit.spec.errors import CNIError
-from ipam.config import IPAMConfig
 
 from . import endpoint, networks
 
@@ -85,8 +83,15 @@ class PoolCollector(Collector):
                                      "network's IPAM store", labels=["network"])
         free = GaugeMetricFamily("pybridge_ipam_free_addresses", "Allocatable addresses not reserved",
                                  labels=["network"])
+        # Per range set: one set full fails every ADD of the network even when the other has room.
+        labels = ["network", "subnet", "range"]
+        range_used = GaugeMetricFamily("pybridge_ipam_range_used_addresses", "Addresses of the range "
+                                       "set's pool reserved", labels=labels)
+        range_free = GaugeMetricFamily("pybridge_ipam_range_free_addresses", "Addresses of the range "
+                                       "set's pool free; at 0 every ADD of the network fails with code 110",
+                                       labels=labels)
         for _conf, cfg in networks.stores(networks.load_all(self.conf_dir)):
-            held = _reserved(cfg)
+            held = networks.reserved_ips(cfg)
             if held is None:
                 continue
             in_pool = sum(1 for ip in held if any(r.contains(ip) for s in cfg.ranges for r in s))
@@ -94,18 +99,10 @@ class PoolCollector(Collector):
             size.add_metric([cfg.network], total)
             reserved.add_metric([cfg.network], len(held))
             free.add_metric([cfg.network], max(total - in_pool, 0))
-        yield from (size, reserved, free)
-
-
-def _reserved(cfg: IPAMConfig) -> list[IPAddress] | None:
-    store = networks.open_store(cfg)
-    if not store.exists():
-        return []
-    try:
-        with store.lock():
-            return [r.ip for r in store.reservations()]
-    except CNIError:
-        return None  # locked too long or unreadable: no figure beats a wrong one
+            for use in networks.range_use(cfg, held):
+                range_used.add_metric([use.network, use.subnets, use.ranges], use.used)
+                range_free.add_metric([use.network, use.subnets, use.ranges], use.free)
+        yield from (size, reserved, free, range_used, range_free)
 
 
 def store_problem(conf_dir: str) -> str | None:

@@ -19,6 +19,7 @@ from cnikit.programs import PYBRIDGE
 from cnikit.spec.errors import CNIError
 from cnikit.spec.version import SUPPORTED
 
+from .. import chain
 from ..agent import wire
 from ..agent.forward import forward
 from . import attachments, networks
@@ -224,7 +225,8 @@ def check_attachments(node: Node) -> Check:
     if stale:
         shown = "; ".join(f"{r.network} {r.container_id[:12] or r.host_veth}: {r.state}" for r in stale[:3])
         return Check("attachments", WARN, f"{len(stale)} stale attachment(s): {shown}",
-                     "`pybridge ls` lists them; a DEL of each (or a CNI GC sent by hand) releases them")
+                     "`pybridge ls` lists them; nothing frees them by itself (no runtime calls CNI GC: "
+                     "not containerd 1.6, 1.7 or 2.x, not podman): send a CNI DEL for each, or a GC by hand")
     return Check("attachments", OK, f"{len(node.rows)} attachment(s), all with a reservation and a veth")
 
 
@@ -285,9 +287,79 @@ def check_network_policy(node: Node) -> Check:
     return Check("netpolicy", OK, "every NetworkPolicy enforced on this node was read whole")
 
 
+
+# Chains: every plugin of every conflist asked for VERSION (chain.py says why one that rejects the
+# conflist's cniVersion leaks as well as fails).
+
+
+def _chain_types(conf: networks.Conf) -> list[str]:
+    types = [t for p in conf.plugins for t in (p.get("type"), _ipam_type(p)) if isinstance(t, str) and t]
+    return list(dict.fromkeys(types))
+
+
+def chain_problems(node: Node) -> tuple[list[str], list[str]]:
+    """(problems of the conflist the runtime uses, of the others): each plugin whose VERSION does
+    not list its conflist's cniVersion, or that could not be asked, with the version all would take."""
+    probes: dict[str, chain.Probe] = {}  # each plugin asked once, with a bounded wait
+    used: list[str] = []
+    others: list[str] = []
+    for index, conf in enumerate(node.confs):
+        if conf.error:
+            continue
+        for t in _chain_types(conf):
+            if t not in probes:
+                probes[t] = chain.probe(t, [node.bin_dir], timeout=chain.VERSION_TIMEOUT)
+        found = [probes[t] for t in _chain_types(conf)]
+        # a plugin not installed at all is the conflist check's to report
+        bad = [p for p in found if p.path and p.takes(conf.cni_version) is not True]
+        if not bad:
+            continue
+        common = chain.newest_common(conf.cni_version, found)
+        fix = f"set cniVersion to {common}" if common else "no cniVersion suits every plugin: upgrade them"
+        (used if index == 0 else others).append(
+            f"{conf.path} (cniVersion {conf.cni_version}): {'; '.join(p.describe() for p in bad)} "
+            f"[fix: {fix}, or upgrade the plugin]")
+    return used, others
+
+
+def check_chains(node: Node) -> Check:
+    used, others = chain_problems(node)
+    if used or others:
+        return Check("chains", FAIL if used else WARN, " | ".join(used + others),
+                     "as each [fix] says (containernetworking-plugins 1.9.1 speak 1.1.0); a plugin that "
+                     "rejects the cniVersion fails every ADD, and every DEL before the plugins ahead of it "
+                     "see it (they leak); the pybridge node agent picks a version all of them take")
+    return Check("chains", OK, "every plugin of every conflist supports its cniVersion")
+
+
+POOL_WARN = 0.9  # of a range set's addresses in use
+
+
+def check_pools(node: Node) -> Check:
+    """Use per range set from the stores; a full set fails every ADD of its network (code 110),
+    while STATUS stays ok (a full pool is not a node fault)."""
+    high, unread = [], []
+    for _conf, cfg in networks.stores(node.confs):
+        held = networks.reserved_ips(cfg)
+        if held is None:
+            unread.append(cfg.network)
+            continue
+        high += [u for u in networks.range_use(cfg, held) if u.size and u.used >= POOL_WARN * u.size]
+    if high:
+        shown = "; ".join(f"network {u.network} {u.subnets}: {u.used} of {u.size} in use" for u in high[:4])
+        return Check("pools", WARN, f"range set(s) at {POOL_WARN:.0%} use or more: {shown}",
+                     "when full, every ADD fails (code 110): remove stale reservations (`pybridge ls`), "
+                     "fewer pods (kubelet maxPods), or a larger pod CIDR")
+    if unread:
+        return Check("pools", WARN, f"could not read the store of {', '.join(unread)}",
+                     "see the stores check")
+    return Check("pools", OK, f"every range set below {POOL_WARN:.0%} use")
+
+
 CHECKS: tuple[Callable[[Node], Check], ...] = (
-    check_dirs, check_conflist, check_cni_version, check_agent, check_ip_forward, check_br_netfilter,
-    check_stores, check_attachments, check_mtu, check_masquerade, check_network_policy)
+    check_dirs, check_conflist, check_cni_version, check_chains, check_agent, check_ip_forward,
+    check_br_netfilter, check_stores, check_pools, check_attachments, check_mtu, check_masquerade,
+    check_network_policy)
 
 
 def run(node: Node) -> list[Check]:

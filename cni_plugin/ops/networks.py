@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from cnikit.ip import IPAddress
 from cnikit.spec.errors import CNIError
-from ipam.config import IPAMConfig, RangeSet, load_ipam_config
+from ipam.config import IPAMConfig, RangeSet, describe, load_ipam_config, subnets
 from ipam.disk import DiskStore
 
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
@@ -110,5 +112,42 @@ def pool_size(range_sets: tuple[RangeSet, ...]) -> int:
     return size
 
 
+@dataclass(frozen=True)
+class RangeUse:
+    """One range set of a network: its subnets, its ranges and how many of its addresses are taken."""
+
+    network: str
+    subnets: str  # "10.244.1.0/24"
+    ranges: str  # "10.244.1.2-10.244.1.254", as pyipam's EXHAUSTED message names the set
+    used: int
+    size: int
+
+    @property
+    def free(self) -> int:
+        return max(self.size - self.used, 0)
+
+
+def range_use(cfg: IPAMConfig, reserved: Iterable[IPAddress]) -> list[RangeUse]:
+    """Use per range set: an address counts where its set's pool holds it (gateways never do)."""
+    reserved = list(reserved)
+    return [RangeUse(cfg.network, subnets(rs), describe(rs),
+                     sum(1 for ip in reserved if any(r.contains(ip) and ip != r.gateway for r in rs)),
+                     pool_size((rs,)))
+            for rs in cfg.ranges]
+
+
 def open_store(cfg: IPAMConfig) -> DiskStore:
     return DiskStore(cfg.data_dir, cfg.network, lock_timeout=cfg.lock_timeout, warn=lambda _message: None)
+
+
+def reserved_ips(cfg: IPAMConfig) -> list[IPAddress] | None:
+    """The store's reserved addresses; None when it cannot be read (locked too long, unreadable):
+    no figure beats a wrong one."""
+    store = open_store(cfg)
+    if not store.exists():
+        return []
+    try:
+        with store.lock():
+            return [r.ip for r in store.reservations()]
+    except CNIError:
+        return None

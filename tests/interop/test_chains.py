@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from cni_plugin import chain
+from cni_plugin.node import model
 from tests.netns.harness import REFERENCE_PLUGINS, Host, pod_json
 
 from .drive import Libcni, conflist
@@ -186,3 +188,26 @@ def test_pod_to_pod_traffic_through_a_full_chain(host: Host, libcni: Libcni) -> 
     libcni.ok("del", "full", b, container_id="full-b")
     assert host.reservations("full") == {}
     assert "18081" not in _iptables(host, "nat")
+
+
+def test_node_agent_conflist_for_containerd_2_with_debians_portmap_adds_and_deletes(
+        host: Host, libcni: Libcni) -> None:
+    """The node agent's default for containerd 2.x was a 1.1.0 conflist: with Debian's portmap
+    (up to 1.0.0) every ADD failed at portmap and the DEL too, before pybridge saw it (a leak
+    per attempt). Asking portmap's VERSION, it writes a version the whole chain takes."""
+    settings = model.Settings("n1", network="nodeagent", bridge="br-interop",
+                              ipam_data_dir=str(host.data_dir))
+    node = model.node_from_object({
+        "metadata": {"name": "n1"}, "spec": {"podCIDRs": ["10.67.0.0/24"]},
+        "status": {"nodeInfo": {"containerRuntimeVersion": "containerd://2.1.9"}}})
+    plan = model.plan(settings, [node], (), None, [chain.Cache([REFERENCE_PLUGINS]).probe("portmap")])
+    assert plan.conflist is not None
+    net = libcni.write(plan.conflist)
+    pod = host.new_pod()
+    cap = {"portMappings": [{"hostPort": 18082, "containerPort": 8080, "protocol": "tcp"}]}
+    result = libcni.ok("add", net, pod, cap=cap)
+    pod_ip = result["ips"][0]["address"].split("/")[0]
+    assert f"--to-destination {pod_ip}:8080" in _iptables(host, "nat")
+    libcni.ok("del", net, pod, cap=cap)
+    assert host.reservations("nodeagent") == {}
+    assert pod_ip not in _iptables(host, "nat")

@@ -79,17 +79,22 @@ def test_gc_releases_stale_reservations_and_rules_and_keeps_valid_ones(host: Hos
     assert host.ping(pods["gc-a"], "10.69.0.1")
 
 
-def test_status_reports_a_full_range_until_gc_frees_it(host: Host) -> None:
+def test_a_full_range_fails_the_add_not_status_until_gc_frees_it(host: Host) -> None:
+    """STATUS says whether this node's network works: containerd 2.x turns any STATUS error into
+    NetworkReady=false (node NotReady, pods evicted), so a full range fails only the next ADD."""
     conf = _conf(host, NET, "10.71.0.0/24", "nftables", rangeStart="10.71.0.10", rangeEnd="10.71.0.10")
     status = raw_call(host, "STATUS", conf)
     assert status.ok and status.out is None, status.stdout
     host.add(conf, host.new_pod(), "only")
     full = raw_call(host, "STATUS", conf)
-    assert full.rc != 0 and full.out["code"] == 50, full.stdout  # "the plugin cannot serve ADD"
+    assert full.ok and full.out is None, full.stdout
+    refused = host.cni("ADD", conf, host.new_pod(), "one-more")
+    assert refused.rc != 0 and refused.out["code"] == 110, refused.stdout
+    assert "(10.71.0.0/24: 1 of 1 in use)" in refused.out["msg"], refused.stdout
     assert raw_call(host, "GC", {**conf, NEW_KEY: [], OLD_KEY: []}).ok
     assert host.reservations(NET) == {}
     assert not _has_rules(host, NET, "only")
-    assert raw_call(host, "STATUS", conf).ok
+    assert host.cni("ADD", conf, host.new_pod(), "after-gc").ok
 
 
 def test_status_and_gc_need_spec_110(host: Host) -> None:

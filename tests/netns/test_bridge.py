@@ -223,18 +223,44 @@ def test_failed_add_undoes_ipam_and_veth(host: Host) -> None:
     assert forced.ok, forced.stdout
 
 
-def test_exhausted_pool_fails_cleanly_and_status_reports_it(host: Host) -> None:
+def test_full_pool_fails_the_add_cleanly_and_status_still_succeeds(host: Host) -> None:
+    """A full pool fails the ADD that wants an address, naming the range and its use; STATUS
+    stays OK (containerd 2.x would mark the node's network not ready on any STATUS error)."""
     conf = bridge_conf(host)
     conf["ipam"]["ranges"] = [[{"subnet": "10.88.0.0/30"}]]  # .2 is the only address
     assert host.cni("STATUS", conf).ok
     host.add(conf, host.new_pod(), "first")
     pod = host.new_pod()
     reply = host.cni("ADD", conf, pod, "second")
-    assert reply.rc != 0
-    assert "10.88.0.2" in reply.out["msg"] + reply.out.get("details", "")
+    assert reply.rc != 0 and reply.out["code"] == 110, reply.stdout
+    assert "10.88.0.1-10.88.0.2 (10.88.0.0/30: 1 of 1 in use)" in reply.out["msg"], reply.stdout
     assert len([n for n in host.links() if n.startswith("veth")]) == 1
     status = host.cni("STATUS", conf)
-    assert status.rc != 0 and status.out["code"] == 50
+    assert status.ok and status.out is None, status.stdout
+
+
+def test_status_fails_when_the_bridge_name_is_taken_by_another_kind_of_link(host: Host) -> None:
+    conf = bridge_conf(host)
+    host.exec("ip", "link", "add", conf["bridge"], "type", "veth", "peer", "name", "peer-of-br")
+    status = host.cni("STATUS", conf)
+    assert status.rc != 0 and status.out["code"] == 50, status.stdout
+    assert "not a bridge" in status.out["msg"], status.stdout
+    assert not host.cni("ADD", conf, host.new_pod(), "c1").ok  # what STATUS foretold
+    host.exec("ip", "link", "del", conf["bridge"])
+    assert host.cni("STATUS", conf).ok
+
+
+def test_status_fails_when_the_store_cannot_be_written(host: Host) -> None:
+    conf = bridge_conf(host)
+    host.add(conf, host.new_pod(), "first")
+    store = host.data_dir / conf["name"]
+    store.rename(store.with_name("moved"))
+    store.write_text("")  # a file where the store's directory should be: no ADD can reserve
+    status = host.cni("STATUS", conf)
+    assert status.rc != 0 and status.out["code"] == 50, status.stdout
+    store.unlink()
+    store.with_name("moved").rename(store)
+    assert host.cni("STATUS", conf).ok
 
 
 def test_gc_releases_what_is_not_valid(host: Host) -> None:

@@ -68,8 +68,8 @@ def _healthy(host: Host, tmp_path: Path, **overrides: Any) -> tuple[dict[str, An
 def test_doctor_healthy_node(host: Host, tmp_path: Path) -> None:
     conf_dir = _healthy(host, tmp_path)[1]
     code, checks = doctor(host, conf_dir)
-    names = ("dirs", "conflist", "cniVersion", "agent", "ip_forward", "br_netfilter", "stores", "attachments",
-             "mtu", "masquerade", "netpolicy")
+    names = ("dirs", "conflist", "cniVersion", "chains", "agent", "ip_forward", "br_netfilter", "stores",
+             "pools", "attachments", "mtu", "masquerade", "netpolicy")
     expected = dict.fromkeys(names, "ok")
     if host.agent is None:
         expected["agent"] = "warn"
@@ -89,7 +89,8 @@ def _root_sysctls() -> list[str | None]:
 
 
 # With no conf dir there is no conflist either; an unsafe store is refused by the checks that read it.
-CASCADE = {"conf dir": {"conflist"}, "store mode": {"attachments", "masquerade"}}
+# A cniVersion no plugin speaks is also every plugin's incompatibility (chains).
+CASCADE = {"conf dir": {"conflist"}, "store mode": {"attachments", "masquerade"}, "cniVersion": {"chains"}}
 FAULTS = ["conf dir", "plugin", "cniVersion", "ip_forward", "br_netfilter", "store mode", "stale", "mtu",
           "masquerade", "refused policy"]
 
@@ -229,6 +230,9 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     assert _value(samples, "pybridge_ipam_pool_addresses", network="testnet") == 253
     assert _value(samples, "pybridge_ipam_reserved_addresses", network="testnet") == 2
     assert _value(samples, "pybridge_ipam_free_addresses", network="testnet") == 251
+    in_range = {"network": "testnet", "subnet": "10.88.0.0/24", "range": "10.88.0.1-10.88.0.254"}
+    assert _value(samples, "pybridge_ipam_range_used_addresses", **in_range) == 2
+    assert _value(samples, "pybridge_ipam_range_free_addresses", **in_range) == 251
     assert not http_get(host, "/nothing")[0]
 
     valid = [{"containerID": "m1", "ifname": "eth0"}]

@@ -76,7 +76,8 @@ def test_exhausted_names_the_range_set() -> None:
         pick(TWO, everything, ip("10.0.0.3"))
     assert exc_info.value.code == EXHAUSTED
     assert exc_info.value.msg == (
-        "no IP addresses available in range set: 10.0.0.2-10.0.0.4,10.0.0.9-10.0.0.11")
+        "no IP addresses available in range set: 10.0.0.2-10.0.0.4,10.0.0.9-10.0.0.11 "
+        "(10.0.0.0/29,10.0.0.8/29: 5 of 5 in use)")
 
 
 def test_requested_ip() -> None:

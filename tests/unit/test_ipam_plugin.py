@@ -67,7 +67,8 @@ def test_exhausted_range_set(tmp_path: Path) -> None:
     with pytest.raises(CNIError) as exc_info:
         ipam_add(conf, "c3", "eth0", {})
     assert exc_info.value.code == EXHAUSTED
-    assert exc_info.value.msg == "no IP addresses available in range set: 10.1.0.2-10.1.0.3"
+    assert exc_info.value.msg == ("no IP addresses available in range set: 10.1.0.2-10.1.0.3 "
+                                  "(10.1.0.0/29: 2 of 2 in use)")
 
 
 @pytest.mark.parametrize(("last", "expected"),
@@ -106,14 +107,18 @@ def test_check(tmp_path: Path) -> None:
     ipam_check(conf, "legacy", "eth0")
 
 
-def test_status(tmp_path: Path) -> None:
+def test_status_succeeds_on_a_full_pool_and_the_add_says_why(tmp_path: Path) -> None:
+    """A full pool is this pod's problem, not the node's: containerd 2.x would turn a STATUS
+    error into NetworkReady=false and kubelet would evict every pod of the node."""
     conf = netconf(tmp_path, ranges=[[{"subnet": "10.1.0.0/30"}]])  # one address: .2
     ipam_status(conf)
     assert files(tmp_path) == ["lock"]  # the write probe is gone
     ipam_add(conf, "c1", "eth0", {})
-    with pytest.raises(CNIError, match="no IP addresses available") as exc_info:
-        ipam_status(conf)
-    assert exc_info.value.code == NOT_AVAILABLE
+    ipam_status(conf)
+    with pytest.raises(CNIError) as exc_info:
+        ipam_add(conf, "c2", "eth0", {})
+    assert exc_info.value.code == EXHAUSTED
+    assert exc_info.value.msg.endswith("(10.1.0.0/30: 1 of 1 in use)")
 
 
 def test_status_unusable_data_dir(tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def test_frozen_entry_picks_the_program_by_name() -> None:
 @pytest.mark.parametrize(
     ("runtime", "configured", "expected"),
     [
-        ("containerd://2.1.4", "auto", "1.1.0"),  # kind's node images: STATUS and GC need 1.1.0
+        ("containerd://2.1.4", "auto", "1.1.0"),  # kind's node images: STATUS needs 1.1.0
         ("containerd://1.6.20~ds1", "auto", "1.0.0"),  # Debian's: libcni 1.1.2 rejects a 1.1.0 result
         ("containerd://1.7.24", "auto", "1.0.0"),
         ("cri-o://1.30.0", "auto", "1.0.0"),

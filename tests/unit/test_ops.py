@@ -72,6 +72,18 @@ def test_pool_size(tmp_path: Path, ranges: list[object], size: int) -> None:
     assert networks.pool_size(cfg.ranges) == size
 
 
+def test_range_use_per_range_set(tmp_path: Path) -> None:
+    ranges = [[{"subnet": "10.1.0.0/29"}, {"subnet": "10.2.0.0/30"}], [{"subnet": "fd00::/126"}]]
+    _write(tmp_path, "10.conflist", {"cniVersion": "1.1.0", "name": "n", "plugins": [
+        {"type": "pybridge", "ipam": {"type": "pyipam", "ranges": ranges}}]})
+    [(_conf, cfg)] = networks.stores(networks.load_all(str(tmp_path)))
+    held = [ipaddress.ip_address(a) for a in ("10.1.0.2", "10.2.0.2", "10.1.0.1", "10.9.9.9", "fd00::3")]
+    assert networks.range_use(cfg, held) == [
+        networks.RangeUse("n", "10.1.0.0/29,10.2.0.0/30", "10.1.0.1-10.1.0.6,10.2.0.1-10.2.0.2", 2, 6),
+        networks.RangeUse("n", "fd00::/126", "fd00::1-fd00::3", 1, 2)]
+    assert networks.range_use(cfg, held)[0].free == 4
+
+
 class _Effects:
     def routes(self) -> set[model.Route]:
         return set()
@@ -159,3 +171,24 @@ def test_endpoint_paths(tmp_path: Path) -> None:
         assert _get(server.port, "/other")[0] == 404
     finally:
         server.close()
+
+
+def test_doctor_warns_from_90_percent_of_a_range_set(tmp_path: Path) -> None:
+    from cni_plugin.ops import doctor
+    from ipam.plugin import ipam_add
+
+    ranges = [[{"subnet": "10.1.0.0/24", "rangeStart": "10.1.0.10", "rangeEnd": "10.1.0.19"}],
+              [{"subnet": "fd00::/120"}]]
+    ipam = {"type": "pyipam", "dataDir": str(tmp_path / "data"), "ranges": ranges}
+    conf = {"cniVersion": "1.1.0", "name": "n", "plugins": [{"type": "pybridge", "ipam": ipam}]}
+    (tmp_path / "conf").mkdir()
+    _write(tmp_path / "conf", "10.conflist", conf)
+    node = doctor.Node(conf_dir=str(tmp_path / "conf"), bin_dir=str(tmp_path))
+    netconf = {**conf["plugins"][0], "name": "n", "cniVersion": "1.1.0"}
+    for i in range(8):
+        ipam_add(netconf, f"c{i}", "eth0", {})
+    assert doctor.check_pools(node).status == doctor.OK  # 8 of 10
+    ipam_add(netconf, "c8", "eth0", {})
+    check = doctor.check_pools(doctor.Node(conf_dir=str(tmp_path / "conf"), bin_dir=str(tmp_path)))
+    assert (check.status, check.message) == (
+        doctor.WARN, "range set(s) at 90% use or more: network n 10.1.0.0/24: 9 of 10 in use")

@@ -90,6 +90,9 @@ def test_status(tmp_path: Path) -> None:
     assert cni("STATUS", netconf) == (0, None)
     netconf["ipam"]["ranges"] = [[{"subnet": "10.1.0.0/30"}]]
     assert cni("ADD", netconf)[0] == 0
+    assert cni("STATUS", netconf) == (0, None)  # a full pool fails the next ADD, not STATUS
+    (tmp_path / "file").write_text("")
+    netconf["ipam"]["dataDir"] = str(tmp_path / "file" / "data")
     rc, err = cni("STATUS", netconf)
     assert (rc, err["code"]) == (1, 50)
 

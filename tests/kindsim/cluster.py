@@ -86,7 +86,7 @@ class KindNode(Node):
 
     @property
     def env(self) -> dict[str, str]:
-        return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+        return {"PATH": self.runtime.path, "HOME": "/root"}
 
     def node_path(self, path: str) -> Path:
         """Where this process sees the node's `path` (only paths inside the node's own tree)."""
@@ -115,6 +115,7 @@ class KindNode(Node):
         (self.root / "config.toml").write_text(
             containerd_config(
                 self.root,
+                self.runtime,
                 state="/run/containerd",
                 socket="/run/containerd/containerd.sock",
                 bin_dir="/opt/cni/bin",

@@ -27,6 +27,7 @@ from tests.e2e.node import (
     debian_runtime,
     missing_tools,
     sandbox_config,
+    sid_runtime,
     wait_for,
 )
 
@@ -91,8 +92,7 @@ def runtimes() -> dict[str, Runtime | str]:
         return {"containerd": f"needs {', '.join(missing)}"}
     found: dict[str, Runtime | str] = {(debian := debian_runtime()).id: debian}
     try:
-        bin_dir = containerd2.obtain()
-        two = Runtime(containerd2.version(bin_dir), bin_dir)
+        two = sid_runtime()
         found[two.id] = two
     except containerd2.Unavailable as exc:
         found["containerd-2"] = f"containerd 2.x unavailable: {exc}"

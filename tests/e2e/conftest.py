@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from . import containerd2
-from .node import Node, Pods, Runtime, debian_runtime, gate_tier, missing_tools
+from .node import Node, Pods, Runtime, gate_tier, missing_tools, runtime_params
 
 REQUIRE_ENV = "PYBRIDGE_REQUIRE_E2E"  # set by .ci/run: there a missing containerd is a failure
 SUMMARY: list[str] = []  # set-up times, printed at the end of the run
@@ -34,22 +33,10 @@ def _tier_unavailable() -> str | None:
 
 @functools.cache
 def runtimes() -> list[Any]:
-    """One parameter per runtime: Debian 12's, and 2.x from the cache or the archive. Without 2.x
-    its scenarios are skipped with the reason, or, where CI sets PYBRIDGE_REQUIRE_E2E=1, fail."""
-    if _tier_unavailable():
-        return [pytest.param(None, id="containerd-1.6"), pytest.param(None, id="containerd-2")]
-    debian = debian_runtime()
-    params = [pytest.param(debian, id=debian.id)]
     started = time.monotonic()
-    try:
-        bin_dir = containerd2.obtain()
-    except containerd2.Unavailable as exc:
-        reason = f"containerd 2.x from Debian's {containerd2.SUITE}: {exc}"
-        marks = [] if os.environ.get(REQUIRE_ENV) == "1" else [pytest.mark.skip(reason=reason)]
-        return [*params, pytest.param(reason, id="containerd-2-unavailable", marks=marks)]
-    two = Runtime(containerd2.version(bin_dir), bin_dir)
-    SUMMARY.append(f"containerd {two.version} from {bin_dir} ready in {time.monotonic() - started:.1f}s")
-    return [*params, pytest.param(two, id=two.id)]
+    params = runtime_params(_tier_unavailable(), REQUIRE_ENV)
+    SUMMARY.append(f"runtimes {[p.id for p in params]} ready in {time.monotonic() - started:.1f}s")
+    return params
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -3,13 +3,14 @@
 Debian 12 ships containerd 1.6; kind's node images ship 2.x. Debian's unstable suite carries 2.x
 built against nothing newer than Debian 12's libc, so its `containerd`, `containerd-shim-runc-v2`
 and `ctr` run here with Debian 12's runc. `obtain()` fetches the newest .deb the archive has with a
-private apt setup (its own sources list, state and cache dirs: the machine's apt sources and state
-are neither read nor written), unpacks it with `dpkg-deb -x` into a cache outside the repo, and
-returns the unpacked `usr/bin`. Nothing is installed.
+private apt setup (its own sources list, state and cache dirs: the machine's apt sources are not
+used and its state is never written), unpacks it with `dpkg-deb -x` into a cache outside the repo,
+and returns the unpacked `usr/bin`. Nothing is installed. `unpacked(PLUGINS)` does the same for
+today's reference plugins (kind's nodes carry those, not Debian 12's 1.1.1).
 
-The cache (`$PYBRIDGE_TEST_CACHE/containerd2`, by default /var/cache/pybridge-tests/containerd2) is
+The cache (`$PYBRIDGE_TEST_CACHE/sid/<package>`, by default under /var/cache/pybridge-tests) is
 reused while younger than REFRESH_AFTER; an older one is refreshed, and kept when the archive cannot
-be reached. No version is pinned: sid moves, and whatever it has is what the tier runs.
+be reached. No version is pinned: sid moves, and whatever it has is what the tiers run.
 
 By hand: `python -m tests.e2e.containerd2` prints the directory holding the binaries.
 """
@@ -20,7 +21,6 @@ import contextlib
 import fcntl
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 PACKAGE = "containerd"
+PLUGINS = "containernetworking-plugins"  # the reference plugins, in usr/lib/cni
 SUITE = "sid"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -42,7 +43,7 @@ class Unavailable(Exception):
 
 def cache_root() -> Path:
     base = os.environ.get("PYBRIDGE_TEST_CACHE", "/var/cache/pybridge-tests")
-    return Path(base) / "containerd2"
+    return Path(base) / "sid"
 
 
 def machine_mirror(sources: Path = Path("/etc/apt")) -> str:
@@ -81,39 +82,40 @@ def _apt(apt_dir: Path, *args: str, cwd: Path | None = None) -> subprocess.Compl
     return proc
 
 
-def _download(root: Path) -> Path:
-    """The newest containerd .deb in sid, into root/debs; returns its path."""
-    apt_dir = root / "apt"
+def _download(sid: Path, package: str) -> Path:
+    """The newest .deb of `package` in sid, into sid/<package>/debs; returns its path."""
+    apt_dir = sid / "apt"
     for sub in ("state/lists/partial", "cache/archives/partial"):
         (apt_dir / sub).mkdir(parents=True, exist_ok=True)
     (apt_dir / "sources.list").write_text(f"deb [signed-by={KEYRING}] {machine_mirror()} {SUITE} main\n")
     _apt(apt_dir, "update")
-    debs = root / "debs"
-    debs.mkdir(exist_ok=True)
+    debs = sid / package / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
     for old in debs.glob("*.deb"):
         old.unlink()
-    _apt(apt_dir, "download", PACKAGE, cwd=debs)
-    found = sorted(debs.glob(f"{PACKAGE}_*.deb"))
+    _apt(apt_dir, "download", package, cwd=debs)
+    found = sorted(debs.glob(f"{package}_*.deb"))
     if len(found) != 1:
-        raise Unavailable(f"apt-get download {PACKAGE} left {[p.name for p in found]} in {debs}")
+        raise Unavailable(f"apt-get download {package} left {[p.name for p in found]} in {debs}")
     return found[0]
 
 
 def _unpack(root: Path, deb: Path) -> Path:
-    """dpkg-deb -x into root/<version>, made whole before it is renamed into place."""
+    """dpkg-deb -x into root/<version>, made whole before it is renamed into place and named
+    `current`; the .deb goes (the unpacked tree is the cache)."""
     version = subprocess.run(["dpkg-deb", "-f", deb, "Version"], capture_output=True, text=True,
                              check=True).stdout.strip()
     target = root / version.replace(":", "_")
-    if not target.joinpath("usr", "bin", "containerd").exists():
+    if not target.is_dir():
         staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=root))
         subprocess.run(["dpkg-deb", "-x", deb, staging], capture_output=True, check=True)
-        shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     current = root / ".current.tmp"
     current.unlink(missing_ok=True)
     current.symlink_to(target.name)
     current.rename(root / "current")
-    return target / "usr" / "bin"
+    deb.unlink()
+    return target
 
 
 def _check(bin_dir: Path) -> Path:
@@ -136,39 +138,51 @@ def version(bin_dir: Path | None = None) -> str:
     return match.group(1)
 
 
-def obtain(root: Path | None = None) -> Path:
-    """The usr/bin of an unpacked containerd 2.x: the cached one while fresh, else sid's newest."""
-    root = root or cache_root()
+def unpacked(package: str, sid: Path | None = None) -> Path:
+    """The unpacked tree of sid's `package`: the cached one while fresh, else the newest."""
+    sid = sid or cache_root()
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        sid.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise Unavailable(f"cannot create the cache {root}: {exc}") from exc
-    with (root / ".lock").open("w") as lock:
+        raise Unavailable(f"cannot create the cache {sid}: {exc}") from exc
+    with (sid / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel runs share one download
-        current = root / "current" / "usr" / "bin"
-        fresh = current.exists() and time.time() - (root / "current").lstat().st_mtime < REFRESH_AFTER
-        if fresh:
-            return _check(current.resolve())
+        current = sid / package / "current"
+        if current.exists() and time.time() - current.lstat().st_mtime < REFRESH_AFTER:
+            return current.resolve()
         try:
-            deb = _download(root)
-            bin_dir = _unpack(root, deb)
-            deb.unlink()  # the unpacked tree is the cache; the .deb would double it
-            return _check(bin_dir)
+            return _unpack(sid / package, _download(sid, package))
         except (Unavailable, subprocess.CalledProcessError, OSError) as exc:
             if current.exists():  # the archive is unreachable: the stale cache still serves
-                print(f"containerd2: refresh failed, using the cached {current.resolve()}: {exc}",
+                print(f"sid: refreshing {package} failed, using the cached {current.resolve()}: {exc}",
                       file=sys.stderr)
-                return _check(current.resolve())
+                return current.resolve()
             if isinstance(exc, Unavailable):
                 raise
-            raise Unavailable(f"unpacking {PACKAGE} from {SUITE} failed: {exc}") from exc
+            raise Unavailable(f"unpacking {package} from {SUITE} failed: {exc}") from exc
+
+
+def obtain(sid: Path | None = None) -> Path:
+    """The usr/bin of an unpacked containerd 2.x."""
+    return _check(unpacked(PACKAGE, sid) / "usr" / "bin")
+
+
+def reference_plugins(sid: Path | None = None) -> Path:
+    """The directory of sid's reference CNI plugins (bridge, host-local, loopback, portmap...)."""
+    plugins = unpacked(PLUGINS, sid) / "usr" / "lib" / "cni"
+    if not os.access(plugins / "portmap", os.X_OK):
+        raise Unavailable(f"{plugins} has no portmap")
+    return plugins
 
 
 if __name__ == "__main__":
     started = time.monotonic()
     try:
         bin_dir = obtain()
+        plugins = reference_plugins()
     except Unavailable as exc:
-        sys.exit(f"containerd 2.x unavailable: {exc}")
+        sys.exit(f"unavailable: {exc}")
     print(bin_dir)
-    print(f"containerd {version(bin_dir)} ready in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    print(plugins)
+    print(f"containerd {version(bin_dir)} and {plugins.parents[2].name} ready in "
+          f"{time.monotonic() - started:.1f}s", file=sys.stderr)

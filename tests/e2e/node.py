@@ -142,6 +142,9 @@ class Runtime:
 
     version: str  # upstream's, e.g. 1.6.20 or 2.1.9
     bin_dir: Path | None = None
+    # The reference plugins a kind node of this runtime carries: kind ships today's with 2.x
+    # (Debian 12's portmap 1.1.1 takes no 1.1.0 conflist); tests/e2e installs Debian 12's always.
+    plugins: Path = REFERENCE_PLUGINS
 
     @property
     def id(self) -> str:
@@ -159,6 +162,30 @@ class Runtime:
 def debian_runtime() -> Runtime:
     """Debian 12's /usr/bin/containerd (1.6)."""
     return Runtime(containerd2.version())
+
+
+def sid_runtime() -> Runtime:
+    """containerd 2.x and today's reference plugins from Debian's unstable archive (cached)."""
+    bin_dir = containerd2.obtain()
+    return Runtime(containerd2.version(bin_dir), bin_dir, containerd2.reference_plugins())
+
+
+def runtime_params(unavailable: str | None, require_env: str, newest_first: bool = False) -> list[Any]:
+    """pytest params, one per runtime, id `containerd-<version>`: Debian 12's 1.6 and 2.x. Where
+    the tier cannot run at all (`unavailable`), placeholders its gate skips. Without 2.x, its
+    param carries the reason: skipped, or failed by the fixture where `require_env`=1."""
+    if unavailable:
+        return [pytest.param(None, id="containerd-1.6"), pytest.param(None, id="containerd-2")]
+    debian = debian_runtime()
+    try:
+        runtime = sid_runtime()
+        two = pytest.param(runtime, id=runtime.id)
+    except containerd2.Unavailable as exc:
+        reason = f"containerd 2.x from Debian's {containerd2.SUITE}: {exc}"
+        marks = [] if os.environ.get(require_env) == "1" else [pytest.mark.skip(reason=reason)]
+        two = pytest.param(reason, id="containerd-2-unavailable", marks=marks)
+    params = [pytest.param(debian, id=debian.id), two]
+    return params[::-1] if newest_first else params
 
 
 def containerd_config(root: Path, runtime: Runtime, state: str = "", socket: str = "", bin_dir: str = "",

@@ -240,9 +240,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 # containerd 2.x: config version 3; the CRI plugin split into io.containerd.cri.v1.images (sandbox
 # image, snapshotter) and io.containerd.cri.v1.runtime (CNI with a list of bin dirs, runtimes), the
-# streaming server stays in io.containerd.grpc.v1.cri. Debian 12's runc runs the containers. NRI
-# (socket in the host's /var/run/nri) and CDI are off: nothing here uses them; the image verifier
-# (which the transfer service needs) looks in a dir of ours, not /opt/containerd.
+# streaming server stays in io.containerd.grpc.v1.cri. Debian 12's runc runs the containers (named:
+# sid's runc needs a newer glibc). NRI (socket in the host's /var/run/nri) and CDI are off: nothing
+# here uses them; the image verifier (the transfer service needs it) looks in a dir of ours, not
+# /opt/containerd.
 _CONFIG_V3 = """version = 3
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
                     "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.erofs",

@@ -4,22 +4,38 @@ host-local and pybridge with its agent get the same conflist shape (plugin, then
 each its own bridge, subnet and store, on one node in one run. The pods are timed in blocks, the
 variants' blocks alternating (each in turn first), as the machine's speed drifts over minutes;
 containerd restarts between blocks so it reads the next conflist, and one untimed pod warms
-each block.
+each block. Each runtime the containerd tier runs (Debian 12's 1.6, 2.x from Debian's unstable
+archive) gets its own node and table. `PYTHONPATH=. python bench/cri.py [PODS]` times CRI alone.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.node import NETWORK, REFERENCE_PLUGINS, Node, missing_tools, sandbox_config, wait_for
+from tests.e2e import containerd2
+from tests.e2e.node import (
+    NETWORK,
+    REFERENCE_PLUGINS,
+    Node,
+    Runtime,
+    debian_runtime,
+    missing_tools,
+    sandbox_config,
+    sid_runtime,
+    wait_for,
+)
 
 VARIANTS = {  # label -> (plugin, ipam, bridge, subnet)
     "reference": ("bridge", "host-local", "pbt-bref0", "10.87.0.0/22"),
     "pybridge+agent": ("pybridge", "pyipam", "pbt-bpy0", "10.88.0.0/22"),
+    # no agent on the node's socket: the launchers serve each call in a fresh interpreter
+    "pybridge, no agent": ("pybridge", "pyipam", "pbt-bpn0", "10.89.0.0/22"),
 }
 
 
@@ -70,12 +86,22 @@ def _time_pods(node: Node, label: str, pods: int) -> list[float]:
 BLOCKS = 3
 
 
-def run_pod_sandbox(root: Path, pods: int) -> dict[str, list[float]] | str:
-    """RunPodSandbox milliseconds per variant, or why the tier cannot run here."""
-    missing = missing_tools()
-    if missing:
-        return f"needs {', '.join(missing)}"
-    node = Node(root=root)
+def runtimes() -> dict[str, Runtime | str]:
+    """runtime id -> the runtime, or why it cannot be timed here."""
+    if missing := missing_tools():
+        return {"containerd": f"needs {', '.join(missing)}"}
+    found: dict[str, Runtime | str] = {(debian := debian_runtime()).id: debian}
+    try:
+        two = sid_runtime()
+        found[two.id] = two
+    except containerd2.Unavailable as exc:
+        found["containerd-2"] = f"containerd 2.x unavailable: {exc}"
+    return found
+
+
+def run_pod_sandbox(root: Path, pods: int, runtime: Runtime) -> dict[str, list[float]]:
+    """RunPodSandbox milliseconds per variant on one runtime."""
+    node = Node(root=root, runtime=runtime)
     times: dict[str, list[float]] = {}
     try:
         node.setup()
@@ -85,7 +111,7 @@ def run_pod_sandbox(root: Path, pods: int) -> dict[str, list[float]] | str:
         for block in range(BLOCKS):
             for label, (plugin, ipam, bridge, subnet) in order if block % 2 == 0 else order[::-1]:
                 _use(node, _conflist(node, plugin, ipam, bridge, subnet))
-                agent = _start_agent(node) if label == "pybridge+agent" else None
+                agent = _start_agent(node) if label.endswith("+agent") else None
                 try:
                     count = pods // BLOCKS + (1 if block < pods % BLOCKS else 0)
                     times.setdefault(label, []).extend(_time_pods(node, f"{label}-{block}", count))
@@ -96,3 +122,17 @@ def run_pod_sandbox(root: Path, pods: int) -> dict[str, list[float]] | str:
     finally:
         node.teardown()
     return times
+
+
+if __name__ == "__main__":
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+    for name, found in runtimes().items():
+        if isinstance(found, str):
+            print(f"{name}: not measured ({found})")
+            continue
+        with tempfile.TemporaryDirectory(prefix="pbt-bench-cri-") as tmpdir:
+            measured = run_pod_sandbox(Path(tmpdir), count, found)
+        medians = {label: sorted(t)[len(t) // 2] for label, t in measured.items()}
+        ref = medians["reference"]
+        print(f"{name}: RunPodSandbox p50 ms, {count} pods per variant: "
+              + ", ".join(f"{label} {ms:.1f} ({ms / ref:.2f}x)" for label, ms in medians.items()))

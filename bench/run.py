@@ -386,11 +386,12 @@ def load() -> str:
     return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def cri_table(cri: dict[str, list[float]] | str, pods: int, blocks: int) -> list[str]:
+def cri_table(runtime: str, cri: dict[str, list[float]] | str, pods: int, blocks: int) -> list[str]:
     if isinstance(cri, str):
-        return [f"CRI RunPodSandbox: not measured ({cri})."]
+        return [f"CRI RunPodSandbox on {runtime}: not measured ({cri})."]
     ref = cri["reference"]
-    lines = [f"| CRI RunPodSandbox, {pods} pods in {blocks} blocks per variant, the variants' alternating | "
+    lines = [f"| CRI RunPodSandbox on {runtime}, {pods} pods in {blocks} blocks per variant, the variants' "
+             "alternating | "
              + " | ".join(cri) + " |",
              "|---" * (len(cri) + 1) + "|"]
     for name, q in (("p50 ms", 0.5), ("p95 ms", 0.95)):
@@ -401,7 +402,7 @@ def cri_table(cri: dict[str, list[float]] | str, pods: int, blocks: int) -> list
 
 def render(
     results: dict[str, dict[str, Any]], args: argparse.Namespace, imports: tuple[float, list[str]],
-    cri: dict[str, list[float]] | str | None = None,
+    cri: dict[str, dict[str, list[float]] | str] | None = None,
 ) -> str:
     labels = list(results)
     lines = [
@@ -418,8 +419,8 @@ def render(
     ]
     for name, cells in table(results, args.scale, args.parallel):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if cri is not None:
-        lines += ["", *cri_table(cri, args.cri_pods, args.cri_blocks)]
+    for runtime, timings in (cri or {}).items():
+        lines += ["", *cri_table(runtime, timings, args.cri_pods, args.cri_blocks)]
     errors = {label: len(r["errors"]) for label, r in results.items()}
     lines += [
         "",
@@ -455,18 +456,22 @@ def main() -> int:
             paired(args, world, Path(tmpdir), plan, results)
         if args.scale >= 100:
             scale_without_pod_ipv6(args, world, Path(tmpdir), plan, results)
-    cri = None
+    cri: dict[str, dict[str, list[float]] | str] | None = None
     if args.cri_pods:
         waited = wait_for_netns_cleanup()
         progress(f"the kernel freed the pods' netns in {waited:.1f} s; timing CRI RunPodSandbox for "
                  f"{args.cri_pods} pods")
         sys.path.insert(1, str(HERE.parent))  # bench/cri.py drives the containerd tier's harness
-        from cri import BLOCKS, run_pod_sandbox
+        from cri import BLOCKS, run_pod_sandbox, runtimes
 
         args.cri_blocks = BLOCKS
-
-        with tempfile.TemporaryDirectory(prefix="pbt-bench-cri-") as tmpdir:
-            cri = run_pod_sandbox(Path(tmpdir), args.cri_pods)
+        cri = {}
+        for runtime_id, runtime in runtimes().items():
+            if isinstance(runtime, str):
+                cri[runtime_id] = runtime
+                continue
+            with tempfile.TemporaryDirectory(prefix="pbt-bench-cri-") as tmpdir:
+                cri[runtime_id] = run_pod_sandbox(Path(tmpdir), args.cri_pods, runtime)
     progress("done; measuring the shim's imports")
     text = render(results, args, shim_imports(), cri)
     print(text)

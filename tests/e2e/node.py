@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 import pytest
 
-from . import oci
+from . import containerd2, oci
 from .cri import CRIClient
 
 PREFIX = "pbt-"
@@ -135,45 +135,148 @@ def ctr_conflist(root: Path) -> dict[str, Any]:
     }
 
 
-def containerd_config(root: Path, state: str = "", socket: str = "", bin_dir: str = "", conf_dir: str = "",
-                      runc_root: str = "") -> str:
+@dataclass(frozen=True)
+class Runtime:
+    """One containerd the tier runs: Debian 12's on PATH (bin_dir None), or an unpacked one whose
+    bin_dir goes first on containerd's PATH (so its shim and ctr are the ones found)."""
+
+    version: str  # upstream's, e.g. 1.6.20 or 2.1.9
+    bin_dir: Path | None = None
+    # The reference plugins a kind node of this runtime carries: kind ships today's with 2.x
+    # (Debian 12's portmap 1.1.1 takes no 1.1.0 conflist); tests/e2e installs Debian 12's always.
+    plugins: Path = REFERENCE_PLUGINS
+
+    @property
+    def id(self) -> str:
+        return f"containerd-{self.version}"
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def path(self) -> str:
+        return f"{self.bin_dir}:{SYSTEM_PATH}" if self.bin_dir else SYSTEM_PATH
+
+
+def debian_runtime() -> Runtime:
+    """Debian 12's /usr/bin/containerd (1.6)."""
+    return Runtime(containerd2.version())
+
+
+def sid_runtime() -> Runtime:
+    """containerd 2.x and today's reference plugins from Debian's unstable archive (cached)."""
+    bin_dir = containerd2.obtain()
+    return Runtime(containerd2.version(bin_dir), bin_dir, containerd2.reference_plugins())
+
+
+def runtime_params(unavailable: str | None, require_env: str, newest_first: bool = False) -> list[Any]:
+    """pytest params, one per runtime, id `containerd-<version>`: Debian 12's 1.6 and 2.x. Where
+    the tier cannot run at all (`unavailable`), placeholders its gate skips. Without 2.x, its
+    param carries the reason: skipped, or failed by the fixture where `require_env`=1."""
+    if unavailable:
+        return [pytest.param(None, id="containerd-1.6"), pytest.param(None, id="containerd-2")]
+    debian = debian_runtime()
+    try:
+        runtime = sid_runtime()
+        two = pytest.param(runtime, id=runtime.id)
+    except containerd2.Unavailable as exc:
+        reason = f"containerd 2.x from Debian's {containerd2.SUITE}: {exc}"
+        marks = [] if os.environ.get(require_env) == "1" else [pytest.mark.skip(reason=reason)]
+        two = pytest.param(reason, id="containerd-2-unavailable", marks=marks)
+    params = [pytest.param(debian, id=debian.id), two]
+    return params[::-1] if newest_first else params
+
+
+def containerd_config(root: Path, runtime: Runtime, state: str = "", socket: str = "", bin_dir: str = "",
+                      conf_dir: str = "", runc_root: str = "") -> str:
     """A private containerd: everything under `root` unless given (a kind-like node passes the
     paths of its own mount namespace: state in /run/containerd, CNI in /opt/cni/bin, pod netns
-    pins in /var/run/netns)."""
-    cri = 'plugins."io.containerd.grpc.v1.cri"'
+    pins in /var/run/netns). The CRI settings are the same for both majors; only their keys moved."""
     socket = socket or f"{root}/containerd.sock"
-    pins = "" if state else "  netns_mounts_under_state_dir = true\n"
-    runc = f'        Root = "{runc_root}"\n' if runc_root else ""
-    return f"""version = 2
-root = "{root}/containerd/root"
-state = "{state or f'{root}/containerd/state'}"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
+    paths = {"root": str(root), "state": state or f"{root}/containerd/state", "socket": socket,
+             "bin_dir": bin_dir or f"{root}/bin", "conf_dir": conf_dir or f"{root}/net.d",
+             "pins": str(not state).lower(), "runc": f'Root = "{runc_root}"' if runc_root else ""}
+    common = f"""root = "{root}/containerd/root"
+state = "{paths['state']}"
 [grpc]
   address = "{socket}"
 [ttrpc]
   address = "{socket}.ttrpc"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{root}/containerd/opt"
-[{cri}]
-  sandbox_image = "{PAUSE_IMAGE}"
-{pins}  disable_apparmor = true
+"""
+    template = _CONFIG_V3 if runtime.major >= 2 else _CONFIG_V2
+    runc = shutil.which("runc", path=SYSTEM_PATH) or "runc"
+    return template.format(pause=PAUSE_IMAGE, runc_binary=runc, **paths).replace("<common>\n", common)
+
+
+# containerd 1.6: config version 2, the CRI plugin is io.containerd.grpc.v1.cri.
+_CONFIG_V2 = """version = 2
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
+<common>
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  netns_mounts_under_state_dir = {pins}
+  disable_apparmor = true
   # No CAP_SYS_RESOURCE here: the sandboxes' oom_score_adj -998 would make runc fail.
   restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  [{cri}.cni]
-    bin_dir = "{bin_dir or f'{root}/bin'}"
-    conf_dir = "{conf_dir or f'{root}/net.d'}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{bin_dir}"
+    conf_dir = "{conf_dir}"
     max_conf_num = 1
-  [{cri}.containerd]
+  [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
-    [{cri}.containerd.runtimes.runc]
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-      [{cri}.containerd.runtimes.runc.options]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
-{runc}"""
+        {runc}
+"""
+
+# containerd 2.x: config version 3; the CRI plugin split into io.containerd.cri.v1.images (sandbox
+# image, snapshotter) and io.containerd.cri.v1.runtime (CNI with a list of bin dirs, runtimes), the
+# streaming server stays in io.containerd.grpc.v1.cri. Debian 12's runc runs the containers (named:
+# sid's runc needs a newer glibc). NRI (socket in the host's /var/run/nri) and CDI are off: nothing
+# here uses them; the image verifier (the transfer service needs it) looks in a dir of ours, not
+# /opt/containerd.
+_CONFIG_V3 = """version = 3
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+                    "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.erofs",
+                    "io.containerd.snapshotter.v1.blockfile", "io.containerd.nri.v1.nri"]
+<common>
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{pause}"
+[plugins."io.containerd.cri.v1.runtime"]
+  netns_mounts_under_state_dir = {pins}
+  disable_apparmor = true
+  # No CAP_SYS_RESOURCE here: the sandboxes' oom_score_adj -998 would make runc fail.
+  restrict_oom_score_adj = true
+  enable_cdi = false
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{bin_dir}"]
+    conf_dir = "{conf_dir}"
+    max_conf_num = 1
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "{runc_binary}"
+        SystemdCgroup = false
+        {runc}
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[plugins."io.containerd.image-verifier.v1.bindir"]
+  bin_dir = "{root}/containerd/image-verifier"
+"""
 
 
 def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
@@ -196,6 +299,7 @@ class CNICall:
 @dataclass
 class Node:
     root: Path
+    runtime: Runtime = field(default_factory=debian_runtime)
     netns: str = ""
     outside: str = ""
     containerd_pid: int | None = None
@@ -221,7 +325,7 @@ class Node:
         """containerd's environment (passed on to the plugins), as a service manager gives it.
         The agent socket points nowhere, so the launchers serve every call in-process whatever
         runs on this machine."""
-        return {"PATH": SYSTEM_PATH, "HOME": "/root",
+        return {"PATH": self.runtime.path, "HOME": "/root",
                 "PYBRIDGE_AGENT_SOCKET": str(self.root / "no-agent.sock")}
 
     @property
@@ -273,7 +377,8 @@ class Node:
         self._install_plugins()
         write_json_atomically(self.root / "net.d" / "10-pbt-e2e.conflist", conflist(self.root))
         write_json_atomically(self.root / "ctr-net.d" / "10-pbt-ctr.conflist", ctr_conflist(self.root))
-        (self.root / "config.toml").write_text(containerd_config(self.root, runc_root=f"{self.root}/runc"))
+        (self.root / "config.toml").write_text(containerd_config(self.root, self.runtime,
+                                                                 runc_root=f"{self.root}/runc"))
         self._make_mount_namespace()
         self.start_containerd()
         self._import_images()

@@ -33,9 +33,10 @@ from ..e2e import oci
 from ..e2e.node import (
     BUSYBOX_IMAGE,
     PAUSE_IMAGE,
-    REFERENCE_PLUGINS,
     Node,
+    Runtime,
     containerd_config,
+    debian_runtime,
     sh,
     wait_for,
 )
@@ -86,7 +87,7 @@ class KindNode(Node):
 
     @property
     def env(self) -> dict[str, str]:
-        return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+        return {"PATH": self.runtime.path, "HOME": "/root"}
 
     def node_path(self, path: str) -> Path:
         """Where this process sees the node's `path` (only paths inside the node's own tree)."""
@@ -107,7 +108,7 @@ class KindNode(Node):
         for sub in ("/run/netns", "/run/containerd", "/opt/cni/bin"):
             self.node_path(sub).mkdir(parents=True, exist_ok=True)
         for plugin in ("loopback", "portmap", "bridge", "host-local"):  # kind's node image ships these
-            self.node_path(f"/opt/cni/bin/{plugin}").symlink_to(REFERENCE_PLUGINS / plugin)
+            self.node_path(f"/opt/cni/bin/{plugin}").symlink_to(self.runtime.plugins / plugin)
         self.netns = f"{world.netns.removesuffix('-world')}-n{index}"
         sh("ip", "netns", "add", self.netns)
         self.ip = world.attach(self.netns, index)
@@ -115,6 +116,7 @@ class KindNode(Node):
         (self.root / "config.toml").write_text(
             containerd_config(
                 self.root,
+                self.runtime,
                 state="/run/containerd",
                 socket="/run/containerd/containerd.sock",
                 bin_dir="/opt/cni/bin",
@@ -171,6 +173,7 @@ class KindNode(Node):
 class Cluster:
     images: Images
     root: Path
+    runtime: Runtime = field(default_factory=debian_runtime)  # every node's containerd
     world: World = field(default_factory=World)
     store: NodeStore | None = None
     api: ApiServer | None = None
@@ -221,7 +224,7 @@ class Cluster:
         nodes = []
         for name in names:
             self.started += 1
-            self.nodes[name] = KindNode(root=self.root / name, name=name)
+            self.nodes[name] = KindNode(root=self.root / name, runtime=self.runtime, name=name)
             nodes.append((self.nodes[name], self.started))
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
             for done in [

@@ -1,4 +1,8 @@
-"""kind-sim: one three-node cluster per session, the DaemonSet deployed on every node.
+"""kind-sim: one three-node cluster per runtime, the DaemonSet deployed on every node.
+
+The nodes run containerd 2.x first (what kind's node images ship, with today's reference
+plugins, both from Debian's unstable archive: tests/e2e/containerd2.py), then Debian 12's 1.6;
+the runtime and its version are in each test's id.
 
 `cluster` is the fixture to build on (tests/kindsim/cluster.py says what it offers). The session
 ends by checking that the machine is as it was: root netns links and nftables ruleset, mount
@@ -7,6 +11,7 @@ table, no process left in a node's mount namespace, no netns of ours.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -14,11 +19,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ..conftest import _root_state
-from ..e2e.node import gate_tier, mount_points, wait_for
+from ..e2e.node import Runtime, gate_tier, mount_points, runtime_params, wait_for
 from ..e2e.node import missing_tools as containerd_missing
 from . import image
 from .cluster import NODE_MOUNTS, Cluster, kind_config, node_names
@@ -28,13 +34,26 @@ TIMINGS: dict[str, float] = {}
 TIMINGS_FILE = image.REPO / "build" / "kind-sim" / "timings.json"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    reason = None
+def _tier_unavailable() -> str | None:
     if os.geteuid() != 0:
-        reason = "kind-sim needs root"
-    elif missing := containerd_missing() + image.missing_tools():
-        reason = f"kind-sim needs {', '.join(missing)} (apt-get install containerd runc buildah debootstrap)"
-    gate_tier(items, "tests/kindsim", reason, REQUIRE_ENV)
+        return "kind-sim needs root"
+    if missing := containerd_missing() + image.missing_tools():
+        return f"kind-sim needs {', '.join(missing)} (apt-get install containerd runc buildah debootstrap)"
+    return None
+
+
+@functools.cache
+def runtimes() -> list[Any]:
+    return runtime_params(_tier_unavailable(), REQUIRE_ENV, newest_first=True)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cluster" in metafunc.fixturenames:
+        metafunc.parametrize("cluster", runtimes(), indirect=True, scope="session")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    gate_tier(items, "tests/kindsim", _tier_unavailable(), REQUIRE_ENV)
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +62,19 @@ def images() -> image.Images:
     built = image.build_all(log=lambda line: print("\n" + line))
     TIMINGS["images_s"] = time.monotonic() - started
     return built
+
+
+def record(path: Path, runtime_id: str, figures: dict[str, Any]) -> None:
+    """Store `figures` under the runtime's id in the JSON file `path`, keeping other runtimes'."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict) or not all(key.startswith("containerd-") for key in data):
+        data = {}  # the format before per-runtime figures
+    data[runtime_id] = dict(figures)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
 
 
 def _processes_in(namespaces: set[int]) -> list[int]:
@@ -57,9 +89,13 @@ def _processes_in(namespaces: set[int]) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def cluster(images: image.Images) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, images: image.Images) -> Iterator[Cluster]:
+    """Session-scoped per runtime: one runtime's cluster is torn down before the next is made."""
+    runtime = request.param
+    if not isinstance(runtime, Runtime):  # 2.x unavailable where it is required
+        pytest.fail(str(runtime), pytrace=False)
     before_state, before_mounts = _root_state(), mount_points()
-    c = Cluster(images, Path(tempfile.mkdtemp(prefix="pbt-ks-")))
+    c = Cluster(images, Path(tempfile.mkdtemp(prefix="pbt-ks-")), runtime)
     try:
         started = time.monotonic()
         c.up()
@@ -70,8 +106,8 @@ def cluster(images: image.Images) -> Iterator[Cluster]:
             c.deploy(name)
         c.wait_ready()
         TIMINGS["daemonset_to_ready_s"] = time.monotonic() - started
-        print(f"\nkind-sim: {TIMINGS}")
-        TIMINGS_FILE.write_text(json.dumps(TIMINGS, indent=2))
+        print(f"\nkind-sim on {runtime.id}: {TIMINGS}")
+        record(TIMINGS_FILE, runtime.id, TIMINGS)
         yield c
     finally:
         try:

@@ -15,6 +15,7 @@ import pytest
 
 from ..e2e.node import wait_for, write_json_atomically
 from .cluster import Cluster, KindNode
+from .conftest import record
 from .image import REPO
 from .kubelet import Pod
 
@@ -99,20 +100,18 @@ def test_run_pod_sandbox_latency_against_the_reference(cluster: Cluster) -> None
     figures["ratio_p50"] = {
         "pybridge/reference": figures["pybridge"]["p50_ms"] / figures["reference"]["p50_ms"]
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "run_pod_sandbox": figures,
-                "nodes": len(cluster.nodes),
-                "pods_per_node": PODS_PER_NODE,
-                "machine": os.uname().nodename,
-                "cpus": os.cpu_count(),
-            },
-            indent=2,
-        )
+    record(
+        RESULTS,
+        cluster.runtime.id,
+        {
+            "run_pod_sandbox": figures,
+            "nodes": len(cluster.nodes),
+            "pods_per_node": PODS_PER_NODE,
+            "machine": os.uname().nodename,
+            "cpus": os.cpu_count(),
+        },
     )
-    print(f"\nRunPodSandbox: {json.dumps(figures)}")
+    print(f"\nRunPodSandbox on {cluster.runtime.id}: {json.dumps(figures)}")
 
 
 def _remove_reference_bridge(node: KindNode) -> None:

@@ -63,9 +63,10 @@ def test_daemonset_installs_the_image_bundle_and_writes_the_conflist(cluster: Cl
         conflist = node.conflist()
         assert conflist is not None
         assert conflist["plugins"][0]["ipam"]["ranges"] == [[{"subnet": cluster.pod_cidr(name)}]]
-        # containerd 1.6 here: the agent must have picked a version its libcni accepts
-        assert node.runtime_version().startswith("containerd://1.")
-        assert conflist["cniVersion"] == "1.0.0"
+        # `auto`: the newest cniVersion the node's runtime takes (libcni 1.1 in containerd 1.6
+        # rejects a 1.1.0 result; 2.x takes it and calls STATUS for it)
+        assert node.runtime_version().startswith(f"containerd://{node.runtime.version}")  # ~ds1, +ds1
+        assert conflist["cniVersion"] == ("1.1.0" if node.runtime.major >= 2 else "1.0.0")
         others = {(cluster.pod_cidr(o), n.ip) for o, n in cluster.nodes.items() if o != name}
         assert node.routes() == others
 

@@ -25,7 +25,7 @@ COMMANDS = [
     ("ipam", "ls"), ("cni_plugin.install",),
 ]
 # Flags the docs quote from other programs (systemctl, debootstrap, ctr, nsenter, mypy...).
-OTHER_PROGRAMS_FLAGS = {"--now", "--variant", "--cni", "--net", "--strict", "--version"}
+OTHER_PROGRAMS_FLAGS = {"--now", "--variant", "--cni", "--net", "--strict", "--version", "--rm"}
 # The packages whose modules the README's Layout must name.
 LAYOUT_PACKAGES = ["cnikit", "cni_plugin", "cni_plugin/agent", "cni_plugin/ops", "cni_plugin/node", "ipam",
                    "bench", "scripts"]

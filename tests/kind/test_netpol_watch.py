@@ -227,12 +227,16 @@ def test_what_the_api_accepts_through_the_client_isolates() -> None:
     logs: list[tuple[str, dict[str, Any]]] = []
     agent = NetpolAgent(ME, applied.append, lambda event, **f: logs.append((event, f)))
     for kind, lister in netpol.listers(client).items():
-        def exhausted() -> None:
+        done = threading.Event()
+
+        def exhausted(done: threading.Event = done) -> None:
+            done.set()
             raise Exhausted
         api.pools[PATHS[kind]].on_exhausted = exhausted
-        with pytest.raises(Exhausted):
-            for event, obj in kube.list_watch(client, lister, timeout_seconds=7, backoff=lambda _s: None):
-                agent.handle(kind, event, obj)
+        for event, obj in kube.list_watch(client, lister, timeout_seconds=7, backoff=lambda _s: None,
+                                          stop=done.is_set):
+            agent.handle(kind, event, obj)
+        assert done.is_set()
     assert agent.reconcile()
     assert "10.244.1.5 : jump ingress_0" in applied[-1] and "%" not in applied[-1]
     assert "elements = { 10.244.0.0/23, 10.244.3.0/24, 10.244.4.0/22, " in applied[-1]  # minus 10.244.2.0/24

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import time
@@ -95,11 +96,17 @@ def own_node(runtime: str = "containerd://2.1.9", max_pods: str | None = None) -
     return {"metadata": {"name": "n1"}, "spec": {"podCIDRs": ["10.70.1.0/24"]}, "status": status}
 
 
+CLUSTER = (ipaddress.ip_network("10.70.0.0/16"),)  # the node agent uses podCIDRs inside it only
+
+
 class Recorder:
     def __init__(self) -> None:
         self.plans: list[model.Plan] = []
 
     def routes(self) -> set[model.Route]:
+        return set()
+
+    def foreign_routes(self) -> set[str]:
         return set()
 
     def mtu(self, node: model.Node | None) -> int | None:
@@ -120,7 +127,7 @@ def test_node_agent_steps_down_for_debians_portmap_and_says_why(capfd: pytest.Ca
     every pod at portmap and leak what pybridge reserved (its DEL never comes)."""
     effects = Recorder()
     plugins = chain.Cache([os.path.dirname(DEBIAN_PORTMAP)])
-    agent = cli.NodeAgent(model.Settings("n1"), effects, plugins=plugins)
+    agent = cli.NodeAgent(model.Settings("n1", CLUSTER), effects, plugins=plugins)
     agent.handle("SYNC", [own_node()])
     agent.handle("MODIFIED", own_node())
     conf = effects.plans[-1].conflist
@@ -137,7 +144,8 @@ def test_node_agent_steps_down_for_debians_portmap_and_says_why(capfd: pytest.Ca
 def test_node_agent_keeps_the_version_when_a_plugin_cannot_be_asked(tmp_path: Path) -> None:
     fake_plugin(tmp_path, "portmap", hang=True)
     effects = Recorder()
-    agent = cli.NodeAgent(model.Settings("n1"), effects, plugins=chain.Cache([str(tmp_path)], timeout=0.3))
+    agent = cli.NodeAgent(model.Settings("n1", CLUSTER), effects,
+                          plugins=chain.Cache([str(tmp_path)], timeout=0.3))
     plan = agent.handle("SYNC", [own_node()])
     assert plan.conflist is not None and plan.conflist["cniVersion"] == "1.1.0"
     assert plan.notes == [f"chained plugin portmap ({tmp_path}/portmap): no answer to VERSION within 0.3 s"]
@@ -146,7 +154,7 @@ def test_node_agent_keeps_the_version_when_a_plugin_cannot_be_asked(tmp_path: Pa
 def test_no_common_version_writes_no_conflist(tmp_path: Path) -> None:
     fake_plugin(tmp_path, "portmap", ("0.1.0", "0.2.0"))
     effects = Recorder()
-    agent = cli.NodeAgent(model.Settings("n1", cni_version="1.0.0"), effects,
+    agent = cli.NodeAgent(model.Settings("n1", CLUSTER, cni_version="1.0.0"), effects,
                           plugins=chain.Cache([str(tmp_path)]))
     plan = agent.handle("SYNC", [own_node()])
     assert plan.conflist is None and effects.plans == []
@@ -156,7 +164,8 @@ def test_no_common_version_writes_no_conflist(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("max_pods", "warned"),
                          [("110", False), ("254", True), ("bogus", False), (None, False)])
 def test_pod_cidr_smaller_than_max_pods_is_noted(max_pods: str | None, warned: bool) -> None:
-    plan = model.plan(model.Settings("n1"), [model.node_from_object(own_node(max_pods=max_pods))], (), None)
+    own = model.node_from_object(own_node(max_pods=max_pods))
+    plan = model.plan(model.Settings("n1", CLUSTER), [own], (), None)
     expected = [f"pod CIDR 10.70.1.0/24 holds 253 pod addresses, fewer than the node's maxPods {max_pods} "
                 "(status.capacity.pods): ADDs past 253 pods fail with code 110"]
     assert plan.notes == (expected if warned else [])

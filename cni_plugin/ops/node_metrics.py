@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from . import endpoint
 
 DEFAULT_ADDRESS = "127.0.0.1:9431"
+DEFAULT_HEALTH_ADDRESS = "127.0.0.1:9433"
 
 
 class NodeMetrics:
@@ -24,6 +25,7 @@ class NodeMetrics:
         self._lock = threading.Lock()
         self._last_sync: float | None = None
         self._waiting: str | None = "no Node list received yet"
+        self.checks: endpoint.Readiness | None = None  # served readiness, told of every change
         self.reconciles = Counter("pybridge_node_reconciles", "Reconciles of the node's conflist, routes "
                                   "and masquerade", registry=registry)
         self.errors = Counter("pybridge_node_reconcile_errors", "Errors met while applying a reconcile",
@@ -42,6 +44,11 @@ class NodeMetrics:
     def waiting(self, reason: str) -> None:
         with self._lock:
             self._waiting = reason
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.checks is not None:
+            self.checks.refresh()
 
     def reconciled(self, nodes: int, routes: int, errors: int, full_sync: bool) -> None:
         self.reconciles.inc()
@@ -52,6 +59,7 @@ class NodeMetrics:
             self._waiting = None
             if full_sync and not errors:
                 self._last_sync = time.monotonic()
+        self._changed()
 
     def readiness(self) -> str | None:
         with self._lock:
@@ -62,11 +70,18 @@ class NodeMetrics:
         return None if os.path.isfile(self.conflist) else f"conflist {self.conflist} not written"
 
 
-def start(address: str | None, conflist: str) -> tuple[NodeMetrics | None, endpoint.Endpoint | None]:
-    where = endpoint.parse_address(address or os.environ.get(endpoint.ADDRESS_ENV) or DEFAULT_ADDRESS)
-    if where is None:
-        return None, None
+def start(address: str | None, conflist: str, health_address: str | None = None
+          ) -> tuple[NodeMetrics | None, list[endpoint.Endpoint]]:
+    """Metrics at `address`, health at `health_address` (each: argument, else env, else the
+    loopback default). The readiness registry is `metrics.checks`: more inputs are one `add`."""
+    metrics_at = endpoint.parse_address(address or os.environ.get(endpoint.ADDRESS_ENV) or DEFAULT_ADDRESS)
+    health_at = endpoint.parse_address(health_address or os.environ.get(endpoint.HEALTH_ADDRESS_ENV)
+                                       or DEFAULT_HEALTH_ADDRESS)
+    if metrics_at is None and health_at is None:
+        return None, []
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     metrics = NodeMetrics(registry, conflist)
-    return metrics, endpoint.listen(where, registry, metrics.readiness)
+    metrics.checks = endpoint.Readiness()
+    metrics.checks.add("node agent", metrics.readiness)
+    return metrics, endpoint.listen_all([(metrics_at, registry), (health_at, None)], metrics.checks)

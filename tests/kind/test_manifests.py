@@ -17,6 +17,8 @@ import pytest
 import yaml
 from kubernetes import client
 
+from ..kindsim.kubelet import quantity
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KINDS = {
@@ -206,21 +208,12 @@ def test_containers_run_with_least_privilege() -> None:
         assert set(sc["capabilities"].get("add", [])) == CAPABILITIES[c["name"]], c["name"]
 
 
-def _quantity(value: str | int) -> float:
-    """A CPU or memory quantity of the forms the manifest uses (500m, 1, 64Mi)."""
-    text = str(value)
-    for suffix, factor in (("m", 1e-3), ("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30)):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * factor
-    return float(text)
-
-
 def test_every_container_has_requests_and_limits() -> None:
     for c in all_containers():
         resources = c["resources"]
         for kind in ("cpu", "memory"):
             request, limit = resources["requests"][kind], resources["limits"][kind]
-            assert 0 < _quantity(request) <= _quantity(limit), (c["name"], kind)
+            assert 0 < quantity(request) <= quantity(limit), (c["name"], kind)
 
 
 SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"

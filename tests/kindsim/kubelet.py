@@ -3,9 +3,10 @@
 A pod is a sandbox (host network or its own netns, which CRI asks the node's CNI for), its
 hostPath volumes checked or created per `type` in the node's view, its init containers run one
 by one to exit 0, then its containers started, each with the spec's command, env (`fieldRef`s
-resolved), volume mounts (propagation included), securityContext and the service-account
-volume and KUBERNETES_SERVICE_* env of in-cluster config. Fields this stand-in does not act on
-either are listed in IGNORED (scheduling and resource hints, probes: no kubelet here) or make
+resolved), volume mounts (propagation included), securityContext, resource limits (as the
+kubelet passes them to CRI) and the service-account token (automounted, or a projected volume)
+and KUBERNETES_SERVICE_* env of in-cluster config. Fields this stand-in does not act on
+either are listed in IGNORED (scheduling and resource hints, probes: no prober here) or make
 it fail naming the field, so a manifest change is never skipped in silence.
 """
 
@@ -39,7 +40,9 @@ POD_IGNORED = {
     "nodeSelector",
     "affinity",
 }
-CONTAINER_IGNORED = {"imagePullPolicy", "resources", "livenessProbe", "readinessProbe", "startupProbe"}
+CONTAINER_IGNORED = {"imagePullPolicy", "livenessProbe", "readinessProbe", "startupProbe"}
+CPU_PERIOD = 100_000  # µs, the kubelet's CFS period
+TOKEN_SOURCES = {"serviceAccountToken", "configMap", "downwardAPI"}  # kube-api-access's
 SECCOMP = {"RuntimeDefault": "RuntimeDefault", "Unconfined": "Unconfined"}
 
 
@@ -111,6 +114,34 @@ def _security_context(sc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def quantity(value: str | int) -> float:
+    """A CPU or memory quantity (500m, 1, 64Mi, 1Gi)."""
+    text = str(value)
+    for suffix, factor in (("m", 1e-3), ("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def _resources(resources: dict[str, Any]) -> dict[str, Any]:
+    """CRI's LinuxContainerResources as the kubelet derives them: CFS quota from the CPU limit,
+    shares from the request, the memory limit in bytes."""
+    if extra := set(resources) - {"requests", "limits"}:
+        raise Unsupported(f"resources fields {sorted(extra)}")
+    requests, limits = resources.get("requests", {}), resources.get("limits", {})
+    if extra := (set(requests) | set(limits)) - {"cpu", "memory"}:
+        raise Unsupported(f"resources {sorted(extra)}")
+    out: dict[str, Any] = {}
+    if "cpu" in requests:
+        out["cpu_shares"] = max(2, int(quantity(requests["cpu"]) * 1024))
+    if "cpu" in limits:
+        out["cpu_period"] = CPU_PERIOD
+        out["cpu_quota"] = int(quantity(limits["cpu"]) * CPU_PERIOD)
+    if "memory" in limits:
+        out["memory_limit_in_bytes"] = int(quantity(limits["memory"]))
+    return out
+
+
 def _pod_defaults(pod_sc: dict[str, Any]) -> dict[str, Any]:
     """The pod-level securityContext fields a container inherits unless it sets its own."""
     inherited = {"seccompProfile", "runAsUser", "runAsGroup", "runAsNonRoot"}
@@ -169,7 +200,8 @@ class Kubelet:
         labels: dict[str, str] | None = None,
         dns: dict[str, list[str]] | None = None,
     ) -> Pod:
-        known = {"hostNetwork", "initContainers", "containers", "volumes", "securityContext"}
+        known = {"hostNetwork", "initContainers", "containers", "volumes", "securityContext",
+                 "automountServiceAccountToken"}
         if extra := set(spec) - POD_IGNORED - known:
             raise Unsupported(f"pod spec fields {sorted(extra)}")
         uid = secrets.token_hex(8)
@@ -254,9 +286,16 @@ class Kubelet:
             self.store.put("pods", self.api_object(pod))
 
     def _volumes(self, volumes: list[dict[str, Any]]) -> dict[str, str]:
-        """volume name -> host path (the node's view), each checked or created per its type."""
+        """volume name -> host path (the node's view), each checked or created per its type; a
+        projected service-account token is the API server's token, CA and namespace."""
         out = {}
         for volume in volumes:
+            if set(volume) == {"name", "projected"}:
+                kinds = {kind for source in volume["projected"]["sources"] for kind in source}
+                if "serviceAccountToken" not in kinds or kinds - TOKEN_SOURCES:
+                    raise Unsupported(f"volume {volume['name']!r}: projected sources {sorted(kinds)}")
+                out[volume["name"]] = str(self.sa_dir)
+                continue
             if set(volume) != {"name", "hostPath"}:
                 raise Unsupported(f"volume {volume['name']!r}: only hostPath volumes are simulated")
             path = volume["hostPath"]["path"]
@@ -293,7 +332,11 @@ class Kubelet:
                     }
                     for m in container.get("volumeMounts", [])
                 ),
-                {"container_path": SA_PATH, "host_path": str(self.sa_dir), "readonly": True},
+                *(
+                    [{"container_path": SA_PATH, "host_path": str(self.sa_dir), "readonly": True}]
+                    if pod.spec.get("automountServiceAccountToken", True)
+                    else []
+                ),
             ],
             "log_path": f"{name}/{attempt}.log",
             "linux": {
@@ -302,7 +345,8 @@ class Kubelet:
                         **_pod_defaults(pod.spec.get("securityContext", {})),
                         **container.get("securityContext", {}),
                     }
-                )
+                ),
+                "resources": _resources(container.get("resources", {})),
             },
         }
         reply = self.cri.call(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,8 @@ REDIRECT = (
     "add table ip mesh; add chain ip mesh out { type nat hook output priority -100; }; "
     "add rule ip mesh out meta skuid != 1337 tcp dport 81 redirect to :15001"
 )
+
+AGENT_ADDS = re.compile(r'^pybridge_cni_calls_total\{program="pybridge",verb="ADD",code="0"\} (\S+)$', re.M)
 
 pytestmark = pytest.mark.kindsim
 
@@ -95,6 +98,24 @@ def test_pod_addresses_come_from_the_node_podcidr(cluster: Cluster, web: dict[st
     for name, pod in web.items():
         assert ipaddress.ip_address(pod.ip) in ipaddress.ip_network(cluster.pod_cidr(name))
     assert len({pod.ip for pod in web.values()}) == len(web)
+
+
+def test_agent_endpoints_where_the_manifest_binds_them(cluster: Cluster, web: dict[str, Pod]) -> None:
+    """A pod (Prometheus' place) scrapes the agent's /metrics on the node's address, and the
+    ADDs there were the agent's own: unprivileged, it wrote the pod's sysctls through the mounted
+    /proc/sys/net (an IPv4-only pod's IPv6 is off). The probes' health endpoint answers on the
+    node's loopback (the kubelet's view) and no pod reaches it."""
+    name, pod = next(iter(web.items()))
+    node = cluster.nodes[name]
+    metrics = cluster.http_get(pod, node.ip, 9430, "/metrics")
+    adds = AGENT_ADDS.search(metrics)
+    assert adds and float(adds.group(1)) >= 1, metrics[-2000:]
+    assert cluster.exec(pod, "cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6") == (0, "1\n")
+    for port in (9432, 9433):  # the agent's, the node agent's
+        probe = node.in_node("/bin/busybox", "sh", "-c", http_get_script("127.0.0.1", port, "/healthz"))
+        assert http_body(probe.stdout) == "ok", probe.stdout
+        _, out = cluster.exec(pod, "/bin/sh", "-c", http_get_script(node.ip, port, "/healthz"))
+        assert http_body(out) is None, out
 
 
 def test_tcp_same_node_and_across_nodes_keeps_the_source_address(

@@ -17,8 +17,6 @@ import pytest
 import yaml
 from kubernetes import client
 
-from ..kindsim.kubelet import quantity
-
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KINDS = {
@@ -206,6 +204,15 @@ def test_containers_run_with_least_privilege() -> None:
         assert sc["allowPrivilegeEscalation"] is False, c["name"]
         assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
         assert set(sc["capabilities"].get("add", [])) == CAPABILITIES[c["name"]], c["name"]
+
+
+def quantity(value: str | int) -> float:
+    """A CPU or memory quantity of the forms the manifest uses (500m, 1, 64Mi)."""
+    text = str(value)
+    for suffix, factor in (("m", 1e-3), ("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
 
 
 def test_every_container_has_requests_and_limits() -> None:

@@ -3,11 +3,11 @@
 A pod is a sandbox (host network or its own netns, which CRI asks the node's CNI for), its
 hostPath volumes checked or created per `type` in the node's view, its init containers run one
 by one to exit 0, then its containers started, each with the spec's command, env (`fieldRef`s
-resolved), volume mounts (propagation included), securityContext, resource limits (as the
-kubelet passes them to CRI) and the service-account token (automounted, or a projected volume)
-and KUBERNETES_SERVICE_* env of in-cluster config. Fields this stand-in does not act on
-either are listed in IGNORED (scheduling and resource hints, probes: no prober here) or make
-it fail naming the field, so a manifest change is never skipped in silence.
+resolved), volume mounts (propagation included), securityContext and the service-account token
+(automounted, or a projected volume) and KUBERNETES_SERVICE_* env of in-cluster config. Fields
+this stand-in does not act on either are listed in IGNORED (scheduling and resource hints,
+probes: no kubelet here) or make it fail naming the field, so a manifest change is never
+skipped in silence.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ POD_IGNORED = {
     "nodeSelector",
     "affinity",
 }
-CONTAINER_IGNORED = {"imagePullPolicy", "livenessProbe", "readinessProbe", "startupProbe"}
-CPU_PERIOD = 100_000  # µs, the kubelet's CFS period
+# resources: runc would enforce them, but tests/e2e/cri.py's schema has no LinuxContainerResources
+CONTAINER_IGNORED = {"imagePullPolicy", "resources", "livenessProbe", "readinessProbe", "startupProbe"}
 TOKEN_SOURCES = {"serviceAccountToken", "configMap", "downwardAPI"}  # kube-api-access's
 SECCOMP = {"RuntimeDefault": "RuntimeDefault", "Unconfined": "Unconfined"}
 
@@ -111,34 +111,6 @@ def _security_context(sc: dict[str, Any]) -> dict[str, Any]:
         if kind not in SECCOMP:
             raise Unsupported(f"seccompProfile type {kind!r}")
         out["seccomp"] = {"profile_type": SECCOMP[kind]}
-    return out
-
-
-def quantity(value: str | int) -> float:
-    """A CPU or memory quantity (500m, 1, 64Mi, 1Gi)."""
-    text = str(value)
-    for suffix, factor in (("m", 1e-3), ("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30)):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * factor
-    return float(text)
-
-
-def _resources(resources: dict[str, Any]) -> dict[str, Any]:
-    """CRI's LinuxContainerResources as the kubelet derives them: CFS quota from the CPU limit,
-    shares from the request, the memory limit in bytes."""
-    if extra := set(resources) - {"requests", "limits"}:
-        raise Unsupported(f"resources fields {sorted(extra)}")
-    requests, limits = resources.get("requests", {}), resources.get("limits", {})
-    if extra := (set(requests) | set(limits)) - {"cpu", "memory"}:
-        raise Unsupported(f"resources {sorted(extra)}")
-    out: dict[str, Any] = {}
-    if "cpu" in requests:
-        out["cpu_shares"] = max(2, int(quantity(requests["cpu"]) * 1024))
-    if "cpu" in limits:
-        out["cpu_period"] = CPU_PERIOD
-        out["cpu_quota"] = int(quantity(limits["cpu"]) * CPU_PERIOD)
-    if "memory" in limits:
-        out["memory_limit_in_bytes"] = int(quantity(limits["memory"]))
     return out
 
 
@@ -345,8 +317,7 @@ class Kubelet:
                         **_pod_defaults(pod.spec.get("securityContext", {})),
                         **container.get("securityContext", {}),
                     }
-                ),
-                "resources": _resources(container.get("resources", {})),
+                )
             },
         }
         reply = self.cri.call(

@@ -50,6 +50,7 @@ METRICS_QUEUE = 2  # /metrics requests waiting for the worker
 RENDER_INTERVAL = 1.0  # a scrape sooner than this after the last gets the same exposition
 READINESS_INTERVAL = 5.0  # seconds between runs of the readiness checks (kubelet probes every 10)
 HEALTH_PATHS = ("/healthz", "/readyz")
+TEXT = "text/plain; charset=utf-8"
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # the `_created` series only double what scrapers see
 
@@ -287,7 +288,11 @@ class Endpoint:
             conn, accept = job
             try:
                 content_type, body = self._exposition(accept)
-                _send(conn, _response("200 OK", content_type, body), time.monotonic() + SEND_DEADLINE)
+                response = _response("200 OK", content_type, body)
+            except Exception as exc:  # a collector's bug fails this scrape, not the worker
+                response = _response("500 Internal Server Error", TEXT, f"{exc!r}\n".encode())
+            try:
+                _send(conn, response, time.monotonic() + SEND_DEADLINE)
             except OSError:
                 pass  # the scraper went away or read too slowly: its loss
             finally:
@@ -314,7 +319,7 @@ def _answer_now(conn: socket.socket, status: str, text: str) -> None:
     """A short answer, sent without waiting: it fits the new connection's empty send buffer; a
     client whose buffer is full anyway gets nothing."""
     with conn, contextlib.suppress(OSError):
-        conn.send(_response(status, "text/plain; charset=utf-8", f"{text}\n".encode()))
+        conn.send(_response(status, TEXT, f"{text}\n".encode()))
 
 
 def _send(conn: socket.socket, data: bytes, deadline: float) -> None:

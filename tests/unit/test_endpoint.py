@@ -169,3 +169,18 @@ def test_metrics_render_at_most_once_per_interval(readiness: endpoint.Readiness)
         elapsed = time.monotonic() - started
     assert statuses.count(200) >= 1
     assert len(renders) <= 1 + int(elapsed / endpoint.RENDER_INTERVAL)
+
+
+def test_a_failing_collector_fails_its_scrape_only(readiness: endpoint.Readiness) -> None:
+    """A collector that raises: each scrape answers 500, the worker lives on, health answers."""
+
+    class Broken:
+        def collect(self) -> Iterator[object]:
+            raise RuntimeError("collector bug")
+
+    registry = CollectorRegistry()
+    registry.register(Broken())  # type: ignore[arg-type]
+    readiness.add("ready", lambda: None)
+    with serving(readiness, registry) as server:
+        statuses = [get(server.port, "/metrics") for _ in range(3)]
+        assert (statuses, get(server.port, "/healthz")) == ([500, 500, 500], 200)

@@ -13,6 +13,7 @@ skipped in silence.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 import time
@@ -43,6 +44,7 @@ POD_IGNORED = {
 # resources: runc would enforce them, but tests/e2e/cri.py's schema has no LinuxContainerResources
 CONTAINER_IGNORED = {"imagePullPolicy", "resources", "livenessProbe", "readinessProbe", "startupProbe"}
 TOKEN_SOURCES = {"serviceAccountToken", "configMap", "downwardAPI"}  # kube-api-access's
+ENV_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 SECCOMP = {"RuntimeDefault": "RuntimeDefault", "Unconfined": "Unconfined"}
 
 
@@ -287,7 +289,10 @@ class Kubelet:
             {"key": "KUBERNETES_SERVICE_HOST", "value": self.api_host},
             {"key": "KUBERNETES_SERVICE_PORT", "value": str(self.api_port)},
         ]
-        env += [{"key": e["name"], "value": self._env_value(pod, e)} for e in container.get("env", [])]
+        defined: dict[str, str] = {}
+        for e in container.get("env", []):
+            defined[e["name"]] = self._env_value(pod, e, defined)
+        env += [{"key": key, "value": value} for key, value in defined.items()]
         config = {
             "metadata": {"name": name, "attempt": attempt},
             "image": {"image": image_reference(container["image"])},
@@ -328,9 +333,12 @@ class Kubelet:
         pod.containers[name] = cid
         return cid
 
-    def _env_value(self, pod: Pod, env: dict[str, Any]) -> str:
+    def _env_value(self, pod: Pod, env: dict[str, Any], defined: dict[str, str]) -> str:
+        """A value with $(VAR) of the variables defined before it expanded ($$ is a $), as the
+        kubelet does; a fieldRef resolved."""
         if "value" in env:
-            return str(env["value"])
+            return ENV_REFERENCE.sub(lambda m: "$" if m[0] == "$$" else defined.get(m[1], m[0]),
+                                     str(env["value"]))
         path = env["valueFrom"]["fieldRef"]["fieldPath"]
         fields = {
             "spec.nodeName": self.node_name,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cni_plugin.node.install import bundle_digest
 
@@ -34,8 +34,6 @@ REDIRECT = (
     "add table ip mesh; add chain ip mesh out { type nat hook output priority -100; }; "
     "add rule ip mesh out meta skuid != 1337 tcp dport 81 redirect to :15001"
 )
-
-AGENT_ADDS = re.compile(r'^pybridge_cni_calls_total\{program="pybridge",verb="ADD",code="0"\} (\S+)$', re.M)
 
 pytestmark = pytest.mark.kindsim
 
@@ -108,8 +106,10 @@ def test_agent_endpoints_where_the_manifest_binds_them(cluster: Cluster, web: di
     name, pod = next(iter(web.items()))
     node = cluster.nodes[name]
     metrics = cluster.http_get(pod, node.ip, 9430, "/metrics")
-    adds = AGENT_ADDS.search(metrics)
-    assert adds and float(adds.group(1)) >= 1, metrics[-2000:]
+    served = {"program": "pybridge", "verb": "ADD", "code": "0"}
+    adds = [s.value for family in text_string_to_metric_families(metrics) for s in family.samples
+            if s.name == "pybridge_cni_calls_total" and s.labels == served]
+    assert adds and adds[0] >= 1, metrics
     assert cluster.exec(pod, "cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6") == (0, "1\n")
     for port in (9432, 9433):  # the agent's, the node agent's
         probe = node.in_node("/bin/busybox", "sh", "-c", http_get_script("127.0.0.1", port, "/healthz"))

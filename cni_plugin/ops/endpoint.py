@@ -43,8 +43,9 @@ REQUEST_DEADLINE = 2.0  # from accept to the request head's last byte
 SEND_DEADLINE = 5.0  # for a /metrics answer to a client that reads slowly
 MAX_HEAD = 4096  # a GET's request line and headers; anything longer is not one of ours
 MAX_OPEN = 64  # connections whose request head is arriving
-ACCEPT_RATE = 50.0  # connections accepted per second, in bursts of up to ACCEPT_BURST
-ACCEPT_BURST = 20.0
+ACCEPT_RATE = 20.0  # connections accepted per second, in bursts of up to ACCEPT_BURST: probes come
+# every 10 s, scrapes every 15 s or more; a flood gets this many answers a second and no more
+ACCEPT_BURST = 10.0
 BACKLOG = 16  # connections the kernel holds for us while we do not accept
 METRICS_QUEUE = 2  # /metrics requests waiting for the worker
 RENDER_INTERVAL = 1.0  # a scrape sooner than this after the last gets the same exposition

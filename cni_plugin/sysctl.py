@@ -22,6 +22,10 @@ import os
 import threading
 from collections.abc import Iterator
 
+# Where /proc/sys is writable: an unprivileged container has it read-only, so the DaemonSet's agent
+# is given the host's /proc/sys/net elsewhere (deploy/pybridge.yaml). Set by whoever starts the
+# process, like the rest of its environment.
+ROOT = os.environ.get("PYBRIDGE_PROC_SYS", "/proc/sys")
 # Directories opened once; the first that `key` starts with is used.
 _BASES = ("net/ipv6/conf/", "net/ipv4/")
 
@@ -37,7 +41,7 @@ _cached: dict[str, int] = {}
 
 
 def _open_base(base: str) -> int:
-    return os.open(os.path.join("/proc/sys", base), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return os.open(os.path.join(ROOT, base), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _base_fd(base: str) -> tuple[int, bool]:
@@ -71,7 +75,7 @@ def _opened(key: str, flags: int, dir_fd: int | None = None) -> Iterator[int]:
 def _open_key(key: str, flags: int) -> int:
     base = next((b for b in _BASES if key.startswith(b)), "")
     if not base:
-        return os.open(os.path.join("/proc/sys", key), flags | os.O_CLOEXEC)
+        return os.open(os.path.join(ROOT, key), flags | os.O_CLOEXEC)
     base_fd, owned = _base_fd(base)
     try:
         return os.open(key[len(base):], flags | os.O_CLOEXEC, dir_fd=base_fd)

@@ -19,6 +19,7 @@ from . import endpoint, networks
 VERBS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DEFAULT_ADDRESS = "127.0.0.1:9430"
+DEFAULT_HEALTH_ADDRESS = "127.0.0.1:9432"
 
 
 def _verb(value: str) -> str:
@@ -118,37 +119,45 @@ def store_problem(conf_dir: str) -> str | None:
 
 
 class Served:
-    """The running endpoint (or none, metrics off) and what makes the agent ready."""
+    """The running endpoints (none when both are off) and the readiness they report."""
 
-    def __init__(self, server: endpoint.Endpoint | None = None, conf_dir: str = "") -> None:
-        self.server = server
+    def __init__(self, readiness: endpoint.Readiness | None = None, conf_dir: str = "") -> None:
+        self.readiness = readiness
         self.conf_dir = conf_dir
-        self._listening: Callable[[], bool] | None = None
+        self.servers: list[endpoint.Endpoint] = []
 
     def ready_when(self, listening: Callable[[], bool]) -> None:
-        self._listening = listening
-
-    def readiness(self) -> str | None:
-        if self._listening is None or not self._listening():
-            return "agent socket not bound"
-        return store_problem(self.conf_dir)
+        """Ready while the agent's socket is bound and every network's IPAM store takes a write."""
+        if self.readiness is None:
+            return
+        self.readiness.add("agent socket", lambda: None if listening() else "agent socket not bound")
+        self.readiness.add("IPAM stores", lambda: store_problem(self.conf_dir))
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
+        if self.readiness is not None:
+            self.readiness.close()
 
 
-def start(address: str | None, conf_dir: str | None) -> tuple[Metrics | None, Served]:
-    """Metrics and the endpoint at `address` (flag, else env, else the loopback default)."""
-    where = endpoint.parse_address(address or os.environ.get(endpoint.ADDRESS_ENV) or DEFAULT_ADDRESS)
-    if where is None:
-        return None, Served()
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    metrics = Metrics(registry)
+def start(address: str | None, conf_dir: str | None, health_address: str | None = None
+          ) -> tuple[Metrics | None, Served]:
+    """Metrics at `address` and health at `health_address` (each: flag, else env, else the
+    loopback default)."""
+    metrics_at = endpoint.parse_address(address or os.environ.get(endpoint.ADDRESS_ENV) or DEFAULT_ADDRESS)
+    health_at = endpoint.parse_address(health_address or os.environ.get(endpoint.HEALTH_ADDRESS_ENV)
+                                       or DEFAULT_HEALTH_ADDRESS)
     directory = networks.conf_dir(conf_dir)
-    registry.register(PoolCollector(directory))
-    ipam.plugin.GC_RELEASED.append(metrics.released)
-    served = Served(conf_dir=directory)
-    served.server = endpoint.listen(where, registry, served.readiness)
+    if metrics_at is None and health_at is None:
+        return None, Served()
+    readiness = endpoint.Readiness()
+    metrics, registry = None, None
+    if metrics_at is not None:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        metrics = Metrics(registry)
+        registry.register(PoolCollector(directory))
+        ipam.plugin.GC_RELEASED.append(metrics.released)
+    served = Served(readiness, directory)
+    served.servers = endpoint.listen_all([(metrics_at, registry), (health_at, None)], readiness)
     return metrics, served

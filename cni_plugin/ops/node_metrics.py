@@ -16,6 +16,7 @@ from ..node.netpol.objects import Refusal
 from . import endpoint
 
 DEFAULT_ADDRESS = "127.0.0.1:9431"
+DEFAULT_HEALTH_ADDRESS = "127.0.0.1:9433"
 
 
 class NodeMetrics:
@@ -31,6 +32,7 @@ class NodeMetrics:
                                 "by kind and reason: malformed (an object or field skipped), outside-cluster "
                                 "and default-route (a podCIDR not routed), route-conflict (a route it does "
                                 "not own holds the destination)", ["kind", "reason"], registry=registry)
+        self.checks: endpoint.Readiness | None = None  # served readiness, told of every change
         self.reconciles = Counter("pybridge_node_reconciles", "Reconciles of the node's conflist, routes "
                                   "and masquerade", registry=registry)
         self.errors = Counter("pybridge_node_reconcile_errors", "Errors met while applying a reconcile",
@@ -55,13 +57,18 @@ class NodeMetrics:
     def waiting(self, reason: str) -> None:
         with self._lock:
             self._waiting = reason
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.checks is not None:
+            self.checks.refresh()
 
     def refused(self, kind: str, reason: str) -> None:
         self.refusals.labels(kind, reason).inc()
 
     def add_check(self, check: Callable[[], str | None]) -> None:
         """Another condition of readiness (NetworkPolicy's bridge-nf-call): its reason, or None.
-        It must be cheap and do no I/O: /readyz calls it."""
+        It must be cheap: the readiness checks' thread calls it with readiness()."""
         self._checks.append(check)
 
     def reconciled(self, nodes: int, routes: int, errors: int, full_sync: bool) -> None:
@@ -73,6 +80,7 @@ class NodeMetrics:
             self._waiting = None
             if full_sync and not errors:
                 self._last_sync = time.monotonic()
+        self._changed()
 
     def field_refused(self, refusal: Refusal) -> None:
         self.fields_refused.labels(refusal.kind).inc()
@@ -92,11 +100,18 @@ class NodeMetrics:
         return None if os.path.isfile(self.conflist) else f"conflist {self.conflist} not written"
 
 
-def start(address: str | None, conflist: str) -> tuple[NodeMetrics | None, endpoint.Endpoint | None]:
-    where = endpoint.parse_address(address or os.environ.get(endpoint.ADDRESS_ENV) or DEFAULT_ADDRESS)
-    if where is None:
-        return None, None
+def start(address: str | None, conflist: str, health_address: str | None = None
+          ) -> tuple[NodeMetrics | None, list[endpoint.Endpoint]]:
+    """Metrics at `address`, health at `health_address` (each: argument, else env, else the
+    loopback default). The readiness registry is `metrics.checks`: more inputs are one `add`."""
+    metrics_at = endpoint.parse_address(address or os.environ.get(endpoint.ADDRESS_ENV) or DEFAULT_ADDRESS)
+    health_at = endpoint.parse_address(health_address or os.environ.get(endpoint.HEALTH_ADDRESS_ENV)
+                                       or DEFAULT_HEALTH_ADDRESS)
+    if metrics_at is None and health_at is None:
+        return None, []
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     metrics = NodeMetrics(registry, conflist)
-    return metrics, endpoint.listen(where, registry, metrics.readiness)
+    metrics.checks = endpoint.Readiness()
+    metrics.checks.add("node agent", metrics.readiness)
+    return metrics, endpoint.listen_all([(metrics_at, registry), (health_at, None)], metrics.checks)

@@ -16,11 +16,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("socket", nargs="?", help=f"default: ${wire.SOCKET_ENV} or {wire.DEFAULT_SOCKET}")
     parser.add_argument("--metrics-address", help="HOST:PORT of /metrics, /healthz, /readyz, or 'off' "
                         "(env PYBRIDGE_METRICS_ADDRESS; default 127.0.0.1:9430)")
+    parser.add_argument("--health-address", help="HOST:PORT of /healthz and /readyz alone, for the kubelet's "
+                        "probes, or 'off' (env PYBRIDGE_HEALTH_ADDRESS; default 127.0.0.1:9432)")
     parser.add_argument("--conf-dir", help="CNI conf dir whose networks' pools are measured "
                         "(env PYBRIDGE_CONF_DIR; default /etc/cni/net.d)")
     args = parser.parse_args(argv)
     try:
-        observer, endpoint = agent_metrics.start(args.metrics_address, args.conf_dir)
-    except ValueError as exc:  # a bad metrics address
+        observer, endpoint = agent_metrics.start(args.metrics_address, args.conf_dir, args.health_address)
+    except ValueError as exc:  # a bad metrics or health address
         parser.error(str(exc))
     return server.run(args.socket, observer, endpoint)

@@ -130,9 +130,9 @@ def test_daemonset_shape() -> None:
     containers = {c["name"]: c for c in pod["containers"]}
     assert containers["agent"]["command"][1] == "agent"
     assert containers["node"]["command"][1:3] == ["node", "run"]
-    volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
+    volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     mounts = {
-        c["name"]: {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
+        c["name"]: {m["mountPath"]: volumes.get(m["name"]) for m in c["volumeMounts"]}
         for c in [init, *pod["containers"]]
     }
     # the exec'd plugin (host) and the agent (container) must see the same socket and IPAM store
@@ -151,11 +151,12 @@ def test_daemonset_shape() -> None:
 
 
 def test_probes_and_scraping_reach_the_metrics_endpoints() -> None:
-    """Each agent listens where its named port says, the probes use that port, and Prometheus'
-    annotations point at the agent's; the address is the pod IP (the node's, hostNetwork)."""
+    """Each agent serves /metrics where its named port says, on the pod IP (the node's,
+    hostNetwork: Prometheus runs in a pod), and Prometheus' annotations point at the agent's;
+    the probes go to the health endpoint on loopback, which no pod reaches."""
     template = daemonset()["spec"]["template"]
     containers = {c["name"]: c for c in template["spec"]["containers"]}
-    ports = {}
+    ports, health = {}, {}
     for name, port_name in (("agent", "metrics"), ("node", "node-metrics")):
         container = containers[name]
         env = {e["name"]: e for e in container["env"]}
@@ -164,10 +165,13 @@ def test_probes_and_scraping_reach_the_metrics_endpoints() -> None:
         host, _, port = env["PYBRIDGE_METRICS_ADDRESS"]["value"].rpartition(":")
         assert host == "$(POD_IP)"
         assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [(port_name, int(port))]
-        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port_name}
-        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port_name}
-        ports[name] = int(port)
-    assert ports["agent"] != ports["node"]  # both on the host network
+        health_host, _, health_port = env["PYBRIDGE_HEALTH_ADDRESS"]["value"].rpartition(":")
+        assert health_host == "127.0.0.1"
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            wanted = {"host": "127.0.0.1", "path": path, "port": int(health_port)}
+            assert container[probe]["httpGet"] == wanted
+        ports[name], health[name] = int(port), int(health_port)
+    assert len({*ports.values(), *health.values()}) == 4  # all on the host network
     annotations = template["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == ports["agent"]
@@ -177,24 +181,86 @@ def test_probes_and_scraping_reach_the_metrics_endpoints() -> None:
     assert mounts["/etc/cni/net.d"]["readOnly"] is True
 
 
-# What each container's code uses (docs/kubernetes.md); the agent is privileged instead.
-CAPABILITIES = {"install": set(), "node": {"NET_ADMIN"}}
+# What each container's code uses; the reason is beside each in the manifest.
+CAPABILITIES = {"install": set(), "agent": {"NET_ADMIN", "SYS_ADMIN"}, "node": {"NET_ADMIN"}}
+
+
+def all_containers() -> list[dict[str, Any]]:
+    pod = daemonset()["spec"]["template"]["spec"]
+    return [*pod["initContainers"], *pod["containers"]]
 
 
 def test_containers_run_with_least_privilege() -> None:
+    """None privileged (its seccomp profile and capability list would not apply): ALL dropped,
+    back only what the code uses, RuntimeDefault seccomp, no escalation, read-only root."""
     pod = daemonset()["spec"]["template"]["spec"]
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    for c in [*pod["initContainers"], *pod["containers"]]:
+    assert {c["name"] for c in all_containers()} == set(CAPABILITIES)
+    for c in all_containers():
         sc = c["securityContext"]
+        assert sc.get("privileged", False) is False, c["name"]
         assert sc["readOnlyRootFilesystem"] is True, c["name"]
         assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
-        if c["name"] == "agent":
-            assert sc["privileged"] is True and "capabilities" not in sc
-            continue
-        assert sc.get("privileged", False) is False, c["name"]
         assert sc["allowPrivilegeEscalation"] is False, c["name"]
         assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
         assert set(sc["capabilities"].get("add", [])) == CAPABILITIES[c["name"]], c["name"]
+
+
+def quantity(value: str | int) -> float:
+    """A CPU or memory quantity of the forms the manifest uses (500m, 1, 64Mi)."""
+    text = str(value)
+    for suffix, factor in (("m", 1e-3), ("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def test_every_container_has_requests_and_limits() -> None:
+    for c in all_containers():
+        resources = c["resources"]
+        for kind in ("cpu", "memory"):
+            request, limit = resources["requests"][kind], resources["limits"][kind]
+            assert 0 < quantity(request) <= quantity(limit), (c["name"], kind)
+
+
+SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def test_only_the_node_agent_gets_an_api_token() -> None:
+    """No token by default; `node`, the one container that reads the API, mounts a projected
+    one where in-cluster config looks, with the CA and namespace beside it."""
+    pod = daemonset()["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    with_token = {}
+    for c in all_containers():
+        for m in c.get("volumeMounts", []):
+            projected = volumes[m["name"]].get("projected", {})
+            if any("serviceAccountToken" in source for source in projected.get("sources", [])):
+                with_token[c["name"]] = (m["mountPath"], m.get("readOnly"), projected["sources"])
+    assert list(with_token) == ["node"]
+    path, read_only, sources = with_token["node"]
+    assert (path, read_only) == (SA_PATH, True)
+    files = {source.get("serviceAccountToken", {}).get("path") for source in sources}
+    files |= {i["path"] for source in sources for kind in ("configMap", "downwardAPI")
+              for i in source.get(kind, {}).get("items", [])}
+    assert files >= {"token", "ca.crt", "namespace"}
+
+
+def test_host_state_is_mounted_read_only_where_nothing_writes_it() -> None:
+    """/var/lib/cni (libcni's cache) is read-only in every container; of /proc/sys only net/
+    is mounted (writable: the agent's sysctls), where PYBRIDGE_PROC_SYS points the agent."""
+    pod = daemonset()["spec"]["template"]["spec"]
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    for c in all_containers():
+        for m in c.get("volumeMounts", []):
+            source = host_paths.get(m["name"], "")
+            if source == "/var/lib/cni" or source.startswith("/var/lib/cni/"):
+                assert m.get("readOnly") is True, (c["name"], m["mountPath"])
+            if source.startswith("/proc"):
+                assert (c["name"], source) == ("agent", "/proc/sys/net"), source
+                env = {e["name"]: e.get("value") for e in c["env"]}
+                assert f"{env['PYBRIDGE_PROC_SYS']}/net" == m["mountPath"]
 
 
 def test_every_added_capability_and_privilege_says_why() -> None:
@@ -202,10 +268,7 @@ def test_every_added_capability_and_privilege_says_why() -> None:
     for i, line in enumerate(lines):
         if re.match(r"\s*add: \[", line):
             assert "#" in line, f"line {i + 1}: a capability without its reason"
-        if re.match(r"\s*privileged: true", line):
-            assert lines[i - 1].strip().startswith("#"), f"line {i + 1}: privileged without its reason"
-    doc = (REPO / "docs/kubernetes.md").read_text()
-    assert "privileged" in doc and "/proc/sys" in doc
+        assert not re.match(r"\s*privileged: true", line), f"line {i + 1}: privileged"
 
 
 def test_rbac_lets_the_service_account_watch_nodes() -> None:

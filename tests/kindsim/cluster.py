@@ -90,10 +90,14 @@ class KindNode(Node):
         return {"PATH": self.runtime.path, "HOME": "/root"}
 
     def node_path(self, path: str) -> Path:
-        """Where this process sees the node's `path` (only paths inside the node's own tree)."""
+        """Where this process sees the node's `path` (only paths inside the node's own tree, and
+        /proc/sys/net: procfs is the kernel's, the same in every mount namespace, and each file
+        below net/ is the netns' of the thread that opens it)."""
         path = os.path.normpath(
             path.replace("/var/run/", "/run/", 1) if path.startswith("/var/run/") else path
         )
+        if path == "/proc/sys/net" or path.startswith("/proc/sys/net/"):
+            return Path(path)
         for target, source in NODE_MOUNTS.items():
             if path == target or path.startswith(target + "/"):
                 return self.root / source / os.path.relpath(path, target)

@@ -3,15 +3,17 @@
 A pod is a sandbox (host network or its own netns, which CRI asks the node's CNI for), its
 hostPath volumes checked or created per `type` in the node's view, its init containers run one
 by one to exit 0, then its containers started, each with the spec's command, env (`fieldRef`s
-resolved), volume mounts (propagation included), securityContext and the service-account
-volume and KUBERNETES_SERVICE_* env of in-cluster config. Fields this stand-in does not act on
-either are listed in IGNORED (scheduling and resource hints, probes: no kubelet here) or make
-it fail naming the field, so a manifest change is never skipped in silence.
+resolved), volume mounts (propagation included), securityContext and the service-account token
+(automounted, or a projected volume) and KUBERNETES_SERVICE_* env of in-cluster config. Fields
+this stand-in does not act on either are listed in IGNORED (scheduling and resource hints,
+probes: no kubelet here) or make it fail naming the field, so a manifest change is never
+skipped in silence.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 import time
@@ -39,7 +41,10 @@ POD_IGNORED = {
     "nodeSelector",
     "affinity",
 }
+# resources: runc would enforce them, but tests/e2e/cri.py's schema has no LinuxContainerResources
 CONTAINER_IGNORED = {"imagePullPolicy", "resources", "livenessProbe", "readinessProbe", "startupProbe"}
+TOKEN_SOURCES = {"serviceAccountToken", "configMap", "downwardAPI"}  # kube-api-access's
+ENV_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 SECCOMP = {"RuntimeDefault": "RuntimeDefault", "Unconfined": "Unconfined"}
 
 
@@ -169,7 +174,8 @@ class Kubelet:
         labels: dict[str, str] | None = None,
         dns: dict[str, list[str]] | None = None,
     ) -> Pod:
-        known = {"hostNetwork", "initContainers", "containers", "volumes", "securityContext"}
+        known = {"hostNetwork", "initContainers", "containers", "volumes", "securityContext",
+                 "automountServiceAccountToken"}
         if extra := set(spec) - POD_IGNORED - known:
             raise Unsupported(f"pod spec fields {sorted(extra)}")
         uid = secrets.token_hex(8)
@@ -254,9 +260,16 @@ class Kubelet:
             self.store.put("pods", self.api_object(pod))
 
     def _volumes(self, volumes: list[dict[str, Any]]) -> dict[str, str]:
-        """volume name -> host path (the node's view), each checked or created per its type."""
+        """volume name -> host path (the node's view), each checked or created per its type; a
+        projected service-account token is the API server's token, CA and namespace."""
         out = {}
         for volume in volumes:
+            if set(volume) == {"name", "projected"}:
+                kinds = {kind for source in volume["projected"]["sources"] for kind in source}
+                if "serviceAccountToken" not in kinds or kinds - TOKEN_SOURCES:
+                    raise Unsupported(f"volume {volume['name']!r}: projected sources {sorted(kinds)}")
+                out[volume["name"]] = str(self.sa_dir)
+                continue
             if set(volume) != {"name", "hostPath"}:
                 raise Unsupported(f"volume {volume['name']!r}: only hostPath volumes are simulated")
             path = volume["hostPath"]["path"]
@@ -276,7 +289,10 @@ class Kubelet:
             {"key": "KUBERNETES_SERVICE_HOST", "value": self.api_host},
             {"key": "KUBERNETES_SERVICE_PORT", "value": str(self.api_port)},
         ]
-        env += [{"key": e["name"], "value": self._env_value(pod, e)} for e in container.get("env", [])]
+        defined: dict[str, str] = {}
+        for e in container.get("env", []):
+            defined[e["name"]] = self._env_value(pod, e, defined)
+        env += [{"key": key, "value": value} for key, value in defined.items()]
         config = {
             "metadata": {"name": name, "attempt": attempt},
             "image": {"image": image_reference(container["image"])},
@@ -293,7 +309,11 @@ class Kubelet:
                     }
                     for m in container.get("volumeMounts", [])
                 ),
-                {"container_path": SA_PATH, "host_path": str(self.sa_dir), "readonly": True},
+                *(
+                    [{"container_path": SA_PATH, "host_path": str(self.sa_dir), "readonly": True}]
+                    if pod.spec.get("automountServiceAccountToken", True)
+                    else []
+                ),
             ],
             "log_path": f"{name}/{attempt}.log",
             "linux": {
@@ -313,9 +333,12 @@ class Kubelet:
         pod.containers[name] = cid
         return cid
 
-    def _env_value(self, pod: Pod, env: dict[str, Any]) -> str:
+    def _env_value(self, pod: Pod, env: dict[str, Any], defined: dict[str, str]) -> str:
+        """A value with $(VAR) of the variables defined before it expanded ($$ is a $), as the
+        kubelet does; a fieldRef resolved."""
         if "value" in env:
-            return str(env["value"])
+            return ENV_REFERENCE.sub(lambda m: "$" if m[0] == "$$" else defined.get(m[1], m[0]),
+                                     str(env["value"]))
         path = env["valueFrom"]["fieldRef"]["fieldPath"]
         fields = {
             "spec.nodeName": self.node_name,

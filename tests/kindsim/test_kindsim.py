@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cni_plugin.node.install import bundle_digest
 
@@ -96,6 +97,26 @@ def test_pod_addresses_come_from_the_node_podcidr(cluster: Cluster, web: dict[st
     for name, pod in web.items():
         assert ipaddress.ip_address(pod.ip) in ipaddress.ip_network(cluster.pod_cidr(name))
     assert len({pod.ip for pod in web.values()}) == len(web)
+
+
+def test_agent_endpoints_where_the_manifest_binds_them(cluster: Cluster, web: dict[str, Pod]) -> None:
+    """A pod (Prometheus' place) scrapes the agent's /metrics on the node's address, and the
+    ADDs there were the agent's own: unprivileged, it wrote the pod's sysctls through the mounted
+    /proc/sys/net (an IPv4-only pod's IPv6 is off). The probes' health endpoint answers on the
+    node's loopback (the kubelet's view) and no pod reaches it."""
+    name, pod = next(iter(web.items()))
+    node = cluster.nodes[name]
+    metrics = cluster.http_get(pod, node.ip, 9430, "/metrics")
+    served = {"program": "pybridge", "verb": "ADD", "code": "0"}
+    adds = [s.value for family in text_string_to_metric_families(metrics) for s in family.samples
+            if s.name == "pybridge_cni_calls_total" and s.labels == served]
+    assert adds and adds[0] >= 1, metrics
+    assert cluster.exec(pod, "cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6") == (0, "1\n")
+    for port in (9432, 9433):  # the agent's, the node agent's
+        probe = node.in_node("/bin/busybox", "sh", "-c", http_get_script("127.0.0.1", port, "/healthz"))
+        assert http_body(probe.stdout) == "ok", probe.stdout
+        _, out = cluster.exec(pod, "/bin/sh", "-c", http_get_script(node.ip, port, "/healthz"))
+        assert http_body(out) is None, out
 
 
 def test_tcp_same_node_and_across_nodes_keeps_the_source_address(

@@ -59,6 +59,32 @@ def http_get(host: Host, path: str, port: int = METRICS_PORT) -> tuple[bool, str
     return proc.returncode == 0, proc.stdout.decode()
 
 
+GETS = """
+import collections, json, sys, urllib.error, urllib.request
+url, count = sys.argv[1], int(sys.argv[2])
+statuses, body = collections.Counter(), ""
+for _ in range(count):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            statuses[reply.status] += 1
+            body = reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        statuses[exc.code] += 1
+        body = exc.read().decode()
+    except OSError:
+        statuses[0] += 1
+print(json.dumps([statuses, body]))
+"""
+
+
+def http_gets(host: Host, path: str, count: int = 1, port: int = METRICS_PORT) -> tuple[dict[int, int], str]:
+    """({status: how many}, the last body) of `count` GETs in a row from the host netns (status
+    0: no answer)."""
+    proc = host.exec(sys.executable, "-c", GETS, f"http://127.0.0.1:{port}{path}", str(count))
+    statuses, body = json.loads(proc.stdout)
+    return {int(k): v for k, v in statuses.items()}, body
+
+
 def restart_agent(host: Host, log: Path, env: dict[str, str]) -> None:
     """The fixture's agent again, started with `env` (conf dir, metrics address)."""
     host.stop_agent()

@@ -5,10 +5,13 @@ runs with and without the agent (the host fixture)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cni_plugin.agent import wire
+from cni_plugin.ops import endpoint
+from ipam.watch import Watch
 
 from .harness import Host, bridge_conf, sh
-from .ops import METRICS_PORT, agent_env, doctor, http_get, ls, ops_conf, pybridge, restart_agent, write_conf
+from .ops import agent_env, doctor, http_get, http_gets, ls, ops_conf, pybridge, restart_agent, write_conf
 from .test_agent import FakeAgent
 
 pytestmark = pytest.mark.netns
@@ -187,6 +192,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def _scrape(host: Host) -> Samples:
+    time.sleep(endpoint.RENDER_INTERVAL)  # the exposition is rendered at most once per interval
     ok, body = http_get(host, "/metrics")
     assert ok, body
     return {(s.name, frozenset(s.labels.items())): s.value
@@ -204,7 +210,7 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     conf_dir = write_conf(tmp_path / "conf", conf)
     restart_agent(host, tmp_path / "agent-metrics.log", agent_env(conf_dir))
     assert http_get(host, "/healthz") == (True, "ok\n")
-    assert http_get(host, "/readyz") == (True, "ok\n")
+    assert _ready_reason(host, lambda body: body == "ok\n") == "ok\n"
     pods = [host.new_pod() for _ in range(3)]
     for i, pod in enumerate(pods):
         host.add(conf, pod, container_id=f"m{i}")
@@ -301,10 +307,55 @@ def test_agent_not_ready_when_store_unwritable(host: Host, tmp_path: Path) -> No
     conf["ipam"]["dataDir"] = "/proc/pybridge-h15-readonly"  # cannot be created, even by root
     conf_dir = write_conf(tmp_path / "conf", conf)
     restart_agent(host, tmp_path / "agent-ready.log", agent_env(conf_dir))
-    deadline = time.monotonic() + 5
-    while not http_get(host, "/healthz")[0]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc = host.exec("busybox", "wget", "-S", "-q", "-O", "-", f"http://127.0.0.1:{METRICS_PORT}/readyz",
-                     check=False)
-    assert proc.returncode != 0 and b"503" in proc.stderr
+    reason = _ready_reason(host, lambda body: "IPAM store" in body)
+    assert reason.startswith("IPAM store of network testnet: cannot open the IPAM store"), reason
+    statuses, _ = http_gets(host, "/readyz", 3)
+    assert statuses == {503: 3}
+
+
+def _ready_reason(host: Host, wanted: Callable[[str], bool]) -> str:
+    """The /readyz body once `wanted` (readiness is checked apart from the requests, so it
+    follows the agent within a check interval)."""
+    deadline = time.monotonic() + 3 * endpoint.READINESS_INTERVAL
+    while not wanted(body := http_gets(host, "/readyz")[1]):
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    return body
+
+
+def _inotify_events(watch: Watch) -> int:
+    """Events queued on `watch` since the last call."""
+    count = 0
+    with contextlib.suppress(BlockingIOError):
+        while data := os.read(watch.fd, 65536):
+            offset = 0
+            while offset < len(data):
+                size = struct.unpack_from("=iIII", data, offset)[3]
+                offset += 16 + size
+                count += 1
+    return count
+
+
+def test_readyz_flood_touches_no_file(host: Host, tmp_path: Path) -> None:
+    """100 /readyz in a row: every one answered, and the IPAM store directory sees no more
+    changes than the periodic checks make (main: a probe file created and removed per request)."""
+    if host.agent is None:
+        pytest.skip("the agent's endpoint: agent mode only")
+    conf = ops_conf(host)
+    conf_dir = write_conf(tmp_path / "conf", conf)
+    restart_agent(host, tmp_path / "agent-flood.log", agent_env(conf_dir))
+    _ready_reason(host, lambda body: body == "ok\n")
+    store = host.data_dir / "testnet"
+    watch = Watch()
+    dir_fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        watch.rewatch(dir_fd)
+        started = time.monotonic()
+        statuses, _ = http_gets(host, "/readyz", 100)
+        checks = 1 + int((time.monotonic() - started) / endpoint.READINESS_INTERVAL)
+        events = _inotify_events(watch)
+    finally:
+        os.close(dir_fd)
+        watch.close()
+    assert statuses == {200: 100}
+    assert events <= 2 * checks, (events, checks)  # a check: the probe file created, then removed

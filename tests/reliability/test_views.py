@@ -20,8 +20,12 @@ from .conftest import HostFactory, record
 
 def _start_agent_over_tmpfs(host: Host, hidden: Path, calls: Path) -> None:
     hidden.mkdir(parents=True, exist_ok=True)
-    script = (f"mount -t tmpfs -o mode=0755 pbt-h13-view {hidden} && "
-              f"exec {host.bin_dir}/pybridge agent {host.agent_socket}")
+    _start_agent_after(host, f"mount -t tmpfs -o mode=0755 pbt-h13-view {hidden}", calls)
+
+
+def _start_agent_after(host: Host, mount: str, calls: Path) -> None:
+    """The host's agent in a private mount namespace where `mount` ran first."""
+    script = f"{mount} && exec {host.bin_dir}/pybridge agent {host.agent_socket}"
     host.agent = subprocess.Popen(
         ["ip", "netns", "exec", host.name, "unshare", "--mount", "--propagation", "private",
          "sh", "-c", script],
@@ -65,3 +69,17 @@ def test_an_agent_that_sees_another_store_declines(make_host: HostFactory, tmp_p
     assert _served_by_agent(host, calls) == ["shared-view"]
     assert len(os.listdir(shared / "shared")) >= 2  # the reservation and its lock, where the caller looks
     record("agent_views", declined_other_view=1, served_same_view=1)
+
+
+def test_an_agent_with_a_read_only_store_declines(make_host: HostFactory, tmp_path: Path) -> None:
+    """The same files, read-only for the agent (the DaemonSet mounts /var/lib/cni so): it
+    declines a call whose dataDir is there, and the caller's ADD succeeds in-process."""
+    host = make_host()
+    calls = tmp_path / "agent-calls.log"
+    host.data_dir.mkdir(parents=True, exist_ok=True)
+    _start_agent_after(host, f"mount --bind {host.data_dir} {host.data_dir} && "
+                       f"mount -o remount,bind,ro {host.data_dir}", calls)
+    result = host.cni("ADD", bridge_conf(host), host.new_pod(), "read-only-view")
+    assert result.ok, result.stdout
+    assert sorted(host.reservations("testnet").values()) == ["read-only-view\r\neth0"]
+    assert _served_by_agent(host, calls) == []

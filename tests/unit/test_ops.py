@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,19 +159,35 @@ def test_endpoint_paths(tmp_path: Path) -> None:
     """The node agent's registry behind the endpoint (an ephemeral loopback port)."""
     conflist = tmp_path / model.CONFLIST_NAME
     metrics = NodeMetrics(registry := CollectorRegistry(), str(conflist))
-    server = endpoint.Endpoint(("127.0.0.1", 0), registry, metrics.readiness)
+    metrics.checks = endpoint.Readiness()
+    metrics.checks.add("node agent", metrics.readiness)
+    server = endpoint.Endpoint(("127.0.0.1", 0), metrics.checks, registry)
+    health = endpoint.Endpoint(("127.0.0.1", 0), metrics.checks)
     try:
         assert _get(server.port, "/healthz")[::2] == (200, "ok\n")
-        assert _get(server.port, "/readyz")[::2] == (503, "no Node list received yet\n")
-        metrics.reconciled(nodes=3, routes=2, errors=0, full_sync=True)
+        assert _wait_ready(server.port, 503) == "no Node list received yet\n"
         conflist.write_text("{}")
-        assert _get(server.port, "/readyz")[::2] == (200, "ok\n")
+        metrics.reconciled(nodes=3, routes=2, errors=0, full_sync=True)  # refreshes readiness
+        assert _wait_ready(server.port, 200) == "ok\n"
+        assert _get(health.port, "/readyz")[::2] == (200, "ok\n")
         status, kind, body = _get(server.port, "/metrics")
         assert status == 200 and kind.startswith("text/plain; version=0.0.4")
         assert "pybridge_node_nodes 3.0" in body.splitlines()
         assert _get(server.port, "/other")[0] == 404
+        assert _get(health.port, "/metrics")[0] == 404  # health alone: nothing to render there
     finally:
         server.close()
+        health.close()
+        metrics.checks.close()
+
+
+def _wait_ready(port: int, status: int) -> str:
+    """The /readyz body once it answers `status` (readiness is checked apart from requests)."""
+    deadline = time.monotonic() + 5
+    while (got := _get(port, "/readyz"))[0] != status:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.02)
+    return got[2]
 
 
 def test_doctor_warns_from_90_percent_of_a_range_set(tmp_path: Path) -> None:

@@ -74,10 +74,9 @@ class Exhausted(Exception):
     pass
 
 
-def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
-    api = fake_api(expire=True)
-    client = api_client(api)  # type: ignore[arg-type]
-    seen: dict[str, list[tuple[str, Any]]] = {}
+def drain(api: Any, client: Any) -> Iterator[tuple[str, str, Any]]:
+    """Each kind's events through kube.list_watch until its fake pool has served all it has
+    (list_watch never raises: the pool's end stops it through its stop flag)."""
     for kind, lister in netpol.listers(client).items():
         done = threading.Event()
 
@@ -87,8 +86,16 @@ def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
         api.pools[PATHS[kind]].on_exhausted = exhausted
         for event, obj in kube.list_watch(client, lister, timeout_seconds=7, backoff=lambda _s: None,
                                           stop=done.is_set):
-            seen.setdefault(kind, []).append((event, obj))
+            yield kind, event, obj
         assert done.is_set()
+
+
+def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
+    api = fake_api(expire=True)
+    client = api_client(api)  # type: ignore[arg-type]
+    seen: dict[str, list[tuple[str, Any]]] = {}
+    for kind, event, obj in drain(api, client):
+        seen.setdefault(kind, []).append((event, obj))
     names = {k: [(e, [o["metadata"]["name"] for o in obj] if e == "SYNC" else obj["metadata"]["name"])
                  for e, obj in v] for k, v in seen.items()}
     assert names == {
@@ -226,17 +233,8 @@ def test_what_the_api_accepts_through_the_client_isolates() -> None:
     applied: list[str] = []
     logs: list[tuple[str, dict[str, Any]]] = []
     agent = NetpolAgent(ME, applied.append, lambda event, **f: logs.append((event, f)))
-    for kind, lister in netpol.listers(client).items():
-        done = threading.Event()
-
-        def exhausted(done: threading.Event = done) -> None:
-            done.set()
-            raise Exhausted
-        api.pools[PATHS[kind]].on_exhausted = exhausted
-        for event, obj in kube.list_watch(client, lister, timeout_seconds=7, backoff=lambda _s: None,
-                                          stop=done.is_set):
-            agent.handle(kind, event, obj)
-        assert done.is_set()
+    for kind, event, obj in drain(api, client):
+        agent.handle(kind, event, obj)
     assert agent.reconcile()
     assert "10.244.1.5 : jump ingress_0" in applied[-1] and "%" not in applied[-1]
     assert "elements = { 10.244.0.0/23, 10.244.3.0/24, 10.244.4.0/22, " in applied[-1]  # minus 10.244.2.0/24

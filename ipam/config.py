@@ -116,6 +116,16 @@ class Range(_Model):
 RangeSet = tuple[Range, ...]
 
 
+def pool_size(range_sets: tuple[RangeSet, ...]) -> int:
+    """Allocatable addresses: each range's start..end, less its gateway when inside it."""
+    size = 0
+    for r in (r for range_set in range_sets for r in range_set):
+        size += int(r.range_end) - int(r.range_start) + 1
+        size -= int(r.range_start) <= int(r.gateway) <= int(r.range_end)
+    return size
+
+
+
 def _overlaps(a: Range, b: Range) -> bool:
     return a.contains(b.range_start) or a.contains(b.range_end) or b.contains(a.range_start)
 

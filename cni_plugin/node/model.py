@@ -27,10 +27,9 @@ from typing import Any
 
 from cnikit.ip import IPAddress, IPNetwork
 from cnikit.spec.version import SUPPORTED
-from ipam.config import Range
+from ipam.config import Range, pool_size
 
 from .. import chain, hostnet
-from ..ops.networks import pool_size
 
 Network = IPNetwork  # the names this package's models use
 Address = IPAddress

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 import ipam.plugin
 from cnikit.spec.errors import CNIError
+from ipam.config import pool_size
 
 from . import endpoint, networks
 
@@ -96,7 +97,7 @@ class PoolCollector(Collector):
             if held is None:
                 continue
             in_pool = sum(1 for ip in held if any(r.contains(ip) for s in cfg.ranges for r in s))
-            total = networks.pool_size(cfg.ranges)
+            total = pool_size(cfg.ranges)
             size.add_metric([cfg.network], total)
             reserved.add_metric([cfg.network], len(held))
             free.add_metric([cfg.network], max(total - in_pool, 0))

@@ -14,7 +14,7 @@ from typing import Any
 
 from cnikit.ip import IPAddress
 from cnikit.spec.errors import CNIError
-from ipam.config import IPAMConfig, RangeSet, describe, load_ipam_config, subnets
+from ipam.config import IPAMConfig, describe, load_ipam_config, pool_size, subnets
 from ipam.disk import DiskStore
 
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
@@ -101,15 +101,6 @@ def stores(confs: list[Conf]) -> list[tuple[Conf, IPAMConfig]]:
             seen.add((cfg.data_dir, cfg.network))
             found.append((conf, cfg))
     return found
-
-
-def pool_size(range_sets: tuple[RangeSet, ...]) -> int:
-    """Allocatable addresses: each range's start..end, less its gateway when inside it."""
-    size = 0
-    for r in (r for range_set in range_sets for r in range_set):
-        size += int(r.range_end) - int(r.range_start) + 1
-        size -= int(r.range_start) <= int(r.gateway) <= int(r.range_end)
-    return size
 
 
 @dataclass(frozen=True)

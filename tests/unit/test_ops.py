@@ -18,6 +18,7 @@ from cni_plugin.agent.observer import result_code
 from cni_plugin.node import cli, model
 from cni_plugin.ops import endpoint, networks
 from cni_plugin.ops.node_metrics import NodeMetrics
+from ipam.config import pool_size
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -70,7 +71,7 @@ def test_pool_size(tmp_path: Path, ranges: list[object], size: int) -> None:
     _write(tmp_path, "10.conflist", {"cniVersion": "1.1.0", "name": "n", "plugins": [
         {"type": "pybridge", "ipam": {"type": "pyipam", "ranges": ranges}}]})
     [(_conf, cfg)] = networks.stores(networks.load_all(str(tmp_path)))
-    assert networks.pool_size(cfg.ranges) == size
+    assert pool_size(cfg.ranges) == size
 
 
 def test_range_use_per_range_set(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from cnikit.spec.version import SUPPORTED
 from .. import chain
 from ..agent import wire
 from ..agent.forward import forward
+from ..hostnet import NETPOL_REFUSED, NETPOL_TABLE
 from . import attachments, networks
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -274,11 +275,10 @@ def check_masquerade(node: Node) -> Check:
 def check_network_policy(node: Node) -> Check:
     """The node agent marks each policy it enforces as allowing nothing in a direction, because
     a field of it could not be read, in the comment of the policy's chain (netpol/nft.py)."""
-    from ..node.netpol.nft import REFUSED, TABLE
 
-    if f"table inet {TABLE}" not in node.ruleset:
+    if f"table inet {NETPOL_TABLE}" not in node.ruleset:
         return Check("netpolicy", OK, "no NetworkPolicy rules on this node")
-    closed = sorted(set(re.findall(rf'comment "(\S+) {re.escape(REFUSED)} ([^"]*)"', node.ruleset)))
+    closed = sorted(set(re.findall(rf'comment "(\S+) {re.escape(NETPOL_REFUSED)} ([^"]*)"', node.ruleset)))
     if closed:
         shown = "; ".join(f"{name} ({fields})" for name, fields in closed[:3])
         return Check("netpolicy", WARN, f"{len(closed)} NetworkPolicy(ies) enforced as allowing nothing in a "

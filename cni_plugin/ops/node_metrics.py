@@ -9,13 +9,20 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
-from ..node.netpol.objects import Refusal
 from . import endpoint
 
 DEFAULT_ADDRESS = "127.0.0.1:9431"
+
+
+class Refused(Protocol):
+    """What is counted of a field the NetworkPolicy side refused (node/netpol/objects.Refusal)."""
+
+    @property
+    def kind(self) -> str: ...
 DEFAULT_HEALTH_ADDRESS = "127.0.0.1:9433"
 
 
@@ -82,7 +89,7 @@ class NodeMetrics:
                 self._last_sync = time.monotonic()
         self._changed()
 
-    def field_refused(self, refusal: Refusal) -> None:
+    def field_refused(self, refusal: Refused) -> None:
         self.fields_refused.labels(refusal.kind).inc()
 
     def policies_refused(self, count: int) -> None:

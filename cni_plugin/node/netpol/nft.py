@@ -36,12 +36,13 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable, Mapping
 
+from ...hostnet import NETPOL_REFUSED, NETPOL_TABLE
 from .compile import Decision, PolicyRules, Rule
 from .objects import Address
 
-TABLE = "pybridge_netpol"
+TABLE = NETPOL_TABLE
 NFT_COMMENT = 128  # nft's longest comment
-REFUSED = "refused:"  # in a policy chain's comment: the fields that made it allow nothing
+REFUSED = NETPOL_REFUSED  # in a policy chain's comment: the fields that made it allow nothing
 _FAMILY = {4: "ip", 6: "ip6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _NEIGHBOUR = "nd-neighbor-solicit, nd-neighbor-advert"  # what address resolution needs between pods

@@ -31,7 +31,7 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from cnikit.ip import IPInterface
-from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, CNIError
+from cnikit.spec.errors import INVALID_CONFIG, SOURCE_CHECK_FAILED, CNIError
 from cnikit.spec.names import validate_network_name
 
 from . import libnft, masq
@@ -55,7 +55,7 @@ _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 def _fail(what: str, exc: CNIError) -> CNIError:
-    return CNIError(INTERNAL, f"source check {what} failed", exc.details or exc.msg)
+    return CNIError(SOURCE_CHECK_FAILED, f"source check {what} failed", exc.details or exc.msg)
 
 
 def chain_name(network: str, container_id: str, ifname: str) -> str:
@@ -110,7 +110,8 @@ def setup(network: str, container_id: str, ifname: str, port: str, mac: str,
     body = _port_script(chain, port, port_rules(mac, addrs, ipv6))
     nft = _nft()
     if nft is None:
-        raise CNIError(INTERNAL, "sourceCheck needs nft", "not in PATH or sbin; or set sourceCheck false")
+        raise CNIError(SOURCE_CHECK_FAILED, "sourceCheck needs nft",
+                       "not in PATH or sbin: install nftables, or set sourceCheck false")
     try:
         try:
             _nft_do(nft, f"create chain {_TABLE} {chain}\n" + body, _MISS)
@@ -132,13 +133,13 @@ def _nft_do(nft: str, command: str, gone: tuple[str, ...], json: bool = False) -
     try:
         code, output, error = libnft.run(command, masq._TIMEOUT, json)
     except TimeoutError as exc:
-        raise CNIError(INTERNAL, "nft failed", str(exc)) from exc
+        raise CNIError(SOURCE_CHECK_FAILED, "nft failed", str(exc)) from exc
     if code == 0:
         return output
     if any(marker in error for marker in gone):
         raise masq._Gone
     line = next((ln.strip() for ln in error.splitlines() if ln.strip()), "no error text")
-    raise CNIError(INTERNAL, "nft failed", f"{command.splitlines()[0][:60]}: {line}")
+    raise CNIError(SOURCE_CHECK_FAILED, "nft failed", f"{command.splitlines()[0][:60]}: {line}")
 
 
 def teardown(network: str, container_id: str, ifname: str) -> None:
@@ -203,7 +204,7 @@ def _list(nft: str, *what: str) -> list[dict[str, Any]] | None:
             raise TypeError("not a list")
         return items
     except (ValueError, KeyError, TypeError) as exc:
-        raise CNIError(INTERNAL, "nft failed", f"unexpected JSON listing: {exc}") from exc
+        raise CNIError(SOURCE_CHECK_FAILED, "nft failed", f"unexpected JSON listing: {exc}") from exc
 
 
 def _listing(nft: str) -> _Listing:
@@ -217,7 +218,7 @@ def _listing(nft: str) -> _Listing:
         elements = {str(key): str(verdict["goto"]["target"]) for key, verdict in (ports or {}).get("elem", [])
                     if isinstance(verdict, dict) and "goto" in verdict}
     except (KeyError, TypeError, ValueError) as exc:
-        raise CNIError(INTERNAL, "nft failed", f"unexpected JSON listing: {exc}") from exc
+        raise CNIError(SOURCE_CHECK_FAILED, "nft failed", f"unexpected JSON listing: {exc}") from exc
     base = chains.pop("prerouting", {})
     hooked = ports is not None and (base.get("type"), base.get("hook"), base.get("prio")) == (
         "filter", "prerouting", -200)

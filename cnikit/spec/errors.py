@@ -23,6 +23,7 @@ IP_UNAVAILABLE = 111  # pyipam: the requested IP is taken or outside the ranges
 DUPLICATE_ALLOCATION = 112  # pyipam: the attachment already holds an IP in that range set
 NOT_FOUND = 113  # pyipam: CHECK found no reservation for the attachment
 MASQ_FAILED = 120  # pybridge: the masquerade rules could not be set up
+SOURCE_CHECK_FAILED = 121  # pybridge: the source check rules could not be set up (sourceCheck)
 
 
 class CNIError(Exception):

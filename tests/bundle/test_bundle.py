@@ -128,13 +128,16 @@ def node(node_root: Path) -> Iterator[Node]:
         n.destroy()
 
 
-def conf(data_dir: str) -> dict[str, Any]:
+def conf(data_dir: str, source_check: bool = False) -> dict[str, Any]:
+    """The minbase root has no nft, which the source check needs (kind's nodes may lack it too:
+    there the agent, whose image has nft, serves the call); tests/netns covers the check."""
     return {
         "cniVersion": "1.1.0",
         "name": "bundlenet",
         "type": "pybridge",
         "bridge": "br-bundle",
         "isGateway": True,
+        "sourceCheck": source_check,
         "ipam": {"type": "pyipam", "dataDir": data_dir, "ranges": [[{"subnet": SUBNET}]]},
     }
 
@@ -170,6 +173,11 @@ def test_version_add_check_del_inside_the_chroot(node: Node) -> None:
 
     pod = node.new_pod()
     data_dir = f"/var/lib/pybridge-test/{node.host}"
+    store = node.root / data_dir.lstrip("/") / "bundlenet"
+    # Without nft the source check cannot be set up: a clear error, and nothing reserved.
+    rc, out, err = node.cni("ADD", conf(data_dir, source_check=True), pod)
+    assert (rc, out["code"], out["msg"]) == (1, 121, "sourceCheck needs nft"), (out, err)
+    assert not list(store.glob("10.*"))
     c = conf(data_dir)
     rc, result, err = node.cni("ADD", c, pod)
     assert rc == 0, (result, err)
@@ -177,7 +185,6 @@ def test_version_add_check_del_inside_the_chroot(node: Node) -> None:
     assert ip.startswith("10.89.0.")
     addrs = json.loads(sh("ip", "netns", "exec", pod, "ip", "-j", "addr", "show", "eth0").stdout)
     assert ip in [f"{a['local']}/{a['prefixlen']}" for a in addrs[0]["addr_info"]]
-    store = node.root / data_dir.lstrip("/") / "bundlenet"
     assert (store / ip.split("/")[0]).exists()
     # the pod reaches its gateway on the bridge the chrooted plugin made in the host netns
     assert (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -195,12 +196,12 @@ def test_node_agent_conflist_for_containerd_2_with_debians_portmap_adds_and_dele
     """The node agent's default for containerd 2.x was a 1.1.0 conflist: with Debian's portmap
     (up to 1.0.0) every ADD failed at portmap and the DEL too, before pybridge saw it (a leak
     per attempt). Asking portmap's VERSION, it writes a version the whole chain takes."""
-    settings = model.Settings("n1", network="nodeagent", bridge="br-interop",
-                              ipam_data_dir=str(host.data_dir))
+    settings = model.Settings("n1", (ipaddress.ip_network("10.67.0.0/16"),), network="nodeagent",
+                              bridge="br-interop", ipam_data_dir=str(host.data_dir))
     node = model.node_from_object({
         "metadata": {"name": "n1"}, "spec": {"podCIDRs": ["10.67.0.0/24"]},
         "status": {"nodeInfo": {"containerRuntimeVersion": "containerd://2.1.9"}}})
-    plan = model.plan(settings, [node], (), None, [chain.Cache([REFERENCE_PLUGINS]).probe("portmap")])
+    plan = model.plan(settings, [node], (), None, chained=[chain.Cache([REFERENCE_PLUGINS]).probe("portmap")])
     assert plan.conflist is not None
     net = libcni.write(plan.conflist)
     pod = host.new_pod()

@@ -28,7 +28,6 @@ from tests.netns.harness import Host
 from tests.netns.netpol_cases import POD_A, World, ns_policy
 from tests.netns.netpol_probe import in_netns, node_agent
 from tests.netns.rawframes import (
-    PORT,
     Pod,
     dual_stack,
     make_pods,
@@ -89,8 +88,12 @@ class Counting:
 
     def __init__(self, pod: Pod) -> None:
         self.sock = in_netns(pod.netns, packet_socket)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.sock.settimeout(0.1)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            self.sock.settimeout(0.1)
+        except OSError:
+            self.sock.close()
+            raise
         self.seen: Counter[str] = Counter()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._count, daemon=True)
@@ -118,20 +121,22 @@ class Counting:
 
 
 def _flood(b: Pod, a: Pod, c: Pod, rounds: int) -> Counter[str]:
-    """`rounds` times each kind, from b's netns; returns what was sent, by kind."""
+    """`rounds` times an RA to ff02::1 (the kernel's raw ICMPv6 socket, hop limit 255) and each
+    UDP kind (a packet socket), from b's netns; returns what was sent, by kind."""
     sent: Counter[str] = Counter()
     rng = random.Random(30)
-    frames, (ra, index) = in_netns(b.netns, packet_socket), in_netns(b.netns, ra_sender)
     advertisement = router_advertisement(b.mac)
-    with frames, ra:
-        for n in range(rounds):
-            ra.sendto(advertisement, ("ff02::1", 0, 0, index))
-            sent["router advertisement"] += 1
-            for kind, (dst_mac, src, dst) in _attacks(b, a, c, rng).items():
-                frames.send(udp_frame(b.mac, dst_mac, src, dst, MARK + f"{kind}|{n}".encode(), PORT))
-                sent[kind] += 1
-            if n % 20 == 19:
-                time.sleep(0.002)  # a flood, not a burst bigger than the veths' backlog
+    with in_netns(b.netns, packet_socket) as frames:
+        ra, index = in_netns(b.netns, ra_sender)
+        with ra:
+            for n in range(rounds):
+                ra.sendto(advertisement, ("ff02::1", 0, 0, index))
+                sent["router advertisement"] += 1
+                for kind, (dst_mac, src, dst) in _attacks(b, a, c, rng).items():
+                    frames.send(udp_frame(b.mac, dst_mac, src, dst, MARK + f"{kind}|{n}".encode()))
+                    sent[kind] += 1
+                if n % 20 == 19:
+                    time.sleep(0.002)  # a flood, not a burst bigger than the veths' backlog
     return sent
 
 
@@ -152,9 +157,11 @@ def _run(host: Host, defended: bool) -> Outcome:
     agent.handle("NetworkPolicy", "SYNC",
                  [ns_policy("x", "deny-all", {"podSelector": POD_A})] if defended else [])
     assert agent.reconcile()
-    counters = {"a": Counting(a), "c": Counting(c)}
+    counters: dict[str, Counting] = {}
     dropped: dict[str, int] = {}
     try:
+        for name, pod in (("a", a), ("c", c)):
+            counters[name] = Counting(pod)
         started = time.monotonic()
         sent = _flood(b, a, c, scale(30, 3000))
         seconds = time.monotonic() - started

@@ -19,7 +19,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from .netpol_cases import PODS, Matrix, Pods
+from cni_plugin import rtnl
+from cni_plugin.node.netpol import apply
+from cni_plugin.node.netpol.agent import NetpolAgent
+
+from .netpol_cases import NODE, PODS, Matrix, Pods, World
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -50,6 +54,15 @@ def in_netns(netns: str, make: Callable[[], T]) -> T:
     if failure:
         raise failure[0]
     return out["value"]
+
+
+def node_agent(world: World) -> NetpolAgent:
+    """The node agent's NetworkPolicy path for the world's node netns: its rules go in with
+    `nft -f` there, its bridge ports are read there; no objects yet."""
+    assert world.host is not None
+    host = world.host.name
+    return NetpolAgent(NODE, lambda script: apply.replace(script, world.nft()), lambda *_a, **_k: None,
+                       ports=lambda: apply.pod_ports(lambda: in_netns(host, rtnl.Socket)))
 
 
 def _listeners() -> list[socket.socket]:

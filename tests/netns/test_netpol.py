@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import rtnl
 from cni_plugin.node.netpol import apply, compile, nft
 from cni_plugin.node.netpol.agent import NetpolAgent
 from cni_plugin.node.netpol.nft import TABLE
@@ -43,7 +42,7 @@ from .netpol_cases import (
     ns_policy,
     reachable,
 )
-from .netpol_probe import Servers, client, differences, in_netns, observe, probe
+from .netpol_probe import Servers, client, differences, in_netns, node_agent, observe, probe
 
 pytestmark = [
     pytest.mark.netns,
@@ -75,16 +74,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, launchers: Path) -> Iterator
         host.destroy()
 
 
-def _ports(world: World) -> Callable[[], dict[Any, set[str]]]:
-    """The node agent's read of the bridge ports, from the node netns."""
-    assert world.host is not None
-    host = world.host.name
-    return lambda: apply.pod_ports(lambda: in_netns(host, rtnl.Socket))
-
-
 def _reset(world: World) -> NetpolAgent:
-    agent = NetpolAgent(NODE, lambda script: apply.replace(script, world.nft()), lambda *_a, **_k: None,
-                        ports=_ports(world))
+    agent = node_agent(world)
     agent.handle("NetworkPolicy", "SYNC", [])
     agent.handle("Pod", "SYNC", [world.pod_object(p) for p in PODS])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": ns}} for ns in "xyz"])

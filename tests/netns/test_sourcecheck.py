@@ -11,113 +11,28 @@ import concurrent.futures
 import ipaddress
 import json
 import socket
-import struct
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from cni_plugin import libnft, sourcecheck
 
-from .harness import Host, bridge_conf, pod_json
+from .harness import Host
 from .netpol_probe import in_netns
+from .rawframes import (
+    PORT,
+    Pod,
+    drain,
+    dual_stack,
+    make_pods,
+    packet_socket,
+    ra_sender,
+    router_advertisement,
+    router_state,
+    udp_frame,
+)
 
 pytestmark = pytest.mark.netns
-
-PORT = 7777
-RA_PREFIX = ipaddress.IPv6Network("2001:db8:66::/64")
-ETH_P_ALL = 0x0003
-
-
-@dataclass(frozen=True)
-class Pod:
-    netns: str
-    mac: str
-    v4: str
-    v6: str
-    link_local: str  # as the kernel made it, read from the pod
-
-
-def _dual_stack(host: Host, **overrides: Any) -> dict[str, Any]:
-    conf = bridge_conf(host, **overrides)
-    conf["ipam"]["ranges"] = [[{"subnet": "10.88.0.0/24"}], [{"subnet": "fd88::/64"}]]
-    return conf
-
-
-def _pods(host: Host, conf: dict[str, Any], names: tuple[str, ...]) -> dict[str, Pod]:
-    pods = {}
-    for name in names:
-        netns = host.new_pod()
-        result = host.add(conf, netns, container_id=name)
-        ips = [ip["address"].split("/")[0] for ip in result["ips"]]
-        pods[name] = Pod(netns, result["interfaces"][2]["mac"], ips[0], ips[1], _link_local(host, netns))
-    return pods
-
-
-def _link_local(host: Host, netns: str) -> str:
-    deadline = time.monotonic() + 5
-    while True:
-        addrs = pod_json(host, netns, "-6", "addr", "show", "dev", "eth0", "scope", "link")
-        found = [a["local"] for a in (addrs[0]["addr_info"] if addrs else []) if "local" in a]
-        if found:
-            return str(found[0])
-        assert time.monotonic() < deadline, f"no link-local address in {netns}"
-        time.sleep(0.05)
-
-
-# --- frames, as a pod with CAP_NET_RAW can write them --------------------------------------
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, payload: bytes) -> bytes:
-    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-    length = 8 + len(payload)
-    udp = struct.pack("!HHHH", PORT, PORT, length, 0) + payload
-    if s.version == 4:
-        pseudo = s.packed + d.packed + struct.pack("!BBH", 0, socket.IPPROTO_UDP, length)
-        udp = udp[:6] + struct.pack("!H", _checksum(pseudo + udp) or 0xFFFF) + udp[8:]
-        header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0, 64, socket.IPPROTO_UDP, 0,
-                             s.packed, d.packed)
-        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
-        ethertype = 0x0800
-    else:
-        pseudo = s.packed + d.packed + struct.pack("!I3xB", length, socket.IPPROTO_UDP)
-        udp = udp[:6] + struct.pack("!H", _checksum(pseudo + udp) or 0xFFFF) + udp[8:]
-        header = struct.pack("!IHBB16s16s", 6 << 28, length, socket.IPPROTO_UDP, 64, s.packed, d.packed)
-        ethertype = 0x86DD
-    ether = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", ""))
-    return ether + struct.pack("!H", ethertype) + header + udp
-
-
-def router_advertisement(mac: str) -> bytes:
-    """An RA (ICMPv6 type 134; the kernel fills in the checksum) announcing a default route and
-    a SLAAC prefix, as a rogue router would."""
-    ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
-    source_lla = struct.pack("!BB6s", 1, 1, bytes.fromhex(mac.replace(":", "")))
-    prefix = struct.pack("!BBBBIII16s", 3, 4, RA_PREFIX.prefixlen, 0xC0, 86400, 14400, 0,
-                         RA_PREFIX.network_address.packed)
-    return ra + source_lla + prefix
-
-
-def _packet_socket() -> socket.socket:
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    s.bind(("eth0", ETH_P_ALL))
-    return s
-
-
-def _ra_sender() -> tuple[socket.socket, int]:
-    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
-    return s, socket.if_nametoindex("eth0")
 
 
 def _ra_listener() -> socket.socket:
@@ -134,45 +49,27 @@ def _udp_listener() -> socket.socket:
     return s
 
 
-def _drain(sock: socket.socket, seconds: float) -> list[tuple[bytes, Any]]:
-    got = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            got.append(sock.recvfrom(2048))
-        except BlockingIOError:
-            time.sleep(0.02)
-    return got
-
-
 # --- rogue router advertisements ----------------------------------------------------------
 
 
 def _send_ras(attacker: Pod, count: int = 3) -> None:
-    sender, index = in_netns(attacker.netns, _ra_sender)
+    sender, index = in_netns(attacker.netns, ra_sender)
     with sender:
         for _ in range(count):
             sender.sendto(router_advertisement(attacker.mac), ("ff02::1", 0, 0, index))
             time.sleep(0.1)
 
 
-def _router_state(host: Host, pod: Pod) -> tuple[list[str], list[Any]]:
-    """The victim's addresses in the RA's prefix, and its IPv6 default routes."""
-    addrs = pod_json(host, pod.netns, "-6", "addr", "show", "dev", "eth0")[0]["addr_info"]
-    taken = [a["local"] for a in addrs if "local" in a and ipaddress.ip_address(a["local"]) in RA_PREFIX]
-    return taken, pod_json(host, pod.netns, "-6", "route", "show", "default")
-
-
 @pytest.mark.parametrize("source_check", [True, False])
 def test_a_rogue_router_advertisement_takes_no_other_pods_ipv6(host: Host, source_check: bool) -> None:
-    conf = _dual_stack(host, sourceCheck=source_check)
-    pods = _pods(host, conf, ("attacker", "victim"))
+    conf = dual_stack(host, sourceCheck=source_check)
+    pods = make_pods(host, conf, ("attacker", "victim"))
     attacker, victim = pods["attacker"], pods["victim"]
     listener = in_netns(victim.netns, _ra_listener)
     with listener:
         _send_ras(attacker)
-        seen = [data for data, _ in _drain(listener, 1.0) if data[:1] == b"\x86"]
-    assert _router_state(host, victim) == ([], [])
+        seen = [data for data, _ in drain(listener, 1.0) if data[:1] == b"\x86"]
+    assert router_state(host, victim) == ([], [])
     # The bridge drops RAs from pod ports; with the check off they arrive, and the pod's own
     # accept_ra=0 and autoconf=0 keep its addresses and routes its own.
     assert bool(seen) is not source_check
@@ -205,21 +102,21 @@ def _sends(pods: dict[str, Pod]) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("source_check", [True, False])
 def test_a_forged_source_never_reaches_another_pod(host: Host, source_check: bool) -> None:
-    conf = _dual_stack(host, sourceCheck=source_check)
-    pods = _pods(host, conf, ("attacker", "victim", "peer"))
+    conf = dual_stack(host, sourceCheck=source_check)
+    pods = make_pods(host, conf, ("attacker", "victim", "peer"))
     frames = _sends(pods)
-    sender = in_netns(pods["attacker"].netns, _packet_socket)
+    sender = in_netns(pods["attacker"].netns, packet_socket)
     listener = in_netns(pods["victim"].netns, _udp_listener)
     with sender, listener:
         for frame in frames.values():
             sender.send(frame)
-        got = {data.decode(): peer[0] for data, peer in _drain(listener, 1.0)}
+        got = {data.decode(): peer[0] for data, peer in drain(listener, 1.0)}
     expected = set(frames) if source_check is False else {k for k in frames if k.startswith("genuine")}
     assert set(got) == expected, json.dumps(got)
 
 
 def test_check_finds_the_port_chain_and_del_and_gc_remove_it(host: Host) -> None:
-    conf = _dual_stack(host)
+    conf = dual_stack(host)
     kept, gone = host.new_pod(), host.new_pod()
     result = host.add(conf, kept, container_id="kept")
     host.add(conf, gone, container_id="gone")
@@ -251,8 +148,8 @@ def test_a_pod_still_reaches_itself_through_a_service_address(host: Host) -> Non
     """Hairpin as kube-proxy makes it: the pod sends to a service address, the host DNATs it back
     to the pod and masquerades it, so it returns through the pod's own port. The port's check
     sees only what the pod sends, from its own address."""
-    conf = _dual_stack(host, hairpinMode=True, ipMasq=True, isDefaultGateway=True)
-    pod = _pods(host, conf, ("self",))["self"]
+    conf = dual_stack(host, hairpinMode=True, ipMasq=True, isDefaultGateway=True)
+    pod = make_pods(host, conf, ("self",))["self"]
     service = (f"add table ip svc\n"
                f"add chain ip svc pre {{ type nat hook prerouting priority dstnat; }}\n"
                f"add rule ip svc pre ip daddr 10.96.0.10 udp dport {PORT} dnat to {pod.v4}:{PORT}\n"
@@ -263,14 +160,14 @@ def test_a_pod_still_reaches_itself_through_a_service_address(host: Host) -> Non
     sender = in_netns(pod.netns, _udp_sender)
     with listener, sender:
         sender.sendto(b"hairpin", ("10.96.0.10", PORT))
-        got = _drain(listener, 1.0)
+        got = drain(listener, 1.0)
     assert [(data, peer[0]) for data, peer in got] == [(b"hairpin", "::ffff:10.88.0.1")]
 
 
 def test_a_retried_add_replaces_what_a_crashed_one_left(host: Host) -> None:
     """An ADD that died after its nft run leaves its chain and element; the runtime's next ADD of
     that attachment (a new veth) must take them over, not fail or keep the old port's."""
-    conf = _dual_stack(host)
+    conf = dual_stack(host)
     first = host.add(conf, host.new_pod(), container_id="retry")
     host.exec("ip", "link", "del", first["interfaces"][1]["name"])  # no DEL: as after a crash
     for ip, owner in host.reservations("testnet").items():  # nor the IPAM reservation
@@ -281,7 +178,7 @@ def test_a_retried_add_replaces_what_a_crashed_one_left(host: Host) -> None:
 
 
 def test_concurrent_first_adds_leave_one_base_rule(host: Host) -> None:
-    conf = _dual_stack(host)
+    conf = dual_stack(host)
     pods = [host.new_pod() for _ in range(6)]
     with concurrent.futures.ThreadPoolExecutor(len(pods)) as pool:
         replies = list(pool.map(lambda i: host.cni("ADD", conf, pods[i], container_id=f"c{i}"),

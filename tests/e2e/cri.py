@@ -217,3 +217,10 @@ class CRIClient:
     def conditions(self) -> dict[str, bool]:
         status = self.call("Status")["status"]
         return {c["type"]: bool(c["status"]) for c in status["conditions"]}
+
+    def status(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """One verbose CRI Status, as kubelet asks it: each condition by type (status, reason,
+        message), and containerd's `cniconfig` (the conflists it has loaded) as a dict."""
+        reply = self.call("Status", {"verbose": True})
+        conditions = {c["type"]: c for c in reply["status"]["conditions"]}
+        return conditions, json.loads(reply["info"].get("cniconfig") or "{}")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-TEST_PREFIX = "pbt-"
+from tests.netns.harness import RUN_MARK, TEST_PREFIX
 # The containerd tiers load grpc into this process; its fork handlers would then restart its
 # poller threads in every child forked for a preexec_fn (setns before exec), where closing the
 # inherited fds makes the poller abort the child (SIGABRT, "epoll_wait error: Bad file descriptor";
@@ -55,7 +55,7 @@ def _root_state() -> tuple[set[str], str]:
 
 def _our_netns() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(TEST_PREFIX)]
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"{TEST_PREFIX}{RUN_MARK}-")]
 
 
 @pytest.fixture(scope="session", autouse=True)

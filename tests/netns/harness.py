@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 TEST_PREFIX = "pbt-"
+# This run's mark in every netns it names, so that the suite's leak check (tests/conftest.py)
+# does not count the namespaces of another run on the same machine.
+RUN_MARK = os.environ.setdefault("PYBRIDGE_TEST_RUN", secrets.token_hex(2))
 BUSYBOX = "/bin/busybox"
 REFERENCE_PLUGINS = "/usr/lib/cni"
 
@@ -29,7 +32,7 @@ def sh(
 
 
 def new_netns(tag: str) -> str:
-    name = f"{TEST_PREFIX}{tag}-{secrets.token_hex(4)}"
+    name = f"{TEST_PREFIX}{RUN_MARK}-{tag}-{secrets.token_hex(4)}"
     sh("ip", "netns", "add", name)
     return name
 

@@ -23,9 +23,10 @@ import pytest
 import urllib3
 from prometheus_client import CollectorRegistry
 
+from cni_plugin import nft
+from cni_plugin.nft import NftError
 from cni_plugin.node import cli, effects, kube, loop, model
 from cni_plugin.node.netpol import agent as netpol
-from cni_plugin.node.netpol.apply import NftError
 from cni_plugin.node.netpol.objects import Refusal
 from cni_plugin.ops.node_metrics import NodeMetrics
 
@@ -233,15 +234,15 @@ def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
 def test_a_hung_nft_fails_its_reconcile_and_a_retry_applies_once_nft_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = effects.nft_binary()
+    real = nft.binary()
     hang = tmp_path / "hang"
     hang.touch()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nft").write_text(f"#!/bin/sh\nif [ -e {hang} ]; then exec sleep 60; fi\nexec {real} \"$@\"\n")
     (bin_dir / "nft").chmod(0o755)
-    monkeypatch.setattr(effects, "nft_binary", lambda: str(bin_dir / "nft"))  # (PATH lookups are cached)
-    monkeypatch.setattr(effects, "NFT_TIMEOUT", 1.0)
+    monkeypatch.setattr(nft, "binary", lambda: str(bin_dir / "nft"))  # (PATH lookups are cached)
+    monkeypatch.setattr(nft, "TIMEOUT", 1.0)
     with own_netns() as netns:
         sh("ip", "-n", netns, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
         sh("ip", "-n", netns, "addr", "add", "172.18.0.2/24", "dev", "up0")

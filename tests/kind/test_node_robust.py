@@ -28,6 +28,7 @@ from cni_plugin.nft import NftError
 from cni_plugin.node import cli, effects, kube, loop, model
 from cni_plugin.node.netpol import agent as netpol
 from cni_plugin.node.netpol.objects import Refusal
+from cni_plugin.ops import endpoint
 from cni_plugin.ops.node_metrics import NodeMetrics
 
 from ..netns.harness import delete_netns, new_netns, sh
@@ -341,9 +342,13 @@ def test_readyz_is_not_ready_while_bridged_traffic_escapes_policy(tmp_path: Path
         conflist = tmp_path / model.CONFLIST_NAME
         conflist.write_text("{}")
         metrics = NodeMetrics(CollectorRegistry(), str(conflist))
-        metrics.add_check(enforcement.readiness)
+        metrics.checks = checks = endpoint.Readiness()  # as node_metrics.start and the cli make it
+        stack.callback(checks.close)
+        checks.add("node agent", metrics.readiness)
+        checks.add("NetworkPolicy", enforcement.readiness)
         metrics.reconciled(1, 0, 0, full_sync=True)
-        assert "bridge-nf-call-iptables" in (metrics.readiness() or "")
+        wait_for(lambda: "bridge-nf-call-iptables" in (checks.reason() or ""), 10, "not ready for bridge-nf")
         assert "netpol-warning" in logs
         enforcement.check_bridge(lambda *_a, **_k: None, lambda: [])  # br_netfilter loaded since
-        assert metrics.readiness() is None
+        checks.refresh()
+        wait_for(lambda: checks.reason() is None, 10, "ready once br_netfilter is on")

@@ -158,7 +158,7 @@ def attachment_has_rules(network: str, container_id: str, ifname: str) -> bool:
     try:
         listing = _listing()
     except nftables.NftError as exc:
-        raise _fail("check", exc) from exc
+        raise _fail("listing", exc) from exc
     return listing.hooked and chain in listing.chains and chain in listing.elements.values()
 
 

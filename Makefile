@@ -5,8 +5,8 @@ CNI_BIN_DIR ?= /opt/cni/bin
 PREFIX      ?= /opt/pybridge
 PY          := $(VENV)/bin/python
 
-.PHONY: venv deps packages packages-demo install demo test lint unit netns bench stress interop e2e cnitool clean \
-	bundle kind-up kind-e2e kind-down kind-sim
+.PHONY: venv deps packages packages-demo install demo test lint unit netns bench bench-netpol stress interop e2e \
+	cnitool clean bundle kind-up kind-e2e kind-down kind-sim kind-sim-netpol
 
 # `make demo` and `make test` set the machine up themselves: scripts/deps.sh checks for root and
 # installs the Debian packages that are missing (nothing, and no apt-get update, when all are
@@ -40,8 +40,8 @@ demo: packages-demo venv
 	bash scripts/demo.sh
 
 lint: venv
-	$(VENV)/bin/ruff check cnikit cni_plugin ipam tests
-	$(VENV)/bin/mypy --strict cnikit cni_plugin ipam
+	$(VENV)/bin/ruff check cnikit cni_plugin ipam tests bench scripts
+	$(VENV)/bin/mypy --strict cnikit cni_plugin ipam bench scripts
 
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
@@ -51,7 +51,6 @@ netns: deps
 
 # NetworkPolicy figures (root, bench/netpol.py): a full sync of 200 pods x 100 policies, the
 # event -> rules latency per kind of event, the agent's RSS. Prints JSON.
-.PHONY: bench-netpol
 bench-netpol: deps
 	$(PY) bench/netpol.py
 
@@ -118,7 +117,6 @@ kind-sim: deps
 	$(VENV)/bin/pytest -q -rs tests/kindsim
 
 # The NetworkPolicy cases and event benchmark across the three simulated nodes alone (docs/networkpolicy.md); `make kind-sim` runs them too. PYBRIDGE_NETPOL_ROUNDS=N: more benchmark rounds.
-.PHONY: kind-sim-netpol
 kind-sim-netpol: deps
 	$(VENV)/bin/pytest -q -rs -s tests/kindsim/test_netpol.py
 

@@ -93,12 +93,12 @@ def main() -> None:
         worker.start()
         relabelled = {**pods[0], "metadata": {**pods[0]["metadata"], "labels": {"app": "other"}}}
         changed = {**policies[0], "spec": {**policies[0]["spec"], "ingress": [{}]}}
-        script = [("Pod", "ADDED", pod(200)), ("Pod", "MODIFIED", relabelled),
+        steps = [("Pod", "ADDED", pod(200)), ("Pod", "MODIFIED", relabelled),
                   ("Pod", "DELETED", pod(200)),
                   ("Namespace", "MODIFIED", namespace(0, 4)), ("NetworkPolicy", "ADDED", policy(100)),
                   ("NetworkPolicy", "MODIFIED", changed), ("NetworkPolicy", "DELETED", policy(100))]
         latencies: dict[str, float] = {}
-        for kind, event, obj in script:
+        for kind, event, obj in steps:
             sent = time.monotonic()
             events.put((kind, event, obj))
             latencies[f"{kind} {event}"] = round((done.get(timeout=10) - sent) * 1000, 1)

@@ -158,7 +158,8 @@ def drive(
         capture_output=True,
         check=True,
     )
-    return json.loads(proc.stdout)
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
 
 
 def shim_imports() -> tuple[float, list[str]]:

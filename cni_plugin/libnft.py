@@ -1,7 +1,7 @@
 """nft commands run in this process through libnftables, the library the nft binary is built
 on: ADD's one source-check transaction then costs ~1.5 ms instead of ~15 ms for exec'ing nft
 (fork, exec, the binary's start), measured side by side on this project's loaded 2-vCPU VM.
-Where the library is missing, sourcecheck.py execs nft through masq's runner as before.
+Only nft.py calls it (its in_process path); where the library is missing, nft.py execs nft.
 
 The context is made per call in the calling thread's netns (a worker thread inherits it), and
 calls are serialised: the library keeps process-wide state, and the kernel serialises nftables

@@ -12,7 +12,6 @@ Only hashes, IP addresses and CIDRs are ever written into a rule.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shlex
 import subprocess
@@ -25,6 +24,7 @@ from cnikit.spec.errors import INVALID_CONFIG, INVALID_ENV, MASQ_FAILED, CNIErro
 from cnikit.spec.names import validate_network_name
 
 from . import hostnet
+from . import nft as nftables
 
 NFTABLES = "nftables"
 IPTABLES = "iptables"
@@ -35,10 +35,8 @@ _IPT_BINARY = {4: "iptables", 6: "ip6tables"}
 _NFT_FAMILY = {4: "ip", 6: "ip6"}
 _CHAIN_PREFIX = "PYB-"
 _CHAIN_LEN = 28  # iptables chain names must be under 29 chars
-_TIMEOUT = 30.0
-# Runtimes may exec plugins with a PATH that lacks the sbin directories these binaries live in.
-# stderr of a list/delete whose object is already gone (never set up, or a concurrent DEL/GC won).
-_NFT_GONE = ("No such file or directory",)
+_TIMEOUT = 30.0  # seconds one iptables run may take
+# stderr of a delete whose object is already gone (never set up, or a concurrent DEL/GC won).
 _IPT_GONE = ("No chain/target/match by that name", "does a matching rule exist")
 
 # Written whole (flush + add) by a setup that does not find it intact, so concurrent first setups
@@ -75,13 +73,13 @@ def setup(
     Replaces the rules this attachment already has on the chosen backend, so a retried ADD
     neither stacks copies nor keeps addresses it no longer has.
     """
-    _validate(network, container_id, ifname)
+    validate_attachment(network, container_id, ifname)
     for addr in addrs:
         # Rules only get the canonical .ip and .network; a scope id ("%<free text>") is refused
         # anyway, as no pod address has one and it would change what the caller meant.
         if not isinstance(addr, IPInterface) or getattr(addr, "scope_id", None):
             raise CNIError(INVALID_CONFIG, "invalid address for masquerade", repr(addr)[:100])
-    tag = _tag(network, container_id, ifname)
+    tag = attachment_tag(network, container_id, ifname)
     if _backend(backend) == NFTABLES:
         rules = "".join(
             f"add rule {_TABLE} masq {_NFT_FAMILY[a.version]} saddr {a.ip}"
@@ -99,8 +97,8 @@ def setup(
 
 def teardown(network: str, container_id: str, ifname: str) -> None:
     """Remove this attachment's rules from both backends; nothing to remove is success."""
-    _validate(network, container_id, ifname)
-    tag = _tag(network, container_id, ifname)
+    validate_attachment(network, container_id, ifname)
+    tag = attachment_tag(network, container_id, ifname)
     chain = _chain(network, container_id, ifname)
     steps: list[Callable[[], object]] = [partial(_ipt_teardown, ipt, chain) for ipt in _ipts()]
     nft = _binary("nft")
@@ -117,8 +115,8 @@ def gc(network: str, valid: set[tuple[str, str]]) -> list[str]:
     Keeps going past failures and returns them as messages.
     """
     validate_network_name(network)
-    prefix = _network_prefix(network)
-    keep = {_tag(network, cid, ifname) for cid, ifname in valid}
+    prefix = network_prefix(network)
+    keep = {attachment_tag(network, cid, ifname) for cid, ifname in valid}
 
     def stale(comment: str) -> bool:
         return comment.startswith(prefix) and comment not in keep
@@ -142,8 +140,8 @@ def gc(network: str, valid: set[tuple[str, str]]) -> list[str]:
 
 def attachment_has_rules(network: str, container_id: str, ifname: str) -> bool:
     """Whether either backend has masquerade rules in effect for this attachment."""
-    _validate(network, container_id, ifname)
-    tag = _tag(network, container_id, ifname)
+    validate_attachment(network, container_id, ifname)
+    tag = attachment_tag(network, container_id, ifname)
     chain = _chain(network, container_id, ifname)
     nft = _binary("nft")
     if nft and any(comment == tag for _, comment in _nft_listing(nft)[0]):
@@ -153,7 +151,7 @@ def attachment_has_rules(network: str, container_id: str, ifname: str) -> bool:
     )
 
 
-def _validate(network: str, container_id: str, ifname: str) -> None:
+def validate_attachment(network: str, container_id: str, ifname: str) -> None:
     validate_network_name(network)
     # NUL separates the fields in the hashed text, so it must not occur inside them.
     for name, value in (("CNI_CONTAINERID", container_id), ("CNI_IFNAME", ifname)):
@@ -165,12 +163,12 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _network_prefix(network: str) -> str:
+def network_prefix(network: str) -> str:
     return f"pyb:{_hash(network)[:16]}:"
 
 
-def _tag(network: str, container_id: str, ifname: str) -> str:
-    return _network_prefix(network) + _hash(f"{container_id}\0{ifname}")[:16]
+def attachment_tag(network: str, container_id: str, ifname: str) -> str:
+    return network_prefix(network) + _hash(f"{container_id}\0{ifname}")[:16]
 
 
 def _chain(network: str, container_id: str, ifname: str) -> str:
@@ -207,11 +205,12 @@ def _attempt(steps: Sequence[Callable[[], object]]) -> list[str]:
     return errors
 
 
-def _run(argv: list[str], stdin: str = "", gone: tuple[str, ...] = ()) -> str:
+def _run(argv: list[str], gone: tuple[str, ...] = ()) -> str:
+    """An iptables command's output (nft runs through nft.py)."""
     try:
         with turns.waiting():
             proc = subprocess.run(
-                argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False
+                argv, input="", capture_output=True, text=True, timeout=_TIMEOUT, check=False
             )
     except (OSError, subprocess.SubprocessError) as exc:
         raise CNIError(MASQ_FAILED, f"{os.path.basename(argv[0])} failed", str(exc)) from exc
@@ -227,16 +226,21 @@ def _run(argv: list[str], stdin: str = "", gone: tuple[str, ...] = ()) -> str:
     )
 
 
+def _nft_failed(exc: nftables.NftError) -> CNIError:
+    return CNIError(MASQ_FAILED, "nft failed", exc.details)
+
+
 def _nft_listing(nft: str) -> tuple[list[tuple[int, str]], bool]:
     """(handle, comment) of each rule in our masq chain, and whether the base chain is intact
     (hooked at srcnat, holding exactly our _BASE_RULES rules by their comment, the masq chain
     there); none and False if the table does not exist."""
     try:
-        out = _run([nft, "-j", "-a", "list", "table", *_TABLE.split()], gone=_NFT_GONE)
-    except _Gone:
-        return [], False
+        items = nftables.listing(f"list table {_TABLE}", command=[nft])
+    except nftables.NftError as exc:
+        if exc.says(nftables.GONE):
+            return [], False
+        raise _nft_failed(exc) from exc
     try:
-        items = json.loads(out)["nftables"]
         chains = {c["name"]: c for c in (item["chain"] for item in items if "chain" in item)}
         rules = [item["rule"] for item in items if "rule" in item]
         masq = [(int(r["handle"]), str(r.get("comment", ""))) for r in rules if r["chain"] == "masq"]
@@ -261,11 +265,17 @@ def _nft_replace(nft: str, drop: Callable[[str], bool], add: str = "", base: boo
             f"delete rule {_TABLE} masq handle {handle}\n" for handle, comment in rules if drop(comment)
         )
         script = deletes + (_NFT_BASE if base and not intact else "") + add
-        if script:
-            _run([nft, "-f", "-"], script, gone)
+        if not script:
+            return
+        try:
+            nftables.run(script, command=[nft])
+        except nftables.NftError as exc:
+            if exc.says(gone):
+                raise _Gone from exc
+            raise _nft_failed(exc) from exc
 
     try:
-        apply(_NFT_GONE)
+        apply(nftables.GONE)
     except _Gone:
         apply(())  # a concurrent DEL, GC or removal went first: list again, once
 

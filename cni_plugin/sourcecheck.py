@@ -17,13 +17,11 @@ attachment's chain, named by masq's tag (hashes only), drops from its port:
 The chain and its map element are written in one transaction, so a port is never half checked.
 ADD costs one nft run: `create chain` + rules + element; only when that misses (no table yet, a
 retried ADD's chain left over) does it list and rewrite what it needs, as masq does. nft runs
-in-process through libnftables where present (libnft.py: ~1.5 ms, not ~15 ms per run), else
-through masq's nft runner.
+in-process through libnftables where present (nft.py: ~1.5 ms, not ~15 ms per run), else exec'd.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +32,8 @@ from cnikit.ip import IPInterface
 from cnikit.spec.errors import INVALID_CONFIG, SOURCE_CHECK_FAILED, CNIError
 from cnikit.spec.names import validate_network_name
 
-from . import libnft, masq
+from . import hostnet, masq
+from . import nft as nftables
 
 _TABLE = "bridge pybridge"
 _BASE_MARK = "pybridge base v1"
@@ -54,16 +53,16 @@ _PORT = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
-def _fail(what: str, exc: CNIError) -> CNIError:
-    return CNIError(SOURCE_CHECK_FAILED, f"source check {what} failed", exc.details or exc.msg)
+def _fail(what: str, exc: nftables.NftError) -> CNIError:
+    return CNIError(SOURCE_CHECK_FAILED, f"source check {what} failed", exc.details)
 
 
 def chain_name(network: str, container_id: str, ifname: str) -> str:
-    return masq._tag(network, container_id, ifname).replace(":", "_")
+    return masq.attachment_tag(network, container_id, ifname).replace(":", "_")
 
 
 def _network_prefix(network: str) -> str:
-    return masq._network_prefix(network).replace(":", "_")
+    return masq.network_prefix(network).replace(":", "_")
 
 
 def link_local(mac: str) -> IPv6Address:
@@ -102,55 +101,36 @@ def setup(network: str, container_id: str, ifname: str, port: str, mac: str,
           addrs: Sequence[IPInterface], ipv6: bool) -> None:
     """Filter what host port `port` lets in to what the pod owns; replaces what this attachment
     had (a retried ADD's chain and element)."""
-    masq._validate(network, container_id, ifname)
+    masq.validate_attachment(network, container_id, ifname)
     if not _PORT.fullmatch(port) or not _MAC.fullmatch(mac) or any(
             not isinstance(a, IPInterface) or getattr(a, "scope_id", None) for a in addrs):
         raise CNIError(INVALID_CONFIG, "invalid port for the source check", f"{port!r} {mac!r}"[:100])
     chain = chain_name(network, container_id, ifname)
     body = _port_script(chain, port, port_rules(mac, addrs, ipv6))
-    nft = _nft()
-    if nft is None:
+    if not _have_nft():
         raise CNIError(SOURCE_CHECK_FAILED, "sourceCheck needs nft",
                        "not in PATH or sbin: install nftables, or set sourceCheck false")
     try:
         try:
-            _nft_do(nft, f"create chain {_TABLE} {chain}\n" + body, _MISS)
-        except masq._Gone:
-            _replace(nft, lambda c, key: c == chain or key == port,
+            nftables.run(f"create chain {_TABLE} {chain}\n" + body, in_process=True)
+        except nftables.NftError as exc:
+            if not exc.says(_MISS):
+                raise
+            _replace(lambda c, key: c == chain or key == port,
                      f"add chain {_TABLE} {chain}\nflush chain {_TABLE} {chain}\n" + body, base=True,
                      rewrite=chain)
-    except CNIError as exc:
+    except nftables.NftError as exc:
         raise _fail("setup", exc) from exc
-
-
-def _nft_do(nft: str, command: str, gone: tuple[str, ...], json: bool = False) -> str:
-    """`command` (a script, or one list command with `json`) in-process where libnftables is
-    there, else by exec'ing nft; its output. _Gone when the error text has a `gone` marker."""
-    if not libnft.available():
-        if json:
-            return masq._run([nft, "-j", *command.split()], gone=gone)
-        return masq._run([nft, "-f", "-"], command, gone=gone)
-    try:
-        code, output, error = libnft.run(command, masq._TIMEOUT, json)
-    except TimeoutError as exc:
-        raise CNIError(SOURCE_CHECK_FAILED, "nft failed", str(exc)) from exc
-    if code == 0:
-        return output
-    if any(marker in error for marker in gone):
-        raise masq._Gone
-    line = next((ln.strip() for ln in error.splitlines() if ln.strip()), "no error text")
-    raise CNIError(SOURCE_CHECK_FAILED, "nft failed", f"{command.splitlines()[0][:60]}: {line}")
 
 
 def teardown(network: str, container_id: str, ifname: str) -> None:
     """Remove this attachment's chain and map element; nothing to remove is success."""
-    masq._validate(network, container_id, ifname)
+    masq.validate_attachment(network, container_id, ifname)
     chain = chain_name(network, container_id, ifname)
-    nft = _nft()
-    if nft:
+    if _have_nft():
         try:
-            _replace(nft, lambda c, key: c == chain)
-        except CNIError as exc:
+            _replace(lambda c, key: c == chain)
+        except nftables.NftError as exc:
             raise _fail("teardown", exc) from exc
 
 
@@ -159,12 +139,11 @@ def gc(network: str, valid: set[tuple[str, str]]) -> list[str]:
     validate_network_name(network)
     prefix = _network_prefix(network)
     keep = {chain_name(network, cid, ifname) for cid, ifname in valid}
-    nft = _nft()
-    if not nft:
+    if not _have_nft():
         return []
     try:
-        _replace(nft, lambda c, key: c.startswith(prefix) and c not in keep)
-    except CNIError as exc:
+        _replace(lambda c, key: c.startswith(prefix) and c not in keep)
+    except nftables.NftError as exc:
         return [str(_fail("GC", exc))]
     return []
 
@@ -172,17 +151,19 @@ def gc(network: str, valid: set[tuple[str, str]]) -> list[str]:
 def attachment_has_rules(network: str, container_id: str, ifname: str) -> bool:
     """Whether the attachment's chain is in effect: the base chain hooked, the chain there and a
     port mapped to it. The rules' text is not compared (listing it is slow at scale)."""
-    masq._validate(network, container_id, ifname)
+    masq.validate_attachment(network, container_id, ifname)
     chain = chain_name(network, container_id, ifname)
-    nft = _nft()
-    if not nft:
+    if not _have_nft():
         return False
-    listing = _listing(nft)
+    try:
+        listing = _listing()
+    except nftables.NftError as exc:
+        raise _fail("listing", exc) from exc
     return listing.hooked and chain in listing.chains and chain in listing.elements.values()
 
 
-def _nft() -> str | None:
-    return masq._binary("nft")
+def _have_nft() -> bool:
+    return hostnet.find_binary("nft") is not None
 
 
 @dataclass(frozen=True)
@@ -192,64 +173,61 @@ class _Listing:
     hooked: bool  # the base chain hooked at bridge prerouting, and the map there
 
 
-def _list(nft: str, *what: str) -> list[dict[str, Any]] | None:
+def _list(*what: str) -> list[dict[str, Any]] | None:
     """`nft -j list <what>`'s items; None if what it names does not exist."""
     try:
-        out = _nft_do(nft, " ".join(("list", *what)), masq._NFT_GONE, json=True)
-    except masq._Gone:
-        return None
-    try:
-        items = json.loads(out)["nftables"]
-        if not isinstance(items, list):
-            raise TypeError("not a list")
-        return items
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CNIError(SOURCE_CHECK_FAILED, "nft failed", f"unexpected JSON listing: {exc}") from exc
+        return nftables.listing(" ".join(("list", *what)), in_process=True)
+    except nftables.NftError as exc:
+        if exc.says(nftables.GONE):
+            return None
+        raise
 
 
-def _listing(nft: str) -> _Listing:
+def _listing() -> _Listing:
     """From the chain headers and the map alone: listing rules makes nft read every rule of the
     table (~2 s for one chain at 1000 pods on a loaded 2-vCPU VM), these stay ~30-50 ms."""
     try:
-        chains = {c["name"]: c for c in (item["chain"] for item in _list(nft, "chains", "bridge") or []
+        chains = {c["name"]: c for c in (item["chain"] for item in _list("chains", "bridge") or []
                                          if "chain" in item) if c["table"] == _TABLE.split()[1]}
-        ports = next((item["map"] for item in _list(nft, "map", *_TABLE.split(), "ports") or []
+        ports = next((item["map"] for item in _list("map", *_TABLE.split(), "ports") or []
                       if "map" in item), None)
         elements = {str(key): str(verdict["goto"]["target"]) for key, verdict in (ports or {}).get("elem", [])
                     if isinstance(verdict, dict) and "goto" in verdict}
     except (KeyError, TypeError, ValueError) as exc:
-        raise CNIError(SOURCE_CHECK_FAILED, "nft failed", f"unexpected JSON listing: {exc}") from exc
+        raise nftables.NftError(f"unexpected JSON listing: {exc}") from exc
     base = chains.pop("prerouting", {})
     hooked = ports is not None and (base.get("type"), base.get("hook"), base.get("prio")) == (
         "filter", "prerouting", -200)
     return _Listing(set(chains), elements, hooked)
 
 
-def _base_rule_intact(nft: str) -> bool:
+def _base_rule_intact() -> bool:
     """The base chain holds exactly our marked rule (by its comment; what it matches is not
     compared). Costly at scale (see _listing): only where ADD's one-run path missed."""
-    items = _list(nft, "chain", *_TABLE.split(), "prerouting") or []
+    items = _list("chain", *_TABLE.split(), "prerouting") or []
     return [item["rule"].get("comment") for item in items if "rule" in item] == [_BASE_MARK]
 
 
-def _replace(nft: str, drop: Callable[[str, str], bool], add: str = "", base: bool = False,
+def _replace(drop: Callable[[str, str], bool], add: str = "", base: bool = False,
              rewrite: str = "") -> None:
     """Delete the map elements `drop(chain, port)` selects and the chains `drop(chain, "")`
     selects but `rewrite` (which `add` flushes and fills), and apply `add`, in one transaction;
     with `base`, (re)write the base chain and map unless the listing found them intact."""
 
-    def apply(gone: tuple[str, ...]) -> None:
-        listing = _listing(nft)
+    def apply() -> None:
+        listing = _listing()
         deletes = "".join(f'delete element {_TABLE} ports {{ "{port}" }}\n'
                           for port, chain in listing.elements.items() if drop(chain, port))
         deletes += "".join(f"flush chain {_TABLE} {chain}\ndelete chain {_TABLE} {chain}\n"
                            for chain in sorted(listing.chains) if drop(chain, "") and chain != rewrite)
-        intact = listing.hooked and _base_rule_intact(nft) if base else True
+        intact = listing.hooked and _base_rule_intact() if base else True
         script = deletes + ("" if intact else _BASE) + add
         if script:
-            _nft_do(nft, script, gone)
+            nftables.run(script, in_process=True)
 
     try:
-        apply(masq._NFT_GONE)
-    except masq._Gone:
-        apply(())  # a concurrent DEL or GC went first: list again, once
+        apply()
+    except nftables.NftError as exc:
+        if not exc.says(nftables.GONE):
+            raise
+        apply()  # a concurrent DEL or GC went first: list again, once

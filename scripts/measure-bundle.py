@@ -26,6 +26,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def cni_env(verb: str, i: int, pod: str, binary: str, socket: str) -> dict[str, str]:
+    return {"CNI_COMMAND": verb, "CNI_CONTAINERID": f"m{i}", "CNI_NETNS": f"/run/netns/{pod}",
+            "CNI_IFNAME": "eth0", "CNI_PATH": os.path.dirname(binary),
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYBRIDGE_AGENT_SOCKET": socket}
+
+
 def inner(args: argparse.Namespace) -> None:
     entries = json.loads(args.entries)
     pods = args.pod_names.split(",")
@@ -35,32 +41,32 @@ def inner(args: argparse.Namespace) -> None:
         sock = os.path.join(data_dir, "agent.sock")
         agent = None
         if agent_argv:
-            agent = subprocess.Popen([*agent_argv, sock], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            agent = subprocess.Popen([*agent_argv, sock], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
             while not os.path.exists(sock):
                 time.sleep(0.02)
-        conf = json.dumps({"cniVersion": "1.1.0", "name": "measure", "type": "pybridge", "bridge": "br-measure",
-                           "isGateway": True, "ipam": {"type": "pyipam", "dataDir": data_dir,
-                                                       "ranges": [[{"subnet": "10.91.0.0/16"}]]}}).encode()
+        conf = json.dumps({"cniVersion": "1.1.0", "name": "measure", "type": "pybridge",
+                           "bridge": "br-measure", "isGateway": True,
+                           "ipam": {"type": "pyipam", "dataDir": data_dir,
+                                    "ranges": [[{"subnet": "10.91.0.0/16"}]]}}).encode()
+        no_agent = os.path.join(data_dir, "none.sock")
         times = []
         for i, pod in enumerate(pods):
-            env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": f"m{i}", "CNI_NETNS": f"/run/netns/{pod}",
-                   "CNI_IFNAME": "eth0", "CNI_PATH": os.path.dirname(binary), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                   "PYBRIDGE_AGENT_SOCKET": sock if agent else os.path.join(data_dir, "none.sock")}
             start = time.perf_counter()
-            proc = subprocess.run([binary], input=conf, env=env, capture_output=True, check=False)
+            proc = subprocess.run([binary], input=conf, capture_output=True, check=False,
+                                  env=cni_env("ADD", i, pod, binary, sock if agent else no_agent))
             times.append((time.perf_counter() - start) * 1000)
             assert proc.returncode == 0, proc.stdout + proc.stderr
         for i, pod in enumerate(pods):
-            env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": f"m{i}", "CNI_NETNS": f"/run/netns/{pod}",
-                   "CNI_IFNAME": "eth0", "CNI_PATH": os.path.dirname(binary), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                   "PYBRIDGE_AGENT_SOCKET": os.path.join(data_dir, "none.sock")}
-            subprocess.run([binary], input=conf, env=env, capture_output=True, check=True)
+            subprocess.run([binary], input=conf, capture_output=True, check=True,
+                           env=cni_env("DEL", i, pod, binary, no_agent))
         if agent:
             agent.terminate()
             agent.wait(timeout=30)
         times.sort()
         results[label] = {"p50": round(statistics.median(times), 1),
-                          "p90": round(times[int(len(times) * 0.9) - 1], 1), "mean": round(statistics.mean(times), 1)}
+                          "p90": round(times[int(len(times) * 0.9) - 1], 1),
+                          "mean": round(statistics.mean(times), 1)}
     print(json.dumps(results))
 
 
@@ -95,8 +101,8 @@ def main() -> None:
             for ns in (host, *pods):
                 subprocess.run(["ip", "netns", "add", ns], check=True)
             subprocess.run(["ip", "-n", host, "link", "set", "lo", "up"], check=True)
-            out = subprocess.run(["ip", "netns", "exec", host, sys.executable, __file__, "--inner", "--entries",
-                                  json.dumps(entries), "--pod-names", ",".join(pods)],
+            out = subprocess.run(["ip", "netns", "exec", host, sys.executable, __file__, "--inner",
+                                  "--entries", json.dumps(entries), "--pod-names", ",".join(pods)],
                                  check=True, capture_output=True, text=True).stdout
         finally:
             for ns in (*pods, host):

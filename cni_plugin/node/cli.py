@@ -175,8 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     if not settings.cluster_cidrs:
         _log("error", error="no --cluster-cidr (env POD_SUBNET): no podCIDR will be routed or used")
     unready = _network_policy(args, api, metrics)
-    if metrics is not None and unready is not None:
-        metrics.add_check(unready)
+    if metrics is not None and metrics.checks is not None and unready is not None:
+        metrics.checks.add("NetworkPolicy", unready)
     events: queue.Queue[loop.Event] = queue.Queue()
     threading.Thread(target=_pump, args=(api, args.resync, events), name="nodes", daemon=True).start()
     serve(agent, events, threading.Event())

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterable
 
-from .. import files, hostnet, link
+from .. import files, link, nft
 from ..netlink import Netlink, NetlinkError
 from . import model
 
@@ -54,29 +53,6 @@ def apply_routes(sock: Netlink, deletes: Iterable[model.Route], sets: Iterable[m
     return errors
 
 
-def nft_binary() -> str:
-    found = hostnet.find_binary("nft")
-    if not found:
-        raise RuntimeError("nft not found: the node agent masquerades with nftables")
-    return found
-
-
-NFT_TIMEOUT = 30.0  # seconds one nft transaction may take; a hung nft fails it, never the agent
-
-
-def apply_masquerade(script: str) -> None:
-    """Raises RuntimeError when nft fails, is missing, or does not finish within NFT_TIMEOUT."""
-    try:
-        proc = subprocess.run([nft_binary(), "-f", "-"], input=script, capture_output=True, text=True,
-                              timeout=NFT_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"nft did not finish within {NFT_TIMEOUT:g} s") from exc
-    except OSError as exc:
-        raise RuntimeError(f"nft: {exc}") from exc
-    if proc.returncode != 0:
-        raise RuntimeError(f"nft failed: {proc.stderr.strip()[:500]}")
-
-
 class Host:
     """The effects of a Plan on the netns this process is in, skipping what is already in place."""
 
@@ -108,8 +84,8 @@ class Host:
             errors = apply_routes(sock, plan.route_deletes, plan.route_sets, current_routes(sock))
         if plan.masquerade != self._masq_applied:
             try:
-                apply_masquerade(plan.masquerade)
-            except RuntimeError as exc:
+                nft.run(plan.masquerade)  # exec'd: see nft.py on why the node agent never runs it in-process
+            except nft.NftError as exc:
                 return [*errors, f"masquerade: {exc}"]
             self._masq_applied = plan.masquerade
         conflist = os.path.join(self.conf_dir, model.CONFLIST_NAME)

@@ -8,7 +8,6 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -34,7 +33,6 @@ class NodeMetrics:
         self._lock = threading.Lock()
         self._last_sync: float | None = None
         self._waiting: str | None = "no Node list received yet"
-        self._checks: list[Callable[[], str | None]] = []
         self.refusals = Counter("pybridge_node_refused", "API objects and fields the node agent declined, "
                                 "by kind and reason: malformed (an object or field skipped), outside-cluster "
                                 "and default-route (a podCIDR not routed), route-conflict (a route it does "
@@ -73,11 +71,6 @@ class NodeMetrics:
     def refused(self, kind: str, reason: str) -> None:
         self.refusals.labels(kind, reason).inc()
 
-    def add_check(self, check: Callable[[], str | None]) -> None:
-        """Another condition of readiness (NetworkPolicy's bridge-nf-call): its reason, or None.
-        It must be cheap: the readiness checks' thread calls it with readiness()."""
-        self._checks.append(check)
-
     def reconciled(self, nodes: int, routes: int, errors: int, full_sync: bool) -> None:
         self.reconciles.inc()
         self.errors.inc(errors)
@@ -101,9 +94,6 @@ class NodeMetrics:
                 return self._waiting
             if self._last_sync is None:
                 return "Node watch not in sync"
-        for check in self._checks:
-            if (reason := check()) is not None:
-                return reason
         return None if os.path.isfile(self.conflist) else f"conflist {self.conflist} not written"
 
 

@@ -34,7 +34,7 @@ def _rules(host: Host) -> str:
 
 def _has_rules(host: Host, network: str, cid: str) -> bool:
     text = _rules(host)
-    return masq._tag(network, cid, "eth0") in text or masq._chain(network, cid, "eth0") in text
+    return masq.attachment_tag(network, cid, "eth0") in text or masq._chain(network, cid, "eth0") in text
 
 
 def _attachments(*cids: str) -> list[dict[str, str]]:

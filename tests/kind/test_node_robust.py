@@ -23,10 +23,12 @@ import pytest
 import urllib3
 from prometheus_client import CollectorRegistry
 
+from cni_plugin import nft
+from cni_plugin.nft import NftError
 from cni_plugin.node import cli, effects, kube, loop, model
 from cni_plugin.node.netpol import agent as netpol
-from cni_plugin.node.netpol.apply import NftError
 from cni_plugin.node.netpol.objects import Refusal
+from cni_plugin.ops import endpoint
 from cni_plugin.ops.node_metrics import NodeMetrics
 
 from ..netns.harness import delete_netns, new_netns, sh
@@ -233,15 +235,15 @@ def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
 def test_a_hung_nft_fails_its_reconcile_and_a_retry_applies_once_nft_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = effects.nft_binary()
+    real = nft.binary()
     hang = tmp_path / "hang"
     hang.touch()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nft").write_text(f"#!/bin/sh\nif [ -e {hang} ]; then exec sleep 60; fi\nexec {real} \"$@\"\n")
     (bin_dir / "nft").chmod(0o755)
-    monkeypatch.setattr(effects, "nft_binary", lambda: str(bin_dir / "nft"))  # (PATH lookups are cached)
-    monkeypatch.setattr(effects, "NFT_TIMEOUT", 1.0)
+    monkeypatch.setattr(nft, "binary", lambda: str(bin_dir / "nft"))  # (PATH lookups are cached)
+    monkeypatch.setattr(nft, "TIMEOUT", 1.0)
     with own_netns() as netns:
         sh("ip", "-n", netns, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
         sh("ip", "-n", netns, "addr", "add", "172.18.0.2/24", "dev", "up0")
@@ -340,9 +342,13 @@ def test_readyz_is_not_ready_while_bridged_traffic_escapes_policy(tmp_path: Path
         conflist = tmp_path / model.CONFLIST_NAME
         conflist.write_text("{}")
         metrics = NodeMetrics(CollectorRegistry(), str(conflist))
-        metrics.add_check(enforcement.readiness)
+        metrics.checks = checks = endpoint.Readiness()  # as node_metrics.start and the cli make it
+        stack.callback(checks.close)
+        checks.add("node agent", metrics.readiness)
+        checks.add("NetworkPolicy", enforcement.readiness)
         metrics.reconciled(1, 0, 0, full_sync=True)
-        assert "bridge-nf-call-iptables" in (metrics.readiness() or "")
+        wait_for(lambda: "bridge-nf-call-iptables" in (checks.reason() or ""), 10, "not ready for bridge-nf")
         assert "netpol-warning" in logs
         enforcement.check_bridge(lambda *_a, **_k: None, lambda: [])  # br_netfilter loaded since
-        assert metrics.readiness() is None
+        checks.refresh()
+        wait_for(lambda: checks.reason() is None, 10, "ready once br_netfilter is on")

@@ -64,7 +64,7 @@ def progress(host: Host, network: str, pod: Pod) -> str:
     held = [ip for ip, owner in owners(host, network).items() if owner == pod.key]
     link = host.pod_exec(pod.netns, "ip", "link", "show", pod.ifname, check=False).returncode == 0
     addrs = pod_addresses(host, pod)
-    tag = masq._tag(network, *pod.key)
+    tag = masq.attachment_tag(network, *pod.key)
     if tag in masq_comments(host):
         return "5-masquerade"
     if addrs:
@@ -160,7 +160,8 @@ def run_trials(host: Host, conf: dict[str, Any], what: str, trials: int, seed: i
             # Right after the runtime's DEL, nothing of this attachment may be left.
             mine = [ip for ip, owner in owners(host, network).items() if owner == pod.key]
             out.leaks_after_del["addresses"] += len(mine)
-            out.leaks_after_del["masq_rules"] += masq_comments(host).count(masq._tag(network, *pod.key))
+            out.leaks_after_del["masq_rules"] += masq_comments(host).count(
+                masq.attachment_tag(network, *pod.key))
             out.leaks_after_del["pod_links"] += int(bool(host.pod_exec(
                 pod.netns, "ip", "link", "show", "eth0", check=False).returncode == 0))
         else:
@@ -173,7 +174,8 @@ def run_trials(host: Host, conf: dict[str, Any], what: str, trials: int, seed: i
     late = owners(host, network)
     out.leaks_after_del["late_addresses"] = sum(1 for o in late.values() if o in deleted)
     comments = masq_comments(host)
-    out.leaks_after_del["late_masq_rules"] = sum(comments.count(masq._tag(network, *k)) for k in deleted)
+    out.leaks_after_del["late_masq_rules"] = sum(comments.count(masq.attachment_tag(network, *k))
+                                                 for k in deleted)
     valid = [{"containerID": p.container_id, "ifname": p.ifname} for p in live]
     gc = cni_retry(host, "GC", {**conf, "cni.dev/valid-attachments": valid})
     assert gc.ok, gc.stdout

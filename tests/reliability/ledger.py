@@ -91,7 +91,7 @@ def census(host: Host, network: str, live: Iterable[Pod], masq_on: bool = True) 
     host.settle_veths(len(pods))  # veths of answered DELs the agent is still deleting
     keys = {p.key for p in pods}
     held = owners(host, network)
-    tags = {masq._tag(network, *p.key) for p in pods}
+    tags = {masq.attachment_tag(network, *p.key) for p in pods}
     comments = masq_comments(host)
     on_pods = [a for p in pods for a in pod_addresses(host, p)]
     reserved_for = Counter(held.values())
@@ -103,7 +103,7 @@ def census(host: Host, network: str, live: Iterable[Pod], masq_on: bool = True) 
         "missing_host_veths": max(0, len(pods) - len(host_veths(host))),
         "leaked_masq_rules": sum(1 for c in comments if c not in tags),
         "missing_masq_rules": sum(1 for p in pods if masq_on and
-                                  sum(c == masq._tag(network, *p.key) for c in comments) != len(p.addresses)),
+                                  comments.count(masq.attachment_tag(network, *p.key)) != len(p.addresses)),
         "duplicate_addresses": len(on_pods) - len(set(on_pods)),
         "pod_addresses_not_reserved": sum(1 for a in on_pods if held.get(a) is None),
         "stale_lock_holders": int(lock_held(host, network)),

@@ -3,7 +3,10 @@ little-endian u32 fields after a 4-byte magic, as client.c reads and writes them
 
 from __future__ import annotations
 
+import ast
+import re
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +55,16 @@ def test_the_client_is_built_with_these_constants() -> None:
     defines = dict(flag[2:].split("=", 1) for flag in wire_defines())
     assert defines["WIRE_REQUEST"] == '"PBQ1"' and defines["WIRE_RESPONSE_HEADER_LEN"] == "16"
     assert defines["WIRE_ANSWER_TIMEOUT_MS"] == "330000" and defines["WIRE_MAX_STDIN"] == f"{(4 << 20) + 1}u"
+
+
+def test_the_clients_error_answers_are_forwards() -> None:
+    """client.c writes its own copies of the answers forward.py gives when the agent failed or was
+    late (it has no Python to ask): they must say the same, byte for byte."""
+    from cni_plugin.agent import forward
+
+    source = (Path(wire.__file__).parent / "client.c").read_text()
+    literal = r'"(?:[^"\\\n]|\\.)*"'
+    constant = rf"static const char (AGENT_\w+)\[\] =\s*((?:{literal}\s*)+);"
+    found = {name: b"".join(ast.literal_eval(part).encode() for part in re.findall(literal, body))
+             for name, body in re.findall(constant, source)}
+    assert found == {"AGENT_FAILED": forward.AGENT_FAILED, "AGENT_LATE": forward.AGENT_LATE}

@@ -8,12 +8,12 @@ the tables in that one commit, so there is never a moment with no rules or half 
 from __future__ import annotations
 
 import errno
-import subprocess
 from collections.abc import Callable, Sequence
 
+from ... import nft as nftables
 from ... import rtnl
 from ...netlink import NetlinkError
-from ..effects import nft_binary
+from ...nft import NftError as NftError  # the one nft error; the agent and cli catch it from here
 from . import nft
 from .objects import Address
 
@@ -21,21 +21,10 @@ from .objects import Address
 BRIDGE_SYSCTLS = ("net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables")
 
 
-class NftError(RuntimeError):
-    pass
-
-
 def replace(script: str, command: Sequence[str] | None = None, check_only: bool = False) -> None:
-    """`command` is the nft invocation (default: the nft on PATH, in this process's netns)."""
-    try:
-        argv = [*(command or [nft_binary()]), *(["-c"] if check_only else []), "-f", "-"]
-        proc = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=30, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise NftError("nft did not finish within 30 s") from exc
-    except (RuntimeError, OSError) as exc:  # no nft binary, or not executable
-        raise NftError(str(exc)) from exc
-    if proc.returncode != 0:
-        raise NftError(f"nft failed: {proc.stderr.strip()[:500]}")
+    """`command` is the nft invocation (default: the nft on PATH, in this process's netns).
+    NftError when nft fails, is missing or does not finish in time."""
+    nftables.run(script, check=check_only, command=command)
 
 
 def remove(command: Sequence[str] | None = None) -> None:

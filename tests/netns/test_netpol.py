@@ -79,6 +79,7 @@ def _reset(world: World) -> NetpolAgent:
     agent.handle("NetworkPolicy", "SYNC", [])
     agent.handle("Pod", "SYNC", [world.pod_object(p) for p in PODS])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": ns}} for ns in "xyz"])
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])
     assert agent.reconcile()
     return agent
 

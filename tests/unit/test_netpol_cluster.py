@@ -399,3 +399,70 @@ def test_the_closed_form_renders_a_drop_at_the_policys_place() -> None:
     text = ruleset(compile.decide([], world_pods(), namespaces(), ME),
                    tiers=tiers.decide([bad], world_pods(), namespaces(), ME))
     assert '\tchain c0_ingress {\n\t\tcomment "bad refused: spec.ingress.0.action"\n\t\tdrop\n\t}' in text
+
+
+# --- the node agent: logged with name and field, counted, the others applied; resync without a gap
+
+def _agent_with(cluster_objs: list[dict[str, Any]]) -> tuple[Any, Any, list[str]]:
+    from .test_netpol_refused import _agent
+
+    nps = [{"metadata": {"name": "deny-b", "namespace": "x"},
+            "spec": {"podSelector": {"matchLabels": {"pod": "b"}}}}]
+    return _agent(nps, cluster=cluster_objs)
+
+
+def test_the_agent_logs_and_counts_a_refused_policy_and_applies_the_others() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from cni_plugin.ops.node_metrics import NodeMetrics
+
+    bad = cnp("bad", "Admin", 5, ns("y"), ingress=[{"action": "Accept", "from": [ns("x")],
+                                                    "protocols": [tcp(70000)]}])
+    good = cnp("good", "Admin", 1, ns("x"), egress=[{"action": "Deny", "to": [ns("z")]}])
+    _, seen, applied = _agent_with([bad, good])
+    field = "spec.ingress.0.protocols.0.tcp.destinationPort.number"
+    logged = [f for event, f in seen.logs if event == "netpol-refused"]
+    assert [(f["kind"], f["object"], f["field"], f["kept"]) for f in logged] == [
+        ("ClusterNetworkPolicy", "bad", field, True)]
+    assert [(f["kind"], f["policy"], f["field"]) for event, f in seen.logs if event == "netpol-closed"] == [
+        ("ClusterNetworkPolicy", "bad", field)]
+    assert seen.closed[-1] == 1 and [r.kind for r in seen.refusals] == ["ClusterNetworkPolicy"]
+    text = applied[-1]
+    assert f'comment "bad refused: {field}"' in text and 'comment "good"' in text
+    assert 'comment "x/deny-b"' in text  # the NetworkPolicy still applies
+    registry = CollectorRegistry()
+    metrics = NodeMetrics(registry, "/nonexistent")
+    for refusal in seen.refusals:
+        metrics.field_refused(refusal)
+    assert registry.get_sample_value("pybridge_netpol_refused_fields_total",
+                                     {"kind": "ClusterNetworkPolicy"}) == 1
+
+
+def test_a_lost_watch_keeps_the_rules_until_the_relist_replaces_them() -> None:
+    """list_watch relists after a lost watch: until its SYNC the rules in force stay (no event
+    empties the cache); the SYNC drops what was deleted meanwhile, and a deleted policy opens."""
+    deny = cnp("deny", "Admin", 1, ns("x"), ingress=[{"action": "Deny", "from": [ns("y")]}])
+    agent, _seen, applied = _agent_with([deny])
+    assert '"deny"' in applied[-1]
+    agent.handle("Pod", "SYNC", [p.model_dump(by_alias=True, mode="json") for p in world_pods()])
+    assert agent.reconcile() and '"deny"' in applied[-1]  # another kind's relist: still enforced
+    agent.handle("ClusterNetworkPolicy", "SYNC", [deny])  # a relist that still has it: unchanged
+    assert agent.reconcile() and applied[-1] == applied[-2]
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])  # deleted while the watch was down
+    assert agent.reconcile() and '"deny"' not in applied[-1] and "c0_ingress" not in applied[-1]
+    agent.handle("ClusterNetworkPolicy", "ADDED", deny)
+    assert agent.reconcile() and '"deny"' in applied[-1]
+    agent.handle("ClusterNetworkPolicy", "DELETED", deny)
+    assert agent.reconcile() and '"deny"' not in applied[-1]
+
+
+def test_nothing_is_applied_before_the_cluster_policies_are_listed() -> None:
+    from cni_plugin.node.netpol.agent import NetpolAgent
+
+    applied: list[str] = []
+    agent = NetpolAgent(ME, applied.append, lambda *_a, **_k: None)
+    for kind in ("NetworkPolicy", "Pod", "Namespace"):
+        agent.handle(kind, "SYNC", [])
+    assert not agent.reconcile() and applied == []  # an Admin Deny could be missing yet
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])
+    assert agent.reconcile() and len(applied) == 1

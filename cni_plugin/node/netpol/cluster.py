@@ -36,6 +36,7 @@ from .objects import (
 )
 
 KIND = "ClusterNetworkPolicy"
+RESOURCE = ("policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies")  # group, version, plural
 Tier = Literal["Admin", "Baseline"]
 Action = Literal["Accept", "Deny", "Pass"]
 PortNumber = Annotated[int, Field(strict=True, ge=1, le=65535)]
@@ -198,7 +199,11 @@ def _part(adapter: TypeAdapter[Any], spec: dict[str, Any], key: str, default: An
     try:
         return adapter.validate_python(spec[key]) if key in spec else adapter.validate_python(default)
     except ValidationError as exc:
-        refused += [Refusal(KIND, name, _field(("spec", key, *e["loc"])), e["msg"]) for e in exc.errors()]
+        errors = exc.errors()
+        # the deepest field only: a list whose only element failed is also said to be too short
+        deepest = [e for e in errors if not any(len(o["loc"]) > len(e["loc"]) and o["loc"][:len(e["loc"])]
+                                                == e["loc"] for o in errors)]
+        refused += [Refusal(KIND, name, _field(("spec", key, *e["loc"])), e["msg"]) for e in deepest]
         return None
 
 

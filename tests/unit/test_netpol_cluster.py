@@ -466,3 +466,25 @@ def test_nothing_is_applied_before_the_cluster_policies_are_listed() -> None:
     assert not agent.reconcile() and applied == []  # an Admin Deny could be missing yet
     agent.handle("ClusterNetworkPolicy", "SYNC", [])
     assert agent.reconcile() and len(applied) == 1
+
+
+def test_the_chains_an_admin_pass_and_a_baseline_pass_render() -> None:
+    """An Admin Pass is a goto to the rest of the pod's plan (NetworkPolicies, else Baseline),
+    one copy of the policy per rest; a Baseline Pass accepts; both tables get the plans."""
+    from cni_plugin.node.netpol.nft import ruleset
+
+    admin = cnp("admin", "Admin", 1, ns("x"), ingress=[{"action": "Pass", "from": [ns("y")]},
+                                                       {"action": "Deny", "from": [{"namespaces": {}}]}])
+    base = cnp("base", "Baseline", 1, ns("x"), ingress=[{"action": "Pass", "from": [ns("y")]}])
+    np = policy("x", {"podSelector": {"matchLabels": {"pod": "a"}}})
+    d, t = build([admin, base], [np])
+    xa = ipaddress.ip_address(v4("x/a"))
+    ports = {xa: {"vethxa"}}
+    text = ruleset(d, ports, t)
+    assert "\tchain ingress_0 {\n\t\tjump p0_ingress\n\t\tdrop\n\t}" in text  # x/a: its NetworkPolicy
+    assert "\tchain ingress_b0 {\n\t\tjump c1_ingress\n\t\taccept\n\t}" in text  # x/b, x/c: Baseline
+    assert "\t\tgoto ingress_0\n" in text and "\t\tgoto ingress_b0\n" in text
+    assert "\tchain c0_ingress_ingress_0 {" in text and "\tchain c0_ingress_ingress_b0 {" in text
+    assert "\tchain c1_ingress {" in text and "ip saddr @c1_ingressr0_peer4 accept" in text
+    bridge = text[text.index("table bridge"):]
+    assert '"vethxa" : jump ingress_a' in bridge and "goto ingress_0" in bridge

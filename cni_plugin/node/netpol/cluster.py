@@ -137,13 +137,13 @@ class EgressPeer(Peer):
         return self
 
 
-class Rule(_Api):
+class ClusterRule(_Api):
     name: str = ""
     action: Action
     protocols: tuple[Protocol, ...] | None = Field(default=None, min_length=1)
 
 
-class IngressRule(Rule):
+class IngressRule(ClusterRule):
     from_: tuple[IngressPeer, ...] = Field(alias="from", min_length=1)
 
     @property
@@ -151,7 +151,7 @@ class IngressRule(Rule):
         return self.from_
 
 
-class EgressRule(Rule):
+class EgressRule(ClusterRule):
     to: tuple[EgressPeer, ...] = Field(min_length=1)
 
     @property

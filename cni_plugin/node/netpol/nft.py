@@ -9,6 +9,10 @@ never one rule per pod pair):
   chain of the pod's combination of policies; that chain jumps each policy's chain (a match
   accepts) and drops what none allowed. An accept ends this base chain only: the packet goes on to
 - base chain `forward_ingress`: the same with the destination address and the ingress maps.
+With ClusterNetworkPolicies (tiers.py) a pod's chain first jumps the chains of its Admin
+policies (rules in order, each with its verdict: accept, drop, or for Pass a goto to the rest),
+then goes to the rest: its NetworkPolicies' chain as above, or, if none selects it, a chain
+jumping its Baseline policies' and accepting what they leave (a Baseline Pass accepts).
 Pod to pod on the bridge crosses the forward hook through br_netfilter (bridge-nf-call-ip{,6}tables,
 on by default, turned on by the agent where off); routed traffic to and from other nodes crosses it anyway.
 Traffic between the node itself and its pods takes the input/output hooks and is never judged.

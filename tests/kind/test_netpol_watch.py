@@ -67,20 +67,22 @@ NAMED_PORT_FROM_Y = {"podSelector": {"matchLabels": {"pod": "a"}},
 def fake_api(expire: bool, crd: bool = False) -> FakeApi:
     """x/a here, y/b on another node; a policy on x/a admits namespaces labelled team=y on its
     named port; the watches then relabel y and add a deny-all policy (`expire`: after a 410 and
-    a relist that no longer has the first policy); an Admin ClusterNetworkPolicy is listed, or
-    with no `crd` that collection is not served (404)."""
+    a relist that no longer has the first policy); an Admin ClusterNetworkPolicy is listed (and
+    with `expire` its watch is lost: 410, relisted without it), or with no `crd` that collection
+    is not served (404)."""
     pods = [pod("x", "a", "10.244.1.5"), pod("y", "b", "10.244.2.7", node="other")]
     lists = [listing([policy("x", "allow-y", NAMED_PORT_FROM_Y)], "10")]
     lists += [listing([], "40")] if expire else []
     added: list[dict[str, Any]] = [{"type": "ADDED", "object": policy("x", "deny-all", {"podSelector": {}})}]
+    cnps: list[dict[str, Any] | int] = [listing([admin_deny("deny-y")], "13")] if crd else [404]
+    cnps += [listing([], "41")] if crd and expire else []
     return FakeApi({
         PATHS["NetworkPolicy"]: FakePool(lists, [410, added] if expire else [added]),
         PATHS["Pod"]: FakePool([listing(pods, "11")], [[{"type": "MODIFIED", "object": pods[0]}]]),
         PATHS["Namespace"]: FakePool(
             [listing([namespace("x"), namespace("y")], "12")],
             [[{"type": "MODIFIED", "object": namespace("y", team="y")}]]),
-        PATHS["ClusterNetworkPolicy"]: FakePool(
-            [listing([admin_deny("deny-y")], "13")] if crd else [404], []),
+        PATHS["ClusterNetworkPolicy"]: FakePool(cnps, [410] if crd and expire else []),
     })
 
 
@@ -116,7 +118,7 @@ def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
         "NetworkPolicy": [("SYNC", ["allow-y"]), ("SYNC", []), ("ADDED", "deny-all")],  # 410: listed again
         "Pod": [("SYNC", ["a", "b"]), ("MODIFIED", "a")],
         "Namespace": [("SYNC", ["x", "y"]), ("MODIFIED", "y")],
-        "ClusterNetworkPolicy": [("SYNC", ["deny-y"])],
+        "ClusterNetworkPolicy": [("SYNC", ["deny-y"]), ("SYNC", [])],  # 410: listed again
     }
     watches = [q for q in api.pools[PATHS["NetworkPolicy"]].requests if q.get("watch")]
     assert [q["resourceVersion"] for q in watches] == [["10"], ["40"]]

@@ -154,3 +154,36 @@ def list_watch(api: client.ApiClient, lister: Callable[..., Any], timeout_second
         except Exception as exc:  # any failure is a relist, never the end of the agent
             report(exc)
             backoff(delays.next())
+
+
+class _NoObjects:
+    """The answer for a resource the API server does not serve: a list of nothing, or a watch
+    that sees nothing until its timeout (then list_watch lists again, as at any resync)."""
+
+    def __init__(self, wait: float, sleep: Callable[[float], object]) -> None:
+        self.data = b'{"items": [], "metadata": {}}'
+        self.wait, self.sleep = wait, sleep
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.sleep(self.wait)
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
+    def release_conn(self) -> None:
+        pass
+
+
+def optional(lister: Callable[..., Any], sleep: Callable[[float], object] = time.sleep) -> Callable[..., Any]:
+    """`lister` for a custom resource whose CRD may not be installed: a 404 (not served) is no
+    objects, not an error (deleting a CRD deletes all its objects). `sleep` waits out an empty
+    watch (an Event's wait ends it at once on stop)."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return lister(*args, **kwargs)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            return _NoObjects(float(kwargs.get("timeout_seconds") or 0), sleep)
+    return call

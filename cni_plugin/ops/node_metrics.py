@@ -45,8 +45,9 @@ class NodeMetrics:
         self.routes = Gauge("pybridge_node_routes", "Routes to other nodes' podCIDRs programmed",
                             registry=registry)
         self.nodes = Gauge("pybridge_node_nodes", "Node objects seen", registry=registry)
-        self.fields_refused = Counter("pybridge_netpol_refused_fields", "Fields of NetworkPolicy, Pod and "
-                                "Namespace objects read that could not be used (each read of one counts)",
+        self.fields_refused = Counter("pybridge_netpol_refused_fields", "Fields of NetworkPolicy, "
+                                "ClusterNetworkPolicy, Pod and Namespace objects read that could not be "
+                                "used (each read of one counts)",
                                 ["kind"], registry=registry)
         self.closed = Gauge("pybridge_netpol_policies_refused", "NetworkPolicies selecting pods of this node "
                             "enforced as allowing nothing in a direction, as a field of it was refused",

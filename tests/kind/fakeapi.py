@@ -6,8 +6,8 @@ real request, deserialization and watch code. No socket is opened.
 
 NodeStore + ApiServer: the same API over HTTPS with bearer-token auth, for a node agent running
 in a container (tests/kindsim): nodes with podCIDRs allocated from the pod subnet, and the pods,
-namespaces and NetworkPolicies of the agent's netpol/, each with list and watch by
-resourceVersion, 410 Gone after a compaction.
+namespaces, NetworkPolicies and ClusterNetworkPolicies of the agent's netpol/, each with list and
+watch by resourceVersion, 410 Gone after a compaction.
 """
 
 from __future__ import annotations
@@ -164,6 +164,8 @@ COLLECTIONS = {
     "/api/v1/pods": ("pods", "PodList"),
     "/api/v1/namespaces": ("namespaces", "NamespaceList"),
     "/apis/networking.k8s.io/v1/networkpolicies": ("networkpolicies", "NetworkPolicyList"),
+    "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies": ("clusternetworkpolicies",
+                                                                        "ClusterNetworkPolicyList"),
 }
 
 

@@ -281,6 +281,9 @@ def test_rbac_lets_the_service_account_watch_nodes() -> None:
         # NetworkPolicy enforcement (cni_plugin/node/netpol)
         {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
         {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch"]},
+        # ClusterNetworkPolicy: read-only, that resource only (not its status, not other kinds of its group)
+        {"apiGroups": ["policy.networking.k8s.io"], "resources": ["clusternetworkpolicies"],
+         "verbs": ["list", "watch"]},
     ]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [

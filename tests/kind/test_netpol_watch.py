@@ -21,7 +21,8 @@ from .fakeapi import FakeApi, FakePool, api_client
 
 ME = "pybridge-worker"
 PATHS = {"NetworkPolicy": "/apis/networking.k8s.io/v1/networkpolicies", "Pod": "/api/v1/pods",
-         "Namespace": "/api/v1/namespaces"}
+         "Namespace": "/api/v1/namespaces",
+         "ClusterNetworkPolicy": "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies"}
 
 
 SERVE_8080 = {"name": "serve-80-tcp", "containerPort": 8080}
@@ -44,6 +45,16 @@ def namespace(name: str, **labels: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
 
 
+def admin_deny(name: str) -> dict[str, Any]:
+    """An Admin ClusterNetworkPolicy: nothing from namespace y into x."""
+    return {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": name},
+            "spec": {"tier": "Admin", "priority": 10,
+                     "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
+                     "ingress": [{"action": "Deny",
+                                  "from": [{"namespaces": {"matchLabels": {"team": "y"}}}]}]}}
+
+
 def listing(items: list[dict[str, Any]], version: str) -> dict[str, Any]:
     return {"metadata": {"resourceVersion": version}, "items": items}
 
@@ -53,20 +64,25 @@ NAMED_PORT_FROM_Y = {"podSelector": {"matchLabels": {"pod": "a"}},
                                   "ports": [{"port": "serve-80-tcp"}]}]}
 
 
-def fake_api(expire: bool) -> FakeApi:
+def fake_api(expire: bool, crd: bool = False) -> FakeApi:
     """x/a here, y/b on another node; a policy on x/a admits namespaces labelled team=y on its
     named port; the watches then relabel y and add a deny-all policy (`expire`: after a 410 and
-    a relist that no longer has the first policy)."""
+    a relist that no longer has the first policy); an Admin ClusterNetworkPolicy is listed (and
+    with `expire` its watch is lost: 410, relisted without it), or with no `crd` that collection
+    is not served (404)."""
     pods = [pod("x", "a", "10.244.1.5"), pod("y", "b", "10.244.2.7", node="other")]
     lists = [listing([policy("x", "allow-y", NAMED_PORT_FROM_Y)], "10")]
     lists += [listing([], "40")] if expire else []
     added: list[dict[str, Any]] = [{"type": "ADDED", "object": policy("x", "deny-all", {"podSelector": {}})}]
+    cnps: list[dict[str, Any] | int] = [listing([admin_deny("deny-y")], "13")] if crd else [404]
+    cnps += [listing([], "41")] if crd and expire else []
     return FakeApi({
         PATHS["NetworkPolicy"]: FakePool(lists, [410, added] if expire else [added]),
         PATHS["Pod"]: FakePool([listing(pods, "11")], [[{"type": "MODIFIED", "object": pods[0]}]]),
         PATHS["Namespace"]: FakePool(
             [listing([namespace("x"), namespace("y")], "12")],
             [[{"type": "MODIFIED", "object": namespace("y", team="y")}]]),
+        PATHS["ClusterNetworkPolicy"]: FakePool(cnps, [410] if crd and expire else []),
     })
 
 
@@ -91,7 +107,7 @@ def drain(api: Any, client: Any) -> Iterator[tuple[str, str, Any]]:
 
 
 def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
-    api = fake_api(expire=True)
+    api = fake_api(expire=True, crd=True)
     client = api_client(api)  # type: ignore[arg-type]
     seen: dict[str, list[tuple[str, Any]]] = {}
     for kind, event, obj in drain(api, client):
@@ -102,6 +118,7 @@ def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
         "NetworkPolicy": [("SYNC", ["allow-y"]), ("SYNC", []), ("ADDED", "deny-all")],  # 410: listed again
         "Pod": [("SYNC", ["a", "b"]), ("MODIFIED", "a")],
         "Namespace": [("SYNC", ["x", "y"]), ("MODIFIED", "y")],
+        "ClusterNetworkPolicy": [("SYNC", ["deny-y"]), ("SYNC", [])],  # 410: listed again
     }
     watches = [q for q in api.pools[PATHS["NetworkPolicy"]].requests if q.get("watch")]
     assert [q["resourceVersion"] for q in watches] == [["10"], ["40"]]
@@ -112,12 +129,15 @@ def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
     assert listed_pod["spec"]["containers"][0]["ports"][0]["containerPort"] == 8080
 
 
-def test_agent_thread_follows_the_events() -> None:
+@pytest.mark.parametrize("crd", [False, True], ids=["no-cnp-crd", "admin-cnp"])
+def test_agent_thread_follows_the_events(crd: bool) -> None:
+    """Without the ClusterNetworkPolicy CRD its list answers 404, which is no objects; with it,
+    the Admin policy listed judges x/a before its NetworkPolicies."""
     applied: list[str] = []
     stop = threading.Event()
     logs: list[tuple[str, dict[str, Any]]] = []
     agent = NetpolAgent(ME, applied.append, lambda event, **f: logs.append((event, f)))
-    api = fake_api(expire=False)
+    api = fake_api(expire=False, crd=crd)
 
     def hold() -> None:  # a script used up: this stream waits for the end of the test
         stop.wait(30)
@@ -137,8 +157,14 @@ def test_agent_thread_follows_the_events() -> None:
         for thread in threads:
             thread.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
-    # nothing before all three kinds were listed: every ruleset has x/a and the first policy
-    assert all("10.244.1.5 : jump ingress_0" in s and "x/allow-y" in s for s in applied)
+    # nothing before all four kinds were listed: every ruleset has x/a and the first policies
+    jump = "10.244.1.5 : jump ingress_a0" if crd else "10.244.1.5 : jump ingress_0"
+    assert all(jump in s and "x/allow-y" in s and (not crd or '"deny-y"' in s) for s in applied)
+    if crd:  # y/b a peer of the Admin Deny once y got its label, the NetworkPolicies after it
+        assert "\t\tjump c0_ingress\n\t\tgoto ingress_0\n" in applied[-1]
+        # (its peers are the NetworkPolicy's: one set, shared)
+        chain = '\tchain c0_ingress {\n\t\tcomment "deny-y"\n\t\tip saddr @p0_ingress0_peer4 drop\n'
+        assert chain in applied[-1]
     # its named port resolved on x/a (8080); y/b a peer once y got its label; deny-all added
     final = applied[-1]
     assert "10.244.1.5 . tcp . 8080" in final and "10.244.2.7" in final and "x/deny-all" in final
@@ -201,7 +227,7 @@ def test_a_failing_batch_is_logged_and_the_next_event_applies() -> None:
             stop.set()
 
     agent = NetpolAgent(ME, apply_script, lambda event, **f: logs.append(event))
-    for kind in ("NetworkPolicy", "Namespace"):
+    for kind in ("NetworkPolicy", "Namespace", "ClusterNetworkPolicy"):
         events.put((kind, "SYNC", []))
     events.put(("Pod", "SYNC", [pod("x", "a", "10.244.1.5")]))
     thread = threading.Thread(target=netpol.serve, args=(agent, events, stop))
@@ -228,6 +254,7 @@ def test_what_the_api_accepts_through_the_client_isolates() -> None:
         PATHS["NetworkPolicy"]: FakePool([listing([policy("x", "sloppy", sloppy)], "1")], []),
         PATHS["Pod"]: FakePool([listing([pod("x", "a", "10.244.1.5"), scoped], "2")], []),
         PATHS["Namespace"]: FakePool([listing([namespace("x"), namespace("y")], "3")], []),
+        PATHS["ClusterNetworkPolicy"]: FakePool([404], []),  # no CRD: none, not an error
     })
     client = api_client(api)  # type: ignore[arg-type]
     applied: list[str] = []

@@ -291,7 +291,7 @@ def test_a_failed_ruleset_is_retried_without_a_new_event() -> None:
     stop = threading.Event()
     events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
     agent = netpol.NetpolAgent(ME, apply_script, lambda *_a, **_k: None)
-    for kind in ("NetworkPolicy", "Namespace"):
+    for kind in ("NetworkPolicy", "Namespace", "ClusterNetworkPolicy"):
         events.put((kind, "SYNC", []))
     events.put(("Pod", "SYNC", [pod("x", "a", "10.244.1.5")]))
     thread = threading.Thread(target=netpol.serve, args=(agent, events, stop), daemon=True)

@@ -30,7 +30,7 @@ import pytest
 
 from cni_plugin.node.netpol.nft import TABLE
 
-from ..netns.netpol_cases import CASES, PODS, PORT_NAMES, Matrix, Pods, ns_policy, reachable
+from ..netns.netpol_cases import CASES, CLUSTER_CASES, PODS, PORT_NAMES, Matrix, Pods, ns_policy, reachable
 from ..netns.netpol_probe import Servers, differences, observe
 from .cluster import Cluster, KindNode
 from .image import REPO
@@ -55,7 +55,11 @@ class Sim:
         meta = obj["metadata"]
         store = self.cluster.store
         assert store is not None
-        if kind == "NetworkPolicy" and event == "DELETED":
+        if kind == "ClusterNetworkPolicy" and event == "DELETED":
+            store.remove("clusternetworkpolicies", meta["name"])
+        elif kind == "ClusterNetworkPolicy":
+            store.put("clusternetworkpolicies", copy.deepcopy(obj))
+        elif kind == "NetworkPolicy" and event == "DELETED":
             store.remove("networkpolicies", f"{meta['namespace']}/{meta['name']}")
         elif kind == "NetworkPolicy":
             policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", **copy.deepcopy(obj)}
@@ -69,8 +73,9 @@ class Sim:
         """No policy, every pod and namespace with its first labels."""
         store = self.cluster.store
         assert store is not None
-        for name in list(store.objects["networkpolicies"]):
-            store.remove("networkpolicies", name)
+        for resource in ("networkpolicies", "clusternetworkpolicies"):
+            for name in list(store.objects[resource]):
+                store.remove(resource, name)
         for pod in self.pods.values():
             if pod.labels != {"pod": pod.name}:
                 self.cluster.relabel_pod(pod, {"pod": pod.name})
@@ -136,8 +141,9 @@ def sim(cluster: Cluster) -> Iterator[Sim]:
         for pod in pods.values():
             cluster.delete_pod(pod)
         assert cluster.store is not None
-        for name in list(cluster.store.objects["networkpolicies"]):
-            cluster.store.remove("networkpolicies", name)
+        for resource in ("networkpolicies", "clusternetworkpolicies"):
+            for name in list(cluster.store.objects[resource]):
+                cluster.store.remove(resource, name)
         for ns in "xyz":
             cluster.store.remove("namespaces", ns)
 
@@ -157,13 +163,14 @@ def test_pods_are_api_objects_with_their_node_and_address(sim: Sim) -> None:
 
 
 @pytest.mark.parametrize(
-    "title", list(CASES), ids=[re.sub(r"[^A-Za-z0-9]+", "-", t).strip("-") for t in CASES]
+    "title", [*CASES, *CLUSTER_CASES],
+    ids=[re.sub(r"[^A-Za-z0-9]+", "-", t).strip("-") for t in [*CASES, *CLUSTER_CASES]]
 )
 def test_upstream_case_reachability_across_nodes(sim: Sim, title: str) -> None:
     sim.reset()
     wrong = sim.converge("TCP", 80, reachable())
     assert not wrong, "before the case: " + "; ".join(wrong)
-    for number, step in enumerate(CASES[title](sim.world)):
+    for number, step in enumerate({**CASES, **CLUSTER_CASES}[title](sim.world)):
         for kind, event, obj in step.events:
             sim.apply(kind, event, obj)
         for proto, port, expected in step.checks:

@@ -458,3 +458,126 @@ def _(w: Pods) -> list[Step]:
     spec = {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": NS_Y}],
                                                "ports": [{"port": 81, "protocol": "UDP"}]}]}
     return [Step([add("x", "allow-ingress-on-port-81-ns-x", spec)], [("UDP", 81, ONLY_Y_TO_XA)])]
+
+
+# --- ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2): the upstream conformance cases
+# that apply to one bridge node (pods, namespaces, networks) and the tiers' interplay, each
+# matrix written by hand from the order Admin (by priority; Pass: on) -> NetworkPolicy -> Baseline
+# -> accept.
+CLUSTER_CASES: dict[str, Callable[[Pods], list[Step]]] = {}
+
+
+def cluster_case(title: str) -> Callable[[Callable[[Pods], list[Step]]], Callable[[Pods], list[Step]]]:
+    def register(fn: Callable[[Pods], list[Step]]) -> Callable[[Pods], list[Step]]:
+        CLUSTER_CASES[title] = fn
+        return fn
+    return register
+
+
+def cnp(name: str, tier: str, priority: int, subject: dict[str, Any], event: str = "ADDED",
+        **rules: Any) -> tuple[str, str, dict[str, Any]]:
+    return ("ClusterNetworkPolicy", event, {
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {"tier": tier, "priority": priority, "subject": subject, **rules}})
+
+
+def in_ns(name: str) -> dict[str, Any]:
+    return {"namespaces": {"matchLabels": {NAME_LABEL: name}}}
+
+
+def pod_in(ns: str, pod: str) -> dict[str, Any]:
+    return {"pods": {"namespaceSelector": {"matchLabels": {NAME_LABEL: ns}},
+                     "podSelector": {"matchLabels": {"pod": pod}}}}
+
+
+ALLOW_ALL_INTO_X = add("x", "allow-all", {"podSelector": {}, "ingress": [{}]})
+
+
+@cluster_case("CNP interplay: an Admin Deny beats a NetworkPolicy allow")
+def _(w: Pods) -> list[Step]:
+    deny = cnp("deny-y-to-xa", "Admin", 10, pod_in("x", "a"),
+               ingress=[{"action": "Deny", "from": [in_ns("y")]}])
+    return [Step([ALLOW_ALL_INTO_X, deny], [("TCP", 80, reachable(("y/*", "x/a", False)))],
+                 families=(4, 6))]
+
+
+@cluster_case("CNP interplay: an Admin Pass defers to the NetworkPolicy, an Admin Accept overrides it")
+def _(w: Pods) -> list[Step]:
+    rules = [{"action": "Pass", "from": [in_ns("y")]}, {"action": "Accept", "from": [in_ns("z")]},
+             {"action": "Deny", "from": [in_ns("y")]}]  # never reached for y: the Pass comes first
+    return [Step([add("x", "deny-ingress", {"podSelector": {}}),
+                  cnp("pass-y", "Admin", 3, in_ns("x"), ingress=rules)],
+                 [("TCP", 80, reachable(("*", "x/*", False), ("z/*", "x/*", True)))])]
+
+
+@cluster_case("CNP interplay: a Baseline Deny applies only where no NetworkPolicy selects the pod")
+def _(w: Pods) -> list[Step]:
+    base = cnp("base-deny-y", "Baseline", 10, in_ns("x"),
+               ingress=[{"action": "Deny", "from": [in_ns("y")]}])
+    np = add("x", "allow-to-a", {"podSelector": POD_A, "ingress": [{"from": [{"namespaceSelector": {}}]}]})
+    return [Step([base, np], [("TCP", 80, reachable(("y/*", "x/*", False), ("y/*", "x/a", True)))])]
+
+
+@cluster_case("CNP interplay: a deleted policy opens again")
+def _(w: Pods) -> list[Step]:
+    rules = [{"action": "Deny", "from": [{"namespaces": {}}]}]
+    return [Step([cnp("deny-into-xa", "Admin", 1, pod_in("x", "a"), ingress=rules)],
+                 [("TCP", 80, CLOSED_XA)]),
+            Step([cnp("deny-into-xa", "Admin", 1, pod_in("x", "a"), "DELETED", ingress=rules)],
+                 [("TCP", 80, reachable())])]
+
+
+@cluster_case("CNP admin ingress: the first matching rule wins (standard-ingress-tcp-rules)")
+def _(w: Pods) -> list[Step]:
+    tcp_80 = [{"tcp": {"destinationPort": {"number": 80}}}]
+    rules = [{"action": "Accept", "from": [in_ns("y")]}, {"action": "Deny", "from": [in_ns("y")]},
+             {"action": "Deny", "from": [in_ns("z")], "protocols": tcp_80},
+             {"action": "Pass", "from": [in_ns("z")], "protocols": tcp_80}]
+    return [Step([cnp("ingress-tcp", "Admin", 3, in_ns("x"), ingress=rules)],
+                 [("TCP", 80, reachable(("z/*", "x/*", False))), ("TCP", 81, reachable()),
+                  ("UDP", 80, reachable())])]
+
+
+@cluster_case("CNP admin priority: the lower value wins (standard-priority-field)")
+def _(w: Pods) -> list[Step]:
+    deny = cnp("deny-to-y", "Admin", 5, in_ns("x"), egress=[{"action": "Deny", "to": [in_ns("y")]}])
+    allow = cnp("allow-to-yb", "Admin", 4, in_ns("x"),
+                egress=[{"action": "Accept", "to": [pod_in("y", "b")]}])
+    return [Step([deny, allow], [("TCP", 80, reachable(("x/*", "y/*", False), ("x/*", "y/b", True)))],
+                 families=(4, 6))]
+
+
+@cluster_case("CNP admin egress: networks and a port range (standard-egress-inline-cidr-rules)")
+def _(w: Pods) -> list[Step]:
+    to_ya = [{"networks": [f"{ip}/{32 if family == 4 else 128}" for family, ip in w.ips["y/a"].items()]}]
+    ports = [{"tcp": {"destinationPort": {"range": {"start": 79, "end": 80}}}}]
+    deny = cnp("deny-net", "Admin", 1, in_ns("x"),
+               egress=[{"action": "Deny", "to": to_ya, "protocols": ports}])
+    return [Step([deny],
+                 [("TCP", 80, reachable(("x/*", "y/a", False))), ("TCP", 81, reachable()),
+                  ("UDP", 80, reachable())], families=(4, 6))]
+
+
+@cluster_case("CNP baseline: Pass is the default (accept), Deny the rest (standard-gress-rules)")
+def _(w: Pods) -> list[Step]:
+    rules = [{"action": "Pass", "from": [pod_in("y", "a")]}, {"action": "Deny", "from": [in_ns("y")]}]
+    return [Step([cnp("base", "Baseline", 1, in_ns("x"), ingress=rules)],
+                 [("UDP", 80, reachable(("y/*", "x/*", False), ("y/a", "x/*", True)))])]
+
+
+@cluster_case("CNP named port: a destinationNamedPort on the destination pod (ingress-udp-rules)")
+def _(w: Pods) -> list[Step]:
+    rules = [{"action": "Deny", "from": [{"namespaces": {}}],
+              "protocols": [{"destinationNamedPort": "serve-81-udp"}]}]
+    return [Step([cnp("deny-81-udp", "Admin", 1, pod_in("x", "a"), ingress=rules)],
+                 [("UDP", 81, CLOSED_XA), ("TCP", 81, reachable()), ("UDP", 80, reachable())])]
+
+
+@cluster_case("CNP fails closed: an unknown action denies that direction of its subjects, others apply")
+def _(w: Pods) -> list[Step]:
+    bad = cnp("bad", "Baseline", 1, pod_in("x", "a"),
+              ingress=[{"action": "Allow", "from": [in_ns("y")]}])  # v1alpha1's name for Accept
+    other = cnp("other", "Admin", 1, pod_in("x", "b"),
+                ingress=[{"action": "Deny", "from": [in_ns("z")]}])
+    return [Step([bad, other], [("TCP", 80, reachable(("*", "x/a", False), ("z/*", "x/b", False)))])]

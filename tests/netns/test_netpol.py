@@ -31,6 +31,7 @@ from cni_plugin.node.netpol.nft import TABLE
 from .harness import Host, bridge_conf, delete_netns, new_netns, sh
 from .netpol_cases import (
     CASES,
+    CLUSTER_CASES,
     EGRESS,
     NAME_LABEL,
     NODE,
@@ -79,16 +80,17 @@ def _reset(world: World) -> NetpolAgent:
     agent.handle("NetworkPolicy", "SYNC", [])
     agent.handle("Pod", "SYNC", [world.pod_object(p) for p in PODS])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": ns}} for ns in "xyz"])
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])
     assert agent.reconcile()
     return agent
 
 
-@pytest.mark.parametrize("title", list(CASES), ids=[re.sub(r"[^A-Za-z0-9]+", "-", t).strip("-")
-                                                    for t in CASES])
+@pytest.mark.parametrize("title", [*CASES, *CLUSTER_CASES],
+                         ids=[re.sub(r"[^A-Za-z0-9]+", "-", t).strip("-") for t in [*CASES, *CLUSTER_CASES]])
 def test_upstream_case_reachability(world: World, title: str) -> None:
     agent = _reset(world)
     try:
-        for number, step in enumerate(CASES[title](world)):
+        for number, step in enumerate({**CASES, **CLUSTER_CASES}[title](world)):
             for kind, event, obj in step.events:
                 agent.handle(kind, event, obj)
             agent.reconcile()

@@ -112,6 +112,7 @@ def _refused_policy(host: Host, result: dict[str, Any]) -> None:
     agent.handle("Pod", "SYNC", [{"metadata": {"name": "a", "namespace": "x"}, "spec": {"nodeName": "n1"},
                                   "status": {"podIP": result["ips"][0]["address"].split("/")[0]}}])
     agent.handle("Namespace", "SYNC", [])
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])
     assert agent.reconcile()
 
 

@@ -153,6 +153,7 @@ def _run(host: Host, defended: bool) -> Outcome:
                   {f"x/{n}": {4: p.v4, 6: p.v6} for n, p in pods.items()}, subnet=str(SUBNET_V4), host=host)
     agent = node_agent(world)
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}])
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])
     agent.handle("Pod", "SYNC", [world.pod_object(p) for p in world.netns])
     agent.handle("NetworkPolicy", "SYNC",
                  [ns_policy("x", "deny-all", {"podSelector": POD_A})] if defended else [])

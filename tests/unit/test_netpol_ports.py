@@ -31,6 +31,7 @@ def test_ports_read_at_each_ruleset_and_kept_when_the_read_fails() -> None:
                                            "spec": {"podSelector": {"matchLabels": {"pod": "a"}}}}])
     agent.handle("Pod", "SYNC", [p.model_dump(by_alias=True, mode="json") for p in world_pods()])
     agent.handle("Namespace", "SYNC", [])
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])
     first = agent.ruleset()
     assert 'elements = { "vetha" : jump ingress_0 }' in first
     assert agent.ruleset() == first

@@ -89,7 +89,8 @@ class Recorder:
 
 
 def _agent(policies: list[dict[str, Any]], pods: list[dict[str, Any]] | None = None,
-           spaces: list[dict[str, Any]] | None = None) -> tuple[NetpolAgent, Recorder, list[str]]:
+           spaces: list[dict[str, Any]] | None = None,
+           cluster: list[dict[str, Any]] = ()) -> tuple[NetpolAgent, Recorder, list[str]]:  # type: ignore[assignment]
     seen = Recorder()
     applied: list[str] = []
     agent = NetpolAgent(ME, applied.append, seen.log, seen)
@@ -98,6 +99,7 @@ def _agent(policies: list[dict[str, Any]], pods: list[dict[str, Any]] | None = N
                  if pods is None else pods)
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": ns, "labels": {"ns": ns}}} for ns in "xyz"]
                  if spaces is None else spaces)
+    agent.handle("ClusterNetworkPolicy", "SYNC", list(cluster))
     assert agent.reconcile()
     return agent, seen, applied
 
@@ -196,7 +198,7 @@ def test_a_failure_to_compile_closes_the_direction(monkeypatch: pytest.MonkeyPat
     agent, seen, applied = _agent([{"metadata": {"name": "p", "namespace": "x"}, "spec": spec}])
     assert _ingress_map(applied[-1]) == _ips("x/a")
     closed = [f for event, f in seen.logs if event == "netpol-closed"]
-    assert closed == [{"policy": "x/p", "field": "spec.ingress",
+    assert closed == [{"kind": "NetworkPolicy", "policy": "x/p", "field": "spec.ingress",
                        "error": "not compiled: ArithmeticError: a bug"}]
     assert 'comment "x/p refused: spec.ingress"' in applied[-1]
     agent.reconcile()  # logged once, not at every ruleset

@@ -1,15 +1,18 @@
 """The node agent's NetworkPolicy loop: a cache of the watched objects, re-applied on change.
 
-Three list+watch streams (NetworkPolicy, Pod, Namespace; kube.list_watch: resourceVersion,
-relist on 410 Gone, a relist every `resync` seconds) feed one queue; one thread takes an event,
-also takes every event already queued behind it, and only then compiles and applies, so a burst
-of events costs one nft transaction. Nothing is applied before all three kinds were listed once
-(a policy without its pods would cut them off). A ruleset nft refused or did not take in time is
-applied again after an exponential backoff, events or not; no error ends a thread.
+Four list+watch streams (NetworkPolicy, Pod, Namespace, ClusterNetworkPolicy; kube.list_watch:
+resourceVersion, relist on 410 Gone, a relist every `resync` seconds) feed one queue; one thread
+takes an event, also takes every event already queued behind it, and only then compiles and
+applies, so a burst of events costs one nft transaction. Nothing is applied before all four kinds
+were listed once (a policy without its pods would cut them off). A lost watch is a relist whose
+SYNC replaces that kind's cache whole: until it comes the rules in force stay, so a resync opens
+no window. A ruleset nft refused or did not take in time is applied again after an exponential
+backoff, events or not; no error ends a thread.
 """
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -19,11 +22,12 @@ from typing import Any, Protocol
 
 from ...netlink import NetlinkError
 from ..loop import Event, Log, Stream, drive, pump
-from . import apply, compile, nft, objects
+from . import apply, cluster, compile, nft, objects, tiers
 from .objects import KINDS, Address, Model, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
 Key = tuple[str, str]
+WATCHED = (*KINDS, cluster.KIND)
 
 
 def _key(obj: Any) -> Key:
@@ -50,16 +54,16 @@ class NetpolAgent:
         self.observer = observer
         self.ports = ports  # the bridge ports of pod addresses (apply.pod_ports); None: not keyed by port
         self.port_map: Mapping[Address, Collection[str]] = {}
-        self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in KINDS}
+        self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in WATCHED}
         self.listed: set[str] = set()
         self.applied: str | None = None
         self.closed: set[Refusal] = set()
         self.failed = False  # the last reconcile could not apply its ruleset
 
-    def _parse(self, kind: str, obj: Any) -> Model | None:
+    def _parse(self, kind: str, obj: Any) -> Model | cluster.ClusterNetworkPolicy | None:
         """The object, or None; each refused field logged and counted (policies refused in part
-        are kept, in their closed form: objects.read)."""
-        model, refused = objects.read(kind, obj)
+        are kept, in their closed form: objects.read, cluster.read)."""
+        model, refused = cluster.read(obj) if kind == cluster.KIND else objects.read(kind, obj)
         for refusal in refused:
             self.log("netpol-refused", kind=kind, object=refusal.name[:300], field=refusal.field[:300],
                      error=refusal.reason[:300], kept=model is not None)
@@ -84,24 +88,27 @@ class NetpolAgent:
     def ruleset(self) -> str:
         decision = compile.decide(self.objects["NetworkPolicy"].values(), self.objects["Pod"].values(),
                                   self.objects["Namespace"].values(), self.node_name)
-        closed = {r for p in decision.policies for r in p.refused}
+        layers = tiers.decide(self.objects[cluster.KIND].values(), self.objects["Pod"].values(),
+                              self.objects["Namespace"].values(), self.node_name)
+        enforced: list[compile.PolicyRules | tiers.ClusterRules] = [*decision.policies, *layers.policies]
+        closed = {r for p in enforced for r in p.refused}
         for refusal in closed - self.closed:  # once, from when it is enforced closed on this node
-            self.log("netpol-closed", policy=refusal.name[:300], field=refusal.field[:300],
+            self.log("netpol-closed", kind=refusal.kind, policy=refusal.name[:300], field=refusal.field[:300],
                      error=refusal.reason[:300])
         self.closed = closed
         if self.observer:
-            self.observer.policies_refused(sum(bool(p.refused) for p in decision.policies))
+            self.observer.policies_refused(sum(bool(p.refused) for p in enforced))
         if self.ports is not None:
             try:
                 self.port_map = self.ports()
             except (NetlinkError, OSError) as exc:  # the last ports read stay in force
                 self.log("netpol-warning", error=f"bridge ports not read: {exc}"[:300])
-        return nft.ruleset(decision, self.port_map)
+        return nft.ruleset(decision, self.port_map, layers)
 
     def reconcile(self) -> bool:
         """True when a new ruleset was applied."""
         self.failed = False
-        if self.listed != set(KINDS):
+        if self.listed != set(WATCHED):
             return False
         script = self.ruleset()
         if script == self.applied:
@@ -137,7 +144,7 @@ def start(agent: NetpolAgent, stream: Stream, log: Log, errors: tuple[type[BaseE
           on_applied: Callable[[], None] = lambda: None) -> list[threading.Thread]:
     events: queue.Queue[Event] = queue.Queue()
     threads = [threading.Thread(target=pump, args=(kind, stream, events, log, stop, errors),
-                                name=f"netpol-{kind}", daemon=True) for kind in KINDS]
+                                name=f"netpol-{kind}", daemon=True) for kind in WATCHED]
     threads.append(threading.Thread(target=serve, args=(agent, events, stop, on_applied), name="netpol",
                                     daemon=True))
     for thread in threads:
@@ -145,18 +152,23 @@ def start(agent: NetpolAgent, stream: Stream, log: Log, errors: tuple[type[BaseE
     return threads
 
 
-def listers(api: Any) -> dict[str, Callable[..., Any]]:
+def listers(api: Any, stop: threading.Event | None = None) -> dict[str, Callable[..., Any]]:
     from kubernetes import client
 
+    from .. import kube
+
     core, networking = client.CoreV1Api(api), client.NetworkingV1Api(api)
+    cnp = functools.partial(client.CustomObjectsApi(api).list_cluster_custom_object, *cluster.RESOURCE)
     return {"NetworkPolicy": networking.list_network_policy_for_all_namespaces,
-            "Pod": core.list_pod_for_all_namespaces, "Namespace": core.list_namespace}
+            "Pod": core.list_pod_for_all_namespaces, "Namespace": core.list_namespace,
+            # not served (no CRD): none exist, an empty list (kube.optional)
+            cluster.KIND: kube.optional(cnp, (stop or threading.Event()).wait)}
 
 
 def kube_stream(api: Any, resync: int, stop: threading.Event, log: Log) -> Stream:
     from .. import kube
 
-    calls = listers(api)
+    calls = listers(api, stop)
 
     def report(kind: str) -> Callable[[Exception], None]:  # 401, 403 (RBAC), TLS...: before each retry
         def say(exc: Exception) -> None:

@@ -9,6 +9,10 @@ never one rule per pod pair):
   chain of the pod's combination of policies; that chain jumps each policy's chain (a match
   accepts) and drops what none allowed. An accept ends this base chain only: the packet goes on to
 - base chain `forward_ingress`: the same with the destination address and the ingress maps.
+With ClusterNetworkPolicies (tiers.py) a pod's chain first jumps the chains of its Admin
+policies (rules in order, each with its verdict: accept, drop, or for Pass a goto to the rest),
+then goes to the rest: its NetworkPolicies' chain as above, or, if none selects it, a chain
+jumping its Baseline policies' and accepting what they leave (a Baseline Pass accepts).
 Pod to pod on the bridge crosses the forward hook through br_netfilter (bridge-nf-call-ip{,6}tables,
 on by default, turned on by the agent where off); routed traffic to and from other nodes crosses it anyway.
 Traffic between the node itself and its pods takes the input/output hooks and is never judged.
@@ -39,6 +43,7 @@ from collections.abc import Collection, Iterable, Mapping
 from ...hostnet import NETPOL_REFUSED, NETPOL_TABLE
 from .compile import Decision, PolicyRules, Rule
 from .objects import Address
+from .tiers import ClusterRules, Plan, Tiers, merged, plans
 
 TABLE = NETPOL_TABLE
 NFT_COMMENT = 128  # nft's longest comment
@@ -47,6 +52,7 @@ _FAMILY = {4: "ip", 6: "ip6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _NEIGHBOUR = "nd-neighbor-solicit, nd-neighbor-advert"  # what address resolution needs between pods
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a port name safe to quote in the script
+_VERDICT = {"Accept": "accept", "Deny": "drop"}  # Pass: on to the next tier (Script.tier_chain)
 
 
 def _set(name: str, type_: str, elements: Iterable[str], interval: bool, kind: str = "set") -> list[str]:
@@ -65,7 +71,7 @@ def _printable(name: str) -> str:
     return "".join(c if c.isascii() and (c.isalnum() or c in "./-_") else "?" for c in name)[:120]
 
 
-def _comment(policy: PolicyRules) -> str:
+def _comment(policy: PolicyRules | ClusterRules) -> str:
     """The policy's name, and the fields that closed it (`pybridge doctor` reads them)."""
     if not policy.refused:
         return _printable(policy.name)
@@ -78,10 +84,12 @@ def _port(first: int, last: int) -> str:
 
 
 class _Script:
-    def __init__(self) -> None:
+    def __init__(self, tiers: Tiers | None = None) -> None:
         self.sets: list[str] = []
         self.chains: list[str] = []
         self.known: dict[tuple[str, bool, tuple[str, ...]], str] = {}
+        self.tiers = tiers or Tiers()
+        self.tier_chains: set[str] = set()
 
     def shared(self, name: str, type_: str, elements: Iterable[str], interval: bool) -> str:
         """The name of a set with these elements: rules naming the same peers or ports (all pods
@@ -92,8 +100,8 @@ class _Script:
             self.sets += _set(name, type_, key[2], interval)
         return self.known[key]
 
-    def rule_lines(self, prefix: str, rule: Rule, peer_side: str) -> list[str]:
-        """nft rules accepting what `rule` allows; the peer is the packet's `peer_side` (saddr/daddr)."""
+    def rule_lines(self, prefix: str, rule: Rule, peer_side: str, verdict: str = "accept") -> list[str]:
+        """nft rules giving `verdict` to what `rule` matches; the peer is the packet's `peer_side`."""
         port_matches: dict[int, list[str]] = {4: [], 6: []}
         if rule.ranges:
             ports = self.shared(f"{prefix}_ports", "inet_proto . inet_service",
@@ -118,7 +126,7 @@ class _Script:
                 name = self.shared(f"{prefix}_peer{version}", _ADDR_TYPE[version], peers, interval=True)
                 peer = f"{_FAMILY[version]} {peer_side} @{name}"
             for ports in ([""] if rule.ranges is None else port_matches[version]):
-                line = "\t\t" + " ".join(filter(None, (peer, ports, "accept")))
+                line = "\t\t" + " ".join(filter(None, (peer, ports, verdict)))
                 if line not in lines:
                     lines.append(line)
         return lines
@@ -128,21 +136,53 @@ class _Script:
                 for line in self.rule_lines(f"{chain}{k}", rule, peer_side)]
         self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_comment(policy)}"', *body, "\t}"]
 
-    def combo_chains(self, direction: str, selected: Iterable[tuple[int, ...]]) -> dict[tuple[int, ...], int]:
-        """A chain per combination of policies selecting a pod: jumps each one's chain, then drops."""
-        combos = {c: k for k, c in enumerate(sorted(set(selected)))}
+    def tier_chain(self, i: int, direction: str, rest: str) -> str:
+        """The chain of ClusterNetworkPolicy `i`: its rules in order, each with its action. A
+        Pass of an Admin policy goes to `rest` (a chain that always ends in a verdict, so the
+        goto never comes back), hence one copy of such a policy per `rest`."""
+        policy = self.tiers.policies[i]
+        passes = policy.tier == "Admin" and any(r.action == "Pass" for r in policy.rules(direction))
+        chain = f"c{i}_{direction}" + (f"_{rest}" if passes else "")
+        if chain not in self.tier_chains:
+            self.tier_chains.add(chain)
+            peer_side = "saddr" if direction == "ingress" else "daddr"
+            pass_to = f"goto {rest}" if passes else "accept"  # a Baseline Pass: on to the default, accept
+            body = [line for k, r in enumerate(policy.rules(direction))
+                    for line in self.rule_lines(f"{chain}r{k}", r.rule, peer_side,
+                                                _VERDICT.get(r.action, pass_to))]
+            self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_comment(policy)}"', *body, "\t}"]
+        return chain
+
+    def combo_chains(self, direction: str, selected: Iterable[Plan]) -> dict[Plan, str]:
+        """A chain per plan judging a pod: the Admin policies' chains, then either its
+        NetworkPolicies' (each one's chain, then drop) or the Baseline policies' (then accept)."""
+        chosen = set(selected)
+        combos = {c: k for k, c in enumerate(sorted({p.policies for p in chosen if p.policies is not None}))}
+        baselines = {b: k for k, b in enumerate(sorted({p.baseline for p in chosen if p.policies is None}))}
         for combo, k in combos.items():
             jumps = [f"\t\tjump p{i}_{direction}" for i in combo]
             self.chains += [f"\tchain {direction}_{k} {{", *jumps, "\t\tdrop", "\t}"]
-        return combos
+        for baseline, k in baselines.items():
+            jumps = [f"\t\tjump {self.tier_chain(i, direction, '')}" for i in baseline]
+            self.chains += [f"\tchain {direction}_b{k} {{", *jumps, "\t\taccept", "\t}"]
+        names: dict[Plan, str] = {}
+        for k, plan in enumerate(sorted(chosen, key=lambda p: (p.admin, p.policies or (), p.baseline))):
+            rest = (f"{direction}_{combos[plan.policies]}" if plan.policies is not None
+                    else f"{direction}_b{baselines[plan.baseline]}")
+            if not plan.admin:
+                names[plan] = rest
+                continue
+            names[plan] = f"{direction}_a{k}"
+            jumps = [f"\t\tjump {self.tier_chain(i, direction, rest)}" for i in plan.admin]
+            self.chains += [f"\tchain {direction}_a{k} {{", *jumps, f"\t\tgoto {rest}", "\t}"]
+        return names
 
-    def dispatch(self, direction: str, selected: Mapping[Address, tuple[int, ...]], key: str,
-                 priority: str) -> None:
-        """The per-combination chains, the verdict maps from pod address to them, the base chain."""
+    def dispatch(self, direction: str, selected: Mapping[Address, Plan], key: str, priority: str) -> None:
+        """The per-plan chains, the verdict maps from pod address to them, the base chain."""
         combos = self.combo_chains(direction, selected.values())
         for version in (4, 6):
-            elements = [f"{a} : jump {direction}_{combos[c]}"
-                        for a, c in sorted((a, c) for a, c in selected.items() if a.version == version)]
+            elements = [f"{a} : jump {combos[selected[a]]}"
+                        for a in sorted(a for a in selected if a.version == version)]
             self.sets += _set(f"{direction}{version}", f"{_ADDR_TYPE[version]} : verdict", elements,
                               interval=False, kind="map")
         self.chains += [f"\tchain forward_{direction} {{",
@@ -153,11 +193,11 @@ class _Script:
                         f"\t\tip6 {key} vmap @{direction}6",
                         "\t}"]
 
-    def port_dispatch(self, direction: str, by_port: Mapping[str, tuple[int, ...]], side: str, key: str,
+    def port_dispatch(self, direction: str, by_port: Mapping[str, Plan], side: str, key: str,
                       priority: str) -> None:
         """The bridge table's: a port's frames at other addresses than its own judged by its policies."""
         combos = self.combo_chains(direction, by_port.values())
-        elements = [f'"{port}" : jump {direction}_{combos[c]}' for port, c in sorted(by_port.items())]
+        elements = [f'"{port}" : jump {combos[c]}' for port, c in sorted(by_port.items())]
         self.sets += _set(f"{direction}_ports", "ifname : verdict", elements, interval=False, kind="map")
         self.chains += [f"\tchain forward_{direction} {{",
                         f"\t\ttype filter hook forward priority {priority}; policy accept;",
@@ -183,35 +223,39 @@ def _table(family: str, script: _Script) -> list[str]:
             *script.sets, *script.chains, "}"]
 
 
-def _bridge(decision: Decision, ports: Mapping[Address, Collection[str]]) -> _Script:
+def _bridge(decision: Decision, tiers: Tiers, ports: Mapping[Address, Collection[str]]) -> _Script:
     """The bridge table: for each port holding a selected pod's API address, that pod's policies
     (a port holding several pods' addresses is judged by all their policies)."""
-    by_port: dict[str, dict[str, set[int]]] = {"ingress": {}, "egress": {}}
+    by_port: dict[str, dict[str, list[Plan]]] = {"ingress": {}, "egress": {}}
     own: set[tuple[str, Address]] = set()
-    for direction, selected in (("ingress", decision.ingress), ("egress", decision.egress)):
-        for address, combo in selected.items():
+    for direction in ("ingress", "egress"):
+        for address, plan in plans(decision, tiers, direction).items():
             for port in filter(_IFNAME.fullmatch, ports.get(address, ())):
-                by_port[direction].setdefault(port, set()).update(combo)
+                by_port[direction].setdefault(port, []).append(plan)
                 own.add((port, address))
-    script = _Script()
-    _policy_chains(script, decision, {d: {i for c in p.values() for i in c} for d, p in by_port.items()})
+    combos = {d: {port: merged(p) for port, p in by_.items()} for d, by_ in by_port.items()}
+    script = _Script(tiers)
+    _policy_chains(script, decision, {d: {i for c in p.values() for i in c.policies or ()}
+                                      for d, p in combos.items()})
     for version in (4, 6):
         script.sets += _set(f"own{version}", f"ifname . {_ADDR_TYPE[version]}",
                             sorted(f'"{p}" . {a}' for p, a in own if a.version == version), interval=False)
-    combos = {d: {port: tuple(sorted(c)) for port, c in p.items()} for d, p in by_port.items()}
     script.port_dispatch("egress", combos["egress"], "iifname", "saddr", "filter - 1")
     script.port_dispatch("ingress", combos["ingress"], "oifname", "daddr", "filter + 1")
     return script
 
 
-def ruleset(decision: Decision, ports: Mapping[Address, Collection[str]] | None = None) -> str:
+def ruleset(decision: Decision, ports: Mapping[Address, Collection[str]] | None = None,
+            tiers: Tiers | None = None) -> str:
     """Both tables, replaced in one transaction (add + delete + define is idempotent). `ports`:
-    the bridge ports each address was found on (none: the bridge table judges nothing)."""
-    script = _Script()
+    the bridge ports each address was found on (none: the bridge table judges nothing); `tiers`:
+    the ClusterNetworkPolicies around the NetworkPolicies (tiers.py)."""
+    tiers = tiers or Tiers()
+    script = _Script(tiers)
     _policy_chains(script, decision)
-    script.dispatch("egress", decision.egress, "saddr", "filter - 1")
-    script.dispatch("ingress", decision.ingress, "daddr", "filter + 1")
-    return "\n".join([*_table("inet", script), *_table("bridge", _bridge(decision, ports or {})), ""])
+    script.dispatch("egress", plans(decision, tiers, "egress"), "saddr", "filter - 1")
+    script.dispatch("ingress", plans(decision, tiers, "ingress"), "daddr", "filter + 1")
+    return "\n".join([*_table("inet", script), *_table("bridge", _bridge(decision, tiers, ports or {})), ""])
 
 
 def removal() -> str:

@@ -100,7 +100,7 @@ def test_a_hung_nft_fails_a_ruleset_and_the_policy_loop_retries_it(
                                lambda event, **fields: logged.append((event, fields)))
     monkeypatch.setattr(loop.Backoff, "next", lambda _self: 0.1)
     events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
-    for kind in ("NetworkPolicy", "Namespace", "Pod"):
+    for kind in netpol.WATCHED:
         events.put((kind, "SYNC", []))
     stop = threading.Event()
     thread = threading.Thread(target=netpol.serve, args=(agent, events, stop), daemon=True)

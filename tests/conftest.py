@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.netns.harness import RUN_MARK, TEST_PREFIX
+
 # The containerd tiers load grpc into this process; its fork handlers would then restart its
 # poller threads in every child forked for a preexec_fn (setns before exec), where closing the
 # inherited fds makes the poller abort the child (SIGABRT, "epoll_wait error: Bad file descriptor";
@@ -75,11 +76,11 @@ def nothing_left_behind() -> Iterator[None]:
 
 @pytest.fixture
 def ipam_indexes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """pyipam's stores indexed as in the agent (ipam.disk.keep_indexes), fresh for one test."""
-    from ipam import disk
+    """pyipam's stores indexed as in the agent (ipam.index.keep_indexes), fresh for one test."""
+    from ipam import index as indexes
 
-    monkeypatch.setattr(disk, "_keep_indexes", True)
-    monkeypatch.setattr(disk, "_INDEXES", {})
+    monkeypatch.setattr(indexes, "_keep_indexes", True)
+    monkeypatch.setattr(indexes, "_INDEXES", {})
     yield
-    for index in disk._INDEXES.values():
+    for index in indexes._INDEXES.values():
         index.watch.close()

@@ -301,7 +301,7 @@ def _preload() -> None:
 
     for module in ("ipam.plugin", "ipam.verbs", "cni_plugin.masq", "cni_plugin.verbs"):
         importlib.import_module(module)
-    from ipam import disk
+    from ipam import index
 
-    disk.keep_indexes()  # long-lived: index the IPAM stores rather than read them whole per ADD
+    index.keep_indexes()  # long-lived: index the IPAM stores rather than read them whole per ADD
     netns.prestart()

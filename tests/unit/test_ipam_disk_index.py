@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ipam import disk
+from ipam import index as indexes
 from ipam.disk import DiskStore
 
 pytestmark = pytest.mark.usefixtures("ipam_indexes")
@@ -95,7 +95,7 @@ def test_lost_events_mean_a_whole_read(tmp_path: Path, monkeypatch: pytest.Monke
     store = DiskStore(str(tmp_path), "net")
     assert _owners(store) == {}
     (tmp_path / "net" / "10.1.0.3").write_bytes(b"c\r\neth0")
-    index = disk._INDEXES[store.path]
+    index = indexes._INDEXES[store.path]
     monkeypatch.setattr(index.watch, "changed", lambda: None)  # as after IN_Q_OVERFLOW
     assert _owners(store) == {"10.1.0.3": ("c", "eth0")}
 
@@ -104,7 +104,7 @@ def test_without_inotify_the_store_is_read_whole(tmp_path: Path, monkeypatch: py
     def no_inotify(self: object) -> None:
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(disk._Index, "__init__", no_inotify)
+    monkeypatch.setattr(indexes.Index, "__init__", no_inotify)
     store = DiskStore(str(tmp_path), "net")
     assert _owners(store) == {}
     (tmp_path / "net" / "10.1.0.3").write_bytes(b"c\r\neth0")

@@ -2,8 +2,8 @@
 data directory, and a node can switch between them without losing reservations.
 
 The format is hostlocal.py's, files are opened as paths.py opens them, the lock is lock.py's and
-a long-lived process's index is index.py's. Anything in the directory that is not a well-formed
-reservation is reported through `warn` and skipped, never fatal.
+a long-lived process's index is index.py's (an option of the store). Anything in the directory
+that is not a well-formed reservation is reported through `warn` and skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from contextlib import contextmanager, suppress
 
 from cnikit.ip import IPAddress
 
-from . import hostlocal, index, paths
+from . import hostlocal, paths
 from .config import DEFAULT_LOCK_TIMEOUT
 from .hostlocal import STATUS_PROBE, TEMP_PREFIX
+from .index import Indexes
 from .lock import held
 from .store import Holdings, Reservation, Store
 
@@ -40,11 +41,15 @@ class DiskStore(Store):
         network: str,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         warn: Warn = to_stderr,
+        indexes: Indexes | None = None,
     ) -> None:
+        """`indexes`: a long-lived process's (the agent's), to read only what changed since its
+        last call; None reads the directory whole."""
         self.data_dir = data_dir
         self.path = os.path.join(data_dir, network)
         self.lock_timeout = lock_timeout
         self._warn = warn
+        self._indexes = indexes
         self._dir_fd: int | None = None
         # Reservation files are written here, then linked into the store: creating a file in a
         # directory of ~1000 reservations costs ~1 ms on ext4 (0.07 ms in a small directory),
@@ -135,7 +140,7 @@ class DiskStore(Store):
     def _current(self) -> tuple[dict[str, Reservation | None], Holdings]:
         """The store's names as they are now, and its holdings: the index brought up to date by
         the names that changed, or the directory read whole."""
-        kept = index.index_of(self.path)
+        kept = self._indexes.of(self.path) if self._indexes is not None else None
         names = kept.changed(self._fd()) if kept is not None else None
         if kept is not None and names is not None:
             entries, holdings = kept.entries, kept.holdings

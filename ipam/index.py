@@ -1,21 +1,13 @@
-"""The agent's index of each store directory it serves: what every name in it held when last read,
-kept right by the directory's inotify events (watch.py), so an ADD on a full store reads only the
-names that changed since the last call, whoever changed them. Off in one-shot processes."""
+"""A long-lived process's index of each store directory it serves (the agent's): what every name
+in it held when last read, kept right by the directory's inotify events (watch.py), so an ADD on a
+full store reads only the names that changed since the last call, whoever changed them. One-shot
+processes keep none: their stores read the directory whole."""
 
 from __future__ import annotations
 
 from cnikit import log
 
 from .store import Holdings, Reservation
-
-_INDEXES: dict[str, Index] = {}
-_keep_indexes = False
-
-
-def keep_indexes() -> None:
-    """For a long-lived process (the agent): index each store instead of reading it whole."""
-    global _keep_indexes
-    _keep_indexes = True
 
 
 class Index:
@@ -38,14 +30,23 @@ class Index:
         return names if same else None
 
 
-def index_of(path: str) -> Index | None:
-    """The index of the store directory `path`; None if indexes are not kept or cannot be."""
-    if not _keep_indexes:
-        return None
-    index = _INDEXES.get(path)
-    if index is None:
-        try:
-            index = _INDEXES[path] = Index()
-        except OSError as exc:  # e.g. the inotify instance limit: read whole, as one-shot calls do
-            log.process().warning("ipam_no_index", store=path, error=str(exc), effect="read whole")
-    return index
+class Indexes:
+    """The indexes a process keeps, one per store directory, made at its first use."""
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, Index] = {}
+
+    def of(self, path: str) -> Index | None:
+        """The index of the store directory `path`; None if it cannot be kept (read whole)."""
+        index = self._by_path.get(path)
+        if index is None:
+            try:
+                index = self._by_path[path] = Index()
+            except OSError as exc:  # e.g. the inotify instance limit: read whole, as one-shot calls do
+                log.process().warning("ipam_no_index", store=path, error=str(exc), effect="read whole")
+        return index
+
+    def close(self) -> None:
+        for index in self._by_path.values():
+            index.watch.close()
+        self._by_path.clear()

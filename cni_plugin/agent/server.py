@@ -26,6 +26,7 @@ from cnikit.inflight import InFlight
 from cnikit.removals import Removals
 from cnikit.spec.errors import CNIError
 from cnikit.turns import Turns
+from ipam.index import Indexes
 
 from .. import netns
 from . import activation, wire
@@ -62,7 +63,9 @@ def _verbs_for(program: str) -> Callable[[], Mapping[str, skel.Verb]]:
 
 class Agent:
     def __init__(self, path: str = wire.DEFAULT_SOCKET, max_concurrent: int = MAX_CONCURRENT,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, ipam_indexes: Indexes | None = None) -> None:
+        """`ipam_indexes`: pyipam's store indexes, kept across calls (ipam/index.py); None: the
+        calls read their stores whole, as one-shot calls do."""
         self.path = path
         self.observer: Observer = observer or Silent()
         self._slots = threading.BoundedSemaphore(max_concurrent)
@@ -77,6 +80,7 @@ class Agent:
         self._inherited = False
         self._defaults = {k: v for k, v in os.environ.items() if k == log.ENV_VAR}
         self.removals = Removals()
+        self.ipam_indexes = ipam_indexes
         self._turns = Turns(AT_ONCE, TURN_PATIENCE)
         # Calls for one attachment run one at a time, calls for others in parallel: see _answer.
         self._keys_lock = threading.Lock()
@@ -243,7 +247,7 @@ class Agent:
             if not held:
                 self.observer.ran_without_turn()
             return skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program, stderr=err,
-                            netns_fd=pod_fd, removals=self.removals)
+                            netns_fd=pod_fd, removals=self.removals, ipam_indexes=self.ipam_indexes)
 
 
 def _go(conn: socket.socket) -> bool:
@@ -266,7 +270,9 @@ def run(path: str | None, observer: Observer | None, endpoint: Endpoint) -> int:
     except CNIError as exc:
         print(f"pybridge agent: {exc}", file=sys.stderr)
         return 2
-    agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET, observer=observer)
+    # Long-lived: index the IPAM stores rather than read them whole per ADD.
+    agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET, observer=observer,
+                  ipam_indexes=Indexes())
 
     def stop(_signum: int, _frame: Any) -> None:
         threading.Thread(target=agent.stop, daemon=True).start()
@@ -293,7 +299,4 @@ def _preload() -> None:
 
     for module in ("ipam.plugin", "ipam.verbs", "cni_plugin.masq", "cni_plugin.verbs"):
         importlib.import_module(module)
-    from ipam import index
-
-    index.keep_indexes()  # long-lived: index the IPAM stores rather than read them whole per ADD
     netns.prestart()

@@ -49,6 +49,9 @@ class Request:
     netns_fd: int | None = None
     # Where a long-lived caller (the agent) lets slow teardown finish after the reply.
     removals: Removals | None = None
+    # What a long-lived caller keeps of pyipam's stores between calls (the agent's
+    # ipam.index.Indexes): typed by ipam, which cnikit does not import.
+    ipam_indexes: object = None
     # This call's log (the netconf's logFile): never a process-wide one, calls run concurrently.
     log: log.Logger = log.NOWHERE
 
@@ -131,6 +134,7 @@ def run(
     stderr: IO[str] | None = None,
     netns_fd: int | None = None,
     removals: Removals | None = None,
+    ipam_indexes: object = None,
 ) -> int:
     """Serve one CNI call; returns the process exit code. `verbs` is called only once a verb
     needs serving, so VERSION and argument errors never import the heavy modules."""
@@ -152,7 +156,7 @@ def run(
         req = parse_request(cmd, env, _read_stdin(stdin), netns_fd, removals)
         cni_version = req.cni_version
         logger = log.for_call(req.config.get("logFile"), env, echo=err)
-        req = dataclasses.replace(req, log=logger)
+        req = dataclasses.replace(req, log=logger, ipam_indexes=ipam_indexes)
         result = verbs()[cmd.command](req)
         if result is not None:
             stdout.write(json.dumps(result))

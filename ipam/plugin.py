@@ -41,6 +41,7 @@ from cnikit.spec.version import CURRENT
 from .allocator import pick, range_for
 from .config import IPAMConfig, Range, RangeSet, load_ipam_config
 from .disk import DiskStore, Warn, to_stderr
+from .index import Indexes
 from .store import Store
 
 __all__ = [
@@ -61,8 +62,8 @@ __all__ = [
 
 MAX_RESOLV_CONF = 64 * 1024
 
-def _store(cfg: IPAMConfig, warn: Warn) -> DiskStore:
-    return DiskStore(cfg.data_dir, cfg.network, cfg.lock_timeout, warn)
+def _store(cfg: IPAMConfig, warn: Warn, indexes: Indexes | None) -> DiskStore:
+    return DiskStore(cfg.data_dir, cfg.network, cfg.lock_timeout, warn, indexes)
 
 
 def _attachment(container_id: str, ifname: str) -> None:
@@ -188,13 +189,13 @@ def read_resolv_conf(path: str) -> dict[str, Any]:
 
 def ipam_add(
     netconf: Mapping[str, Any], container_id: str, ifname: str, cni_args: Mapping[str, str],
-    warn: Warn = to_stderr,
+    warn: Warn = to_stderr, indexes: Indexes | None = None,
 ) -> dict[str, Any]:
     """Reserve one IP per range set; the result is 1.1.0-shaped (convert it for the caller)."""
     _attachment(container_id, ifname)
     cfg = load_ipam_config(netconf, cni_args)
     dns = read_resolv_conf(cfg.resolv_conf) if cfg.resolv_conf else None
-    allocated = allocate(_store(cfg, warn), cfg, container_id, ifname)
+    allocated = allocate(_store(cfg, warn, indexes), cfg, container_id, ifname)
     result: dict[str, Any] = {
         "cniVersion": CURRENT,
         "ips": [
@@ -209,19 +210,21 @@ def ipam_add(
     return result
 
 
-def ipam_del(netconf: Mapping[str, Any], container_id: str, ifname: str, warn: Warn = to_stderr) -> list[str]:
+def ipam_del(netconf: Mapping[str, Any], container_id: str, ifname: str, warn: Warn = to_stderr,
+             indexes: Indexes | None = None) -> list[str]:
     """Release what (container id, ifname) holds; an unknown attachment is not an error."""
     _attachment(container_id, ifname)
-    store = _store(load_ipam_config(netconf, {}), warn)
+    store = _store(load_ipam_config(netconf, {}), warn, indexes)
     if not store.exists():
         return []
     with store.lock():
         return [str(ip) for ip in store.release_by_id(container_id, ifname)]
 
 
-def ipam_check(netconf: Mapping[str, Any], container_id: str, ifname: str, warn: Warn = to_stderr) -> None:
+def ipam_check(netconf: Mapping[str, Any], container_id: str, ifname: str, warn: Warn = to_stderr,
+               indexes: Indexes | None = None) -> None:
     _attachment(container_id, ifname)
-    store = _store(load_ipam_config(netconf, {}), warn)
+    store = _store(load_ipam_config(netconf, {}), warn, indexes)
     found = False
     if store.exists():
         with store.lock():
@@ -234,13 +237,13 @@ def ipam_check(netconf: Mapping[str, Any], container_id: str, ifname: str, warn:
         )
 
 
-def ipam_status(netconf: Mapping[str, Any], warn: Warn = to_stderr) -> None:
+def ipam_status(netconf: Mapping[str, Any], warn: Warn = to_stderr, indexes: Indexes | None = None) -> None:
     """Ready for ADD as far as this node goes: the store can be locked and written. A full range
     set is not a STATUS failure: containerd 2.x turns any STATUS error into NetworkReady=false,
     kubelet marks the node NotReady and its pods are evicted; a full pool only stops the next
     ADD, which fails with EXHAUSTED naming the range set and its use."""
     cfg = load_ipam_config(netconf, {})
-    store = _store(cfg, warn)
+    store = _store(cfg, warn, indexes)
     try:
         with store.lock():
             store.probe_writable()
@@ -254,12 +257,13 @@ def ipam_status(netconf: Mapping[str, Any], warn: Warn = to_stderr) -> None:
 GC_RELEASED: list[Callable[[str, int], None]] = []
 
 
-def ipam_gc(netconf: Mapping[str, Any], valid: Set[tuple[str, str]], warn: Warn = to_stderr) -> list[str]:
+def ipam_gc(netconf: Mapping[str, Any], valid: Set[tuple[str, str]], warn: Warn = to_stderr,
+            indexes: Indexes | None = None) -> list[str]:
     """Release every reservation whose attachment is not in `valid` (a legacy id-only one if its
     id is in no valid pair); returns the released IPs. Keeps going past a failed release and
     raises one error naming them all at the end."""
     cfg = load_ipam_config(netconf, {})
-    store = _store(cfg, warn)
+    store = _store(cfg, warn, indexes)
     if not store.exists():
         return []
     valid_ids = {container_id for container_id, _ in valid}

@@ -6,10 +6,14 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.netns.harness import RUN_MARK, TEST_PREFIX
+
+if TYPE_CHECKING:
+    from ipam.index import Indexes
 
 # The containerd tiers load grpc into this process; its fork handlers would then restart its
 # poller threads in every child forked for a preexec_fn (setns before exec), where closing the
@@ -75,12 +79,10 @@ def nothing_left_behind() -> Iterator[None]:
 
 
 @pytest.fixture
-def ipam_indexes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """pyipam's stores indexed as in the agent (ipam.disk.keep_indexes), fresh for one test."""
-    from ipam import disk
+def ipam_indexes() -> Iterator[Indexes]:
+    """pyipam's store indexes as the agent keeps them (ipam.index.Indexes), fresh for one test."""
+    from ipam.index import Indexes
 
-    monkeypatch.setattr(disk, "_keep_indexes", True)
-    monkeypatch.setattr(disk, "_INDEXES", {})
-    yield
-    for index in disk._INDEXES.values():
-        index.watch.close()
+    indexes = Indexes()
+    yield indexes
+    indexes.close()

@@ -24,12 +24,13 @@ from typing import Any
 from cnikit import log, programs, skel
 from cnikit.inflight import InFlight
 from cnikit.removals import Removals
-from cnikit.spec import version
-from cnikit.spec.errors import TRY_AGAIN_LATER, CNIError
+from cnikit.spec.errors import CNIError
 from cnikit.turns import Turns
+from ipam.index import Indexes
 
 from .. import netns
-from . import activation, views, wire
+from . import activation, wire
+from .call import Call, admissible, busy, unframe
 from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline, raise_fd_limit
 from .observer import Endpoint, Observer, Silent, result_code
 
@@ -62,7 +63,9 @@ def _verbs_for(program: str) -> Callable[[], Mapping[str, skel.Verb]]:
 
 class Agent:
     def __init__(self, path: str = wire.DEFAULT_SOCKET, max_concurrent: int = MAX_CONCURRENT,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, ipam_indexes: Indexes | None = None) -> None:
+        """`ipam_indexes`: pyipam's store indexes, kept across calls (ipam/index.py); None: the
+        calls read their stores whole, as one-shot calls do."""
         self.path = path
         self.observer: Observer = observer or Silent()
         self._slots = threading.BoundedSemaphore(max_concurrent)
@@ -77,6 +80,7 @@ class Agent:
         self._inherited = False
         self._defaults = {k: v for k, v in os.environ.items() if k == log.ENV_VAR}
         self.removals = Removals()
+        self.ipam_indexes = ipam_indexes
         self._turns = Turns(AT_ONCE, TURN_PATIENCE)
         # Calls for one attachment run one at a time, calls for others in parallel: see _answer.
         self._keys_lock = threading.Lock()
@@ -177,53 +181,64 @@ class Agent:
                     del self._attachments[key]
 
     def _answer(self, conn: socket.socket, data: bytes, fds: list[int], deadline: float) -> None:
-        flags, plen, elen, _slen = wire.decode_request_header(data[:wire.HEADER_LEN])
-        body = data[wire.HEADER_LEN:]
-        program = body[:plen].decode(errors="replace")
-        caller_env = wire.decode_env(body[plen:plen + elen])
-        # The agent's own log file serves calls whose runtime set none (the systemd unit sets one).
-        env = {**self._defaults, **caller_env}
-        stdin = body[plen + elen:]
-        pod_fd, root_fd = _passed_fds(flags, fds)
-        conn.settimeout(max(deadline - time.monotonic(), 0.001))
-        # The agent does host-side work in its own netns and opens files in its own mount
-        # namespace: serve only clients in that netns that see the same files (views.py).
-        if not fds or not netns.same_netns(fds[0]) or program not in programs.PROGRAMS \
-                or root_fd is None or not views.caller_sees_the_same(root_fd, stdin, caller_env):
-            self.observer.declined()
-            conn.sendall(wire.DECLINED)
+        call = unframe(data, fds, self._defaults)
+        if not self._accepted(conn, call, deadline):
             return
-        conn.sendall(wire.ACCEPTED)
-        if not _go(conn):
-            return  # the client's deadline passed: it serves the call itself
-        conn.settimeout(REQUEST_TIMEOUT)  # for the answer: a client that never reads it
         # An exec'd plugin killed mid-ADD stops working; the agent serving its call does not. So
         # calls for one attachment are serialized (the runtime's DEL after the kill waits for the
-        # ADD), and an ADD whose caller is gone is undone: no one will ever learn its result.
-        key = (env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", ""))
-        with self._attachment(key) as held:
+        # ADD), and an ADD whose caller is gone is undone (_deliver).
+        with self._attachment(call.attachment) as held:
             if not held:
-                conn.sendall(_busy(stdin, key))
+                conn.sendall(busy(call, ATTACHMENT_TIMEOUT))
                 return
-            out, err = io.StringIO(), io.StringIO()
-            started = time.monotonic()
-            self.observer.call_started()
-            code = 1
-            try:
-                code = self._run(program, env, stdin, out, err, pod_fd)
-            finally:
-                self.observer.call_finished(program, env.get("CNI_COMMAND", ""),
-                                            result_code(code, out.getvalue()), time.monotonic() - started)
-            try:
-                conn.sendall(wire.encode_response(code, out.getvalue().encode(), err.getvalue().encode()))
-            except OSError:
-                if code == 0 and env.get("CNI_COMMAND") == "ADD":
-                    self.observer.add_undone()
-                    log.process().warning("agent_add_undone", container_id=key[0], ifname=key[1],
-                                reason="the caller went away before the result was delivered")
-                    self._run(program, {**env, "CNI_COMMAND": "DEL"}, stdin, io.StringIO(), io.StringIO(),
-                              pod_fd)
-                raise
+            code, out, err = self._dispatch(call)
+            self._deliver(conn, call, code, out, err)
+
+    def _accepted(self, conn: socket.socket, call: Call, deadline: float) -> bool:
+        """The handshake, within the client's deadline: decline a call the agent may not serve,
+        else accept it and wait for the client's go. Then the answer has REQUEST_TIMEOUT to go
+        out (a client that never reads it)."""
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        if not admissible(call):
+            self.observer.declined()
+            conn.sendall(wire.DECLINED)
+            return False
+        conn.sendall(wire.ACCEPTED)
+        if not _go(conn):
+            return False  # the client's deadline passed: it serves the call itself
+        conn.settimeout(REQUEST_TIMEOUT)
+        return True
+
+    def _dispatch(self, call: Call) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) of the call, counted and timed by the observer."""
+        out, err = io.StringIO(), io.StringIO()
+        started = time.monotonic()
+        self.observer.call_started()
+        code = 1
+        try:
+            code = self._run(call.program, call.env, call.stdin, out, err, call.pod_fd)
+        finally:
+            self.observer.call_finished(call.program, call.command, result_code(code, out.getvalue()),
+                                        time.monotonic() - started)
+        return code, out.getvalue(), err.getvalue()
+
+    def _deliver(self, conn: socket.socket, call: Call, code: int, out: str, err: str) -> None:
+        """Send the answer; an ADD that succeeded for a caller gone away is undone, since no one
+        will ever learn its result."""
+        try:
+            conn.sendall(wire.encode_response(code, out.encode(), err.encode()))
+        except OSError:
+            if code == 0 and call.command == "ADD":
+                self._undo(call)
+            raise
+
+    def _undo(self, call: Call) -> None:
+        self.observer.add_undone()
+        container_id, ifname = call.attachment
+        log.process().warning("agent_add_undone", container_id=container_id, ifname=ifname,
+                              reason="the caller went away before the result was delivered")
+        self._run(call.program, {**call.env, "CNI_COMMAND": "DEL"}, call.stdin, io.StringIO(), io.StringIO(),
+                  call.pod_fd)
 
     def _run(self, program: str, env: Mapping[str, str], stdin: bytes, out: io.StringIO,
              err: io.StringIO, pod_fd: int | None) -> int:
@@ -232,15 +247,7 @@ class Agent:
             if not held:
                 self.observer.ran_without_turn()
             return skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program, stderr=err,
-                            netns_fd=pod_fd, removals=self.removals)
-
-
-def _passed_fds(flags: int, fds: list[int]) -> tuple[int | None, int | None]:
-    """(pod netns fd, caller's root directory fd) from what came after the client's netns fd."""
-    rest = iter(fds[1:])
-    pod_fd = next(rest, None) if flags & wire.FLAG_POD_NETNS else None
-    root_fd = next(rest, None) if flags & wire.FLAG_ROOT else None
-    return pod_fd, root_fd
+                            netns_fd=pod_fd, removals=self.removals, ipam_indexes=self.ipam_indexes)
 
 
 def _go(conn: socket.socket) -> bool:
@@ -256,17 +263,6 @@ def _go(conn: socket.socket) -> bool:
     return got == wire.GO
 
 
-def _busy(stdin: bytes, key: tuple[str, str]) -> bytes:
-    """The answer to a call whose attachment stayed busy: code 11, try again later."""
-    try:
-        cni_version = skel.config_version(skel.decode_config(stdin))
-    except CNIError:
-        cni_version = version.CURRENT
-    error = CNIError(TRY_AGAIN_LATER, "another call on this attachment is still running",
-                     f"container {key[0]!r}, ifname {key[1]!r}: waited {ATTACHMENT_TIMEOUT:g}s")
-    return wire.encode_response(1, error.to_json(cni_version).encode(), b"")
-
-
 def run(path: str | None, observer: Observer | None, endpoint: Endpoint) -> int:
     """Foreground agent; SIGTERM/SIGINT stop it after draining the calls in flight."""
     try:
@@ -274,7 +270,9 @@ def run(path: str | None, observer: Observer | None, endpoint: Endpoint) -> int:
     except CNIError as exc:
         print(f"pybridge agent: {exc}", file=sys.stderr)
         return 2
-    agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET, observer=observer)
+    # Long-lived: index the IPAM stores rather than read them whole per ADD.
+    agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET, observer=observer,
+                  ipam_indexes=Indexes())
 
     def stop(_signum: int, _frame: Any) -> None:
         threading.Thread(target=agent.stop, daemon=True).start()
@@ -301,7 +299,4 @@ def _preload() -> None:
 
     for module in ("ipam.plugin", "ipam.verbs", "cni_plugin.masq", "cni_plugin.verbs"):
         importlib.import_module(module)
-    from ipam import disk
-
-    disk.keep_indexes()  # long-lived: index the IPAM stores rather than read them whole per ADD
     netns.prestart()

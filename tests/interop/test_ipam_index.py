@@ -16,12 +16,12 @@ import pytest
 
 from cnikit.spec.errors import EXHAUSTED, CNIError
 from ipam import plugin
+from ipam.index import Indexes
 from tests.netns.harness import REFERENCE_PLUGINS
 
 HOST_LOCAL = os.path.join(REFERENCE_PLUGINS, "host-local")
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.usefixtures("ipam_indexes"),
     pytest.mark.skipif(not os.path.exists(HOST_LOCAL), reason="no Debian host-local"),
 ]
 
@@ -50,10 +50,10 @@ def _ip(result: dict[str, Any] | None) -> str:
     return str(result["ips"][0]["address"].split("/")[0])
 
 
-def test_the_index_stays_right_among_other_writers(tmp_path: Path) -> None:
+def test_the_index_stays_right_among_other_writers(tmp_path: Path, ipam_indexes: Indexes) -> None:
     hl, py = _netconf(tmp_path, "host-local"), _netconf(tmp_path, "pyipam")
     writers = {
-        "indexed": lambda cid: _ip(plugin.ipam_add(py, cid, "eth0", {})),
+        "indexed": lambda cid: _ip(plugin.ipam_add(py, cid, "eth0", {}, indexes=ipam_indexes)),
         "host-local": lambda cid: _ip(_exec([HOST_LOCAL], "ADD", hl, cid)),
         "one-shot": lambda cid: _ip(_exec([sys.executable, "-m", "ipam"], "ADD", py, cid)),
     }
@@ -68,8 +68,8 @@ def test_the_index_stays_right_among_other_writers(tmp_path: Path) -> None:
     # Releases across writers: the index finds what the others reserved, and sees what they free.
     released = []
     for n in range(3):
-        plugin.ipam_del(py, f"host-local-{n}", "eth0")
-        plugin.ipam_del(py, f"one-shot-{n}", "eth0")
+        plugin.ipam_del(py, f"host-local-{n}", "eth0", indexes=ipam_indexes)
+        plugin.ipam_del(py, f"one-shot-{n}", "eth0", indexes=ipam_indexes)
         _exec([HOST_LOCAL], "DEL", hl, f"indexed-{n}")
         _exec([sys.executable, "-m", "ipam"], "DEL", py, f"host-local-{n + 3}")
         released += [ips["host-local", f"host-local-{n}"], ips["one-shot", f"one-shot-{n}"],
@@ -78,8 +78,9 @@ def test_the_index_stays_right_among_other_writers(tmp_path: Path) -> None:
     assert held == set(ips.values()) - set(released)
 
     # The indexed writer now fills exactly the free addresses, then finds the range full.
-    more = [_ip(plugin.ipam_add(py, f"fill-{n}", "eth0", {})) for n in range(SIZE - len(held))]
+    more = [_ip(plugin.ipam_add(py, f"fill-{n}", "eth0", {}, indexes=ipam_indexes))
+            for n in range(SIZE - len(held))]
     assert not set(more) & held and len(set(more)) == len(more)
     with pytest.raises(CNIError) as full:
-        plugin.ipam_add(py, "one-too-many", "eth0", {})
+        plugin.ipam_add(py, "one-too-many", "eth0", {}, indexes=ipam_indexes)
     assert full.value.code == EXHAUSTED

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ipam import disk
+from ipam import index
 from ipam.disk import DiskStore
-
-pytestmark = pytest.mark.usefixtures("ipam_indexes")
+from ipam.index import Indexes
 
 
 def _owners(store: DiskStore) -> dict[str, tuple[str, str | None]]:
@@ -32,8 +31,10 @@ def _reads(store: DiskStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return read
 
 
-def test_an_unchanged_store_is_not_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = DiskStore(str(tmp_path), "net")
+def test_an_unchanged_store_is_not_read_again(
+    tmp_path: Path, ipam_indexes: Indexes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskStore(str(tmp_path), "net", indexes=ipam_indexes)
     with store.lock():
         for n in range(2, 52):
             assert store.reserve(ipaddress.ip_address(f"10.1.0.{n}"), f"c{n}", "eth0", 0)
@@ -49,8 +50,8 @@ def test_an_unchanged_store_is_not_read_again(tmp_path: Path, monkeypatch: pytes
     assert read == ["10.1.0.60"]
 
 
-def test_a_replaced_reservation_file_is_read_again(tmp_path: Path) -> None:
-    store = DiskStore(str(tmp_path), "net")
+def test_a_replaced_reservation_file_is_read_again(tmp_path: Path, ipam_indexes: Indexes) -> None:
+    store = DiskStore(str(tmp_path), "net", indexes=ipam_indexes)
     ip = ipaddress.ip_address("10.1.0.5")
     with store.lock():
         assert store.reserve(ip, "first", "eth0", 0)
@@ -60,8 +61,8 @@ def test_a_replaced_reservation_file_is_read_again(tmp_path: Path) -> None:
         assert [(r.container_id, r.ifname) for r in store.reservations()] == [("second", "eth1")]
 
 
-def test_files_written_behind_the_index_are_seen(tmp_path: Path) -> None:
-    store = DiskStore(str(tmp_path), "net")
+def test_files_written_behind_the_index_are_seen(tmp_path: Path, ipam_indexes: Indexes) -> None:
+    store = DiskStore(str(tmp_path), "net", indexes=ipam_indexes)
     with store.lock():
         assert store.reserve(ipaddress.ip_address("10.1.0.5"), "mine", "eth0", 0)
         assert store.reserve(ipaddress.ip_address("10.1.0.7"), "gone", "eth0", 0)
@@ -80,8 +81,8 @@ def test_files_written_behind_the_index_are_seen(tmp_path: Path) -> None:
                               "10.1.0.8": ("late", "eth1")}
 
 
-def test_a_replaced_directory_is_read_whole(tmp_path: Path) -> None:
-    store = DiskStore(str(tmp_path), "net")
+def test_a_replaced_directory_is_read_whole(tmp_path: Path, ipam_indexes: Indexes) -> None:
+    store = DiskStore(str(tmp_path), "net", indexes=ipam_indexes)
     with store.lock():
         assert store.reserve(ipaddress.ip_address("10.1.0.5"), "old", "eth0", 0)
     assert len(_owners(store)) == 1
@@ -91,21 +92,39 @@ def test_a_replaced_directory_is_read_whole(tmp_path: Path) -> None:
     assert _owners(store) == {"10.1.0.9": ("new", "eth0")}
 
 
-def test_lost_events_mean_a_whole_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = DiskStore(str(tmp_path), "net")
+def test_lost_events_mean_a_whole_read(
+    tmp_path: Path, ipam_indexes: Indexes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskStore(str(tmp_path), "net", indexes=ipam_indexes)
     assert _owners(store) == {}
     (tmp_path / "net" / "10.1.0.3").write_bytes(b"c\r\neth0")
-    index = disk._INDEXES[store.path]
-    monkeypatch.setattr(index.watch, "changed", lambda: None)  # as after IN_Q_OVERFLOW
+    kept = ipam_indexes.of(store.path)
+    assert kept is not None
+    monkeypatch.setattr(kept.watch, "changed", lambda: None)  # as after IN_Q_OVERFLOW
     assert _owners(store) == {"10.1.0.3": ("c", "eth0")}
 
 
-def test_without_inotify_the_store_is_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_inotify_the_store_is_read_whole(
+    tmp_path: Path, ipam_indexes: Indexes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_inotify(self: object) -> None:
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(disk._Index, "__init__", no_inotify)
-    store = DiskStore(str(tmp_path), "net")
+    monkeypatch.setattr(index.Index, "__init__", no_inotify)
+    store = DiskStore(str(tmp_path), "net", indexes=ipam_indexes)
     assert _owners(store) == {}
     (tmp_path / "net" / "10.1.0.3").write_bytes(b"c\r\neth0")
     assert _owners(store) == {"10.1.0.3": ("c", "eth0")}
+
+
+def test_a_store_without_indexes_reads_every_name_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskStore(str(tmp_path), "net")  # as in a one-shot call
+    with store.lock():
+        for n in range(2, 12):
+            assert store.reserve(ipaddress.ip_address(f"10.1.0.{n}"), f"c{n}", "eth0", 0)
+    read = _reads(store, monkeypatch)
+    assert len(_owners(store)) == 10
+    assert len(_owners(store)) == 10
+    assert len(read) == 20

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ipam import disk
+from ipam import hostlocal
 from ipam.disk import DiskStore
 
 ip = ipaddress.ip_address
@@ -46,7 +46,7 @@ def test_the_last_reserved_ip_is_cut_to_size(store: DiskStore, tmp_path: Path) -
 def test_a_killed_writers_temp_file_is_removed(store: DiskStore, tmp_path: Path) -> None:
     with store.lock():
         assert store.reservations() == []
-    leftover = tmp_path / "data" / ".pyipam-tmp.net1" / f"{disk.TEMP_PREFIX}123.abcd"
+    leftover = tmp_path / "data" / ".pyipam-tmp.net1" / f"{hostlocal.TEMP_PREFIX}123.abcd"
     leftover.write_bytes(b"dead\r\neth0")
     with store.lock():
         assert store.reservations() == []

@@ -18,6 +18,7 @@ import pytest
 from cni_plugin import sysctl, verbs
 from cnikit import skel
 from cnikit.spec.version import SUPPORTED, at_least
+from ipam.index import Indexes
 from ipam.plugin import list_reservations
 
 from .fakenet import HOST, FakeKernel
@@ -40,12 +41,14 @@ def _conf(tmp_path: Path, version: str = "1.1.0", **extra: Any) -> dict[str, Any
             "ipam": {"type": "pyipam", "dataDir": str(tmp_path / "ipam"), "ranges": ranges}, **extra}
 
 
-def _call(verb: str, conf: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+def _call(
+    verb: str, conf: dict[str, Any], ipam_indexes: Indexes | None = None
+) -> tuple[int, dict[str, Any] | None]:
     env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": CID, "CNI_NETNS": POD, "CNI_IFNAME": "eth0",
            "CNI_PATH": "/nonexistent"}
     out = io.StringIO()
     code = skel.run(lambda: verbs.VERBS, env, io.BytesIO(json.dumps(conf).encode()), out,
-                    program="pybridge", stderr=io.StringIO())
+                    program="pybridge", stderr=io.StringIO(), ipam_indexes=ipam_indexes)
     return code, json.loads(out.getvalue()) if out.getvalue() else None
 
 
@@ -55,6 +58,18 @@ def _nothing_left(kernel: FakeKernel, tmp_path: Path) -> None:
     assert list_reservations(str(tmp_path / "ipam"), "fakenet") == []
     assert kernel.masq == set()
     assert kernel.port_chains == {}
+
+
+def test_the_delegated_pyipam_uses_the_callers_store_indexes(
+    kernel: FakeKernel, tmp_path: Path, ipam_indexes: Indexes
+) -> None:
+    conf = _conf(tmp_path)
+    assert _call("ADD", conf, ipam_indexes)[0] == 0
+    assert _call("DEL", conf, ipam_indexes)[0] == 0
+    kept = ipam_indexes.of(str(tmp_path / "ipam" / "fakenet"))
+    assert kept is not None  # it holds what DEL read: the ADD's two reservations
+    assert sorted(str(r.ip) for r in kept.entries.values() if r is not None) == ["10.77.0.2", "fd77::2"]
+    _nothing_left(kernel, tmp_path)
 
 
 @pytest.mark.parametrize("version", SUPPORTED)

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ...netlink import NetlinkError
@@ -24,6 +24,7 @@ from .objects import KINDS, Address, Model, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
 Key = tuple[str, str]
+APPLIER = "netpol"  # the thread that compiles and applies
 
 
 def _key(obj: Any) -> Key:
@@ -138,7 +139,7 @@ def start(agent: NetpolAgent, stream: Stream, log: Log, errors: tuple[type[BaseE
     events: queue.Queue[Event] = queue.Queue()
     threads = [threading.Thread(target=pump, args=(kind, stream, events, log, stop, errors),
                                 name=f"netpol-{kind}", daemon=True) for kind in KINDS]
-    threads.append(threading.Thread(target=serve, args=(agent, events, stop, on_applied), name="netpol",
+    threads.append(threading.Thread(target=serve, args=(agent, events, stop, on_applied), name=APPLIER,
                                     daemon=True))
     for thread in threads:
         thread.start()
@@ -174,6 +175,14 @@ class Enforcement:
 
     stop: threading.Event
     bridge_errors: list[str]
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def wait(self, timeout: float) -> None:
+        """After `stop`: wait up to `timeout` s for the ruleset being applied, if any (the rules
+        in force stay; the streams are left to end with the process)."""
+        for thread in self.threads:
+            if thread.name == APPLIER:
+                thread.join(timeout)
 
     def readiness(self) -> str | None:
         if self.bridge_errors:
@@ -190,15 +199,16 @@ class Enforcement:
 
 def launch(node_name: str, api: Any, resync: int, log: Log,
            enable: Callable[[], list[str]] = apply.enable_bridge_netfilter,
-           observer: Observer | None = None) -> Enforcement:
-    """Enforcement in background threads of the node agent. Not ready while bridged traffic
-    escapes the rules (bridge-nf-call off and not settable); checked again after each apply."""
-    enforcement = Enforcement(threading.Event(), [])
+           observer: Observer | None = None, stop: threading.Event | None = None) -> Enforcement:
+    """Enforcement in background threads of the node agent until `stop`. Not ready while bridged
+    traffic escapes the rules (bridge-nf-call off and not settable); checked again after each
+    apply. The tables of an earlier run stay in force until the first ruleset replaces them."""
+    enforcement = Enforcement(stop or threading.Event(), [])
     enforcement.check_bridge(log, enable)
     agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after a backoff.
-    start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,), enforcement.stop,
-          on_applied=lambda: enforcement.check_bridge(log, enable))
+    enforcement.threads = start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,),
+                                enforcement.stop, on_applied=lambda: enforcement.check_bridge(log, enable))
     log("netpol-started", node=node_name)
     return enforcement

@@ -26,7 +26,7 @@ from cni_plugin.node.netpol.nft import TABLE
 
 from ..kind.fakeapi import ApiServer, NodeStore
 from .harness import Host, bridge_conf, new_netns
-from .netpol_cases import NODE, World
+from .netpol_cases import NODE, Pods, World
 from .netpol_probe import Servers, client, in_netns, probe
 
 PODS = ["x/a", "y/a", "z/a"]
@@ -150,7 +150,7 @@ class Flood:
     """UDP datagrams from `source` to `target` port 80, one every millisecond, from the block's
     start to its end; `sent` and `answered` (each answer got through the rules)."""
 
-    def __init__(self, world: World, source: str, target: str) -> None:
+    def __init__(self, world: Pods, source: str, target: str) -> None:
         self.address = world.ips[target][4]
         self.socks = in_netns(world.netns[source], lambda: [client("UDP", self.address) for _ in range(4)])
         self.sent = self.answered = 0

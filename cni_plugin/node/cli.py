@@ -14,8 +14,9 @@ import ipaddress
 import json
 import os
 import queue
+import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cnikit import log
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 # metrics threads log at once: structlog writes each line whole under a lock of its stream.
 _logger = log.to_stderr()
 _log = _logger.event
+# After SIGTERM: how long a ruleset being applied may take to finish (the kubelet's grace is 30 s;
+# the agent exits within 5 s). A half-written `nft -f` script must never be what nft reads.
+STOP_GRACE = 4.0
 
 
 class Effects(Protocol):
@@ -151,6 +155,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.node_name:
         _log("error", error="--node-name (or NODE_NAME) is required")
         return 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # a DaemonSet roll, or ^C: exit 0, rules kept
+        signal.signal(signum, lambda _signum, _frame: stop.set())
     settings = model.Settings(
         node_name=args.node_name, cluster_cidrs=_networks(args.cluster_cidr or []), bridge=args.bridge,
         ipam_data_dir=args.ipam_data_dir, network=args.network, log_file=args.plugin_log_file,
@@ -168,18 +175,23 @@ def _run(args: argparse.Namespace) -> int:
     except kube.ConfigError as exc:
         _log("error", error=str(exc))
         return 2
-    metrics, _endpoint = node_metrics.start(args.metrics_address,
+    metrics, _endpoints = node_metrics.start(args.metrics_address,
                                             os.path.join(args.cni_conf_dir, model.CONFLIST_NAME))
     agent.observer = metrics
     _log("started", node=settings.node_name, cluster_cidrs=[str(c) for c in settings.cluster_cidrs])
     if not settings.cluster_cidrs:
         _log("error", error="no --cluster-cidr (env POD_SUBNET): no podCIDR will be routed or used")
-    unready = _network_policy(args, api, metrics)
-    if metrics is not None and metrics.checks is not None and unready is not None:
-        metrics.checks.add("NetworkPolicy", unready)
+    enforcement = _network_policy(args, api, metrics, stop)
+    if metrics is not None and metrics.checks is not None and enforcement is not None:
+        metrics.checks.add("NetworkPolicy", enforcement.readiness)
     events: queue.Queue[loop.Event] = queue.Queue()
-    threading.Thread(target=_pump, args=(api, args.resync, events), name="nodes", daemon=True).start()
-    serve(agent, events, threading.Event())
+    threading.Thread(target=_pump, args=(api, args.resync, events, stop), name="nodes", daemon=True).start()
+    serve(agent, events, stop)
+    # Routes, masquerade and the policy rules stay in force: the pods keep their network and
+    # their protection until the next agent takes the tables over (each in one transaction).
+    if enforcement is not None:
+        enforcement.wait(STOP_GRACE)
+    _log("stopped", rules="left in force")  # the endpoints' sockets close with the process
     return 0
 
 
@@ -197,22 +209,23 @@ def serve(agent: NodeAgent, events: queue.Queue[loop.Event], stop: threading.Eve
     loop.drive(step, events, stop, _log)
 
 
-def _pump(api: Any, resync: int, events: queue.Queue[loop.Event]) -> None:
-    """Node events into the queue, as ("Node", event, payload), for good (no error ends it)."""
+def _pump(api: Any, resync: int, events: queue.Queue[loop.Event], stop: threading.Event) -> None:
+    """Node events into the queue, as ("Node", event, payload), until `stop` (no error ends it)."""
     from . import kube
 
-    loop.pump("Node", lambda _kind: kube.node_events(api, timeout_seconds=resync, report=_api_error),
-              events, _log, threading.Event(), (Exception,))
+    loop.pump("Node", lambda _kind: kube.node_events(api, timeout_seconds=resync, stop=stop.is_set,
+                                                     report=_api_error),
+              events, _log, stop, (Exception,))
 
 
-def _network_policy(args: argparse.Namespace, api: Any,
-                    observer: netpol_agent.Observer | None = None) -> Callable[[], str | None] | None:
-    """Enforce NetworkPolicy in background threads (netpol/), or remove the rules of an earlier
-    run. Returns enforcement's readiness check when it is on."""
+def _network_policy(args: argparse.Namespace, api: Any, observer: netpol_agent.Observer | None = None,
+                    stop: threading.Event | None = None) -> netpol_agent.Enforcement | None:
+    """Enforce NetworkPolicy in background threads (netpol/) until `stop`, or remove the rules
+    of an earlier run. Returns the enforcement when it is on."""
     from .netpol import agent, apply
 
     if args.network_policy == "on":
-        return agent.launch(args.node_name, api, args.resync, _log, observer=observer).readiness
+        return agent.launch(args.node_name, api, args.resync, _log, observer=observer, stop=stop)
     try:
         apply.remove()
         _log("netpol-off")

@@ -38,7 +38,8 @@ class Metrics:
         self.calls = Counter("pybridge_cni_calls", "CNI calls served, by program, verb and result code "
                              "(0: success, else the CNI error code)", ["program", "verb", "code"],
                              registry=registry)
-        self.latency = Histogram("pybridge_cni_call_duration_seconds", "Time to serve a CNI call",
+        # containerd's own is network_plugin_operations_duration_seconds{operation_type}
+        self.latency = Histogram("pybridge_cni_operation_duration_seconds", "Time to serve a CNI call",
                                  ["program", "verb"], buckets=LATENCY_BUCKETS, registry=registry)
         self.in_flight = Gauge("pybridge_cni_calls_in_flight", "CNI calls being served", registry=registry)
         self.declined_calls = Counter("pybridge_cni_calls_declined", "Calls the agent declined (the client "

@@ -8,9 +8,10 @@ import math
 import os
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from . import endpoint
 
@@ -23,6 +24,9 @@ class Refused(Protocol):
     @property
     def kind(self) -> str: ...
 DEFAULT_HEALTH_ADDRESS = "127.0.0.1:9433"
+# From an API event to the nft transaction that holds it: ms when idle, seconds behind a relist
+# of a large cluster or a slow nft, a minute when nft fails and is retried after a backoff.
+DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class NodeMetrics:
@@ -49,9 +53,23 @@ class NodeMetrics:
                                 "ClusterNetworkPolicy, Pod and Namespace objects read that could not be "
                                 "used (each read of one counts)",
                                 ["kind"], registry=registry)
-        self.closed = Gauge("pybridge_netpol_policies_refused", "NetworkPolicies selecting pods of this node "
-                            "enforced as allowing nothing in a direction, as a field of it was refused",
-                            registry=registry)
+        # Named after Cilium's cilium_policy_implementation_delay and Calico's felix dataplane
+        # apply metrics, so that their dashboards' queries carry over.
+        self.delay = Histogram("pybridge_policy_implementation_delay_seconds", "Time from a NetworkPolicy, "
+                               "Pod or Namespace event's arrival to the nft transaction holding its effect "
+                               "being in force", buckets=DELAY_BUCKETS, registry=registry)
+        self.applies = Counter("pybridge_policy_applies", "NetworkPolicy rulesets nft took (each one "
+                               "transaction replacing the tables)", registry=registry)
+        self.apply_failures = Counter("pybridge_policy_apply_failures", "NetworkPolicy rulesets nft refused "
+                                      "or did not finish in time (the rules before stay in force; retried "
+                                      "after a backoff)", registry=registry)
+        self.rules = Gauge("pybridge_policy_rules", "nft rules of the NetworkPolicy tables in force",
+                           registry=registry)
+        self.elements = Gauge("pybridge_policy_set_elements", "Elements of the sets and verdict maps of "
+                              "the NetworkPolicy tables in force", registry=registry)
+        self.closed = Gauge("pybridge_policy_refused", "NetworkPolicies selecting pods of this node enforced "
+                            "as allowing nothing in a direction, by reason: invalid (a field could not be "
+                            "read), not-compiled (the compiler failed on it)", ["reason"], registry=registry)
         since = Gauge("pybridge_node_seconds_since_last_sync", "Seconds since the last reconcile of a "
                       "full Node list without errors (NaN before the first)", registry=registry)
         since.set_function(self._since_sync)
@@ -86,8 +104,19 @@ class NodeMetrics:
     def field_refused(self, refusal: Refused) -> None:
         self.fields_refused.labels(refusal.kind).inc()
 
-    def policies_refused(self, count: int) -> None:
-        self.closed.set(count)
+    def policies_refused(self, reasons: Mapping[str, int]) -> None:
+        for reason, count in reasons.items():
+            self.closed.labels(reason).set(count)
+
+    def applied(self, delays: Sequence[float], rules: int, elements: int) -> None:
+        self.applies.inc()
+        for delay in delays:
+            self.delay.observe(delay)
+        self.rules.set(rules)
+        self.elements.set(elements)
+
+    def apply_failed(self) -> None:
+        self.apply_failures.inc()
 
     def readiness(self) -> str | None:
         with self._lock:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,13 @@ def test_a_malformed_pod_in_a_list_does_not_block_the_others() -> None:
         def field_refused(self, refusal: Refusal) -> None:
             refused.append(refusal)
 
-        def policies_refused(self, count: int) -> None:
+        def policies_refused(self, reasons: Mapping[str, int]) -> None:
+            pass
+
+        def applied(self, delays: Sequence[float], rules: int, elements: int) -> None:
+            pass
+
+        def apply_failed(self) -> None:
             pass
 
     agent = netpol.NetpolAgent(ME, lambda _s: None, lambda *_a, **_k: None, Seen())
@@ -278,8 +284,8 @@ def test_a_hung_nft_fails_its_reconcile_and_a_retry_applies_once_nft_works(
     assert not thread.is_alive()
 
 
-def test_a_failed_ruleset_is_retried_without_a_new_event() -> None:
-    from .test_netpol_watch import pod
+def test_a_failed_ruleset_is_retried_without_a_new_event_and_measured(tmp_path: Path) -> None:
+    from .test_netpol_watch import pod, policy
 
     attempts: list[str] = []
 
@@ -289,11 +295,14 @@ def test_a_failed_ruleset_is_retried_without_a_new_event() -> None:
             raise NftError("nft did not finish within 30 s")
 
     stop = threading.Event()
-    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
-    agent = netpol.NetpolAgent(ME, apply_script, lambda *_a, **_k: None)
-    for kind in ("NetworkPolicy", "Namespace", "ClusterNetworkPolicy"):
-        events.put((kind, "SYNC", []))
+    events = netpol.Arrivals()
+    registry = CollectorRegistry()
+    agent = netpol.NetpolAgent(ME, apply_script, lambda *_a, **_k: None, NodeMetrics(registry, str(tmp_path)))
+    events.put(("Namespace", "SYNC", []))
+    events.put(("ClusterNetworkPolicy", "SYNC", []))
+    events.put(("NetworkPolicy", "SYNC", [policy("x", "deny", {"podSelector": {}})]))
     events.put(("Pod", "SYNC", [pod("x", "a", "10.244.1.5")]))
+    started = time.monotonic()
     thread = threading.Thread(target=netpol.serve, args=(agent, events, stop), daemon=True)
     thread.start()
     try:
@@ -301,7 +310,19 @@ def test_a_failed_ruleset_is_retried_without_a_new_event() -> None:
     finally:
         stop.set()
         thread.join(10)
+    took = time.monotonic() - started
     assert len(attempts) == 3 and not agent.failed
+    value = registry.get_sample_value
+    assert value("pybridge_policy_apply_failures_total") == 2
+    assert value("pybridge_policy_applies_total") == 1
+    # each of the three events waited through both backoffs (0.5-1 s, then 1-2 s)
+    assert value("pybridge_policy_implementation_delay_seconds_count") == 3
+    assert 3 * 1.5 <= (value("pybridge_policy_implementation_delay_seconds_sum") or 0) <= 3 * took
+    assert value("pybridge_policy_implementation_delay_seconds_bucket", {"le": "1.0"}) == 0
+    assert value("pybridge_policy_set_elements") == 1  # 10.244.1.5 in the ingress map
+    # inet: 4 in each base chain, the pod's chain jumps the policy's (empty) and drops; bridge:
+    # 4 in each base chain
+    assert value("pybridge_policy_rules") == 4 + 4 + 2 + 4 + 4
 
 
 def test_in_cluster_without_a_service_account_is_an_error_never_the_environments_kubeconfig(

@@ -372,10 +372,13 @@ class Kubelet:
         spec = next(c for c in pod.spec["containers"] if c["name"] == name)
         return self.start(pod, spec)
 
-    def stop_container(self, pod: Pod, name: str, timeout: int = 10) -> None:
+    def stop_container(self, pod: Pod, name: str, timeout: int = 10) -> int:
+        """SIGTERM, SIGKILL after `timeout` s, as kubelet; the container's exit code."""
         cid = pod.containers.pop(name)
         self.cri.call("StopContainer", {"container_id": cid, "timeout": timeout}, timeout=timeout + 30)
+        code = int(self.state(cid)["exit_code"])
         self.cri.call("RemoveContainer", {"container_id": cid})
+        return code
 
     def exec(self, pod: Pod, *cmd: str, container: str | None = None, timeout: int = 20) -> tuple[int, str]:
         cid = pod.containers[container] if container else next(iter(pod.containers.values()))

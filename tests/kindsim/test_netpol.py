@@ -32,6 +32,7 @@ from cni_plugin.node.netpol.nft import TABLE
 
 from ..netns.netpol_cases import CASES, CLUSTER_CASES, PODS, PORT_NAMES, Matrix, Pods, ns_policy, reachable
 from ..netns.netpol_probe import Servers, differences, observe
+from ..netns.nodeagent import Flood
 from .cluster import Cluster, KindNode
 from .image import REPO
 from .kubelet import Pod
@@ -176,6 +177,42 @@ def test_upstream_case_reachability_across_nodes(sim: Sim, title: str) -> None:
         for proto, port, expected in step.checks:
             wrong = sim.converge(proto, port, expected)
             assert not wrong, f"step {number}, {proto}/{port}: " + "; ".join(wrong)
+
+
+def _table_handle(node: KindNode) -> str:
+    """The netpol table's first line with its handle, which each replacement changes ('' if none)."""
+    listed = node.in_node("nft", "-a", "list", "table", "inet", TABLE, check=False).stdout
+    return next(iter(listed.splitlines()), "")
+
+
+def test_a_node_agent_restart_lets_no_forbidden_packet_through(sim: Sim) -> None:
+    """The kubelet stops the DaemonSet's node agent (CRI StopContainer: SIGTERM) and starts it
+    again, as a roll does, while a pod on another node sends to an isolated pod every ms."""
+    sim.reset()
+    sim.apply("NetworkPolicy", "ADDED", ns_policy("x", "deny", {"podSelector": {}}))
+    wrong = sim.converge("UDP", 80, reachable(("*", "x/*", False)))
+    assert not wrong, "; ".join(wrong)
+    node = sim.world.nodes["x/a"]
+    source = next(p for p in PODS if not p.startswith("x/") and sim.world.nodes[p] != node)
+    kubelet, daemon = sim.cluster.kubelets[node], sim.cluster.daemon_pods[node]
+    kind_node = sim.cluster.nodes[node]
+    before = _table_handle(kind_node)
+    assert before
+    with Flood(sim.world, source, "x/a") as forbidden:
+        started = time.monotonic()
+        assert kubelet.stop_container(daemon, "node") == 0
+        stopped = time.monotonic() - started
+        assert _table_handle(kind_node) == before  # left in force
+        kubelet.start(daemon, next(c for c in daemon.spec["containers"] if c["name"] == "node"))
+        deadline = time.monotonic() + 60
+        while _table_handle(kind_node) == before:  # the new agent replaced it
+            assert time.monotonic() < deadline, "the restarted node agent did not apply"
+            time.sleep(0.1)
+    print(f"node agent stopped in {stopped:.2f} s; {forbidden.sent} datagrams sent across the restart")
+    assert stopped < 5
+    assert forbidden.sent > 1000
+    assert forbidden.answered == 0
+    sim.reset()
 
 
 # --- the event -> rules benchmark: figures, never a pass/fail on time ---------------------------

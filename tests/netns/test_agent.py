@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,3 +127,33 @@ def test_agent_finishes_pending_removals_before_it_exits(host: Host) -> None:
         assert host.cni("DEL", conf, pod, f"drain-{i}").ok
     assert host.stop_agent() == 0  # SIGTERM right after the replies
     assert not set(veths) & set(host.links())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_ends_the_agent_with_0_and_the_next_takes_over_a_stale_socket(
+        host: Host, tmp_path: Path, signum: int) -> None:
+    if host.agent is None:
+        pytest.skip("needs the agent")
+    conf = bridge_conf(host)
+    host.add(conf, host.new_pod(), "before")
+    started = time.monotonic()
+    host.agent.send_signal(signum)
+    assert host.agent.wait(timeout=30) == 0
+    assert time.monotonic() - started < 5
+    host.agent = None
+    assert not host.agent_socket.exists()
+    stale = socket.socket(socket.AF_UNIX)  # what an agent killed with -9 leaves: bound, no listener
+    stale.bind(str(host.agent_socket))
+    stale.close()
+    log_file = tmp_path / "agent-calls.log"
+    host.start_agent(tmp_path / "agent2.log", env={"PYBRIDGE_LOG_FILE": str(log_file)})
+    deadline = time.monotonic() + 20
+    while True:  # (the probe is logged as a truncated request)
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(str(host.agent_socket)) == 0:
+                break
+        assert time.monotonic() < deadline, "the new agent did not take the socket over"
+        time.sleep(0.05)
+    host.add(conf, host.new_pod(), "after")
+    calls = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [c["container_id"] for c in calls if c["event"] == "cni_call"] == ["after"]  # served by the agent

@@ -229,7 +229,8 @@ def test_agent_metrics_and_health(host: Host, tmp_path: Path) -> None:
     assert _value(samples, calls, program="pybridge", verb="ADD", code="0") == 3
     assert _value(samples, calls, program="pybridge", verb="DEL", code="0") == 1
     assert _value(samples, calls, program="pybridge", verb="CHECK", code=str(check.out["code"])) == 1
-    assert _value(samples, "pybridge_cni_call_duration_seconds_count", program="pybridge", verb="ADD") == 3
+    latency = "pybridge_cni_operation_duration_seconds_count"
+    assert _value(samples, latency, program="pybridge", verb="ADD") == 3
     assert _value(samples, "pybridge_cni_calls_in_flight") == 0
     assert _value(samples, "pybridge_cni_calls_declined_total") == 1
     assert _value(samples, "pybridge_cni_calls_without_turn_total") == 0

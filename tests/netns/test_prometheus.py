@@ -5,6 +5,7 @@ PYBRIDGE_REQUIRE_PROMETHEUS=1 and installs it)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,19 +18,24 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin.node.netpol.nft import TABLE
+
 from .harness import Host
+from .netpol_cases import POD_A, ns_policy
+from .nodeagent import METRICS_PORT as NODE_METRICS_PORT
+from .nodeagent import NodeWorld, node_world, reached
 from .ops import METRICS_PORT, agent_env, http_get, ops_conf, restart_agent, write_conf
 
 pytestmark = pytest.mark.netns
 
 REQUIRE = os.environ.get("PYBRIDGE_REQUIRE_PROMETHEUS") == "1"
 PROMETHEUS_PORT = 19090
-CONFIG = f"""global:
+CONFIG = """global:
   scrape_interval: 1s
 scrape_configs:
-  - job_name: pybridge-agent
+  - job_name: {job}
     static_configs:
-      - targets: ["127.0.0.1:{METRICS_PORT}"]
+      - targets: ["127.0.0.1:{port}"]
 """
 
 
@@ -48,16 +54,15 @@ def wait_for(host: Host, expr: str, expected: float, timeout: float = 30.0) -> f
     return value
 
 
-@pytest.fixture
-def prometheus(host: Host, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+@contextlib.contextmanager
+def running_prometheus(host: Host, tmp_path: Path, job: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """Debian's prometheus in the host netns, scraping 127.0.0.1:`port` there as `job`."""
     binary = shutil.which("prometheus")
     if binary is None:
         if REQUIRE:
             pytest.fail("PYBRIDGE_REQUIRE_PROMETHEUS=1 but `prometheus` is not installed")
         pytest.skip("`prometheus` not installed (apt-get install prometheus)")
-    if host.agent is None:
-        pytest.skip("scrapes the agent: agent mode only")
-    (tmp_path / "prometheus.yml").write_text(CONFIG)
+    (tmp_path / "prometheus.yml").write_text(CONFIG.format(job=job, port=port))
     log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen(["ip", "netns", "exec", host.name, binary,
                              f"--config.file={tmp_path / 'prometheus.yml'}",
@@ -81,6 +86,14 @@ def prometheus(host: Host, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
         log.close()
 
 
+@pytest.fixture
+def prometheus(host: Host, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    if host.agent is None:
+        pytest.skip("scrapes the agent: agent mode only")
+    with running_prometheus(host, tmp_path, "pybridge-agent", METRICS_PORT) as proc:
+        yield proc
+
+
 def _pyipam_ls(host: Host) -> list[str]:
     out = subprocess.run([sys.executable, "-m", "ipam", "ls", "--data-dir", str(host.data_dir),
                           "--network", "testnet"], capture_output=True, text=True, check=True).stdout
@@ -101,10 +114,59 @@ def test_prometheus_scrapes_the_agent(host: Host, tmp_path: Path) -> None:
     assert wait_for(host, calls % "ADD", 4) == 4
     assert query(host, calls % "DEL") == 1
     assert query(host, calls % "CHECK") == 1
-    assert query(host, 'sum(pybridge_cni_call_duration_seconds_count{verb="ADD"})') == 4
+    assert query(host, 'sum(pybridge_cni_operation_duration_seconds_count{verb="ADD"})') == 4
+    assert query(host, 'sum(pybridge_cni_operation_duration_seconds_count{verb="DEL"})') == 1
     reserved = len(_pyipam_ls(host))
     assert reserved == 3
     assert wait_for(host, 'pybridge_ipam_reserved_addresses{network="testnet"}', reserved) == reserved
     assert query(host, 'pybridge_ipam_free_addresses{network="testnet"}') == 253 - reserved
     assert query(host, 'pybridge_ipam_pool_addresses{network="testnet"}') == 253
     assert query(host, 'up{job="pybridge-agent"}') == 1
+
+
+def _in_force(world: NodeWorld) -> tuple[int, int]:
+    """(rules, set and map elements) of the netpol tables, as nft lists them."""
+    assert world.host is not None
+    listed = json.loads(world.host.exec("nft", "-j", "list", "ruleset").stdout)["nftables"]
+    ours = [item for item in listed if next(iter(item.values())).get("table") == TABLE]
+    rules = sum("rule" in item for item in ours)
+    elements = sum(len(item[k].get("elem", [])) for item in ours for k in ("set", "map") if k in item)
+    return rules, elements
+
+
+def test_prometheus_scrapes_the_node_agents_policy_metrics(tmp_path: Path, launchers: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        world = stack.enter_context(node_world(tmp_path / "node", launchers))
+        assert world.host is not None
+        stack.enter_context(running_prometheus(world.host, tmp_path, "pybridge-node", NODE_METRICS_PORT))
+        world.put("networkpolicies", ns_policy("x", "deny", {"podSelector": POD_A}))
+        world.start()
+        world.wait_logged("netpol-applied")
+        host = world.host
+        job = '{job="pybridge-node"}'
+        assert wait_for(host, f"pybridge_policy_applies_total{job}", 1) == 1
+        assert query(host, f"pybridge_policy_apply_failures_total{job}") == 0
+        assert query(host, f"pybridge_policy_implementation_delay_seconds_count{job}") == 3  # three lists
+        rules, elements = _in_force(world)
+        assert rules > 0 and elements > 0
+        assert query(host, f"pybridge_policy_rules{job}") == rules
+        assert query(host, f"pybridge_policy_set_elements{job}") == elements
+        assert query(host, 'pybridge_policy_refused{job="pybridge-node",reason="invalid"}') == 0
+        # A policy the API server would refuse: named in the log with its field, counted, its
+        # pods isolated (never allowed all); the policy before still applies.
+        world.put("networkpolicies", ns_policy("y", "bad", {"podSelector": POD_A, "ingress": [
+            {"ports": [{"port": 70000}]}]}))
+        assert wait_for(host, f"pybridge_policy_applies_total{job}", 2) == 2
+        assert wait_for(host, 'pybridge_policy_refused{job="pybridge-node",reason="invalid"}', 1) == 1
+        fields = 'pybridge_netpol_refused_fields_total{job="pybridge-node",kind="NetworkPolicy"}'
+        assert query(host, fields) == 1
+        # the second event's delay too
+        assert query(host, f"pybridge_policy_implementation_delay_seconds_count{job}") == 4
+        assert [(e["object"], e["field"]) for e in world.logged("netpol-refused")] == \
+            [("y/bad", "spec.ingress.0.ports.0.port")]
+        rules, elements = _in_force(world)
+        assert query(host, f"pybridge_policy_rules{job}") == rules
+        assert query(host, f"pybridge_policy_set_elements{job}") == elements
+        assert not reached(world, "z/a", "y/a") and not reached(world, "z/a", "x/a")
+        assert reached(world, "x/a", "z/a")
+        assert world.stop()[0] == 0

@@ -9,6 +9,7 @@ Expected verdicts are written by hand from the API's rules on the x/y/z world of
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -76,7 +77,10 @@ class Recorder:
     def __init__(self) -> None:
         self.logs: list[tuple[str, dict[str, Any]]] = []
         self.refusals: list[Refusal] = []
-        self.closed: list[int] = []
+        self.closed: list[dict[str, int]] = []
+        self.applies: list[tuple[int, int]] = []  # (rules, elements)
+        self.delays: list[float] = []
+        self.failures = 0
 
     def log(self, event: str, **fields: Any) -> None:
         self.logs.append((event, fields))
@@ -84,8 +88,15 @@ class Recorder:
     def field_refused(self, refusal: Refusal) -> None:
         self.refusals.append(refusal)
 
-    def policies_refused(self, count: int) -> None:
-        self.closed.append(count)
+    def policies_refused(self, reasons: Mapping[str, int]) -> None:
+        self.closed.append(dict(reasons))
+
+    def applied(self, delays: Sequence[float], rules: int, elements: int) -> None:
+        self.applies.append((rules, elements))
+        self.delays += delays
+
+    def apply_failed(self) -> None:
+        self.failures += 1
 
 
 def _agent(policies: list[dict[str, Any]], pods: list[dict[str, Any]] | None = None,
@@ -140,7 +151,7 @@ def test_an_unreadable_ingress_field_isolates_the_selected_pods(spec: dict[str, 
     logged = [f for event, f in seen.logs if event == "netpol-refused"]
     assert [(f["object"], f["field"], f["kept"]) for f in logged] == [("x/bad", field, True)]
     assert [f["policy"] for event, f in seen.logs if event == "netpol-closed"] == ["x/bad"]
-    assert seen.closed[-1] == 1
+    assert seen.closed[-1] == {"invalid": 1, "not-compiled": 0}
     assert f'comment "x/bad refused: {field}"' in applied[-1]  # what `pybridge doctor` reads
 
 
@@ -201,6 +212,7 @@ def test_a_failure_to_compile_closes_the_direction(monkeypatch: pytest.MonkeyPat
     assert closed == [{"kind": "NetworkPolicy", "policy": "x/p", "field": "spec.ingress",
                        "error": "not compiled: ArithmeticError: a bug"}]
     assert 'comment "x/p refused: spec.ingress"' in applied[-1]
+    assert seen.closed[-1] == {"invalid": 0, "not-compiled": 1}
     agent.reconcile()  # logged once, not at every ruleset
     assert len([e for e, _f in seen.logs if e == "netpol-closed"]) == 1
 

@@ -16,8 +16,9 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ...netlink import NetlinkError
@@ -28,6 +29,8 @@ from .objects import KINDS, Address, Model, Refusal
 Ports = Callable[[], Mapping[Address, Collection[str]]]
 Key = tuple[str, str]
 WATCHED = (*KINDS, cluster.KIND)
+APPLIER = "netpol"  # the thread that compiles and applies
+PENDING_LIMIT = 10_000  # arrival times kept of the events not yet in force
 
 
 def _key(obj: Any) -> Key:
@@ -37,10 +40,47 @@ def _key(obj: Any) -> Key:
 
 
 class Observer(Protocol):
-    """Told what was refused (ops/node_metrics.py)."""
+    """Told what was refused and what was applied (ops/node_metrics.py)."""
 
     def field_refused(self, refusal: Refusal) -> None: ...
-    def policies_refused(self, count: int) -> None: ...
+    def policies_refused(self, reasons: Mapping[str, int]) -> None: ...
+    def applied(self, delays: Sequence[float], rules: int, elements: int) -> None: ...
+    def apply_failed(self) -> None: ...
+
+
+# Why a policy selecting pods of this node is enforced closed in a direction (`policies_refused`).
+INVALID, NOT_COMPILED = "invalid", "not-compiled"
+REASONS = (INVALID, NOT_COMPILED)
+
+
+def _reason(refusal: Refusal) -> str:
+    """not-compiled: the compiler failed on a direction (compile._direction_rules says so in its
+    reason); invalid: a field of the object could not be read."""
+    return NOT_COMPILED if refusal.reason.startswith("not compiled") else INVALID
+
+
+class Arrivals(queue.Queue[Event]):
+    """The events' queue, which also keeps when each event came: the implementation delay counts
+    from there, also while an event waits behind an apply still running."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.times: deque[float] = deque()
+        self.gone: list[float] = []  # the arrival times of the events got since taken()
+
+    def _put(self, item: Event) -> None:  # under the queue's mutex, as _get
+        super()._put(item)
+        self.times.append(self.clock())
+
+    def _get(self) -> Event:
+        self.gone.append(self.times.popleft())
+        return super()._get()
+
+    def taken(self) -> list[float]:
+        with self.mutex:
+            gone, self.gone = self.gone, []
+        return gone
 
 
 class NetpolAgent:
@@ -59,6 +99,7 @@ class NetpolAgent:
         self.applied: str | None = None
         self.closed: set[Refusal] = set()
         self.failed = False  # the last reconcile could not apply its ruleset
+        self.pending: list[float] = []  # when the events not yet in force came (time.monotonic)
 
     def _parse(self, kind: str, obj: Any) -> Model | cluster.ClusterNetworkPolicy | None:
         """The object, or None; each refused field logged and counted (policies refused in part
@@ -97,7 +138,8 @@ class NetpolAgent:
                      error=refusal.reason[:300])
         self.closed = closed
         if self.observer:
-            self.observer.policies_refused(sum(bool(p.refused) for p in enforced))
+            reasons = Counter(r for p in enforced for r in {_reason(f) for f in p.refused})
+            self.observer.policies_refused({r: reasons[r] for r in REASONS})
         if self.ports is not None:
             try:
                 self.port_map = self.ports()
@@ -112,14 +154,21 @@ class NetpolAgent:
             return False
         script = self.ruleset()
         if script == self.applied:
+            self.pending = []  # what they changed is in force already
             return False
         try:
             self.apply_script(script)
         except apply.NftError as exc:
             self.failed = True
             self.log("netpol-error", error=str(exc))
+            if self.observer:
+                self.observer.apply_failed()
             return False
         self.applied = script
+        if self.observer:
+            done = time.monotonic()
+            self.observer.applied([done - t for t in self.pending], *nft.census(script))
+        self.pending = []
         self.log("netpol-applied", policies=len(self.objects["NetworkPolicy"]), pods=len(self.objects["Pod"]))
         return True
 
@@ -130,6 +179,9 @@ def serve(agent: NetpolAgent, events: queue.Queue[Event], stop: threading.Event,
     not be applied (nft failed or hung, or a bug) is tried again after a backoff."""
 
     def step(batch: list[Event]) -> bool:
+        agent.pending += events.taken() if isinstance(events, Arrivals) else [clock()] * len(batch)
+        # While nft keeps failing, the oldest arrivals are the ones that matter (the delay's tail)
+        del agent.pending[PENDING_LIMIT:]
         for kind, event, payload in batch:
             agent.handle(kind, event, payload)
         if agent.reconcile():
@@ -142,10 +194,10 @@ def serve(agent: NetpolAgent, events: queue.Queue[Event], stop: threading.Event,
 def start(agent: NetpolAgent, stream: Stream, log: Log, errors: tuple[type[BaseException], ...],
           stop: threading.Event,
           on_applied: Callable[[], None] = lambda: None) -> list[threading.Thread]:
-    events: queue.Queue[Event] = queue.Queue()
+    events = Arrivals()
     threads = [threading.Thread(target=pump, args=(kind, stream, events, log, stop, errors),
                                 name=f"netpol-{kind}", daemon=True) for kind in WATCHED]
-    threads.append(threading.Thread(target=serve, args=(agent, events, stop, on_applied), name="netpol",
+    threads.append(threading.Thread(target=serve, args=(agent, events, stop, on_applied), name=APPLIER,
                                     daemon=True))
     for thread in threads:
         thread.start()
@@ -186,6 +238,14 @@ class Enforcement:
 
     stop: threading.Event
     bridge_errors: list[str]
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def wait(self, timeout: float) -> None:
+        """After `stop`: wait up to `timeout` s for the ruleset being applied, if any (the rules
+        in force stay; the streams are left to end with the process)."""
+        for thread in self.threads:
+            if thread.name == APPLIER:
+                thread.join(timeout)
 
     def readiness(self) -> str | None:
         if self.bridge_errors:
@@ -202,15 +262,16 @@ class Enforcement:
 
 def launch(node_name: str, api: Any, resync: int, log: Log,
            enable: Callable[[], list[str]] = apply.enable_bridge_netfilter,
-           observer: Observer | None = None) -> Enforcement:
-    """Enforcement in background threads of the node agent. Not ready while bridged traffic
-    escapes the rules (bridge-nf-call off and not settable); checked again after each apply."""
-    enforcement = Enforcement(threading.Event(), [])
+           observer: Observer | None = None, stop: threading.Event | None = None) -> Enforcement:
+    """Enforcement in background threads of the node agent until `stop`. Not ready while bridged
+    traffic escapes the rules (bridge-nf-call off and not settable); checked again after each
+    apply. The tables of an earlier run stay in force until the first ruleset replaces them."""
+    enforcement = Enforcement(stop or threading.Event(), [])
     enforcement.check_bridge(log, enable)
     agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after a backoff.
-    start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,), enforcement.stop,
-          on_applied=lambda: enforcement.check_bridge(log, enable))
+    enforcement.threads = start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,),
+                                enforcement.stop, on_applied=lambda: enforcement.check_bridge(log, enable))
     log("netpol-started", node=node_name)
     return enforcement

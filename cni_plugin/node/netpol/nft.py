@@ -262,3 +262,20 @@ def removal() -> str:
     """Deletes the tables if present (the add makes the delete never fail)."""
     return "".join(f"add table {family} {TABLE}\ndelete table {family} {TABLE}\n"
                    for family in ("inet", "bridge"))
+
+
+def census(script: str) -> tuple[int, int]:
+    """(rules, elements of the sets and maps) of a script of ruleset(): what the kernel holds
+    once nft took it. No element holds a comma, and each set's are on one line."""
+    rules = elements = 0
+    block = ""
+    for line in (raw.strip() for raw in script.splitlines()):
+        if line.startswith(("chain ", "set ", "map ")):
+            block = line.split(" ", 1)[0]
+        elif line == "}":
+            block = ""
+        elif block == "chain" and not line.startswith(("type ", "comment ")):
+            rules += 1
+        elif block != "chain" and line.startswith("elements = {"):
+            elements += line.count(",") + 1
+    return rules, elements

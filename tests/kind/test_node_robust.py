@@ -315,9 +315,9 @@ def test_a_failed_ruleset_is_retried_without_a_new_event_and_measured(tmp_path: 
     value = registry.get_sample_value
     assert value("pybridge_policy_apply_failures_total") == 2
     assert value("pybridge_policy_applies_total") == 1
-    # each of the three events waited through both backoffs (0.5-1 s, then 1-2 s)
-    assert value("pybridge_policy_implementation_delay_seconds_count") == 3
-    assert 3 * 1.5 <= (value("pybridge_policy_implementation_delay_seconds_sum") or 0) <= 3 * took
+    # each of the four events waited through both backoffs (0.5-1 s, then 1-2 s)
+    assert value("pybridge_policy_implementation_delay_seconds_count") == 4
+    assert 4 * 1.5 <= (value("pybridge_policy_implementation_delay_seconds_sum") or 0) <= 4 * took
     assert value("pybridge_policy_implementation_delay_seconds_bucket", {"le": "1.0"}) == 0
     assert value("pybridge_policy_set_elements") == 1  # 10.244.1.5 in the ingress map
     # inet: 4 in each base chain, the pod's chain jumps the policy's (empty) and drops; bridge:

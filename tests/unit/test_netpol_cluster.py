@@ -426,7 +426,8 @@ def test_the_agent_logs_and_counts_a_refused_policy_and_applies_the_others() -> 
         ("ClusterNetworkPolicy", "bad", field, True)]
     assert [(f["kind"], f["policy"], f["field"]) for event, f in seen.logs if event == "netpol-closed"] == [
         ("ClusterNetworkPolicy", "bad", field)]
-    assert seen.closed[-1] == 1 and [r.kind for r in seen.refusals] == ["ClusterNetworkPolicy"]
+    assert seen.closed[-1] == {"invalid": 1, "not-compiled": 0}
+    assert [r.kind for r in seen.refusals] == ["ClusterNetworkPolicy"]
     text = applied[-1]
     assert f'comment "bad refused: {field}"' in text and 'comment "good"' in text
     assert 'comment "x/deny-b"' in text  # the NetworkPolicy still applies

@@ -91,7 +91,7 @@ def _download(sid: Path, package: str) -> Path:
     for sub in ("state/lists/partial", "cache/archives/partial"):
         (apt_dir / sub).mkdir(parents=True, exist_ok=True)
     (apt_dir / "sources.list").write_text(f"deb [signed-by={KEYRING}] {machine_mirror()} {SUITE} main\n")
-    _apt(apt_dir, "update")
+    _apt(apt_dir, "update", "--error-on=any")  # an unreachable archive is the reason, not a later "no source"
     debs = sid / package / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     for old in debs.glob("*.deb"):

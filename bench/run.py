@@ -1,8 +1,10 @@
 """`make bench`: the reference bridge+host-local against pybridge, side by side in one run.
 
-Everything happens in a throw-away host netns with pre-made pod netns (their creation is not
-timed). Prints a table of each figure with its ratio to the reference and, with --write,
-writes it with the machine's description to bench/results.md.
+The reference plugins run twice: Debian 12's (1.1.1, the ratios' base) and, when Debian's
+unstable archive can be reached or is cached (scripts/sid.py), today's (1.9.1); the version is in
+the column's name. Everything happens in a throw-away host netns with pre-made pod netns (their
+creation is not timed). Prints a table of each figure with its ratio to the reference 1.1.1 and,
+with --write, writes it with the machine's description to bench/results.md.
 """
 
 from __future__ import annotations
@@ -189,6 +191,32 @@ def rss_mib(pid: int) -> float:
 
 Variant = tuple[str, str, str, str, dict[str, str]]  # label, binary, type, IPAM type, env
 AGENT = "pybridge+agent"
+REFERENCES = ("reference", "reference sid")  # Debian 12's (the ratios' base) and sid's
+
+
+def _sid() -> Any:
+    """scripts/sid.py (the repo's root on the path as for bench/cri.py)."""
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(1, str(HERE.parent))
+    from scripts import sid
+
+    return sid
+
+
+def sid_reference() -> tuple[str, str]:
+    """sid's reference plugins (scripts/sid.py): (their version, their directory), or the version
+    empty and the reason why they are not there."""
+    sid = _sid()
+    try:
+        plugins = sid.reference_plugins()
+    except sid.Unavailable as exc:
+        return "", f"reference plugins from Debian's {sid.SUITE}: {exc}"
+    return sid.plugins_version(plugins), str(plugins)
+
+
+def reference_version() -> str:
+    """Debian 12's containernetworking-plugins version (`1.1.1`)."""
+    return str(_sid().plugins_version(Path(REFERENCE)))
 
 
 def variants(args: argparse.Namespace, tmp: Path) -> list[Variant]:
@@ -197,6 +225,11 @@ def variants(args: argparse.Namespace, tmp: Path) -> list[Variant]:
     socket = tmp / "agent" / "agent.sock"
     plan: list[Variant] = [
         ("reference", f"{REFERENCE}/bridge", "bridge", "host-local", {"CNI_PATH": REFERENCE}),
+    ]
+    if args.sid_reference:
+        plan.append(("reference sid", f"{args.sid_reference}/bridge", "bridge", "host-local",
+                     {"CNI_PATH": args.sid_reference}))
+    plan += [
         (
             AGENT,
             str(bin_dir / "pybridge"),
@@ -307,7 +340,7 @@ def scale_without_pod_ipv6(
         sh("ip", "netns", "exec", pod, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
            "net.ipv6.conf.default.disable_ipv6=1")
     for i, (label, binary, kind, ipam, env) in enumerate(plan):
-        if label not in ("reference", AGENT):
+        if label not in (*REFERENCES, AGENT):
             continue
         progress(f"scale, pods without IPv6: {label}")
         config = conf(kind, ipam, f"brc{i}", f"10.{210 + i}.0.0/22", str(tmp / f"ipam-no6-{i}"))
@@ -405,7 +438,12 @@ def render(
     results: dict[str, dict[str, Any]], args: argparse.Namespace, imports: tuple[float, list[str]],
     cri: dict[str, dict[str, list[float]] | str] | None = None,
 ) -> str:
-    labels = list(results)
+    names = {"reference": f"reference {args.reference_version} (Debian 12)",
+             "reference sid": f"reference {args.sid_version} (Debian unstable)"}
+    labels = [names.get(label, label) for label in results]
+    sid_line = (f"sid's reference plugins: not measured ({args.sid_reference_missing})"
+                if args.sid_reference_missing else
+                f"sid's reference plugins: {args.sid_reference}")
     lines = [
         f"Machine: {machine()}",
         f"Commit: {args.commit}; command: `{' '.join(['bench/run.py', *sys.argv[1:]])}`",
@@ -413,7 +451,7 @@ def render(
         f"Pods: {args.pods} sequential (in-process/bundle: {min(args.pods, 50)}), "
         f"{args.parallel} parallel in {args.rounds} bursts (in-process/bundle: 1), scale {args.scale} "
         "(then again with IPv6 off in the pods). "
-        "Ratios are to the reference in the same run.",
+        f"Ratios are to the reference {args.reference_version} in the same run. {sid_line}.",
         "",
         "| figure | " + " | ".join(labels) + " |",
         "|---" * (len(labels) + 1) + "|",
@@ -444,8 +482,20 @@ def main() -> int:
     parser.add_argument("--json", help="also dump the raw timings here")
     parser.add_argument("--cri-pods", type=int, default=0,
                         help="also time CRI RunPodSandbox for this many pods (containerd, runc)")
+    parser.add_argument("--no-sid", action="store_true",
+                        help="without sid's reference plugins (Debian unstable's, scripts/sid.py)")
     args = parser.parse_args()
     args.load_at_start, args.commit = load(), commit()
+    args.sid_version, args.sid_reference, args.sid_reference_missing = "", "", "--no-sid"
+    if not args.no_sid:
+        progress("sid's reference plugins (scripts/sid.py; cached for a week)")
+        version, found = sid_reference()
+        if version:
+            args.sid_version, args.sid_reference, args.sid_reference_missing = version, found, ""
+        else:
+            args.sid_reference_missing = found
+            progress(f"not measured: {found}")
+    args.reference_version = reference_version()
     progress(f"making the netns of {max(args.pods, args.parallel, args.scale)} pods")
     with (
         tempfile.TemporaryDirectory(prefix="pybridge-bench-") as tmpdir,

@@ -36,6 +36,8 @@ from typing import Any
 import grpc
 import pytest
 
+from scripts import sid
+
 from . import containerd2, oci
 from .cri import CRIClient
 
@@ -167,7 +169,7 @@ def debian_runtime() -> Runtime:
 def sid_runtime() -> Runtime:
     """containerd 2.x and today's reference plugins from Debian's unstable archive (cached)."""
     bin_dir = containerd2.obtain()
-    return Runtime(containerd2.version(bin_dir), bin_dir, containerd2.reference_plugins())
+    return Runtime(containerd2.version(bin_dir), bin_dir, sid.reference_plugins())
 
 
 def runtime_params(unavailable: str | None, require_env: str, newest_first: bool = False) -> list[Any]:

@@ -2,7 +2,8 @@
 
 Both are built in GOPATH mode against Debian's golang-github-appc-cni-dev (libcni 1.1.2) and
 golang-github-containerd-go-cni-dev (go-cni 1.1.7) from /usr/share/gocode, into a tmp dir: no
-module download, no binary in the tree. `make cnitool` runs the same `go build`.
+module download, no binary in the tree. `make cnitool` runs the same `go build`. golang.py builds
+the driver against today's libcni from Debian's unstable archive as well.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.netns.harness import REFERENCE_PLUGINS, Host, Reply
+from cni_plugin import masq
+from tests.netns.harness import REFERENCE_PLUGINS, Host, Reply, pod_json
 
 HERE = Path(__file__).resolve().parent
 GOCODE = Path("/usr/share/gocode")
@@ -68,16 +70,18 @@ def build(work: Path) -> GoTools:
 
 @dataclass
 class Libcni:
-    """cnidrive (libcni) run inside a throw-away host netns, with its own conf and cache dirs."""
+    """cnidrive (libcni) run inside a throw-away host netns, with its own conf and cache dirs; the
+    plugins from the host's bin dir, then the reference plugins of `reference`."""
 
     host: Host
     binary: Path
     conf_dir: Path
     cache_dir: Path
+    reference: Path = Path(REFERENCE_PLUGINS)
 
     @property
     def cni_path(self) -> str:
-        return f"{self.host.bin_dir}:{REFERENCE_PLUGINS}"
+        return f"{self.host.bin_dir}:{self.reference}"
 
     def env(self) -> list[str]:
         """The plugins' environment (libcni passes its own on): the test's agent socket, never
@@ -104,11 +108,14 @@ class Libcni:
         ifname: str = "eth0",
         cap: dict[str, Any] | None = None,
         args: str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=interop;K8S_POD_NAME=p",
+        valid: list[dict[str, str]] | None = None,
     ) -> Reply:
         argv = [str(self.binary), "-confdir", str(self.conf_dir), "-cache-dir", str(self.cache_dir),
                 "-cni-path", self.cni_path, "-id", container_id, "-ifname", ifname, "-args", args]
         if cap is not None:
             argv += ["-cap", json.dumps(cap)]
+        if valid is not None:  # gc's valid attachments (a driver built with -tags spec110)
+            argv += ["-valid", json.dumps(valid)]
         argv += [command, network, f"/run/netns/{pod}" if pod else ""]
         proc = self.host.exec("env", "-i", *self.env(), *argv, check=False)
         text = proc.stdout.strip()
@@ -150,3 +157,28 @@ def raw_call(host: Host, command: str, conf: dict[str, Any], plugin: str = "pybr
     proc = host.exec("env", "-i", *env, str(binary), check=False, input=json.dumps(conf).encode())
     out = json.loads(proc.stdout) if proc.stdout.strip() else None
     return Reply(proc.returncode, out, proc.stdout, proc.stderr)
+
+
+def kernel_matches(host: Host, pod: str, result: dict[str, Any]) -> None:
+    """What libcni returned and cached is what is on the links."""
+    bridge, veth, eth0 = result["interfaces"]
+    assert eth0["sandbox"] == f"/run/netns/{pod}"
+    pod_link = pod_json(host, pod, "addr", "show", "eth0")[0]
+    assert pod_link["address"] == eth0["mac"]
+    on_link = {f"{a['local']}/{a['prefixlen']}" for a in pod_link["addr_info"] if a["scope"] == "global"}
+    assert on_link == {ip["address"] for ip in result["ips"]}
+    links = host.links()
+    assert links[veth["name"]]["master"] == bridge["name"]
+    assert links[veth["name"]]["address"] == veth["mac"]
+    assert links[bridge["name"]]["address"] == bridge["mac"]
+    gateway = result["ips"][0]["gateway"]
+    assert pod_json(host, pod, "route", "show", "default")[0]["gateway"] == gateway
+    assert {"dst": "0.0.0.0/0", "gw": gateway} in result["routes"]
+
+
+def has_nat_rules(host: Host, network: str, cid: str) -> bool:
+    """Whether the host netns holds the masquerade rules of (network, cid, eth0), in nftables or
+    iptables (legacy or nft) alike."""
+    text = "\n".join(host.exec(*cmd, check=False).stdout.decode() for cmd in (
+        ("nft", "list", "ruleset"), ("iptables-save", "-t", "nat"), ("ip6tables-save", "-t", "nat")))
+    return masq.attachment_tag(network, cid, "eth0") in text or masq._chain(network, cid, "eth0") in text

@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import masq
 from tests.netns.harness import Host, delete_netns
 
-from .drive import raw_call
+from .drive import has_nat_rules, raw_call
 
 pytestmark = pytest.mark.interop
 
@@ -26,17 +25,6 @@ def _conf(host: Host, name: str, subnet: str, backend: str, **ipam: Any) -> dict
     }
 
 
-def _rules(host: Host) -> str:
-    """Every NAT rule of the host netns, nftables and iptables (legacy or nft) alike."""
-    return "\n".join(host.exec(*cmd, check=False).stdout.decode() for cmd in (
-        ("nft", "list", "ruleset"), ("iptables-save", "-t", "nat"), ("ip6tables-save", "-t", "nat")))
-
-
-def _has_rules(host: Host, network: str, cid: str) -> bool:
-    text = _rules(host)
-    return masq.attachment_tag(network, cid, "eth0") in text or masq._chain(network, cid, "eth0") in text
-
-
 def _attachments(*cids: str) -> list[dict[str, str]]:
     return [{"containerID": cid, "ifname": "eth0"} for cid in cids]
 
@@ -48,7 +36,7 @@ def test_gc_releases_stale_reservations_and_rules_and_keeps_valid_ones(host: Hos
     pods = {cid: host.new_pod() for cid in ("gc-a", "gc-b", "gc-c")}
     results = {cid: host.add(conf, pod, cid) for cid, pod in pods.items()}
     host.add(other, host.new_pod(), "other-x")
-    assert all(_has_rules(host, NET, cid) for cid in pods)
+    assert all(has_nat_rules(host, NET, cid) for cid in pods)
     # The runtime lost gc-c (its netns is gone without a DEL): only GC can free what it held.
     host.pods.remove(pods["gc-c"])
     delete_netns(pods["gc-c"])
@@ -62,18 +50,18 @@ def test_gc_releases_stale_reservations_and_rules_and_keeps_valid_ones(host: Hos
     reply = raw_call(host, "GC", {**conf, NEW_KEY: valid, OLD_KEY: valid})
     assert reply.ok and reply.out is None, reply.stdout
     assert sorted(host.reservations(NET).values()) == ["gc-a\r\neth0", "gc-b\r\neth0"]
-    assert not _has_rules(host, NET, "gc-c")
-    assert _has_rules(host, NET, "gc-a") and _has_rules(host, NET, "gc-b")
+    assert not has_nat_rules(host, NET, "gc-c")
+    assert has_nat_rules(host, NET, "gc-a") and has_nat_rules(host, NET, "gc-b")
 
     # The spec-v1.1.0 tag's key alone (older runtimes).
     reply = raw_call(host, "GC", {**conf, OLD_KEY: _attachments("gc-a")})
     assert reply.ok, reply.stdout
     assert list(host.reservations(NET).values()) == ["gc-a\r\neth0"]
-    assert not _has_rules(host, NET, "gc-b")
+    assert not has_nat_rules(host, NET, "gc-b")
 
     # GC is per network, and the valid attachment still works.
     assert list(host.reservations(OTHER).values()) == ["other-x\r\neth0"]
-    assert _has_rules(host, OTHER, "other-x")
+    assert has_nat_rules(host, OTHER, "other-x")
     check = host.cni("CHECK", {**conf, "prevResult": results["gc-a"]}, pods["gc-a"], "gc-a")
     assert check.ok, check.stdout
     assert host.ping(pods["gc-a"], "10.69.0.1")
@@ -93,7 +81,7 @@ def test_a_full_range_fails_the_add_not_status_until_gc_frees_it(host: Host) -> 
     assert "(10.71.0.0/24: 1 of 1 in use)" in refused.out["msg"], refused.stdout
     assert raw_call(host, "GC", {**conf, NEW_KEY: [], OLD_KEY: []}).ok
     assert host.reservations(NET) == {}
-    assert not _has_rules(host, NET, "only")
+    assert not has_nat_rules(host, NET, "only")
     assert host.cni("ADD", conf, host.new_pod(), "after-gc").ok
 
 

@@ -5,34 +5,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.netns.harness import Host, pod_json
 
-from .drive import GoTools, Libcni, conflist
+from .drive import GoTools, Libcni, conflist, kernel_matches
 
 pytestmark = pytest.mark.interop
 
 LIBCNI_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]
-
-
-def _kernel_matches(host: Host, pod: str, result: dict[str, Any]) -> None:
-    """What libcni returned and cached is what is on the links."""
-    bridge, veth, eth0 = result["interfaces"]
-    assert eth0["sandbox"] == f"/run/netns/{pod}"
-    pod_link = pod_json(host, pod, "addr", "show", "eth0")[0]
-    assert pod_link["address"] == eth0["mac"]
-    on_link = {f"{a['local']}/{a['prefixlen']}" for a in pod_link["addr_info"] if a["scope"] == "global"}
-    assert on_link == {ip["address"] for ip in result["ips"]}
-    links = host.links()
-    assert links[veth["name"]]["master"] == bridge["name"]
-    assert links[veth["name"]]["address"] == veth["mac"]
-    assert links[bridge["name"]]["address"] == bridge["mac"]
-    gateway = result["ips"][0]["gateway"]
-    assert pod_json(host, pod, "route", "show", "default")[0]["gateway"] == gateway
-    assert {"dst": "0.0.0.0/0", "gw": gateway} in result["routes"]
 
 
 @pytest.mark.parametrize("version", LIBCNI_VERSIONS)
@@ -49,7 +31,7 @@ def test_libcni_add_check_del_per_version(host: Host, libcni: Libcni, version: s
     assert ("version" in result["ips"][0]) == version.startswith("0.")  # libcni's conversion
     assert libcni.ok("cached", net, pod) == result
     assert libcni.cache_files() == [f"{net}-c1-eth0"]
-    _kernel_matches(host, pod, result)
+    kernel_matches(host, pod, result)
     check = libcni.run("check", net, pod)
     if version.startswith("0.3"):
         # libcni itself refuses CHECK below 0.4.0; the plugin is never called.
@@ -89,7 +71,7 @@ def test_capability_args_ips_and_mac_through_runtime_config(host: Host, libcni: 
     result = libcni.ok("add", net, pod, cap=cap)
     assert result["ips"][0]["address"] == "10.66.0.77/24"
     assert result["interfaces"][2]["mac"] == "02:66:00:00:00:77"
-    _kernel_matches(host, pod, result)
+    kernel_matches(host, pod, result)
     assert libcni.run("check", net, pod, cap=cap).ok
     assert list(host.reservations(net)) == ["10.66.0.77"]
     libcni.ok("del", net, pod, cap=cap)

@@ -1,7 +1,7 @@
 """kind-sim: one three-node cluster per runtime, the DaemonSet deployed on every node.
 
 The nodes run containerd 2.x first (what kind's node images ship, with today's reference
-plugins, both from Debian's unstable archive: tests/e2e/containerd2.py), then Debian 12's 1.6;
+plugins, both from Debian's unstable archive: scripts/sid.py), then Debian 12's 1.6;
 the runtime and its version are in each test's id.
 
 `cluster` is the fixture to build on (tests/kindsim/cluster.py says what it offers). The session

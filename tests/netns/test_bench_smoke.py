@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts import sid
+
 pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +28,16 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     results = json.loads(raw.read_text())
     assert set(results) >= {"reference", "pybridge+agent", "pybridge in-process"}
+    # sid's reference plugins as well, their version in the column's name, unless the archive is
+    # unreachable (and nothing cached): then the output says why.
+    try:
+        version = sid.plugins_version(sid.reference_plugins())
+    except sid.Unavailable:
+        assert "sid's reference plugins: not measured (" in proc.stdout
+    else:
+        assert "reference sid" in results
+        debian = sid.plugins_version(Path("/usr/lib/cni"))
+        assert f"| reference {debian} (Debian 12) | reference {version} (Debian unstable) |" in proc.stdout
     for label, report in results.items():
         assert report["errors"] == [] and report["par_errors"] == 0, label
         assert report["par_distinct_ips"] == 4, label
@@ -38,5 +50,5 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert results[label]["paired_par_add_wall"] is not None, label
     # the scale run, then again with IPv6 off in the pods, for the reference and the agent
     assert "| ADD p50 ms, pods 51-100, pods without IPv6 |" in proc.stdout
-    for label in ("reference", "pybridge+agent"):
+    for label in {"reference", "reference sid", "pybridge+agent"} & set(results):
         assert len(results[label]["scale_add"]) == 100 and len(results[label]["scale_add_no6"]) == 100

@@ -17,6 +17,9 @@
 // args such as {"portMappings":[...],"ips":[...],"mac":"...","bandwidth":{...}}).
 //
 // add and cached print the result as libcni parsed (and cached) it, in the list's cniVersion.
+//
+// Built with -tags spec110 against libcni >= 1.2 (spec110.go), it also has status and gc
+// (-valid, the valid attachments as a JSON list): libcni 1.1.2 has neither.
 package main
 
 import (
@@ -70,6 +73,9 @@ func parseArgs(raw string) [][2]string {
 	return out
 }
 
+// The verbs spec110.go adds when built with -tags spec110.
+var extraCommands = map[string]func(ctx context.Context, cninet *libcni.CNIConfig, list *libcni.NetworkConfigList){}
+
 func main() {
 	confDir := flag.String("confdir", envOr("NETCONFPATH", "/etc/cni/net.d"), "conf dir to look the network up in")
 	cniPath := flag.String("cni-path", envOr("CNI_PATH", "/opt/cni/bin"), "plugin dirs, colon separated")
@@ -80,7 +86,7 @@ func main() {
 	capArgs := flag.String("cap", os.Getenv("CAP_ARGS"), "capability args as a JSON object")
 	timeout := flag.Duration("timeout", 30*time.Second, "deadline for the whole call")
 	flag.Usage = func() {
-		fmt.Fprintf(os.Stderr, "usage: %s [flags] add|check|del|cached|version|validate <network|file> [netns]\n",
+		fmt.Fprintf(os.Stderr, "usage: %s [flags] add|check|del|cached|version|validate|status|gc <network|file> [netns]\n",
 			filepath.Base(os.Args[0]))
 		flag.PrintDefaults()
 	}
@@ -153,6 +159,10 @@ func main() {
 		b, _ := json.Marshal(map[string]interface{}{"capabilities": caps})
 		fmt.Println(string(b))
 	default:
-		die("unknown command %q", cmd)
+		run, ok := extraCommands[cmd]
+		if !ok {
+			die("unknown command %q", cmd)
+		}
+		run(ctx, cninet, list)
 	}
 }

@@ -31,7 +31,6 @@ NO_VETH = "reservation without veth"
 NO_RESERVATION = "veth without reservation"
 NETNS_GONE = "netns gone"
 NETNS_DIR = "/run/netns"
-DEFAULT_CACHE_DIR = "/var/lib/cni/results"
 IP_TIMEOUT = 10.0
 
 
@@ -172,7 +171,7 @@ def _reserved_rows(network: str, held: dict[tuple[str, str], _Held], links: list
     return rows, matched
 
 
-def collect(confs: list[networks.Conf], cache_dir: str = DEFAULT_CACHE_DIR) -> list[Attachment]:
+def collect(confs: list[networks.Conf], cache_dir: str = networks.DEFAULT_CACHE_DIR) -> list[Attachment]:
     found = networks.stores(confs)
     bridges = {conf.bridge for conf, _ in found if conf.bridge}
     links = pod_links(bridges)

@@ -45,7 +45,7 @@ class Node:
 
     conf_dir: str
     bin_dir: str
-    cache_dir: str = attachments.DEFAULT_CACHE_DIR
+    cache_dir: str = networks.DEFAULT_CACHE_DIR
     agent_socket: str = wire.DEFAULT_SOCKET
 
     @cached_property

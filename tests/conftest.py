@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.netns.harness import RUN_MARK, TEST_PREFIX
+
 # The containerd tiers load grpc into this process; its fork handlers would then restart its
 # poller threads in every child forked for a preexec_fn (setns before exec), where closing the
 # inherited fds makes the poller abort the child (SIGABRT, "epoll_wait error: Bad file descriptor";

@@ -7,7 +7,9 @@ theirs."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from .harness import REFERENCE_PLUGINS, Host, Reply, bridge_conf
-from .ops import agent_env, http_get, ops_conf, pybridge, restart_agent, write_conf
+from .ops import agent_env, http_get, ls, ops_conf, pybridge, restart_agent, write_conf
 
 pytestmark = pytest.mark.netns
 
@@ -26,12 +28,12 @@ def _address(result: dict[str, Any]) -> str:
     return str(result["ips"][0]["address"].split("/")[0])
 
 
-def _cache(cache: Path, container_id: str, pod: str) -> Path:
+def _cache(cache: Path, container_id: str, pod: str, netns: str = "") -> Path:
     """libcni's cache entry (1.2 and later record the netns path)."""
     cache.mkdir(exist_ok=True)
     path = cache / f"testnet-{container_id}-eth0"
     path.write_text(json.dumps({"kind": "cniCacheV1", "containerId": container_id, "ifName": "eth0",
-                                "networkName": "testnet", "netns": f"/run/netns/{pod}"}))
+                                "networkName": "testnet", "netns": netns or f"/run/netns/{pod}"}))
     return path
 
 
@@ -87,6 +89,36 @@ def test_gc_by_hand(host: Host, tmp_path: Path) -> None:
 
     code, out = pybridge(host, *args[:-2], "--runtime-socket", str(tmp_path / "absent.sock"))
     assert code == 1 and out == ""
+
+
+def test_a_pod_in_no_named_netns_is_read_through_its_cached_path(host: Host, tmp_path: Path) -> None:
+    """containerd's pins under its state dir are in no /run/netns name: the veth's peer is read
+    through the cached path, else every candidate on the bridge would be kept as undecidable."""
+    conf = ops_conf(host)
+    conf_dir, cache = write_conf(tmp_path / "conf", conf), tmp_path / "cache"
+    live, gone = host.new_pod(), host.new_pod()
+    address = _address(host.add(conf, live, container_id="c-live"))
+    host.add(conf, gone, container_id="c-gone")
+    holder = subprocess.Popen(["ip", "netns", "exec", live, "sleep", "120"])  # ip execs sleep: same pid
+    try:
+        netns = f"/proc/{holder.pid}/ns/net"
+        _wait_for(lambda: os.readlink(netns) != os.readlink("/proc/self/ns/net"))
+        _cache(cache, "c-live", live, netns)
+        _cache(cache, "c-gone", gone)
+        host.exec("ip", "netns", "del", live)  # the name goes; the netns lives on in the process
+        host.pods.remove(live)
+        _kill_netns(host, gone, 1)
+        rows = ls(host, conf_dir, cache)
+        assert (rows["c-live"]["state"], rows["c-live"]["netns"]) == ("ok", netns)
+        assert rows["c-live"]["addresses"] == [address]
+        code, out = pybridge(host, "gc", "--json", "--dry-run", "--conf-dir", str(conf_dir), "--cache-dir",
+                             str(cache), "--confirm-after", "1", "--min-age", "0", "--runtime-socket", "off")
+        assert code == 0, out
+        assert {r["container_id"]: r["verdict"] for r in json.loads(out)} == {
+            "c-live": "netns exists", "c-gone": "would release"}
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _hostlocal_conf(host: Host) -> dict[str, Any]:

@@ -198,7 +198,7 @@ def observe(confs: list[networks.Conf], cache_dir: str) -> list[Candidate]:
     for r in rows:
         if r.network not in ours or not r.container_id:
             continue
-        live = r.state == attachments.OK  # its veth's peer is in a named netns
+        live = r.state == attachments.OK  # a veth on its bridge carries its addresses
         cached = r.netns if not live and r.netns.startswith("/") else ""
         veth: bool | None = True if live else (None if bridge_of.get(r.network) in unknown else False)
         exists = live or (bool(cached) and os.path.lexists(cached))

@@ -15,7 +15,6 @@ check rules), after which its libcni cache entry is removed.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -327,8 +326,12 @@ class Collector:
         if code != 0:
             self._log.warning("gc_release_failed", **fields, error=out[:500])
             return f"release failed: {out[:200]}"
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(os.path.join(self.settings.cache_dir, f"{c.network}-{c.container_id}-{c.ifname}"))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # a read-only cache (the DaemonSet mounts it so): the release stands
+            self._log.warning("gc_cache_entry_kept", **fields, error=str(exc))
         self._log.event("gc_released", **fields, age_seconds=c.age)
         self._events.collected(c.network)
         return RELEASED

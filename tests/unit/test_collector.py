@@ -184,6 +184,19 @@ def test_a_run_releases_through_the_plugins_del_and_drops_the_cache_entry(
                                                                                     "/run/netns/gone")
 
 
+def test_a_cache_entry_that_cannot_go_leaves_the_release_standing(
+        tmp_path: Path, runtime: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = Runner()
+    run, events, clock, out = _collector(tmp_path, runtime, runner, [DEAD], monkeypatch)
+    (tmp_path / "cache" / "testnet-c1-eth0").mkdir()  # unlink fails (EISDIR), as on a read-only mount
+    run.run_once()
+    clock.now += 10
+    decision = run.run_once()
+    assert decision is not None and decision.verdicts == [(DEAD, collector.RELEASED)]
+    assert events.released == ["testnet"] and events.runs == ["done", "done"]
+    assert [e["event"] for e in _events(out)] == ["gc_cache_entry_kept", "gc_released"]
+
+
 def test_a_dry_run_releases_nothing(tmp_path: Path, runtime: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = Runner()
     run, events, clock, _ = _collector(tmp_path, runtime, runner, [DEAD], monkeypatch)

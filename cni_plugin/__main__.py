@@ -23,7 +23,7 @@ def main() -> None:
         from .ops import serve
 
         sys.exit(serve.main(sys.argv[2:]))
-    if sys.argv[1:2] in (["ls"], ["doctor"]):
+    if sys.argv[1:2] in (["ls"], ["doctor"], ["gc"]):
         from .ops.cli import main as ops_main
 
         sys.exit(ops_main(sys.argv[1], sys.argv[2:]))

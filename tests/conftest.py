@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 # inherited fds makes the poller abort the child (SIGABRT, "epoll_wait error: Bad file descriptor";
 # grpc/grpc#43055).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# An agent a test starts must not collect the machine's own IPAM stores and libcni cache (its
+# defaults): tests that want its collector turn it on with their own dirs.
+os.environ.setdefault("PYBRIDGE_GC_INTERVAL", "0")
 # Tiers that make namespaces, links and rules: without root they are skipped, not failed.
 ROOT_ONLY = ("tests/netns/", "tests/interop/")
 # What every tier but the unit tier runs (and the guard below reads the root netns with), by the

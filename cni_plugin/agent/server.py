@@ -163,13 +163,13 @@ class Agent:
             self._slots.release()
 
     @contextlib.contextmanager
-    def _attachment(self, key: tuple[str, str]) -> Iterator[bool]:
-        """Hold the lock of one (container id, ifname), waiting at most ATTACHMENT_TIMEOUT;
-        yields whether it is held. Dropped once no call holds or awaits it."""
+    def _attachment(self, key: tuple[str, str], timeout: float = ATTACHMENT_TIMEOUT) -> Iterator[bool]:
+        """Hold the lock of one (container id, ifname), waiting at most `timeout`; yields
+        whether it is held. Dropped once no call holds or awaits it."""
         with self._keys_lock:
             lock, users = self._attachments.setdefault(key, (threading.Lock(), [0]))
             users[0] += 1
-        held = lock.acquire(timeout=ATTACHMENT_TIMEOUT)
+        held = lock.acquire(timeout=timeout)
         try:
             yield held
         finally:
@@ -179,6 +179,28 @@ class Agent:
                 users[0] -= 1
                 if not users[0]:
                     del self._attachments[key]
+
+    def attachments_in_flight(self) -> set[tuple[str, str]]:
+        """(container id, ifname) of every call holding or awaiting its attachment's lock."""
+        with self._keys_lock:
+            return set(self._attachments)
+
+    def run_alone(self, key: tuple[str, str], env: Mapping[str, str], stdin: bytes) -> tuple[int, str] | None:
+        """One pybridge verb as a served call runs it (the attachment's lock, a turn), for the
+        collector (ops/collector.py); None, and nothing run, while a call holds or awaits that
+        lock or the agent stops."""
+        if self._stopping.is_set():
+            return None
+        self._calls.started()
+        try:
+            with self._attachment(key, timeout=0) as held:
+                if not held:
+                    return None
+                out, env = io.StringIO(), {**self._defaults, **env}
+                code = self._run(programs.PYBRIDGE, env, stdin, out, io.StringIO(), None)
+                return code, out.getvalue()
+        finally:
+            self._calls.finished()
 
     def _answer(self, conn: socket.socket, data: bytes, fds: list[int], deadline: float) -> None:
         call = unframe(data, fds, self._defaults)
@@ -263,8 +285,10 @@ def _go(conn: socket.socket) -> bool:
     return got == wire.GO
 
 
-def run(path: str | None, observer: Observer | None, endpoint: Endpoint) -> int:
-    """Foreground agent; SIGTERM/SIGINT stop it after draining the calls in flight."""
+def run(path: str | None, observer: Observer | None, endpoint: Endpoint,
+        bound: Callable[[Agent], None] | None = None) -> int:
+    """Foreground agent; SIGTERM/SIGINT stop it after draining the calls in flight. `bound` is
+    called with the agent once its socket is bound (the collector starts there)."""
     try:
         log.open_process_log(os.environ)  # created now, not at the first call that logs
     except CNIError as exc:
@@ -287,6 +311,8 @@ def run(path: str | None, observer: Observer | None, endpoint: Endpoint) -> int:
         print(f"pybridge agent: {exc}", file=sys.stderr)
         return 2
     endpoint.ready_when(agent.listening)
+    if bound is not None:
+        bound(agent)
     agent.serve_forever()
     agent.stop()
     endpoint.close()

@@ -1,6 +1,7 @@
 """The agent's metrics: CNI calls by verb and result code, latency, calls in flight, declined,
-undone and run without a turn, and per network the IPAM pool (read from the stores at scrape
-time, so the figures are what `pyipam ls` shows whichever process made the reservations)."""
+undone and run without a turn, the collector's releases and runs, and per network the IPAM pool
+(read from the stores at scrape time, so the figures are what `pyipam ls` shows whichever process
+made the reservations)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ class Metrics:
                                     "calls hold their turns while blocked)", registry=registry)
         self.gc_released = Counter("pybridge_ipam_gc_released_addresses", "Addresses released by IPAM GC",
                                    ["network"], registry=registry)
+        self.collector_released = Counter("pybridge_gc_released", "Attachments the agent's collector "
+                                          "released (their sandbox's netns and veth gone)", ["network"],
+                                          registry=registry)
+        self.collector_runs = Counter("pybridge_gc_runs", "Collector runs by outcome: done, "
+                                      "runtime_unreachable (nothing released), failed (the observation or "
+                                      "a release failed)", ["outcome"], registry=registry)
 
     def call_started(self) -> None:
         self.in_flight.inc()
@@ -71,6 +78,12 @@ class Metrics:
 
     def released(self, network: str, count: int) -> None:
         self.gc_released.labels(network).inc(count)
+
+    def collected(self, network: str) -> None:
+        self.collector_released.labels(network).inc()
+
+    def collection(self, outcome: str) -> None:
+        self.collector_runs.labels(outcome).inc()
 
 
 class PoolCollector(Collector):

@@ -4,7 +4,9 @@ Stores: each network of the conf dir whose IPAM keeps a host-local store. Kernel
 each such network's bridge, their peer found in the named netns (/run/netns) through the peer's
 netns id, with its name and addresses read inside that netns. A reservation is matched to a veth
 by address. libcni 1.2 and later record the netns path in their cache (`netns` of cniCacheV1): a
-reservation without a veth whose cached netns no longer exists is told apart as "netns gone".
+reservation without a veth whose cached netns no longer exists is told apart as "netns gone", and
+a veth whose peer is in no named netns (containerd's pins under its state dir) is read through the
+cached paths.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ NO_VETH = "reservation without veth"
 NO_RESERVATION = "veth without reservation"
 NETNS_GONE = "netns gone"
 NETNS_DIR = "/run/netns"
-DEFAULT_CACHE_DIR = "/var/lib/cni/results"
 IP_TIMEOUT = 10.0
 
 
@@ -99,14 +100,45 @@ def _peer(netns_name: str, index: int) -> tuple[str, tuple[str, ...]]:
         os.close(fd)
 
 
-def pod_links(bridges: Iterable[str]) -> dict[str, list[PodLink]]:
-    """Bridge name -> the veths on it, each with its peer as found in the named netns."""
+def _pod_ends(path: str) -> dict[tuple[int, int], PodLink]:
+    """(host index, pod index) -> the pod end, of each veth in the netns at `path` whose peer is
+    elsewhere; {} if it cannot be read."""
+
+    def read() -> dict[tuple[int, int], PodLink]:
+        ends = {}
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                peer = link.get("IFLA_LINK")
+                if link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) != "veth" or not peer \
+                        or link.get("IFLA_LINK_NETNSID") is None:
+                    continue
+                addrs = ipr.get_addr(index=link["index"])
+                ends[(int(peer), int(link["index"]))] = PodLink(
+                    "", path, str(link.get("ifname")), tuple(str(a.get("IFA_ADDRESS")) for a in addrs
+                                                            if a.get("scope") == 0))
+        return ends
+
+    try:
+        fd = netns.open_netns(path)
+    except (netns.NetnsGone, CNIError):
+        return {}
+    try:
+        return netns.run_in(fd, read)
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+
+
+def pod_links(bridges: Iterable[str], netns_paths: Iterable[str] = ()) -> dict[str, list[PodLink]]:
+    """Bridge name -> the veths on it, each with its peer as found in the named netns, else in
+    one of `netns_paths` (read only when some peer is in no named netns)."""
     wanted = set(bridges)
     found: dict[str, list[PodLink]] = {b: [] for b in wanted}
     with IPRoute() as ipr:
         links = ipr.get_links()
     by_index = {link["index"]: link for link in links}
-    names = None
+    names, ends = None, None
     for link in links:
         master = by_index.get(link.get("IFLA_MASTER"))
         bridge = master.get("ifname") if master is not None else None
@@ -118,6 +150,12 @@ def pod_links(bridges: Iterable[str]) -> dict[str, list[PodLink]]:
             names = _netns_names()
         where = names.get(nsid, "") if nsid is not None else ""
         ifname, addresses = _peer(where, peer) if where and peer else ("", ())
+        if not where and peer:
+            if ends is None:
+                ends = {key: end for path in set(netns_paths) for key, end in _pod_ends(path).items()}
+            end = ends.get((link["index"], peer))
+            if end is not None:
+                where, ifname, addresses = end.netns, end.ifname, end.addresses
         found[bridge].append(PodLink(str(link.get("ifname")), where, ifname, addresses))
     return found
 
@@ -153,8 +191,11 @@ def _cached_netns(cache_dir: str, network: str, container_id: str, ifname: str) 
     return value if isinstance(value, str) and value.startswith("/") else None
 
 
-def _reserved_rows(network: str, held: dict[tuple[str, str], _Held], links: list[PodLink],
-                   cache_dir: str, now: float) -> tuple[list[Attachment], set[str]]:
+Cached = dict[tuple[str, str, str], str | None]  # (network, container id, ifname) -> netns path
+
+
+def _reserved_rows(network: str, held: dict[tuple[str, str], _Held], links: list[PodLink], cached: Cached,
+                   now: float) -> tuple[list[Attachment], set[str]]:
     by_address = {address: link for link in links for address in link.addresses}
     rows, matched = [], set()
     for (container_id, ifname), entry in sorted(held.items()):
@@ -165,23 +206,26 @@ def _reserved_rows(network: str, held: dict[tuple[str, str], _Held], links: list
             rows.append(Attachment(network, container_id, ifname, entry.addresses, link.host_veth,
                                    link.netns, age, OK))
             continue
-        cached = _cached_netns(cache_dir, network, container_id, ifname)
-        gone = cached is not None and not os.path.exists(cached)
-        rows.append(Attachment(network, container_id, ifname, entry.addresses, "", cached or "", age,
+        path = cached.get((network, container_id, ifname))
+        gone = path is not None and not os.path.exists(path)
+        rows.append(Attachment(network, container_id, ifname, entry.addresses, "", path or "", age,
                                NETNS_GONE if gone else NO_VETH))
     return rows, matched
 
 
-def collect(confs: list[networks.Conf], cache_dir: str = DEFAULT_CACHE_DIR) -> list[Attachment]:
+def collect(confs: list[networks.Conf], cache_dir: str = networks.DEFAULT_CACHE_DIR) -> list[Attachment]:
     found = networks.stores(confs)
     bridges = {conf.bridge for conf, _ in found if conf.bridge}
-    links = pod_links(bridges)
+    held = {cfg.network: _held(cfg) for _, cfg in found}
+    cached = {(network, cid, ifname): _cached_netns(cache_dir, network, cid, ifname)
+              for network, entries in held.items() for cid, ifname in entries}
+    links = pod_links(bridges, [path for path in cached.values() if path is not None])
     now = time.time()
     rows: list[Attachment] = []
     matched: dict[str, set[str]] = defaultdict(set)
     for conf, cfg in found:
         on_bridge = links.get(conf.bridge or "", [])
-        reserved, veths = _reserved_rows(cfg.network, _held(cfg), on_bridge, cache_dir, now)
+        reserved, veths = _reserved_rows(cfg.network, held[cfg.network], on_bridge, cached, now)
         rows += reserved
         matched[conf.bridge or ""] |= veths
     first_network: dict[str, str] = {}

@@ -45,7 +45,7 @@ class Node:
 
     conf_dir: str
     bin_dir: str
-    cache_dir: str = attachments.DEFAULT_CACHE_DIR
+    cache_dir: str = networks.DEFAULT_CACHE_DIR
     agent_socket: str = wire.DEFAULT_SOCKET
 
     @cached_property
@@ -226,8 +226,9 @@ def check_attachments(node: Node) -> Check:
     if stale:
         shown = "; ".join(f"{r.network} {r.container_id[:12] or r.host_veth}: {r.state}" for r in stale[:3])
         return Check("attachments", WARN, f"{len(stale)} stale attachment(s): {shown}",
-                     "`pybridge ls` lists them; nothing frees them by itself (no runtime calls CNI GC: "
-                     "not containerd 1.6, 1.7 or 2.x, not podman): send a CNI DEL for each, or a GC by hand")
+                     "`pybridge ls` lists them (no runtime calls CNI GC); the agent's collector releases "
+                     "those whose netns and veth are gone, `pybridge gc --dry-run` shows which and why "
+                     "it keeps the others; send a CNI DEL for those it keeps")
     return Check("attachments", OK, f"{len(node.rows)} attachment(s), all with a reservation and a veth")
 
 

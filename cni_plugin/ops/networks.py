@@ -23,6 +23,7 @@ EXTENSIONS = (".conflist", ".conf", ".json")
 STORE_TYPES = ("pyipam", "host-local")  # IPAM plugins whose store this node can read
 BRIDGE_TYPES = ("pybridge", "bridge")
 MAX_CONF_BYTES = 1 << 20
+DEFAULT_CACHE_DIR = "/var/lib/cni/results"  # libcni's result cache
 
 
 @dataclass(frozen=True)

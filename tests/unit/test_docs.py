@@ -20,7 +20,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 # The commands whose flags must be documented, as `python -m ...` arguments.
 COMMANDS = [
-    ("cni_plugin", "agent"), ("cni_plugin", "ls"), ("cni_plugin", "doctor"),
+    ("cni_plugin", "agent"), ("cni_plugin", "ls"), ("cni_plugin", "doctor"), ("cni_plugin", "gc"),
     ("cni_plugin", "node", "run"), ("cni_plugin", "node", "install"),
     ("ipam", "ls"), ("cni_plugin.install",),
 ]

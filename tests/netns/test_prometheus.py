@@ -146,7 +146,7 @@ def test_prometheus_scrapes_the_node_agents_policy_metrics(tmp_path: Path, launc
         job = '{job="pybridge-node"}'
         assert wait_for(host, f"pybridge_policy_applies_total{job}", 1) == 1
         assert query(host, f"pybridge_policy_apply_failures_total{job}") == 0
-        assert query(host, f"pybridge_policy_implementation_delay_seconds_count{job}") == 3  # three lists
+        assert query(host, f"pybridge_policy_implementation_delay_seconds_count{job}") == 4  # four lists
         rules, elements = _in_force(world)
         assert rules > 0 and elements > 0
         assert query(host, f"pybridge_policy_rules{job}") == rules
@@ -161,7 +161,7 @@ def test_prometheus_scrapes_the_node_agents_policy_metrics(tmp_path: Path, launc
         fields = 'pybridge_netpol_refused_fields_total{job="pybridge-node",kind="NetworkPolicy"}'
         assert query(host, fields) == 1
         # the second event's delay too
-        assert query(host, f"pybridge_policy_implementation_delay_seconds_count{job}") == 4
+        assert query(host, f"pybridge_policy_implementation_delay_seconds_count{job}") == 5
         assert [(e["object"], e["field"]) for e in world.logged("netpol-refused")] == \
             [("y/bad", "spec.ingress.0.ports.0.port")]
         rules, elements = _in_force(world)

@@ -28,7 +28,7 @@ from cnikit.spec import version
 from cnikit.spec.errors import TRY_AGAIN_LATER, CNIError
 from cnikit.turns import Turns
 
-from .. import netns
+from .. import netns, placement
 from . import activation, views, wire
 from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline, raise_fd_limit
 from .observer import Endpoint, Observer, Silent, result_code
@@ -40,6 +40,8 @@ ATTACHMENT_TIMEOUT = 10.0
 # and how long a call waits for its turn before it goes ahead without one.
 AT_ONCE = 2
 TURN_PATIENCE = 1.0
+# The node agent's socket for a new pod's addresses (placement.py), next to the agent's own.
+PLACEMENT = "netpol.sock"
 
 
 def _verbs_for(program: str) -> Callable[[], Mapping[str, skel.Verb]]:
@@ -214,6 +216,8 @@ class Agent:
             finally:
                 self.observer.call_finished(program, env.get("CNI_COMMAND", ""),
                                             result_code(code, out.getvalue()), time.monotonic() - started)
+            if code == 0 and env.get("CNI_COMMAND") == "ADD" and program == programs.PYBRIDGE:
+                placement.after_add(env, out.getvalue(), os.path.join(os.path.dirname(self.path), PLACEMENT))
             try:
                 conn.sendall(wire.encode_response(code, out.getvalue().encode(), err.getvalue().encode()))
             except OSError:

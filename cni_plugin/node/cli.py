@@ -209,10 +209,11 @@ def _network_policy(args: argparse.Namespace, api: Any,
                     observer: netpol_agent.Observer | None = None) -> Callable[[], str | None] | None:
     """Enforce NetworkPolicy in background threads (netpol/), or remove the rules of an earlier
     run. Returns enforcement's readiness check when it is on."""
-    from .netpol import agent, apply
+    from .netpol import agent, apply, nft
 
     if args.network_policy == "on":
-        return agent.launch(args.node_name, api, args.resync, _log, observer=observer).readiness
+        fence = nft.Fence(args.bridge, _networks(args.cluster_cidr or []))
+        return agent.launch(args.node_name, api, args.resync, _log, observer=observer, fence=fence).readiness
     try:
         apply.remove()
         _log("netpol-off")

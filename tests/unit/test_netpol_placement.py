@@ -164,3 +164,15 @@ def test_a_claim_goes_over_the_socket_and_nothing_listening_is_no_error(tmp_path
             sock.recv(placement.MAX_DATAGRAM)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM):
         pass
+
+
+def test_a_relist_keeps_a_placed_pod_placed() -> None:
+    agent = _agent()
+    agent.handle("Pod", "SYNC", [pod("new")])
+    agent.handle("Claim", "ADDED", claim("new", "10.244.1.9"))
+    agent.reconcile()
+    relists = (("Pod", [pod("new")]), ("NetworkPolicy", [DENY]), ("Namespace", [{"metadata": {"name": "x"}}]))
+    for kind, listed in relists:
+        agent.handle(kind, "SYNC", listed)  # the watch was lost: a fresh list of each kind
+        agent.reconcile()
+        assert "10.244.1.9 : jump ingress_0" in (agent.applied or ""), kind

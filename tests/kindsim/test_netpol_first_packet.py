@@ -127,7 +127,12 @@ def test_pods_started_into_a_default_deny_namespace_pass_nothing_forbidden(clust
         time.sleep(1.0)
         control = cluster.run_pod(node_name, "control", namespace="fp-open")
         started.append(control)
-        time.sleep(1.0)
+        # open once placed (its API post, then the node agent's transaction), and ARP may retry
+        # after 1 s: under the load of the whole tier this takes seconds
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (
+                at_prober[control.ip] and any(got[n][prober.ip] for n in set(got) - deny_pins)):
+            time.sleep(0.1)
     finally:
         stop.set()
         for thread in threads:

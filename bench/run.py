@@ -18,11 +18,13 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cni_plugin import placement
 from cni_plugin.install import build_client, import_paths, install
 
 HERE = Path(__file__).resolve().parent
@@ -330,6 +332,48 @@ def paired(
         results["reference" if error["verb"].startswith("pair_") else AGENT]["errors"].append(error)
 
 
+@contextlib.contextmanager
+def claims_taken(path: str) -> Iterator[list[int]]:
+    """A node agent's claim socket at `path` (cni_plugin/placement.py), its datagrams counted."""
+    from cni_plugin.node.netpol import claims
+
+    received, stop = [0], threading.Event()
+    sock = claims.bind(path)
+
+    def take() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                placement.read(sock.recv(placement.MAX_DATAGRAM))
+                received[0] += 1
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    try:
+        yield received
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close()
+
+
+def policy_overhead(
+    args: argparse.Namespace, world: World, tmp: Path, plan: list[Variant], results: dict[str, dict[str, Any]]
+) -> None:
+    """The agent's sequential ADDs as kubelet's runtime makes them (K8S_POD_* in CNI_ARGS) with a
+    node agent taking their claims, alternating with ADDs that send none (NetworkPolicy off):
+    what announcing a new pod costs an ADD (docs/networkpolicy.md)."""
+    _, binary, kind, ipam, env = {variant[0]: variant for variant in plan}[AGENT]
+    progress(f"{args.pods} sequential pods, ADDs announcing their pod and ADDs not, alternating")
+    on_env = {**env, "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod"}
+    on_conf = conf(kind, ipam, "brq0", "10.222.0.0/22", str(tmp / "ipam-policy-on"))
+    off_conf = conf(kind, ipam, "brq1", "10.223.0.0/22", str(tmp / "ipam-policy-off"))
+    claim_path = str(Path(env["PYBRIDGE_AGENT_SOCKET"]).parent / "netpol.sock")
+    with agent_for(AGENT, world, env, binary), claims_taken(claim_path) as received:
+        report = drive(world, tmp, binary, on_conf, on_env, args.pods, 1, 0, 1, pair=(binary, off_conf, env))
+    results[AGENT].update(policy_on_add=report["add"], policy_off_add=report["pair_add"], claims=received[0])
+    results[AGENT]["errors"] += report["errors"]
+
+
 def scale_without_pod_ipv6(
     args: argparse.Namespace, world: World, tmp: Path, plan: list[Variant], results: dict[str, dict[str, Any]]
 ) -> None:
@@ -384,6 +428,11 @@ def table(results: dict[str, dict[str, Any]], scale: int, parallel: int) -> list
                 lambda r, k=key: pct(r[k][:50], 0.5) if r.get(k) else None)
             row(f"ADD p50 ms, pods {scale - 49}-{scale}{note}",
                 lambda r, k=key: pct(r[k][-50:], 0.5) if r.get(k) else None)
+    row("ADD p50 ms, announcing its pod to a node agent (NetworkPolicy on), alternating with",
+        lambda r: pct(r["policy_on_add"], 0.5) if r.get("policy_on_add") else None)
+    row("ADD p50 ms, announcing nothing (NetworkPolicy off)",
+        lambda r: pct(r["policy_off_add"], 0.5) if r.get("policy_off_add") else None)
+    row("claims the node agent received", lambda r: r.get("claims"), "{:d}")
     row("start-up (VERSION) ms", lambda r: r["startup"])
     row("agent RSS MiB", lambda r: r.get("rss"))
     return rows
@@ -507,6 +556,7 @@ def main() -> int:
             paired(args, world, Path(tmpdir), plan, results)
         if args.scale >= 100:
             scale_without_pod_ipv6(args, world, Path(tmpdir), plan, results)
+        policy_overhead(args, world, Path(tmpdir), plan, results)
     cri: dict[str, dict[str, list[float]] | str] | None = None
     if args.cri_pods:
         waited = wait_for_netns_cleanup()

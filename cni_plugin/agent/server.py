@@ -28,7 +28,7 @@ from cnikit.spec.errors import CNIError
 from cnikit.turns import Turns
 from ipam.index import Indexes
 
-from .. import netns
+from .. import netns, placement
 from . import activation, wire
 from .call import Call, admissible, busy, unframe
 from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline, raise_fd_limit
@@ -41,6 +41,8 @@ ATTACHMENT_TIMEOUT = 10.0
 # and how long a call waits for its turn before it goes ahead without one.
 AT_ONCE = 2
 TURN_PATIENCE = 1.0
+# The node agent's socket for a new pod's addresses (placement.py), next to the agent's own.
+PLACEMENT = "netpol.sock"
 
 
 def _verbs_for(program: str) -> Callable[[], Mapping[str, skel.Verb]]:
@@ -214,6 +216,8 @@ class Agent:
                 conn.sendall(busy(call, ATTACHMENT_TIMEOUT))
                 return
             code, out, err = self._dispatch(call)
+            if code == 0 and call.command == "ADD" and call.program == programs.PYBRIDGE:
+                placement.after_add(call.env, out, os.path.join(os.path.dirname(self.path), PLACEMENT))
             self._deliver(conn, call, code, out, err)
 
     def _accepted(self, conn: socket.socket, call: Call, deadline: float) -> bool:

@@ -222,10 +222,11 @@ def _network_policy(args: argparse.Namespace, api: Any, observer: netpol_agent.O
                     stop: threading.Event | None = None) -> netpol_agent.Enforcement | None:
     """Enforce NetworkPolicy in background threads (netpol/) until `stop`, or remove the rules
     of an earlier run. Returns the enforcement when it is on."""
-    from .netpol import agent, apply
+    from .netpol import agent, apply, nft
 
     if args.network_policy == "on":
-        return agent.launch(args.node_name, api, args.resync, _log, observer=observer, stop=stop)
+        fence = nft.Fence(args.bridge, _networks(args.cluster_cidr or []))
+        return agent.launch(args.node_name, api, args.resync, _log, observer=observer, stop=stop, fence=fence)
     try:
         apply.remove()
         _log("netpol-off")

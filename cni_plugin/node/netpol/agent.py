@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import queue
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -21,9 +22,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ... import placement
 from ...netlink import NetlinkError
 from ..loop import Event, Log, Stream, drive, pump
-from . import apply, cluster, compile, nft, objects, tiers
+from . import apply, claims, cluster, compile, nft, objects, tiers
 from .objects import KINDS, Address, Model, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
@@ -87,13 +89,16 @@ class NetpolAgent:
     """Feed it (kind, event, object) with handle(); reconcile() applies when something changed."""
 
     def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log,
-                 observer: Observer | None = None, ports: Ports | None = None) -> None:
+                 observer: Observer | None = None, ports: Ports | None = None,
+                 fence: nft.Fence | None = None) -> None:
         self.node_name = node_name
         self.apply_script = apply_script
         self.log = log
         self.observer = observer
         self.ports = ports  # the bridge ports of pod addresses (apply.pod_ports); None: not keyed by port
         self.port_map: Mapping[Address, Collection[str]] = {}
+        self.fence = fence  # pods not placed yet are isolated (nft.Fence); None: open until placed
+        self.claims = claims.Claims()
         self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in WATCHED}
         self.listed: set[str] = set()
         self.applied: str | None = None
@@ -113,6 +118,11 @@ class NetpolAgent:
         return model
 
     def handle(self, kind: str, event: str, payload: Any) -> None:
+        if kind == "Claim":  # an ADD's addresses (claims.py), already read
+            self.claims.add(payload)
+            return
+        if kind == "Pod" and event == "DELETED":
+            self.claims.forget(_key(payload))
         store = self.objects[kind]
         if event == "SYNC":
             self.listed.add(kind)
@@ -127,9 +137,10 @@ class NetpolAgent:
                 store[_key(payload)] = model
 
     def ruleset(self) -> str:
-        decision = compile.decide(self.objects["NetworkPolicy"].values(), self.objects["Pod"].values(),
+        pods = self.claims.pods(self.objects["Pod"], self.node_name)
+        decision = compile.decide(self.objects["NetworkPolicy"].values(), pods,
                                   self.objects["Namespace"].values(), self.node_name)
-        layers = tiers.decide(self.objects[cluster.KIND].values(), self.objects["Pod"].values(),
+        layers = tiers.decide(self.objects[cluster.KIND].values(), pods,
                               self.objects["Namespace"].values(), self.node_name)
         enforced: list[compile.PolicyRules | tiers.ClusterRules] = [*decision.policies, *layers.policies]
         closed = {r for p in enforced for r in p.refused}
@@ -145,7 +156,7 @@ class NetpolAgent:
                 self.port_map = self.ports()
             except (NetlinkError, OSError) as exc:  # the last ports read stay in force
                 self.log("netpol-warning", error=f"bridge ports not read: {exc}"[:300])
-        return nft.ruleset(decision, self.port_map, layers)
+        return nft.ruleset(decision, self.port_map, layers, self.fence)
 
     def reconcile(self) -> bool:
         """True when a new ruleset was applied."""
@@ -192,11 +203,14 @@ def serve(agent: NetpolAgent, events: queue.Queue[Event], stop: threading.Event,
 
 
 def start(agent: NetpolAgent, stream: Stream, log: Log, errors: tuple[type[BaseException], ...],
-          stop: threading.Event,
-          on_applied: Callable[[], None] = lambda: None) -> list[threading.Thread]:
+          stop: threading.Event, on_applied: Callable[[], None] = lambda: None,
+          claim_socket: socket.socket | None = None) -> list[threading.Thread]:
     events = Arrivals()
     threads = [threading.Thread(target=pump, args=(kind, stream, events, log, stop, errors),
                                 name=f"netpol-{kind}", daemon=True) for kind in WATCHED]
+    if claim_socket is not None:
+        threads.append(threading.Thread(target=claims.receive, args=(claim_socket, events, stop, log),
+                                        name="netpol-claims", daemon=True))
     threads.append(threading.Thread(target=serve, args=(agent, events, stop, on_applied), name=APPLIER,
                                     daemon=True))
     for thread in threads:
@@ -260,18 +274,32 @@ class Enforcement:
         self.bridge_errors = errors
 
 
+def _claim_socket(path: str, log: Log) -> socket.socket | None:
+    try:
+        return claims.bind(path)
+    except OSError as exc:  # new pods then stay isolated until the API shows their addresses
+        log("netpol-warning", error=f"claim socket {path} not bound: {exc}"[:300])
+        return None
+
+
 def launch(node_name: str, api: Any, resync: int, log: Log,
            enable: Callable[[], list[str]] = apply.enable_bridge_netfilter,
-           observer: Observer | None = None, stop: threading.Event | None = None) -> Enforcement:
+           observer: Observer | None = None, stop: threading.Event | None = None,
+           fence: nft.Fence | None = None, claim_path: str = placement.SOCKET) -> Enforcement:
     """Enforcement in background threads of the node agent until `stop`. Not ready while bridged
     traffic escapes the rules (bridge-nf-call off and not settable); checked again after each
-    apply. The tables of an earlier run stay in force until the first ruleset replaces them."""
+    apply. The tables of an earlier run stay in force until the first ruleset replaces them.
+    With a valid `fence`, pods not placed yet are isolated; ADDs announce theirs on `claim_path`."""
     enforcement = Enforcement(stop or threading.Event(), [])
     enforcement.check_bridge(log, enable)
-    agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports)
+    if fence is None or not fence.valid():
+        log("netpol-warning", error="no cluster CIDR or bridge: a new pod is open until the API shows its IP")
+        fence = None
+    agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports, fence)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after a backoff.
     enforcement.threads = start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,),
-                                enforcement.stop, on_applied=lambda: enforcement.check_bridge(log, enable))
+                                enforcement.stop, on_applied=lambda: enforcement.check_bridge(log, enable),
+                                claim_socket=_claim_socket(claim_path, log) if fence else None)
     log("netpol-started", node=node_name)
     return enforcement

@@ -63,11 +63,13 @@ class PolicyRules:
 @dataclass(frozen=True)
 class Decision:
     """The policies selecting pods of this node, and for each local pod address the indices of
-    the policies selecting it, per direction. Addresses absent from a map are open that way."""
+    the policies selecting it, per direction. Addresses absent from a map are open that way.
+    `placed`: every address of this node's pods (selected or not): what the node agent decided."""
 
     policies: tuple[PolicyRules, ...]
     ingress: Mapping[Address, tuple[int, ...]]
     egress: Mapping[Address, tuple[int, ...]]
+    placed: frozenset[Address] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -223,5 +225,6 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
             if policy.affects(direction):
                 for address in (a for pod in targets for a in pod.addresses()):
                     table.setdefault(address, []).append(index)
+    placed = frozenset(a for pod in local for a in pod.addresses())
     return Decision(tuple(compiled), {a: tuple(i) for a, i in ingress.items()},
-                    {a: tuple(i) for a, i in egress.items()})
+                    {a: tuple(i) for a, i in egress.items()}, placed)

@@ -33,16 +33,23 @@ an isolated pod through the same policy chains, looked up by port in @egress_por
 policy allows, so replies to a pod's own link-local or multicast conversations do not (its API
 addresses keep their conntrack in the inet table). A link-local source is never a pod peer: it
 passes only a rule whose peers are all addresses or an ipBlock holding it.
+
+With a Fence, a pod the node agent has not placed yet (not in @placed4/@placed6: its ADD gave it
+an address the agent has not decided on) is isolated both ways from its first packet: a packet
+from (to) the fence's bridge whose source (destination) is in the cluster's pod networks but not
+placed is dropped in the inet table. (The bridge table cannot do the same for its other
+addresses: naming the bridge of a port there needs `meta ibrname`, CONFIG_NFT_BRIDGE_META.)
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 
 from ...hostnet import NETPOL_REFUSED, NETPOL_TABLE
-from .compile import Decision, PolicyRules, Rule
-from .objects import Address
+from .compile import Decision, PolicyRules, Rule, collapse
+from .objects import Address, Network
 from .tiers import ClusterRules, Plan, Tiers, merged, plans
 
 TABLE = NETPOL_TABLE
@@ -53,6 +60,17 @@ _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _NEIGHBOUR = "nd-neighbor-solicit, nd-neighbor-advert"  # what address resolution needs between pods
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a port name safe to quote in the script
 _VERDICT = {"Accept": "accept", "Deny": "drop"}  # Pass: on to the next tier (Script.tier_chain)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """This node's bridge and the cluster's pod networks: what an unplaced pod's traffic is."""
+
+    bridge: str
+    networks: tuple[Network, ...]
+
+    def valid(self) -> bool:
+        return bool(_IFNAME.fullmatch(self.bridge)) and bool(self.networks)
 
 
 def _set(name: str, type_: str, elements: Iterable[str], interval: bool, kind: str = "set") -> list[str]:
@@ -177,7 +195,8 @@ class _Script:
             self.chains += [f"\tchain {direction}_a{k} {{", *jumps, f"\t\tgoto {rest}", "\t}"]
         return names
 
-    def dispatch(self, direction: str, selected: Mapping[Address, Plan], key: str, priority: str) -> None:
+    def dispatch(self, direction: str, selected: Mapping[Address, Plan], key: str, priority: str,
+                 fence: Fence | None) -> None:
         """The per-plan chains, the verdict maps from pod address to them, the base chain."""
         combos = self.combo_chains(direction, selected.values())
         for version in (4, 6):
@@ -189,6 +208,7 @@ class _Script:
                         f"\t\ttype filter hook forward priority {priority}; policy accept;",
                         "\t\tct state established,related accept",
                         f"\t\ticmpv6 type {{ {_NEIGHBOUR} }} accept",
+                        *_unplaced(fence, "iifname" if key == "saddr" else "oifname", key),
                         f"\t\tip {key} vmap @{direction}4",
                         f"\t\tip6 {key} vmap @{direction}6",
                         "\t}"]
@@ -206,6 +226,26 @@ class _Script:
                         f"\t\t{side} . ip6 {key} @own6 accept",
                         f"\t\tmeta protocol {{ ip, ip6 }} {side} vmap @{direction}_ports",
                         "\t}"]
+
+
+def _unplaced(fence: Fence | None, side: str, key: str) -> list[str]:
+    """Drop what comes from (goes to) the bridge at a pod network address no pod was placed at."""
+    if fence is None:
+        return []
+    lines = []
+    for version in (4, 6):
+        networks = [str(n) for n in collapse(fence.networks) if n.version == version]
+        if networks:
+            family = _FAMILY[version]
+            lines.append(f'\t\t{side} "{fence.bridge}" {family} {key} {{ {", ".join(networks)} }}'
+                         f" {family} {key} != @placed{version} drop")
+    return lines
+
+
+def _placed(decision: Decision) -> list[str]:
+    return [line for version in (4, 6)
+            for line in _set(f"placed{version}", _ADDR_TYPE[version],
+                             sorted(str(a) for a in decision.placed if a.version == version), interval=False)]
 
 
 def _policy_chains(script: _Script, decision: Decision,
@@ -246,15 +286,19 @@ def _bridge(decision: Decision, tiers: Tiers, ports: Mapping[Address, Collection
 
 
 def ruleset(decision: Decision, ports: Mapping[Address, Collection[str]] | None = None,
-            tiers: Tiers | None = None) -> str:
+            tiers: Tiers | None = None, fence: Fence | None = None) -> str:
     """Both tables, replaced in one transaction (add + delete + define is idempotent). `ports`:
     the bridge ports each address was found on (none: the bridge table judges nothing); `tiers`:
-    the ClusterNetworkPolicies around the NetworkPolicies (tiers.py)."""
+    the ClusterNetworkPolicies around the NetworkPolicies (tiers.py). `fence`: pods not placed
+    are isolated (None or not valid: open, as before the node agent knew them)."""
     tiers = tiers or Tiers()
+    fence = fence if fence is not None and fence.valid() else None
     script = _Script(tiers)
     _policy_chains(script, decision)
-    script.dispatch("egress", plans(decision, tiers, "egress"), "saddr", "filter - 1")
-    script.dispatch("ingress", plans(decision, tiers, "ingress"), "daddr", "filter + 1")
+    if fence:
+        script.sets += _placed(decision)
+    script.dispatch("egress", plans(decision, tiers, "egress"), "saddr", "filter - 1", fence)
+    script.dispatch("ingress", plans(decision, tiers, "ingress"), "daddr", "filter + 1", fence)
     return "\n".join([*_table("inet", script), *_table("bridge", _bridge(decision, tiers, ports or {})), ""])
 
 

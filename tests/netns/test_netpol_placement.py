@@ -1,0 +1,162 @@
+"""A pod added while the node agent has not seen its address is isolated from its first packet
+(issue 28 point 2), real kernel and nft: a node netns, pybridge's agent serving the ADDs, the
+node agent's NetworkPolicy loop (agent.serve) with its claim socket where the agent looks for it.
+
+Namespace x has a default-deny policy (Ingress and Egress); y/p, in y, has no policy. Before the
+ADD of x/new, the node agent knows the pod x/new (labels, no IP: kubelet posts it after the ADD).
+From before the ADD until the placement has long happened, y/p sends UDP to every address the
+new pod may get, and x/new sends to y/p from a socket made in its netns before the ADD: no
+datagram may arrive either way. Then a policy letting y in shows the same probes do pass.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cni_plugin.node.loop import Event
+from cni_plugin.node.netpol import agent as netpol_agent
+from cni_plugin.node.netpol import apply, claims, nft
+from cni_plugin.node.netpol.objects import parse_cidr
+
+from .harness import Host, bridge_conf, new_netns
+from .netpol_probe import in_netns, node_agent
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+SUBNET = "10.91.0.0/28"  # the new pod gets one of these; y/p gets the first
+BRIDGE = "h17fp0"
+NODE = "h17-node"
+PORT = 80
+
+
+def _pod(name: str, ns: str, ips: tuple[str, ...] = ()) -> dict[str, object]:
+    return {"metadata": {"name": name, "namespace": ns, "labels": {"pod": name}}, "spec": {"nodeName": NODE},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip} for ip in ips]}}
+
+
+@pytest.fixture
+def host(tmp_path: Path, launchers: Path) -> Iterator[Host]:
+    h = Host(name=new_netns("h17fp"), data_dir=tmp_path / "ipam", bin_dir=launchers,
+             agent_socket=tmp_path / "run" / "agent.sock")
+    try:
+        h.exec("ip", "link", "set", "lo", "up")
+        h.exec("sh", "-c", "; ".join(f"echo 1 > /proc/sys/{n}" for n in apply.BRIDGE_SYSCTLS))
+        h.start_agent(tmp_path / "agent.log")
+        yield h
+    finally:
+        h.destroy()
+
+
+def _udp(netns: str, port: int) -> socket.socket:
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", port))
+        s.setblocking(False)
+        return s
+    return in_netns(netns, make)
+
+
+def _received(sock: socket.socket) -> int:
+    count = 0
+    while True:
+        try:
+            sock.recv(64)
+        except BlockingIOError:
+            return count
+        count += 1
+
+
+def _send_until(stop: threading.Event, sock: socket.socket, targets: list[str], sent: list[int]) -> None:
+    while not stop.is_set():
+        for target in targets:
+            try:
+                sock.sendto(b"x", (target, PORT))
+                sent[0] += 1
+            except OSError:
+                pass  # no address or route yet in the new pod: try again
+        time.sleep(0.002)
+
+
+def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_first_packet(
+        host: Host, tmp_path: Path) -> None:
+    conf = bridge_conf(host, name="h17fp", bridge=BRIDGE, isDefaultGateway=True)
+    conf["ipam"]["ranges"] = [[{"subnet": SUBNET}]]
+    outside = host.new_pod()
+    prober_ip = host.add(conf, outside, container_id="y-p")["ips"][0]["address"].split("/")[0]
+    agent = node_agent(WorldLike(host))  # type: ignore[arg-type]
+    agent.fence = nft.Fence(BRIDGE, (parse_cidr("10.91.0.0/16"),))
+    deny = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    agent.handle("NetworkPolicy", "SYNC", [{"metadata": {"name": "deny", "namespace": "x"}, "spec": deny}])
+    agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}, {"metadata": {"name": "y"}}])
+    agent.handle("Pod", "SYNC", [_pod("p", "y", (prober_ip,)), _pod("new", "x")])
+    assert agent.reconcile()
+    events: queue.Queue[Event] = queue.Queue()
+    stop = threading.Event()
+    claim_sock = claims.bind(str(tmp_path / "run" / "netpol.sock"))  # where the agent sends claims
+    loops = [threading.Thread(target=claims.receive, args=(claim_sock, events, stop, lambda *a, **k: None)),
+             threading.Thread(target=netpol_agent.serve, args=(agent, events, stop))]
+    pod = host.new_pod()
+    at_prober, at_pod = _udp(outside, PORT), _udp(pod, PORT)
+    from_prober, from_pod = _udp(outside, 0), _udp(pod, 0)
+    candidates = [str(a) for a in parse_cidr(SUBNET).hosts() if str(a) != prober_ip]
+    sent_out, sent_in = [0], [0]
+    senders = [threading.Thread(target=_send_until, args=(stop, from_prober, candidates, sent_out)),
+               threading.Thread(target=_send_until, args=(stop, from_pod, [prober_ip], sent_in))]
+    try:
+        for thread in [*loops, *senders]:
+            thread.start()
+        time.sleep(0.2)
+        reply = host.cni("ADD", conf, pod, container_id="x-new",
+                         env={"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=new"})
+        assert reply.ok, reply.stdout
+        new_ip = reply.out["ips"][0]["address"].split("/")[0]  # type: ignore[index]
+        deadline = time.monotonic() + 10
+        while new_ip not in (agent.applied or "") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        placed = new_ip in (agent.applied or "")
+        time.sleep(0.5)  # under its policy now: still nothing may pass
+        forbidden = (_received(at_pod), _received(at_prober))
+        sent = (sent_out[0], sent_in[0])
+        # The probes can pass: let y in and x out, as a policy
+        events.put(("NetworkPolicy", "ADDED", {"metadata": {"name": "open", "namespace": "x"}, "spec": {
+            "podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [{}], "egress": [{}]}}))
+        deadline = time.monotonic() + 10
+        while '"x/open"' not in (agent.applied or "") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        allowed = [0, 0]  # ARP may have given up on the new address meanwhile: it retries within 1 s
+        deadline = time.monotonic() + 5
+        while not all(allowed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            allowed = [allowed[0] + _received(at_pod), allowed[1] + _received(at_prober)]
+    finally:
+        stop.set()
+        for thread in [*loops, *senders]:
+            thread.join(timeout=10)
+        for s in (at_prober, at_pod, from_prober, from_pod):
+            s.close()
+        apply.remove(["ip", "netns", "exec", host.name, "nft"])
+    assert sent[0] > 100 and sent[1] > 100, sent
+    assert forbidden == (0, 0), f"passed that policy forbids (into, out of the new pod): {forbidden}"
+    assert placed, "the ADD's claim did not place the pod"
+    assert allowed[0] > 0 and allowed[1] > 0, allowed
+
+
+class WorldLike:
+    """What netpol_probe.node_agent reads of a world: the node netns and its nft."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def nft(self) -> list[str]:
+        return ["ip", "netns", "exec", self.host.name, "nft"]

@@ -1,0 +1,178 @@
+"""A new pod is isolated until the node agent placed it (nft.Fence), and an ADD's claim places it
+(cni_plugin/placement.py, netpol/claims.py). The packets: tests/netns/test_netpol_placement.py."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni_plugin import placement
+from cni_plugin.node.netpol import claims, compile, nft, objects
+from cni_plugin.node.netpol.agent import NetpolAgent
+
+NODE = "n1"
+FENCE = nft.Fence("pyb0", (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("fd44::/48")))
+DENY = {"metadata": {"name": "deny", "namespace": "x"}, "spec": {"podSelector": {}}}
+
+
+def pod(name: str, ips: tuple[str, ...] = (), node: str = NODE, ns: str = "x") -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns, "labels": {"pod": name}}, "spec": {"nodeName": node},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip} for ip in ips]}}
+
+
+def chain(text: str, table: str, name: str) -> list[str]:
+    body = text[text.index(f"table {table} pybridge_netpol {{"):]
+    body = body[body.index(f"\tchain {name} {{"):]
+    return [line.strip() for line in body[:body.index("\t}")].splitlines()[2:]]  # after the hook line
+
+
+def elements(text: str, name: str) -> str:
+    body = text[text.index(f"\tset {name} {{"):]
+    return body[:body.index("\t}")]
+
+
+def test_an_address_not_placed_is_dropped_both_ways_before_any_policy() -> None:
+    world = [objects.read("Pod", pod("a", ("10.244.1.2", "fd44::2")))[0]]
+    text = nft.ruleset(compile.decide([], world, [], NODE), fence=FENCE)  # type: ignore[arg-type]
+    egress, ingress = chain(text, "inet", "forward_egress"), chain(text, "inet", "forward_ingress")
+    assert egress[2:4] == ['iifname "pyb0" ip saddr { 10.244.0.0/16 } ip saddr != @placed4 drop',
+                           'iifname "pyb0" ip6 saddr { fd44::/48 } ip6 saddr != @placed6 drop']
+    assert ingress[2:4] == ['oifname "pyb0" ip daddr { 10.244.0.0/16 } ip daddr != @placed4 drop',
+                            'oifname "pyb0" ip6 daddr { fd44::/48 } ip6 daddr != @placed6 drop']
+    assert egress[0] == ingress[0] == "ct state established,related accept"  # replies first, then the fence
+    assert "10.244.1.2" in elements(text, "placed4") and "fd44::2" in elements(text, "placed6")
+    # a placed pod no policy selects stays open: it is in no verdict map
+    assert "10.244.1.2 : jump" not in text
+
+
+def test_without_a_fence_nothing_changes() -> None:
+    decision = compile.decide([], [objects.read("Pod", pod("a", ("10.244.1.2",)))[0]], [], NODE)  # type: ignore[list-item]
+    assert nft.ruleset(decision) == nft.ruleset(decision, fence=nft.Fence("pyb0", ()))
+    assert nft.ruleset(decision) == nft.ruleset(decision, fence=nft.Fence('a" drop', FENCE.networks))
+    assert "placed" not in nft.ruleset(decision)
+
+
+def test_only_this_nodes_pods_are_placed() -> None:
+    pods = [objects.read("Pod", p)[0] for p in (pod("a", ("10.244.1.2",)), pod("b", ("10.244.2.2",), "n2"))]
+    assert compile.decide([], pods, [], NODE).placed == {ipaddress.ip_address("10.244.1.2")}  # type: ignore[arg-type]
+
+
+def _agent() -> NetpolAgent:
+    agent = NetpolAgent(NODE, lambda _s: None, lambda *_a, **_k: None, fence=FENCE)
+    agent.handle("NetworkPolicy", "SYNC", [DENY])
+    agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}])
+    return agent
+
+
+def claim(name: str, *ips: str, ns: str = "x") -> placement.Claim:
+    return placement.Claim(namespace=ns, name=name, ips=ips)  # type: ignore[arg-type]
+
+
+def test_a_claim_places_a_seen_pod_under_its_policies() -> None:
+    agent = _agent()
+    agent.handle("Pod", "SYNC", [pod("new")])  # seen, no IP in the API yet
+    assert agent.reconcile()
+    assert "10.244.1.9" not in agent.applied  # type: ignore[operator]
+    agent.handle("Claim", "ADDED", claim("new", "10.244.1.9"))
+    assert agent.reconcile()
+    text = agent.applied or ""
+    assert "10.244.1.9" in elements(text, "placed4")
+    assert "10.244.1.9 : jump ingress_0" in text  # the default deny selects it
+
+
+def test_a_claim_waits_for_its_pod_and_the_api_wins() -> None:
+    agent = _agent()
+    agent.handle("Pod", "SYNC", [])
+    agent.handle("Claim", "ADDED", claim("new", "10.244.1.9"))
+    agent.reconcile()
+    assert "10.244.1.9" not in (agent.applied or "")  # not seen: its namespace unknown, isolated
+    agent.handle("Pod", "ADDED", pod("new"))
+    agent.reconcile()
+    assert "10.244.1.9" in elements(agent.applied or "", "placed4")
+    agent.handle("Pod", "MODIFIED", pod("new", ("10.244.1.7",)))
+    agent.reconcile()
+    assert "10.244.1.9" not in (agent.applied or "") and "10.244.1.7" in (agent.applied or "")
+    assert not agent.claims.by_pod
+
+
+def test_claims_of_other_nodes_deleted_or_expired_pods_are_dropped() -> None:
+    now = [0.0]
+    store = claims.Claims(clock=lambda: now[0])
+    pods = {("x", "far"): objects.read("Pod", pod("far", node="n2"))[0]}
+    store.add(claim("far", "10.244.1.3"))
+    store.add(claim("unseen", "10.244.1.4"))
+    assert [p.addresses() for p in store.pods(pods, NODE)] == [()]  # type: ignore[arg-type]
+    assert list(store.by_pod) == [("x", "unseen")]
+    now[0] = claims.TTL + 1
+    list(store.pods({}, NODE))
+    assert not store.by_pod
+    agent = _agent()
+    agent.handle("Pod", "SYNC", [pod("new")])
+    agent.handle("Claim", "ADDED", claim("new", "10.244.1.9"))
+    agent.handle("Pod", "DELETED", pod("new"))
+    assert not agent.claims.by_pod
+
+
+def test_claims_are_bounded() -> None:
+    store = claims.Claims()
+    for k in range(claims.MAX + 5):
+        store.add(claim(f"p{k}", "10.244.1.2"))
+    assert len(store.by_pod) == claims.MAX and ("x", "p0") not in store.by_pod
+
+
+ENV = {"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=web-1;K8S_POD_UID=u"}
+RESULT = json.dumps({"ips": [{"address": "10.244.1.9/24"}, {"address": "fd44::9/64"}]})
+
+
+def test_an_add_result_becomes_a_claim() -> None:
+    got = placement.claim_of(ENV, RESULT)
+    assert got == claim("web-1", "10.244.1.9", "fd44::9")
+    assert placement.claim_of({}, RESULT) is None  # not Kubernetes: no claim
+    assert placement.claim_of({"CNI_ARGS": "K8S_POD_NAMESPACE=x"}, RESULT) is None
+    assert placement.claim_of(ENV, "not json") is None
+    assert placement.claim_of(ENV, json.dumps({"ips": []})) is None
+    assert placement.claim_of({"CNI_ARGS": "broken"}, RESULT) is None
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xff\xfe", b"[]", b"null", b'{"namespace": "x", "name": "a", "ips": ["10.0.0.1"], "x": 1}',
+    b'{"namespace": "X", "name": "a", "ips": ["10.0.0.1"]}',
+    b'{"namespace": "x", "name": "a\\"} drop", "ips": ["10.0.0.1"]}',
+    b'{"namespace": "x", "name": "a", "ips": ["10.0.0.1", "10.0.0.2", "10.0.0.3"]}',
+    b'{"namespace": "x", "name": "a", "ips": ["fe80::1%eth0"]}',
+    b'{"namespace": "x", "name": "a", "ips": []}', b"{" * 2000])
+def test_what_is_not_a_claim_is_refused(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        placement.read(data)
+
+
+def test_a_claim_goes_over_the_socket_and_nothing_listening_is_no_error(tmp_path: Path) -> None:
+    path = str(tmp_path / "netpol.sock")
+    assert not placement.after_add(ENV, RESULT, path)
+    with claims.bind(path) as sock:
+        assert oct(Path(path).stat().st_mode & 0o777) == "0o600"
+        assert placement.after_add(ENV, RESULT, path)
+        assert placement.read(sock.recv(placement.MAX_DATAGRAM)) == claim("web-1", "10.244.1.9", "fd44::9")
+        assert not placement.after_add({}, RESULT, path)
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(placement.MAX_DATAGRAM)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM):
+        pass
+
+
+def test_a_relist_keeps_a_placed_pod_placed() -> None:
+    agent = _agent()
+    agent.handle("Pod", "SYNC", [pod("new")])
+    agent.handle("Claim", "ADDED", claim("new", "10.244.1.9"))
+    agent.reconcile()
+    relists = (("Pod", [pod("new")]), ("NetworkPolicy", [DENY]), ("Namespace", [{"metadata": {"name": "x"}}]))
+    for kind, listed in relists:
+        agent.handle(kind, "SYNC", listed)  # the watch was lost: a fresh list of each kind
+        agent.reconcile()
+        assert "10.244.1.9 : jump ingress_0" in (agent.applied or ""), kind

@@ -66,7 +66,19 @@ def _agent() -> NetpolAgent:
     agent = NetpolAgent(NODE, lambda _s: None, lambda *_a, **_k: None, fence=FENCE)
     agent.handle("NetworkPolicy", "SYNC", [DENY])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}])
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])
     return agent
+
+
+def test_no_fence_while_the_cluster_has_no_policy() -> None:
+    agent = NetpolAgent(NODE, lambda _s: None, lambda *_a, **_k: None, fence=FENCE)
+    for kind in ("NetworkPolicy", "Namespace", "ClusterNetworkPolicy"):
+        agent.handle(kind, "SYNC", [])
+    agent.handle("Pod", "SYNC", [pod("a", ("10.244.1.2",))])
+    assert agent.reconcile() and "placed4" not in (agent.applied or "")
+    agent.handle("NetworkPolicy", "ADDED", DENY)
+    assert agent.reconcile() and "ip saddr != @placed4 drop" in (agent.applied or "")
+    assert "10.244.1.2" in elements(agent.applied or "", "placed4")
 
 
 def claim(name: str, *ips: str, ns: str = "x") -> placement.Claim:

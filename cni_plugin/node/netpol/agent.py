@@ -137,7 +137,7 @@ class NetpolAgent:
                 store[_key(payload)] = model
 
     def ruleset(self) -> str:
-        pods = self.claims.pods(self.objects["Pod"], self.node_name)
+        pods = list(self.claims.pods(self.objects["Pod"], self.node_name))  # read twice: both tiers
         decision = compile.decide(self.objects["NetworkPolicy"].values(), pods,
                                   self.objects["Namespace"].values(), self.node_name)
         layers = tiers.decide(self.objects[cluster.KIND].values(), pods,
@@ -156,7 +156,10 @@ class NetpolAgent:
                 self.port_map = self.ports()
             except (NetlinkError, OSError) as exc:  # the last ports read stay in force
                 self.log("netpol-warning", error=f"bridge ports not read: {exc}"[:300])
-        return nft.ruleset(decision, self.port_map, layers, self.fence)
+        # No policy anywhere: nothing a new pod must be kept from, so pod starts are not held up
+        # where NetworkPolicy is unused. The first policy brings the fence with it.
+        fence = self.fence if self.objects["NetworkPolicy"] or self.objects[cluster.KIND] else None
+        return nft.ruleset(decision, self.port_map, layers, fence)
 
     def reconcile(self) -> bool:
         """True when a new ruleset was applied."""

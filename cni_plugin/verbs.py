@@ -78,7 +78,12 @@ def cmd_add(req: Request) -> dict[str, Any]:
             store = nsrecord.data_dir(conf.ipam)
             if store is not None:  # first: every reservation has one, whenever this ADD is killed
                 nsrecord.write(store, conf.name, cid, ifname, req.cmd.netns)
-            result = ipam_client.add(req, conf.ipam_type)
+            try:
+                result = ipam_client.add(req, conf.ipam_type)
+            except BaseException:  # no reservation made (a full pool: kubelet retries, each anew)
+                if store is not None:
+                    nsrecord.remove(store, conf.name, cid, ifname)
+                raise
             undo.callback(_undo, req.log, "ipam release", _release_ipam, req, conf)
         todo = plan.plan(conf, result)
         result = todo.result

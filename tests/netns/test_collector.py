@@ -117,7 +117,8 @@ def test_without_libcni_cache_pybridges_own_netns_record_decides(host: Host, tmp
 
 def test_a_pod_in_no_named_netns_is_read_through_its_cached_path(host: Host, tmp_path: Path) -> None:
     """containerd's pins under its state dir are in no /run/netns name: the veth's peer is read
-    through the recorded path (here libcni's cache), else every candidate on the bridge would be kept as undecidable."""
+    through the recorded path (here libcni's cache), else every candidate on the bridge would be
+    kept as undecidable."""
     conf = ops_conf(host)
     conf_dir, cache = write_conf(tmp_path / "conf", conf), tmp_path / "cache"
     live, gone = host.new_pod(), host.new_pod()

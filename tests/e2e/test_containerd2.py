@@ -287,7 +287,7 @@ def failing_del(node: Node) -> Iterator[None]:
 def test_gc_releases_what_a_wiped_runtime_and_a_failing_chained_del_left_on_containerd2(
     node: Node, failing_del: None, install: Callable[[dict[str, Any]], None], pods: Pods
 ) -> None:
-    _needs_2x(node, "containerd 1.6's libcni caches no netns path: the collector keeps its attachments")
+    _needs_2x(node, "the 2.x kill and wipe; on 1.6 pybridge's netns record alone decides, not run there yet")
     install(_gc_conflist(node))
     victim = pods.run("victim")
     stuck = pods.run("stuck")
@@ -329,7 +329,7 @@ def test_gc_after_containerd_killed_during_a_burst_on_containerd2(
     under way, its state lost with it. The collector releases every attachment the kill left,
     also those of an ADD killed before libcni cached its result (pybridge done, the chained
     plugin not): pybridge recorded their netns itself. The pod made afterwards keeps everything."""
-    _needs_2x(node, "containerd 1.6's libcni caches no netns path: the collector keeps its attachments")
+    _needs_2x(node, "the 2.x kill and wipe; on 1.6 pybridge's netns record alone decides, not run there yet")
     install(_gc_conflist(node))
     mark = len(node.cni_calls())
 

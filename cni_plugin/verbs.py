@@ -13,7 +13,7 @@ from cnikit.spec.attachments import valid_attachments
 from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, NOT_AVAILABLE, CNIError
 from cnikit.spec.result import Interface, Result, parse_result
 
-from . import config, ipam_client, link, netns, plan, sysctl
+from . import config, ipam_client, link, netns, nsrecord, plan, sysctl
 from .config import BridgeConf
 
 
@@ -75,8 +75,16 @@ def cmd_add(req: Request) -> dict[str, Any]:
         # IPAM first: it validates its own config (dataDir, ranges) before any link is touched.
         result = Result(cniVersion=req.cni_version)
         if conf.ipam_type:
-            result = ipam_client.add(req, conf.ipam_type)
-            undo.callback(_undo, req.log, "ipam release", ipam_client.delete, req, conf.ipam_type)
+            store = nsrecord.data_dir(conf.ipam)
+            if store is not None:  # first: every reservation has one, whenever this ADD is killed
+                nsrecord.write(store, conf.name, cid, ifname, req.cmd.netns)
+            try:
+                result = ipam_client.add(req, conf.ipam_type)
+            except BaseException:  # no reservation made (a full pool: kubelet retries, each anew)
+                if store is not None:
+                    nsrecord.remove(store, conf.name, cid, ifname)
+                raise
+            undo.callback(_undo, req.log, "ipam release", _release_ipam, req, conf)
         todo = plan.plan(conf, result)
         result = todo.result
         bridge = link.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc_mode, bool(conf.vlan))
@@ -145,12 +153,21 @@ def _finish_removal(fd: int, index: int) -> None:
         os.close(fd)
 
 
+def _release_ipam(req: Request, conf: BridgeConf) -> None:
+    """The reservation, then its netns record: a failed release keeps the record for the
+    collector."""
+    ipam_client.delete(req, conf.ipam_type)
+    store = nsrecord.data_dir(conf.ipam)
+    if store is not None:
+        nsrecord.remove(store, conf.name, req.cmd.container_id, req.cmd.ifname)
+
+
 def cmd_del(req: Request) -> None:
     conf = _load(req)
     if req.cmd.netns:
         _delete_pod_link(req)
     if conf.ipam_type:
-        ipam_client.delete(req, conf.ipam_type)
+        _release_ipam(req, conf)
     if conf.ip_masq:
         from . import masq
 

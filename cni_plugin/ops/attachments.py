@@ -3,10 +3,10 @@
 Stores: each network of the conf dir whose IPAM keeps a host-local store. Kernel: the veths on
 each such network's bridge, their peer found in the named netns (/run/netns) through the peer's
 netns id, with its name and addresses read inside that netns. A reservation is matched to a veth
-by address. libcni 1.2 and later record the netns path in their cache (`netns` of cniCacheV1): a
-reservation without a veth whose cached netns no longer exists is told apart as "netns gone", and
-a veth whose peer is in no named netns (containerd's pins under its state dir) is read through the
-cached paths.
+by address. The netns path is pybridge's own record (`nsrecord`), else libcni's cache (`netns` of
+cniCacheV1, libcni 1.2 and later): a reservation without a veth whose netns no longer exists is
+told apart as "netns gone", and a veth whose peer is in no named netns (containerd's pins under
+its state dir) is read through the recorded paths.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pyroute2 import IPRoute
 from cnikit.spec.errors import CNIError
 from ipam.config import IPAMConfig
 
-from .. import netns
+from .. import netns, nsrecord
 from . import networks
 
 OK = "ok"
@@ -180,15 +180,22 @@ def _held(cfg: IPAMConfig) -> dict[tuple[str, str], _Held]:
 
 
 def _cached_netns(cache_dir: str, network: str, container_id: str, ifname: str) -> str | None:
-    """The netns path libcni's cache recorded for the attachment, if it recorded one."""
+    """The netns path libcni's cache recorded for the attachment, if it recorded a plausible one."""
     path = os.path.join(cache_dir, f"{network}-{container_id}-{ifname}")
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
             cached = json.loads(f.read(1 << 20))
     except (OSError, ValueError):
         return None
     value = cached.get("netns") if isinstance(cached, dict) else None
-    return value if isinstance(value, str) and value.startswith("/") else None
+    return value if isinstance(value, str) and nsrecord.plausible(value) else None
+
+
+def _netns_of(cfg: IPAMConfig, cache_dir: str, container_id: str, ifname: str) -> str | None:
+    """pybridge's own record of the attachment's netns path, else libcni's."""
+    return nsrecord.read(cfg.data_dir, cfg.network, container_id, ifname) \
+        or _cached_netns(cache_dir, cfg.network, container_id, ifname)
 
 
 Cached = dict[tuple[str, str, str], str | None]  # (network, container id, ifname) -> netns path
@@ -217,8 +224,8 @@ def collect(confs: list[networks.Conf], cache_dir: str = networks.DEFAULT_CACHE_
     found = networks.stores(confs)
     bridges = {conf.bridge for conf, _ in found if conf.bridge}
     held = {cfg.network: _held(cfg) for _, cfg in found}
-    cached = {(network, cid, ifname): _cached_netns(cache_dir, network, cid, ifname)
-              for network, entries in held.items() for cid, ifname in entries}
+    cached = {(cfg.network, cid, ifname): _netns_of(cfg, cache_dir, cid, ifname)
+              for _, cfg in found for cid, ifname in held[cfg.network]}
     links = pod_links(bridges, [path for path in cached.values() if path is not None])
     now = time.time()
     rows: list[Attachment] = []

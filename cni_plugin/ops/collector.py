@@ -2,13 +2,13 @@
 so an attachment whose DEL never came (runtime crash, wiped runtime state, a chained plugin's
 failing DEL) keeps its address, masquerade rule and cache entry forever unless we release it.
 
-The signal is the kernel's, never the API's pod IPs: an attachment is dead when libcni's cache
-names its netns and that path is gone, and no veth on its bridge can be its own. Any doubt keeps
-it: netns unknown or present, a veth on the bridge whose peer cannot be read, a reservation
-younger than `min_age`, a call for the attachment in flight, an unreachable runtime. A dead
-attachment is released only when it was already dead at an earlier observation at least
-`confirm_after` seconds before, by the plugin's own DEL (veth, IPAM, masquerade and source
-check rules), after which its libcni cache entry is removed.
+The signal is the kernel's, never the API's pod IPs: an attachment is dead when its netns path
+(pybridge's own record made at ADD, else libcni's cache) is gone, and no veth on its bridge can
+be its own. Any doubt keeps it: netns unknown or present, a veth on the bridge whose peer
+cannot be read, a reservation younger than `min_age`, a call for the attachment in flight, an
+unreachable runtime. A dead attachment is released only when it was already dead at an earlier
+observation at least `confirm_after` seconds before, by the plugin's own DEL (veth, IPAM,
+masquerade and source check rules, pybridge's netns record), after which its libcni cache entry is removed.
 
 `decide` is the whole decision, pure; the I/O is `observe`, `runtime_reachable` and `Collector`.
 """
@@ -62,7 +62,7 @@ class Candidate:
     container_id: str
     ifname: str
     addresses: tuple[str, ...]
-    netns: str  # the netns path libcni cached; "" when it recorded none
+    netns: str  # the recorded netns path (pybridge's, else libcni's); "" when none is
     netns_exists: bool
     veth: bool | None  # a veth on the bridge carries its addresses; None: cannot tell
     age: float | None  # seconds since the reservation was written; None: unknown

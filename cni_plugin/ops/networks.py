@@ -17,10 +17,12 @@ from cnikit.spec.errors import CNIError
 from ipam.config import IPAMConfig, describe, load_ipam_config, pool_size, subnets
 from ipam.disk import DiskStore
 
+from .. import nsrecord
+
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
 CONF_DIR_ENV = "PYBRIDGE_CONF_DIR"
 EXTENSIONS = (".conflist", ".conf", ".json")
-STORE_TYPES = ("pyipam", "host-local")  # IPAM plugins whose store this node can read
+STORE_TYPES = nsrecord.STORE_TYPES  # IPAM plugins whose store this node can read
 BRIDGE_TYPES = ("pybridge", "bridge")
 MAX_CONF_BYTES = 1 << 20
 DEFAULT_CACHE_DIR = "/var/lib/cni/results"  # libcni's result cache

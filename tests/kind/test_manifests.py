@@ -9,6 +9,7 @@ models' required fields present. Then the cross-file facts the deployment relies
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -248,19 +249,44 @@ def test_only_the_node_agent_gets_an_api_token() -> None:
 
 
 def test_host_state_is_mounted_read_only_where_nothing_writes_it() -> None:
-    """/var/lib/cni (libcni's cache) is read-only in every container; of /proc/sys only net/
-    is mounted (writable: the agent's sysctls), where PYBRIDGE_PROC_SYS points the agent."""
+    """/var/lib/cni is read-only in every container but for libcni's result cache in the agent
+    (its collector removes what it released); of /proc/sys only net/ is mounted (writable: the
+    agent's sysctls), where PYBRIDGE_PROC_SYS points the agent."""
     pod = daemonset()["spec"]["template"]["spec"]
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     for c in all_containers():
         for m in c.get("volumeMounts", []):
             source = host_paths.get(m["name"], "")
-            if source == "/var/lib/cni" or source.startswith("/var/lib/cni/"):
+            if (source == "/var/lib/cni" or source.startswith("/var/lib/cni/")) \
+                    and (c["name"], source) != ("agent", "/var/lib/cni/results"):
                 assert m.get("readOnly") is True, (c["name"], m["mountPath"])
+            if source.startswith("/run/containerd"):
+                assert (c["name"], m.get("readOnly")) == ("agent", True), (c["name"], source)
             if source.startswith("/proc"):
                 assert (c["name"], source) == ("agent", "/proc/sys/net"), source
                 env = {e["name"]: e.get("value") for e in c["env"]}
                 assert f"{env['PYBRIDGE_PROC_SYS']}/net" == m["mountPath"]
+
+
+def test_the_agents_collector_reaches_what_it_needs() -> None:
+    """The runtime socket where the collector looks for it (a restarted containerd's new socket
+    seen through the directory), libcni's result cache writable, the netns pins and the IPAM
+    state (where pybridge records each attachment's netns path) as the plugin sees them."""
+    from cni_plugin.ops import collector
+
+    pod = daemonset()["spec"]["template"]["spec"]
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    agent = next(c for c in pod["containers"] if c["name"] == "agent")
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    socket = env.get(collector.RUNTIME_SOCKET_ENV, collector.DEFAULT_RUNTIME_SOCKET)
+    mounts = {m["mountPath"]: (host_paths[m["name"]], m) for m in agent["volumeMounts"]}
+    source, mount = mounts[os.path.dirname(socket)]
+    assert source == os.path.dirname(socket) and mount["readOnly"] is True
+    assert mount["mountPropagation"] == "HostToContainer"
+    cache = env.get(collector.CACHE_DIR_ENV, "/var/lib/cni/results")
+    assert mounts[cache][0] == cache and not mounts[cache][1].get("readOnly")
+    assert mounts["/var/run/netns"][1]["mountPropagation"] == "HostToContainer"
+    assert not mounts["/run/cni-ipam-state"][1].get("readOnly")
 
 
 def test_every_added_capability_and_privilege_says_why() -> None:

@@ -91,9 +91,34 @@ def test_gc_by_hand(host: Host, tmp_path: Path) -> None:
     assert code == 1 and out == ""
 
 
+def test_without_libcni_cache_pybridges_own_netns_record_decides(host: Host, tmp_path: Path) -> None:
+    """No cache entry at all (libcni 1.1, or an ADD killed before libcni wrote it): the netns path
+    pybridge recorded at ADD tells the gone pod from the live one; DEL removes the record."""
+    conf = ops_conf(host)
+    conf_dir, cache = write_conf(tmp_path / "conf", conf), tmp_path / "cache"
+    live, gone = host.new_pod(), host.new_pod()
+    address = {cid: _address(host.add(conf, pod, container_id=cid)) for cid, pod in
+               (("c-live", live), ("c-gone", gone))}
+    records = host.data_dir / ".pybridge-netns" / "testnet"
+    assert sorted(os.listdir(records)) == ["c-gone:eth0", "c-live:eth0"]
+    assert (records / "c-live:eth0").read_text() == f"/run/netns/{live}"
+    _kill_netns(host, gone, 1)
+
+    code, out = pybridge(host, "gc", "--json", "--conf-dir", str(conf_dir), "--cache-dir", str(cache),
+                         "--confirm-after", "1", "--min-age", "0", "--runtime-socket", "off")
+    assert code == 0, out
+    assert {r["container_id"]: r["verdict"] for r in json.loads(out)} == {
+        "c-live": "netns exists", "c-gone": "released"}
+    assert list(host.reservations("testnet")) == [address["c-live"]]
+    assert _masqueraded(host) == {address["c-live"]}
+    assert os.listdir(records) == ["c-live:eth0"]
+    assert host.ping(live, "10.88.0.1")
+
+
 def test_a_pod_in_no_named_netns_is_read_through_its_cached_path(host: Host, tmp_path: Path) -> None:
     """containerd's pins under its state dir are in no /run/netns name: the veth's peer is read
-    through the cached path, else every candidate on the bridge would be kept as undecidable."""
+    through the recorded path (here libcni's cache), else every candidate on the bridge would be
+    kept as undecidable."""
     conf = ops_conf(host)
     conf_dir, cache = write_conf(tmp_path / "conf", conf), tmp_path / "cache"
     live, gone = host.new_pod(), host.new_pod()
@@ -105,6 +130,9 @@ def test_a_pod_in_no_named_netns_is_read_through_its_cached_path(host: Host, tmp
         _wait_for(lambda: os.readlink(netns) != os.readlink("/proc/self/ns/net"))
         _cache(cache, "c-live", live, netns)
         _cache(cache, "c-gone", gone)
+        # No pybridge record (attachments made before pybridge kept them): libcni's cache is read.
+        for record in (host.data_dir / ".pybridge-netns" / "testnet").iterdir():
+            record.unlink()
         host.exec("ip", "netns", "del", live)  # the name goes; the netns lives on in the process
         host.pods.remove(live)
         _kill_netns(host, gone, 1)

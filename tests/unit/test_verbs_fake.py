@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,9 @@ def _conf(tmp_path: Path, version: str = "1.1.0", **extra: Any) -> dict[str, Any
 
 
 def _call(
-    verb: str, conf: dict[str, Any], ipam_indexes: Indexes | None = None
+    verb: str, conf: dict[str, Any], ipam_indexes: Indexes | None = None, cid: str = CID, netns: str = POD
 ) -> tuple[int, dict[str, Any] | None]:
-    env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": CID, "CNI_NETNS": POD, "CNI_IFNAME": "eth0",
+    env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
            "CNI_PATH": "/nonexistent"}
     out = io.StringIO()
     code = skel.run(lambda: verbs.VERBS, env, io.BytesIO(json.dumps(conf).encode()), out,
@@ -58,6 +59,7 @@ def _nothing_left(kernel: FakeKernel, tmp_path: Path) -> None:
     assert list_reservations(str(tmp_path / "ipam"), "fakenet") == []
     assert kernel.masq == set()
     assert kernel.port_chains == {}
+    assert not list((tmp_path / "ipam" / ".pybridge-netns").glob("fakenet/*"))  # no netns record
 
 
 def test_the_delegated_pyipam_uses_the_callers_store_indexes(
@@ -86,6 +88,7 @@ def test_add_check_del(kernel: FakeKernel, tmp_path: Path, version: str) -> None
                                                                     ("::/0", "fd77::1")]
     assert kernel.masq == {("fakenet", CID, "eth0")}
     assert [row[2] for row in list_reservations(str(tmp_path / "ipam"), "fakenet")] == [CID, CID]
+    assert (tmp_path / "ipam" / ".pybridge-netns" / "fakenet" / f"{CID}:eth0").read_text() == POD
     if at_least(version, "0.4.0"):  # CHECK exists from 0.4.0 on
         assert _call("CHECK", {**conf, "prevResult": result})[0] == 0
     assert _call("DEL", conf) == (0, None)
@@ -167,6 +170,16 @@ def test_check_reports_what_drifted(kernel: FakeKernel, tmp_path: Path) -> None:
     kernel.namespaces[POD].links.clear()
     code, error = _call("CHECK", {**conf, "prevResult": result})
     assert error is not None and error["msg"] == "CHECK failed: interface missing"
+
+
+def test_an_add_the_ipam_refuses_leaves_no_netns_record(kernel: FakeKernel, tmp_path: Path) -> None:
+    conf = _conf(tmp_path)
+    conf["ipam"]["ranges"] = [[{"subnet": "10.77.0.0/30"}]]  # one address: .2
+    assert _call("ADD", conf)[0] == 0
+    kernel.new_netns("/run/netns/fake-other")
+    code, error = _call("ADD", conf, cid="other", netns="/run/netns/fake-other")  # the pool is full
+    assert code == 1 and error is not None and error["code"] == 110, error
+    assert os.listdir(tmp_path / "ipam" / ".pybridge-netns" / "fakenet") == [f"{CID}:eth0"]
 
 
 def test_a_failure_at_any_step_of_add_leaves_nothing_behind(kernel: FakeKernel, tmp_path: Path) -> None:

@@ -100,6 +100,7 @@ def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_fi
     agent.handle("NetworkPolicy", "SYNC", [{"metadata": {"name": "deny", "namespace": "x"}, "spec": deny}])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}, {"metadata": {"name": "y"}}])
     agent.handle("Pod", "SYNC", [_pod("p", "y", (prober_ip,)), _pod("new", "x")])
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])
     assert agent.reconcile()
     events: queue.Queue[Event] = queue.Queue()
     stop = threading.Event()

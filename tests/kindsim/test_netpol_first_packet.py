@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin.hostnet import NETPOL_TABLE
+
 from ..netns.netpol_probe import in_netns
 from .cluster import Cluster
 from .kubelet import Pod
@@ -80,6 +82,13 @@ def test_pods_started_into_a_default_deny_namespace_pass_nothing_forbidden(clust
     store.put("networkpolicies", {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                                   "metadata": {"name": "deny-all", "namespace": "fp-deny"},
                                   "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}})
+    # The promise is for pods started once the policy is in force on their node (as for the pods
+    # already there): with no policy at all the node agent keeps no fence (nothing to keep from).
+    deadline = time.monotonic() + 60
+    while "fp-deny/deny-all" not in node.in_node("nft", "list", "table", "inet", NETPOL_TABLE,
+                                                 check=False).stdout:
+        assert time.monotonic() < deadline, "deny-all never in force on the node"
+        time.sleep(0.1)
     started: list[Pod] = []
     stop = threading.Event()
     threads: list[threading.Thread] = []

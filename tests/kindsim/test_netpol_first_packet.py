@@ -82,12 +82,12 @@ def test_pods_started_into_a_default_deny_namespace_pass_nothing_forbidden(clust
     store.put("networkpolicies", {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                                   "metadata": {"name": "deny-all", "namespace": "fp-deny"},
                                   "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}})
-    # The promise is for pods started once the policy is in force on their node (as for the pods
-    # already there): with no policy at all the node agent keeps no fence (nothing to keep from).
+    # The promise is for pods started once the node agent has the policy (as for the pods already
+    # there): with no policy at all it keeps no fence (nothing to keep a new pod from). The
+    # policy selects no pod of this node yet, so what shows it arrived is the fence itself.
     deadline = time.monotonic() + 60
-    while "fp-deny/deny-all" not in node.in_node("nft", "list", "table", "inet", NETPOL_TABLE,
-                                                 check=False).stdout:
-        assert time.monotonic() < deadline, "deny-all never in force on the node"
+    while "@placed4" not in node.in_node("nft", "list", "table", "inet", NETPOL_TABLE, check=False).stdout:
+        assert time.monotonic() < deadline, "the node agent never put up the fence"
         time.sleep(0.1)
     started: list[Pod] = []
     stop = threading.Event()

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
+from collections.abc import Set as AbstractSet
 
 from cnikit.spec.errors import INTERNAL, CNIError
 from cnikit.spec.names import absolute_path, validate_network_name
@@ -107,3 +109,28 @@ def read(data_dir: str, network: str, container_id: str, ifname: str) -> str | N
     except UnicodeDecodeError:
         return None
     return netns if len(raw) <= MAX_BYTES and plausible(netns) else None
+
+
+def orphans(data_dir: str, network: str, reserved: AbstractSet[tuple[str, str]], min_age: float) -> list[str]:
+    """Names (`<container id>:<ifname>`) of the records no reservation has, whose netns path is
+    gone and which are at least `min_age` seconds old: what an ADD killed between its record and
+    its reservation leaves (an ADD in flight has its netns, and takes far less than `min_age`).
+    A record that cannot be read or named is kept."""
+    directory = os.path.join(data_dir, DIR, network)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        container_id, sep, ifname = name.partition(":")
+        if not sep or (container_id, ifname) in reserved:
+            continue
+        netns = read(data_dir, network, container_id, ifname)
+        try:
+            age = time.time() - os.stat(os.path.join(directory, name), follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if netns is not None and not os.path.lexists(netns) and age >= min_age:
+            found.append(name)
+    return found

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from cnikit import log, programs, skel
 
+from .. import nsrecord
 from . import networks
 
 DEFAULT_INTERVAL = 60.0
@@ -296,7 +297,8 @@ class Collector:
             self._suspects.clear()
             self._events.collection(FAILED)
             return None
-        decision = decide(candidates, self._suspects, self._clock(), self._busy(), self.settings.policy)
+        busy = self._busy()
+        decision = decide(candidates, self._suspects, self._clock(), busy, self.settings.policy)
         self._suspects = decision.suspects
         if dry_run:
             self._events.collection(DONE)
@@ -309,8 +311,25 @@ class Collector:
             outcome = self._release(found[candidate.network], candidate)
             decision.verdicts[i] = (candidate, outcome)
             failed |= outcome not in (RELEASED, IN_FLIGHT)
+        self._drop_orphan_records(found, candidates, busy)
         self._events.collection(FAILED if failed else DONE)
         return decision
+
+    def _drop_orphan_records(self, found: Mapping[str, Network], candidates: list[Candidate],
+                             busy: AbstractSet[Key]) -> None:
+        """pybridge's netns records that no reservation has (`nsrecord.orphans`): no DEL would
+        ever come for them."""
+        for network in found.values():
+            ipam = network.plugin.get("ipam")
+            store = nsrecord.data_dir(ipam) if isinstance(ipam, dict) else None
+            if store is None:
+                continue
+            held = {c.key for c in candidates if c.network == network.name} | busy
+            for name in nsrecord.orphans(store, network.name, held, self.settings.policy.min_age):
+                container_id, _, ifname = name.partition(":")
+                nsrecord.remove(store, network.name, container_id, ifname)
+                self._log.event("gc_record_removed", network=network.name, container_id=container_id,
+                                ifname=ifname)
 
     def _release(self, network: Network, c: Candidate) -> str:
         """The plugin's own DEL for the attachment, then its cache entry; the verdict to show."""

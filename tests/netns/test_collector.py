@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from cni_plugin import nsrecord
+
 from .harness import REFERENCE_PLUGINS, Host, Reply, bridge_conf
 from .ops import agent_env, http_get, ls, ops_conf, pybridge, restart_agent, write_conf
 
@@ -113,6 +115,27 @@ def test_without_libcni_cache_pybridges_own_netns_record_decides(host: Host, tmp
     assert _masqueraded(host) == {address["c-live"]}
     assert os.listdir(records) == ["c-live:eth0"]
     assert host.ping(live, "10.88.0.1")
+
+
+def test_a_record_an_add_killed_before_reserving_left_goes(host: Host, tmp_path: Path) -> None:
+    """An ADD killed between its netns record and its reservation: no DEL ever comes for the
+    record. The collector removes it (its netns is gone); a live pod's record stays."""
+    conf = ops_conf(host)
+    conf_dir = write_conf(tmp_path / "conf", conf)
+    live, gone = host.new_pod(), host.new_pod()
+    host.add(conf, live, container_id="c-live")
+    nsrecord.write(str(host.data_dir), "testnet", "c-killed", "eth0", f"/run/netns/{gone}")
+    records = host.data_dir / ".pybridge-netns" / "testnet"
+    assert sorted(os.listdir(records)) == ["c-killed:eth0", "c-live:eth0"]
+    args = ("gc", "--json", "--conf-dir", str(conf_dir), "--cache-dir", str(tmp_path / "cache"),
+            "--confirm-after", "0", "--min-age", "0", "--runtime-socket", "off")
+    assert pybridge(host, *args)[0] == 0
+    assert sorted(os.listdir(records)) == ["c-killed:eth0", "c-live:eth0"]  # its netns still exists
+    _kill_netns(host, gone, 1)
+    assert pybridge(host, *args, "--dry-run")[0] == 0
+    assert sorted(os.listdir(records)) == ["c-killed:eth0", "c-live:eth0"]  # a dry run removes nothing
+    assert pybridge(host, *args)[0] == 0
+    assert os.listdir(records) == ["c-live:eth0"]
 
 
 def test_a_pod_in_no_named_netns_is_read_through_its_cached_path(host: Host, tmp_path: Path) -> None:

@@ -99,3 +99,16 @@ def test_the_default_data_dir_is_the_ipam_plugins() -> None:
     from ipam.config import DEFAULT_DATA_DIR
 
     assert nsrecord.DEFAULT_DATA_DIR == DEFAULT_DATA_DIR
+
+
+def test_orphans_are_unreserved_records_of_gone_netns_old_enough(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(nsrecord.ROOTS_ENV, str(tmp_path / "ns"))
+    (tmp_path / "ns").mkdir()
+    (tmp_path / "ns" / "alive").write_text("")
+    store = str(tmp_path / "store")
+    for cid, netns in (("c-gone", "gone"), ("c-reserved", "gone"), ("c-alive", "alive")):
+        nsrecord.write(store, "net", cid, "eth0", str(tmp_path / "ns" / netns))
+    assert nsrecord.orphans(store, "net", {("c-reserved", "eth0")}, 0) == ["c-gone:eth0"]
+    assert nsrecord.orphans(store, "net", set(), 60) == []  # an ADD may still be making it
+    assert nsrecord.orphans(store, "other", set(), 0) == []

@@ -54,9 +54,13 @@ def path(data_dir: str, network: str, container_id: str, ifname: str) -> str:
     return os.path.join(data_dir, DIR, validate_network_name(network), f"{container_id}:{ifname}")
 
 
-def write(data_dir: str, network: str, container_id: str, ifname: str, netns: str) -> None:
-    """Record `netns`, replacing any older record (unsynced, as the store's own files)."""
+def write(data_dir: str, network: str, container_id: str, ifname: str, netns: str) -> bool:
+    """Record `netns`, replacing any older record (unsynced, as the store's own files). False,
+    and nothing made, while the data dir does not exist: the IPAM plugin creates it, with its own
+    checks, at its first reservation (the ADD writes the record after that one)."""
     target = path(data_dir, network, container_id, ifname)
+    if not os.path.isdir(data_dir):
+        return False
 
     def make(tmp: str) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -64,11 +68,14 @@ def write(data_dir: str, network: str, container_id: str, ifname: str, netns: st
             f.write(netns.encode())
 
     try:
-        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        for directory in (os.path.join(data_dir, DIR), os.path.dirname(target)):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, 0o700)
         files.replace(target, make)
     except OSError as exc:
         raise CNIError(INTERNAL, "failed to record the netns path",
                        f"{target}: {exc.strerror or exc}") from exc
+    return True
 
 
 def remove(data_dir: str, network: str, container_id: str, ifname: str) -> None:

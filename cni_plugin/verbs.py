@@ -76,14 +76,17 @@ def cmd_add(req: Request) -> dict[str, Any]:
         result = Result(cniVersion=req.cni_version)
         if conf.ipam_type:
             store = nsrecord.data_dir(conf.ipam)
-            if store is not None:  # first: every reservation has one, whenever this ADD is killed
-                nsrecord.write(store, conf.name, cid, ifname, req.cmd.netns)
+            # first: every reservation has one, whenever this ADD is killed (but the store's
+            # first: the IPAM plugin makes the data dir, then the record follows its reservation)
+            recorded = store is not None and nsrecord.write(store, conf.name, cid, ifname, req.cmd.netns)
             try:
                 result = ipam_client.add(req, conf.ipam_type)
             except BaseException:  # no reservation made (a full pool: kubelet retries, each anew)
-                if store is not None:
+                if store is not None and recorded:
                     nsrecord.remove(store, conf.name, cid, ifname)
                 raise
+            if store is not None and not recorded:
+                nsrecord.write(store, conf.name, cid, ifname, req.cmd.netns)
             undo.callback(_undo, req.log, "ipam release", _release_ipam, req, conf)
         todo = plan.plan(conf, result)
         result = todo.result

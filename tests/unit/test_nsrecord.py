@@ -101,12 +101,23 @@ def test_the_default_data_dir_is_the_ipam_plugins() -> None:
     assert nsrecord.DEFAULT_DATA_DIR == DEFAULT_DATA_DIR
 
 
+def test_nothing_is_made_while_the_data_dir_does_not_exist(tmp_path: Path) -> None:
+    """The IPAM plugin makes the data dir, with its checks (owner, mode), not the record."""
+    store = str(tmp_path / "store")
+    assert not nsrecord.write(store, "net", "c1", "eth0", "/run/netns/x")
+    assert not os.path.exists(store)
+    os.mkdir(store)
+    assert nsrecord.write(store, "net", "c1", "eth0", "/run/netns/x")
+    assert nsrecord.read(store, "net", "c1", "eth0") == "/run/netns/x"
+
+
 def test_orphans_are_unreserved_records_of_gone_netns_old_enough(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(nsrecord.ROOTS_ENV, str(tmp_path / "ns"))
     (tmp_path / "ns").mkdir()
     (tmp_path / "ns" / "alive").write_text("")
     store = str(tmp_path / "store")
+    os.mkdir(store)
     for cid, netns in (("c-gone", "gone"), ("c-reserved", "gone"), ("c-alive", "alive")):
         nsrecord.write(store, "net", cid, "eth0", str(tmp_path / "ns" / netns))
     assert nsrecord.orphans(store, "net", {("c-reserved", "eth0")}, 0) == ["c-gone:eth0"]

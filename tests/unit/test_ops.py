@@ -166,7 +166,7 @@ def test_endpoint_paths(tmp_path: Path) -> None:
     health = endpoint.Endpoint(("127.0.0.1", 0), metrics.checks)
     try:
         assert _get(server.port, "/healthz")[::2] == (200, "ok\n")
-        assert _wait_ready(server.port, 503) == "no Node list received yet\n"
+        assert _wait_ready(server.port, 503, "no Node list received yet\n")
         conflist.write_text("{}")
         metrics.reconciled(nodes=3, routes=2, errors=0, full_sync=True)  # refreshes readiness
         assert _wait_ready(server.port, 200) == "ok\n"
@@ -182,10 +182,11 @@ def test_endpoint_paths(tmp_path: Path) -> None:
         metrics.checks.close()
 
 
-def _wait_ready(port: int, status: int) -> str:
-    """The /readyz body once it answers `status` (readiness is checked apart from requests)."""
+def _wait_ready(port: int, status: int, body: str | None = None) -> str:
+    """The /readyz body once it answers `status` (and `body`, if given): readiness is checked
+    apart from requests, and a check run before the registry had any says so for a moment."""
     deadline = time.monotonic() + 5
-    while (got := _get(port, "/readyz"))[0] != status:
+    while (got := _get(port, "/readyz"))[0] != status or body not in (None, got[2]):
         assert time.monotonic() < deadline, got
         time.sleep(0.02)
     return got[2]

@@ -71,10 +71,10 @@ def _drain(sock: socket.socket, seen: Counter[str]) -> None:
         seen[source] += 1
 
 
-# A known defect, kept visible: the CI run of 98157fc on containerd 2.1.9 saw one datagram out of a
-# new pod reach the prober ({'10.70.0.50': 1}); three other runs passed. Not yet explained (see
+# A known defect, kept visible: in the whole suite (after the other kind-sim tests) on containerd 2.1.9
+# one datagram out of a new pod reached the prober; run alone it passed three times. Not explained (see
 # docs/networkpolicy.md, Known gaps); the netns test of the same promise passes every run.
-@pytest.mark.xfail(reason="one forbidden datagram seen out of a new pod in 1 of 4 runs (not yet explained)",
+@pytest.mark.xfail(reason="one forbidden datagram out of a new pod, in the whole suite (not yet explained)",
                    strict=False)
 def test_pods_started_into_a_default_deny_namespace_pass_nothing_forbidden(cluster: Cluster) -> None:
     cluster.wait_ready()

@@ -2,10 +2,10 @@
 
 Everything lives in namespaces made here and dies with them:
 
-- a "node" netns (`pbt-node-*`): containerd runs in it (`nsenter --net`, not `ip netns exec`,
+- a "node" netns (`pbt-<run>-node-*`): containerd runs in it (`nsenter --net`, not `ip netns exec`,
   which remounts /sys and hides the cgroup mounts runc needs), so the plugins it execs put the
   bridge, veths, routes and nftables/iptables rules there, never in the machine's own netns;
-- an "outside" netns (`pbt-out-*`) wired to the node by a veth, standing for the world beyond
+- an "outside" netns (`pbt-<run>-out-*`) wired to the node by a veth, standing for the world beyond
   the node (masquerade, hostPort);
 - a persistent private mount namespace (a bind-mounted nsfs file under the node's temp root)
   for containerd, its shims and every `ctr` call: there /run/containerd, /var/lib/cni (libcni's
@@ -38,6 +38,7 @@ import pytest
 
 from scripts import sid
 
+from ..netns.harness import RUN_MARK
 from . import containerd2, oci
 from .cri import CRIClient
 
@@ -387,9 +388,9 @@ class Node:
         wait_for(lambda: self.cri.conditions().get("NetworkReady"), 20, "CRI NetworkReady")
 
     def _make_netns(self) -> None:
-        self.netns = f"{PREFIX}node-{secrets.token_hex(3)}"
+        self.netns = f"{PREFIX}{RUN_MARK}-node-{secrets.token_hex(3)}"
         sh("ip", "netns", "add", self.netns)
-        self.outside = f"{PREFIX}out-{secrets.token_hex(3)}"
+        self.outside = f"{PREFIX}{RUN_MARK}-out-{secrets.token_hex(3)}"
         sh("ip", "netns", "add", self.outside)
         uplink = f"{PREFIX}up{secrets.token_hex(2)}"
         self.in_node("ip", "link", "set", "lo", "up")

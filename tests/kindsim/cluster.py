@@ -1,6 +1,6 @@
 """kind without docker: a throw-away world, three nodes from kind-config.yaml, a fake API server.
 
-- world (world.py, netns `pbt-ks*-world`): docker's `kind` network with the fake API server on
+- world (world.py, netns `pbt-<run>-ks*-world`): docker's `kind` network with the fake API server on
   172.18.0.1:6443 (HTTPS, a throw-away CA) and an "outside" netns;
 - node (netns + persistent private mount namespace, tests/e2e's Node with kind's layout): eth0
   on the world bridge, and /run, /opt, /etc/cni/net.d, /var/lib/cni bound from the node's tree,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..e2e.node import PREFIX, sh
+from ..netns.harness import RUN_MARK
 
 WORLD_NET, GATEWAY, API_PORT = "172.18.0", "172.18.0.1", 6443
 OUTSIDE_GW, OUTSIDE_IP = "198.51.100.1", "198.51.100.2"
@@ -71,7 +72,7 @@ class World:
     outside: str = ""
 
     def up(self, tag: str) -> None:
-        self.netns, self.outside = f"{PREFIX}ks{tag}-world", f"{PREFIX}ks{tag}-out"
+        self.netns, self.outside = f"{PREFIX}{RUN_MARK}-ks{tag}-world", f"{PREFIX}{RUN_MARK}-ks{tag}-out"
         for ns in (self.netns, self.outside):
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")

@@ -26,6 +26,8 @@ import pytest
 from cni_plugin import masq
 from cnikit.spec.errors import CNIError
 
+from .harness import RUN_MARK, TEST_PREFIX
+
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
@@ -68,7 +70,7 @@ def make_netns() -> Iterator[Callable[[], str]]:
     made: list[str] = []
 
     def make() -> str:
-        name = f"pbt-masq-{secrets.token_hex(4)}"
+        name = f"{TEST_PREFIX}{RUN_MARK}-masq-{secrets.token_hex(4)}"
         sh("ip", "netns", "add", name)
         made.append(name)
         return name

@@ -23,6 +23,7 @@ from cni_plugin import rtnl
 from cni_plugin.node.netpol import apply
 from cni_plugin.node.netpol.agent import NetpolAgent
 
+from .harness import Host, bridge_conf
 from .netpol_cases import NODE, PODS, Matrix, Pods, World
 
 T = TypeVar("T")
@@ -191,3 +192,20 @@ def observe(world: Pods, proto: str, port: int, family: int, expected: Matrix | 
 def differences(expected: Matrix, seen: Matrix) -> list[str]:
     return [f"{s} -> {t}: expected {'open' if ok else 'blocked'}" for (s, t), ok in sorted(expected.items())
             if seen[(s, t)] != ok]
+
+
+def pods_on_bridge(
+    host: Host, pods: Iterable[str], name: str, bridge: str
+) -> tuple[dict[str, str], dict[str, dict[int, str]]]:
+    """Dual-stack pods on a bridge of `host` (as a NetworkPolicy node has them, bridge netfilter
+    on): each pod's netns and its address per family."""
+    host.exec("ip", "link", "set", "lo", "up")
+    host.exec("sh", "-c", "; ".join(f"echo 1 > /proc/sys/{n}" for n in apply.BRIDGE_SYSCTLS))
+    conf = bridge_conf(host, name=name, bridge=bridge, isDefaultGateway=True)
+    conf["ipam"]["ranges"] = [[{"subnet": "10.89.0.0/24"}], [{"subnet": "fd89::/64"}]]
+    netns, ips = {}, {}
+    for pod in pods:
+        netns[pod] = host.new_pod()
+        result = host.add(conf, netns[pod], container_id=pod.replace("/", "-"))
+        ips[pod] = {(6 if ":" in i["address"] else 4): i["address"].split("/")[0] for i in result["ips"]}
+    return netns, ips

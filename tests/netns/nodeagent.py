@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cni_plugin.node.netpol import apply
 from cni_plugin.node.netpol.nft import TABLE
 
 from ..kind.fakeapi import ApiServer, NodeStore
-from .harness import Host, bridge_conf, new_netns
+from .harness import Host, new_netns
 from .netpol_cases import NODE, Pods, World
-from .netpol_probe import Servers, client, in_netns, probe
+from .netpol_probe import Servers, client, in_netns, pods_on_bridge, probe
 
 PODS = ["x/a", "y/a", "z/a"]
 METRICS_PORT = 19431  # the node agent's, inside the node netns
@@ -115,15 +114,7 @@ def node_world(tmp: Path, launchers: Path) -> Iterator[NodeWorld]:
                 agent_socket=tmp / "a.sock")
     servers, api, world = None, None, None
     try:
-        host.exec("ip", "link", "set", "lo", "up")
-        host.exec("sh", "-c", "; ".join(f"echo 1 > /proc/sys/{n}" for n in apply.BRIDGE_SYSCTLS))
-        conf = bridge_conf(host, name="h29node", bridge="h29np0", isDefaultGateway=True)
-        conf["ipam"]["ranges"] = [[{"subnet": "10.89.0.0/24"}], [{"subnet": "fd89::/64"}]]
-        netns, ips = {}, {}
-        for pod in PODS:
-            netns[pod] = host.new_pod()
-            result = host.add(conf, netns[pod], container_id=pod.replace("/", "-"))
-            ips[pod] = {(6 if ":" in i["address"] else 4): i["address"].split("/")[0] for i in result["ips"]}
+        netns, ips = pods_on_bridge(host, PODS, "h29node", "h29np0")
         servers = Servers(netns)
         (tmp / "bin").mkdir()
         world = NodeWorld(netns, ips, host=host, tmp=tmp)

@@ -28,7 +28,7 @@ from cni_plugin.node.netpol import apply, compile, nft
 from cni_plugin.node.netpol.agent import NetpolAgent
 from cni_plugin.node.netpol.nft import TABLE
 
-from .harness import Host, bridge_conf, delete_netns, new_netns, sh
+from .harness import Host, delete_netns, new_netns, sh
 from .netpol_cases import (
     CASES,
     CLUSTER_CASES,
@@ -43,7 +43,16 @@ from .netpol_cases import (
     ns_policy,
     reachable,
 )
-from .netpol_probe import Servers, client, differences, in_netns, node_agent, observe, probe
+from .netpol_probe import (
+    Servers,
+    client,
+    differences,
+    in_netns,
+    node_agent,
+    observe,
+    pods_on_bridge,
+    probe,
+)
 
 pytestmark = [
     pytest.mark.netns,
@@ -58,15 +67,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, launchers: Path) -> Iterator
                 agent_socket=tmp / "a.sock")
     servers = None
     try:
-        host.exec("ip", "link", "set", "lo", "up")
-        host.exec("sh", "-c", "; ".join(f"echo 1 > /proc/sys/{n}" for n in apply.BRIDGE_SYSCTLS))
-        conf = bridge_conf(host, name="h17netpol", bridge="h17np0", isDefaultGateway=True)
-        conf["ipam"]["ranges"] = [[{"subnet": "10.89.0.0/24"}], [{"subnet": "fd89::/64"}]]
-        netns, ips = {}, {}
-        for pod in PODS:
-            netns[pod] = host.new_pod()
-            result = host.add(conf, netns[pod], container_id=pod.replace("/", "-"))
-            ips[pod] = {(6 if ":" in i["address"] else 4): i["address"].split("/")[0] for i in result["ips"]}
+        netns, ips = pods_on_bridge(host, PODS, "h17netpol", "h17np0")
         servers = Servers(netns)
         yield World(netns, ips, host=host)
     finally:

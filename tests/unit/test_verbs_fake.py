@@ -1,4 +1,4 @@
-"""The bridge plugin's ADD, CHECK and DEL handed an in-memory host (fakehost.py): no root, no
+"""The bridge plugin's ADD, CHECK, DEL and GC handed an in-memory host (fakehost.py): no root, no
 module patched.
 
 The failure tests run ADD once to count its steps, then once per step with that step failing,
@@ -201,23 +201,26 @@ def _serving_one_pod(tmp_path: Path) -> FakeHost:
     kernel = FakeHost()
     kernel.new_netns("/run/netns/fake-first")
     kernel.new_netns(POD)
-    assert _call(kernel, "ADD", _conf(tmp_path), cid="first", netns="/run/netns/fake-first")[0] == 0
+    conf = _conf(tmp_path, sourceCheck=True)
+    assert _call(kernel, "ADD", conf, cid="first", netns="/run/netns/fake-first")[0] == 0
     return kernel
 
 
 def test_a_failure_at_any_step_of_add_leaves_a_serving_host_as_it_was(tmp_path: Path) -> None:
     counted = _serving_one_pod(tmp_path / "count")
     before = len(counted.steps)
-    assert _call(counted, "ADD", _conf(tmp_path / "count"))[0] == 0
+    assert _call(counted, "ADD", _conf(tmp_path / "count", sourceCheck=True))[0] == 0
     steps = counted.steps[before:]
     assert "add address 10.77.0.3/24" in steps and "add route 0.0.0.0/0" in steps
-    assert steps[-1] == "masquerade setup"
+    assert steps[-3:] == ["sysctl net/ipv4/ip_forward", "sysctl net/ipv6/conf/all/forwarding",
+                          "masquerade setup"]
+    assert "source check setup" in steps
     for n, step in enumerate(steps, start=1):
         work = tmp_path / f"fail-{n}"
         kernel = _serving_one_pod(work)
         state, reserved = kernel.state(), list_reservations(str(work / "ipam"), "fakenet")
         kernel.fail_at = len(kernel.steps) + n
-        code, error = _call(kernel, "ADD", _conf(work))
+        code, error = _call(kernel, "ADD", _conf(work, sourceCheck=True))
         assert code == 1 and error is not None and "injected failure" in error["details"], (step, error)
         assert kernel.state() == state, step
         assert list_reservations(str(work / "ipam"), "fakenet") == reserved, step

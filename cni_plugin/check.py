@@ -7,8 +7,9 @@ import ipaddress
 from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, CNIError
 from cnikit.spec.result import Interface, Result
 
-from . import link, netns
+from . import link
 from .config import BridgeConf
+from .host import Host
 from .netlink import Link, Netlink
 
 
@@ -53,9 +54,9 @@ def _verify_host_veth(
     raise _drift("host veth missing", f"no host veth in prevResult is the peer of {pod.name}")
 
 
-def verify(conf: BridgeConf, prev: Result, path: str, ifname: str, pod_fd: int) -> None:
+def verify(host: Host, conf: BridgeConf, prev: Result, path: str, ifname: str, pod_fd: int) -> None:
     pod_pos, expected_pod = _find(prev, ifname, path)
-    state = netns.run_in(pod_fd, lambda: link.pod_state(ifname))
+    state = host.run_in(pod_fd, lambda: link.pod_state(host, ifname))
     if state is None:
         raise _drift("interface missing", f"{ifname} not found in {path}")
     if state.link.kind != "veth":
@@ -70,6 +71,6 @@ def verify(conf: BridgeConf, prev: Result, path: str, ifname: str, pod_fd: int) 
         gws = {ipaddress.ip_address(gw) for gw in matching if gw}
         if not matching or (route.gw and ipaddress.ip_address(route.gw) not in gws):
             raise _drift("route missing", f"{route.dst} via {route.gw or '(gateway)'} not in {path}")
-    with link.route_socket() as ipr:
+    with link.netlink(host) as ipr:
         bridge = _verify_bridge(ipr, conf, prev)
         _verify_host_veth(ipr, conf, prev, bridge, state.link)

@@ -2,11 +2,12 @@
 
 The hot path (what every ADD and DEL does) goes through the lean `rtnl` layer; pyroute2, the
 project's netlink library, serves the rest (bridge VLAN filters, CHECK's route and bridge-port
-reads). Host-side functions take an `Netlink` opened in the plugin's (host) netns.
+reads). Every function reaches the kernel through the `host.Host` it is handed (the verbs' request's).
+Host-side functions take a `Netlink` opened in the plugin's (host) netns.
 A netlink socket stays in the netns it was created in, and a /proc/sys directory names the
 knobs of the netns it was opened in: `pod_configure` works through both, opened by one trip of
 a thread into the pod (`open_pod`); the other pod-side functions (`pod_*`) run inside the pod
-netns via `netns.run_in` and open their own socket there.
+netns via `Host.run_in` and open their own socket there.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import errno
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from cnikit import turns
 from cnikit.ip import IPInterface
 from cnikit.spec.errors import INTERNAL, UNSUPPORTED_FIELD, CNIError
 
-from . import netns, rtnl, sysctl
+from . import rtnl
+from .host import Host
 from .netlink import Link, Netlink, NetlinkError
 
 IFA_F_TENTATIVE = 0x40
@@ -53,13 +55,10 @@ def netlink_errors(what: str) -> Iterator[None]:
         raise CNIError(INTERNAL, f"netlink: {what} failed", exc.strerror or str(exc)) from exc
 
 
-# Opens a netlink socket in the calling thread's netns: the kernel's, or the unit tests' fake.
-open_socket: Callable[[], Netlink] = rtnl.Socket
-
-
 @contextlib.contextmanager
-def route_socket() -> Iterator[Netlink]:
-    sock = open_socket()
+def netlink(host: Host) -> Iterator[Netlink]:
+    """A netlink socket of `host` in the calling thread's netns."""
+    sock = host.netlink()
     try:
         yield sock
     finally:
@@ -85,7 +84,8 @@ def _no_vlan_filtering() -> CNIError:
     )
 
 
-def ensure_bridge(sock: Netlink, name: str, mtu: int | None, promisc: bool, vlan_filtering: bool) -> Link:
+def ensure_bridge(host: Host, sock: Netlink, name: str, mtu: int | None, promisc: bool,
+                  vlan_filtering: bool) -> Link:
     """Create the bridge or reuse it; EEXIST is a concurrent first ADD, not an error."""
     with netlink_errors(f"create bridge {name}"):
         bridge = find(sock, name)
@@ -106,7 +106,7 @@ def ensure_bridge(sock: Netlink, name: str, mtu: int | None, promisc: bool, vlan
             _enable_vlan_filtering(sock, bridge.index)
         if bridge.up and bridge.promisc >= promisc:
             return bridge  # the common case: one lookup
-        sysctl.try_write(f"net/ipv6/conf/{name}/accept_ra", "0")
+        host.sysctl_try_write(f"net/ipv6/conf/{name}/accept_ra", "0")
         sock.set_link(bridge.index, up=True, promisc=True if promisc else None)
     found = find(sock, name)
     assert found is not None
@@ -122,7 +122,7 @@ def _enable_vlan_filtering(sock: Netlink, index: int) -> None:
         raise
 
 
-def create_veth(sock: Netlink, pod_fd: int, ifname: str, mtu: int | None, mac: str | None,
+def create_veth(host: Host, sock: Netlink, pod_fd: int, ifname: str, mtu: int | None, mac: str | None,
                 bridge: Link) -> Link:
     """Create the pair from the host with the peer born in the pod netns (no move needed) and
     the host end enslaved to `bridge` in the same request, then bring the host end up with no
@@ -143,16 +143,16 @@ def create_veth(sock: Netlink, pod_fd: int, ifname: str, mtu: int | None, mac: s
                 if exc.errno == errno.EEXIST:
                     continue
                 raise
-            host = find(sock, name)
-            if host is None:
+            end = find(sock, name)
+            if end is None:
                 raise CNIError(INTERNAL, f"veth {name} vanished while being set up")
             try:
-                sysctl.try_write(f"net/ipv6/conf/{name}/disable_ipv6", "1")  # absent: no IPv6 at all
-                sock.set_link(host.index, up=True)
+                host.sysctl_try_write(f"net/ipv6/conf/{name}/disable_ipv6", "1")  # absent: no IPv6 at all
+                sock.set_link(end.index, up=True)
             except BaseException:
-                delete_link(sock, host.index)  # the caller undoes only what it was handed
+                delete_link(sock, end.index)  # the caller undoes only what it was handed
                 raise
-        return host
+        return end
     raise CNIError(INTERNAL, "failed to find a free host veth name", f"{VETH_NAME_TRIES} tries")
 
 
@@ -198,23 +198,18 @@ def ensure_gateway(sock: Netlink, link: Link, gateway: IPInterface, force: bool)
                 raise
 
 
-# (bridge index, name) -> the MAC this process pinned on it. A MAC once set stays pinned (the
-# kernel never unpins it) and a bridge made again gets a new index, so a bridge still showing the
-# pinned MAC needs neither the read nor the write again: two requests fewer per ADD in the agent.
-_pinned: dict[tuple[int, str], str] = {}
-
-
-def pin_mac(sock: Netlink, bridge: Link) -> Link:
+def pin_mac(host: Host, sock: Netlink, bridge: Link) -> Link:
     """Stop the bridge MAC from following its lowest port's MAC as pods come and go. Read it
     now: a bridge whose last port left has a zero MAC until a port joins again. `bridge` is as
-    read before this ADD's port joined."""
-    if _pinned.get((bridge.index, bridge.name)) == bridge.mac:
+    read before this ADD's port joined. A bridge `host` remembers pinning to the MAC it still
+    shows needs neither the read nor the write again: two requests fewer per ADD in the agent."""
+    if host.pinned.get((bridge.index, bridge.name)) == bridge.mac:
         return bridge
     with netlink_errors("pin bridge MAC"):
         current = get(sock, bridge.index) or bridge
         if current.mac and current.mac != "00:00:00:00:00:00":
             sock.set_link(current.index, mac=current.mac)
-            _pinned[(current.index, current.name)] = current.mac
+            host.pinned[(current.index, current.name)] = current.mac
         return current
 
 
@@ -237,25 +232,26 @@ def wait_oper_up(sock: Netlink, index: int) -> Link:
 @dataclass(frozen=True)
 class Pod:
     """The pod netns, usable from the calling thread: a netlink socket and the directory of its
-    IPv6 sysctls (None: no IPv6 in the kernel). Only their opening needs a thread that entered
-    the netns, and one trip serves both."""
+    IPv6 sysctls (None: no IPv6 in the kernel), both of `host`. Only their opening needs a thread
+    that entered the netns, and one trip serves both."""
 
+    host: Host
     sock: Netlink
     ipv6_conf: int | None
 
 
-def _open_pod() -> Pod:
-    sock = open_socket()
+def _open_pod(host: Host) -> Pod:
+    sock = host.netlink()
     try:
-        return Pod(sock, sysctl.open_dir("net/ipv6/conf/"))
+        return Pod(host, sock, host.sysctl_dir("net/ipv6/conf/"))
     except BaseException:
         sock.close()
         raise
 
 
 @contextlib.contextmanager
-def open_pod(pod_fd: int) -> Iterator[Pod]:
-    pod = netns.run_in(pod_fd, _open_pod)
+def open_pod(host: Host, pod_fd: int) -> Iterator[Pod]:
+    pod = host.run_in(pod_fd, lambda: _open_pod(host))
     try:
         yield pod
     finally:
@@ -264,7 +260,7 @@ def open_pod(pod_fd: int) -> Iterator[Pod]:
             os.close(pod.ipv6_conf)
 
 
-def _pod_ipv6(conf: int, ifname: str, v6: bool, enable_dad: bool) -> None:
+def _pod_ipv6(host: Host, conf: int, ifname: str, v6: bool, enable_dad: bool) -> None:
     """IPv6 on the pod end, set while it is down. With IPv6 addresses: on (lo too, as the
     reference), DAD as asked. With IPv4 ones only: off, as Docker does on IPv4-only interfaces:
     no link-local address a pod could reach others by around IPv4 rules, and no DAD, MLD reports
@@ -272,20 +268,20 @@ def _pod_ipv6(conf: int, ifname: str, v6: bool, enable_dad: bool) -> None:
     ADD's growth)."""
     if not v6:
         try:
-            sysctl.write(f"{ifname}/disable_ipv6", "1", conf)
+            host.sysctl_write(f"{ifname}/disable_ipv6", "1", conf)
         except OSError as exc:
             raise CNIError(INTERNAL, f"failed to turn IPv6 off on {ifname}",
                            f"{exc.strerror}; set podIPv6LinkLocal to keep it on") from exc
         return
     for dev in ("lo", ifname):
-        sysctl.try_write(f"{dev}/disable_ipv6", "0", conf)
-    sysctl.try_write(f"{ifname}/keep_addr_on_down", "1", conf)
-    sysctl.try_write(f"{ifname}/accept_dad", "1" if enable_dad else "0", conf)
+        host.sysctl_try_write(f"{dev}/disable_ipv6", "0", conf)
+    host.sysctl_try_write(f"{ifname}/keep_addr_on_down", "1", conf)
+    host.sysctl_try_write(f"{ifname}/accept_dad", "1" if enable_dad else "0", conf)
     if enable_dad:
-        sysctl.try_write(f"{ifname}/enhanced_dad", "1", conf)
+        host.sysctl_try_write(f"{ifname}/enhanced_dad", "1", conf)
 
 
-def _pod_no_router(conf: int, ifname: str) -> None:
+def _pod_no_router(host: Host, conf: int, ifname: str) -> None:
     """A pod end with IPv6 on takes no router advertisements and makes no SLAAC address: its
     addresses and routes are IPAM's, and another pod's RA would route it through that pod (the
     class of CVE-2020-10749). Its link-local address is the EUI-64 one of its MAC, which the
@@ -294,7 +290,7 @@ def _pod_no_router(conf: int, ifname: str) -> None:
     links other plugins put in the same netns."""
     for knob, value in (("accept_ra", "0"), ("autoconf", "0"), ("addr_gen_mode", "0")):
         try:
-            sysctl.write(f"{ifname}/{knob}", value, conf)
+            host.sysctl_write(f"{ifname}/{knob}", value, conf)
         except OSError as exc:
             raise CNIError(INTERNAL, f"failed to set {knob} on {ifname}", exc.strerror or str(exc)) from exc
 
@@ -320,9 +316,9 @@ def pod_configure(
         sock.set_ipv4_conf(link.index, {rtnl.IPV4_DEVCONF_ARP_NOTIFY: 1})
         v6 = any(a.version == 6 for a in addrs)
         if pod.ipv6_conf is not None and (v6 or (addrs and not keep_link_local)):
-            _pod_ipv6(pod.ipv6_conf, ifname, v6, enable_dad)
+            _pod_ipv6(pod.host, pod.ipv6_conf, ifname, v6, enable_dad)
         if pod.ipv6_conf is not None and addrs and (v6 or keep_link_local):
-            _pod_no_router(pod.ipv6_conf, ifname)
+            _pod_no_router(pod.host, pod.ipv6_conf, ifname)
         for addr in addrs:
             sock.add_address(link.index, addr)  # DAD is off by the accept_dad sysctl, as the reference
         if up:
@@ -358,9 +354,9 @@ def _pod_veth(sock: Netlink, ifname: str) -> Link | None:
     return link if link is not None and link.kind == "veth" else None
 
 
-def pod_delete(ifname: str) -> None:
+def pod_delete(host: Host, ifname: str) -> None:
     """Delete the pod end (the host end goes with it)."""
-    with route_socket() as sock, netlink_errors(f"delete {ifname}"):
+    with netlink(host) as sock, netlink_errors(f"delete {ifname}"):
         link = _pod_veth(sock, ifname)
         if link is None:
             return
@@ -371,11 +367,11 @@ def pod_delete(ifname: str) -> None:
                 raise
 
 
-def pod_detach(ifname: str) -> int | None:
+def pod_detach(host: Host, ifname: str) -> int | None:
     """Take the pod end out of service without waiting for the kernel's deletion: down (so the
     bridge port loses its carrier) and renamed (so `ifname` is free for a new ADD at once).
     Returns its index for `pod_delete_index`; None if there is no veth of that name."""
-    with route_socket() as sock, netlink_errors(f"detach {ifname}"):
+    with netlink(host) as sock, netlink_errors(f"detach {ifname}"):
         link = _pod_veth(sock, ifname)
         if link is None:
             return None
@@ -384,13 +380,13 @@ def pod_detach(ifname: str) -> int | None:
         return link.index
 
 
-def pod_delete_index(index: int) -> None:
-    with route_socket() as sock:
+def pod_delete_index(host: Host, index: int) -> None:
+    with netlink(host) as sock:
         delete_link(sock, index)
 
 
-def pod_state(ifname: str) -> PodState | None:
-    with route_socket() as sock, netlink_errors(f"read {ifname}"):
+def pod_state(host: Host, ifname: str) -> PodState | None:
+    with netlink(host) as sock, netlink_errors(f"read {ifname}"):
         link = find(sock, ifname)
         if link is None:
             return None

@@ -1,9 +1,9 @@
-"""The one netlink seam: what the verbs, CHECK and the node agent ask of a netns's links,
-addresses and routes.
+"""What the verbs, CHECK and the node agent ask of a netns's links, addresses and routes: the
+netlink part of the host the verbs are handed (host.Host.netlink).
 
 `rtnl.Socket` serves it on the kernel (its own lean encoding on the hot path, pyroute2 behind
 the same methods for the rest); the unit tests serve it with an in-memory fake
-(tests/unit/fakenet.py), so ADD, DEL and CHECK run without root.
+(tests/unit/fakehost.py), so ADD, DEL and CHECK run without root.
 """
 
 from __future__ import annotations

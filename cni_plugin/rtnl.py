@@ -29,6 +29,7 @@ NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_GETNSID, NETNSA_NSID, NETNSA_FD = 90, 1, 3
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
 IFLA_PROTINFO, IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_NET_NS_FD = 12, 16, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER, IFLA_BR_VLAN_FILTERING = 1, 2, 1, 7
@@ -322,11 +323,12 @@ class Socket:
         """(address, IFA flags) of one link."""
         return self._address_dump(_IFADDR.pack(0, 0, 0, 0, index), index)
 
-    def _address_dump(self, payload: bytes, index: int) -> list[tuple[IPInterface, int]]:
+    def _address_dump(self, payload: bytes, index: int,
+                      scope: int | None = None) -> list[tuple[IPInterface, int]]:
         out = []
         for _kind, body in self.request(RTM_GETADDR, NLM_F_DUMP, payload):
-            family, prefixlen, flags, _scope, ifindex = _IFADDR.unpack_from(body)
-            if ifindex != index:
+            family, prefixlen, flags, found_scope, ifindex = _IFADDR.unpack_from(body)
+            if ifindex != index or scope not in (None, found_scope):
                 continue
             fields = dict(_attrs(body, _IFADDR.size))
             raw = fields.get(IFA_LOCAL) or fields.get(IFA_ADDRESS)
@@ -338,15 +340,45 @@ class Socket:
             out.append((ipaddress.ip_interface(f"{ip}/{prefixlen}"), flags))
         return out
 
-    def bridge_ports(self) -> list[tuple[Link, int]]:
-        """Each veth on a bridge whose peer is in another netns, with that netns's id here."""
+    def links(self) -> list[tuple[Link, int | None]]:
+        """Every link, each with the id here of the netns its peer is in (None: this one)."""
         out = []
         for _kind, body in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo()):
-            link = _parse_link(body)
             nsid = dict(_attrs(body, _IFINFO.size)).get(IFLA_LINK_NETNSID)
-            if link.kind == "veth" and link.master and link.peer_index and nsid is not None:
-                out.append((link, struct.unpack("=i", nsid[:4])[0]))
+            out.append((_parse_link(body), struct.unpack("=i", nsid[:4])[0] if nsid is not None else None))
         return out
+
+    def bridge_ports(self) -> list[tuple[Link, int]]:
+        """Each veth on a bridge whose peer is in another netns, with that netns's id here."""
+        return [(link, nsid) for link, nsid in self.links()
+                if link.kind == "veth" and link.master and link.peer_index and nsid is not None]
+
+    def nsid(self, netns_fd: int) -> int | None:
+        """The id this netns knows the netns `netns_fd` by; None if it has given it none (as
+        `ip netns list` shows it: no id is assigned by asking)."""
+        payload = struct.pack("=B3x", _socket.AF_UNSPEC) + attr(NETNSA_FD, struct.pack("=I", netns_fd))
+        for _kind, body in self.request(RTM_GETNSID, NLM_F_ACK, payload):
+            raw = dict(_attrs(body, 4)).get(NETNSA_NSID)
+            if raw is not None:
+                nsid = int(struct.unpack("=i", raw[:4])[0])
+                return nsid if nsid >= 0 else None
+        return None
+
+    def default_links(self) -> list[int]:
+        """The output link of each default route of the main table, IPv4's first."""
+        out = []
+        for family in (_socket.AF_INET, _socket.AF_INET6):
+            header = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+            for _kind, body in self.request(RTM_GETROUTE, NLM_F_DUMP, header):
+                fields = dict(_attrs(body, _RTMSG.size))
+                if body[1] == 0 and body[4] == RT_TABLE_MAIN and RTA_OIF in fields:
+                    out.append(_u32(fields[RTA_OIF]))
+        return out
+
+    def global_addresses(self, index: int) -> list[IPInterface]:
+        """The addresses of one link of universe scope (no link-local one)."""
+        return [address for address, _flags in self._address_dump(_IFADDR.pack(0, 0, 0, 0, index), index,
+                                                                    scope=RT_SCOPE_UNIVERSE)]
 
     def peer_addresses(self, nsid: int, index: int) -> list[IPInterface]:
         """The addresses of link `index` of the netns known here as `nsid`, read without entering

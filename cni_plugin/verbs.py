@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from cnikit import log
 from cnikit.skel import Request
@@ -13,47 +13,53 @@ from cnikit.spec.attachments import valid_attachments
 from cnikit.spec.errors import INTERNAL, INVALID_CONFIG, INVALID_NETNS, NOT_AVAILABLE, CNIError
 from cnikit.spec.result import Interface, Result, parse_result
 
-from . import config, ipam_client, link, netns, nsrecord, plan, sysctl
+from . import config, ipam_client, link, netns, nsrecord, plan
 from .config import BridgeConf
+from .host import Host, Kernel
 
 
 def _load(req: Request) -> BridgeConf:
     return config.load(req.config)
 
 
-def _open_pod_netns(req: Request) -> int:
+def _host(req: Request) -> Host:
+    """The kernel to this call: the caller's (the agent's, a test's fake), else the real one."""
+    return cast(Host, req.host) if req.host is not None else Kernel()
+
+
+def _open_pod_netns(req: Request, host: Host) -> int:
     """A new fd for the pod netns: reopened from the one a forwarding client sent, or by path."""
     if req.netns_fd is not None:
-        return netns.reopen(req.netns_fd, req.cmd.netns)
-    return netns.open_netns(req.cmd.netns)
+        return host.reopen_netns(req.netns_fd, req.cmd.netns)
+    return host.open_netns(req.cmd.netns)
 
 
 @contextlib.contextmanager
-def _pod_netns(req: Request) -> Iterator[int]:
+def _pod_netns(req: Request, host: Host) -> Iterator[int]:
     try:
-        fd = _open_pod_netns(req)
+        fd = _open_pod_netns(req, host)
     except netns.NetnsGone:
         raise CNIError(INVALID_NETNS, "failed to open netns",
                        f"{req.cmd.netns}: no such network namespace") from None
     try:
-        _refuse_own_netns(req, fd)
+        _refuse_own_netns(req, host, fd)
         yield fd
     finally:
         os.close(fd)
 
 
-def _refuse_own_netns(req: Request, fd: int) -> None:
+def _refuse_own_netns(req: Request, host: Host, fd: int) -> None:
     """CNI_IFNAME names a link inside the pod: in the plugin's own netns it would name a host link.
     No override: libcni's CNI_NETNS_OVERRIDE is not honoured (docs/configuration.md)."""
-    if netns.same_netns(fd):
+    if host.same_netns(fd):
         raise CNIError(INVALID_NETNS, "CNI_NETNS is the plugin's own network namespace", req.cmd.netns)
 
 
-def _enable_forwarding(families: set[int]) -> None:
+def _enable_forwarding(host: Host, families: set[int]) -> None:
     if 4 in families:
-        sysctl.ensure("net/ipv4/ip_forward", "1")
+        host.sysctl_ensure("net/ipv4/ip_forward", "1")
     if 6 in families:
-        sysctl.ensure("net/ipv6/conf/all/forwarding", "1")
+        host.sysctl_ensure("net/ipv6/conf/all/forwarding", "1")
 
 
 def _undo(logger: log.Logger, what: str, func: Any, *args: Any) -> None:
@@ -68,8 +74,9 @@ def cmd_add(req: Request) -> dict[str, Any]:
     conf = _load(req)
     mac = conf.mac(req.cmd.cni_args)
     ifname, cid = req.cmd.ifname, req.cmd.container_id
-    with _pod_netns(req) as pod_fd, link.route_socket() as ipr, link.open_pod(pod_fd) as pod, \
-            contextlib.ExitStack() as undo:
+    kernel = _host(req)  # `host` is the veth's host end below
+    with _pod_netns(req, kernel) as pod_fd, link.netlink(kernel) as ipr, \
+            link.open_pod(kernel, pod_fd) as pod, contextlib.ExitStack() as undo:
         if link.find(pod.sock, ifname) is not None:
             raise CNIError(INTERNAL, f"container veth name {ifname!r} already exists", req.cmd.netns)
         # IPAM first: it validates its own config (dataDir, ranges) before any link is touched.
@@ -90,30 +97,26 @@ def cmd_add(req: Request) -> dict[str, Any]:
             undo.callback(_undo, req.log, "ipam release", _release_ipam, req, conf)
         todo = plan.plan(conf, result)
         result = todo.result
-        bridge = link.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc_mode, bool(conf.vlan))
-        host = link.create_veth(ipr, pod_fd, ifname, conf.mtu, mac, bridge)
+        bridge = link.ensure_bridge(kernel, ipr, conf.bridge, conf.mtu, conf.promisc_mode, bool(conf.vlan))
+        host = link.create_veth(kernel, ipr, pod_fd, ifname, conf.mtu, mac, bridge)
         undo.callback(_undo, req.log, "veth delete", link.delete_link, ipr, host.index)
         link.configure_port(ipr, host, conf.hairpin_mode, conf.port_isolation, conf.vlan)
         pod_link = link.pod_configure(pod, ifname, todo.addrs, todo.routes, conf.enable_dad,
                                       up=not conf.disable_container_interface,
                                       keep_link_local=conf.pod_ipv6_link_local)
         if conf.source_check:
-            from . import sourcecheck
-
-            undo.callback(_undo, req.log, "source check teardown", sourcecheck.teardown,
+            undo.callback(_undo, req.log, "source check teardown", kernel.port_check_teardown,
                           conf.name, cid, ifname)
             ipv6 = conf.pod_ipv6_link_local or any(a.version == 6 for a in todo.addrs)
-            sourcecheck.setup(conf.name, cid, ifname, host.name, pod_link.mac, todo.addrs, ipv6)
+            kernel.port_check_setup(conf.name, cid, ifname, host.name, pod_link.mac, todo.addrs, ipv6)
         if conf.is_gateway:
             for gateway in todo.gateways.values():
                 link.ensure_gateway(ipr, bridge, gateway, conf.force_address)
-            bridge = link.pin_mac(ipr, bridge)
-            _enable_forwarding(set(todo.gateways))
+            bridge = link.pin_mac(kernel, ipr, bridge)
+            _enable_forwarding(kernel, set(todo.gateways))
         if conf.ip_masq and todo.addrs:
-            from . import masq
-
-            undo.callback(_undo, req.log, "masquerade teardown", masq.teardown, conf.name, cid, ifname)
-            masq.setup(conf.name, cid, ifname, todo.addrs, conf.ip_masq_backend)
+            undo.callback(_undo, req.log, "masquerade teardown", kernel.masq_teardown, conf.name, cid, ifname)
+            kernel.masq_setup(conf.name, cid, ifname, todo.addrs, conf.ip_masq_backend)
         if not conf.disable_container_interface:
             host = link.wait_oper_up(ipr, host.index)
         if not conf.is_gateway:  # the bridge MAC follows its ports: read it after this one joined
@@ -130,28 +133,28 @@ def cmd_add(req: Request) -> dict[str, Any]:
     return result.to_version(req.cni_version)
 
 
-def _delete_pod_link(req: Request) -> None:
+def _delete_pod_link(req: Request, host: Host) -> None:
     ifname = req.cmd.ifname
     try:
-        fd = _open_pod_netns(req)
+        fd = _open_pod_netns(req, host)
     except netns.NetnsGone:
         return  # the runtime already removed the netns: nothing left to unplug
     try:
-        _refuse_own_netns(req, fd)  # else DEL would delete a host link named CNI_IFNAME
+        _refuse_own_netns(req, host, fd)  # else DEL would delete a host link named CNI_IFNAME
         if req.removals is None:
-            netns.run_in(fd, lambda: link.pod_delete(ifname))
+            host.run_in(fd, lambda: link.pod_delete(host, ifname))
             return
-        index = netns.run_in(fd, lambda: link.pod_detach(ifname))
+        index = host.run_in(fd, lambda: link.pod_detach(host, ifname))
         if index is not None:
             later = os.dup(fd)
-            req.removals.submit(lambda: _finish_removal(later, index))
+            req.removals.submit(lambda: _finish_removal(host, later, index))
     finally:
         os.close(fd)
 
 
-def _finish_removal(fd: int, index: int) -> None:
+def _finish_removal(host: Host, fd: int, index: int) -> None:
     try:
-        netns.run_in(fd, lambda: link.pod_delete_index(index))
+        host.run_in(fd, lambda: link.pod_delete_index(host, index))
     finally:
         os.close(fd)
 
@@ -167,18 +170,15 @@ def _release_ipam(req: Request, conf: BridgeConf) -> None:
 
 def cmd_del(req: Request) -> None:
     conf = _load(req)
+    host = _host(req)
     if req.cmd.netns:
-        _delete_pod_link(req)
+        _delete_pod_link(req, host)
     if conf.ipam_type:
         _release_ipam(req, conf)
     if conf.ip_masq:
-        from . import masq
-
-        masq.teardown(conf.name, req.cmd.container_id, req.cmd.ifname)
+        host.masq_teardown(conf.name, req.cmd.container_id, req.cmd.ifname)
     if conf.source_check:
-        from . import sourcecheck
-
-        sourcecheck.teardown(conf.name, req.cmd.container_id, req.cmd.ifname)
+        host.port_check_teardown(conf.name, req.cmd.container_id, req.cmd.ifname)
 
 
 def cmd_check(req: Request) -> None:
@@ -190,21 +190,17 @@ def cmd_check(req: Request) -> None:
         ipam_client.check(req, conf.ipam_type)
     from . import check
 
-    with _pod_netns(req) as pod_fd:
-        check.verify(conf, prev, req.cmd.netns, req.cmd.ifname, pod_fd)
-        if conf.ip_masq:
-            from . import masq
-
-            if not masq.attachment_has_rules(conf.name, req.cmd.container_id, req.cmd.ifname):
-                raise CNIError(INTERNAL, "masquerade rules missing",
-                               f"ipMasq is on but no rule exists for {req.cmd.container_id}/{req.cmd.ifname}")
-        if conf.source_check:
-            from . import sourcecheck
-
-            if not sourcecheck.attachment_has_rules(conf.name, req.cmd.container_id, req.cmd.ifname):
-                raise CNIError(INTERNAL, "source check rules missing",
-                               f"sourceCheck is on but no port chain is in effect for "
-                               f"{req.cmd.container_id}/{req.cmd.ifname}")
+    host = _host(req)
+    with _pod_netns(req, host) as pod_fd:
+        check.verify(host, conf, prev, req.cmd.netns, req.cmd.ifname, pod_fd)
+        attachment = (conf.name, req.cmd.container_id, req.cmd.ifname)
+        if conf.ip_masq and not host.masq_in_effect(*attachment):
+            raise CNIError(INTERNAL, "masquerade rules missing",
+                           f"ipMasq is on but no rule exists for {req.cmd.container_id}/{req.cmd.ifname}")
+        if conf.source_check and not host.port_check_in_effect(*attachment):
+            raise CNIError(INTERNAL, "source check rules missing",
+                           f"sourceCheck is on but no port chain is in effect for "
+                           f"{req.cmd.container_id}/{req.cmd.ifname}")
 
 
 def cmd_status(req: Request) -> None:
@@ -213,7 +209,7 @@ def cmd_status(req: Request) -> None:
     containerd 2.x, which calls STATUS on each CRI Status, turns any STATUS error into
     NetworkReady=false, and kubelet then takes the node NotReady and evicts its pods."""
     conf = _load(req)
-    with link.route_socket() as ipr:
+    with link.netlink(_host(req)) as ipr:
         found = link.find(ipr, conf.bridge)
     if found is not None and found.kind != "bridge":
         raise CNIError(NOT_AVAILABLE, f"{conf.bridge} already exists but is not a bridge: no ADD can succeed",
@@ -225,9 +221,8 @@ def cmd_status(req: Request) -> None:
 def cmd_gc(req: Request) -> None:
     conf = _load(req)
     valid = valid_attachments(req.config)
-    from . import masq, sourcecheck
-
-    errors = masq.gc(conf.name, valid) + sourcecheck.gc(conf.name, valid)
+    host = _host(req)
+    errors = host.masq_gc(conf.name, valid) + host.port_check_gc(conf.name, valid)
     if conf.ipam_type:
         errors += ipam_client.gc(req, conf.ipam_type)
     if errors:

@@ -52,6 +52,11 @@ class Request:
     # What a long-lived caller keeps of pyipam's stores between calls (the agent's
     # ipam.index.Indexes): typed by ipam, which cnikit does not import.
     ipam_indexes: object = None
+    # Told (network, count) of the addresses each pyipam GC released: the agent's metrics.
+    ipam_gc_released: Callable[[str, int], None] | None = None
+    # The kernel to the verbs (cni_plugin.host.Host, which cnikit does not import): a long-lived
+    # caller's, kept across calls, or the unit tests' fake; None: the real one, made per call.
+    host: object = None
     # This call's log (the netconf's logFile): never a process-wide one, calls run concurrently.
     log: log.Logger = log.NOWHERE
 
@@ -135,6 +140,8 @@ def run(
     netns_fd: int | None = None,
     removals: Removals | None = None,
     ipam_indexes: object = None,
+    ipam_gc_released: Callable[[str, int], None] | None = None,
+    host: object = None,
 ) -> int:
     """Serve one CNI call; returns the process exit code. `verbs` is called only once a verb
     needs serving, so VERSION and argument errors never import the heavy modules."""
@@ -156,7 +163,8 @@ def run(
         req = parse_request(cmd, env, _read_stdin(stdin), netns_fd, removals)
         cni_version = req.cni_version
         logger = log.for_call(req.config.get("logFile"), env, echo=err)
-        req = dataclasses.replace(req, log=logger, ipam_indexes=ipam_indexes)
+        req = dataclasses.replace(req, log=logger, ipam_indexes=ipam_indexes,
+                                  ipam_gc_released=ipam_gc_released, host=host)
         result = verbs()[cmd.command](req)
         if result is not None:
             stdout.write(json.dumps(result))

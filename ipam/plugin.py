@@ -253,15 +253,13 @@ def ipam_status(netconf: Mapping[str, Any], warn: Warn = to_stderr, indexes: Ind
         raise CNIError(NOT_AVAILABLE, exc.msg, exc.details) from exc
 
 
-# Called with (network, addresses released) after each GC: the agent's metrics count them.
-GC_RELEASED: list[Callable[[str, int], None]] = []
-
-
 def ipam_gc(netconf: Mapping[str, Any], valid: Set[tuple[str, str]], warn: Warn = to_stderr,
-            indexes: Indexes | None = None) -> list[str]:
+            indexes: Indexes | None = None, released_to: Callable[[str, int], None] | None = None,
+            ) -> list[str]:
     """Release every reservation whose attachment is not in `valid` (a legacy id-only one if its
-    id is in no valid pair); returns the released IPs. Keeps going past a failed release and
-    raises one error naming them all at the end."""
+    id is in no valid pair); returns the released IPs, and tells `released_to` (the agent's
+    metrics) the network and their count. Keeps going past a failed release and raises one error
+    naming them all at the end."""
     cfg = load_ipam_config(netconf, {})
     store = _store(cfg, warn, indexes)
     if not store.exists():
@@ -281,8 +279,8 @@ def ipam_gc(netconf: Mapping[str, Any], valid: Set[tuple[str, str]], warn: Warn 
                 errors.append(str(exc))
             else:
                 released.append(str(r.ip))
-    for observer in GC_RELEASED:
-        observer(cfg.network, len(released))
+    if released_to is not None:
+        released_to(cfg.network, len(released))
     if errors:
         raise CNIError(IO_FAILURE, "failed to release some reservations", "; ".join(errors))
     return released

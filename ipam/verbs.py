@@ -48,7 +48,8 @@ def status(req: skel.Request) -> None:
 
 
 def gc(req: skel.Request) -> None:
-    plugin.ipam_gc(req.config, valid_attachments(req.config), req.log.notice, _indexes(req))
+    plugin.ipam_gc(req.config, valid_attachments(req.config), req.log.notice, _indexes(req),
+                   req.ipam_gc_released)
 
 
 VERBS: dict[str, skel.Verb] = {"ADD": add, "DEL": delete, "CHECK": check, "STATUS": status, "GC": gc}

@@ -16,6 +16,8 @@ class Observer(Protocol):
     def declined(self) -> None: ...
     def add_undone(self) -> None: ...
     def ran_without_turn(self) -> None: ...
+    def ipam_released(self, network: str, count: int) -> None:
+        """A pyipam GC served here released `count` addresses of `network`."""
 
 
 class Endpoint(Protocol):
@@ -41,6 +43,9 @@ class Silent:
         pass
 
     def ran_without_turn(self) -> None:
+        pass
+
+    def ipam_released(self, network: str, count: int) -> None:
         pass
 
 

@@ -29,6 +29,7 @@ from cnikit.turns import Turns
 from ipam.index import Indexes
 
 from .. import netns, placement
+from ..host import Host, Kernel
 from . import activation, wire
 from .call import Call, admissible, busy, unframe
 from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline, raise_fd_limit
@@ -65,9 +66,11 @@ def _verbs_for(program: str) -> Callable[[], Mapping[str, skel.Verb]]:
 
 class Agent:
     def __init__(self, path: str = wire.DEFAULT_SOCKET, max_concurrent: int = MAX_CONCURRENT,
-                 observer: Observer | None = None, ipam_indexes: Indexes | None = None) -> None:
+                 observer: Observer | None = None, ipam_indexes: Indexes | None = None,
+                 host: Host | None = None) -> None:
         """`ipam_indexes`: pyipam's store indexes, kept across calls (ipam/index.py); None: the
-        calls read their stores whole, as one-shot calls do."""
+        calls read their stores whole, as one-shot calls do. `host`: the kernel to every call,
+        kept across them (host.py); None: each call makes its own."""
         self.path = path
         self.observer: Observer = observer or Silent()
         self._slots = threading.BoundedSemaphore(max_concurrent)
@@ -83,6 +86,7 @@ class Agent:
         self._defaults = {k: v for k, v in os.environ.items() if k == log.ENV_VAR}
         self.removals = Removals()
         self.ipam_indexes = ipam_indexes
+        self.host = host
         self._turns = Turns(AT_ONCE, TURN_PATIENCE)
         # Calls for one attachment run one at a time, calls for others in parallel: see _answer.
         self._keys_lock = threading.Lock()
@@ -273,7 +277,8 @@ class Agent:
             if not held:
                 self.observer.ran_without_turn()
             return skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program, stderr=err,
-                            netns_fd=pod_fd, removals=self.removals, ipam_indexes=self.ipam_indexes)
+                            netns_fd=pod_fd, removals=self.removals, ipam_indexes=self.ipam_indexes,
+                            ipam_gc_released=self.observer.ipam_released, host=self.host)
 
 
 def _go(conn: socket.socket) -> bool:
@@ -300,7 +305,7 @@ def run(path: str | None, observer: Observer | None, endpoint: Endpoint,
         return 2
     # Long-lived: index the IPAM stores rather than read them whole per ADD.
     agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET, observer=observer,
-                  ipam_indexes=Indexes())
+                  ipam_indexes=Indexes(), host=Kernel())
 
     def stop(_signum: int, _frame: Any) -> None:
         threading.Thread(target=agent.stop, daemon=True).start()

@@ -11,7 +11,7 @@ import errno
 import os
 from collections.abc import Iterable
 
-from .. import files, link, nft
+from .. import files, nft, rtnl
 from ..netlink import Netlink, NetlinkError
 from . import model
 
@@ -61,15 +61,15 @@ class Host:
         self._masq_applied: str | None = None
 
     def routes(self) -> set[model.Route]:
-        with link.route_socket() as sock:
+        with rtnl.Socket() as sock:
             return current_routes(sock)
 
     def foreign_routes(self) -> set[str]:
-        with link.route_socket() as sock:
+        with rtnl.Socket() as sock:
             return foreign_destinations(sock)
 
     def mtu(self, node: model.Node | None) -> int | None:
-        with link.route_socket() as sock:
+        with rtnl.Socket() as sock:
             return sock.uplink_mtu(str(a) for a in (node.internal_ips if node else ()))
 
     def resync(self) -> None:
@@ -80,7 +80,7 @@ class Host:
         pods it gets can already reach the other nodes. A failed masquerade is an error (the
         caller retries), and the conflist waits for it."""
         assert plan.conflist is not None and plan.masquerade is not None
-        with link.route_socket() as sock:
+        with rtnl.Socket() as sock:
             errors = apply_routes(sock, plan.route_deletes, plan.route_sets, current_routes(sock))
         if plan.masquerade != self._masq_applied:
             try:

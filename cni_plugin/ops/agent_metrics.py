@@ -12,7 +12,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-import ipam.plugin
 from cnikit.spec.errors import CNIError
 from ipam.config import pool_size
 
@@ -76,7 +75,7 @@ class Metrics:
     def ran_without_turn(self) -> None:
         self.without_turn.inc()
 
-    def released(self, network: str, count: int) -> None:
+    def ipam_released(self, network: str, count: int) -> None:
         self.gc_released.labels(network).inc(count)
 
     def collected(self, network: str) -> None:
@@ -172,7 +171,6 @@ def start(address: str | None, conf_dir: str | None, health_address: str | None 
         ProcessCollector(registry=registry)
         metrics = Metrics(registry)
         registry.register(PoolCollector(directory))
-        ipam.plugin.GC_RELEASED.append(metrics.released)
     served = Served(readiness, directory)
     served.servers = endpoint.listen_all([(metrics_at, registry), (health_at, None)], readiness)
     return metrics, served

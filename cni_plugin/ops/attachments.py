@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pyroute2 import IPRoute
-
 from cnikit.spec.errors import CNIError
 from ipam.config import IPAMConfig
 
-from .. import netns, nsrecord
+from .. import netns, nsrecord, rtnl
+from ..netlink import NetlinkError
 from . import networks
 
 OK = "ok"
@@ -33,7 +31,6 @@ NO_VETH = "reservation without veth"
 NO_RESERVATION = "veth without reservation"
 NETNS_GONE = "netns gone"
 NETNS_DIR = "/run/netns"
-IP_TIMEOUT = 10.0
 
 
 @dataclass
@@ -68,25 +65,41 @@ class _Held:
 
 
 def _netns_names() -> dict[int, str]:
-    """Netns id (as this netns knows it) -> name, for the named netns."""
+    """Netns id (as this netns knows it) -> name, for the named netns that have one (as
+    `ip netns list` shows them)."""
     try:
-        out = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, timeout=IP_TIMEOUT,
-                             check=True).stdout
-        listed = json.loads(out or b"[]")
-    except (OSError, subprocess.SubprocessError, ValueError):
+        names = sorted(os.listdir(NETNS_DIR))
+    except OSError:
         return {}
-    return {int(e["id"]): str(e["name"]) for e in listed if isinstance(e, dict) and "id" in e and "name" in e}
+    found: dict[int, str] = {}
+    with rtnl.Socket() as sock:
+        for name in names:
+            try:
+                fd = netns.open_netns(os.path.join(NETNS_DIR, name))
+            except (netns.NetnsGone, CNIError):
+                continue
+            try:
+                nsid = sock.nsid(fd)
+            except NetlinkError:
+                nsid = None
+            finally:
+                os.close(fd)
+            if nsid is not None:
+                found.setdefault(nsid, name)
+    return found
+
+
+def _addresses(sock: rtnl.Socket, index: int) -> tuple[str, ...]:
+    return tuple(str(a.ip) for a in sock.global_addresses(index))
 
 
 def _peer(netns_name: str, index: int) -> tuple[str, tuple[str, ...]]:
     """(ifname, addresses) of link `index` inside a named netns; ("", ()) if it cannot be read."""
 
     def read() -> tuple[str, tuple[str, ...]]:
-        with IPRoute() as ipr:
-            links = ipr.get_links(index)
-            addrs = ipr.get_addr(index=index)
-        name = str(links[0].get("ifname")) if links else ""
-        return name, tuple(str(a.get("IFA_ADDRESS")) for a in addrs if a.get("scope") == 0)
+        with rtnl.Socket() as sock:
+            link = sock.link_by_index(index)
+            return (link.name, _addresses(sock, index)) if link is not None else ("", ())
 
     try:
         fd = netns.open_netns(os.path.join(NETNS_DIR, netns_name))
@@ -105,18 +118,10 @@ def _pod_ends(path: str) -> dict[tuple[int, int], PodLink]:
     elsewhere; {} if it cannot be read."""
 
     def read() -> dict[tuple[int, int], PodLink]:
-        ends = {}
-        with IPRoute() as ipr:
-            for link in ipr.get_links():
-                peer = link.get("IFLA_LINK")
-                if link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) != "veth" or not peer \
-                        or link.get("IFLA_LINK_NETNSID") is None:
-                    continue
-                addrs = ipr.get_addr(index=link["index"])
-                ends[(int(peer), int(link["index"]))] = PodLink(
-                    "", path, str(link.get("ifname")), tuple(str(a.get("IFA_ADDRESS")) for a in addrs
-                                                            if a.get("scope") == 0))
-        return ends
+        with rtnl.Socket() as sock:
+            return {(link.peer_index, link.index): PodLink("", path, link.name, _addresses(sock, link.index))
+                    for link, nsid in sock.links()
+                    if link.kind == "veth" and link.peer_index and nsid is not None}
 
     try:
         fd = netns.open_netns(path)
@@ -135,17 +140,16 @@ def pod_links(bridges: Iterable[str], netns_paths: Iterable[str] = ()) -> dict[s
     one of `netns_paths` (read only when some peer is in no named netns)."""
     wanted = set(bridges)
     found: dict[str, list[PodLink]] = {b: [] for b in wanted}
-    with IPRoute() as ipr:
-        links = ipr.get_links()
-    by_index = {link["index"]: link for link in links}
+    with rtnl.Socket() as sock:
+        links = sock.links()
+    by_index = {link.index: link for link, _nsid in links}
     names, ends = None, None
-    for link in links:
-        master = by_index.get(link.get("IFLA_MASTER"))
-        bridge = master.get("ifname") if master is not None else None
-        kind = (link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) or "")
-        if bridge not in wanted or kind != "veth":
+    for link, nsid in links:
+        master = by_index.get(link.master) if link.master else None
+        bridge = master.name if master is not None else None
+        if bridge not in wanted or link.kind != "veth":
             continue
-        nsid, peer = link.get("IFLA_LINK_NETNSID"), link.get("IFLA_LINK")
+        peer = link.peer_index
         if names is None:
             names = _netns_names()
         where = names.get(nsid, "") if nsid is not None else ""
@@ -153,10 +157,10 @@ def pod_links(bridges: Iterable[str], netns_paths: Iterable[str] = ()) -> dict[s
         if not where and peer:
             if ends is None:
                 ends = {key: end for path in set(netns_paths) for key, end in _pod_ends(path).items()}
-            end = ends.get((link["index"], peer))
+            end = ends.get((link.index, peer))
             if end is not None:
                 where, ifname, addresses = end.netns, end.ifname, end.addresses
-        found[bridge].append(PodLink(str(link.get("ifname")), where, ifname, addresses))
+        found[bridge].append(PodLink(link.name, where, ifname, addresses))
     return found
 
 

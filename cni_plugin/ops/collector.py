@@ -185,7 +185,7 @@ def collectable(confs: Iterable[networks.Conf]) -> dict[str, Network]:
 
 def observe(confs: list[networks.Conf], cache_dir: str) -> list[Candidate]:
     """Every reservation of the conf dir's pybridge networks, with the kernel's facts."""
-    from . import attachments  # pyroute2's IPRoute: loaded by the agent only once it collects
+    from . import attachments  # loaded by the agent only once it collects
 
     rows = attachments.collect(confs, cache_dir)
     ours = collectable(confs)

@@ -13,13 +13,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
-from pyroute2 import IPRoute
-
 from cnikit.programs import PYBRIDGE
 from cnikit.spec.errors import CNIError
 from cnikit.spec.version import SUPPORTED
 
-from .. import chain
+from .. import chain, rtnl
 from ..agent import wire
 from ..agent.forward import forward
 from ..hostnet import NETPOL_REFUSED, NETPOL_TABLE
@@ -233,13 +231,12 @@ def check_attachments(node: Node) -> Check:
 
 
 def _uplink_and_mtus(bridges: set[str]) -> tuple[tuple[str, int] | None, dict[str, int]]:
-    with IPRoute() as ipr:
-        links = {link["index"]: link for link in ipr.get_links()}
-        default = [r for r in ipr.get_default_routes() if r.get("RTA_OIF")]
-    uplink = links.get(default[0].get("RTA_OIF")) if default else None
-    mtus = {str(link.get("ifname")): int(link.get("IFLA_MTU")) for link in links.values()
-            if link.get("ifname") in bridges}
-    return ((str(uplink.get("ifname")), int(uplink.get("IFLA_MTU"))) if uplink else None), mtus
+    with rtnl.Socket() as sock:
+        links = {link.index: link for link, _nsid in sock.links()}
+        default = sock.default_links()
+    uplink = links.get(default[0]) if default else None
+    mtus = {link.name: link.mtu for link in links.values() if link.name in bridges}
+    return ((uplink.name, uplink.mtu) if uplink else None), mtus
 
 
 def check_mtu(node: Node) -> Check:

@@ -1,7 +1,6 @@
 """`pybridge agent`: the resident agent with its metrics endpoint and collector, wired here so
 the agent's serving code (agent/) never imports the metrics, and `pybridge agent` never loads
-`doctor`, nor `ls` (pyroute2's IPRoute: ~10 MiB of the agent's RSS) until its collector first
-runs."""
+`doctor`, nor `ls` until its collector first runs."""
 
 from __future__ import annotations
 

@@ -170,3 +170,31 @@ def test_bridge_ports_and_their_peers_addresses_read_from_the_host(pair: Pair) -
     ports, addresses = pair.host(host_side)
     assert [link.name for link, _nsid in ports] == ["veth-pp"]
     assert {str(a) for a in addresses} == pair.pod(pod_view) == {"10.57.0.2/24", "fe80::57/64"}
+
+
+def test_links_netns_ids_default_routes_and_global_addresses_match_pyroute2(pair: Pair) -> None:
+    """What `pybridge ls` and `doctor` read: every link with its peer's netns id, the id a netns
+    fd has here, the default routes' links, the addresses of universe scope."""
+    def host_side() -> tuple[list[tuple[Link, int | None]], int | None, list[int], list[IPInterface], Any]:
+        with rtnl.Socket() as sock:
+            sock.add_veth("veth-ls", "eth6", pair.fds[1], None, None)
+            veth = sock.link_by_name("veth-ls")
+            assert veth is not None
+            sock.set_link(veth.index, up=True)
+            sock.add_address(veth.index, ipaddress.ip_interface("10.58.0.1/24"))
+            sock.add_address(veth.index, ipaddress.ip_interface("fe80::58/64"), nodad=True)
+            sock.add_route("0.0.0.0/0", "10.58.0.2", veth.index)
+            with IPRoute() as ipr:
+                py = ([r.get_attr("RTA_OIF") for r in ipr.get_default_routes()],
+                      ipr.get_netnsid(fd=pair.fds[1])["nsid"],
+                      {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=veth.index)
+                       if a["scope"] == 0})
+            return sock.links(), sock.nsid(pair.fds[1]), sock.default_links(), \
+                sock.global_addresses(veth.index), py
+
+    links, nsid, defaults, addresses, (py_defaults, py_nsid, py_addresses) = pair.host(host_side)
+    veth = next((link, link_nsid) for link, link_nsid in links if link.name == "veth-ls")
+    assert veth[1] is not None and veth[1] == nsid == py_nsid
+    assert [link_nsid for link, link_nsid in links if link.name == "lo"] == [None]
+    assert defaults == py_defaults == [veth[0].index]
+    assert {str(a.ip) for a in addresses} == py_addresses == {"10.58.0.1"}

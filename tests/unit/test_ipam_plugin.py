@@ -143,6 +143,30 @@ def test_gc_releases_what_is_not_valid(tmp_path: Path) -> None:
     assert files(tmp_path) == ["junk", "last_reserved_ip.0", "lock"]
 
 
+def test_gc_tells_the_callers_observer_what_it_released(tmp_path: Path) -> None:
+    """The agent's metrics learn of GC releases through the call (Request.ipam_gc_released),
+    not through a module-wide list: a call without one tells no one."""
+    import io
+    import json
+
+    from cnikit import skel
+    from ipam.verbs import VERBS
+
+    conf = netconf(tmp_path)
+    for cid in ("c1", "c2", "c3"):
+        ipam_add(conf, cid, "eth0", {})
+    told: list[tuple[str, int]] = []
+    env = {"CNI_COMMAND": "GC", "CNI_PATH": "/nonexistent"}
+    valid = {**conf, "cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}]}
+    out = io.StringIO()
+    assert skel.run(lambda: VERBS, env, io.BytesIO(json.dumps(valid).encode()), out, program="pyipam",
+                    stderr=io.StringIO(), ipam_gc_released=lambda net, n: told.append((net, n))) == 0, out
+    assert told == [("net1", 2)]
+    assert skel.run(lambda: VERBS, env, io.BytesIO(json.dumps(conf).encode()), out, program="pyipam",
+                    stderr=io.StringIO()) == 0
+    assert told == [("net1", 2)] and files(tmp_path) == ["last_reserved_ip.0", "lock"]
+
+
 def test_list_reservations(tmp_path: Path) -> None:
     ipam_add(netconf(tmp_path, "b-net"), "c1", "eth0", {})
     ipam_add(netconf(tmp_path, "a-net", ranges=[[{"subnet": "fd00::/120"}]]), "c2", "net1", {})

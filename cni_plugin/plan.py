@@ -28,23 +28,24 @@ class Plan:
 def plan(conf: BridgeConf, ipam_result: Result) -> Plan:
     result = ipam_result.model_copy(deep=True)
     gateways: dict[int, IPInterface] = {}
+    addrs: list[IPInterface] = []  # each address parsed once, here: the netlink layer takes these
     for ip in result.ips:
         ip.interface = POD_INDEX
         iface = ipaddress.ip_interface(ip.address)
+        addrs.append(iface)
         if ip.gateway is None and conf.is_gateway:
             ip.gateway = str(iface.network.network_address + 1)
         if ip.gateway and iface.version not in gateways:
             gateways[iface.version] = ipaddress.ip_interface(f"{ip.gateway}/{iface.network.prefixlen}")
     if conf.is_default_gateway:
         result.routes.extend(_default_routes(result, gateways))
-    addrs = [ipaddress.ip_interface(ip.address) for ip in result.ips]
     return Plan(result, addrs, _pod_routes(result, gateways), gateways)
 
 
 def _default_routes(result: Result, gateways: dict[int, IPInterface]) -> list[Route]:
     """A default route per family with a gateway, unless IPAM gave one already."""
-    have = {ipaddress.ip_network(r.dst).version for r in result.routes
-            if ipaddress.ip_network(r.dst).prefixlen == 0}
+    have = {net.version for net in map(ipaddress.ip_network, (r.dst for r in result.routes))
+            if net.prefixlen == 0}
     return [Route(dst="0.0.0.0/0" if family == 4 else "::/0", gw=str(gateway.ip))
             for family, gateway in sorted(gateways.items()) if family not in have]
 

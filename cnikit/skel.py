@@ -109,9 +109,10 @@ def _version_reply(stdin: IO[bytes]) -> dict[str, Any]:
 
 def parse_request(
     cmd: CmdArgs, env: Mapping[str, str], data: bytes, netns_fd: int | None = None,
-    removals: Removals | None = None,
+    removals: Removals | None = None, decoded: dict[str, Any] | None = None,
 ) -> Request:
-    config = decode_config(data)
+    """`decoded`: `data` already decoded by a caller that needed it first (the agent)."""
+    config = decoded if decoded is not None else decode_config(data)
     name = config.get("name")
     if not isinstance(name, str):
         raise CNIError(INVALID_CONFIG, "missing or invalid field 'name'", "a string is required")
@@ -142,9 +143,11 @@ def run(
     ipam_indexes: object = None,
     ipam_gc_released: Callable[[str, int], None] | None = None,
     host: object = None,
+    decoded: dict[str, Any] | None = None,
 ) -> int:
     """Serve one CNI call; returns the process exit code. `verbs` is called only once a verb
-    needs serving, so VERSION and argument errors never import the heavy modules."""
+    needs serving, so VERSION and argument errors never import the heavy modules. `decoded`:
+    stdin's config as a caller decoded it already (decode_config), so it is decoded once."""
     err = stderr if stderr is not None else sys.stderr
     if not env.get("CNI_COMMAND"):
         err.write(about_text(program))
@@ -160,7 +163,7 @@ def run(
         if cmd.command == "VERSION":
             stdout.write(json.dumps(_version_reply(stdin)))
             return 0
-        req = parse_request(cmd, env, _read_stdin(stdin), netns_fd, removals)
+        req = parse_request(cmd, env, _read_stdin(stdin), netns_fd, removals, decoded)
         cni_version = req.cni_version
         logger = log.for_call(req.config.get("logFile"), env, echo=err)
         req = dataclasses.replace(req, log=logger, ipam_indexes=ipam_indexes,

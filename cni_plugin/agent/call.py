@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cnikit import programs, skel
 from cnikit.spec import version
@@ -20,6 +21,7 @@ class Call:
     caller_env: dict[str, str]
     env: dict[str, str]  # the caller's, over the agent's defaults
     stdin: bytes
+    config: dict[str, Any] | None  # stdin decoded once, here (None: not a JSON object)
     fds: list[int]  # the client's netns, then those the flags name
     pod_fd: int | None
     root_fd: int | None
@@ -41,9 +43,19 @@ def unframe(data: bytes, fds: list[int], defaults: Mapping[str, str]) -> Call:
     body = data[wire.HEADER_LEN:]
     caller_env = wire.decode_env(body[plen:plen + elen])
     pod_fd, root_fd = _passed_fds(flags, fds)
+    stdin = body[plen + elen:]
     return Call(program=body[:plen].decode(errors="replace"), caller_env=caller_env,
-                env={**defaults, **caller_env}, stdin=body[plen + elen:], fds=fds,
+                env={**defaults, **caller_env}, stdin=stdin, config=_decoded(stdin), fds=fds,
                 pod_fd=pod_fd, root_fd=root_fd)
+
+
+def _decoded(stdin: bytes) -> dict[str, Any] | None:
+    """The config every later step reads (views, skel.run, busy); junk is left to the call to
+    refuse with the decode error, so decoding it twice costs nothing that matters."""
+    try:
+        return skel.decode_config(stdin)
+    except CNIError:
+        return None
 
 
 def _passed_fds(flags: int, fds: list[int]) -> tuple[int | None, int | None]:
@@ -58,13 +70,14 @@ def admissible(call: Call) -> bool:
     """The agent does host-side work in its own netns and opens files in its own mount namespace:
     it serves only clients in that netns that see the same files (views.py)."""
     return bool(call.fds) and netns.same_netns(call.fds[0]) and call.program in programs.PROGRAMS \
-        and call.root_fd is not None and views.caller_sees_the_same(call.root_fd, call.stdin, call.caller_env)
+        and call.root_fd is not None \
+        and views.caller_sees_the_same(call.root_fd, call.config, call.caller_env)
 
 
 def busy(call: Call, waited: float) -> bytes:
     """The answer to a call whose attachment stayed busy for `waited` seconds: try again later."""
     try:
-        cni_version = skel.config_version(skel.decode_config(call.stdin))
+        cni_version = skel.config_version(call.config) if call.config is not None else version.CURRENT
     except CNIError:
         cni_version = version.CURRENT
     container_id, ifname = call.attachment

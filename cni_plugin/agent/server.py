@@ -246,7 +246,7 @@ class Agent:
         self.observer.call_started()
         code = 1
         try:
-            code = self._run(call.program, call.env, call.stdin, out, err, call.pod_fd)
+            code = self._run(call.program, call.env, call.stdin, out, err, call.pod_fd, call.config)
         finally:
             self.observer.call_finished(call.program, call.command, result_code(code, out.getvalue()),
                                         time.monotonic() - started)
@@ -268,17 +268,19 @@ class Agent:
         log.process().warning("agent_add_undone", container_id=container_id, ifname=ifname,
                               reason="the caller went away before the result was delivered")
         self._run(call.program, {**call.env, "CNI_COMMAND": "DEL"}, call.stdin, io.StringIO(), io.StringIO(),
-                  call.pod_fd)
+                  call.pod_fd, call.config)
 
     def _run(self, program: str, env: Mapping[str, str], stdin: bytes, out: io.StringIO,
-             err: io.StringIO, pod_fd: int | None) -> int:
-        """One verb through the same skel as the exec'd plugin, in a turn of its own."""
+             err: io.StringIO, pod_fd: int | None, decoded: dict[str, Any] | None = None) -> int:
+        """One verb through the same skel as the exec'd plugin, in a turn of its own; `decoded`:
+        stdin as unframe decoded it (skel.run decodes it only when None)."""
         with self._turns.turn() as held:
             if not held:
                 self.observer.ran_without_turn()
             return skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program, stderr=err,
                             netns_fd=pod_fd, removals=self.removals, ipam_indexes=self.ipam_indexes,
-                            ipam_gc_released=self.observer.ipam_released, host=self.host)
+                            ipam_gc_released=self.observer.ipam_released, host=self.host,
+                            decoded=decoded)
 
 
 def _go(conn: socket.socket) -> bool:

@@ -14,7 +14,6 @@ shows the host's files, and those calls are served.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -22,14 +21,10 @@ from typing import Any
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"  # ipam.config's default, without importing pydantic here
 
 
-def call_paths(stdin: bytes, env: Mapping[str, str]) -> Iterator[tuple[str, bool]]:
+def call_paths(config: Mapping[str, Any] | None, env: Mapping[str, str]) -> Iterator[tuple[str, bool]]:
     """(absolute path, whether the call writes there) for each path a call may open or exec
-    from; junk is left to the call to refuse."""
-    try:
-        config: Any = json.loads(stdin)
-    except (ValueError, RecursionError):
-        return
-    if not isinstance(config, dict):
+    from; junk (`config` None: stdin was no JSON object) is left to the call to refuse."""
+    if config is None:
         return
     ipam: dict[str, Any] = config["ipam"] if isinstance(config.get("ipam"), dict) else {}
     candidates = [(config.get("logFile"), True), (env.get("PYBRIDGE_LOG_FILE"), True),
@@ -69,5 +64,5 @@ def _read_only(path: str) -> bool:
         return True
 
 
-def caller_sees_the_same(root_fd: int, stdin: bytes, env: Mapping[str, str]) -> bool:
-    return all(same_file(root_fd, path, written) for path, written in call_paths(stdin, env))
+def caller_sees_the_same(root_fd: int, config: Mapping[str, Any] | None, env: Mapping[str, str]) -> bool:
+    return all(same_file(root_fd, path, written) for path, written in call_paths(config, env))

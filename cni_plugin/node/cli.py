@@ -1,7 +1,7 @@
 """`pybridge node run|install`: the node agent and the DaemonSet's install step.
 
 run:     watch Node objects, keep this node's conflist, routes to the other nodes' podCIDRs and
-         the pod masquerade in line with them (model.plan), in the netns it runs in (hostNetwork).
+         the pod masquerade in line with them (model.desired), in the netns it runs in (hostNetwork).
          `--nodes-file` reconciles once from a recorded NodeList instead of the API server.
 install: copy the frozen bundle this process runs from into the host, switch
          /opt/cni/bin/pybridge and pyipam to it atomically (install.py).
@@ -40,7 +40,7 @@ class Effects(Protocol):
     def routes(self) -> set[model.Route]: ...
     def foreign_routes(self) -> set[str]: ...
     def mtu(self, node: model.Node | None) -> int | None: ...
-    def apply(self, plan: model.Plan) -> list[str]: ...
+    def apply(self, desired: model.Desired) -> list[str]: ...
     def resync(self) -> None: ...
 
 
@@ -84,7 +84,7 @@ class NodeAgent:
             self._refuse(model.Refusal("malformed", f"node {node.name!r}", problem))
         return node
 
-    def handle(self, kind: str, payload: Any) -> model.Plan:
+    def handle(self, kind: str, payload: Any) -> model.Desired:
         if kind == "SYNC":
             self.effects.resync()  # after a full list, re-apply everything even if unchanged
             self.nodes = {n.name: n for n in (self._parse(o) for o in payload) if n is not None}
@@ -96,15 +96,15 @@ class NodeAgent:
                 self.nodes[node.name] = node
         return self.reconcile(full_sync=kind == "SYNC")
 
-    def reconcile(self, full_sync: bool = False) -> model.Plan:
+    def reconcile(self, full_sync: bool = False) -> model.Desired:
         self.failed = True  # until this one has run to its end
         nodes = list(self.nodes.values())
         own = self.nodes.get(self.settings.node_name)
         if own is None or not own.pod_cidrs:  # wait before touching anything, even to read
-            result = model.plan(self.settings, nodes, (), None)
+            result = model.desired(self.settings, nodes, (), None)
         else:
             chained = [self.plugins.probe(t) for t in model.CHAINED] if self.plugins else []
-            result = model.plan(self.settings, nodes, self.effects.routes(), self.effects.mtu(own),
+            result = model.desired(self.settings, nodes, self.effects.routes(), self.effects.mtu(own),
                                 self.effects.foreign_routes(), chained)
         refused = set(result.refused)
         for refusal in sorted(refused - self._refused):  # said once, until it changes

@@ -54,7 +54,7 @@ def apply_routes(sock: Netlink, deletes: Iterable[model.Route], sets: Iterable[m
 
 
 class Host:
-    """The effects of a Plan on the netns this process is in, skipping what is already in place."""
+    """The effects of a Desired state on the netns this process is in, skipping what is already in place."""
 
     def __init__(self, conf_dir: str) -> None:
         self.conf_dir = conf_dir
@@ -75,19 +75,19 @@ class Host:
     def resync(self) -> None:
         self._masq_applied = None
 
-    def apply(self, plan: model.Plan) -> list[str]:
+    def apply(self, desired: model.Desired) -> list[str]:
         """Routes, then masquerade, then the conflist last: the node turns Ready only when
         pods it gets can already reach the other nodes. A failed masquerade is an error (the
         caller retries), and the conflist waits for it."""
-        assert plan.conflist is not None and plan.masquerade is not None
+        assert desired.conflist is not None and desired.masquerade is not None
         with rtnl.Socket() as sock:
-            errors = apply_routes(sock, plan.route_deletes, plan.route_sets, current_routes(sock))
-        if plan.masquerade != self._masq_applied:
+            errors = apply_routes(sock, desired.route_deletes, desired.route_sets, current_routes(sock))
+        if desired.masquerade != self._masq_applied:
             try:
-                nft.run(plan.masquerade)  # exec'd: see nft.py on why the node agent never runs it in-process
+                nft.run(desired.masquerade)  # exec'd: nft.py says why the node agent never runs it in-process
             except nft.NftError as exc:
                 return [*errors, f"masquerade: {exc}"]
-            self._masq_applied = plan.masquerade
+            self._masq_applied = desired.masquerade
         conflist = os.path.join(self.conf_dir, model.CONFLIST_NAME)
-        files.write_bytes(conflist, model.render_conflist(plan.conflist))
+        files.write_bytes(conflist, model.render_conflist(desired.conflist))
         return errors

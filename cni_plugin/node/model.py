@@ -85,7 +85,7 @@ class Settings:
 
 
 @dataclass
-class Plan:
+class Desired:
     """What the node should look like; `waiting` says why nothing may be written yet."""
 
     waiting: str | None = None
@@ -298,33 +298,33 @@ def masquerade_script(own: Iterable[Network], no_masquerade: Iterable[Network]) 
     return "\n".join(lines)
 
 
-def plan(settings: Settings, nodes: Iterable[Node], current_routes: Iterable[Route],
-         mtu: int | None, foreign_routes: Iterable[str] = (), chained: Sequence[chain.Probe] = ()) -> Plan:
+def desired(settings: Settings, nodes: Iterable[Node], current_routes: Iterable[Route],
+         mtu: int | None, foreign_routes: Iterable[str] = (), chained: Sequence[chain.Probe] = ()) -> Desired:
     """`current_routes`: the agent's own routes now; `foreign_routes`: the destinations of every
     other route of the main table; `chained`: what the plugins of CHAINED answered to VERSION
     (none asked: the runtime's pick)."""
     nodes = list(nodes)
     own = next((n for n in nodes if n.name == settings.node_name), None)
     if own is None:
-        return Plan(waiting=f"node {settings.node_name!r} not found")
+        return Desired(waiting=f"node {settings.node_name!r} not found")
     if not own.pod_cidrs:
-        return Plan(waiting=f"node {settings.node_name!r} has no podCIDRs assigned yet")
+        return Desired(waiting=f"node {settings.node_name!r} has no podCIDRs assigned yet")
     if not settings.cluster_cidrs:
-        return Plan(waiting="no cluster CIDR configured (--cluster-cidr, env POD_SUBNET): "
+        return Desired(waiting="no cluster CIDR configured (--cluster-cidr, env POD_SUBNET): "
                             "no podCIDR is routed or used")
     bad = [f"{c} ({why})" for c in own.pod_cidrs if (why := refusal(c, settings.cluster_cidrs))]
     if bad:
-        return Plan(waiting=f"node {settings.node_name!r} podCIDRs {', '.join(bad)}: "
+        return Desired(waiting=f"node {settings.node_name!r} podCIDRs {', '.join(bad)}: "
                             f"not inside the cluster CIDRs {', '.join(map(str, settings.cluster_cidrs))}")
     version, version_notes = chain_version(cni_version(settings, own), chained)
     if version is None:  # every pod would fail at the plugin that rejects it: write nothing
-        return Plan(waiting="; ".join(version_notes), notes=version_notes)
+        return Desired(waiting="; ".join(version_notes), notes=version_notes)
     refused: list[Refusal] = []
     current_routes = frozenset(current_routes)
     routes = desired_routes(settings.node_name, nodes, settings.cluster_cidrs, refused)
     routes = without_foreign(routes, current_routes, foreign_routes, refused)
     deletes, sets = route_changes(current_routes, routes)
-    result = Plan(conflist=conflist(settings, own, mtu, version), routes=routes, route_deletes=deletes,
+    result = Desired(conflist=conflist(settings, own, mtu, version), routes=routes, route_deletes=deletes,
                   route_sets=sets, masquerade=masquerade_script(own.pod_cidrs, settings.cluster_cidrs),
                   refused=refused, notes=version_notes + pod_cidr_notes(own))
     for node in nodes:

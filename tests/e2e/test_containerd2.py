@@ -77,7 +77,7 @@ def _needs_2x(node: Node, why: str) -> None:
         pytest.skip(f"containerd {node.runtime.version}: {why}")
 
 
-def _agent_plan(node: Node) -> model.Plan:
+def _agent_plan(node: Node) -> model.Desired:
     """What the node agent writes for a node of this runtime whose CNI bin dir holds Debian 12's
     portmap 1.1.1 (the tier links it there): its own model, its own VERSION probes."""
     settings = model.Settings(node_name="pbt-node", cluster_cidrs=(SUBNET,), network=AGENT_NETWORK,
@@ -85,7 +85,7 @@ def _agent_plan(node: Node) -> model.Plan:
                               log_file=str(node.root / "cni.log"))
     own = model.Node("pbt-node", pod_cidrs=(SUBNET,), runtime_version=f"containerd://{node.runtime.version}")
     plugins = chain.Cache([str(node.root / "bin")])
-    return model.plan(settings, [own], [], None, chained=[plugins.probe(t) for t in model.CHAINED])
+    return model.desired(settings, [own], [], None, chained=[plugins.probe(t) for t in model.CHAINED])
 
 
 def test_node_agent_conflist_with_debian_portmap_starts_pods_on_containerd2(

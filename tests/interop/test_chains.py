@@ -201,7 +201,8 @@ def test_node_agent_conflist_for_containerd_2_with_debians_portmap_adds_and_dele
     node = model.node_from_object({
         "metadata": {"name": "n1"}, "spec": {"podCIDRs": ["10.67.0.0/24"]},
         "status": {"nodeInfo": {"containerRuntimeVersion": "containerd://2.1.9"}}})
-    plan = model.plan(settings, [node], (), None, chained=[chain.Cache([REFERENCE_PLUGINS]).probe("portmap")])
+    plan = model.desired(settings, [node], (), None,
+                         chained=[chain.Cache([REFERENCE_PLUGINS]).probe("portmap")])
     assert plan.conflist is not None
     net = libcni.write(plan.conflist)
     pod = host.new_pod()

@@ -33,7 +33,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.installed: set[model.Route] = set()
-        self.applied: list[model.Plan] = []
+        self.applied: list[model.Desired] = []
         self.resyncs = 0
 
     def routes(self) -> set[model.Route]:
@@ -45,7 +45,7 @@ class Recorder:
     def mtu(self, node: model.Node | None) -> int | None:
         return 1500
 
-    def apply(self, plan: model.Plan) -> list[str]:
+    def apply(self, plan: model.Desired) -> list[str]:
         self.installed -= plan.route_deletes
         self.installed |= plan.route_sets
         self.applied.append(plan)
@@ -106,7 +106,7 @@ def test_list_then_watch_node_added_then_removed() -> None:
     assert "ip saddr { 10.70.1.0/24 } ip daddr != { 10.70.0.0/16, 224.0.0.0/4 } masquerade" in masq
 
 
-def routes_of_plan(plan: model.Plan) -> set[tuple[str, str]]:
+def routes_of_plan(plan: model.Desired) -> set[tuple[str, str]]:
     return {(r.dst, r.gateway) for r in plan.routes}
 
 

@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 
 from ..conftest import _root_state
-from ..e2e.node import Runtime, gate_tier, mount_points, runtime_params, wait_for
+from ..e2e.node import Runtime, mount_points, wait_for
 from ..e2e.node import missing_tools as containerd_missing
+from ..e2e.tier import gate_tier, runtime_params
 from . import image
 from .cluster import NODE_MOUNTS, Cluster, kind_config, node_names
 

@@ -101,7 +101,7 @@ CLUSTER = (ipaddress.ip_network("10.70.0.0/16"),)  # the node agent uses podCIDR
 
 class Recorder:
     def __init__(self) -> None:
-        self.plans: list[model.Plan] = []
+        self.plans: list[model.Desired] = []
 
     def routes(self) -> set[model.Route]:
         return set()
@@ -112,7 +112,7 @@ class Recorder:
     def mtu(self, node: model.Node | None) -> int | None:
         return None
 
-    def apply(self, plan: model.Plan) -> list[str]:
+    def apply(self, plan: model.Desired) -> list[str]:
         self.plans.append(plan)
         return []
 
@@ -165,7 +165,7 @@ def test_no_common_version_writes_no_conflist(tmp_path: Path) -> None:
                          [("110", False), ("254", True), ("bogus", False), (None, False)])
 def test_pod_cidr_smaller_than_max_pods_is_noted(max_pods: str | None, warned: bool) -> None:
     own = model.node_from_object(own_node(max_pods=max_pods))
-    plan = model.plan(model.Settings("n1", CLUSTER), [own], (), None)
+    plan = model.desired(model.Settings("n1", CLUSTER), [own], (), None)
     expected = [f"pod CIDR 10.70.1.0/24 holds 253 pod addresses, fewer than the node's maxPods {max_pods} "
                 "(status.capacity.pods): ADDs past 253 pods fail with code 110"]
     assert plan.notes == (expected if warned else [])

@@ -139,7 +139,7 @@ def _first(t: tiers.Tiers, chosen: tuple[int, ...], direction: str, peer: Addres
 
 def _judged(d: compile.Decision, t: tiers.Tiers, direction: str, own: Address, peer: Address, dst: Address,
             proto: str, port: int) -> bool:
-    plan = tiers.plans(d, t, direction).get(own)
+    plan = tiers.judges(d, t, direction).get(own)
     if plan is None:
         return True
     admin = _first(t, plan.admin, direction, peer, dst, proto, port)

@@ -60,7 +60,7 @@ def test_no_route_without_an_address_of_that_family_or_for_a_clashing_cidr() -> 
     v6only = model.Node("a", (ipaddress.ip_address("fc00::3"),), (ipaddress.ip_network("10.70.2.0/24"),))
     clash = model.Node("b", (ipaddress.ip_address("172.18.0.5"),), (ipaddress.ip_network("10.70.1.0/25"),))
     assert model.desired_routes(ME, [me, v6only, clash], CLUSTER) == frozenset()
-    plan = model.plan(model.Settings(ME, cluster_cidrs=CLUSTER), [me, v6only, clash], (), 1500)
+    plan = model.desired(model.Settings(ME, cluster_cidrs=CLUSTER), [me, v6only, clash], (), 1500)
     assert plan.waiting is None
 
 
@@ -74,9 +74,9 @@ def test_route_changes_delete_departed_and_replace_moved() -> None:
 
 
 def test_waits_until_own_node_and_podcidrs_exist() -> None:
-    assert model.plan(model.Settings("absent"), nodes(), (), 1500).waiting == "node 'absent' not found"
+    assert model.desired(model.Settings("absent"), nodes(), (), 1500).waiting == "node 'absent' not found"
     bare = [model.Node(ME, (ipaddress.ip_address("172.18.0.2"),), ())]
-    plan = model.plan(model.Settings(ME, cluster_cidrs=CLUSTER), bare, (), 1500)
+    plan = model.desired(model.Settings(ME, cluster_cidrs=CLUSTER), bare, (), 1500)
     assert (
         plan.waiting and "no podCIDRs" in plan.waiting and plan.conflist is None and plan.masquerade is None
     )
@@ -84,7 +84,7 @@ def test_waits_until_own_node_and_podcidrs_exist() -> None:
 
 def test_conflist() -> None:
     settings = model.Settings(ME, ipam_data_dir="/x", cluster_cidrs=CLUSTER)
-    plan = model.plan(settings, nodes("nodes-dualstack.json"), (), 1450)
+    plan = model.desired(settings, nodes("nodes-dualstack.json"), (), 1450)
     conf = plan.conflist
     assert conf is not None
     assert conf["cniVersion"] == "1.1.0" and conf["name"] == "pybridge"
@@ -183,7 +183,7 @@ def test_cni_version_follows_the_runtime(runtime: str, configured: str, expected
     objects = load("nodes.json")["items"]
     for obj in objects:
         obj["status"]["nodeInfo"]["containerRuntimeVersion"] = runtime
-    plan = model.plan(
+    plan = model.desired(
         model.Settings(ME, cni_version=configured, cluster_cidrs=CLUSTER),
         [model.node_from_object(o) for o in objects], (), 1500
     )
@@ -201,7 +201,7 @@ ROGUES = [_node("lan", "172.18.0.5", "192.168.50.0/24"), _node("half", "172.18.0
 
 def test_podcidrs_outside_the_cluster_or_default_are_refused_for_routes_and_masquerade() -> None:
     me, good = _node(ME, "172.18.0.2", "10.70.1.0/24"), _node("good", "172.18.0.3", "10.70.2.0/24")
-    plan = model.plan(model.Settings(ME, cluster_cidrs=CLUSTER), [me, good, *ROGUES], (), 1500)
+    plan = model.desired(model.Settings(ME, cluster_cidrs=CLUSTER), [me, good, *ROGUES], (), 1500)
     assert plan.routes == {R("10.70.2.0/24", "172.18.0.3")} == plan.route_sets
     assert sorted((r.reason, r.subject) for r in plan.refused) == [
         ("default-route", "node 'v4-default' podCIDR 0.0.0.0/0"),
@@ -216,9 +216,9 @@ def test_podcidrs_outside_the_cluster_or_default_are_refused_for_routes_and_masq
 
 def test_no_cluster_cidr_or_own_podcidr_outside_it_waits() -> None:
     me = _node(ME, "172.18.0.2", "10.70.1.0/24")
-    plan = model.plan(model.Settings(ME), [me, _node("b", "172.18.0.3", "10.70.2.0/24")], (), 1500)
+    plan = model.desired(model.Settings(ME), [me, _node("b", "172.18.0.3", "10.70.2.0/24")], (), 1500)
     assert plan.waiting and "no cluster CIDR" in plan.waiting and plan.route_sets == frozenset()
-    own_default = model.plan(model.Settings(ME, cluster_cidrs=CLUSTER),
+    own_default = model.desired(model.Settings(ME, cluster_cidrs=CLUSTER),
                              [_node(ME, "172.18.0.2", "0.0.0.0/0")], (), 1500)
     assert own_default.waiting and "0.0.0.0/0 (default-route)" in own_default.waiting
     assert own_default.conflist is None
@@ -228,7 +228,7 @@ def test_a_foreign_route_is_never_replaced_and_owned_defaults_are_removed() -> N
     me, b, c = (_node(ME, "172.18.0.2", "10.70.1.0/24"), _node("b", "172.18.0.3", "10.70.2.0/24"),
                 _node("c", "172.18.0.4", "10.70.3.0/24"))
     owned = {R("10.70.3.0/24", "172.18.0.9"), R("::/0", "fc00::8")}  # c moved; a default of an old agent
-    plan = model.plan(model.Settings(ME, cluster_cidrs=CLUSTER), [me, b, c], owned, 1500,
+    plan = model.desired(model.Settings(ME, cluster_cidrs=CLUSTER), [me, b, c], owned, 1500,
                       foreign_routes={"10.70.2.0/24", "0.0.0.0/0", "10.70.3.0/24"})
     assert plan.route_sets == {R("10.70.3.0/24", "172.18.0.4")}  # ours: replaced despite a foreign twin
     assert plan.route_deletes == {R("::/0", "fc00::8")}

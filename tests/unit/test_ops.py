@@ -96,7 +96,7 @@ class _Effects:
     def foreign_routes(self) -> set[str]:
         return set()
 
-    def apply(self, plan: model.Plan) -> list[str]:
+    def apply(self, plan: model.Desired) -> list[str]:
         return ["route failed"] if len(plan.routes) > 1 else []
 
     def resync(self) -> None:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from ...hostnet import NETPOL_REFUSED, NETPOL_TABLE
 from .compile import Decision, PolicyRules, Rule, collapse
 from .objects import Address, Network
-from .tiers import ClusterRules, Plan, Tiers, merged, plans
+from .tiers import ClusterRules, Judges, Tiers, judges, merged
 
 TABLE = NETPOL_TABLE
 NFT_COMMENT = 128  # nft's longest comment
@@ -171,7 +171,7 @@ class _Script:
             self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_comment(policy)}"', *body, "\t}"]
         return chain
 
-    def combo_chains(self, direction: str, selected: Iterable[Plan]) -> dict[Plan, str]:
+    def combo_chains(self, direction: str, selected: Iterable[Judges]) -> dict[Judges, str]:
         """A chain per plan judging a pod: the Admin policies' chains, then either its
         NetworkPolicies' (each one's chain, then drop) or the Baseline policies' (then accept)."""
         chosen = set(selected)
@@ -183,7 +183,7 @@ class _Script:
         for baseline, k in baselines.items():
             jumps = [f"\t\tjump {self.tier_chain(i, direction, '')}" for i in baseline]
             self.chains += [f"\tchain {direction}_b{k} {{", *jumps, "\t\taccept", "\t}"]
-        names: dict[Plan, str] = {}
+        names: dict[Judges, str] = {}
         for k, plan in enumerate(sorted(chosen, key=lambda p: (p.admin, p.policies or (), p.baseline))):
             rest = (f"{direction}_{combos[plan.policies]}" if plan.policies is not None
                     else f"{direction}_b{baselines[plan.baseline]}")
@@ -195,7 +195,7 @@ class _Script:
             self.chains += [f"\tchain {direction}_a{k} {{", *jumps, f"\t\tgoto {rest}", "\t}"]
         return names
 
-    def dispatch(self, direction: str, selected: Mapping[Address, Plan], key: str, priority: str,
+    def dispatch(self, direction: str, selected: Mapping[Address, Judges], key: str, priority: str,
                  fence: Fence | None) -> None:
         """The per-plan chains, the verdict maps from pod address to them, the base chain."""
         combos = self.combo_chains(direction, selected.values())
@@ -213,7 +213,7 @@ class _Script:
                         f"\t\tip6 {key} vmap @{direction}6",
                         "\t}"]
 
-    def port_dispatch(self, direction: str, by_port: Mapping[str, Plan], side: str, key: str,
+    def port_dispatch(self, direction: str, by_port: Mapping[str, Judges], side: str, key: str,
                       priority: str) -> None:
         """The bridge table's: a port's frames at other addresses than its own judged by its policies."""
         combos = self.combo_chains(direction, by_port.values())
@@ -266,10 +266,10 @@ def _table(family: str, script: _Script) -> list[str]:
 def _bridge(decision: Decision, tiers: Tiers, ports: Mapping[Address, Collection[str]]) -> _Script:
     """The bridge table: for each port holding a selected pod's API address, that pod's policies
     (a port holding several pods' addresses is judged by all their policies)."""
-    by_port: dict[str, dict[str, list[Plan]]] = {"ingress": {}, "egress": {}}
+    by_port: dict[str, dict[str, list[Judges]]] = {"ingress": {}, "egress": {}}
     own: set[tuple[str, Address]] = set()
     for direction in ("ingress", "egress"):
-        for address, plan in plans(decision, tiers, direction).items():
+        for address, plan in judges(decision, tiers, direction).items():
             for port in filter(_IFNAME.fullmatch, ports.get(address, ())):
                 by_port[direction].setdefault(port, []).append(plan)
                 own.add((port, address))
@@ -297,8 +297,8 @@ def ruleset(decision: Decision, ports: Mapping[Address, Collection[str]] | None 
     _policy_chains(script, decision)
     if fence:
         script.sets += _placed(decision)
-    script.dispatch("egress", plans(decision, tiers, "egress"), "saddr", "filter - 1", fence)
-    script.dispatch("ingress", plans(decision, tiers, "ingress"), "daddr", "filter + 1", fence)
+    script.dispatch("egress", judges(decision, tiers, "egress"), "saddr", "filter - 1", fence)
+    script.dispatch("ingress", judges(decision, tiers, "ingress"), "daddr", "filter + 1", fence)
     return "\n".join([*_table("inet", script), *_table("bridge", _bridge(decision, tiers, ports or {})), ""])
 
 

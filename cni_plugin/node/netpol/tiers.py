@@ -45,7 +45,7 @@ class ClusterRules:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Judges:
     """What judges one pod's address in one direction: Admin policies (indices into
     Tiers.policies, in order), then NetworkPolicies (indices into Decision.policies; None: no
     NetworkPolicy selects the pod), else Baseline policies."""
@@ -153,23 +153,23 @@ def decide(policies: Iterable[ClusterNetworkPolicy], pods: Iterable[Pod], namesp
     return Tiers(tuple(compiled), *by_address)
 
 
-def plans(decision: Decision, tiers: Tiers, direction: str) -> dict[Address, Plan]:
+def judges(decision: Decision, tiers: Tiers, direction: str) -> dict[Address, Judges]:
     """Each local address judged in `direction` by something, with what judges it."""
     policies = decision.ingress if direction == "ingress" else decision.egress
     by_tier = tiers.selected(direction)
-    result: dict[Address, Plan] = {}
+    result: dict[Address, Judges] = {}
     for address in {*policies, *by_tier}:
         chosen = by_tier.get(address, ())
-        result[address] = Plan(admin=tuple(i for i in chosen if tiers.policies[i].tier == "Admin"),
+        result[address] = Judges(admin=tuple(i for i in chosen if tiers.policies[i].tier == "Admin"),
                                policies=policies.get(address),
                                baseline=tuple(i for i in chosen if tiers.policies[i].tier == "Baseline"))
     return result
 
 
-def merged(plans: Iterable[Plan]) -> Plan:
+def merged(plans: Iterable[Judges]) -> Judges:
     """The plan of a bridge port holding several selected addresses: judged by all their policies."""
     chosen = list(plans)
     policies = [p.policies for p in chosen if p.policies is not None]
-    return Plan(admin=tuple(sorted({i for p in chosen for i in p.admin})),
+    return Judges(admin=tuple(sorted({i for p in chosen for i in p.admin})),
                 policies=tuple(sorted({i for p in policies for i in p})) if policies else None,
                 baseline=tuple(sorted({i for p in chosen for i in p.baseline})))

@@ -150,7 +150,7 @@ def load_nodes_file(path: str) -> list[Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .effects import Host
+    from .effects import NodeEffects
 
     if not args.node_name:
         _log("error", error="--node-name (or NODE_NAME) is required")
@@ -162,7 +162,8 @@ def _run(args: argparse.Namespace) -> int:
         node_name=args.node_name, cluster_cidrs=_networks(args.cluster_cidr or []), bridge=args.bridge,
         ipam_data_dir=args.ipam_data_dir, network=args.network, log_file=args.plugin_log_file,
         cni_version=args.cni_version)
-    agent = NodeAgent(settings, Host(args.cni_conf_dir), plugins=chain.Cache(args.cni_bin_dir.split(":")))
+    plugins = chain.Cache(args.cni_bin_dir.split(":"))
+    agent = NodeAgent(settings, NodeEffects(args.cni_conf_dir), plugins=plugins)
     if args.nodes_file:
         result = agent.handle("SYNC", load_nodes_file(args.nodes_file))
         return 3 if result.waiting else 0

@@ -53,7 +53,7 @@ def apply_routes(sock: Netlink, deletes: Iterable[model.Route], sets: Iterable[m
     return errors
 
 
-class Host:
+class NodeEffects:
     """The effects of a Desired state on the netns this process is in, skipping what is already in place."""
 
     def __init__(self, conf_dir: str) -> None:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from cni_plugin.node import kube, model
 from cni_plugin.node.cli import NodeAgent
-from cni_plugin.node.effects import Host
+from cni_plugin.node.effects import NodeEffects
 from cni_plugin.ops.node_metrics import NodeMetrics
 
 from .fakeapi import FakePool, api_client, load, load_events
@@ -128,7 +128,7 @@ def test_own_podcidr_not_yet_assigned_waits_and_writes_nothing(tmp_path: Path) -
     del own["spec"]["podCIDR"], own["spec"]["podCIDRs"]
     assigned: dict[str, Any] = {**own, "spec": {**own["spec"], "podCIDRs": ["10.70.1.0/24"]}}
     pool = FakePool([nodes], [[{"type": "MODIFIED", "object": own}]])
-    host = Host(str(tmp_path / "net.d"))
+    host = NodeEffects(str(tmp_path / "net.d"))
     touched: list[str] = []
     host.routes = lambda: touched.append("routes") or set()  # type: ignore[method-assign]
     host.foreign_routes = lambda: touched.append("foreign") or set()  # type: ignore[method-assign]

@@ -255,7 +255,7 @@ def test_a_hung_nft_fails_its_reconcile_and_a_retry_applies_once_nft_works(
         sh("ip", "-n", netns, "addr", "add", "172.18.0.2/24", "dev", "up0")
         sh("ip", "-n", netns, "link", "set", "up0", "up")
         sh("ip", "-n", netns, "link", "set", "up1", "up")
-        host = effects.Host(str(tmp_path / "net.d"))
+        host = effects.NodeEffects(str(tmp_path / "net.d"))
         agent = cli.NodeAgent(model.Settings(node_name=ME, cluster_cidrs=CLUSTER), host)
         items = load("nodes.json")["items"]
         started = time.monotonic()

@@ -43,7 +43,7 @@ from .netpol_cases import (
     ns_policy,
     reachable,
 )
-from .netpol_probe import Servers, client, differences, in_netns, node_agent, observe, probe
+from .netpol_probe import Flows, Servers, client, differences, in_netns, node_agent, observe, probe
 
 pytestmark = [
     pytest.mark.netns,
@@ -390,4 +390,22 @@ def test_broadcast_and_multicast_to_an_ingress_isolated_pod_are_judged_like_unic
         assert _flooded_udp(world, "x/b", ["x/a"]) == {
             ("x/a", "10.89.0.255"): True, ("x/a", "255.255.255.255"): True, ("x/a", "ff02::1"): False}
     finally:
+        apply.remove(world.nft())
+
+
+def test_connections_established_before_a_deny_go_on_new_ones_are_denied(world: World) -> None:
+    """A policy judges the first packet of a connection: replies and later packets of a
+    connection conntrack already holds pass ("ct state established"), so a TCP connection and
+    a UDP flow set up while allowed go on after a deny; a new connection, a new flow are denied."""
+    agent = _reset(world)
+    flows = Flows(world, "y/a", "x/a", 82)
+    try:
+        assert flows.flowing() == (True, True)
+        assert flows.new_ones() == (True, True)  # the probes themselves work
+        agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "deny", {"podSelector": POD_A}))
+        assert agent.reconcile()
+        assert flows.new_ones() == (False, False)
+        assert flows.flowing() == (True, True)
+    finally:
+        flows.close()
         apply.remove(world.nft())

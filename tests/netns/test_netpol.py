@@ -409,3 +409,35 @@ def test_connections_established_before_a_deny_go_on_new_ones_are_denied(world: 
     finally:
         flows.close()
         apply.remove(world.nft())
+
+
+def test_egress_to_the_node_itself_is_judged(world: World) -> None:
+    """The API exempts only ingress from the pod's node (kubelet probes): x, isolated for
+    egress, reaches the node's addresses only where an egress rule allows them (an ipBlock), in
+    both families, while the node still reaches x (its replies are replies) and y, not
+    isolated, still reaches the node."""
+    agent = _reset(world)
+    gateways = {4: "10.89.0.1", 6: "fd89::1"}  # the node's addresses on the pods' bridge
+    servers = Servers({"node": world.host.name})
+    sources = ("x/a", "x/b", "y/a")
+
+    def seen(family: int) -> dict[str, bool]:
+        out = probe([(world.netns[p], gateways[family]) for p in sources], "TCP", 80, 1.5)
+        return {p: out[(world.netns[p], gateways[family])] for p in sources}
+    try:
+        agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "no-egress", {**EGRESS, "podSelector": {}}))
+        assert agent.reconcile()
+        for family in (4, 6):
+            assert seen(family) == {"x/a": False, "x/b": False, "y/a": True}, family
+        from_node = probe([(world.host.name, world.ips[p][6]) for p in ("x/a", "x/b")], "TCP", 80, 3.0)
+        assert all(from_node.values())
+        to_node = {"to": [{"ipBlock": {"cidr": f"{gateways[4]}/32"}},
+                          {"ipBlock": {"cidr": f"{gateways[6]}/128"}}]}
+        agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "to-node", {**EGRESS, "podSelector": POD_A,
+                                                                          "egress": [to_node]}))
+        assert agent.reconcile()
+        for family in (4, 6):
+            assert seen(family) == {"x/a": True, "x/b": False, "y/a": True}, family
+    finally:
+        servers.close()
+        apply.remove(world.nft())

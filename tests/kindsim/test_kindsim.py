@@ -112,7 +112,7 @@ def test_pod_addresses_come_from_the_node_podcidr(cluster: Cluster, web: dict[st
 def test_agent_endpoints_where_the_manifest_binds_them(cluster: Cluster, web: dict[str, Pod]) -> None:
     """A pod (Prometheus' place) scrapes the agent's /metrics on the node's address, and the
     ADDs there were the agent's own: unprivileged, it wrote the pod's sysctls through the mounted
-    /proc/sys/net (an IPv4-only pod's IPv6 is off). The probes' health endpoint answers on the
+    /proc/sys/net (a dual-stack pod's IPv6 on, its DAD off). The probes' health endpoint answers on the
     node's loopback (the kubelet's view) and no pod reaches it."""
     name, pod = next(iter(web.items()))
     node = cluster.nodes[name]
@@ -121,7 +121,8 @@ def test_agent_endpoints_where_the_manifest_binds_them(cluster: Cluster, web: di
     adds = [s.value for family in text_string_to_metric_families(metrics) for s in family.samples
             if s.name == "pybridge_cni_calls_total" and s.labels == served]
     assert adds and adds[0] >= 1, metrics
-    assert cluster.exec(pod, "cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6") == (0, "1\n")
+    for sysctl, value in (("disable_ipv6", "0\n"), ("accept_dad", "0\n")):  # the kernel's defaults: 0, 1
+        assert cluster.exec(pod, "cat", f"/proc/sys/net/ipv6/conf/eth0/{sysctl}") == (0, value)
     for port in (9432, 9433):  # the agent's, the node agent's
         probe = node.in_node("/bin/busybox", "sh", "-c", http_get_script("127.0.0.1", port, "/healthz"))
         assert http_body(probe.stdout) == "ok", probe.stdout

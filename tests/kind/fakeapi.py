@@ -127,10 +127,12 @@ class FakeApi:
 
 
 def node_object(
-    name: str, internal_ip: str, pod_cidrs: list[str], runtime_version: str = ""
+    name: str, internal_ip: str | list[str], pod_cidrs: list[str], runtime_version: str = ""
 ) -> dict[str, Any]:
-    """A Node as kube-apiserver serves it (the fields the node agent and kubectl read)."""
+    """A Node as kube-apiserver serves it (the fields the node agent and kubectl read); a
+    dual-stack node has an InternalIP per family."""
     spec: dict[str, Any] = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)} if pod_cidrs else {}
+    internal = [internal_ip] if isinstance(internal_ip, str) else internal_ip
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -138,7 +140,7 @@ def node_object(
         "spec": spec,
         "status": {
             "addresses": [
-                {"type": "InternalIP", "address": internal_ip},
+                *({"type": "InternalIP", "address": address} for address in internal),
                 {"type": "Hostname", "address": name},
             ],
             # every field is required by the client's model, as kubelet always fills them
@@ -258,24 +260,29 @@ class NodeStore(Store):
 
     A node is created without podCIDRs and gets the first free /mask of the pod subnet in a
     second update (the range allocator's order), so an agent sees it join, then get its range.
+    A dual-stack pod subnet ("10.70.0.0/16,fd00:10:70::/56", as kind's podSubnet) gives each
+    node one range per family, IPv6 ranges /64 (kube-controller-manager's defaults).
     """
 
     def __init__(self, pod_subnet: str, mask: int = 24) -> None:
         super().__init__()
-        self.free = list(ipaddress.ip_network(pod_subnet).subnets(new_prefix=mask))
+        subnets = [ipaddress.ip_network(s.strip()) for s in pod_subnet.split(",")]
+        self.free = [list(n.subnets(new_prefix=mask if n.version == 4 else 64)) for n in subnets]
         self.nodes = self.objects["nodes"]
 
-    def add(self, name: str, internal_ip: str, runtime_version: str = "", allocate: bool = True) -> None:
+    def add(self, name: str, internal_ip: str | list[str], runtime_version: str = "",
+            allocate: bool = True) -> None:
         self.put("nodes", node_object(name, internal_ip, [], runtime_version))
         if allocate:
             self.allocate(name)
 
     def allocate(self, name: str) -> str:
+        """The node's first free range of each family; the first one (IPv4 first)."""
         used = {c for o in self.nodes.values() for c in o["spec"].get("podCIDRs", [])}
-        cidr = str(next(n for n in self.free if str(n) not in used))
-        self.nodes[name]["spec"] = {"podCIDR": cidr, "podCIDRs": [cidr]}
+        cidrs = [str(next(n for n in free if str(n) not in used)) for free in self.free]
+        self.nodes[name]["spec"] = {"podCIDR": cidrs[0], "podCIDRs": cidrs}
         self.put("nodes", self.nodes[name])
-        return cidr
+        return cidrs[0]
 
     def heartbeat(self) -> None:
         """A status update of some node, as kubelets post them (the object itself unchanged)."""

@@ -7,7 +7,10 @@
   `/` made rshared as on a systemd host (HostToContainer mounts need it); its containerd uses
   kind's paths (/opt/cni/bin, /etc/cni/net.d, pod netns pins in /var/run/netns) and imports the
   pybridge image, a pause image and busybox;
-- kubelet (kubelet.py) per node, the API's Node object per node (podCIDR from podSubnet).
+- kubelet (kubelet.py) per node, the API's Node object per node (podCIDRs from podSubnet).
+
+Dual-stack, as deploy/kind-config-dualstack.yaml: each node has an IPv4 and an IPv6 address and
+podCIDR, each pod an IPv4 and an IPv6 address (`Pod.ip` the IPv4 one, `Pod.ips` both).
 
 `Cluster` is the fixture other test modules use: `add_node`, `deploy(node)` (the DaemonSet pod),
 `run_pod(node, name, containers, labels)`, `exec(pod, ...)`, `delete_pod`, `remove_node`.
@@ -47,7 +50,7 @@ from .workloads import http_body, http_get_script, service_rules
 from .world import API_PORT, GATEWAY, World, listen_in_netns, make_pki
 
 MANIFEST = REPO / "deploy" / "pybridge.yaml"
-KIND_CONFIG = REPO / "kind-config.yaml"
+KIND_CONFIG = REPO / "deploy" / "kind-config-dualstack.yaml"  # pods get an IPv4 and an IPv6 address
 CLUSTER = "pybridge"  # kind's default node names: <cluster>-control-plane, <cluster>-worker, -worker2
 # node path -> directory of the node's tree that the node's mount namespace shows there
 NODE_MOUNTS = {"/run": "run", "/opt": "opt", "/etc/cni/net.d": "etc-cni-net.d", "/var/lib/cni": "var-lib-cni"}
@@ -80,6 +83,7 @@ class KindNode(Node):
 
     name: str = ""
     ip: str = ""
+    ip6: str = ""
 
     @property
     def socket(self) -> Path:
@@ -115,7 +119,7 @@ class KindNode(Node):
             self.node_path(f"/opt/cni/bin/{plugin}").symlink_to(self.runtime.plugins / plugin)
         self.netns = f"{world.netns.removesuffix('-world')}-n{index}"
         sh("ip", "netns", "add", self.netns)
-        self.ip = world.attach(self.netns, index)
+        self.ip, self.ip6 = world.attach(self.netns, index)
         self.in_node("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1", check=False)
         (self.root / "config.toml").write_text(
             containerd_config(
@@ -164,8 +168,8 @@ class KindNode(Node):
         version = self.cri.call("Version", {"version": "v1"})
         return f"{version['runtime_name']}://{version['runtime_version']}"
 
-    def routes(self) -> set[tuple[str, str]]:
-        out = json.loads(self.in_node("ip", "-j", "route", "show", "proto", "91").stdout)
+    def routes(self, family: int = 4) -> set[tuple[str, str]]:
+        out = json.loads(self.in_node("ip", f"-{family}", "-j", "route", "show", "proto", "91").stdout)
         return {(r["dst"], r["gateway"]) for r in out}
 
     def conflist(self) -> dict[str, Any] | None:
@@ -240,6 +244,7 @@ class Cluster:
             self.kubelets[node.name] = Kubelet(
                 node_name=node.name,
                 node_ip=node.ip,
+                node_ip6=node.ip6,
                 cri=node.cri,
                 cgroup_parent=node.cgroup_parent,
                 log_root=node.root / "logs",
@@ -255,11 +260,12 @@ class Cluster:
     def register(self, name: str) -> None:
         assert self.store is not None
         node = self.nodes[name]
-        self.store.add(name, node.ip, node.runtime_version())
+        self.store.add(name, [node.ip, node.ip6], node.runtime_version())
 
-    def pod_cidr(self, name: str) -> str:
+    def pod_cidr(self, name: str, family: int = 4) -> str:
         assert self.store is not None
-        return str(self.store.nodes[name]["spec"]["podCIDRs"][0])
+        cidrs = self.store.nodes[name]["spec"]["podCIDRs"]
+        return str(next(c for c in cidrs if (":" in c) == (family == 6)))
 
     def remove_node(self, name: str) -> None:
         """The node leaves the API (kubectl delete node), its machine goes away."""

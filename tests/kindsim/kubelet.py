@@ -135,6 +135,7 @@ class Pod:
     labels: dict[str, str]
     node: str
     log_dir: Path
+    ips: list[str] = field(default_factory=list)  # every family's, as status.podIPs
     run_seconds: float = 0.0  # the RunPodSandbox call alone (CNI ADD included)
     containers: dict[str, str] = field(default_factory=dict)  # name -> container id
     attempts: dict[str, int] = field(default_factory=dict)
@@ -162,6 +163,7 @@ class Kubelet:
     api_port: int
     node_path: Callable[[str], Path]
     store: Store | None = None  # the API server's objects: this kubelet posts its pods there
+    node_ip6: str = ""
     pods: dict[str, Pod] = field(default_factory=dict)
 
     # --- pods -------------------------------------------------------------------------------
@@ -213,17 +215,22 @@ class Kubelet:
         started = time.perf_counter()
         pod_id = self.cri.run_pod(config)
         run_seconds = time.perf_counter() - started
-        ip = self.node_ip if host_network else self.cri.pod_status(pod_id)["network"]["ip"]
+        if host_network:
+            ips = [a for a in (self.node_ip, self.node_ip6) if a]
+        else:
+            network = self.cri.pod_status(pod_id)["network"]
+            ips = [network["ip"], *(a["ip"] for a in network.get("additional_ips") or [])]
         pod = Pod(
             name,
             namespace,
             pod_id,
             config,
-            ip,
+            ips[0],
             spec,
             dict(labels or {}),
             self.node_name,
             log_dir,
+            ips,
             run_seconds,
         )
         self.pods[pod_id] = pod
@@ -250,7 +257,7 @@ class Kubelet:
                 "phase": "Running",
                 "hostIP": self.node_ip,
                 "podIP": pod.ip,
-                "podIPs": [{"ip": pod.ip}],
+                "podIPs": [{"ip": ip} for ip in pod.ips or [pod.ip]],
             },
         }
 

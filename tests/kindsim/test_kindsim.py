@@ -63,13 +63,20 @@ def test_daemonset_installs_the_image_bundle_and_writes_the_conflist(cluster: Cl
         assert node.node_path("/run/cni-ipam-state").is_dir()
         conflist = node.conflist()
         assert conflist is not None
-        assert conflist["plugins"][0]["ipam"]["ranges"] == [[{"subnet": cluster.pod_cidr(name)}]]
+        assert conflist["plugins"][0]["ipam"]["ranges"] == [
+            [{"subnet": cluster.pod_cidr(name, family)}] for family in (4, 6)
+        ]
         # `auto`: the newest cniVersion the node's runtime takes (libcni 1.1 in containerd 1.6
         # rejects a 1.1.0 result; 2.x takes it and calls STATUS for it)
         assert node.runtime_version().startswith(f"containerd://{node.runtime.version}")  # ~ds1, +ds1
         assert conflist["cniVersion"] == ("1.1.0" if node.runtime.major >= 2 else "1.0.0")
-        others = {(cluster.pod_cidr(o), n.ip) for o, n in cluster.nodes.items() if o != name}
-        assert node.routes() == others
+        for family in (4, 6):  # each family's podCIDRs via the node's InternalIP of that family
+            others = {
+                (cluster.pod_cidr(o, family), n.ip if family == 4 else n.ip6)
+                for o, n in cluster.nodes.items()
+                if o != name
+            }
+            assert node.routes(family) == others
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +101,18 @@ def pods(cluster: Cluster) -> Iterator[list[Pod]]:
 
 def test_pod_addresses_come_from_the_node_podcidr(cluster: Cluster, web: dict[str, Pod]) -> None:
     assert sorted(p.name for p in cluster.pods(app="web")) == sorted(p.name for p in web.values())
-    for name, pod in web.items():
-        assert ipaddress.ip_address(pod.ip) in ipaddress.ip_network(cluster.pod_cidr(name))
+    for name, pod in web.items():  # one address of each family (dual-stack), from the node's podCIDRs
+        assert [ipaddress.ip_address(ip).version for ip in pod.ips] == [4, 6]
+        for ip in pod.ips:
+            family = ipaddress.ip_address(ip).version
+            assert ipaddress.ip_address(ip) in ipaddress.ip_network(cluster.pod_cidr(name, family))
     assert len({pod.ip for pod in web.values()}) == len(web)
 
 
 def test_agent_endpoints_where_the_manifest_binds_them(cluster: Cluster, web: dict[str, Pod]) -> None:
     """A pod (Prometheus' place) scrapes the agent's /metrics on the node's address, and the
     ADDs there were the agent's own: unprivileged, it wrote the pod's sysctls through the mounted
-    /proc/sys/net (an IPv4-only pod's IPv6 is off). The probes' health endpoint answers on the
+    /proc/sys/net (a dual-stack pod's IPv6 on, its DAD off). The probes' health endpoint answers on the
     node's loopback (the kubelet's view) and no pod reaches it."""
     name, pod = next(iter(web.items()))
     node = cluster.nodes[name]
@@ -111,7 +121,8 @@ def test_agent_endpoints_where_the_manifest_binds_them(cluster: Cluster, web: di
     adds = [s.value for family in text_string_to_metric_families(metrics) for s in family.samples
             if s.name == "pybridge_cni_calls_total" and s.labels == served]
     assert adds and adds[0] >= 1, metrics
-    assert cluster.exec(pod, "cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6") == (0, "1\n")
+    for sysctl, value in (("disable_ipv6", "0\n"), ("accept_dad", "0\n")):  # the kernel's defaults: 0, 1
+        assert cluster.exec(pod, "cat", f"/proc/sys/net/ipv6/conf/eth0/{sysctl}") == (0, value)
     for port in (9432, 9433):  # the agent's, the node agent's
         probe = node.in_node("/bin/busybox", "sh", "-c", http_get_script("127.0.0.1", port, "/healthz"))
         assert http_body(probe.stdout) == "ok", probe.stdout

@@ -206,7 +206,9 @@ def test_node_leaves_and_another_joins(cluster: Cluster) -> None:
     cluster.wait_ready([joined])
     cidr = cluster.pod_cidr(joined)
     conflist = node.conflist()
-    assert conflist is not None and conflist["plugins"][0]["ipam"]["ranges"] == [[{"subnet": cidr}]]
+    assert conflist is not None and conflist["plugins"][0]["ipam"]["ranges"] == [
+        [{"subnet": cluster.pod_cidr(joined, family)}] for family in (4, 6)
+    ]
     for name in names[:-1]:
         wait_for(lambda n=name: (cidr, node.ip) in cluster.nodes[n].routes(), 20, f"{name} to route {joined}")
     server = cluster.run_pod(names[0], "old-timer", {"main": WHOAMI})

@@ -9,12 +9,14 @@ namespaces relabelled), and every check probes all 72 ordered pod pairs at once,
 port 80 or 81, from sockets made in the pods' own netns. The agents apply asynchronously: a check
 probes again until the matrix matches, for at most CONVERGE seconds, then reports the pairs that
 differ. Every case runs (~1-2 s each); `make kind-sim-netpol` runs this module alone.
-IPv4 only (kind-config.yaml's podSubnet is IPv4).
+The cluster is dual-stack (deploy/kind-config-dualstack.yaml): every pod has an IPv4 and an IPv6
+address, and a case's steps are probed in each family they name, as in tests/netns.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import os
 import re
@@ -30,8 +32,19 @@ import pytest
 
 from cni_plugin.node.netpol.nft import TABLE
 
-from ..netns.netpol_cases import CASES, CLUSTER_CASES, PODS, PORT_NAMES, Matrix, Pods, ns_policy, reachable
-from ..netns.netpol_probe import Servers, differences, observe
+from ..e2e.node import BUSYBOX_IMAGE
+from ..netns.netpol_cases import (
+    CASES,
+    CLUSTER_CASES,
+    NS_Y,
+    PODS,
+    PORT_NAMES,
+    Matrix,
+    Pods,
+    ns_policy,
+    reachable,
+)
+from ..netns.netpol_probe import Flows, Probe, Servers, differences, observe, probe
 from ..netns.nodeagent import Flood
 from .cluster import Cluster, KindNode
 from .image import REPO
@@ -84,11 +97,11 @@ class Sim:
             if set(store.objects["namespaces"][ns]["metadata"]["labels"]) != {"kubernetes.io/metadata.name"}:
                 self.cluster.add_namespace(ns)
 
-    def converge(self, proto: str, port: int, expected: Matrix) -> list[str]:
+    def converge(self, proto: str, port: int, expected: Matrix, family: int = 4) -> list[str]:
         """The pairs still differing from `expected` after at most CONVERGE seconds."""
         deadline = time.monotonic() + CONVERGE
         while True:
-            wrong = differences(expected, observe(self.world, proto, port, 4, expected, FIRST_WAIT))
+            wrong = differences(expected, observe(self.world, proto, port, family, expected, FIRST_WAIT))
             if not wrong or time.monotonic() > deadline:
                 return wrong
             time.sleep(0.2)
@@ -130,8 +143,8 @@ def sim(cluster: Cluster) -> Iterator[Sim]:
         }
         world = Pods(
             netns={p: f"/proc/{pid}/ns/net" for p, pid in pids.items()},
-            ips={p: {4: pod.ip} for p, pod in pods.items()},
-            subnet=cluster.config["networking"]["podSubnet"],
+            ips={p: {ipaddress.ip_address(ip).version: ip for ip in pod.ips} for p, pod in pods.items()},
+            subnet=cluster.config["networking"]["podSubnet"].split(",")[0],
             nodes=where,
         )
         servers = Servers(world.netns)
@@ -160,7 +173,12 @@ def test_pods_are_api_objects_with_their_node_and_address(sim: Sim) -> None:
         obj = served[name]
         assert obj["metadata"]["labels"] == {"pod": name[2]}
         assert (obj["spec"]["nodeName"], obj["status"]["podIP"]) == (sim.world.nodes[name], pod.ip)
-    assert len(set(sim.world.nodes.values())) == 3
+        assert [a["ip"] for a in obj["status"]["podIPs"]] == pod.ips
+        assert sorted(sim.world.ips[name]) == [4, 6]
+    # every namespace has a pod on every node: each case's rules are enforced by all three agents
+    for ns in "xyz":
+        where = {node for pod, node in sim.world.nodes.items() if pod.startswith(f"{ns}/")}
+        assert where == set(sim.cluster.nodes)
 
 
 @pytest.mark.parametrize(
@@ -175,8 +193,9 @@ def test_upstream_case_reachability_across_nodes(sim: Sim, title: str) -> None:
         for kind, event, obj in step.events:
             sim.apply(kind, event, obj)
         for proto, port, expected in step.checks:
-            wrong = sim.converge(proto, port, expected)
-            assert not wrong, f"step {number}, {proto}/{port}: " + "; ".join(wrong)
+            for family in step.families:
+                wrong = sim.converge(proto, port, expected, family)
+                assert not wrong, f"step {number}, {proto}/{port} IPv{family}: " + "; ".join(wrong)
 
 
 def _table_handle(node: KindNode) -> str:
@@ -213,6 +232,131 @@ def test_a_node_agent_restart_lets_no_forbidden_packet_through(sim: Sim) -> None
     assert forbidden.sent > 1000
     assert forbidden.answered == 0
     sim.reset()
+
+
+def _until(check: Callable[[], bool], timeout: float = CONVERGE) -> bool:
+    """Whether `check()` held within `timeout` s (the agents apply asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_connections_established_before_a_deny_go_on_across_nodes(sim: Sim) -> None:
+    """A deny judges new connections: y/a's TCP connection and UDP flow to x/a (another node),
+    set up while open, go on once x/a's node applies it; new ones are refused."""
+    sim.reset()
+    assert sim.world.nodes["y/a"] != sim.world.nodes["x/a"]
+    flows = Flows(sim.world, "y/a", "x/a", 82)
+    try:
+        assert flows.flowing() == (True, True) and flows.new_ones() == (True, True)
+        sim.apply("NetworkPolicy", "ADDED", ns_policy("x", "deny", {"podSelector": {}}))
+        assert _until(lambda: flows.new_ones() == (False, False)), "the deny was not applied"
+        assert flows.flowing() == (True, True)
+    finally:
+        flows.close()
+        sim.reset()
+
+
+NODE_NETWORKS = ["172.18.0.0/24", "fc00:f853:ccd:e793::/64"]  # world.py's kind network
+
+
+def test_the_node_and_host_network_pods_as_peers(sim: Sim) -> None:
+    """As the API reference says: a pod isolated for ingress still takes connections from its
+    own node (kubelet probes); other nodes' addresses are no pods, so only an ipBlock admits
+    them; a hostNetwork pod is no pod peer (docs/networkpolicy.md: its traffic is the node's,
+    the "most common implementation" the API docs name). x/a, x/b, x/c sit on the three nodes;
+    the node netns is also every hostNetwork pod's."""
+    sim.reset()
+    nodes = {n: f"/run/netns/{k.netns}" for n, k in sim.cluster.nodes.items()}
+    node_ips = {n: {4: k.ip, 6: k.ip6} for n, k in sim.cluster.nodes.items()}
+    xs = [p for p in PODS if p.startswith("x/")]
+    servers = Servers({f"node/{n}": netns for n, netns in nodes.items()})
+    host_pod = None
+
+    def matrix(family: int) -> dict[tuple[str, str], bool]:
+        inbound = probe([(nodes[n], sim.world.ips[p][family]) for n in nodes for p in xs], "TCP", 80, 1.0)
+        outbound = probe([(sim.world.netns[p], node_ips[n][family]) for n in nodes for p in xs
+                          if sim.world.nodes[p] != n], "TCP", 80, 1.0)
+        seen = {(n, p): inbound[(nodes[n], sim.world.ips[p][family])] for n in nodes for p in xs}
+        seen |= {(p, n): outbound[(sim.world.netns[p], node_ips[n][family])]
+                 for n in nodes for p in xs if sim.world.nodes[p] != n}
+        return seen
+
+    def expect(open_from_nodes: bool, open_to_nodes: bool) -> dict[tuple[str, str], bool]:
+        out = {(n, p): open_from_nodes or sim.world.nodes[p] == n for n in nodes for p in xs}
+        out |= {(p, n): open_to_nodes for n in nodes for p in xs if sim.world.nodes[p] != n}
+        return out
+
+    def check(expected: dict[tuple[str, str], bool], family: int) -> list[str]:
+        deadline = time.monotonic() + CONVERGE
+        while (seen := matrix(family)) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return [f"{a} -> {b}: expected {'open' if ok else 'blocked'}" for (a, b), ok in expected.items()
+                if seen[(a, b)] != ok]
+
+    try:
+        deny_all = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+        sim.apply("NetworkPolicy", "ADDED", ns_policy("x", "deny-all", deny_all))
+        for family in (4, 6):
+            assert not (wrong := check(expect(False, False), family)), f"deny-all IPv{family}: {wrong}"
+        blocks = [{"ipBlock": {"cidr": c}} for c in NODE_NETWORKS]
+        sim.apply("NetworkPolicy", "ADDED", ns_policy("x", "nodes", {
+            "podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": blocks}], "egress": [{"to": blocks}]}))
+        for family in (4, 6):
+            assert not (wrong := check(expect(True, True), family)), f"ipBlock IPv{family}: {wrong}"
+        # a hostNetwork pod of y on every node, and x admitting every pod of y: not the nodes
+        host_pod = {n: sim.cluster.kubelets[n].run_pod(
+            f"hostnet-{i}", {"hostNetwork": True, "containers": [{"name": "main", "image": BUSYBOX_IMAGE,
+                                                             "command": ["sleep", "3600"]}]},
+            namespace="y", labels={"pod": "hostnet"}) for i, n in enumerate(nodes)}
+        sim.apply("NetworkPolicy", "DELETED", ns_policy("x", "nodes", {}))
+        from_y = {"namespaceSelector": NS_Y}
+        sim.apply("NetworkPolicy", "ADDED", ns_policy("x", "from-y", {
+            "podSelector": {}, "ingress": [{"from": [from_y]}]}))
+        only_y_in = reachable(("*", "x/*", False), ("y/*", "x/*", True), ("x/*", "*", False))
+        wrong = sim.converge("TCP", 80, only_y_in)
+        assert not wrong, "; ".join(wrong)
+        for family in (4, 6):
+            assert not (wrong := check(expect(False, False), family)), f"hostNetwork IPv{family}: {wrong}"
+    finally:
+        for pod in (host_pod or {}).values():
+            sim.cluster.delete_pod(pod)
+        servers.close()
+        sim.reset()
+
+
+SELF_VIP = "10.71.0.30"  # in the serviceSubnet, beside test_kindsim's
+
+
+def test_a_pod_to_itself_and_through_its_own_service(sim: Sim) -> None:
+    """A pod reaching its own address never leaves its netns: no policy judges it. Reaching
+    itself through a Service (kube-proxy's DNAT back to it, hairpin) crosses the node and is
+    judged like traffic from any pod, the pod being its own peer (network-policy-api's reading
+    of hairpin traffic, the one Kubernetes' logical model gives): denied while x admits no pod,
+    open once x admits the pods of x; y/a, not admitted, stays out."""
+    sim.reset()
+    xa, xb, ya = (sim.world.netns[p] for p in ("x/a", "x/b", "y/a"))
+    sim.cluster.add_service(SELF_VIP, 80, sim.pods["x/a"], 80)
+    own = [(xa, ip) for ip in sim.world.ips["x/a"].values()]
+
+    def seen() -> dict[Probe, bool]:
+        return probe([*own, (xa, SELF_VIP), (xb, SELF_VIP), (ya, SELF_VIP)], "TCP", 80, 1.0)
+    try:
+        assert _until(lambda: all(seen().values())), "the Service path itself does not work"
+        sim.apply("NetworkPolicy", "ADDED", ns_policy("x", "deny", {"podSelector": {}}))
+        closed = {**dict.fromkeys(own, True), (xa, SELF_VIP): False, (xb, SELF_VIP): False,
+                  (ya, SELF_VIP): False}
+        assert _until(lambda: seen() == closed), seen()
+        sim.apply("NetworkPolicy", "ADDED", ns_policy("x", "from-x", {
+            "podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}))
+        from_x = {**closed, (xa, SELF_VIP): True, (xb, SELF_VIP): True}
+        assert _until(lambda: seen() == from_x), seen()
+    finally:
+        sim.reset()
 
 
 # --- the event -> rules benchmark: figures, never a pass/fail on time ---------------------------

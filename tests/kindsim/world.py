@@ -1,6 +1,7 @@
 """The world around the kind-sim nodes: a throw-away netns standing for docker's `kind` network.
 
-Bridge `kind` 172.18.0.1/24 (the nodes' eth0 attach to it), the fake API server's address, and
+Bridge `kind` 172.18.0.1/24 and fc00:f853:ccd:e793::1/64 (docker's dual-stack `kind` network;
+the nodes' eth0 attach to it), the fake API server's address, and
 a veth to "outside" (netns, 198.51.100.2), standing for the internet: it routes back only to the
 nodes' own addresses, so pods reach it through masquerade or not at all.
 """
@@ -18,6 +19,7 @@ from ..e2e.node import PREFIX, sh
 from ..netns.harness import RUN_MARK
 
 WORLD_NET, GATEWAY, API_PORT = "172.18.0", "172.18.0.1", 6443
+WORLD_NET6 = "fc00:f853:ccd:e793:"
 OUTSIDE_GW, OUTSIDE_IP = "198.51.100.1", "198.51.100.2"
 CLONE_NEWNET = 0x40000000
 
@@ -79,6 +81,7 @@ class World:
         w = ("ip", "-n", self.netns)
         sh(*w, "link", "add", "kind", "type", "bridge")
         sh(*w, "addr", "add", f"{GATEWAY}/24", "dev", "kind")
+        sh(*w, "addr", "add", f"{WORLD_NET6}:1/64", "dev", "kind", "nodad")
         sh(*w, "link", "set", "kind", "up")
         sh(*w, "link", "add", "out0", "type", "veth", "peer", "name", "eth0", "netns", self.outside)
         sh(*w, "addr", "add", f"{OUTSIDE_GW}/24", "dev", "out0")
@@ -89,19 +92,23 @@ class World:
         sh(*o, "link", "set", "eth0", "up")
         sh(*o, "route", "add", f"{WORLD_NET}.0/24", "via", OUTSIDE_GW)  # the nodes, never the pods
 
-    def attach(self, netns: str, index: int) -> str:
-        """Wire `netns` to the bridge as docker wires a kind node: eth0, the next address."""
-        ip = f"{WORLD_NET}.{10 + index}"
+    def attach(self, netns: str, index: int) -> tuple[str, str]:
+        """Wire `netns` to the bridge as docker wires a kind node: eth0, the next address of
+        each family (IPv4, IPv6)."""
+        ip, ip6 = f"{WORLD_NET}.{10 + index}", f"{WORLD_NET6}:{10 + index:x}"
         port = f"kind{index}-{secrets.token_hex(2)}"
         w, n = ("ip", "-n", self.netns), ("ip", "-n", netns)
         sh(*w, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns)
         sh(*w, "link", "set", port, "master", "kind", "up")
         sh(*n, "link", "set", "lo", "up")
         sh(*n, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh(*n, "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
         sh(*n, "link", "set", "eth0", "up")
         sh(*n, "route", "add", "default", "via", GATEWAY)
-        sh("ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        return ip
+        sh(*n, "-6", "route", "add", "default", "via", f"{WORLD_NET6}:1")
+        sh("ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.ip_forward=1",
+           "net.ipv6.conf.all.forwarding=1")
+        return ip, ip6
 
     def down(self) -> None:
         for ns in (self.netns, self.outside):

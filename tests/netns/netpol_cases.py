@@ -405,13 +405,55 @@ def _(w: Pods) -> list[Step]:
     sctp = {"podSelector": POD_A, "ingress": [{"ports": [{"port": 81, "protocol": "SCTP"}]}]}
     return [Step([add("x", "deny-ingress", {"podSelector": {}}),
                   add("x", "allow-only-sctp-ingress-on-port-81", sctp)],
-                 [("TCP", 81, DENY_INTO_X)])]
+                 [("TCP", 81, DENY_INTO_X),
+                  ("SCTP", 81, reachable(("*", "x/*", False), ("*", "x/a", True)))])]
 
 
 @case("should properly isolate pods that are selected by a policy allowing SCTP, even if the plugin doesn't support SCTP")  # noqa: E501  (upstream's title)
 def _(w: Pods) -> list[Step]:
     sctp = {"podSelector": POD_A, "ingress": [{"ports": [{"port": 80, "protocol": "SCTP"}]}]}
-    return [Step([add("x", "allow-only-sctp-ingress-on-port-80", sctp)], [("TCP", 81, CLOSED_XA)])]
+    return [Step([add("x", "allow-only-sctp-ingress-on-port-80", sctp)],
+                 [("TCP", 81, CLOSED_XA), ("SCTP", 80, reachable()), ("SCTP", 81, CLOSED_XA)])]
+
+
+# The upstream file's SCTP context ([Feature:SCTPConnectivity]), probed with real SCTP packets.
+@case("SCTP: should support a 'default-deny-ingress' policy")
+def _(w: Pods) -> list[Step]:
+    return [Step([add("x", "deny-ingress", {"podSelector": {}})], [("SCTP", 80, DENY_INTO_X)],
+                 families=(4, 6))]
+
+
+@case("SCTP: should enforce policy based on Ports")
+def _(w: Pods) -> list[Step]:
+    sctp = {"podSelector": POD_A, "ingress": [{"ports": [{"port": 81, "protocol": "SCTP"}]}]}
+    return [Step([add("x", "allow-only-sctp-ingress-on-port-81", sctp)],
+                 [("SCTP", 81, reachable()), ("SCTP", 80, CLOSED_XA)])]
+
+
+@case("SCTP: should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector")  # noqa: E501  (upstream's title)
+def _(w: Pods) -> list[Step]:
+    spec = {"podSelector": POD_A, "ingress": [{"from": [Y_A]}]}
+    return [Step([add("x", "allow-ns-y-pod-a-via-namespace-pod-selector", spec)],
+                 [("SCTP", 80, reachable(("*", "x/a", False), ("y/a", "x/a", True)))])]
+
+
+# Not upstream's: ICMP has no port, so a rule naming ports never admits it, while a rule naming
+# peers only admits every protocol of those peers (echo requests; the replies pass as replies).
+@case("pybridge: ICMP: a rule with ports does not admit ICMP, a peer-only rule does")
+def _(w: Pods) -> list[Step]:
+    peer = [{"namespaceSelector": NS_Y}]
+    port_80 = [{"port": 80}]
+
+    def policies(event: str, ports: list[dict[str, Any]] | None) -> list[tuple[str, str, dict[str, Any]]]:
+        with_ports = {"ports": ports} if ports else {}
+        into_x = {"podSelector": {}, "ingress": [{"from": peer, **with_ports}]}
+        out_of_xa = {**EGRESS, "podSelector": POD_A, "egress": [{"to": peer, **with_ports}]}
+        return [("NetworkPolicy", event, ns_policy("x", "in", into_x)),
+                ("NetworkPolicy", event, ns_policy("x", "out", out_of_xa))]
+    y_into_x = reachable(("*", "x/*", False), ("y/*", "x/*", True), ("x/a", "*", False), ("x/a", "y/*", True))
+    no_icmp = reachable(("*", "x/*", False), ("x/a", "*", False))
+    return [Step(policies("ADDED", port_80), [("TCP", 80, y_into_x), ("ICMP", 0, no_icmp)], families=(4, 6)),
+            Step(policies("MODIFIED", None), [("ICMP", 0, y_into_x), ("UDP", 81, y_into_x)], families=(4, 6))]
 
 
 # Not an upstream case: a port range (endPort) in a real kernel, both families.

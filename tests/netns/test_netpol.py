@@ -44,6 +44,7 @@ from .netpol_cases import (
     reachable,
 )
 from .netpol_probe import (
+    Flows,
     Servers,
     client,
     differences,
@@ -391,4 +392,54 @@ def test_broadcast_and_multicast_to_an_ingress_isolated_pod_are_judged_like_unic
         assert _flooded_udp(world, "x/b", ["x/a"]) == {
             ("x/a", "10.89.0.255"): True, ("x/a", "255.255.255.255"): True, ("x/a", "ff02::1"): False}
     finally:
+        apply.remove(world.nft())
+
+
+def test_connections_established_before_a_deny_go_on_new_ones_are_denied(world: World) -> None:
+    """A policy judges the first packet of a connection: replies and later packets of a
+    connection conntrack already holds pass ("ct state established"), so a TCP connection and
+    a UDP flow set up while allowed go on after a deny; a new connection, a new flow are denied."""
+    agent = _reset(world)
+    flows = Flows(world, "y/a", "x/a", 82)
+    try:
+        assert flows.flowing() == (True, True)
+        assert flows.new_ones() == (True, True)  # the probes themselves work
+        agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "deny", {"podSelector": POD_A}))
+        assert agent.reconcile()
+        assert flows.new_ones() == (False, False)
+        assert flows.flowing() == (True, True)
+    finally:
+        flows.close()
+        apply.remove(world.nft())
+
+
+def test_egress_to_the_node_itself_is_judged(world: World) -> None:
+    """The API exempts only ingress from the pod's node (kubelet probes): x, isolated for
+    egress, reaches the node's addresses only where an egress rule allows them (an ipBlock), in
+    both families, while the node still reaches x (its replies are replies) and y, not
+    isolated, still reaches the node."""
+    agent = _reset(world)
+    gateways = {4: "10.89.0.1", 6: "fd89::1"}  # the node's addresses on the pods' bridge
+    servers = Servers({"node": world.host.name})
+    sources = ("x/a", "x/b", "y/a")
+
+    def seen(family: int) -> dict[str, bool]:
+        out = probe([(world.netns[p], gateways[family]) for p in sources], "TCP", 80, 1.5)
+        return {p: out[(world.netns[p], gateways[family])] for p in sources}
+    try:
+        agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "no-egress", {**EGRESS, "podSelector": {}}))
+        assert agent.reconcile()
+        for family in (4, 6):
+            assert seen(family) == {"x/a": False, "x/b": False, "y/a": True}, family
+        from_node = probe([(world.host.name, world.ips[p][6]) for p in ("x/a", "x/b")], "TCP", 80, 3.0)
+        assert all(from_node.values())
+        to_node = {"to": [{"ipBlock": {"cidr": f"{gateways[4]}/32"}},
+                          {"ipBlock": {"cidr": f"{gateways[6]}/128"}}]}
+        agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "to-node", {**EGRESS, "podSelector": POD_A,
+                                                                          "egress": [to_node]}))
+        assert agent.reconcile()
+        for family in (4, 6):
+            assert seen(family) == {"x/a": True, "x/b": False, "y/a": True}, family
+    finally:
+        servers.close()
         apply.remove(world.nft())

@@ -21,9 +21,14 @@ def test_one_transaction_replacing_the_table() -> None:
     egress, ingress = text.index("chain forward_egress"), text.index("chain forward_ingress")
     assert egress < ingress
     assert "priority filter - 1;" in text[egress:ingress] and "priority filter + 1;" in text[ingress:]
-    assert text.count("ct state established,related accept") == 2
+    # what a pod sends to its own node is judged as egress too, by the same maps (input hook)
+    to_node = text[text.index("chain input_egress"):]
+    to_node = to_node[:to_node.index("\n\t}")]
+    assert "hook input priority filter;" in to_node
+    assert "ip saddr vmap @egress4" in to_node and "ip6 saddr vmap @egress6" in to_node
+    assert text.count("ct state established,related accept") == 3
     # address resolution passes, in both tables; a pod's router advertisement or redirect is judged
-    assert text.count("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept") == 4
+    assert text.count("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept") == 5
     assert "router" not in text and "redirect" not in text
 
 

@@ -15,7 +15,10 @@ then goes to the rest: its NetworkPolicies' chain as above, or, if none selects 
 jumping its Baseline policies' and accepting what they leave (a Baseline Pass accepts).
 Pod to pod on the bridge crosses the forward hook through br_netfilter (bridge-nf-call-ip{,6}tables,
 on by default, turned on by the agent where off); routed traffic to and from other nodes crosses it anyway.
-Traffic between the node itself and its pods takes the input/output hooks and is never judged.
+Traffic between the node itself and its pods takes the input/output hooks: what the node sends
+to its pods is never judged (the API exempts ingress from the pod's node: kubelet probes), what a
+pod sends to its node is judged as egress by base chain `input_egress` (input hook), with the
+same verdict maps: the API exempts no egress.
 IPv6 neighbour solicitations and advertisements are never judged either: a pod that cannot
 resolve its peer cannot talk at all, whatever the policy. Router solicitations, advertisements
 and redirects between pods are judged like any packet (a pod's router is the node, whose
@@ -204,14 +207,16 @@ class _Script:
                         for a in sorted(a for a in selected if a.version == version)]
             self.sets += _set(f"{direction}{version}", f"{_ADDR_TYPE[version]} : verdict", elements,
                               interval=False, kind="map")
+        lookup = [f"\t\tip {key} vmap @{direction}4", f"\t\tip6 {key} vmap @{direction}6", "\t}"]
         self.chains += [f"\tchain forward_{direction} {{",
                         f"\t\ttype filter hook forward priority {priority}; policy accept;",
-                        "\t\tct state established,related accept",
-                        f"\t\ticmpv6 type {{ {_NEIGHBOUR} }} accept",
+                        *_NOT_JUDGED,
                         *_unplaced(fence, "iifname" if key == "saddr" else "oifname", key),
-                        f"\t\tip {key} vmap @{direction}4",
-                        f"\t\tip6 {key} vmap @{direction}6",
-                        "\t}"]
+                        *lookup]
+        if direction == "egress":  # the API exempts only ingress from the pod's own node
+            self.chains += ["\tchain input_egress {",
+                            "\t\ttype filter hook input priority filter; policy accept;",
+                            *_NOT_JUDGED, *lookup]
 
     def port_dispatch(self, direction: str, by_port: Mapping[str, Judges], side: str, key: str,
                       priority: str) -> None:
@@ -226,6 +231,10 @@ class _Script:
                         f"\t\t{side} . ip6 {key} @own6 accept",
                         f"\t\tmeta protocol {{ ip, ip6 }} {side} vmap @{direction}_ports",
                         "\t}"]
+
+
+# replies of accepted connections; neighbour discovery, without which a pod cannot talk at all
+_NOT_JUDGED = ["\t\tct state established,related accept", f"\t\ticmpv6 type {{ {_NEIGHBOUR} }} accept"]
 
 
 def _unplaced(fence: Fence | None, side: str, key: str) -> list[str]:

@@ -120,7 +120,8 @@ def _rss_mib() -> float:
 
 def main() -> None:
     imports = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); "
-                              "import cni_plugin.node.agent, kubernetes; print(time.perf_counter() - t)"],
+                              "import cni_plugin.node.cli, cni_plugin.node.netpol.agent, kubernetes.client; "
+                              "print(time.perf_counter() - t)"],
                              capture_output=True, text=True, check=True)
     netns = f"pbt-h17bench-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", netns], check=True)

@@ -175,3 +175,17 @@ def test_a_hash_shared_by_two_keys_still_gives_two_names(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(nft.hashlib, "blake2b", Same)
     assert nft.stable_names("p", ["y/b", "x/a"]) == {"x/a": "p0000000000", "y/b": "p0000000000x1"}
+
+
+def test_a_policy_newly_refused_is_applied_by_a_whole_replacement() -> None:
+    """Its chain's comment names the refused field (`pybridge doctor` reads it): a comment cannot
+    be changed in place, so the tables are replaced whole, and the policy closes its pods."""
+    scripts: list[str] = []
+    agent = _agent(scripts, set())
+    agent.handle("NetworkPolicy", "ADDED", DENY_X)
+    agent.reconcile()
+    agent.handle("NetworkPolicy", "MODIFIED", {**DENY_X, "spec": {
+        "podSelector": {}, "ingress": [{"ports": [{"port": 70000}]}]}})
+    assert agent.reconcile()
+    assert scripts[-1] == agent.applied and "delete table" in scripts[-1]
+    assert 'comment "x/p refused: spec.ingress.0.ports.0.port"' in scripts[-1]

@@ -20,6 +20,7 @@ still isolates the pods the policy selects, and its refused fields are kept to b
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -106,8 +107,14 @@ class World:
 
     def _hosts(self, pod: Pod) -> list[Network]:
         if id(pod) not in self.hosts:
-            self.hosts[id(pod)] = [ipaddress.ip_network(a) for a in pod.addresses()]
+            self.hosts[id(pod)] = [_host(a) for a in pod.addresses()]
         return self.hosts[id(pod)]
+
+
+@functools.lru_cache(maxsize=65536)
+def _host(address: Address) -> Network:
+    """A pod address as a network; remembered across worlds (each event makes a new one)."""
+    return ipaddress.ip_network(address)
 
 
 def _selected(policy: NetworkPolicy, by_namespace: Mapping[str, Sequence[Pod]]) -> list[Pod]:

@@ -126,9 +126,19 @@ class _Script:
         self.known: dict[tuple[str, bool, tuple[str, ...]], str] = {}
         self.tiers = tiers or Tiers()
         self.tier_chains: set[str] = set()
+        # by id() of a tuple of peers, kept alive by the entry itself
+        self.peer_texts: dict[tuple[int, int], tuple[tuple[Network, ...], list[str]]] = {}
         self.policy_names: list[str] = []  # each NetworkPolicy's chain name, less its direction
         by_name = stable_names("c", (p.name for p in self.tiers.policies))
         self.tier_names = [by_name[p.name] for p in self.tiers.policies]
+
+    def texts(self, networks: tuple[Network, ...], version: int) -> list[str]:
+        """The networks of a family as nft reads them, once per tuple: the compiler hands the
+        same tuple to every rule naming the same peers (compile.World.peers)."""
+        key = (id(networks), version)
+        if key not in self.peer_texts:
+            self.peer_texts[key] = (networks, [str(n) for n in networks if n.version == version])
+        return self.peer_texts[key][1]
 
     def shared(self, name: str, type_: str, elements: Iterable[str], interval: bool) -> str:
         """The name of a set with these elements: rules naming the same peers or ports (all pods
@@ -159,7 +169,7 @@ class _Script:
             if rule.peers is None:
                 peer = ""
             else:
-                peers = [str(n) for n in rule.peers if n.version == version]
+                peers = self.texts(rule.peers, version)
                 if not peers:
                     continue  # peers given, none of this family: nothing allowed in it
                 name = self.shared(f"{prefix}_peer{version}", _ADDR_TYPE[version], peers, interval=True)

@@ -88,7 +88,8 @@ def _events() -> list[tuple[str, str, str, dict[str, Any]]]:
     """(label, kind, event, object), each changing the rules; in turn, and undone a round later."""
     out = []
     for k in range(EVENTS // 7 + 1):
-        extra, moved, back = pod(PODS + k), k // 2 % PODS, k % 2 == 1
+        # pod 4j: selected by policy j % 100 (its app label); its relabelling always changes the rules
+        extra, moved, back = pod(PODS + k), k // 2 * 4 % PODS, k % 2 == 1
         team = k // 2 % len(NAMESPACES)
         out += [("pod add", "Pod", "ADDED", extra), ("pod delete", "Pod", "DELETED", extra),
                 ("pod label", "Pod", "MODIFIED", pod(moved, app=None if back else "moved")),

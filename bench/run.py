@@ -30,6 +30,7 @@ from cni_plugin.install import build_client, import_paths, install
 HERE = Path(__file__).resolve().parent
 REFERENCE = "/usr/lib/cni"
 PREFIX = "pbt-bench"
+NETPOL_SECTION = "## NetworkPolicy at 500 pods"  # bench/results.md's part that `make bench-netpol` fills
 
 
 def progress(step: str) -> None:
@@ -579,8 +580,13 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     if args.write:
-        (HERE / "results.md").write_text(
+        results_md = HERE / "results.md"
+        old = results_md.read_text() if results_md.exists() else ""
+        # `make bench-netpol`'s section (written by hand from its output) stays
+        kept = old[old.index(NETPOL_SECTION):] if NETPOL_SECTION in old else ""
+        results_md.write_text(
             "# Benchmark results\n\n`make bench` output, committed as measured.\n\n" + text
+            + ("\n" + kept if kept else "")
         )
     return 1 if any(r["errors"] or r["par_errors"] for r in results.values()) else 0
 

@@ -16,6 +16,7 @@ import pytest
 from cni_plugin.node import kube, loop
 from cni_plugin.node.netpol import agent as netpol
 from cni_plugin.node.netpol.agent import NetpolAgent
+from cni_plugin.node.netpol.nft import stable_names
 
 from .fakeapi import FakeApi, FakePool, api_client
 
@@ -133,10 +134,10 @@ def test_each_kind_is_listed_then_watched_from_its_resource_version() -> None:
 def test_agent_thread_follows_the_events(crd: bool) -> None:
     """Without the ClusterNetworkPolicy CRD its list answers 404, which is no objects; with it,
     the Admin policy listed judges x/a before its NetworkPolicies."""
-    applied: list[str] = []
+    applied: list[str] = []  # the rulesets in force, one per apply (the later ones applied as changes)
     stop = threading.Event()
     logs: list[tuple[str, dict[str, Any]]] = []
-    agent = NetpolAgent(ME, applied.append, lambda event, **f: logs.append((event, f)))
+    agent = NetpolAgent(ME, lambda _s: None, lambda event, **f: logs.append((event, f)))
     api = fake_api(expire=False, crd=crd)
 
     def hold() -> None:  # a script used up: this stream waits for the end of the test
@@ -146,7 +147,8 @@ def test_agent_thread_follows_the_events(crd: bool) -> None:
     for pool in api.pools.values():
         pool.on_exhausted = hold
     stream = netpol.kube_stream(api_client(api), 7, stop, lambda *_a, **_k: None)  # type: ignore[arg-type]
-    threads = netpol.start(agent, stream, lambda *a, **k: None, (Exhausted,), stop)
+    threads = netpol.start(agent, stream, lambda *a, **k: None, (Exhausted,), stop,
+                           on_applied=lambda: applied.append(agent.applied or ""))
     try:
         deadline = time.monotonic() + 20
         while not any("x/deny-all" in s and "10.244.2.7" in s for s in applied):
@@ -158,13 +160,14 @@ def test_agent_thread_follows_the_events(crd: bool) -> None:
             thread.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
     # nothing before all four kinds were listed: every ruleset has x/a and the first policies
-    jump = "10.244.1.5 : jump ingress_a0" if crd else "10.244.1.5 : jump ingress_0"
+    jump = "10.244.1.5 : jump ingress_a" if crd else "10.244.1.5 : jump ingress_"
     assert all(jump in s and "x/allow-y" in s and (not crd or '"deny-y"' in s) for s in applied)
     if crd:  # y/b a peer of the Admin Deny once y got its label, the NetworkPolicies after it
-        assert "\t\tjump c0_ingress\n\t\tgoto ingress_0\n" in applied[-1]
+        c0 = stable_names("c", ["deny-y"])["deny-y"]
+        assert f"\t\tjump {c0}_ingress\n\t\tgoto ingress_" in applied[-1]
         # (its peers are the NetworkPolicy's: one set, shared)
-        chain = '\tchain c0_ingress {\n\t\tcomment "deny-y"\n\t\tip saddr @p0_ingress0_peer4 drop\n'
-        assert chain in applied[-1]
+        chain = f'\tchain {c0}_ingress {{\n\t\tcomment "deny-y"\n\t\tip saddr @p'
+        assert chain in applied[-1] and "_ingress0_peer4 drop\n" in applied[-1]
     # its named port resolved on x/a (8080); y/b a peer once y got its label; deny-all added
     final = applied[-1]
     assert "10.244.1.5 . tcp . 8080" in final and "10.244.2.7" in final and "x/deny-all" in final
@@ -263,7 +266,7 @@ def test_what_the_api_accepts_through_the_client_isolates() -> None:
     for kind, event, obj in drain(api, client):
         agent.handle(kind, event, obj)
     assert agent.reconcile()
-    assert "10.244.1.5 : jump ingress_0" in applied[-1] and "%" not in applied[-1]
+    assert "10.244.1.5 : jump ingress_" in applied[-1] and "%" not in applied[-1]
     assert "elements = { 10.244.0.0/23, 10.244.3.0/24, 10.244.4.0/22, " in applied[-1]  # minus 10.244.2.0/24
     assert [(f["object"], f["field"]) for e, f in logs if e == "netpol-refused"] == [
         ("y/c", "status.podIPs.1.ip")]

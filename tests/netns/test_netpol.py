@@ -12,10 +12,12 @@ simulated world (tests/kind, issue 12).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import select
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +38,7 @@ from .netpol_cases import (
     NAME_LABEL,
     NODE,
     NOT_X,
+    ONLY_Y_TO_XA,
     POD_A,
     POD_B,
     PODS,
@@ -443,3 +446,56 @@ def test_egress_to_the_node_itself_is_judged(world: World) -> None:
     finally:
         servers.close()
         apply.remove(world.nft())
+
+
+def _listing(world: World) -> list[str]:
+    """Both tables as nft -j lists them, less the handles (the kernel's numbering of what it got)."""
+    def strip(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "handle"}
+        return [strip(v) for v in obj] if isinstance(obj, list) else obj
+
+    objects = [o for family in ("inet", "bridge") for o in json.loads(
+        world.host.exec("nft", "-j", "list", "table", family, TABLE).stdout)["nftables"]]  # type: ignore[union-attr]
+    return sorted(json.dumps(strip(o), sort_keys=True) for o in objects if "metainfo" not in o)
+
+
+def test_events_applied_as_changes_leave_what_a_fresh_apply_of_the_end_state_leaves(world: World) -> None:
+    """Each event after the first apply is a change in one transaction (nft monitor sees no table
+    deleted or added), and the tables it leaves equal those a fresh apply of the last state makes."""
+    agent = _reset(world)
+    scripts: list[str] = []
+    agent.apply_script = lambda script: (scripts.append(script), apply.replace(script, world.nft()))[1]
+    assert world.host is not None
+    monitor = subprocess.Popen(["ip", "netns", "exec", world.host.name, "nft", "monitor"],
+                               stdout=subprocess.PIPE, text=True)
+    team_y = {"namespaceSelector": {"matchLabels": {"team": "y"}}}
+    only_y = {"podSelector": POD_A, "ingress": [{"from": [team_y], "ports": [{"port": 80}]}]}
+    relabelled = {**world.pod_object("x/b"), "metadata": {"name": "b", "namespace": "x",
+                                                          "labels": {"pod": "a"}}}
+    deny_c = ns_policy("x", "deny-c", {"podSelector": {"matchLabels": {"pod": "c"}}})
+    events = [("NetworkPolicy", "ADDED", deny_c),
+              ("NetworkPolicy", "ADDED", ns_policy("x", "only-y", only_y)),
+              ("Namespace", "MODIFIED", {"metadata": {"name": "y", "labels": {"team": "y"}}}),
+              ("Pod", "MODIFIED", relabelled),  # x/b now selected by only-y
+              ("NetworkPolicy", "MODIFIED", ns_policy("x", "only-y", {**only_y, "ingress": [
+                  *only_y["ingress"], {"from": [{"podSelector": POD_B}], "ports": [{"port": 81}]}]})),
+              ("NetworkPolicy", "DELETED", deny_c),
+              ("Pod", "MODIFIED", world.pod_object("x/b"))]  # and back
+    try:
+        time.sleep(0.3)  # the monitor listens
+        for event in events:
+            agent.handle(*event)
+            assert agent.reconcile()
+        changes = _listing(world)
+        apply.replace(agent.applied or "", world.nft())  # the end state, replaced whole
+        assert changes == _listing(world)
+        assert observe(world, "TCP", 80, 4, ONLY_Y_TO_XA) == ONLY_Y_TO_XA
+    finally:
+        monitor.terminate()
+        seen = monitor.communicate(timeout=5)[0]
+        apply.remove(world.nft())
+    assert len(scripts) == len(events) and not any("delete table" in s for s in scripts)
+    assert any(" element " in s for s in scripts) and any("flush chain" in s for s in scripts)
+    changed = seen[:seen.index(f"delete table inet {TABLE}")]  # up to the fresh apply
+    assert "add rule inet" in changed and not re.search(r"^(add|delete) table", changed, re.MULTILINE)

@@ -392,13 +392,14 @@ def test_a_whole_unreadable_spec_closes_both_directions_of_every_pod_and_no_name
 
 
 def test_the_closed_form_renders_a_drop_at_the_policys_place() -> None:
-    from cni_plugin.node.netpol.nft import ruleset
+    from cni_plugin.node.netpol.nft import ruleset, stable_names
 
     bad = cluster.read(cnp("bad", "Admin", 5, ns("x"), ingress=[{"action": "Drop", "from": [ns("y")]}]))[0]
     assert bad is not None
     text = ruleset(compile.decide([], world_pods(), namespaces(), ME),
                    tiers=tiers.decide([bad], world_pods(), namespaces(), ME))
-    assert '\tchain c0_ingress {\n\t\tcomment "bad refused: spec.ingress.0.action"\n\t\tdrop\n\t}' in text
+    chain = stable_names("c", ["bad"])["bad"] + "_ingress"
+    assert f'\tchain {chain} {{\n\t\tcomment "bad refused: spec.ingress.0.action"\n\t\tdrop\n\t}}' in text
 
 
 # --- the node agent: logged with name and field, counted, the others applied; resync without a gap
@@ -472,7 +473,7 @@ def test_nothing_is_applied_before_the_cluster_policies_are_listed() -> None:
 def test_the_chains_an_admin_pass_and_a_baseline_pass_render() -> None:
     """An Admin Pass is a goto to the rest of the pod's plan (NetworkPolicies, else Baseline),
     one copy of the policy per rest; a Baseline Pass accepts; both tables get the plans."""
-    from cni_plugin.node.netpol.nft import ruleset
+    from cni_plugin.node.netpol.nft import ruleset, stable_names
 
     admin = cnp("admin", "Admin", 1, ns("x"), ingress=[{"action": "Pass", "from": [ns("y")]},
                                                        {"action": "Deny", "from": [{"namespaces": {}}]}])
@@ -482,10 +483,13 @@ def test_the_chains_an_admin_pass_and_a_baseline_pass_render() -> None:
     xa = ipaddress.ip_address(v4("x/a"))
     ports = {xa: {"vethxa"}}
     text = ruleset(d, ports, t)
-    assert "\tchain ingress_0 {\n\t\tjump p0_ingress\n\t\tdrop\n\t}" in text  # x/a: its NetworkPolicy
-    assert "\tchain ingress_b0 {\n\t\tjump c1_ingress\n\t\taccept\n\t}" in text  # x/b, x/c: Baseline
-    assert "\t\tgoto ingress_0\n" in text and "\t\tgoto ingress_b0\n" in text
-    assert "\tchain c0_ingress_ingress_0 {" in text and "\tchain c0_ingress_ingress_b0 {" in text
-    assert "\tchain c1_ingress {" in text and "ip saddr @c1_ingressr0_peer4 accept" in text
+    p0, c0, c1 = stable_names("p", ["x/p"])["x/p"], *stable_names("c", ["admin", "base"]).values()
+    np_chain = stable_names("ingress_", [f"jump {p0}_ingress\ndrop"]).popitem()[1]
+    base_chain = stable_names("ingress_b", [f"jump {c1}_ingress\naccept"]).popitem()[1]
+    assert f"\tchain {np_chain} {{\n\t\tjump {p0}_ingress\n\t\tdrop\n\t}}" in text  # x/a: its NetworkPolicy
+    assert f"\tchain {base_chain} {{\n\t\tjump {c1}_ingress\n\t\taccept\n\t}}" in text  # x/b, x/c: Baseline
+    assert f"\t\tgoto {np_chain}\n" in text and f"\t\tgoto {base_chain}\n" in text
+    assert f"\tchain {c0}_ingress_{np_chain} {{" in text and f"\tchain {c0}_ingress_{base_chain} {{" in text
+    assert f"\tchain {c1}_ingress {{" in text and f"ip saddr @{c1}_ingressr0_peer4 accept" in text
     bridge = text[text.index("table bridge"):]
-    assert '"vethxa" : jump ingress_a' in bridge and "goto ingress_0" in bridge
+    assert '"vethxa" : jump ingress_a' in bridge and f"goto {np_chain}" in bridge

@@ -3,11 +3,13 @@
 Four list+watch streams (NetworkPolicy, Pod, Namespace, ClusterNetworkPolicy; kube.list_watch:
 resourceVersion, relist on 410 Gone, a relist every `resync` seconds) feed one queue; one thread
 takes an event, also takes every event already queued behind it, and only then compiles and
-applies, so a burst of events costs one nft transaction. Nothing is applied before all four kinds
-were listed once (a policy without its pods would cut them off). A lost watch is a relist whose
-SYNC replaces that kind's cache whole: until it comes the rules in force stay, so a resync opens
-no window. A ruleset nft refused or did not take in time is applied again after an exponential
-backoff, events or not; no error ends a thread.
+applies, so a burst of events costs one nft transaction: the change from the ruleset in force
+(delta.py: elements added and deleted, the chains of what changed rewritten), or the whole
+ruleset at the first apply, after a relist, and when the change failed. Nothing is applied
+before all four kinds were listed once (a policy without its pods would cut them off). A lost
+watch is a relist whose SYNC replaces that kind's cache whole: until it comes the rules in force
+stay, so a resync opens no window. A ruleset nft refused or did not take in time is applied
+again after an exponential backoff, events or not; no error ends a thread.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 from ... import placement
 from ...netlink import NetlinkError
 from ..loop import Event, Log, Stream, drive, pump
-from . import apply, claims, cluster, compile, nft, objects, tiers
+from . import apply, claims, cluster, compile, delta, nft, objects, tiers
 from .objects import KINDS, Address, Model, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
@@ -102,6 +104,7 @@ class NetpolAgent:
         self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in WATCHED}
         self.listed: set[str] = set()
         self.applied: str | None = None
+        self.model: delta.Model | None = None  # of `applied`, when the kernel holds it: changes apply to it
         self.closed: set[Refusal] = set()
         self.failed = False  # the last reconcile could not apply its ruleset
         self.pending: list[float] = []  # when the events not yet in force came (time.monotonic)
@@ -126,7 +129,8 @@ class NetpolAgent:
         store = self.objects[kind]
         if event == "SYNC":
             self.listed.add(kind)
-            self.applied = None  # after a full list, apply again even if unchanged (resync)
+            self.applied = None  # after a full list, replace the tables even if unchanged (resync)
+            self.model = None
             parsed = ((_key(o), self._parse(kind, o)) for o in payload)
             self.objects[kind] = {k: m for k, m in parsed if m is not None}
             return
@@ -170,21 +174,36 @@ class NetpolAgent:
         if script == self.applied:
             self.pending = []  # what they changed is in force already
             return False
+        model = delta.parse(script)
         try:
-            self.apply_script(script)
+            self._apply(script, model)
         except apply.NftError as exc:
             self.failed = True
+            self.model = None  # the tables are replaced whole at the next try
             self.log("netpol-error", error=str(exc))
             if self.observer:
                 self.observer.apply_failed()
             return False
-        self.applied = script
+        self.applied, self.model = script, model
         if self.observer:
             done = time.monotonic()
             self.observer.applied([done - t for t in self.pending], *nft.census(script))
         self.pending = []
         self.log("netpol-applied", policies=len(self.objects["NetworkPolicy"]), pods=len(self.objects["Pod"]))
         return True
+
+    def _apply(self, script: str, model: delta.Model) -> None:
+        """The change to `script`'s ruleset in one transaction, else the whole of it. A change nft
+        refused left the old rules (one transaction): the whole ruleset replaces them at once."""
+        change = None if self.model is None else delta.diff(self.model, model)
+        if change is not None:
+            try:
+                if change:  # "": the same tables, written otherwise
+                    self.apply_script(change)
+                return
+            except apply.NftError as exc:
+                self.log("netpol-warning", error=f"update refused, replacing the tables: {exc}"[:300])
+        self.apply_script(script)
 
 
 def serve(agent: NetpolAgent, events: queue.Queue[Event], stop: threading.Event,

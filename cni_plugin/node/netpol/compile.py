@@ -20,6 +20,7 @@ still isolates the pods the policy selects, and its refused fields are kept to b
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,8 +80,8 @@ class World:
     pods: Sequence[Pod]
     by_namespace: Mapping[str, Sequence[Pod]]
     namespace_labels: Mapping[str, Mapping[str, str]]
-    memo: dict[frozenset[Network], tuple[Network, ...]] = field(default_factory=dict)
-    hosts: dict[Address, Network] = field(default_factory=dict)
+    memo: dict[tuple[frozenset[int], frozenset[Network]], tuple[Network, ...]] = field(default_factory=dict)
+    hosts: dict[int, list[Network]] = field(default_factory=dict)  # by id() of a pod of `pods`
 
     @classmethod
     def of(cls, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
@@ -95,21 +96,30 @@ class World:
 
     def peers(self, pods: Iterable[Pod], blocks: Iterable[Network]) -> tuple[Network, ...]:
         """The pods' addresses and the blocks, collapsed; remembered for this world, as many
-        rules name the same peers (all pods of a namespace, say)."""
-        key = frozenset([*(self._host(a) for p in pods for a in p.addresses()), *blocks])
+        rules name the same peers (all pods of a namespace, say). Keyed by the pods themselves
+        (the world holds them, so their id()s stay theirs), cheaper than by their addresses."""
+        chosen = list(pods)
+        networks = frozenset(blocks)
+        key = (frozenset(map(id, chosen)), networks)
         if key not in self.memo:
-            self.memo[key] = collapse(key)
+            self.memo[key] = collapse([*(n for p in chosen for n in self._hosts(p)), *networks])
         return self.memo[key]
 
-    def _host(self, address: Address) -> Network:
-        if address not in self.hosts:
-            self.hosts[address] = ipaddress.ip_network(address)
-        return self.hosts[address]
+    def _hosts(self, pod: Pod) -> list[Network]:
+        if id(pod) not in self.hosts:
+            self.hosts[id(pod)] = [_host(a) for a in pod.addresses()]
+        return self.hosts[id(pod)]
 
 
-def _selected(policy: NetworkPolicy, pods: Iterable[Pod]) -> list[Pod]:
-    return [p for p in pods if p.metadata.namespace == policy.metadata.namespace
-            and matches(policy.spec.pod_selector, p.metadata.labels)]
+@functools.lru_cache(maxsize=65536)
+def _host(address: Address) -> Network:
+    """A pod address as a network; remembered across worlds (each event makes a new one)."""
+    return ipaddress.ip_network(address)
+
+
+def _selected(policy: NetworkPolicy, by_namespace: Mapping[str, Sequence[Pod]]) -> list[Pod]:
+    return [p for p in by_namespace.get(policy.metadata.namespace, ())
+            if matches(policy.spec.pod_selector, p.metadata.labels)]
 
 
 def _peer_pods(peer: Peer, namespace: str, world: World) -> list[Pod]:
@@ -206,13 +216,16 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
            node_name: str) -> Decision:
     world = World.of(pods, namespaces)
     local = [p for p in world.pods if p.spec.node_name == node_name]
+    local_by_namespace: dict[str, list[Pod]] = {}
+    for pod in local:
+        local_by_namespace.setdefault(pod.metadata.namespace, []).append(pod)
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
     compiled: list[PolicyRules] = []
     ingress: dict[Address, list[int]] = {}
     egress: dict[Address, list[int]] = {}
     selected_by: dict[Direction, dict[Address, list[int]]] = {"Ingress": ingress, "Egress": egress}
     for policy in ordered:
-        targets = _selected(policy, local)
+        targets = _selected(policy, local_by_namespace)
         if not targets:
             continue  # selects nothing here: nothing to enforce on this node
         index = len(compiled)

@@ -46,6 +46,7 @@ addresses: naming the bridge of a port there needs `meta ibrname`, CONFIG_NFT_BR
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -100,6 +101,23 @@ def _comment(policy: PolicyRules | ClusterRules) -> str:
     return f"{_printable(policy.name)} {REFUSED} {fields}"[:NFT_COMMENT]
 
 
+def stable_names(prefix: str, keys: Iterable[str]) -> dict[str, str]:
+    """A name per key from its hash, the same in every ruleset holding the key, so that an update
+    (delta.py) rewrites only what changed; a name already taken (a hash shared by two keys) gets
+    a counter, in the order of the sorted keys."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for key in sorted(set(keys)):
+        name = base = prefix + hashlib.blake2b(key.encode(), digest_size=5).hexdigest()
+        count = 0
+        while name in taken:
+            count += 1
+            name = f"{base}x{count}"
+        taken.add(name)
+        names[key] = name
+    return names
+
+
 def _port(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
@@ -111,6 +129,19 @@ class _Script:
         self.known: dict[tuple[str, bool, tuple[str, ...]], str] = {}
         self.tiers = tiers or Tiers()
         self.tier_chains: set[str] = set()
+        # by id() of a tuple of peers, kept alive by the entry itself
+        self.peer_texts: dict[tuple[int, int], tuple[tuple[Network, ...], list[str]]] = {}
+        self.policy_names: list[str] = []  # each NetworkPolicy's chain name, less its direction
+        by_name = stable_names("c", (p.name for p in self.tiers.policies))
+        self.tier_names = [by_name[p.name] for p in self.tiers.policies]
+
+    def texts(self, networks: tuple[Network, ...], version: int) -> list[str]:
+        """The networks of a family as nft reads them, once per tuple: the compiler hands the
+        same tuple to every rule naming the same peers (compile.World.peers)."""
+        key = (id(networks), version)
+        if key not in self.peer_texts:
+            self.peer_texts[key] = (networks, [str(n) for n in networks if n.version == version])
+        return self.peer_texts[key][1]
 
     def shared(self, name: str, type_: str, elements: Iterable[str], interval: bool) -> str:
         """The name of a set with these elements: rules naming the same peers or ports (all pods
@@ -141,7 +172,7 @@ class _Script:
             if rule.peers is None:
                 peer = ""
             else:
-                peers = [str(n) for n in rule.peers if n.version == version]
+                peers = self.texts(rule.peers, version)
                 if not peers:
                     continue  # peers given, none of this family: nothing allowed in it
                 name = self.shared(f"{prefix}_peer{version}", _ADDR_TYPE[version], peers, interval=True)
@@ -163,7 +194,7 @@ class _Script:
         goto never comes back), hence one copy of such a policy per `rest`."""
         policy = self.tiers.policies[i]
         passes = policy.tier == "Admin" and any(r.action == "Pass" for r in policy.rules(direction))
-        chain = f"c{i}_{direction}" + (f"_{rest}" if passes else "")
+        chain = f"{self.tier_names[i]}_{direction}" + (f"_{rest}" if passes else "")
         if chain not in self.tier_chains:
             self.tier_chains.add(chain)
             peer_side = "saddr" if direction == "ingress" else "daddr"
@@ -174,29 +205,29 @@ class _Script:
             self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_comment(policy)}"', *body, "\t}"]
         return chain
 
+    def named_chains(self, prefix: str, bodies: Mapping[Judges, list[str]]) -> dict[Judges, str]:
+        """A chain per distinct body, named by the body (stable_names); each plan's chain."""
+        keys = {plan: "\n".join(body) for plan, body in bodies.items()}
+        names = stable_names(prefix, keys.values())
+        for key in sorted(set(keys.values()), key=names.__getitem__):
+            self.chains += [f"\tchain {names[key]} {{", *(f"\t\t{line}" for line in key.split("\n")), "\t}"]
+        return {plan: names[key] for plan, key in keys.items()}
+
     def combo_chains(self, direction: str, selected: Iterable[Judges]) -> dict[Judges, str]:
         """A chain per plan judging a pod: the Admin policies' chains, then either its
-        NetworkPolicies' (each one's chain, then drop) or the Baseline policies' (then accept)."""
+        NetworkPolicies' (each one's chain, then drop) or the Baseline policies' (then accept).
+        Named by what they jump to: a pod coming or going adds or drops no other pod's chain."""
         chosen = set(selected)
-        combos = {c: k for k, c in enumerate(sorted({p.policies for p in chosen if p.policies is not None}))}
-        baselines = {b: k for k, b in enumerate(sorted({p.baseline for p in chosen if p.policies is None}))}
-        for combo, k in combos.items():
-            jumps = [f"\t\tjump p{i}_{direction}" for i in combo]
-            self.chains += [f"\tchain {direction}_{k} {{", *jumps, "\t\tdrop", "\t}"]
-        for baseline, k in baselines.items():
-            jumps = [f"\t\tjump {self.tier_chain(i, direction, '')}" for i in baseline]
-            self.chains += [f"\tchain {direction}_b{k} {{", *jumps, "\t\taccept", "\t}"]
-        names: dict[Judges, str] = {}
-        for k, plan in enumerate(sorted(chosen, key=lambda p: (p.admin, p.policies or (), p.baseline))):
-            rest = (f"{direction}_{combos[plan.policies]}" if plan.policies is not None
-                    else f"{direction}_b{baselines[plan.baseline]}")
-            if not plan.admin:
-                names[plan] = rest
-                continue
-            names[plan] = f"{direction}_a{k}"
-            jumps = [f"\t\tjump {self.tier_chain(i, direction, rest)}" for i in plan.admin]
-            self.chains += [f"\tchain {direction}_a{k} {{", *jumps, f"\t\tgoto {rest}", "\t}"]
-        return names
+        rests = self.named_chains(f"{direction}_", {
+            p: [*(f"jump {self.policy_names[i]}_{direction}" for i in p.policies), "drop"]
+            for p in chosen if p.policies is not None})
+        rests |= self.named_chains(f"{direction}_b", {
+            p: [*(f"jump {self.tier_chain(i, direction, '')}" for i in p.baseline), "accept"]
+            for p in chosen if p.policies is None})
+        admins = self.named_chains(f"{direction}_a", {
+            p: [*(f"jump {self.tier_chain(i, direction, rests[p])}" for i in p.admin), f"goto {rests[p]}"]
+            for p in chosen if p.admin})
+        return {p: admins.get(p, rests[p]) for p in chosen}
 
     def dispatch(self, direction: str, selected: Mapping[Address, Judges], key: str, priority: str,
                  fence: Fence | None) -> None:
@@ -260,11 +291,13 @@ def _placed(decision: Decision) -> list[str]:
 def _policy_chains(script: _Script, decision: Decision,
                    used: Mapping[str, Collection[int]] | None = None) -> None:
     """Each policy's chain per direction it affects (only the `used` ones, when given)."""
+    by_name = stable_names("p", (p.name for p in decision.policies))
+    script.policy_names = [by_name[p.name] for p in decision.policies]
     for i, policy in enumerate(decision.policies):
         for direction, rules, peer_side in (("ingress", policy.ingress, "saddr"),
                                             ("egress", policy.egress, "daddr")):
             if rules is not None and (used is None or i in used[direction]):
-                script.policy_chain(f"p{i}_{direction}", policy, rules, peer_side)
+                script.policy_chain(f"{script.policy_names[i]}_{direction}", policy, rules, peer_side)
 
 
 def _table(family: str, script: _Script) -> list[str]:

@@ -320,9 +320,9 @@ def test_a_failed_ruleset_is_retried_without_a_new_event_and_measured(tmp_path: 
     assert 4 * 1.5 <= (value("pybridge_policy_implementation_delay_seconds_sum") or 0) <= 4 * took
     assert value("pybridge_policy_implementation_delay_seconds_bucket", {"le": "1.0"}) == 0
     assert value("pybridge_policy_set_elements") == 1  # 10.244.1.5 in the ingress map
-    # inet: 4 in each base chain, the pod's chain jumps the policy's (empty) and drops; bridge:
-    # 4 in each base chain
-    assert value("pybridge_policy_rules") == 4 + 4 + 2 + 4 + 4
+    # inet: 4 in each base chain (forward_ingress, forward_egress, input_egress), the pod's chain
+    # jumps the policy's (empty) and drops; bridge: 4 in each base chain
+    assert value("pybridge_policy_rules") == 4 + 4 + 4 + 2 + 4 + 4
 
 
 def test_in_cluster_without_a_service_account_is_an_error_never_the_environments_kubeconfig(

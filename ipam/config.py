@@ -8,7 +8,9 @@ wrote, e.g. `ipam.ranges[0][0].subnet` or `runtimeConfig.ipRanges[1][0].gateway`
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import combinations
@@ -241,7 +243,35 @@ def _check_disjoint(range_sets: tuple[RangeSet, ...]) -> None:
             )
 
 
+# What of a netconf and CNI_ARGS the IPAM config is made of (nothing else is read).
+_INPUTS = ("name", "ipam", "runtimeConfig", "capabilities", "args")
+# A long-lived caller (the agent) loads the same few configs for every call: parsing one cost an
+# ADD ~0.2 ms (pydantic, ipaddress), a hit ~0.02. Bounded in entries and in each key's size;
+# errors are not kept (each call raises its own). The config is frozen, so sharing it is safe.
+_KEPT_CONFIGS = 64
+_MAX_KEY = 16 * 1024
+
+
 def load_ipam_config(netconf: Mapping[str, Any], cni_args: Mapping[str, str]) -> IPAMConfig:
+    try:
+        key = json.dumps([*(netconf.get(k) for k in _INPUTS), cni_args.get("IP")])
+    except (TypeError, ValueError, RecursionError):  # not JSON-shaped: parsed as it is
+        return _load(netconf, cni_args)
+    if len(key) > _MAX_KEY:
+        return _load(netconf, cni_args)
+    return _load_kept(key)
+
+
+@functools.lru_cache(maxsize=_KEPT_CONFIGS)
+def _load_kept(key: str) -> IPAMConfig:
+    """The config of the inputs `key` holds (load_ipam_config's key: JSON keeps key order, so
+    an invalid config's first error is the same as from the netconf itself)."""
+    *values, ip = json.loads(key)
+    netconf = {k: v for k, v in zip(_INPUTS, values, strict=True) if v is not None}
+    return _load(netconf, {"IP": ip} if ip is not None else {})
+
+
+def _load(netconf: Mapping[str, Any], cni_args: Mapping[str, str]) -> IPAMConfig:
     name = netconf.get("name")
     if not isinstance(name, str):
         raise _invalid("name", "a string is required")

@@ -220,9 +220,11 @@ class Agent:
                 conn.sendall(busy(call, ATTACHMENT_TIMEOUT))
                 return
             code, out, err = self._dispatch(call)
-            if code == 0 and call.command == "ADD" and call.program == programs.PYBRIDGE:
-                placement.after_add(call.env, out, os.path.join(os.path.dirname(self.path), PLACEMENT))
             self._deliver(conn, call, code, out, err)
+            if code == 0 and call.command == "ADD" and call.program == programs.PYBRIDGE:
+                # Once the runtime has its answer: the ADD never waits for the placement
+                # (docs/networkpolicy.md), and an ADD undone for want of a caller is not announced.
+                placement.after_add(call.env, out, os.path.join(os.path.dirname(self.path), PLACEMENT))
 
     def _accepted(self, conn: socket.socket, call: Call, deadline: float) -> bool:
         """The handshake, within the client's deadline: decline a call the agent may not serve,

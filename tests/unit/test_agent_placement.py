@@ -31,7 +31,8 @@ def _serve_one_add(monkeypatch: pytest.MonkeyPatch, caller_gone: bool) -> list[s
     """One ADD through Agent._answer, its verb stubbed: what happened, in order."""
     agent = Agent("/nonexistent/agent.sock")
     events: list[str] = []
-    call = Call(program="pybridge", caller_env=ENV, env=ENV, stdin=b"{}", fds=[], pod_fd=None, root_fd=None)
+    call = Call(program="pybridge", caller_env=ENV, env=ENV, stdin=b"{}", config={}, fds=[], pod_fd=None,
+                root_fd=None)
     monkeypatch.setattr(server, "unframe", lambda *_a: call)
     monkeypatch.setattr(agent, "_accepted", lambda *_a: True)
     monkeypatch.setattr(agent, "_dispatch", lambda _call: (0, RESULT, ""))

@@ -25,6 +25,7 @@ $(PY):
 VENV_STAMP := $(VENV)/.installed
 venv: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml | $(PY)
+	@echo "installing pybridge and its test tools from PyPI into $(VENV) (quiet; minutes the first time)"
 	$(PY) -m pip install -q -e '.[test,bundle,kind]'
 	touch $@
 

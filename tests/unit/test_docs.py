@@ -51,7 +51,11 @@ def _texts() -> dict[Path, str]:
 
 @functools.cache
 def _tracked() -> frozenset[str]:
-    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"the docs tests list the repository with `git ls-files` in a clone ({exc}): "
+                    "apt-get install git (make deps does)")
     return frozenset(out.split())
 
 

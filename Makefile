@@ -25,15 +25,19 @@ $(PY):
 VENV_STAMP := $(VENV)/.installed
 venv: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml | $(PY)
+	@echo "installing pybridge and its test tools from PyPI into $(VENV) (quiet; minutes the first time)"
 	$(PY) -m pip install -q -e '.[test,bundle,kind]'
 	touch $@
 
 # A venv under $(PREFIX); in $(CNI_BIN_DIR) the compiled client that forwards to the agent, and
 # behind it, in $(PREFIX)/libexec, launchers that start the venv's interpreter by absolute path
-# with -I -S (never the pyenv shim on PATH) and serve the call in-process when no agent runs.
+# with -I -S (never the pyenv shim on PATH) and serve the call in-process when no agent runs. The
+# manual goes to $(PREFIX)/share/doc/pybridge, where the systemd units' Documentation= points.
 install:
 	$(PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q .
+	install -d $(PREFIX)/share/doc/pybridge/docs
+	install -m 0644 README.md $(PREFIX)/share/doc/pybridge/ && install -m 0644 docs/*.md $(PREFIX)/share/doc/pybridge/docs/
 	$(PREFIX)/bin/python -I -m cni_plugin.install --bin-dir $(CNI_BIN_DIR) --libexec-dir $(PREFIX)/libexec
 
 demo: packages-demo venv

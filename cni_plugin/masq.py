@@ -179,16 +179,26 @@ def _chain(network: str, container_id: str, ifname: str) -> str:
 _binary = hostnet.find_binary
 
 
+# The Debian package each binary comes from, for the error that says what to install.
+_PACKAGE = {"nft": NFTABLES, "iptables": IPTABLES, "ip6tables": IPTABLES}
+
+
 def _required(name: str) -> str:
     binary = _binary(name)
     if binary is None:
-        raise CNIError(MASQ_FAILED, f"masquerade needs {name}", "not found in PATH or sbin")
+        raise CNIError(MASQ_FAILED, f"masquerade needs {name}",
+                       f"not in PATH or sbin: install {_PACKAGE[name]}, or set ipMasq false")
     return binary
 
 
 def _backend(backend: str | None) -> str:
     if backend is None:
-        return NFTABLES if _binary("nft") else IPTABLES
+        if _binary("nft"):
+            return NFTABLES
+        if not _binary("iptables") and not _binary("ip6tables"):
+            raise CNIError(MASQ_FAILED, "masquerade needs nft or iptables",
+                           "neither in PATH or sbin: install nftables, or set ipMasq false")
+        return IPTABLES
     if backend not in (NFTABLES, IPTABLES):
         raise CNIError(INVALID_CONFIG, "invalid masquerade backend", f"{backend[:32]!r}")
     return backend

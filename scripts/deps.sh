@@ -13,9 +13,10 @@ DEMO=(iproute2 nftables busybox-static make)
 # test: what the tiers exec. Go + the two Debian Go sources build tests/interop's libcni and
 # go-cni drivers offline; containerd + runc: tests/e2e and kind-sim; buildah + debootstrap:
 # kind-sim's images and tests/bundle's root; gcc: the compiled client (make install, bundle);
-# openssl: kind-sim's API server certificate; the reference plugins: interop and bench.
+# openssl: kind-sim's API server certificate; the reference plugins: interop and bench; git: the
+# unit tier's docs tests list the repository with `git ls-files` (a minimal Debian has none).
 TEST=("${DEMO[@]}" iptables containernetworking-plugins golang-go golang-github-appc-cni-dev
-      golang-github-containerd-go-cni-dev containerd runc debootstrap buildah openssl gcc libc6-dev)
+      golang-github-containerd-go-cni-dev containerd runc debootstrap buildah openssl gcc libc6-dev git)
 # The Prometheus server tests/netns/test_prometheus.py starts, without its Recommends
 # (node-exporter would start a service).
 TEST_NO_RECOMMENDS=(prometheus)

@@ -1,5 +1,7 @@
-"""Issue 26's runtime-level proofs on containerd 2.x: what only 2.x does (STATUS on each CRI
-Status for a 1.1.0 conflist, 1.1.0 conflists at all), so each test skips on 1.6 saying why.
+"""Issue 26's runtime-level proofs: what only containerd 2.x does (STATUS on each CRI Status for a
+1.1.0 conflist, 1.1.0 conflists at all), each skipped on 1.6 saying why; and the collection of
+what the runtime forgot, on both (on 1.6, whose libcni caches no netns path, pybridge's netns
+record alone tells the collector which netns to look for).
 
 Each test installs its own conflist (its own network name, so containerd's loaded config tells
 which one is live) in place of the node's and puts the node's back afterwards."""
@@ -284,10 +286,9 @@ def failing_del(node: Node) -> Iterator[None]:
         path.unlink()
 
 
-def test_gc_releases_what_a_wiped_runtime_and_a_failing_chained_del_left_on_containerd2(
+def test_gc_releases_what_a_wiped_runtime_and_a_failing_chained_del_left(
     node: Node, failing_del: None, install: Callable[[dict[str, Any]], None], pods: Pods
 ) -> None:
-    _needs_2x(node, "the 2.x kill and wipe; on 1.6 pybridge's netns record alone decides, not run there yet")
     install(_gc_conflist(node))
     victim = pods.run("victim")
     stuck = pods.run("stuck")
@@ -322,14 +323,13 @@ def test_gc_releases_what_a_wiped_runtime_and_a_failing_chained_del_left_on_cont
     assert node.cri.pod_status(after.id)["network"]["ip"] == after.ip
 
 
-def test_gc_after_containerd_killed_during_a_burst_on_containerd2(
+def test_gc_after_containerd_killed_during_a_burst(
     node: Node, failing_del: None, install: Callable[[dict[str, Any]], None], pods: Pods
 ) -> None:
     """kill -9 of containerd, its shims and the plugins mid-ADD while RunPodSandbox calls are
     under way, its state lost with it. The collector releases every attachment the kill left,
     also those of an ADD killed before libcni cached its result (pybridge done, the chained
     plugin not): pybridge recorded their netns itself. The pod made afterwards keeps everything."""
-    _needs_2x(node, "the 2.x kill and wipe; on 1.6 pybridge's netns record alone decides, not run there yet")
     install(_gc_conflist(node))
     mark = len(node.cni_calls())
 

@@ -35,6 +35,10 @@ def test_install_layout(installed: tuple[Path, Path]) -> None:
         reply = subprocess.run([str(bin_dir / program)], input=b"{}", capture_output=True, check=False,
                                env={"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]})
         assert reply.returncode == 0 and b'"1.1.0"' in reply.stdout
+    # The manual the systemd units' Documentation= names.
+    doc = prefix / "share/doc/pybridge"
+    assert (doc / "docs/operations.md").read_text() == (ROOT / "docs/operations.md").read_text()
+    assert (doc / "README.md").is_file()
 
 
 def test_installed_plugin_serves_add_and_del(installed: tuple[Path, Path], host: Host) -> None:

@@ -79,6 +79,13 @@ def test_the_test_set_keeps_every_package_ci_installed(stubs: Path) -> None:
     assert _installed(calls) >= CI_PACKAGES, CI_PACKAGES - _installed(calls)
 
 
+def test_the_test_set_has_git(stubs: Path) -> None:
+    """A debootstrap minbase bookworm has no git, which the unit tier's test_docs lists the
+    repository with: make unit failed there after make deps."""
+    _, calls = deps(stubs, "test", missing="all")
+    assert "git" in _installed(calls), _installed(calls)
+
+
 def test_the_demo_set_is_small(stubs: Path) -> None:
     _, calls = deps(stubs, "demo", missing="all")
     installed = _installed(calls)

@@ -51,7 +51,11 @@ def _texts() -> dict[Path, str]:
 
 @functools.cache
 def _tracked() -> frozenset[str]:
-    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"the docs tests list the repository with `git ls-files` in a clone ({exc}): "
+                    "apt-get install git (make deps does)")
     return frozenset(out.split())
 
 
@@ -188,3 +192,34 @@ def test_layout_names_every_test_tier() -> None:
     layout = _layout()
     missing = sorted(t for t in tiers if not re.search(rf"\b{re.escape(t)}/", layout))
     assert not missing, f"README.md Layout omits tests/{missing}"
+
+
+def test_systemd_units_link_to_installed_docs() -> None:
+    """Every Documentation= of conf/'s units is a file `make install` puts under PREFIX."""
+    prefix = "/opt/pybridge"
+    dry = subprocess.run(["make", "-n", "-C", str(REPO), "install", f"PREFIX={prefix}"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    installed = _installed_docs(dry, prefix)
+    links = [(unit.name, uri) for unit in sorted((REPO / "conf").glob("*.s*"))
+             if unit.suffix in (".service", ".socket")
+             for line in unit.read_text().splitlines() if line.startswith("Documentation=")
+             for uri in line.partition("=")[2].split()]
+    assert len(links) >= 2, "no Documentation= found in conf/*.service, *.socket"
+    bad = [f"{unit}: {uri}" for unit, uri in links
+           if not uri.startswith(("http://", "https://")) and uri.removeprefix("file://") not in installed]
+    assert not bad, f"unit links to files make install does not install: {bad}"
+
+
+def _installed_docs(dry_run: str, prefix: str) -> set[str]:
+    """The doc files `make -n install` copies: `install -m MODE FILE... DIR/` lines, each source
+    file checked to exist in the repository."""
+    installed = set()
+    for command in re.split(r"\n|&&", dry_run):
+        words = command.split()
+        if words[:1] != ["install"] or "-d" in words or not words[-1].startswith(f"{prefix}/share/doc"):
+            continue
+        dest, sources = words[-1], [w for w in words[1:-1] if not w.startswith("-") and not w.isdigit()]
+        for pattern in sources:
+            for source in sorted(REPO.glob(pattern)):
+                installed.add(f"{dest.rstrip('/')}/{source.name}")
+    return installed

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.node.netpol import compile
+from cni_plugin.node.netpol import compile, tiers
 from cni_plugin.node.netpol.agent import NetpolAgent
-from cni_plugin.node.netpol.objects import Refusal, parse_address, parse_cidr
+from cni_plugin.node.netpol.objects import Cause, Refusal, parse_address, parse_cidr
 
 from .netpol_world import ME, namespaces, policy, v4, v6, verdict, world_pods
 
@@ -152,6 +152,7 @@ def test_an_unreadable_ingress_field_isolates_the_selected_pods(spec: dict[str, 
     assert [(f["object"], f["field"], f["kept"]) for f in logged] == [("x/bad", field, True)]
     assert [f["policy"] for event, f in seen.logs if event == "netpol-closed"] == ["x/bad"]
     assert seen.closed[-1] == {"invalid": 1, "not-compiled": 0}
+    assert [r.cause for r in seen.refusals] == [Cause.INVALID]
     assert f'comment "x/bad refused: {field}"' in applied[-1]  # what `pybridge doctor` reads
 
 
@@ -213,6 +214,7 @@ def test_a_failure_to_compile_closes_the_direction(monkeypatch: pytest.MonkeyPat
                        "error": "not compiled: ArithmeticError: a bug"}]
     assert 'comment "x/p refused: spec.ingress"' in applied[-1]
     assert seen.closed[-1] == {"invalid": 0, "not-compiled": 1}
+    assert [r.cause for r in agent.closed] == [Cause.NOT_COMPILED]  # typed, whatever the message says
     agent.reconcile()  # logged once, not at every ruleset
     assert len([e for e, _f in seen.logs if e == "netpol-closed"]) == 1
 
@@ -256,3 +258,17 @@ def test_malformed_pods_and_namespaces_are_left_out_alone() -> None:
         ("Namespace", "/y", "metadata"), ("Pod", "x/a", "metadata"), ("Pod", "x/b", "spec"),
         ("Pod", "x/c", "status")]
     assert [f["kept"] for e, f in seen.logs if e == "netpol-refused" and f["object"] == "x/a"] == [False]
+
+
+def test_a_cluster_policy_failure_to_compile_is_counted_not_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: Any) -> tiers.TierRule:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(tiers, "_rule", broken)
+    rule = {"action": "Accept", "from": [{"namespaces": {}}]}
+    cnp = {"metadata": {"name": "c"},
+           "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {}}, "ingress": [rule]}}
+    agent, seen, _applied = _agent([], cluster=[cnp])
+    assert [(r.kind, r.name, r.cause) for r in agent.closed] == [
+        ("ClusterNetworkPolicy", "c", Cause.NOT_COMPILED)]
+    assert seen.closed[-1] == {"invalid": 0, "not-compiled": 1}

@@ -28,7 +28,7 @@ from ... import placement
 from ...netlink import NetlinkError
 from ..loop import Event, Log, Stream, drive, pump
 from . import apply, claims, cluster, compile, delta, nft, objects, tiers
-from .objects import KINDS, Address, Model, Refusal
+from .objects import KINDS, Address, Cause, Model, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
 Key = tuple[str, str]
@@ -50,17 +50,6 @@ class Observer(Protocol):
     def policies_refused(self, reasons: Mapping[str, int]) -> None: ...
     def applied(self, delays: Sequence[float], rules: int, elements: int) -> None: ...
     def apply_failed(self) -> None: ...
-
-
-# Why a policy selecting pods of this node is enforced closed in a direction (`policies_refused`).
-INVALID, NOT_COMPILED = "invalid", "not-compiled"
-REASONS = (INVALID, NOT_COMPILED)
-
-
-def _reason(refusal: Refusal) -> str:
-    """not-compiled: the compiler failed on a direction (compile._direction_rules says so in its
-    reason); invalid: a field of the object could not be read."""
-    return NOT_COMPILED if refusal.reason.startswith("not compiled") else INVALID
 
 
 class Arrivals(queue.Queue[Event]):
@@ -153,8 +142,8 @@ class NetpolAgent:
                      error=refusal.reason[:300])
         self.closed = closed
         if self.observer:
-            reasons = Counter(r for p in enforced for r in {_reason(f) for f in p.refused})
-            self.observer.policies_refused({r: reasons[r] for r in REASONS})
+            causes = Counter(c for p in enforced for c in {f.cause for f in p.refused})
+            self.observer.policies_refused({c.value: causes[c] for c in Cause})
         if self.ports is not None:
             try:
                 self.port_map = self.ports()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from .objects import (
     Address,
+    Cause,
     Direction,
     EgressRule,
     IngressRule,
@@ -204,7 +205,7 @@ def _direction_rules(policy: NetworkPolicy, world: World, direction: Direction, 
         return tuple(_rule(r, policy, world, direction, targets) for r in rules or ())
     except Exception as exc:  # a bug here must close this direction, not drop the policy
         refused.append(Refusal("NetworkPolicy", _name(policy), f"spec.{direction.lower()}",
-                               f"not compiled: {type(exc).__name__}: {exc}"))
+                               f"not compiled: {type(exc).__name__}: {exc}", Cause.NOT_COMPILED))
         return ()
 
 

@@ -17,6 +17,7 @@ import copy
 import ipaddress
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -160,6 +161,14 @@ class Metadata(Name):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+class Cause(StrEnum):
+    """Why a policy is enforced closed in a direction: the reason label of
+    pybridge_netpol_policies_refused (ops/node_metrics.py)."""
+
+    INVALID = "invalid"  # a field of the object could not be read
+    NOT_COMPILED = "not-compiled"  # the compiler failed on a direction (a bug, closed not dropped)
+
+
 @dataclass(frozen=True)
 class Refusal:
     """A field of an API object that could not be read, and what was done instead."""
@@ -167,7 +176,8 @@ class Refusal:
     kind: str
     name: str  # "namespace/name"
     field: str  # "spec.ingress.0.from.0.ipBlock.except.0"
-    reason: str
+    reason: str  # for people: logs, the rule comment
+    cause: Cause = Cause.INVALID
 
 
 class NetworkPolicy(_Api):

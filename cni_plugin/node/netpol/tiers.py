@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .cluster import KIND, Action, ClusterNetworkPolicy, EgressRule, IngressRule, NamespacedPod, Peer, Tier
 from .compile import Decision, NamedPort, PortRange, Rule, World, merge_ranges
-from .objects import DIRECTIONS, Address, Direction, LabelSelector, Namespace, Network, Pod, Refusal
+from .objects import DIRECTIONS, Address, Cause, Direction, LabelSelector, Namespace, Network, Pod, Refusal
 from .selectors import matches
 
 DENY_ALL = Rule(peers=None, ranges=None)
@@ -120,7 +120,7 @@ def _direction(policy: ClusterNetworkPolicy, direction: Direction, world: World,
         return tuple(_rule(r, world, subjects) for r in policy.rules(direction))
     except Exception as exc:  # a bug here must close this direction, not drop the policy
         refused.append(Refusal(KIND, policy.metadata.name, f"spec.{direction.lower()}",
-                               f"not compiled: {type(exc).__name__}: {exc}"))
+                               f"not compiled: {type(exc).__name__}: {exc}", Cause.NOT_COMPILED))
         return (TierRule("Deny", DENY_ALL),)
 
 

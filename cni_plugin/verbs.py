@@ -130,7 +130,7 @@ def cmd_add(req: Request) -> dict[str, Any]:
     return result.to_version(req.cni_version)
 
 
-def _delete_pod_link(req: Request) -> None:
+def _delete_pod_link(req: Request, bridge: str) -> None:
     ifname = req.cmd.ifname
     try:
         fd = _open_pod_netns(req)
@@ -141,10 +141,16 @@ def _delete_pod_link(req: Request) -> None:
         if req.removals is None:
             netns.run_in(fd, lambda: link.pod_delete(ifname))
             return
-        index = netns.run_in(fd, lambda: link.pod_detach(ifname))
-        if index is not None:
+        pod = netns.run_in(fd, lambda: link.pod_detach(ifname))
+        if pod is None:
+            return
+        with link.route_socket() as sock:
+            marked = link.mark_host_end(sock, pod, fd, bridge)
+        if marked:  # swept with the others marked (cnikit/removals.py)
+            req.removals.submit(link.sweep_removed)
+        else:
             later = os.dup(fd)
-            req.removals.submit(lambda: _finish_removal(later, index))
+            req.removals.submit(lambda: _finish_removal(later, pod.index))
     finally:
         os.close(fd)
 
@@ -168,7 +174,7 @@ def _release_ipam(req: Request, conf: BridgeConf) -> None:
 def cmd_del(req: Request) -> None:
     conf = _load(req)
     if req.cmd.netns:
-        _delete_pod_link(req)
+        _delete_pod_link(req, conf.bridge)
     if conf.ipam_type:
         _release_ipam(req, conf)
     if conf.ip_masq:

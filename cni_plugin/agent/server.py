@@ -28,7 +28,7 @@ from cnikit.spec.errors import CNIError
 from cnikit.turns import Turns
 from ipam.index import Indexes
 
-from .. import netns, placement
+from .. import link, netns, placement
 from . import activation, wire
 from .call import Call, admissible, busy, unframe
 from .intake import REQUEST_TIMEOUT, Incoming, Intake, close_all, decline, raise_fd_limit
@@ -268,12 +268,17 @@ class Agent:
 
     def _run(self, program: str, env: Mapping[str, str], stdin: bytes, out: io.StringIO,
              err: io.StringIO, pod_fd: int | None) -> int:
-        """One verb through the same skel as the exec'd plugin, in a turn of its own."""
-        with self._turns.turn() as held:
-            if not held:
-                self.observer.ran_without_turn()
-            return skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program, stderr=err,
-                            netns_fd=pod_fd, removals=self.removals, ipam_indexes=self.ipam_indexes)
+        """One verb through the same skel as the exec'd plugin, in a turn of its own; deferred
+        removals wait while it runs."""
+        self.removals.call_started()
+        try:
+            with self._turns.turn() as held:
+                if not held:
+                    self.observer.ran_without_turn()
+                return skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program, stderr=err,
+                                netns_fd=pod_fd, removals=self.removals, ipam_indexes=self.ipam_indexes)
+        finally:
+            self.removals.call_finished()
 
 
 def _go(conn: socket.socket) -> bool:
@@ -315,6 +320,7 @@ def run(path: str | None, observer: Observer | None, endpoint: Endpoint,
         print(f"pybridge agent: {exc}", file=sys.stderr)
         return 2
     endpoint.ready_when(agent.listening)
+    agent.removals.submit(link.sweep_removed)  # what an agent that died left marked (link.py)
     if bound is not None:
         bound(agent)
     agent.serve_forever()

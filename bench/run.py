@@ -567,8 +567,10 @@ def render(
         "| figure | " + " | ".join(labels) + " |",
         "|---" * (len(labels) + 1) + "|",
     ]
-    rows = churn_rows(results, args.churn) if args.churn_only else table(results, args.scale, args.parallel,
-                                                                          args.churn)
+    if args.churn_only:  # nothing but the churn figure, if any (then CRI, with --cri-pods)
+        rows = churn_rows(results, args.churn) if results else []
+    else:
+        rows = table(results, args.scale, args.parallel, args.churn)
     for name, cells in rows:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for runtime, timings in (cri or {}).items():

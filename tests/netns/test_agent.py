@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin import link
+from cni_plugin import link, netns
 from cni_plugin.agent import wire
 
 from .harness import Host, StandInAgent, bridge_conf, pod_json
@@ -207,3 +208,33 @@ def test_the_next_agent_removes_links_a_dead_agent_marked_but_no_others(host: Ho
     host.start_agent(host.agent_socket.parent / "agent2.log")
     assert _gone(host, {"pbt-left", "pbt-left-peer"})
     assert keep <= set(host.links())
+
+
+def test_a_detached_pod_end_marks_its_host_end_and_one_request_deletes_the_group(host: Host) -> None:
+    """The batch path itself (the tests above also pass one link at a time): only a port of the
+    network's bridge is marked, and the sweep deletes it by group."""
+    if host.agent is not None:
+        pytest.skip("calls the plugin's functions directly: one run is enough")
+    conf = bridge_conf(host)
+    pod = host.new_pod()
+    veth = host.add(conf, pod, "marked")["interfaces"][1]["name"]
+    host_fd = os.open(f"/run/netns/{host.name}", os.O_RDONLY)
+    pod_fd = os.open(f"/run/netns/{pod}", os.O_RDONLY)
+
+    def detach_and_mark() -> tuple[bool, bool]:
+        pod_end = netns.run_in(pod_fd, lambda: link.pod_detach("eth0"))
+        assert pod_end is not None
+        with link.route_socket() as sock:
+            return (link.mark_host_end(sock, pod_end, pod_fd, "br-other"),
+                    link.mark_host_end(sock, pod_end, pod_fd, conf["bridge"]))
+
+    try:
+        assert netns.run_in(host_fd, detach_and_mark) == (False, True)
+        shown = host.links()[veth]
+        assert (shown["group"], shown["ifalias"]) == (str(link.REMOVAL_GROUP), link.REMOVAL_ALIAS)
+        netns.run_in(host_fd, link.sweep_removed)
+        assert veth not in host.links()
+        assert [lnk["ifname"] for lnk in pod_json(host, pod, "link", "show")] == ["lo"]
+    finally:
+        os.close(host_fd)
+        os.close(pod_fd)

@@ -268,17 +268,12 @@ class Agent:
 
     def _run(self, program: str, env: Mapping[str, str], stdin: bytes, out: io.StringIO,
              err: io.StringIO, pod_fd: int | None) -> int:
-        """One verb through the same skel as the exec'd plugin, in a turn of its own; deferred
-        removals wait while it runs."""
-        self.removals.call_started()
-        try:
-            with self._turns.turn() as held:
-                if not held:
-                    self.observer.ran_without_turn()
-                return skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program, stderr=err,
-                                netns_fd=pod_fd, removals=self.removals, ipam_indexes=self.ipam_indexes)
-        finally:
-            self.removals.call_finished()
+        """One verb through the same skel as the exec'd plugin, in a turn of its own."""
+        with self._turns.turn() as held:
+            if not held:
+                self.observer.ran_without_turn()
+            return skel.run(_verbs_for(program), env, io.BytesIO(stdin), out, program=program, stderr=err,
+                            netns_fd=pod_fd, removals=self.removals, ipam_indexes=self.ipam_indexes)
 
 
 def _go(conn: socket.socket) -> bool:

@@ -63,6 +63,33 @@ def settle(links: int, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def churn_round(
+    pool: concurrent.futures.Executor, size: int, adds: int, binary: str, conf: dict[str, Any], tag: str,
+    pods: list[str], env: dict[str, str],
+) -> tuple[list[float], int, float, list[tuple[float, int, Any]]]:
+    """`size` pods made (untimed), then all of them deleted at once while `adds` ADDs for other
+    pods are timed one after another: what a pod start costs while others are torn down (their
+    veths still being removed, by the plugin or, for pybridge, by its agent after answering).
+    Returns the ADDs' ms, how many began with some deletion still pending (a deleted pod's host
+    veth still there), the DEL burst's wall ms and every call's result."""
+    links = non_bridges()
+    _, made = burst(pool, size, binary, "ADD", conf, tag, pods, env)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as runner:
+        dels = runner.submit(burst, pool, size, binary, "DEL", conf, tag, pods, env)
+        timed, pending, results = [], 0, list(made)
+        for j in range(adds):
+            pending += non_bridges() - links - j > 0
+            result = call(binary, "ADD", conf, f"{tag}-t{j}", pods[size + j], env)
+            timed.append(result[0])
+            results.append(result)
+        del_wall, deleted = dels.result()
+    results += deleted
+    settle(links + adds)
+    results += [call(binary, "DEL", conf, f"{tag}-t{j}", pods[size + j], env) for j in range(adds)]
+    settle(links)
+    return timed, pending, del_wall, results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--binary", required=True)
@@ -73,6 +100,9 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1, help="parallel bursts; the median is reported")
     parser.add_argument("--env", default="{}")
+    parser.add_argument("--churn", type=int, default=0, help="pods deleted at once in each churn round")
+    parser.add_argument("--churn-adds", type=int, default=8, help="ADDs timed during each churn round")
+    parser.add_argument("--churn-rounds", type=int, default=5)
     # A second variant whose sequential calls and parallel bursts alternate with this one's.
     parser.add_argument("--pair-binary")
     parser.add_argument("--pair-conf")
@@ -136,6 +166,19 @@ def main() -> None:
         report[f"{key}par_del_wall"] = sorted(del_walls)[len(del_walls) // 2] if del_walls else None
         report[f"{key}par_errors"] = errors[key]
     report["par_distinct_ips"] = min(distinct, default=None)  # per burst: each ADD got its own IP
+
+    # Churn: ADDs while other pods are deleted, the variants' rounds alternating.
+    for key, *_ in variants:
+        report.update({f"{key}churn_add": [], f"{key}churn_pending": 0, f"{key}churn_del_walls": []})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.churn, 1)) as pool:
+        for r in range(args.churn_rounds if args.churn else 0):
+            for key, binary, vconf, venv in variants if r % 2 == 0 else variants[::-1]:
+                timed, pending, del_wall, results = churn_round(
+                    pool, args.churn, args.churn_adds, binary, vconf, f"{key}churn-{r}", pods, venv)
+                report[f"{key}churn_add"] += timed
+                report[f"{key}churn_pending"] += pending
+                report[f"{key}churn_del_walls"].append(del_wall)
+                report["errors"] += [{"verb": f"{key}churn", "out": out} for _, rc, out in results if rc != 0]
 
     # Scale: ADD latency as the bridge fills up to `scale` pods.
     scale_add = []

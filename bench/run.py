@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 REFERENCE = "/usr/lib/cni"
 PREFIX = "pbt-bench"
 NETPOL_SECTION = "## NetworkPolicy at 500 pods"  # bench/results.md's part that `make bench-netpol` fills
+CHURN_ADDS = 8  # ADDs timed in each churn round (bench/driver.py's default)
 
 
 def progress(step: str) -> None:
@@ -123,6 +124,7 @@ def drive(
     scale: int,
     rounds: int,
     pair: tuple[str, dict[str, Any], dict[str, str]] | None = None,
+    churn: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     conf_file = tmp / f"{config['bridge']}.json"
     conf_file.write_text(json.dumps(config))
@@ -158,6 +160,10 @@ def drive(
             str(rounds),
             "--env",
             json.dumps(env),
+            "--churn",
+            str(churn[0]),
+            "--churn-rounds",
+            str(churn[1]),
             *pair_args,
         ],
         capture_output=True,
@@ -333,6 +339,51 @@ def paired(
         results["reference" if error["verb"].startswith("pair_") else AGENT]["errors"].append(error)
 
 
+def churn(
+    args: argparse.Namespace, world: World, tmp: Path, plan: list[Variant], results: dict[str, dict[str, Any]]
+) -> None:
+    """ADDs while `args.churn` other pods are deleted at once (bench/driver.py: churn_round), the
+    reference's rounds and the agent's alternating in one driver."""
+    named = {variant[0]: variant for variant in plan}
+    _, ref_binary, ref_kind, ref_ipam, ref_env = named["reference"]
+    _, binary, kind, ipam, env = named[AGENT]
+    progress(f"{args.churn_rounds} rounds of ADDs while {args.churn} pods are deleted, reference and agent "
+             "alternating")
+    ref_conf = conf(ref_kind, ref_ipam, "brk0", "10.224.0.0/22", str(tmp / "ipam-churn-ref"))
+    agent_conf = conf(kind, ipam, "brk1", "10.225.0.0/22", str(tmp / "ipam-churn-agent"))
+    with agent_for(AGENT, world, env, binary):
+        report = drive(world, tmp, binary, agent_conf, env, 0, 0, 0, 0, pair=(ref_binary, ref_conf, ref_env),
+                       churn=(args.churn, args.churn_rounds))
+    for label, key in (("reference", "pair_"), (AGENT, "")):
+        results.setdefault(label, {"errors": []})
+        for figure in ("churn_add", "churn_pending", "churn_del_walls"):
+            results[label][figure] = report[f"{key}{figure}"]
+    for error in report["errors"]:
+        results["reference" if error["verb"].startswith("pair_") else AGENT]["errors"].append(error)
+
+
+def churn_rows(results: dict[str, dict[str, Any]], pods: int) -> list[tuple[str, list[str]]]:
+    """The churn figures, ratios to the reference: ADD p50/p99 while `pods` are deleted."""
+    base = results["reference"]
+    rows = []
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        cells = []
+        for report in results.values():
+            if not report.get("churn_add"):
+                cells.append("-")
+                continue
+            value = pct(report["churn_add"], q)
+            cells.append(f"{value:.1f} ({value / pct(base['churn_add'], q):.2f}x)")
+        rows.append((f"ADD {name} ms while {pods} other pods are deleted (churn), rounds alternating", cells))
+    rows.append(("churn: ADDs begun with a deleted pod's veth still there / ADDs timed",
+                 [f"{r['churn_pending']} / {len(r['churn_add'])}" if r.get("churn_add") else "-"
+                  for r in results.values()]))
+    rows.append((f"churn: {pods} parallel DEL wall ms (median of rounds)",
+                 [f"{pct(r['churn_del_walls'], 0.5):.1f}" if r.get("churn_del_walls") else "-"
+                  for r in results.values()]))
+    return rows
+
+
 @contextlib.contextmanager
 def claims_taken(path: str) -> Iterator[list[int]]:
     """A node agent's claim socket at `path` (cni_plugin/placement.py), its datagrams counted."""
@@ -395,7 +446,8 @@ def scale_without_pod_ipv6(
         results[label]["errors"] += report["errors"]
 
 
-def table(results: dict[str, dict[str, Any]], scale: int, parallel: int) -> list[tuple[str, list[str]]]:
+def table(results: dict[str, dict[str, Any]], scale: int, parallel: int, churn: int
+          ) -> list[tuple[str, list[str]]]:
     ref = results["reference"]
     rows: list[tuple[str, list[str]]] = []
 
@@ -434,6 +486,8 @@ def table(results: dict[str, dict[str, Any]], scale: int, parallel: int) -> list
     row("ADD p50 ms, announcing nothing (NetworkPolicy off)",
         lambda r: pct(r["policy_off_add"], 0.5) if r.get("policy_off_add") else None)
     row("claims the node agent received", lambda r: r.get("claims"), "{:d}")
+    if any(r.get("churn_add") for r in results.values()):
+        rows += churn_rows(results, churn)
     row("start-up (VERSION) ms", lambda r: r["startup"])
     row("agent RSS MiB", lambda r: r.get("rss"))
     return rows
@@ -481,6 +535,12 @@ def cri_table(runtime: str, cri: dict[str, list[float]] | str, pods: int, blocks
     for name, q in (("p50 ms", 0.5), ("p95 ms", 0.95)):
         cells = [f"{pct(t, q):.1f} ({pct(t, q) / pct(ref, q):.2f}x)" for t in cri.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    floor = next((t for label, t in cri.items() if label.startswith("floor")), None)
+    if floor:  # bench/cri.py: the runtime's own floor, no pod network
+        base = pct(ref, 0.5) - pct(floor, 0.5)
+        cells = [f"{(pct(t, 0.5) - pct(floor, 0.5)) / base:.2f}" for t in cri.values()]
+        lines.append("| share of the pod start, (p50 - floor p50) / (reference p50 - floor p50) | "
+                     + " | ".join(cells) + " |")
     return lines
 
 
@@ -501,12 +561,18 @@ def render(
         f"Pods: {args.pods} sequential (in-process/bundle: {min(args.pods, 50)}), "
         f"{args.parallel} parallel in {args.rounds} bursts (in-process/bundle: 1), scale {args.scale} "
         "(then again with IPv6 off in the pods). "
+        f"Churn: {args.churn_rounds} rounds of {CHURN_ADDS} ADDs timed while {args.churn} other pods are "
+        "deleted. "
         f"Ratios are to the reference {args.reference_version} in the same run. {sid_line}.",
         "",
         "| figure | " + " | ".join(labels) + " |",
         "|---" * (len(labels) + 1) + "|",
     ]
-    for name, cells in table(results, args.scale, args.parallel):
+    if args.churn_only:  # nothing but the churn figure, if any (then CRI, with --cri-pods)
+        rows = churn_rows(results, args.churn) if results else []
+    else:
+        rows = table(results, args.scale, args.parallel, args.churn)
+    for name, cells in rows:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for runtime, timings in (cri or {}).items():
         lines += ["", *cri_table(runtime, timings, args.cri_pods, args.cri_blocks)]
@@ -532,6 +598,11 @@ def main() -> int:
     parser.add_argument("--json", help="also dump the raw timings here")
     parser.add_argument("--cri-pods", type=int, default=0,
                         help="also time CRI RunPodSandbox for this many pods (containerd, runc)")
+    parser.add_argument("--churn", type=int, default=16,
+                        help="pods deleted at once while ADDs are timed (0: no churn figure)")
+    parser.add_argument("--churn-rounds", type=int, default=6, help="churn rounds per variant")
+    parser.add_argument("--churn-only", action="store_true",
+                        help="only the churn figure (reference and agent), nothing else")
     parser.add_argument("--no-sid", action="store_true",
                         help="without sid's reference plugins (Debian unstable's, scripts/sid.py)")
     args = parser.parse_args()
@@ -546,18 +617,22 @@ def main() -> int:
             args.sid_reference_missing = found
             progress(f"not measured: {found}")
     args.reference_version = reference_version()
-    progress(f"making the netns of {max(args.pods, args.parallel, args.scale)} pods")
+    progress(f"making the netns of {max(args.pods, args.parallel, args.scale, args.churn + CHURN_ADDS)} pods")
     with (
         tempfile.TemporaryDirectory(prefix="pybridge-bench-") as tmpdir,
-        World(max(args.pods, args.parallel, args.scale)) as world,
+        World(max(args.pods, args.parallel, args.scale, args.churn + CHURN_ADDS)) as world,
     ):
         plan = variants(args, Path(tmpdir))
-        results = run_variants(args, world, Path(tmpdir), plan)
-        if args.parallel:
-            paired(args, world, Path(tmpdir), plan, results)
-        if args.scale >= 100:
-            scale_without_pod_ipv6(args, world, Path(tmpdir), plan, results)
-        policy_overhead(args, world, Path(tmpdir), plan, results)
+        results: dict[str, dict[str, Any]] = {}
+        if not args.churn_only:
+            results = run_variants(args, world, Path(tmpdir), plan)
+            if args.parallel:
+                paired(args, world, Path(tmpdir), plan, results)
+            if args.scale >= 100:
+                scale_without_pod_ipv6(args, world, Path(tmpdir), plan, results)
+            policy_overhead(args, world, Path(tmpdir), plan, results)
+        if args.churn:
+            churn(args, world, Path(tmpdir), plan, results)
     cri: dict[str, dict[str, list[float]] | str] | None = None
     if args.cri_pods:
         waited = wait_for_netns_cleanup()
@@ -588,7 +663,7 @@ def main() -> int:
             "# Benchmark results\n\n`make bench` output, committed as measured.\n\n" + text
             + ("\n" + kept if kept else "")
         )
-    return 1 if any(r["errors"] or r["par_errors"] for r in results.values()) else 0
+    return 1 if any(r["errors"] or r.get("par_errors") for r in results.values()) else 0
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ from __future__ import annotations
 import _socket
 import contextlib
 import errno
+import functools
 import os
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from cnikit import turns
@@ -37,6 +38,10 @@ VETH_NAME_TRIES = 10
 # and on a bridge of a thousand ports the first read is often just too early.
 OPER_UP_WAITS = (0.0, 0.0003, 0.001, 0.002, 0.01, 0.05, 0.5, 1.0, 1.0)
 DAD_TIMEOUT = 5.0
+# Host ends of deleted pods, waiting for `sweep_removed`: a link group of their own (a number any
+# tool may use; this one is pybridge's, docs/operations.md) and an alias saying so.
+REMOVAL_GROUP = 0x70627264
+REMOVAL_ALIAS = "pybridge: removing"
 
 
 @dataclass(frozen=True)
@@ -367,17 +372,63 @@ def pod_delete(host: Host, ifname: str) -> None:
                 raise
 
 
-def pod_detach(host: Host, ifname: str) -> int | None:
+def pod_detach(host: Host, ifname: str) -> Link | None:
     """Take the pod end out of service without waiting for the kernel's deletion: down (so the
     bridge port loses its carrier) and renamed (so `ifname` is free for a new ADD at once).
-    Returns its index for `pod_delete_index`; None if there is no veth of that name."""
+    Returns it as it was, for `mark_host_end` or `pod_delete_index`; None if there is no veth
+    of that name."""
     with netlink(host) as sock, netlink_errors(f"detach {ifname}"):
         link = _pod_veth(sock, ifname)
         if link is None:
             return None
         sock.set_link(link.index, up=False)
         sock.rename(link.index, f"pbdel{secrets.token_hex(5)}")
-        return link.index
+        return link
+
+
+def mark_host_end(sock: Netlink, pod: Link, pod_fd: int, bridge: str) -> bool:
+    """Mark the peer of `pod` (a pod end just detached, in netns `pod_fd`) for `sweep_removed`,
+    if it is a port of `bridge` in this netns whose peer is that very link (the same index in
+    the same netns: pod ends of every netns often share one index). False, and nothing marked,
+    otherwise or on any netlink failure: the caller then deletes the pod end by itself."""
+    try:
+        host = get(sock, pod.peer_index) if pod.peer_index else None
+        port_of = find(sock, bridge)
+        if (host is None or port_of is None or host.kind != "veth" or host.master != port_of.index
+                or host.peer_index != pod.index or host.peer_netnsid is None
+                or host.peer_netnsid != sock.netnsid(pod_fd)):
+            return False
+        sock.mark(host.index, REMOVAL_GROUP, REMOVAL_ALIAS)
+    except NetlinkError:
+        return False
+    return True
+
+
+def sweeper(host: Host) -> Callable[[], None]:
+    """The sweep of `host`, one object per host: Removals runs work submitted again before it
+    ran once, by identity."""
+    return _sweepers.setdefault(host, functools.partial(sweep_removed, host))
+
+
+_sweepers: dict[Host, Callable[[], None]] = {}
+
+
+def sweep_removed(host: Host) -> None:
+    """Delete the host ends marked for removal in this netns (their pod ends go with them): all
+    in one request, one kernel batch, when every link of the group carries the mark; else the
+    marked ones one by one. A link of the group without the mark is never deleted."""
+    with netlink(host) as sock, netlink_errors("delete links marked for removal"):
+        members = sock.group_members(REMOVAL_GROUP)
+        ours = [index for index, alias in members if alias == REMOVAL_ALIAS]
+        if ours and len(ours) == len(members):
+            try:
+                sock.delete_group(REMOVAL_GROUP)
+            except NetlinkError as exc:
+                if exc.errno != errno.ENODEV:  # gone meanwhile (their netns was deleted)
+                    raise
+            return
+        for index in ours:
+            delete_link(sock, index)
 
 
 def pod_delete_index(host: Host, index: int) -> None:

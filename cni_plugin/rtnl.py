@@ -37,6 +37,8 @@ IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33
 IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_ARP_NOTIFY = 26, 1, 22
 IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 31, 32
 IFLA_LINK_NETNSID = 37
+IFLA_IFALIAS, IFLA_GROUP, IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS = 20, 27, 29, 1 << 3
+RTM_GETNSID, NETNSA_NSID, NETNSA_FD = 90, 1, 3
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS, IFA_TARGET_NETNSID = 1, 2, 4, 8, 10
 IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
@@ -80,6 +82,10 @@ def _u32(data: bytes) -> int:
     return int(struct.unpack("=I", data[:4])[0])
 
 
+def _s32(data: bytes) -> int:
+    return int(struct.unpack("=i", data[:4])[0])
+
+
 def _parse_link(body: bytes) -> Link:
     _family, _type, index, flags, _change = _IFINFO.unpack_from(body)
     fields = dict(_attrs(body, _IFINFO.size))
@@ -95,6 +101,7 @@ def _parse_link(body: bytes) -> Link:
         kind=kind,
         master=_u32(fields[IFLA_MASTER]) if IFLA_MASTER in fields else None,
         peer_index=_u32(fields[IFLA_LINK]) if IFLA_LINK in fields else None,
+        peer_netnsid=_s32(fields[IFLA_LINK_NETNSID]) if IFLA_LINK_NETNSID in fields else None,
         promisc=bool(flags & IFF_PROMISC),
         up=bool(flags & IFF_UP),
         oper_up=IFLA_OPERSTATE in fields and fields[IFLA_OPERSTATE][0] == OPER_UP,
@@ -263,6 +270,37 @@ class Socket:
 
     def delete_link(self, index: int) -> None:
         self.request(RTM_DELLINK, NLM_F_ACK, ifinfo(index))
+
+    def netnsid(self, fd: int) -> int | None:
+        """The id this netns gives the netns `fd` (as a link's IFLA_LINK_NETNSID names it);
+        None if it gives none."""
+        replies = self.request(RTM_GETNSID, 0, b"\0\0\0\0" + attr(NETNSA_FD, struct.pack("=I", fd)))
+        for _kind, body in replies:
+            fields = dict(_attrs(body, 4))
+            if NETNSA_NSID in fields and (nsid := _s32(fields[NETNSA_NSID])) >= 0:
+                return nsid
+        return None
+
+    def mark(self, index: int, group: int, alias: str) -> None:
+        """Put a link in a link group, with an alias (neither takes the kernel any time)."""
+        attrs = attr(IFLA_GROUP, struct.pack("=I", group)) + attr(IFLA_IFALIAS, alias.encode() + b"\0")
+        self.request(RTM_NEWLINK, NLM_F_ACK, ifinfo(index) + attrs)
+
+    def group_members(self, group: int) -> list[tuple[int, str]]:
+        """(index, alias) of every link of a link group."""
+        found = []
+        mask = attr(IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS))
+        for _kind, body in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo() + mask):
+            fields = dict(_attrs(body, _IFINFO.size))
+            if IFLA_GROUP in fields and _u32(fields[IFLA_GROUP]) == group:
+                alias = fields.get(IFLA_IFALIAS, b"").split(b"\0", 1)[0].decode(errors="replace")
+                found.append((_IFINFO.unpack_from(body)[2], alias))
+        return found
+
+    def delete_group(self, group: int) -> None:
+        """Delete every link of a link group in one request: the kernel unregisters them as one
+        batch, with the RCU grace periods of one deletion."""
+        self.request(RTM_DELLINK, NLM_F_ACK, ifinfo() + attr(IFLA_GROUP, struct.pack("=I", group)))
 
     # --- off the hot path: pyroute2 behind the same seam ------------------------------------
 

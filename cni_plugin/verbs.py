@@ -133,7 +133,7 @@ def cmd_add(req: Request) -> dict[str, Any]:
     return result.to_version(req.cni_version)
 
 
-def _delete_pod_link(req: Request, host: Host) -> None:
+def _delete_pod_link(req: Request, host: Host, bridge: str) -> None:
     ifname = req.cmd.ifname
     try:
         fd = _open_pod_netns(req, host)
@@ -144,10 +144,16 @@ def _delete_pod_link(req: Request, host: Host) -> None:
         if req.removals is None:
             host.run_in(fd, lambda: link.pod_delete(host, ifname))
             return
-        index = host.run_in(fd, lambda: link.pod_detach(host, ifname))
-        if index is not None:
+        pod = host.run_in(fd, lambda: link.pod_detach(host, ifname))
+        if pod is None:
+            return
+        with link.netlink(host) as sock:
+            marked = link.mark_host_end(sock, pod, fd, bridge)
+        if marked:  # swept with the others marked (cnikit/removals.py)
+            req.removals.submit(link.sweeper(host))
+        else:
             later = os.dup(fd)
-            req.removals.submit(lambda: _finish_removal(host, later, index))
+            req.removals.submit(lambda: _finish_removal(host, later, pod.index))
     finally:
         os.close(fd)
 
@@ -172,7 +178,7 @@ def cmd_del(req: Request) -> None:
     conf = _load(req)
     host = _host(req)
     if req.cmd.netns:
-        _delete_pod_link(req, host)
+        _delete_pod_link(req, host, conf.bridge)
     if conf.ipam_type:
         _release_ipam(req, conf)
     if conf.ip_masq:

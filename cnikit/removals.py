@@ -1,50 +1,74 @@
-"""Slow teardown finished after the reply: the agent's DEL answers once the pod is out of service.
+"""Slow teardown finished after the reply, many links in one kernel batch.
 
-The kernel takes ~15-25 ms to delete a veth (it waits for RCU grace periods); the reference
-plugin makes the runtime wait for that. In the agent, DEL takes the pod end down and renames it
-(so CNI_IFNAME is free for a new ADD at once, and the bridge port has no carrier), releases the
-address and the rules, answers, and leaves the deletion itself to the one thread here. One
-thread is enough: the kernel deletes links one at a time under its rtnl lock anyway, and a
-thread started per DEL cost the serving thread up to milliseconds in a burst. The agent drains
-these before it exits; should it die first, the runtime's removal of the netns deletes the pair
+The kernel takes ~15-25 ms to delete a veth: with rtnl_lock held it waits for RCU grace periods
+(one set per batch of links, not per link), and every ADD of the node waits for that lock. The
+reference plugin makes the runtime wait for it, one link per DEL. In the agent, DEL takes the
+pod end out of service (down and renamed, so the bridge port has no carrier and CNI_IFNAME is
+free at once), marks the host end for removal, releases the address and the rules, and answers;
+the work it submits here does the deletion itself.
+
+The work runs on the one thread here, everything queued at once, back to back: DELs that come
+while a batch runs go in the next one, and work submitted again before it ran runs once (one
+sweep of the marked links deletes them all in one request: cni_plugin/link.py). Waiting for a
+quiet moment instead was measured worse (bench/results.md): it moved the kernel's batch into the
+ADDs that follow a burst of DELs. The agent drains these before it exits; should it die first,
+the next agent sweeps the marked links, and the runtime's removal of the netns deletes the pair
 with it.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
+import time
 from collections.abc import Callable
 
 from . import log
-from .inflight import InFlight
+
+Work = Callable[[], None]
 
 
 class Removals:
     def __init__(self) -> None:
-        self._pending = InFlight()
-        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Condition()
+        self._queued: list[Work] = []
+        self._running = 0  # work taken off the queue, not yet done
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
 
-    def submit(self, work: Callable[[], None]) -> None:
-        self._pending.started()
-        with self._start_lock:
+    def submit(self, work: Work) -> None:
+        with self._lock:
+            self._queued.append(work)
             if self._thread is None:  # started at the first DEL, then kept
                 self._thread = threading.Thread(target=self._run, name="removal", daemon=True)
                 self._thread.start()
-        self._work.put(work)
+            self._lock.notify_all()
+
+    def _take(self) -> list[Work]:
+        with self._lock:
+            while not self._queued:
+                self._lock.wait()
+            batch, self._queued = list(dict.fromkeys(self._queued)), []
+            self._running = len(batch)
+            return batch
 
     def _run(self) -> None:
         while True:
-            work = self._work.get()
-            try:
-                work()
-            except Exception as exc:
-                log.process().warning("removal_failed", error=str(exc))
-            finally:
-                self._pending.finished()
+            for work in self._take():
+                try:
+                    work()
+                except Exception as exc:
+                    log.process().warning("removal_failed", error=str(exc))
+                finally:
+                    with self._lock:
+                        self._running -= 1
+                        self._lock.notify_all()
 
     def drain(self, timeout: float = 30.0) -> bool:
-        """Wait for the removals under way; False if some were still running at the timeout."""
-        return self._pending.drain(timeout)
+        """Wait for the removals queued and under way; False if some were left at the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._queued or self._running:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+            return True

@@ -28,7 +28,7 @@ from cnikit.spec.errors import CNIError
 from cnikit.turns import Turns
 from ipam.index import Indexes
 
-from .. import netns, placement
+from .. import link, netns, placement
 from ..host import Host, Kernel
 from . import activation, wire
 from .call import Call, admissible, busy, unframe
@@ -308,8 +308,9 @@ def run(path: str | None, observer: Observer | None, endpoint: Endpoint,
         print(f"pybridge agent: {exc}", file=sys.stderr)
         return 2
     # Long-lived: index the IPAM stores rather than read them whole per ADD.
+    kernel = Kernel()
     agent = Agent(path or os.environ.get(wire.SOCKET_ENV) or wire.DEFAULT_SOCKET, observer=observer,
-                  ipam_indexes=Indexes(), host=Kernel())
+                  ipam_indexes=Indexes(), host=kernel)
 
     def stop(_signum: int, _frame: Any) -> None:
         threading.Thread(target=agent.stop, daemon=True).start()
@@ -324,6 +325,7 @@ def run(path: str | None, observer: Observer | None, endpoint: Endpoint,
         print(f"pybridge agent: {exc}", file=sys.stderr)
         return 2
     endpoint.ready_when(agent.listening)
+    agent.removals.submit(link.sweeper(kernel))  # what an agent that died left marked (link.py)
     if bound is not None:
         bound(agent)
     agent.serve_forever()

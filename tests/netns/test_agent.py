@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import time
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin import link, netns
 from cni_plugin.agent import wire
+from cni_plugin.host import Kernel
 
 from .harness import Host, StandInAgent, bridge_conf, pod_json
 
@@ -157,3 +160,84 @@ def test_a_signal_ends_the_agent_with_0_and_the_next_takes_over_a_stale_socket(
     host.add(conf, host.new_pod(), "after")
     calls = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert [c["container_id"] for c in calls if c["event"] == "cni_call"] == ["after"]  # served by the agent
+
+
+def _gone(host: Host, names: set[str], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while names & set(host.links()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _not_ours(host: Host) -> set[str]:
+    """Links the agent must never delete: one in its removal group without its mark, one with
+    its mark's alias outside the group."""
+    host.exec("ip", "link", "add", "pbt-grp", "group", str(link.REMOVAL_GROUP), "type", "veth", "peer",
+              "name", "pbt-grp-peer")
+    host.exec("ip", "link", "add", "pbt-alias", "type", "veth", "peer", "name", "pbt-alias-peer")
+    host.exec("ip", "link", "set", "pbt-alias", "alias", link.REMOVAL_ALIAS)
+    return {"pbt-grp", "pbt-grp-peer", "pbt-alias", "pbt-alias-peer"}
+
+
+def test_deferred_removals_complete_and_spare_links_not_ours(host: Host) -> None:
+    if host.agent is None:
+        pytest.skip("needs the agent")
+    conf = bridge_conf(host)
+    pods = [host.new_pod() for _ in range(6)]
+    keep: set[str] = set()
+    for batch in (pods[:3], pods[3:]):  # the first batch alone in the group, the second not
+        veths = {host.add(conf, pod, pod)["interfaces"][1]["name"] for pod in batch}
+        for pod in batch:
+            assert host.cni("DEL", conf, pod, pod).ok
+        assert _gone(host, veths)  # the agent still runs: removed in the background, within bounds
+        assert keep <= set(host.links())
+        keep = keep or _not_ours(host)
+    for pod in pods:
+        assert [lnk["ifname"] for lnk in pod_json(host, pod, "link", "show")] == ["lo"]
+
+
+def test_the_next_agent_removes_links_a_dead_agent_marked_but_no_others(host: Host) -> None:
+    if host.agent is None:
+        pytest.skip("needs the agent")
+    host.stop_agent()
+    # What an agent killed between a DEL and its sweep leaves: the host end marked for removal.
+    host.exec("ip", "link", "add", "pbt-left", "type", "veth", "peer", "name", "pbt-left-peer")
+    host.exec("ip", "link", "set", "pbt-left", "group", str(link.REMOVAL_GROUP), "alias", link.REMOVAL_ALIAS)
+    keep = _not_ours(host)
+    host.start_agent(host.agent_socket.parent / "agent2.log")
+    assert _gone(host, {"pbt-left", "pbt-left-peer"})
+    assert keep <= set(host.links())
+
+
+def test_a_detached_pod_end_marks_its_host_end_and_one_request_deletes_the_group(host: Host) -> None:
+    """The batch path itself (the tests above also pass one link at a time): only a port of the
+    network's bridge is marked, and the sweep deletes it by group."""
+    if host.agent is not None:
+        pytest.skip("calls the plugin's functions directly: one run is enough")
+    conf = bridge_conf(host)
+    pod = host.new_pod()
+    veth = host.add(conf, pod, "marked")["interfaces"][1]["name"]
+    host_fd = os.open(f"/run/netns/{host.name}", os.O_RDONLY)
+    pod_fd = os.open(f"/run/netns/{pod}", os.O_RDONLY)
+
+    kernel = Kernel()
+
+    def detach_and_mark() -> tuple[bool, bool]:
+        pod_end = netns.run_in(pod_fd, lambda: link.pod_detach(kernel, "eth0"))
+        assert pod_end is not None
+        with link.netlink(kernel) as sock:
+            return (link.mark_host_end(sock, pod_end, pod_fd, "br-other"),
+                    link.mark_host_end(sock, pod_end, pod_fd, conf["bridge"]))
+
+    try:
+        assert netns.run_in(host_fd, detach_and_mark) == (False, True)
+        shown = host.links()[veth]
+        assert (shown["group"], shown["ifalias"]) == (str(link.REMOVAL_GROUP), link.REMOVAL_ALIAS)
+        netns.run_in(host_fd, link.sweeper(kernel))
+        assert veth not in host.links()
+        assert [lnk["ifname"] for lnk in pod_json(host, pod, "link", "show")] == ["lo"]
+    finally:
+        os.close(host_fd)
+        os.close(pod_fd)

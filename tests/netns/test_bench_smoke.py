@@ -21,7 +21,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     raw = tmp_path / "raw.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--pods", "20", "--parallel", "4", "--scale", "100",
-         "--json", str(raw)], capture_output=True, text=True, timeout=600, check=False)
+         "--churn", "4", "--churn-rounds", "2", "--json", str(raw)],
+        capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| ADD p50 ms |" in proc.stdout and "| DEL p99 ms |" in proc.stdout
     import json
@@ -50,5 +51,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert results[label]["paired_par_add_wall"] is not None, label
     # the scale run, then again with IPv6 off in the pods, for the reference and the agent
     assert "| ADD p50 ms, pods 51-100, pods without IPv6 |" in proc.stdout
+    # ADDs while other pods are deleted, the reference's and the agent's rounds alternating
+    assert "| ADD p50 ms while 4 other pods are deleted (churn), rounds alternating |" in proc.stdout
+    for label in ("reference", "pybridge+agent"):
+        assert len(results[label]["churn_add"]) == 2 * 8, label
+        assert len(results[label]["churn_del_walls"]) == 2, label
     for label in {"reference", "reference sid", "pybridge+agent"} & set(results):
         assert len(results[label]["scale_add"]) == 100 and len(results[label]["scale_add_no6"]) == 100

@@ -1,4 +1,5 @@
-"""The agent's deferred removals: one thread, in order, past failures, drained on demand."""
+"""The agent's deferred removals: one thread, in order, past failures, what is queued taken as
+one batch (work submitted again before it ran runs once), drained on demand."""
 
 from __future__ import annotations
 
@@ -26,3 +27,23 @@ def test_removals_run_in_order_on_one_thread_past_a_failure() -> None:
     release.set()
     assert removals.drain(timeout=5)
     assert done == [(0, "removal"), (2, "removal"), (3, "removal"), (4, "removal")]
+
+
+def test_work_submitted_again_before_it_ran_runs_once() -> None:
+    removals = Removals()
+    runs: list[str] = []
+    busy = threading.Event()
+
+    def sweep() -> None:
+        runs.append("sweep")
+
+    removals.submit(lambda: busy.wait(5))  # the thread is busy: what follows queues up
+    for _ in range(3):
+        removals.submit(sweep)
+    removals.submit(lambda: runs.append("other"))
+    busy.set()
+    assert removals.drain(timeout=5)
+    assert runs == ["sweep", "other"]
+    removals.submit(sweep)  # a new DEL after the batch: a new sweep
+    assert removals.drain(timeout=5)
+    assert runs == ["sweep", "other", "sweep"]

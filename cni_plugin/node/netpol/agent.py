@@ -12,6 +12,7 @@ backoff, events or not; no error ends a thread.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import queue
 import socket
@@ -25,11 +26,13 @@ from typing import Any, Protocol
 from ... import placement
 from ...netlink import NetlinkError
 from ..loop import Event, Log, Stream, drive, pump
-from . import apply, claims, cluster, compile, nft, objects, tiers
-from .objects import KINDS, Address, Model, Refusal
+from . import apply, claims, cluster, compile, conntrack, nft, objects, tiers
+from .objects import KINDS, Address, Model, Pod, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
+Forget = Callable[[Collection[Address]], int]
 Key = tuple[str, str]
+Owner = tuple[str, str, str]  # a pod's namespace, name and uid
 WATCHED = (*KINDS, cluster.KIND)
 APPLIER = "netpol"  # the thread that compiles and applies
 PENDING_LIMIT = 10_000  # arrival times kept of the events not yet in force
@@ -90,7 +93,7 @@ class NetpolAgent:
 
     def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log,
                  observer: Observer | None = None, ports: Ports | None = None,
-                 fence: nft.Fence | None = None) -> None:
+                 fence: nft.Fence | None = None, forget: Forget | None = None) -> None:
         self.node_name = node_name
         self.apply_script = apply_script
         self.log = log
@@ -98,6 +101,9 @@ class NetpolAgent:
         self.ports = ports  # the bridge ports of pod addresses (apply.pod_ports); None: not keyed by port
         self.port_map: Mapping[Address, Collection[str]] = {}
         self.fence = fence  # pods not placed yet are isolated (nft.Fence); None: open until placed
+        self.forget = forget  # deletes the conntrack entries of addresses (conntrack.forget)
+        self.owners: dict[Address, Owner] | None = None  # the fence in force: who is placed where
+        self.placing: dict[Address, Owner] | None = None  # the same, of the ruleset being applied
         self.claims = claims.Claims()
         self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in WATCHED}
         self.listed: set[str] = set()
@@ -159,7 +165,33 @@ class NetpolAgent:
         # No policy anywhere: nothing a new pod must be kept from, so pod starts are not held up
         # where NetworkPolicy is unused. The first policy brings the fence with it.
         fence = self.fence if self.objects["NetworkPolicy"] or self.objects[cluster.KIND] else None
+        if fence is not None:
+            decision = self._place(decision, pods)
+        else:
+            self.placing = None
         return nft.ruleset(decision, self.port_map, layers, fence)
+
+    def _place(self, decision: compile.Decision, pods: Sequence[Pod]) -> compile.Decision:
+        """Before a pod is placed at an address no pod or another pod held in the fence in force,
+        the address's conntrack entries go (conntrack.py): an address whose entries could not be
+        deleted is left unplaced, isolated, until a later try succeeds. When the fence comes up,
+        the pods already there keep theirs: they were open until then."""
+        owners = {a: (p.metadata.namespace, p.metadata.name, p.metadata.uid) for p in pods
+                  if p.spec.node_name == self.node_name for a in p.addresses() if a in decision.placed}
+        new = sorted((a for a, o in owners.items() if self.owners is not None and self.owners.get(a) != o),
+                     key=lambda a: (a.version, a))
+        if new and self.forget is not None:
+            try:
+                self.forget(new)
+            except (NetlinkError, OSError) as exc:
+                self.log("netpol-warning", error=f"conntrack of {len(new)} new pod addresses not deleted, "
+                         f"left unplaced: {exc}"[:300])
+                self.failed = True  # tried again after a backoff
+                for address in new:
+                    del owners[address]
+                decision = dataclasses.replace(decision, placed=decision.placed - set(new))
+        self.placing = owners
+        return decision
 
     def reconcile(self) -> bool:
         """True when a new ruleset was applied."""
@@ -168,6 +200,7 @@ class NetpolAgent:
             return False
         script = self.ruleset()
         if script == self.applied:
+            self.owners = self.placing  # a pod in place of another with the same rules: same table
             self.pending = []  # what they changed is in force already
             return False
         try:
@@ -179,6 +212,7 @@ class NetpolAgent:
                 self.observer.apply_failed()
             return False
         self.applied = script
+        self.owners = self.placing
         if self.observer:
             done = time.monotonic()
             self.observer.applied([done - t for t in self.pending], *nft.census(script))
@@ -298,7 +332,7 @@ def launch(node_name: str, api: Any, resync: int, log: Log,
     if fence is None or not fence.valid():
         log("netpol-warning", error="no cluster CIDR or bridge: a new pod is open until the API shows its IP")
         fence = None
-    agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports, fence)
+    agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports, fence, conntrack.forget)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after a backoff.
     enforcement.threads = start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,),

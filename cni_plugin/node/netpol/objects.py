@@ -158,6 +158,7 @@ class Name(_Api):
 
 class Metadata(Name):
     labels: dict[str, str] = Field(default_factory=dict)
+    uid: str = ""  # tells a pod from an earlier one of the same name (a StatefulSet's)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin import placement, rtnl
 from cni_plugin.node.loop import Event
 from cni_plugin.node.netpol import agent as netpol_agent
 from cni_plugin.node.netpol import apply, claims, conntrack, nft
@@ -39,6 +40,7 @@ SUBNET = "10.91.0.0/28"  # the new pod gets one of these; y/p gets the first
 BRIDGE = "h17fp0"
 NODE = "h17-node"
 PORT = 80
+GHOST = "10.91.0.13"  # claimed for y/ghost, on no port
 
 
 def _pod(name: str, ns: str, ips: tuple[str, ...] = ()) -> dict[str, object]:
@@ -97,10 +99,12 @@ def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_fi
     prober_ip = host.add(conf, outside, container_id="y-p")["ips"][0]["address"].split("/")[0]
     agent = node_agent(WorldLike(host))  # type: ignore[arg-type]
     agent.fence = nft.Fence(BRIDGE, (parse_cidr("10.91.0.0/16"),))
+    agent.on_bridge = lambda bridge: apply.pod_ports(lambda: in_netns(host.name, rtnl.Socket), bridge)
     deny = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     agent.handle("NetworkPolicy", "SYNC", [{"metadata": {"name": "deny", "namespace": "x"}, "spec": deny}])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}, {"metadata": {"name": "y"}}])
-    agent.handle("Pod", "SYNC", [_pod("p", "y", (prober_ip,)), _pod("new", "x")])
+    # y/ghost has no port on the bridge: a claim for it (root sends it, by mistake) places nothing
+    agent.handle("Pod", "SYNC", [_pod("p", "y", (prober_ip,)), _pod("new", "x"), _pod("ghost", "y")])
     agent.handle("ClusterNetworkPolicy", "SYNC", [])
     assert agent.reconcile()
     events: queue.Queue[Event] = queue.Queue()
@@ -118,6 +122,8 @@ def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_fi
     try:
         for thread in [*loops, *senders]:
             thread.start()
+        assert placement.announce(placement.Claim(namespace="y", name="ghost", ips=(GHOST,)),  # type: ignore[arg-type]
+                                  str(tmp_path / "run" / "netpol.sock"))
         time.sleep(0.2)
         reply = host.cni("ADD", conf, pod, container_id="x-new",
                          env={"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=new"})
@@ -127,6 +133,7 @@ def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_fi
         while new_ip not in (agent.applied or "") and time.monotonic() < deadline:
             time.sleep(0.01)
         placed = new_ip in (agent.applied or "")
+        ghost = _placed(agent, GHOST)
         time.sleep(0.5)  # under its policy now: still nothing may pass
         forbidden = (_received(at_pod), _received(at_prober))
         sent = (sent_out[0], sent_in[0])
@@ -151,6 +158,7 @@ def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_fi
     assert sent[0] > 100 and sent[1] > 100, sent
     assert forbidden == (0, 0), f"passed that policy forbids (into, out of the new pod): {forbidden}"
     assert placed, "the ADD's claim did not place the pod"
+    assert not ghost, f"a claim placed y/ghost at {GHOST}, no port of the bridge has it"
     assert allowed[0] > 0 and allowed[1] > 0, allowed
 
 
@@ -197,6 +205,7 @@ def test_a_new_pod_at_the_address_of_a_deleted_one_gets_none_of_its_conversation
     agent = node_agent(WorldLike(host))  # type: ignore[arg-type]
     agent.fence = nft.Fence(BRIDGE, (parse_cidr("10.91.0.0/16"),))
     agent.forget = lambda addresses: in_netns(host.name, lambda: conntrack.forget(addresses))
+    agent.on_bridge = lambda bridge: apply.pod_ports(lambda: in_netns(host.name, rtnl.Socket), bridge)
     deny = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     agent.handle("NetworkPolicy", "SYNC", [{"metadata": {"name": "deny", "namespace": "x"}, "spec": deny}])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}, {"metadata": {"name": "y"}}])

@@ -293,3 +293,32 @@ def test_conntrack_entries_of_an_address_are_found_at_either_end_of_either_direc
     assert conntrack._matches(behind_nat, wanted) is not None
     other = _ct_entry(("10.244.1.9", "10.244.1.4"), ("10.244.1.4", "10.244.1.9"))
     assert conntrack._matches(other, wanted) is None
+
+
+def test_a_claim_places_only_addresses_found_on_a_port_of_the_fence_bridge() -> None:
+    asked: list[str] = []
+    found = {ipaddress.ip_address("10.244.1.9")}
+
+    def on_bridge(bridge: str) -> set[Any]:
+        asked.append(bridge)
+        if not found:
+            raise OSError(13, "Permission denied")
+        return found
+
+    logged: list[str] = []
+    agent = NetpolAgent(NODE, lambda _s: None, lambda event, **_k: logged.append(event), fence=FENCE,
+                        on_bridge=on_bridge)
+    for kind, items in (("NetworkPolicy", [DENY]), ("Namespace", [{"metadata": {"name": "x"}}]),
+                        ("ClusterNetworkPolicy", []), ("Pod", [pod("new"), pod("forged")])):
+        agent.handle(kind, "SYNC", items)
+    agent.reconcile()
+    assert asked == []  # no claim: nothing read
+    agent.handle("Claim", "ADDED", claim("new", "10.244.1.9"))
+    agent.handle("Claim", "ADDED", claim("forged", "10.244.1.8"))  # on no port
+    agent.reconcile()
+    assert asked == ["pyb0"]
+    assert elements(agent.applied or "", "placed4").count("10.244.1.") == 1
+    assert "10.244.1.9" in elements(agent.applied or "", "placed4")
+    found.clear()  # the ports cannot be read: no claim places anything
+    agent.reconcile()
+    assert "10.244.1.9" not in elements(agent.applied or "", "placed4") and "netpol-warning" in logged

@@ -31,6 +31,7 @@ from .objects import KINDS, Address, Model, Pod, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
 Forget = Callable[[Collection[Address]], int]
+OnBridge = Callable[[str], Collection[Address]]  # the addresses on the pod side of a bridge's ports
 Key = tuple[str, str]
 Owner = tuple[str, str, str]  # a pod's namespace, name and uid
 WATCHED = (*KINDS, cluster.KIND)
@@ -93,7 +94,8 @@ class NetpolAgent:
 
     def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log,
                  observer: Observer | None = None, ports: Ports | None = None,
-                 fence: nft.Fence | None = None, forget: Forget | None = None) -> None:
+                 fence: nft.Fence | None = None, forget: Forget | None = None,
+                 on_bridge: OnBridge | None = None) -> None:
         self.node_name = node_name
         self.apply_script = apply_script
         self.log = log
@@ -102,6 +104,7 @@ class NetpolAgent:
         self.port_map: Mapping[Address, Collection[str]] = {}
         self.fence = fence  # pods not placed yet are isolated (nft.Fence); None: open until placed
         self.forget = forget  # deletes the conntrack entries of addresses (conntrack.forget)
+        self.on_bridge = on_bridge  # where a claimed address must be (apply.pod_ports); None: unchecked
         self.owners: dict[Address, Owner] | None = None  # the fence in force: who is placed where
         self.placing: dict[Address, Owner] | None = None  # the same, of the ruleset being applied
         self.claims = claims.Claims()
@@ -142,8 +145,19 @@ class NetpolAgent:
             if model is not None:
                 store[_key(payload)] = model
 
+    def _claimable(self) -> Collection[Address] | None:
+        """The addresses a claim may place a pod at: those on the pod side of a port of the fence's
+        bridge (a claim's word alone places nothing); none when they cannot be read."""
+        if self.on_bridge is None or self.fence is None or not self.claims.by_pod:
+            return None
+        try:
+            return self.on_bridge(self.fence.bridge)
+        except (NetlinkError, OSError) as exc:
+            self.log("netpol-warning", error=f"bridge ports not read, claims not used: {exc}"[:300])
+            return ()
+
     def ruleset(self) -> str:
-        pods = list(self.claims.pods(self.objects["Pod"], self.node_name))  # read twice: both tiers
+        pods = list(self.claims.pods(self.objects["Pod"], self.node_name, self._claimable()))  # both tiers
         decision = compile.decide(self.objects["NetworkPolicy"].values(), pods,
                                   self.objects["Namespace"].values(), self.node_name)
         layers = tiers.decide(self.objects[cluster.KIND].values(), pods,
@@ -332,7 +346,8 @@ def launch(node_name: str, api: Any, resync: int, log: Log,
     if fence is None or not fence.valid():
         log("netpol-warning", error="no cluster CIDR or bridge: a new pod is open until the API shows its IP")
         fence = None
-    agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports, fence, conntrack.forget)
+    agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports, fence, conntrack.forget,
+                        lambda bridge: apply.pod_ports(bridge=bridge))
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after a backoff.
     enforcement.threads = start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,),

@@ -2,7 +2,8 @@
 containerd into a default-deny namespace pass no packet the policy forbids, from the moment their
 sandbox exists (docs/networkpolicy.md#new-pods-closed-from-the-first-packet).
 
-A prober pod in a namespace without policy, on the same node, sends UDP to every address of the
+Once deny-all is in force on the node (it selects a canary pod there, not probed), a prober pod in
+a namespace without policy, on the same node, sends UDP to every address of the
 node's podCIDR every few ms; a watcher opens a socket in each new pod netns the moment its pin
 appears (before the ADD finished): it listens there and sends to the prober. No new pod may
 receive the prober's datagrams, nor the prober a new pod's. A pod started last in a namespace

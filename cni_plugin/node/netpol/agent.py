@@ -186,25 +186,31 @@ class NetpolAgent:
         return nft.ruleset(decision, self.port_map, layers, fence)
 
     def _place(self, decision: compile.Decision, pods: Sequence[Pod]) -> compile.Decision:
-        """Before a pod is placed at an address no pod or another pod held in the fence in force,
-        the address's conntrack entries go (conntrack.py): an address whose entries could not be
-        deleted is left unplaced, isolated, until a later try succeeds. When the fence comes up,
+        """Before a pod is placed at an address that no pod held in the fence in force, the
+        address's conntrack entries go (conntrack.py); the fence drops its traffic until then, so
+        none can form in between. An address another pod held there is first unplaced by this
+        transaction (its pod's rules could let new entries form meanwhile), and its entries go
+        at the next try; so is one whose entries could not be deleted. When the fence comes up,
         the pods already there keep theirs: they were open until then."""
         owners = {a: (p.metadata.namespace, p.metadata.name, p.metadata.uid) for p in pods
                   if p.spec.node_name == self.node_name for a in p.addresses() if a in decision.placed}
-        new = sorted((a for a, o in owners.items() if self.owners is not None and self.owners.get(a) != o),
-                     key=lambda a: (a.version, a))
-        if new and self.forget is not None:
-            try:
-                self.forget(new)
-            except (NetlinkError, OSError) as exc:
-                self.log("netpol-warning", error=f"conntrack of {len(new)} new pod addresses not deleted, "
-                         f"left unplaced: {exc}"[:300])
-                self.failed = True  # tried again after a backoff
-                for address in new:
-                    del owners[address]
-                decision = dataclasses.replace(decision, placed=decision.placed - set(new))
-        self.placing = owners
+        if self.owners is None or self.forget is None:
+            self.placing = owners
+            return decision
+        held = self.owners
+        new = sorted((a for a, o in owners.items() if held.get(a) != o), key=lambda a: (a.version, a))
+        later = {a for a in new if a in held}
+        try:
+            if now := [a for a in new if a not in later]:
+                self.forget(now)
+        except (NetlinkError, OSError) as exc:
+            self.log("netpol-warning", error=f"conntrack of {len(new)} new pod addresses not deleted, "
+                     f"left unplaced: {exc}"[:300])
+            later = set(new)
+        if later:
+            self.failed = True  # tried again after a backoff, or with the next events
+            decision = dataclasses.replace(decision, placed=decision.placed - later)
+        self.placing = {a: o for a, o in owners.items() if a not in later}
         return decision
 
     def reconcile(self) -> bool:
@@ -214,7 +220,7 @@ class NetpolAgent:
             return False
         script = self.ruleset()
         if script == self.applied:
-            self.owners = self.placing  # a pod in place of another with the same rules: same table
+            self.owners = self.placing
             self.pending = []  # what they changed is in force already
             return False
         try:

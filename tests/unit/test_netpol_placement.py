@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -297,19 +298,30 @@ def _ct_entry(orig: tuple[str, str], reply: tuple[str, str], zone: bytes = b"") 
         rtnl.attr(18, zone) if zone else b"")
 
 
-def test_conntrack_entries_of_an_address_are_found_at_either_end_of_either_direction() -> None:
+def test_conntrack_entries_of_an_address_are_asked_for_at_either_end_of_either_direction() -> None:
+    from cni_plugin import rtnl
     from cni_plugin.node.netpol import conntrack
 
-    wanted = {ipaddress.ip_address("10.244.1.3")}
-    plain = _ct_entry(("10.244.1.9", "10.244.1.3"), ("10.244.1.3", "10.244.1.9"), zone=b"\0\7")
-    found = conntrack._matches(plain, wanted)
-    assert found is not None and found[0] == socket.AF_INET
-    assert b"\x0a\xf4\x01\x03" in found[1]  # the original tuple
-    assert b"\x06\x00\x12\x00\x00\x07" in found[1]  # and the zone (CTA_ZONE 18, 7)
-    behind_nat = _ct_entry(("10.244.1.9", "10.71.0.10"), ("10.244.1.3", "10.244.1.9"))  # to a Service
-    assert conntrack._matches(behind_nat, wanted) is not None
-    other = _ct_entry(("10.244.1.9", "10.244.1.4"), ("10.244.1.4", "10.244.1.9"))
-    assert conntrack._matches(other, wanted) is None
+    asked = conntrack._filters(ipaddress.ip_address("10.244.1.3"))
+    raw = ipaddress.ip_address("10.244.1.3").packed
+    wanted = set()
+    for tuple_kind, flags_kind in ((1, 1), (2, 2)):  # original, reply
+        for ip_attr, flag in ((1, 1), (2, 2)):  # source, destination
+            wanted.add((socket.AF_INET, rtnl.nested(tuple_kind, rtnl.nested(1, rtnl.attr(ip_attr, raw)))
+                        + rtnl.nested(25, rtnl.attr(flags_kind, struct.pack("=I", flag)))))
+    assert set(asked) == wanted
+    assert {family for family, _ in conntrack._filters(ipaddress.ip_address("fd44::3"))} == {socket.AF_INET6}
+
+
+def test_a_dumped_conntrack_entry_is_deleted_by_its_original_tuple_and_zone() -> None:
+    from cni_plugin.node.netpol import conntrack
+
+    entry = _ct_entry(("10.244.1.9", "10.71.0.10"), ("10.244.1.3", "10.244.1.9"), zone=b"\0\7")
+    key = conntrack._key(entry)
+    assert key is not None and key[0] == socket.AF_INET
+    assert b"\x0a\x47\x00\x0a" in key[1] and b"\x0a\xf4\x01\x03" not in key[1]  # the original tuple
+    assert b"\x06\x00\x12\x00\x00\x07" in key[1]  # and the zone (CTA_ZONE 18, 7)
+    assert conntrack._key(bytes([socket.AF_INET, 0, 0, 0])) is None
 
 
 def test_a_claim_places_only_addresses_found_on_a_port_of_the_fence_bridge() -> None:

@@ -49,10 +49,18 @@ def _filters(address: Address) -> list[tuple[int, bytes]]:
     return out
 
 
-def _key(body: bytes) -> tuple[int, bytes] | None:
-    """(family, the attributes naming the entry for a DELETE) of a dumped entry."""
+def _ends(tuple_attr: bytes) -> list[bytes]:
+    """The raw source and destination addresses of one CTA_TUPLE_* attribute."""
+    return [raw for kind, data in rtnl._attrs(tuple_attr) if kind == CTA_TUPLE_IP
+            for _ip_kind, raw in rtnl._attrs(data)]
+
+
+def _key(body: bytes, address: Address) -> tuple[int, bytes] | None:
+    """(family, the attributes naming the entry for a DELETE) of a dumped entry that has
+    `address` at an end: checked here too, as a kernel older than the filter sends all."""
     fields = dict(rtnl._attrs(body, _NFGEN.size))
-    if CTA_TUPLE_ORIG not in fields:
+    ends = [raw for kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY) for raw in _ends(fields.get(kind, b""))]
+    if CTA_TUPLE_ORIG not in fields or address.packed not in ends:
         return None
     key = rtnl.nested(CTA_TUPLE_ORIG, fields[CTA_TUPLE_ORIG])
     if CTA_ZONE in fields:
@@ -71,7 +79,7 @@ def forget(addresses: Collection[Address], open_socket: Callable[[], rtnl.Socket
             for family, match in _filters(address):
                 for _kind, body in sock.request(_CTNETLINK | IPCTNL_MSG_CT_GET, rtnl.NLM_F_DUMP,
                                                 _NFGEN.pack(family, 0, 0) + match):
-                    if (entry := _key(body)) is not None:
+                    if (entry := _key(body, address)) is not None:
                         found.add(entry)
         for family, key in found:
             try:

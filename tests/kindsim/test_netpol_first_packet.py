@@ -8,7 +8,7 @@ node's podCIDR every few ms; a watcher opens a socket in each new pod netns the 
 appears (before the ADD finished): it listens there and sends to the prober. No new pod may
 receive the prober's datagrams, nor the prober a new pod's. A pod started last in a namespace
 without policy does receive the prober's, and the prober its: the counting sees what passes.
-PYBRIDGE_FIRST_PACKET_PODS pods (default 30, about 25 s; the issue's 200 took 170 s on this
+PYBRIDGE_FIRST_PACKET_PODS pods (default 30, about 30 s; the issue's 200 took 170 s on this
 2-vCPU machine, per runtime of the tier: run by hand, docs/networkpolicy.md#tests).
 """
 

@@ -21,7 +21,7 @@ from cnikit.ip import IPInterface
 
 from .netlink import Link, NetlinkError
 
-NETLINK_ROUTE = 0
+NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
 SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
@@ -129,15 +129,21 @@ def _pyroute2() -> Iterator[Any]:
 
 
 class Socket:
-    """One rtnetlink socket: it stays in the netns it was opened in, whichever thread uses it."""
+    """One rtnetlink socket (or, with `protocol`, another netlink family's: request() only): it
+    stays in the netns it was opened in, whichever thread uses it."""
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: int = NETLINK_ROUTE) -> None:
         kind = _socket.SOCK_RAW | _socket.SOCK_CLOEXEC
-        self._sock = _socket.socket(_socket.AF_NETLINK, kind, NETLINK_ROUTE)
-        self._sock.bind((0, 0))
-        # Strict checking makes the kernel filter dumps by the request's fields (the link of
-        # an address dump), so a bridge with a thousand ports is not read whole each time.
-        self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+        self._sock = _socket.socket(_socket.AF_NETLINK, kind, protocol)
+        try:
+            self._sock.bind((0, 0))
+            if protocol == NETLINK_ROUTE:
+                # Strict checking makes the kernel filter dumps by the request's fields (the link
+                # of an address dump), so a bridge with a thousand ports is not read whole each time.
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+        except OSError:
+            self._sock.close()
+            raise
         self._seq = 0
 
     def close(self) -> None:

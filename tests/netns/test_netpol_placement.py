@@ -11,6 +11,7 @@ datagram may arrive either way. Then a policy letting y in shows the same probes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import socket
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin import placement, rtnl
 from cni_plugin.node.loop import Event
 from cni_plugin.node.netpol import agent as netpol_agent
-from cni_plugin.node.netpol import apply, claims, nft
+from cni_plugin.node.netpol import apply, claims, conntrack, nft
 from cni_plugin.node.netpol.objects import parse_cidr
 
 from .harness import Host, bridge_conf, new_netns
@@ -38,6 +40,7 @@ SUBNET = "10.91.0.0/28"  # the new pod gets one of these; y/p gets the first
 BRIDGE = "h17fp0"
 NODE = "h17-node"
 PORT = 80
+GHOST = "10.91.0.13"  # claimed for y/ghost, on no port
 
 
 def _pod(name: str, ns: str, ips: tuple[str, ...] = ()) -> dict[str, object]:
@@ -96,10 +99,12 @@ def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_fi
     prober_ip = host.add(conf, outside, container_id="y-p")["ips"][0]["address"].split("/")[0]
     agent = node_agent(WorldLike(host))  # type: ignore[arg-type]
     agent.fence = nft.Fence(BRIDGE, (parse_cidr("10.91.0.0/16"),))
+    agent.on_bridge = lambda bridge: apply.pod_ports(lambda: in_netns(host.name, rtnl.Socket), bridge)
     deny = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     agent.handle("NetworkPolicy", "SYNC", [{"metadata": {"name": "deny", "namespace": "x"}, "spec": deny}])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}, {"metadata": {"name": "y"}}])
-    agent.handle("Pod", "SYNC", [_pod("p", "y", (prober_ip,)), _pod("new", "x")])
+    # y/ghost has no port on the bridge: a claim for it (root sends it, by mistake) places nothing
+    agent.handle("Pod", "SYNC", [_pod("p", "y", (prober_ip,)), _pod("new", "x"), _pod("ghost", "y")])
     agent.handle("ClusterNetworkPolicy", "SYNC", [])
     assert agent.reconcile()
     events: queue.Queue[Event] = queue.Queue()
@@ -117,6 +122,8 @@ def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_fi
     try:
         for thread in [*loops, *senders]:
             thread.start()
+        assert placement.announce(placement.Claim(namespace="y", name="ghost", ips=(GHOST,)),  # type: ignore[arg-type]
+                                  str(tmp_path / "run" / "netpol.sock"))
         time.sleep(0.2)
         reply = host.cni("ADD", conf, pod, container_id="x-new",
                          env={"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=new"})
@@ -126,6 +133,7 @@ def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_fi
         while new_ip not in (agent.applied or "") and time.monotonic() < deadline:
             time.sleep(0.01)
         placed = new_ip in (agent.applied or "")
+        ghost = _placed(agent, GHOST)
         time.sleep(0.5)  # under its policy now: still nothing may pass
         forbidden = (_received(at_pod), _received(at_prober))
         sent = (sent_out[0], sent_in[0])
@@ -150,6 +158,7 @@ def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_fi
     assert sent[0] > 100 and sent[1] > 100, sent
     assert forbidden == (0, 0), f"passed that policy forbids (into, out of the new pod): {forbidden}"
     assert placed, "the ADD's claim did not place the pod"
+    assert not ghost, f"a claim placed y/ghost at {GHOST}, no port of the bridge has it"
     assert allowed[0] > 0 and allowed[1] > 0, allowed
 
 
@@ -161,3 +170,97 @@ class WorldLike:
 
     def nft(self) -> list[str]:
         return ["ip", "netns", "exec", self.host.name, "nft"]
+
+
+REUSED = "10.91.1.3"  # the range below has two addresses: the prober's and the one pods take turns at
+
+
+def _placed(agent: netpol_agent.NetpolAgent, address: str) -> bool:
+    """Whether the ruleset in force has `address` in its set placed4."""
+    placed = (agent.applied or "").split("set placed4 {", 1)[-1].split("}", 1)[0]
+    return address in placed.replace(",", " ").split()
+
+
+def _exchange(stop: threading.Event, sock: socket.socket, peer: tuple[str, int], got: list[int]) -> None:
+    """Send to `peer` from `sock` every 2 ms and count what `sock` receives."""
+    while not stop.is_set():
+        with contextlib.suppress(OSError):  # no address or route yet: the next round tries again
+            sock.sendto(b"x", peer)
+        got[0] += _received(sock)
+        time.sleep(0.002)
+
+
+def test_a_new_pod_at_the_address_of_a_deleted_one_gets_none_of_its_conversations(
+        host: Host, tmp_path: Path) -> None:
+    """y/p and y/old talk UDP (y/p:5000 <-> y/old:80; an established conntrack entry). y/old is
+    deleted while y/p goes on sending, and x/new, under default deny, gets its address: nothing
+    of that conversation may reach x/new or come from it, not before its placement (the
+    established entry used to be accepted before the fence) nor after (before the policy). The
+    node agent sees x/new's object only a second after its ADD, so its claim waits meanwhile."""
+    conf = bridge_conf(host, name="h17re", bridge=BRIDGE, isDefaultGateway=True)
+    conf["ipam"]["ranges"] = [[{"subnet": "10.91.1.0/29", "rangeStart": "10.91.1.2", "rangeEnd": REUSED}]]
+    outside, old, new = host.new_pod(), host.new_pod(), host.new_pod()
+    prober_ip = host.add(conf, outside, container_id="y-p")["ips"][0]["address"].split("/")[0]
+    assert host.add(conf, old, container_id="y-old")["ips"][0]["address"] == f"{REUSED}/29"
+    agent = node_agent(WorldLike(host))  # type: ignore[arg-type]
+    agent.fence = nft.Fence(BRIDGE, (parse_cidr("10.91.0.0/16"),))
+    agent.forget = lambda addresses: in_netns(host.name, lambda: conntrack.forget(addresses))
+    agent.on_bridge = lambda bridge: apply.pod_ports(lambda: in_netns(host.name, rtnl.Socket), bridge)
+    deny = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    agent.handle("NetworkPolicy", "SYNC", [{"metadata": {"name": "deny", "namespace": "x"}, "spec": deny}])
+    agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}, {"metadata": {"name": "y"}}])
+    agent.handle("Pod", "SYNC", [_pod("p", "y", (prober_ip,)), _pod("old", "y", (REUSED,))])
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])
+    assert agent.reconcile()
+    events: queue.Queue[Event] = queue.Queue()
+    stop = threading.Event()
+    claim_sock = claims.bind(str(tmp_path / "run" / "netpol.sock"))
+    loops = [threading.Thread(target=claims.receive, args=(claim_sock, events, stop, lambda *a, **k: None)),
+             threading.Thread(target=netpol_agent.serve, args=(agent, events, stop))]
+    client, server = _udp(outside, 5000), _udp(old, PORT)
+    fresh = _udp(new, PORT)  # x/new's, made before its ADD
+    at_client, at_server, at_new = [0], [0], [0]
+    threads = [threading.Thread(target=_exchange, args=(stop, client, (REUSED, PORT), at_client)),
+               threading.Thread(target=_exchange, args=(stop, server, (prober_ip, 5000), at_server))]
+    new_threads = [threading.Thread(target=_exchange, args=(stop, fresh, (prober_ip, 5000), at_new))]
+    try:
+        for thread in [*loops, *threads]:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while not (at_client[0] > 10 and at_server[0] > 10) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        talked = (at_client[0], at_server[0])
+        # y/old goes (DEL, then its API object) while y/p goes on sending; x/new gets its address
+        assert host.cni("DEL", conf, old, container_id="y-old").ok
+        events.put(("Pod", "DELETED", _pod("old", "y", (REUSED,))))
+        deadline = time.monotonic() + 10
+        while _placed(agent, REUSED) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        host.pod_exec(outside, "ip", "neigh", "flush", "dev", "eth0")  # y/p resolves the address anew
+        for thread in new_threads:
+            thread.start()
+        at_client[0] = 0
+        reply = host.cni("ADD", conf, new, container_id="x-new",
+                         env={"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=new"})
+        assert reply.ok, reply.stdout
+        assert reply.out["ips"][0]["address"] == f"{REUSED}/29"  # type: ignore[index]
+        time.sleep(1.0)  # not placed: its claim waits for the pod's object
+        before = (at_new[0], at_client[0])
+        events.put(("Pod", "ADDED", _pod("new", "x")))  # no IP yet: placed by the claim
+        deadline = time.monotonic() + 10
+        while '"x/deny"' not in (agent.applied or "") or f"{REUSED} : jump" not in (agent.applied or ""):
+            assert time.monotonic() < deadline, "x/new was never placed"
+            time.sleep(0.01)
+        time.sleep(1.5)  # placed, under default deny
+        after = (at_new[0] - before[0], at_client[0] - before[1])
+    finally:
+        stop.set()
+        for thread in [*loops, *threads, *new_threads]:
+            if thread.ident is not None:
+                thread.join(timeout=10)
+        for s in (client, server, fresh):
+            s.close()
+        apply.remove(["ip", "netns", "exec", host.name, "nft"])
+    assert talked[0] > 10 and talked[1] > 10, f"y/p and y/old never talked: {talked}"
+    assert before == (0, 0), f"passed before x/new was placed (into it, out of it): {before}"
+    assert after == (0, 0), f"passed once x/new was placed under default deny (into it, out of it): {after}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,14 @@ def test_an_address_not_placed_is_dropped_both_ways_before_any_policy() -> None:
     world = [objects.read("Pod", pod("a", ("10.244.1.2", "fd44::2")))[0]]
     text = nft.ruleset(compile.decide([], world, [], NODE), fence=FENCE)  # type: ignore[arg-type]
     egress, ingress = chain(text, "inet", "forward_egress"), chain(text, "inet", "forward_ingress")
-    assert egress[2:4] == ['iifname "pyb0" ip saddr { 10.244.0.0/16 } ip saddr != @placed4 drop',
+    assert egress[1:3] == ['iifname "pyb0" ip saddr { 10.244.0.0/16 } ip saddr != @placed4 drop',
                            'iifname "pyb0" ip6 saddr { fd44::/48 } ip6 saddr != @placed6 drop']
-    assert ingress[2:4] == ['oifname "pyb0" ip daddr { 10.244.0.0/16 } ip daddr != @placed4 drop',
+    assert ingress[1:3] == ['oifname "pyb0" ip daddr { 10.244.0.0/16 } ip daddr != @placed4 drop',
                             'oifname "pyb0" ip6 daddr { fd44::/48 } ip6 daddr != @placed6 drop']
-    assert egress[0] == ingress[0] == "ct state established,related accept"  # replies first, then the fence
+    # neighbour discovery first, then the fence, and only then conntrack: an entry left by the
+    # address's last pod must not let a pod not placed through
+    assert egress[0].startswith("icmpv6 type") and ingress[0].startswith("icmpv6 type")
+    assert egress[3] == ingress[3] == "ct state established,related accept"
     assert "10.244.1.2" in elements(text, "placed4") and "fd44::2" in elements(text, "placed6")
     # a placed pod no policy selects stays open: it is in no verdict map
     assert "10.244.1.2 : jump" not in text
@@ -188,3 +192,166 @@ def test_a_relist_keeps_a_placed_pod_placed() -> None:
         agent.handle(kind, "SYNC", listed)  # the watch was lost: a fresh list of each kind
         agent.reconcile()
         assert "10.244.1.9 : jump ingress_" in (agent.applied or ""), kind
+
+
+def _recording_agent(calls: list[Any], fail: list[bool] | None = None,
+                     logged: list[str] | None = None) -> NetpolAgent:
+    """An agent whose applies and conntrack deletions are written to `calls`, in order, its log
+    events to `logged`; the deletion raises while fail[0]."""
+    def forget(addresses: Any) -> int:
+        if fail and fail[0]:
+            raise OSError(1, "Operation not permitted")
+        calls.append(("forget", [str(a) for a in addresses]))
+        return 0
+
+    agent = NetpolAgent(NODE, lambda _s: calls.append("apply"),
+                        lambda event, **_k: (logged if logged is not None else []).append(event),
+                        fence=FENCE, forget=forget)
+    agent.handle("NetworkPolicy", "SYNC", [DENY])
+    agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}])
+    agent.handle("ClusterNetworkPolicy", "SYNC", [])
+    return agent
+
+
+def test_conntrack_of_an_address_goes_before_a_new_pod_is_placed_there() -> None:
+    calls: list[Any] = []
+    agent = _recording_agent(calls)
+    agent.handle("Pod", "SYNC", [pod("a", ("10.244.1.2",))])
+    assert agent.reconcile() and calls == ["apply"]  # the fence comes up: the pods there keep theirs
+    agent.handle("Pod", "ADDED", pod("b", ("10.244.1.3", "fd44::3")))
+    assert agent.reconcile()
+    assert calls[1:] == [("forget", ["10.244.1.3", "fd44::3"]), "apply"]  # before the placing transaction
+    agent.handle("Pod", "DELETED", pod("b", ("10.244.1.3", "fd44::3")))
+    assert agent.reconcile() and calls[3:] == ["apply"]  # b's addresses unplaced
+    agent.handle("Pod", "ADDED", pod("c"))
+    agent.handle("Claim", "ADDED", claim("c", "10.244.1.3"))  # another pod at b's address
+    assert agent.reconcile()
+    assert calls[4:] == [("forget", ["10.244.1.3"]), "apply"]
+    agent.handle("Pod", "MODIFIED", pod("a", ("10.244.1.2",)) | {"metadata": {
+        "name": "a", "namespace": "x", "labels": {"pod": "a", "role": "other"}}})
+    agent.reconcile()
+    assert calls[6:] == []  # the same pods where they were (relabelled): nothing goes
+
+
+def test_an_address_that_passes_from_one_pod_to_another_at_once_is_unplaced_first() -> None:
+    """b goes and c comes at its address in one batch: the table in force places the address for
+    b, whose rules may let entries form while they are deleted, so it is unplaced first."""
+    calls: list[Any] = []
+    agent = _recording_agent(calls)
+    agent.handle("Pod", "SYNC", [pod("b", ("10.244.1.3",), ns="y")])  # y: no policy, open
+    agent.reconcile()
+    agent.handle("Pod", "DELETED", pod("b", ("10.244.1.3",), ns="y"))
+    agent.handle("Pod", "ADDED", pod("c", ("10.244.1.3",)))
+    assert agent.reconcile() and agent.failed  # tried again
+    assert calls[1:] == ["apply"] and "10.244.1.3" not in elements(agent.applied or "", "placed4")
+    assert agent.reconcile() and not agent.failed
+    assert calls[2:] == [("forget", ["10.244.1.3"]), "apply"]
+    assert "10.244.1.3" in elements(agent.applied or "", "placed4")
+
+
+def test_a_pod_in_place_of_another_of_the_same_name_still_has_conntrack_forgotten() -> None:
+    calls: list[Any] = []
+    agent = _recording_agent(calls)
+    agent.handle("Pod", "SYNC", [pod("a", ("10.244.1.2",))])
+    agent.reconcile()
+    same = pod("a", ("10.244.1.2",))
+    same["metadata"]["uid"] = "second"  # a StatefulSet's pod made anew, at the same address
+    agent.handle("Pod", "MODIFIED", same)
+    assert agent.reconcile() and calls[1:] == ["apply"]  # unplaced first
+    assert agent.reconcile() and calls[2:] == [("forget", ["10.244.1.2"]), "apply"]
+    agent.reconcile()
+    assert calls[4:] == []  # and only once
+
+
+def test_an_address_whose_conntrack_cannot_be_forgotten_stays_unplaced_until_it_can() -> None:
+    calls: list[Any] = []
+    fail, logged = [True], []
+    agent = _recording_agent(calls, fail, logged)
+    agent.handle("Pod", "SYNC", [])
+    agent.reconcile()
+    agent.handle("Pod", "ADDED", pod("b", ("10.244.1.3",)))
+    agent.reconcile()
+    assert agent.failed  # tried again after a backoff
+    assert "10.244.1.3" not in elements(agent.applied or "", "placed4")
+    assert "netpol-warning" in logged
+    fail[0] = False
+    assert agent.reconcile() and not agent.failed
+    assert "10.244.1.3" in elements(agent.applied or "", "placed4")
+
+
+def test_an_address_two_pods_of_the_node_hold_is_placed_for_neither() -> None:
+    raw = (pod("old", ("10.244.1.2",), ns="y"), pod("new", ("10.244.1.2",)), pod("c", ("10.244.1.4",)))
+    pods = [objects.read("Pod", p)[0] for p in raw]
+    decision = compile.decide([], pods, [], NODE)  # type: ignore[arg-type]
+    assert decision.placed == {ipaddress.ip_address("10.244.1.4")}
+
+
+def _ct_entry(orig: tuple[str, str], reply: tuple[str, str], zone: bytes = b"") -> bytes:
+    """A dumped conntrack entry as ctnetlink sends it (IPv4, addresses only)."""
+    from cni_plugin import rtnl
+
+    def tuple_(kind: int, ends: tuple[str, str]) -> bytes:
+        source, destination = (ipaddress.ip_address(end).packed for end in ends)
+        ips = rtnl.attr(1, source) + rtnl.attr(2, destination)
+        return rtnl.nested(kind, rtnl.nested(1, ips))
+    return bytes([socket.AF_INET, 0, 0, 0]) + tuple_(1, orig) + tuple_(2, reply) + (
+        rtnl.attr(18, zone) if zone else b"")
+
+
+def test_conntrack_entries_of_an_address_are_asked_for_at_either_end_of_either_direction() -> None:
+    from cni_plugin import rtnl
+    from cni_plugin.node.netpol import conntrack
+
+    asked = conntrack._filters(ipaddress.ip_address("10.244.1.3"))
+    raw = ipaddress.ip_address("10.244.1.3").packed
+    wanted = set()
+    for tuple_kind, flags_kind in ((1, 1), (2, 2)):  # original, reply
+        for ip_attr, flag in ((1, 1), (2, 2)):  # source, destination
+            wanted.add((socket.AF_INET, rtnl.nested(tuple_kind, rtnl.nested(1, rtnl.attr(ip_attr, raw)))
+                        + rtnl.nested(25, rtnl.attr(flags_kind, struct.pack("=I", flag)))))
+    assert set(asked) == wanted
+    assert {family for family, _ in conntrack._filters(ipaddress.ip_address("fd44::3"))} == {socket.AF_INET6}
+
+
+def test_a_dumped_conntrack_entry_is_deleted_by_its_original_tuple_and_zone() -> None:
+    from cni_plugin.node.netpol import conntrack
+
+    address = ipaddress.ip_address("10.244.1.3")
+    entry = _ct_entry(("10.244.1.9", "10.71.0.10"), ("10.244.1.3", "10.244.1.9"), zone=b"\0\7")  # DNAT
+    key = conntrack._key(entry, address)
+    assert key is not None and key[0] == socket.AF_INET
+    assert b"\x0a\x47\x00\x0a" in key[1] and b"\x0a\xf4\x01\x03" not in key[1]  # the original tuple
+    assert b"\x06\x00\x12\x00\x00\x07" in key[1]  # and the zone (CTA_ZONE 18, 7)
+    # what a kernel without the filter would send as well: not this address's, never deleted
+    other = _ct_entry(("10.244.1.9", "10.244.1.4"), ("10.244.1.4", "10.244.1.9"))
+    assert conntrack._key(other, address) is None
+    assert conntrack._key(bytes([socket.AF_INET, 0, 0, 0]), address) is None
+
+
+def test_a_claim_places_only_addresses_found_on_a_port_of_the_fence_bridge() -> None:
+    asked: list[str] = []
+    found = {ipaddress.ip_address("10.244.1.9")}
+
+    def on_bridge(bridge: str) -> set[Any]:
+        asked.append(bridge)
+        if not found:
+            raise OSError(13, "Permission denied")
+        return found
+
+    logged: list[str] = []
+    agent = NetpolAgent(NODE, lambda _s: None, lambda event, **_k: logged.append(event), fence=FENCE,
+                        on_bridge=on_bridge)
+    for kind, items in (("NetworkPolicy", [DENY]), ("Namespace", [{"metadata": {"name": "x"}}]),
+                        ("ClusterNetworkPolicy", []), ("Pod", [pod("new"), pod("forged")])):
+        agent.handle(kind, "SYNC", items)
+    agent.reconcile()
+    assert asked == []  # no claim: nothing read
+    agent.handle("Claim", "ADDED", claim("new", "10.244.1.9"))
+    agent.handle("Claim", "ADDED", claim("forged", "10.244.1.8"))  # on no port
+    agent.reconcile()
+    assert asked == ["pyb0"]
+    assert elements(agent.applied or "", "placed4").count("10.244.1.") == 1
+    assert "10.244.1.9" in elements(agent.applied or "", "placed4")
+    found.clear()  # the ports cannot be read: no claim places anything
+    agent.reconcile()
+    assert "10.244.1.9" not in elements(agent.applied or "", "placed4") and "netpol-warning" in logged

@@ -14,6 +14,7 @@ again after an exponential backoff, events or not; no error ends a thread.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import queue
 import socket
@@ -27,11 +28,14 @@ from typing import Any, Protocol
 from ... import placement
 from ...netlink import NetlinkError
 from ..loop import Event, Log, Stream, drive, pump
-from . import apply, claims, cluster, compile, delta, nft, objects, tiers
-from .objects import KINDS, Address, Cause, Model, Refusal
+from . import apply, claims, cluster, compile, conntrack, delta, nft, objects, tiers
+from .objects import KINDS, Address, Cause, Model, Pod, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
+Forget = Callable[[Collection[Address]], int]
+OnBridge = Callable[[str], Collection[Address]]  # the addresses on the pod side of a bridge's ports
 Key = tuple[str, str]
+Owner = tuple[str, str, str]  # a pod's namespace, name and uid
 WATCHED = (*KINDS, cluster.KIND)
 APPLIER = "netpol"  # the thread that compiles and applies
 PENDING_LIMIT = 10_000  # arrival times kept of the events not yet in force
@@ -81,7 +85,8 @@ class NetpolAgent:
 
     def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log,
                  observer: Observer | None = None, ports: Ports | None = None,
-                 fence: nft.Fence | None = None) -> None:
+                 fence: nft.Fence | None = None, forget: Forget | None = None,
+                 on_bridge: OnBridge | None = None) -> None:
         self.node_name = node_name
         self.apply_script = apply_script
         self.log = log
@@ -89,6 +94,10 @@ class NetpolAgent:
         self.ports = ports  # the bridge ports of pod addresses (apply.pod_ports); None: not keyed by port
         self.port_map: Mapping[Address, Collection[str]] = {}
         self.fence = fence  # pods not placed yet are isolated (nft.Fence); None: open until placed
+        self.forget = forget  # deletes the conntrack entries of addresses (conntrack.forget)
+        self.on_bridge = on_bridge  # where a claimed address must be (apply.pod_ports); None: unchecked
+        self.owners: dict[Address, Owner] | None = None  # the fence in force: who is placed where
+        self.placing: dict[Address, Owner] | None = None  # the same, of the ruleset being applied
         self.claims = claims.Claims()
         self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in WATCHED}
         self.listed: set[str] = set()
@@ -129,8 +138,19 @@ class NetpolAgent:
             if model is not None:
                 store[_key(payload)] = model
 
+    def _claimable(self) -> Collection[Address] | None:
+        """The addresses a claim may place a pod at: those on the pod side of a port of the fence's
+        bridge (a claim's word alone places nothing); none when they cannot be read."""
+        if self.on_bridge is None or self.fence is None or not self.claims.by_pod:
+            return None
+        try:
+            return self.on_bridge(self.fence.bridge)
+        except (NetlinkError, OSError) as exc:
+            self.log("netpol-warning", error=f"bridge ports not read, claims not used: {exc}"[:300])
+            return ()
+
     def ruleset(self) -> str:
-        pods = list(self.claims.pods(self.objects["Pod"], self.node_name))  # read twice: both tiers
+        pods = list(self.claims.pods(self.objects["Pod"], self.node_name, self._claimable()))  # both tiers
         decision = compile.decide(self.objects["NetworkPolicy"].values(), pods,
                                   self.objects["Namespace"].values(), self.node_name)
         layers = tiers.decide(self.objects[cluster.KIND].values(), pods,
@@ -152,7 +172,39 @@ class NetpolAgent:
         # No policy anywhere: nothing a new pod must be kept from, so pod starts are not held up
         # where NetworkPolicy is unused. The first policy brings the fence with it.
         fence = self.fence if self.objects["NetworkPolicy"] or self.objects[cluster.KIND] else None
+        if fence is not None:
+            decision = self._place(decision, pods)
+        else:
+            self.placing = None
         return nft.ruleset(decision, self.port_map, layers, fence)
+
+    def _place(self, decision: compile.Decision, pods: Sequence[Pod]) -> compile.Decision:
+        """Before a pod is placed at an address that no pod held in the fence in force, the
+        address's conntrack entries go (conntrack.py); the fence drops its traffic until then, so
+        none can form in between. An address another pod held there is first unplaced by this
+        transaction (its pod's rules could let new entries form meanwhile), and its entries go
+        at the next try; so is one whose entries could not be deleted. When the fence comes up,
+        the pods already there keep theirs: they were open until then."""
+        owners = {a: (p.metadata.namespace, p.metadata.name, p.metadata.uid) for p in pods
+                  if p.spec.node_name == self.node_name for a in p.addresses() if a in decision.placed}
+        if self.owners is None or self.forget is None:
+            self.placing = owners
+            return decision
+        held = self.owners
+        new = sorted((a for a, o in owners.items() if held.get(a) != o), key=lambda a: (a.version, a))
+        later = {a for a in new if a in held}
+        try:
+            if now := [a for a in new if a not in later]:
+                self.forget(now)
+        except (NetlinkError, OSError) as exc:
+            self.log("netpol-warning", error=f"conntrack of {len(new)} new pod addresses not deleted, "
+                     f"left unplaced: {exc}"[:300])
+            later = set(new)
+        if later:
+            self.failed = True  # tried again after a backoff, or with the next events
+            decision = dataclasses.replace(decision, placed=decision.placed - later)
+        self.placing = {a: o for a, o in owners.items() if a not in later}
+        return decision
 
     def reconcile(self) -> bool:
         """True when a new ruleset was applied."""
@@ -161,6 +213,7 @@ class NetpolAgent:
             return False
         script = self.ruleset()
         if script == self.applied:
+            self.owners = self.placing
             self.pending = []  # what they changed is in force already
             return False
         model = delta.parse(script)
@@ -174,6 +227,7 @@ class NetpolAgent:
                 self.observer.apply_failed()
             return False
         self.applied, self.model = script, model
+        self.owners = self.placing
         if self.observer:
             done = time.monotonic()
             self.observer.applied([done - t for t in self.pending], *nft.census(script))
@@ -306,7 +360,8 @@ def launch(node_name: str, api: Any, resync: int, log: Log,
     if fence is None or not fence.valid():
         log("netpol-warning", error="no cluster CIDR or bridge: a new pod is open until the API shows its IP")
         fence = None
-    agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports, fence)
+    agent = NetpolAgent(node_name, apply.replace, log, observer, apply.pod_ports, fence, conntrack.forget,
+                        lambda bridge: apply.pod_ports(bridge=bridge))
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after a backoff.
     enforcement.threads = start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,),

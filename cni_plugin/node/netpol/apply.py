@@ -48,13 +48,23 @@ def enable_bridge_netfilter(proc_sys: str = "/proc/sys") -> list[str]:
     return errors
 
 
-def pod_ports(open_socket: Callable[[], rtnl.Socket] = rtnl.Socket) -> dict[Address, set[str]]:
+def pod_ports(open_socket: Callable[[], rtnl.Socket] = rtnl.Socket,
+              bridge: str | None = None) -> dict[Address, set[str]]:
     """Each address on the pod side of a bridge port (a veth whose peer is in another netns),
     with the ports it is on: what the bridge table keys policy on (nft.py). Read in the netns
-    of the socket (default: this process's), without entering the pods' netns."""
+    of the socket (default: this process's), without entering the pods' netns. With `bridge`,
+    the ports of that bridge only (none if it does not exist)."""
     found: dict[Address, set[str]] = {}
     with open_socket() as sock:
+        master = None
+        if bridge is not None:
+            link = sock.link_by_name(bridge)
+            if link is None:
+                return found
+            master = link.index
         for link, nsid in sock.bridge_ports():
+            if master is not None and link.master != master:
+                continue
             try:
                 addresses = sock.peer_addresses(nsid, link.peer_index or 0)
             except NetlinkError as exc:

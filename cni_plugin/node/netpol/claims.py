@@ -2,7 +2,8 @@
 
 A new pod is isolated until the node agent places it (nft.Fence). Its IPs reach the API only
 after its ADD returned, so the ADD announces them on a root-only datagram socket; the pod's
-labels come from the watch, and the pod is placed with the claimed addresses. The API's
+labels come from the watch, and the pod is placed with the claimed addresses that the node agent
+finds on the pod side of a port of its bridge (a claim's word alone places nothing). The API's
 addresses win once it has them. A claim for a pod not (yet) seen waits for it, at most TTL
 seconds; at most MAX claims are kept (the oldest go first): a claim that went leaves its
 address isolated, never open.
@@ -16,11 +17,11 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from ... import placement
 from ..loop import Event, Log
-from .objects import Pod, PodIP, PodStatus
+from .objects import Address, Pod, PodIP, PodStatus
 
 Key = tuple[str, str]
 TTL = 300.0
@@ -42,8 +43,10 @@ class Claims:
     def forget(self, key: Key) -> None:
         self.by_pod.pop(key, None)
 
-    def pods(self, pods: Mapping[Key, Pod], node_name: str) -> Iterable[Pod]:
-        """The pods, each local one the API shows without addresses given its claimed ones.
+    def pods(self, pods: Mapping[Key, Pod], node_name: str,
+             on_bridge: Collection[Address] | None = None) -> Iterable[Pod]:
+        """The pods, each local one the API shows without addresses given its claimed ones, of
+        those `on_bridge` (the addresses found on the pod side of the bridge's ports; None: all).
         Claims the API made moot (addresses shown, another node, finished) or too old are dropped."""
         now = self.clock()
         for key, (_claim, since) in list(self.by_pod.items()):
@@ -60,7 +63,8 @@ class Claims:
             if claim is None:
                 yield pod
             else:
-                status = PodStatus(phase=pod.status.phase, podIPs=tuple(PodIP(ip=ip) for ip in claim.ips))
+                ips = [ip for ip in claim.ips if on_bridge is None or ip in on_bridge]
+                status = PodStatus(phase=pod.status.phase, podIPs=tuple(PodIP(ip=ip) for ip in ips))
                 yield pod.model_copy(update={"status": status})
 
 

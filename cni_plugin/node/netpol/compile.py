@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -66,7 +67,7 @@ class PolicyRules:
 class Decision:
     """The policies selecting pods of this node, and for each local pod address the indices of
     the policies selecting it, per direction. Addresses absent from a map are open that way.
-    `placed`: every address of this node's pods (selected or not): what the node agent decided."""
+    `placed`: every address of one pod of this node (selected or not): what the node agent decided."""
 
     policies: tuple[PolicyRules, ...]
     ingress: Mapping[Address, tuple[int, ...]]
@@ -239,6 +240,9 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
             if policy.affects(direction):
                 for address in (a for pod in targets for a in pod.addresses()):
                     table.setdefault(address, []).append(index)
-    placed = frozenset(a for pod in local for a in pod.addresses())
+    # An address two pods of this node hold (one gone, its object not yet) is placed for neither:
+    # the newer one would get the union of both pods' rules until then.
+    held = Counter(a for pod in local for a in set(pod.addresses()))
+    placed = frozenset(a for a, pods in held.items() if pods == 1)
     return Decision(tuple(compiled), {a: tuple(i) for a, i in ingress.items()},
                     {a: tuple(i) for a, i in egress.items()}, placed)

@@ -40,7 +40,9 @@ passes only a rule whose peers are all addresses or an ipBlock holding it.
 With a Fence, a pod the node agent has not placed yet (not in @placed4/@placed6: its ADD gave it
 an address the agent has not decided on) is isolated both ways from its first packet: a packet
 from (to) the fence's bridge whose source (destination) is in the cluster's pod networks but not
-placed is dropped in the inet table. (The bridge table cannot do the same for its other
+placed is dropped in the inet table, before conntrack's established/related accept: an entry
+left by the address's last pod passes no packet of a pod not placed (and the node agent deletes
+such entries before it places the new pod: conntrack.py). (The bridge table cannot do the same for its other
 addresses: naming the bridge of a port there needs `meta ibrname`, CONFIG_NFT_BRIDGE_META.)
 """
 
@@ -241,8 +243,10 @@ class _Script:
         lookup = [f"\t\tip {key} vmap @{direction}4", f"\t\tip6 {key} vmap @{direction}6", "\t}"]
         self.chains += [f"\tchain forward_{direction} {{",
                         f"\t\ttype filter hook forward priority {priority}; policy accept;",
-                        *_NOT_JUDGED,
+                        f"\t\ticmpv6 type {{ {_NEIGHBOUR} }} accept",
+                        # before conntrack: an entry left by the address's last pod is no pass
                         *_unplaced(fence, "iifname" if key == "saddr" else "oifname", key),
+                        "\t\tct state established,related accept",
                         *lookup]
         if direction == "egress":  # the API exempts only ingress from the pod's own node
             self.chains += ["\tchain input_egress {",

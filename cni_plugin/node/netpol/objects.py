@@ -159,6 +159,7 @@ class Name(_Api):
 
 class Metadata(Name):
     labels: dict[str, str] = Field(default_factory=dict)
+    uid: str = ""  # tells a pod from an earlier one of the same name (a StatefulSet's)
 
 
 class Cause(StrEnum):

@@ -1,0 +1,93 @@
+"""Connection tracking state of pod addresses, forgotten before a new pod is placed at them.
+
+The netpol tables accept what conntrack calls established before any policy judges it (replies of
+accepted connections must pass). An entry outlives the pod that made it: a peer that keeps
+sending to a deleted pod's address keeps the entry alive, and the next pod given that address
+would receive it, and answer on it, past its own policy. So the node agent deletes every entry
+of an address just before it places a new pod there (agent.py): until that transaction the
+address is not placed and the fence drops its traffic before conntrack is consulted, so no new
+entry can be confirmed in between.
+
+ctnetlink encoded with struct on rtnl's socket, as the hot path's requests are (pyroute2's
+Conntrack cost 30-45 ms per request here, a loop per request), the table filtered by the kernel.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import struct
+from collections.abc import Callable, Collection
+
+from ... import rtnl
+from ...netlink import NetlinkError
+from .objects import Address
+
+_CTNETLINK = 1 << 8  # NFNL_SUBSYS_CTNETLINK, in the message type's high byte
+IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ZONE, CTA_FILTER = 1, 2, 18, 25
+CTA_TUPLE_IP = 1
+CTA_FILTER_ORIG_FLAGS, CTA_FILTER_REPLY_FLAGS = 1, 2
+CTA_FILTER_FLAG_IP_SRC, CTA_FILTER_FLAG_IP_DST = 1, 2
+_IP_ATTR = {(4, "src"): 1, (4, "dst"): 2, (6, "src"): 3, (6, "dst"): 4}  # CTA_IP_V4_SRC...
+_NFGEN = struct.Struct("=BBH")  # family, version (0), resource id
+
+
+def _filters(address: Address) -> list[tuple[int, bytes]]:
+    """(family, the dump request's attributes) of the four kernel-side filtered dumps (Linux 5.8+)
+    that find the entries with `address` at either end of either direction: the kernel walks its
+    table, only matches come back (a Python walk of a 10 000-entry table took about a second)."""
+    family = _socket.AF_INET if address.version == 4 else _socket.AF_INET6
+    out = []
+    directions = ((CTA_TUPLE_ORIG, CTA_FILTER_ORIG_FLAGS), (CTA_TUPLE_REPLY, CTA_FILTER_REPLY_FLAGS))
+    for tuple_kind, flags_kind in directions:
+        for end, flag in (("src", CTA_FILTER_FLAG_IP_SRC), ("dst", CTA_FILTER_FLAG_IP_DST)):
+            ip = rtnl.nested(CTA_TUPLE_IP, rtnl.attr(_IP_ATTR[(address.version, end)], address.packed))
+            match = rtnl.nested(tuple_kind, ip)
+            flags = rtnl.nested(CTA_FILTER, rtnl.attr(flags_kind, struct.pack("=I", flag)))
+            out.append((family, match + flags))
+    return out
+
+
+def _ends(tuple_attr: bytes) -> list[bytes]:
+    """The raw source and destination addresses of one CTA_TUPLE_* attribute."""
+    return [raw for kind, data in rtnl._attrs(tuple_attr) if kind == CTA_TUPLE_IP
+            for _ip_kind, raw in rtnl._attrs(data)]
+
+
+def _key(body: bytes, address: Address) -> tuple[int, bytes] | None:
+    """(family, the attributes naming the entry for a DELETE) of a dumped entry that has
+    `address` at an end: checked here too, as a kernel older than the filter sends all."""
+    fields = dict(rtnl._attrs(body, _NFGEN.size))
+    ends = [raw for kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY) for raw in _ends(fields.get(kind, b""))]
+    if CTA_TUPLE_ORIG not in fields or address.packed not in ends:
+        return None
+    key = rtnl.nested(CTA_TUPLE_ORIG, fields[CTA_TUPLE_ORIG])
+    if CTA_ZONE in fields:
+        key += rtnl.attr(CTA_ZONE, fields[CTA_ZONE])
+    return body[0], key
+
+
+def forget(addresses: Collection[Address], open_socket: Callable[[], rtnl.Socket] | None = None) -> int:
+    """Delete the conntrack entries with one of `addresses` at either end (original or reply
+    direction, so NAT's too) in the socket's netns (default: this process's); how many went.
+    NetlinkError or OSError when conntrack cannot be read or changed (no CAP_NET_ADMIN)."""
+    deleted = 0
+    with (open_socket or (lambda: rtnl.Socket(rtnl.NETLINK_NETFILTER)))() as sock:
+        found: set[tuple[int, bytes]] = set()  # an entry may match several filters
+        for address in addresses:
+            for family, match in _filters(address):
+                for _kind, body in sock.request(_CTNETLINK | IPCTNL_MSG_CT_GET, rtnl.NLM_F_DUMP,
+                                                _NFGEN.pack(family, 0, 0) + match):
+                    if (entry := _key(body, address)) is not None:
+                        found.add(entry)
+        for family, key in found:
+            try:
+                sock.request(_CTNETLINK | IPCTNL_MSG_CT_DELETE, rtnl.NLM_F_ACK,
+                             _NFGEN.pack(family, 0, 0) + key)
+            except NetlinkError as exc:
+                if exc.errno != errno.ENOENT:  # gone meanwhile (timed out, or deleted by another)
+                    raise
+                continue
+            deleted += 1
+    return deleted

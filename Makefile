@@ -44,7 +44,7 @@ demo: packages-demo venv
 	bash scripts/demo.sh
 
 lint: venv
-	$(VENV)/bin/ruff check cnikit cni_plugin ipam tests bench scripts
+	$(VENV)/bin/ruff check cnikit cni_plugin ipam tests bench scripts testbed
 	$(VENV)/bin/mypy --strict cnikit cni_plugin ipam bench scripts
 
 unit: venv
@@ -118,11 +118,11 @@ kind-down:
 # deploy/Dockerfile built by buildah, three nodes from kind-config.yaml, the DaemonSet of
 # deploy/pybridge.yaml through each node's CRI, pods on them. docs/kubernetes.md. `make test` runs it too.
 kind-sim: deps
-	$(VENV)/bin/pytest -q -rs tests/kindsim
+	$(VENV)/bin/pytest -q -rs tests/simcluster
 
 # The NetworkPolicy cases and event benchmark across the three simulated nodes alone (docs/networkpolicy.md); `make kind-sim` runs them too. PYBRIDGE_NETPOL_ROUNDS=N: more benchmark rounds.
 kind-sim-netpol: deps
-	$(VENV)/bin/pytest -q -rs -s tests/kindsim/test_netpol.py
+	$(VENV)/bin/pytest -q -rs -s tests/simcluster/test_netpol.py
 
 # pytest exits 5 when it ran no test: that is a failure here too (make stops on any non-zero).
 # deps first (root, packages, venv), then lint and the unit tier: they never wait for PyInstaller.

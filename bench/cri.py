@@ -1,5 +1,5 @@
 """Pod start-up as the user sees it: CRI RunPodSandbox (what kubelet calls) on a private
-containerd node, the containerd tier's own harness (tests/e2e/node.py). The reference bridge +
+containerd node, the containerd tier's own harness (testbed/node.py). The reference bridge +
 host-local and pybridge with its agent get the same conflist shape (plugin, then portmap) and
 each its own bridge, subnet and store, on one node in one run. The pods are timed in blocks, the
 variants' blocks alternating (each in turn first), as the machine's speed drifts over minutes;
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.e2e import containerd2
-from tests.e2e.node import (
+from testbed import containerd2
+from testbed.node import (
     NETWORK,
     REFERENCE_PLUGINS,
     Node,

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cni_plugin.install import install  # noqa: E402
-from tests.netns.harness import Host, bridge_conf, new_netns  # noqa: E402
+from testbed.harness import Host, bridge_conf, new_netns  # noqa: E402
 
 PORT = 19430
 HEALTH_PORT = 19432

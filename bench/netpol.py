@@ -1,4 +1,4 @@
-"""NetworkPolicy figures of the node agent (root; docs/networkpolicy.md): not a timed test.
+"""NetworkPolicy figures of the node controller (root; docs/networkpolicy.md): not a timed test.
 
 The world: 500 pods on this node (the worst case: every one gets rules) in 50 namespaces, and
 200 policies of the shapes users write (pod and namespace selectors, both in one peer, ipBlock
@@ -32,7 +32,7 @@ from typing import Any
 import kubernetes  # noqa: F401  # the agent's import, counted in its RSS
 
 from cni_plugin.node.netpol import apply, nft
-from cni_plugin.node.netpol.agent import NetpolAgent, serve
+from cni_plugin.node.netpol.policy_controller import PolicyController, serve
 
 NODE = "bench-node"
 NAMESPACES = [f"ns{i}" for i in range(50)]
@@ -77,8 +77,8 @@ def _lists(pods: int, remote: int = 0) -> dict[str, list[dict[str, Any]]]:
             "Namespace": [namespace(i, i % 5) for i in range(len(NAMESPACES))], "ClusterNetworkPolicy": []}
 
 
-def _agent(nft_cmd: list[str], lists: dict[str, list[dict[str, Any]]]) -> NetpolAgent:
-    agent = NetpolAgent(NODE, lambda s: apply.replace(s, nft_cmd), lambda *_a, **_k: None)
+def _agent(nft_cmd: list[str], lists: dict[str, list[dict[str, Any]]]) -> PolicyController:
+    agent = PolicyController(NODE, lambda s: apply.replace(s, nft_cmd), lambda *_a, **_k: None)
     for kind, items in lists.items():
         agent.handle(kind, "SYNC", items)
     return agent
@@ -121,7 +121,8 @@ def _rss_mib() -> float:
 
 def main() -> None:
     imports = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); "
-                              "import cni_plugin.node.cli, cni_plugin.node.netpol.agent, kubernetes.client; "
+                              "import cni_plugin.node.controller, cni_plugin.node.netpol.policy_controller, "
+                              "kubernetes.client; "
                               "print(time.perf_counter() - t)"],
                              capture_output=True, text=True, check=True)
     netns = f"pbt-h17bench-{secrets.token_hex(3)}"

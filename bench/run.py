@@ -386,7 +386,7 @@ def churn_rows(results: dict[str, dict[str, Any]], pods: int) -> list[tuple[str,
 
 @contextlib.contextmanager
 def claims_taken(path: str) -> Iterator[list[int]]:
-    """A node agent's claim socket at `path` (cni_plugin/placement.py), its datagrams counted."""
+    """A node controller's claim socket at `path` (cni_plugin/placement.py), its datagrams counted."""
     from cni_plugin.node.netpol import claims
 
     received, stop = [0], threading.Event()
@@ -412,7 +412,7 @@ def policy_overhead(
     args: argparse.Namespace, world: World, tmp: Path, plan: list[Variant], results: dict[str, dict[str, Any]]
 ) -> None:
     """The agent's sequential ADDs as kubelet's runtime makes them (K8S_POD_* in CNI_ARGS) with a
-    node agent taking their claims, alternating with ADDs that send none (NetworkPolicy off):
+    node controller taking their claims, alternating with ADDs that send none (NetworkPolicy off):
     what announcing a new pod costs an ADD (docs/networkpolicy.md)."""
     _, binary, kind, ipam, env = {variant[0]: variant for variant in plan}[AGENT]
     progress(f"{args.pods} sequential pods, ADDs announcing their pod and ADDs not, alternating")
@@ -481,11 +481,11 @@ def table(results: dict[str, dict[str, Any]], scale: int, parallel: int, churn: 
                 lambda r, k=key: pct(r[k][:50], 0.5) if r.get(k) else None)
             row(f"ADD p50 ms, pods {scale - 49}-{scale}{note}",
                 lambda r, k=key: pct(r[k][-50:], 0.5) if r.get(k) else None)
-    row("ADD p50 ms, announcing its pod to a node agent (NetworkPolicy on), alternating with",
+    row("ADD p50 ms, announcing its pod to a node controller (NetworkPolicy on), alternating with",
         lambda r: pct(r["policy_on_add"], 0.5) if r.get("policy_on_add") else None)
     row("ADD p50 ms, announcing nothing (NetworkPolicy off)",
         lambda r: pct(r["policy_off_add"], 0.5) if r.get("policy_off_add") else None)
-    row("claims the node agent received", lambda r: r.get("claims"), "{:d}")
+    row("claims the node controller received", lambda r: r.get("claims"), "{:d}")
     if any(r.get("churn_add") for r in results.values()):
         rows += churn_rows(results, churn)
     row("start-up (VERSION) ms", lambda r: r["startup"])

@@ -20,17 +20,17 @@ def verbs() -> Mapping[str, skel.Verb]:
 
 def main() -> None:
     if sys.argv[1:2] == ["agent"]:
-        from .ops import serve
+        from .ops import agent_main
 
-        sys.exit(serve.main(sys.argv[2:]))
+        sys.exit(agent_main.main(sys.argv[2:]))
     if sys.argv[1:2] in (["ls"], ["doctor"], ["gc"]):
-        from .ops.cli import main as ops_main
+        from .ops.commands import main as ops_main
 
         sys.exit(ops_main(sys.argv[1], sys.argv[2:]))
     if sys.argv[1:2] == ["node"]:
-        from .node import cli
+        from .node import controller
 
-        sys.exit(cli.main(sys.argv[2:]))
+        sys.exit(controller.main(sys.argv[2:]))
     from cnikit import programs, skel
 
     sys.exit(skel.run(verbs, os.environ, sys.stdin.buffer, sys.stdout, program=programs.PYBRIDGE))

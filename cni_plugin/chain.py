@@ -21,7 +21,7 @@ from cnikit.spec.version import SUPPORTED
 VERSION_TIMEOUT = 5.0  # a Go plugin answers VERSION in a few ms; one that hangs is not waited on
 MAX_VERSIONS = 32
 _ENV_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-# This program's own plugins: the node agent knows what they speak (its bin dir's links point
+# This program's own plugins: the node controller knows what they speak (its bin dir's links point
 # at host paths it may not see).
 OWN_TYPES = frozenset(("pybridge", "pyipam"))
 

@@ -4,7 +4,7 @@ attachment's nftables (or iptables) rules.
 
 `Kernel` is the real one: rtnl.py's netlink (pyroute2 behind it off the hot path), netns.py's
 workers, sysctl.py's /proc/sys, masq.py's and sourcecheck.py's rules. The unit tier serves the
-verbs with an in-memory model instead (tests/unit/fakehost.py), handed in the same way.
+verbs with an in-memory model instead (tests/unit/cni_plugin/fakehost.py), handed in the same way.
 
 What a host remembers between calls is its own, not a module's: a long-lived caller (the agent)
 keeps one `Kernel` for all its calls; a one-shot call makes one for itself.

@@ -1,6 +1,6 @@
-"""What the plugin's masquerade (masq.py), the node agent (node/) and `pybridge doctor` share about
+"""What the plugin's masquerade (masq.py), the node controller (node/) and `pybridge doctor` share about
 the host: where its tools are found, the destinations never masqueraded, the names doctor reads
-in the node agent's rules."""
+in the node controller's rules."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from functools import cache
 # Runtimes often exec plugins with a PATH without sbin, where nft and iptables live.
 FALLBACK_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
 MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
-# The node agent's NetworkPolicy tables, and the word a policy chain's comment carries before the
+# The node controller's NetworkPolicy tables, and the word a policy chain's comment carries before the
 # fields that made the policy allow nothing (node/netpol/nft.py writes them, ops/doctor.py reads).
 NETPOL_TABLE = "pybridge_netpol"
 NETPOL_REFUSED = "refused:"

@@ -1,9 +1,9 @@
-"""What the verbs, CHECK and the node agent ask of a netns's links, addresses and routes: the
+"""What the verbs, CHECK and the node controller ask of a netns's links, addresses and routes: the
 netlink part of the host the verbs are handed (host.Host.netlink).
 
 `rtnl.Socket` serves it on the kernel (its own lean encoding on the hot path, pyroute2 behind
 the same methods for the rest); the unit tests serve it with an in-memory fake
-(tests/unit/fakehost.py), so ADD, DEL and CHECK run without root.
+(tests/unit/cni_plugin/fakehost.py), so ADD, DEL and CHECK run without root.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Netlink(Protocol):
     def delete_address(self, index: int, address: IPInterface) -> None: ...
     def routes(self, family: int) -> list[tuple[str, str | None]]: ...
     def add_route(self, dst: str, gateway: str | None, oif: int) -> None: ...
-    # The node agent's routes to the other nodes' pod subnets, and its uplink.
+    # The node controller's routes to the other nodes' pod subnets, and its uplink.
     def main_routes(self) -> set[tuple[str, str | None, int]]: ...
     def set_route(self, dst: str, gateway: str, proto: int, replace: bool) -> None: ...
     def delete_route(self, dst: str, gateway: str, proto: int) -> None: ...

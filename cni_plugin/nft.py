@@ -1,14 +1,14 @@
 """The one way this project runs nftables: masquerade (masq.py), the source check
-(sourcecheck.py), the node agent's masquerade (node/effects.py) and NetworkPolicy
+(sourcecheck.py), the node controller's masquerade (node/effects.py) and NetworkPolicy
 (node/netpol/apply.py) all call run(). Each table is written by its own module only.
 
 Every run is bounded by `timeout` and every failure is an NftError carrying nft's error text:
 missing binary, exec error, non-zero exit, a run past its deadline (the exec'd nft is killed),
-unparsable JSON. Callers map it to their contract (a CNI verb's error code; the node agent's
+unparsable JSON. Callers map it to their contract (a CNI verb's error code; the node controller's
 loops retry the step), so a hung or failing nft fails one operation, never a process.
 
 `in_process` runs the script through libnftables (libnft.py) where the library is there: ADD's
-source-check transaction then costs ~1.5 ms instead of ~15 ms for exec'ing nft. The node agent
+source-check transaction then costs ~1.5 ms instead of ~15 ms for exec'ing nft. The node controller
 execs: a hung exec'd nft is killed at its deadline, a hung library call is not (it holds the
 library's lock until it returns), which a long-lived process should not risk.
 """

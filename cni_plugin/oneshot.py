@@ -5,7 +5,7 @@ cost is mostly pydantic's own import.
   collections (~10 ms) in a process that exits right after the call anyway.
 - No pydantic plugin discovery: pydantic's plugin loader imports `importlib.metadata` (with
   email, zipfile, csv, ~15 ms) to scan entry points for plugins no CNI call uses. A stand-in
-  loader that finds none is registered before pydantic is imported; tests/unit/test_exec_path.py
+  loader that finds none is registered before pydantic is imported; tests/unit/cni_plugin/test_exec_path.py
   fails if pydantic stops looking plugins up through it.
 Never for the agents: they are long-lived and may use plugins.
 """

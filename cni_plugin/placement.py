@@ -1,8 +1,8 @@
-"""An ADD's word to the node agent: pod <namespace>/<name> now has these addresses.
+"""An ADD's word to the node controller: pod <namespace>/<name> now has these addresses.
 
-The node agent's NetworkPolicy rules isolate every pod address it has not placed yet
+The node controller's NetworkPolicy rules isolate every pod address it has not placed yet
 (netpol/nft.py, Fence), so a new pod is closed from its first packet. Kubelet posts the pod's IPs
-to the API only after the ADD returned; this datagram lets the node agent place the pod (its
+to the API only after the ADD returned; this datagram lets the node controller place the pod (its
 labels come from its watch) at once instead. The ADD does not wait for it (docs/networkpolicy.md):
 sending never blocks and never fails the ADD. One datagram on a root-only Unix socket; the node
 agent reads it as hostile input (read()).
@@ -60,7 +60,7 @@ def claim_of(env: Mapping[str, str], result: str) -> Claim | None:
 
 
 def announce(claim: Claim, path: str = SOCKET) -> bool:
-    """Send the claim; False when no node agent listens (policy off, not Kubernetes) or its queue
+    """Send the claim; False when no node controller listens (policy off, not Kubernetes) or its queue
     is full. Never blocks."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)

@@ -141,7 +141,7 @@ class _Stderr(io.TextIOBase):
 
 
 def to_stderr() -> Logger:
-    """JSON lines on stderr: the node agent's log, read with `kubectl logs`. structlog writes
+    """JSON lines on stderr: the node controller's log, read with `kubectl logs`. structlog writes
     each line whole under its stream's lock, so the agent's threads never share a line."""
     return Logger(cast(TextIO, _Stderr()))  # structlog needs only write and flush
 

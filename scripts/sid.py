@@ -5,7 +5,7 @@ and today's runtimes use newer ones, which Debian's unstable suite carries. `unp
 fetches the newest .deb the archive has with a private apt setup (its own sources list, state and
 cache dirs: the machine's apt sources are not used and its state is never written), unpacks it
 with `dpkg-deb -x` into a cache outside the repo and returns the unpacked tree. The containerd
-tier (tests/e2e/containerd2.py), the interop tier (libcni, the reference plugins) and `make bench`
+tier (testbed/containerd2.py), the interop tier (libcni, the reference plugins) and `make bench`
 (the reference plugins) share it.
 
 The cache (`$PYBRIDGE_TEST_CACHE/sid/<package>`, by default under /var/cache/pybridge-tests) is

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.netns.harness import RUN_MARK, TEST_PREFIX
+from testbed.harness import RUN_MARK, TEST_PREFIX
 
 if TYPE_CHECKING:
     from ipam.index import Indexes

@@ -38,7 +38,7 @@
 
 extern char **environ;
 
-/* forward.py's AGENT_FAILED and AGENT_LATE, byte for byte (tests/unit/test_wire.py compares). */
+/* forward.py's AGENT_FAILED and AGENT_LATE, byte for byte (tests/unit/agent/test_wire.py compares). */
 static const char AGENT_FAILED[] =
     "{\"code\": 999, \"msg\": \"pybridge agent failed while serving the call\", "
     "\"details\": \"see the agent log; the call may have been partly done\"}";

@@ -42,7 +42,7 @@ ATTACHMENT_TIMEOUT = 10.0
 # and how long a call waits for its turn before it goes ahead without one.
 AT_ONCE = 2
 TURN_PATIENCE = 1.0
-# The node agent's socket for a new pod's addresses (placement.py), next to the agent's own.
+# The node controller's socket for a new pod's addresses (placement.py), next to the agent's own.
 PLACEMENT = "netpol.sock"
 
 

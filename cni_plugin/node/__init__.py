@@ -1,1 +1,1 @@
-"""The node agent (`pybridge node run`) that the DaemonSet runs on each Kubernetes node."""
+"""The node controller (`pybridge node run`) that the DaemonSet runs on each Kubernetes node."""

@@ -1,4 +1,4 @@
-"""The node agent's effects on the host netns it runs in: conflist file, routes, nft masquerade.
+"""The node controller's effects on the host netns it runs in: conflist file, routes, nft masquerade.
 
 Routes the agent owns carry their own routing protocol number (`proto 0x5b` = 91, shown by
 `ip route` as "proto 91"), so it removes exactly the routes it made, never the admin's.
@@ -84,7 +84,8 @@ class NodeEffects:
             errors = apply_routes(sock, desired.route_deletes, desired.route_sets, current_routes(sock))
         if desired.masquerade != self._masq_applied:
             try:
-                nft.run(desired.masquerade)  # exec'd: nft.py says why the node agent never runs it in-process
+                # exec'd: nft.py says why the node controller never runs it in-process
+                nft.run(desired.masquerade)
             except nft.NftError as exc:
                 return [*errors, f"masquerade: {exc}"]
             self._masq_applied = desired.masquerade

@@ -1,4 +1,4 @@
-"""The node agent's long-lived loops, shared by the Node and the NetworkPolicy side: streams of
+"""The node controller's long-lived loops, shared by the Node and the NetworkPolicy side: streams of
 API events pumped into a queue, and a consumer that retries a failed step after a backoff.
 
 No error ends a loop: a stream that fails starts over, a step that fails (nft refused or hung,

@@ -1,4 +1,4 @@
-"""The node agent's decisions, pure: Node objects in, the conflist, routes and masquerade out.
+"""The node controller's decisions, pure: Node objects in, the conflist, routes and masquerade out.
 
 Nothing here talks to the API server or the kernel (kube.py and effects.py do), so every rule
 of the reconcile is unit tested on plain data:
@@ -261,7 +261,7 @@ def conflist(settings: Settings, own: Node, mtu: int | None, version: str | None
         "bridge": settings.bridge,
         "isGateway": True,
         "isDefaultGateway": True,
-        "ipMasq": False,  # the node agent masquerades for the whole node (masquerade_script)
+        "ipMasq": False,  # the node controller masquerades for the whole node (masquerade_script)
         "hairpinMode": True,
         "ipam": {"type": "pyipam", "dataDir": settings.ipam_data_dir, "ranges": ranges},
     }

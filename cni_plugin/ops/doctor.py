@@ -95,7 +95,7 @@ def check_dirs(node: Node) -> Check:
 def check_conflist(node: Node) -> Check:
     if not node.confs:
         return Check("conflist", FAIL, f"no conf file in {node.conf_dir}",
-                     "install a conflist (conf/10-pybridge.conflist) or start the node agent")
+                     "install a conflist (conf/10-pybridge.conflist) or start the node controller")
     first = node.confs[0]
     if first.error:
         return Check("conflist", FAIL, f"{first.path}: {first.error}", "fix the file or remove it")
@@ -271,7 +271,7 @@ def check_masquerade(node: Node) -> Check:
 
 
 def check_network_policy(node: Node) -> Check:
-    """The node agent marks each policy it enforces as allowing nothing in a direction, because
+    """The node controller marks each policy it enforces as allowing nothing in a direction, because
     a field of it could not be read, in the comment of the policy's chain (netpol/nft.py)."""
 
     if f"table inet {NETPOL_TABLE}" not in node.ruleset:
@@ -281,7 +281,8 @@ def check_network_policy(node: Node) -> Check:
         shown = "; ".join(f"{name} ({fields})" for name, fields in closed[:3])
         return Check("netpolicy", WARN, f"{len(closed)} NetworkPolicy(ies) enforced as allowing nothing in a "
                      f"direction, a field refused: {shown}",
-                     "fix the field the node agent logs (netpol-refused); the selected pods stay isolated")
+                     "fix the field the node controller logs (netpol-refused); the selected pods stay "
+                     "isolated")
     return Check("netpolicy", OK, "every NetworkPolicy enforced on this node was read whole")
 
 
@@ -326,7 +327,7 @@ def check_chains(node: Node) -> Check:
         return Check("chains", FAIL if used else WARN, " | ".join(used + others),
                      "as each [fix] says (containernetworking-plugins 1.9.1 speak 1.1.0); a plugin that "
                      "rejects the cniVersion fails every ADD, and every DEL before the plugins ahead of it "
-                     "see it (they leak); the pybridge node agent picks a version all of them take")
+                     "see it (they leak); the pybridge node controller picks a version all of them take")
     return Check("chains", OK, "every plugin of every conflist supports its cniVersion")
 
 

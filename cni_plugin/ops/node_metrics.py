@@ -1,4 +1,4 @@
-"""The node agent's metrics and readiness: reconciles and their errors, routes programmed, nodes
+"""The node controller's metrics and readiness: reconciles and their errors, routes programmed, nodes
 seen, seconds since the last successful sync; ready once the conflist is written and the watch
 has synced."""
 
@@ -30,17 +30,18 @@ DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 
 
 class NodeMetrics:
-    """The node agent's observer: told the outcome of every reconcile."""
+    """The node controller's observer: told the outcome of every reconcile."""
 
     def __init__(self, registry: CollectorRegistry, conflist: str) -> None:
         self.conflist = conflist
         self._lock = threading.Lock()
         self._last_sync: float | None = None
         self._waiting: str | None = "no Node list received yet"
-        self.refusals = Counter("pybridge_node_refused", "API objects and fields the node agent declined, "
-                                "by kind and reason: malformed (an object or field skipped), outside-cluster "
-                                "and default-route (a podCIDR not routed), route-conflict (a route it does "
-                                "not own holds the destination)", ["kind", "reason"], registry=registry)
+        self.refusals = Counter("pybridge_node_refused", "API objects and fields the node controller "
+                                "declined, by kind and reason: malformed (an object or field skipped), "
+                                "outside-cluster and default-route (a podCIDR not routed), route-conflict (a "
+                                "route it does not own holds the destination)",
+                                ["kind", "reason"], registry=registry)
         self.checks: endpoint.Readiness | None = None  # served readiness, told of every change
         self.reconciles = Counter("pybridge_node_reconciles", "Reconciles of the node's conflist, routes "
                                   "and masquerade", registry=registry)
@@ -140,5 +141,5 @@ def start(address: str | None, conflist: str, health_address: str | None = None
     ProcessCollector(registry=registry)
     metrics = NodeMetrics(registry, conflist)
     metrics.checks = endpoint.Readiness()
-    metrics.checks.add("node agent", metrics.readiness)
+    metrics.checks.add("node controller", metrics.readiness)
     return metrics, endpoint.listen_all([(metrics_at, registry), (health_at, None)], metrics.checks)

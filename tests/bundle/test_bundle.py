@@ -1,7 +1,7 @@
 """The frozen bundle on a node without Python: VERSION, ADD, CHECK, DEL from inside a chroot.
 
 The chroot is a Debian bookworm minbase root (no python3: asserted), the bundle is installed
-into it the way the DaemonSet's init step does it (versioned copy + symlinks, node/install.py),
+into it the way the DaemonSet's init step does it (versioned copy + symlinks, node/bundle.py),
 and every call runs as `ip netns exec <throw-away host netns> ... chroot <root> /opt/cni/bin/...`.
 /proc and /run/netns are bind-mounted into the root inside the mount namespace that
 `ip netns exec` makes for that one call (a slave of the machine's), so they vanish with the call,
@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.node.install import install_bundle
+from cni_plugin.node.bundle import install_bundle
+from testbed.harness import BUSYBOX, delete_netns, new_netns, sh
 
-from ..netns.harness import BUSYBOX, delete_netns, new_netns, sh
 from . import rootfs
 
 pytestmark = [

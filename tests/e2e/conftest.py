@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from .node import Node, Pods, Runtime, missing_tools
+from testbed.node import Node, Pods, Runtime, missing_tools
+
 from .tier import gate_tier, runtime_params
 
 REQUIRE_ENV = "PYBRIDGE_REQUIRE_E2E"  # set by .ci/run: there a missing containerd is a failure

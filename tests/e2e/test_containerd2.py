@@ -26,8 +26,7 @@ import pytest
 
 from cni_plugin import chain
 from cni_plugin.node import model
-
-from .node import (
+from testbed.node import (
     BRIDGE,
     SUBNET,
     Node,
@@ -80,7 +79,7 @@ def _needs_2x(node: Node, why: str) -> None:
 
 
 def _agent_plan(node: Node) -> model.Desired:
-    """What the node agent writes for a node of this runtime whose CNI bin dir holds Debian 12's
+    """What the node controller writes for a node of this runtime whose CNI bin dir holds Debian 12's
     portmap 1.1.1 (the tier links it there): its own model, its own VERSION probes."""
     settings = model.Settings(node_name="pbt-node", cluster_cidrs=(SUBNET,), network=AGENT_NETWORK,
                               bridge=BRIDGE, ipam_data_dir=str(node.root / "ipam"),
@@ -93,7 +92,7 @@ def _agent_plan(node: Node) -> model.Desired:
 def test_node_agent_conflist_with_debian_portmap_starts_pods_on_containerd2(
     node: Node, install: Callable[[dict[str, Any]], None], pods: Pods
 ) -> None:
-    _needs_2x(node, "1.6 takes no 1.1.0 conflist: the node agent writes 1.0.0 for it whatever the chain")
+    _needs_2x(node, "1.6 takes no 1.1.0 conflist: the node controller writes 1.0.0 for it whatever the chain")
     plan = _agent_plan(node)
     assert plan.conflist is not None, plan.waiting
     # For a 2.x node the agent would write 1.1.0; Debian's portmap speaks up to 1.0.0 and says so.
@@ -177,7 +176,7 @@ def _pybridge_del(node: Node, conf: dict[str, Any], container_id: str) -> None:
 def test_a_1_1_0_conflist_with_debian_portmap_fails_every_pod_on_containerd2(
     node: Node, install: Callable[[dict[str, Any]], None], pods: Pods
 ) -> None:
-    """What the node agent wrote for a 2.x node before it asked the chain: why it now asks."""
+    """What the node controller wrote for a 2.x node before it asked the chain: why it now asks."""
     _needs_2x(node, "1.6 takes no 1.1.0 conflist at all")
     plan = _agent_plan(node)
     assert plan.conflist is not None, plan.waiting

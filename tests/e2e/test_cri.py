@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from .node import (
+from testbed.node import (
     BRIDGE,
     GATEWAY,
     NETWORK,

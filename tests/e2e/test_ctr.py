@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .node import CTR_NETWORK, CTR_SUBNET, Node, sh, wait_for
+from testbed.node import CTR_NETWORK, CTR_SUBNET, Node, sh, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""The pytest side of the containerd tiers (tests/e2e, tests/kindsim): skipping or failing a tier
+"""The pytest side of the containerd tiers (tests/e2e, tests/simcluster): skipping or failing a tier
 that cannot run, and one param per runtime. The node harness itself (node.py) needs no pytest, so
 bench/cri.py runs it too."""
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from . import containerd2
-from .node import debian_runtime, sid_runtime
+from testbed import containerd2
+from testbed.node import debian_runtime, sid_runtime
 
 
 def gate_tier(items: list[Any], tier: str, reason: str | None, require_env: str) -> None:

@@ -1,4 +1,4 @@
-"""Fixtures for the interop tier: throw-away host netns (tests/netns/harness.py), the Go tools.
+"""Fixtures for the interop tier: throw-away host netns (testbed/harness.py), the Go tools.
 
 Two are parametrized with what Debian's unstable archive carries (scripts/sid.py), its version in
 the test's id: `sid_cnidrive` (cnidrive built against sid's libcni, e.g. `[libcni-1.3.0]`) and
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from scripts import sid
+from testbed.harness import REFERENCE_PLUGINS, Host, new_netns
 from tests.netns import conftest as netns_conftest
-from tests.netns.harness import REFERENCE_PLUGINS, Host, new_netns
 
 from . import golang
 from .drive import GoTools, Libcni, build, missing_toolchain

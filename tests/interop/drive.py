@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cni_plugin import masq
-from tests.netns.harness import REFERENCE_PLUGINS, Host, Reply, pod_json
+from testbed.harness import REFERENCE_PLUGINS, Host, Reply, pod_json
 
 HERE = Path(__file__).resolve().parent
 GOCODE = Path("/usr/share/gocode")

@@ -14,7 +14,7 @@ import pytest
 
 from cni_plugin import chain
 from cni_plugin.node import model
-from tests.netns.harness import REFERENCE_PLUGINS, Host, pod_json
+from testbed.harness import REFERENCE_PLUGINS, Host, pod_json
 
 from .drive import Libcni, conflist
 
@@ -193,7 +193,7 @@ def test_pod_to_pod_traffic_through_a_full_chain(host: Host, libcni: Libcni) -> 
 
 def test_node_agent_conflist_for_containerd_2_with_debians_portmap_adds_and_deletes(
         host: Host, libcni: Libcni) -> None:
-    """The node agent's default for containerd 2.x was a 1.1.0 conflist: with Debian's portmap
+    """The node controller's default for containerd 2.x was a 1.1.0 conflist: with Debian's portmap
     (up to 1.0.0) every ADD failed at portmap and the DEL too, before pybridge saw it (a leak
     per attempt). Asking portmap's VERSION, it writes a version the whole chain takes."""
     settings = model.Settings("n1", (ipaddress.ip_network("10.67.0.0/16"),), network="nodeagent",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.harness import Host, delete_netns
+from testbed.harness import Host, delete_netns
 
 from .drive import has_nat_rules, raw_call
 

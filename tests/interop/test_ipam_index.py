@@ -17,7 +17,7 @@ import pytest
 from cnikit.spec.errors import EXHAUSTED, CNIError
 from ipam import plugin
 from ipam.index import Indexes
-from tests.netns.harness import REFERENCE_PLUGINS
+from testbed.harness import REFERENCE_PLUGINS
 
 HOST_LOCAL = os.path.join(REFERENCE_PLUGINS, "host-local")
 pytestmark = [

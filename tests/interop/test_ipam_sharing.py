@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.harness import REFERENCE_PLUGINS, Host
+from testbed.harness import REFERENCE_PLUGINS, Host
 
 from .drive import Libcni, conflist
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.harness import Host, pod_json
+from testbed.harness import Host, pod_json
 
 from .drive import GoTools, Libcni, conflist, kernel_matches
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.harness import Host, delete_netns, pod_json
+from testbed.harness import Host, delete_netns, pod_json
 
 from .drive import Libcni, conflist, has_nat_rules, kernel_matches
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from scripts import sid
-from tests.netns.harness import Host
+from testbed.harness import Host
 
 from .drive import Libcni
 

@@ -7,8 +7,7 @@ import pytest
 
 from cni_plugin.install import install
 from cnikit.spec.version import SUPPORTED
-
-from .harness import Host, new_netns
+from testbed.harness import Host, new_netns
 
 
 @pytest.fixture(scope="session")

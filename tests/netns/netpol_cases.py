@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .harness import Host
+from testbed.harness import Host
 
 NODE = "h17-node"
 PODS = [f"{ns}/{p}" for ns in "xyz" for p in "abc"]
@@ -22,7 +22,7 @@ Matrix = dict[tuple[str, str], bool]
 @dataclass
 class Pods:
     """The pods as the cases see them, on one node (tests/netns) or spread over the simulated
-    nodes (tests/kindsim)."""
+    nodes (tests/simcluster)."""
 
     netns: dict[str, str]  # "x/a" -> pod netns (a name under /run/netns, or a path)
     ips: dict[str, dict[int, str]]  # "x/a" -> {4: address, 6: address}

@@ -24,9 +24,9 @@ from typing import TypeVar
 
 from cni_plugin import rtnl
 from cni_plugin.node.netpol import apply
-from cni_plugin.node.netpol.agent import NetpolAgent
+from cni_plugin.node.netpol.policy_controller import PolicyController
+from testbed.harness import Host, bridge_conf
 
-from .harness import Host, bridge_conf
 from .netpol_cases import NODE, PODS, Matrix, Pods, World
 
 T = TypeVar("T")
@@ -60,12 +60,12 @@ def in_netns(netns: str, make: Callable[[], T]) -> T:
     return out["value"]
 
 
-def node_agent(world: World) -> NetpolAgent:
-    """The node agent's NetworkPolicy path for the world's node netns: its rules go in with
+def node_agent(world: World) -> PolicyController:
+    """The node controller's NetworkPolicy path for the world's node netns: its rules go in with
     `nft -f` there, its bridge ports are read there; no objects yet."""
     assert world.host is not None
     host = world.host.name
-    return NetpolAgent(NODE, lambda script: apply.replace(script, world.nft()), lambda *_a, **_k: None,
+    return PolicyController(NODE, lambda script: apply.replace(script, world.nft()), lambda *_a, **_k: None,
                        ports=lambda: apply.pod_ports(lambda: in_netns(host, rtnl.Socket)))
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .harness import Host, bridge_conf
+from testbed.harness import Host, bridge_conf
 
 METRICS_PORT = 19430  # inside the test's own netns: no clash with anything on the machine
 

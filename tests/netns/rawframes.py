@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .harness import Host, bridge_conf, pod_json
+from testbed.harness import Host, bridge_conf, pod_json
 
 PORT = 7777
 RA_PREFIX = ipaddress.IPv6Network("2001:db8:66::/64")

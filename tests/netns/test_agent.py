@@ -15,8 +15,7 @@ import pytest
 from cni_plugin import link, netns
 from cni_plugin.agent import wire
 from cni_plugin.host import Kernel
-
-from .harness import Host, StandInAgent, bridge_conf, pod_json
+from testbed.harness import Host, StandInAgent, bridge_conf, pod_json
 
 pytestmark = pytest.mark.netns
 

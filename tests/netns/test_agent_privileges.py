@@ -17,7 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import Host, bridge_conf
+from testbed.harness import Host, bridge_conf
+
 from .ops import METRICS_PORT, http_gets
 
 pytestmark = pytest.mark.netns

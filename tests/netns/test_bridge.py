@@ -10,8 +10,7 @@ import time
 import pytest
 
 from cnikit.spec.version import at_least
-
-from .harness import Host, bridge_conf, delete_netns, pod_json
+from testbed.harness import Host, bridge_conf, delete_netns, pod_json
 
 pytestmark = pytest.mark.netns
 

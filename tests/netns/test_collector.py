@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from cni_plugin import nsrecord
+from testbed.harness import REFERENCE_PLUGINS, Host, Reply, bridge_conf
 
-from .harness import REFERENCE_PLUGINS, Host, Reply, bridge_conf
 from .ops import agent_env, http_get, ls, ops_conf, pybridge, restart_agent, write_conf
 
 pytestmark = pytest.mark.netns

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from .harness import REFERENCE_PLUGINS, Host, bridge_conf
+from testbed.harness import REFERENCE_PLUGINS, Host, bridge_conf
 
 pytestmark = pytest.mark.netns
 

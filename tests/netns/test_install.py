@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Host, bridge_conf
+from testbed.harness import Host, bridge_conf
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,8 +25,7 @@ import pytest
 
 from cni_plugin import masq
 from cnikit.spec.errors import CNIError
-
-from .harness import RUN_MARK, TEST_PREFIX
+from testbed.harness import RUN_MARK, TEST_PREFIX
 
 pytestmark = [
     pytest.mark.netns,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .harness import Host, bridge_conf, new_netns
+from testbed.harness import Host, bridge_conf, new_netns
 
 pytestmark = pytest.mark.netns
 HIDDEN = ("nft", "iptables", "ip6tables")

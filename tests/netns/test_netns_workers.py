@@ -10,8 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from cni_plugin import netns
-
-from .harness import delete_netns, new_netns
+from testbed.harness import delete_netns, new_netns
 
 pytestmark = pytest.mark.netns
 

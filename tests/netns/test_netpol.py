@@ -4,9 +4,9 @@ and 81, and for cases of Kubernetes' test/e2e/network/netpol/network_policy.go t
 reachability matrix of every pod pair equals the one expected from the case's intent.
 
 The cases and their expected matrices are in netpol_cases.py; the rules come from the agent's
-own path: objects -> NetpolAgent -> nft -f inside the node netns. Everything here is on one
+own path: objects -> PolicyController -> nft -f inside the node netns. Everything here is on one
 node (plus one routed remote pod); the cases with pods spread over nodes need the multi-node
-simulated world (tests/kind, issue 12).
+simulated world (tests/fakeapi, issue 12).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 
 from cni_plugin.node.netpol import apply, compile, nft
-from cni_plugin.node.netpol.agent import NetpolAgent
 from cni_plugin.node.netpol.nft import TABLE
+from cni_plugin.node.netpol.policy_controller import PolicyController
+from testbed.harness import Host, delete_netns, new_netns, sh
 
-from .harness import Host, delete_netns, new_netns, sh
 from .netpol_cases import (
     CASES,
     CLUSTER_CASES,
@@ -80,7 +80,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, launchers: Path) -> Iterator
         host.destroy()
 
 
-def _reset(world: World) -> NetpolAgent:
+def _reset(world: World) -> PolicyController:
     agent = node_agent(world)
     agent.handle("NetworkPolicy", "SYNC", [])
     agent.handle("Pod", "SYNC", [world.pod_object(p) for p in PODS])
@@ -201,7 +201,7 @@ CHECKED_SPECS: list[dict[str, Any]] = [
 def test_rulesets_pass_nft_check_mode() -> None:
     """Each ruleset of the unit tests' x/y/z world for these shapes passes `nft -c -f` in a
     throw-away netns; a broken one does not."""
-    from tests.unit.netpol_world import ME, namespaces, policy, world_pods
+    from tests.unit.netpol.netpol_world import ME, namespaces, policy, world_pods
 
     netns = new_netns("h17chk")
     command = ["ip", "netns", "exec", netns, "nft"]

@@ -1,9 +1,9 @@
-"""A pod added while the node agent has not seen its address is isolated from its first packet
+"""A pod added while the node controller has not seen its address is isolated from its first packet
 (issue 28 point 2), real kernel and nft: a node netns, pybridge's agent serving the ADDs, the
-node agent's NetworkPolicy loop (agent.serve) with its claim socket where the agent looks for it.
+node controller's NetworkPolicy loop (agent.serve) with its claim socket where the agent looks for it.
 
 Namespace x has a default-deny policy (Ingress and Egress); y/p, in y, has no policy. Before the
-ADD of x/new, the node agent knows the pod x/new (labels, no IP: kubelet posts it after the ADD).
+ADD of x/new, the node controller knows the pod x/new (labels, no IP: kubelet posts it after the ADD).
 From before the ADD until the placement has long happened, y/p sends UDP to every address the
 new pod may get, and x/new sends to y/p from a socket made in its netns before the ADD: no
 datagram may arrive either way. Then a policy letting y in shows the same probes do pass.
@@ -24,11 +24,10 @@ import pytest
 
 from cni_plugin import placement, rtnl
 from cni_plugin.node.loop import Event
-from cni_plugin.node.netpol import agent as netpol_agent
-from cni_plugin.node.netpol import apply, claims, conntrack, nft
+from cni_plugin.node.netpol import apply, claims, conntrack, nft, policy_controller
 from cni_plugin.node.netpol.objects import parse_cidr
+from testbed.harness import Host, bridge_conf, new_netns
 
-from .harness import Host, bridge_conf, new_netns
 from .netpol_probe import in_netns, node_agent
 
 pytestmark = [
@@ -111,7 +110,7 @@ def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_fi
     stop = threading.Event()
     claim_sock = claims.bind(str(tmp_path / "run" / "netpol.sock"))  # where the agent sends claims
     loops = [threading.Thread(target=claims.receive, args=(claim_sock, events, stop, lambda *a, **k: None)),
-             threading.Thread(target=netpol_agent.serve, args=(agent, events, stop))]
+             threading.Thread(target=policy_controller.serve, args=(agent, events, stop))]
     pod = host.new_pod()
     at_prober, at_pod = _udp(outside, PORT), _udp(pod, PORT)
     from_prober, from_pod = _udp(outside, 0), _udp(pod, 0)
@@ -175,7 +174,7 @@ class WorldLike:
 REUSED = "10.91.1.3"  # the range below has two addresses: the prober's and the one pods take turns at
 
 
-def _placed(agent: netpol_agent.NetpolAgent, address: str) -> bool:
+def _placed(agent: policy_controller.PolicyController, address: str) -> bool:
     """Whether the ruleset in force has `address` in its set placed4."""
     placed = (agent.applied or "").split("set placed4 {", 1)[-1].split("}", 1)[0]
     return address in placed.replace(",", " ").split()
@@ -196,7 +195,7 @@ def test_a_new_pod_at_the_address_of_a_deleted_one_gets_none_of_its_conversation
     deleted while y/p goes on sending, and x/new, under default deny, gets its address: nothing
     of that conversation may reach x/new or come from it, not before its placement (the
     established entry used to be accepted before the fence) nor after (before the policy). The
-    node agent sees x/new's object only a second after its ADD, so its claim waits meanwhile."""
+    node controller sees x/new's object only a second after its ADD, so its claim waits meanwhile."""
     conf = bridge_conf(host, name="h17re", bridge=BRIDGE, isDefaultGateway=True)
     conf["ipam"]["ranges"] = [[{"subnet": "10.91.1.0/29", "rangeStart": "10.91.1.2", "rangeEnd": REUSED}]]
     outside, old, new = host.new_pod(), host.new_pod(), host.new_pod()
@@ -216,7 +215,7 @@ def test_a_new_pod_at_the_address_of_a_deleted_one_gets_none_of_its_conversation
     stop = threading.Event()
     claim_sock = claims.bind(str(tmp_path / "run" / "netpol.sock"))
     loops = [threading.Thread(target=claims.receive, args=(claim_sock, events, stop, lambda *a, **k: None)),
-             threading.Thread(target=netpol_agent.serve, args=(agent, events, stop))]
+             threading.Thread(target=policy_controller.serve, args=(agent, events, stop))]
     client, server = _udp(outside, 5000), _udp(old, PORT)
     fresh = _udp(new, PORT)  # x/new's, made before its ADD
     at_client, at_server, at_new = [0], [0], [0]

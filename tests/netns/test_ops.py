@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cni_plugin.agent import wire
 from cni_plugin.ops import endpoint
 from ipam.watch import Watch
+from testbed.harness import Host, bridge_conf, sh
 
-from .harness import Host, bridge_conf, sh
 from .ops import agent_env, doctor, http_get, http_gets, ls, ops_conf, pybridge, restart_agent, write_conf
 from .test_agent import FakeAgent
 
@@ -101,12 +101,12 @@ FAULTS = ["conf dir", "plugin", "cniVersion", "ip_forward", "br_netfilter", "sto
 
 
 def _refused_policy(host: Host, result: dict[str, Any]) -> None:
-    """The node agent's rules for a policy with an except it cannot read, selecting the pod."""
+    """The node controller's rules for a policy with an except it cannot read, selecting the pod."""
     from cni_plugin.node.netpol import apply
-    from cni_plugin.node.netpol.agent import NetpolAgent
+    from cni_plugin.node.netpol.policy_controller import PolicyController
 
-    agent = NetpolAgent("n1", lambda script: apply.replace(script, ["ip", "netns", "exec", host.name, "nft"]),
-                        lambda *_a, **_k: None)
+    nft = ["ip", "netns", "exec", host.name, "nft"]
+    agent = PolicyController("n1", lambda script: apply.replace(script, nft), lambda *_a, **_k: None)
     bad = {"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/33"]}}]}]}
     agent.handle("NetworkPolicy", "SYNC", [{"metadata": {"name": "bad", "namespace": "x"}, "spec": bad}])
     agent.handle("Pod", "SYNC", [{"metadata": {"name": "a", "namespace": "x"}, "spec": {"nodeName": "n1"},

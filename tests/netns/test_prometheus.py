@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.node.netpol.nft import TABLE
+from testbed.harness import Host
 
-from .harness import Host
 from .netpol_cases import POD_A, ns_policy
-from .nodeagent import METRICS_PORT as NODE_METRICS_PORT
-from .nodeagent import NodeWorld, node_world, reached
+from .nodecontroller import METRICS_PORT as NODE_METRICS_PORT
+from .nodecontroller import NodeWorld, node_world, reached
 from .ops import METRICS_PORT, agent_env, http_get, ops_conf, restart_agent, write_conf
 
 pytestmark = pytest.mark.netns

@@ -14,8 +14,7 @@ from pyroute2.iproute.linux import IPRoute
 from cni_plugin import netns, rtnl
 from cni_plugin.netlink import Link
 from cnikit.ip import IPInterface
-
-from .harness import delete_netns, new_netns
+from testbed.harness import delete_netns, new_netns
 
 pytestmark = pytest.mark.netns
 T = TypeVar("T")

@@ -16,8 +16,8 @@ import time
 import pytest
 
 from cni_plugin import libnft, sourcecheck
+from testbed.harness import Host
 
-from .harness import Host
 from .netpol_probe import in_netns
 from .rawframes import (
     PORT,

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from .harness import delete_netns, new_netns, sh
+from testbed.harness import delete_netns, new_netns, sh
 
 pytestmark = pytest.mark.netns
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cni_plugin.install import install
-from tests.netns.harness import Host, new_netns
+from testbed.harness import Host, new_netns
 
 STRESS = os.environ.get("PYBRIDGE_STRESS") == "1"
 _FIGURES: list[dict[str, Any]] = []

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cni_plugin import masq
-from tests.netns.harness import REFERENCE_PLUGINS, Host, delete_netns
+from testbed.harness import REFERENCE_PLUGINS, Host, delete_netns
 
 from .ledger import Pod, addresses_of, census, cni_retry, masq_comments, owners, pod_addresses
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cni_plugin import masq
-from tests.netns.harness import Host, Reply
+from testbed.harness import Host, Reply
 
 
 @dataclass

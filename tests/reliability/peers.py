@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from cni_plugin.agent import wire
-from tests.netns.harness import Host
+from testbed.harness import Host
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -18,7 +18,7 @@ import pytest
 
 from cni_plugin.agent import wire
 from cni_plugin.agent.server import REQUEST_TIMEOUT
-from tests.netns.harness import REFERENCE_PLUGINS, Host, StandInAgent, bridge_conf
+from testbed.harness import REFERENCE_PLUGINS, Host, StandInAgent, bridge_conf
 
 from .conftest import HostFactory, record, scale
 from .peers import (

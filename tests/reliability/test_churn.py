@@ -9,7 +9,7 @@ import sys
 import time
 from collections import Counter
 
-from tests.netns.harness import Host, bridge_conf, delete_netns
+from testbed.harness import Host, bridge_conf, delete_netns
 
 from .conftest import HostFactory, record, scale
 from .ledger import Pod, addresses_of, census

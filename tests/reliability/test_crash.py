@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.harness import Host, bridge_conf, delete_netns, sh
+from testbed.harness import Host, bridge_conf, delete_netns, sh
 
 from .conftest import HostFactory, record, scale
 from .crash import KILL_AGENT, KILL_CLIENT, KILL_PLUGIN, run_trials

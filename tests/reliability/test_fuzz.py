@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.harness import Host, sh
+from testbed.harness import Host, sh
 
 from .conftest import STRESS, HostFactory, record, scale
 

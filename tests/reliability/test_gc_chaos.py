@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.netns.harness import Host, delete_netns
+from testbed.harness import Host, delete_netns
 from tests.netns.ops import ops_conf, pybridge, write_conf
 
 from .conftest import HostFactory, record, scale

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.harness import Host, bridge_conf
+from testbed.harness import Host, bridge_conf
 
 from .conftest import HostFactory, record
 

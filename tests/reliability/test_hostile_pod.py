@@ -1,7 +1,7 @@
 """A hostile pod floods an isolated one: on a dual-stack bridge, pod b (CAP_NET_RAW: a packet
 socket and a raw ICMPv6 socket made in its netns) sends rogue router advertisements, UDP with
 forged sources, broadcast and multicast UDP, and unicast UDP to pod a's API and link-local
-addresses. Pod a is isolated (deny-all ingress through the node agent's NetpolAgent); pod c is a
+addresses. Pod a is isolated (deny-all ingress through the node controller's PolicyController); pod c is a
 legitimate, open peer.
 
 A packet socket on a's eth0 counts every attack frame that reaches the pod at all, whatever
@@ -24,7 +24,7 @@ from collections import Counter
 import pytest
 
 from cni_plugin.node.netpol import apply
-from tests.netns.harness import Host
+from testbed.harness import Host
 from tests.netns.netpol_cases import POD_A, World, ns_policy
 from tests.netns.netpol_probe import in_netns, node_agent
 from tests.netns.rawframes import (

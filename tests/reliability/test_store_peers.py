@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.harness import Reply, bridge_conf
+from testbed.harness import Reply, bridge_conf
 
 from .conftest import HostFactory, record
 

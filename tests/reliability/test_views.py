@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.netns.harness import Host, bridge_conf
+from testbed.harness import Host, bridge_conf
 
 from .conftest import HostFactory, record
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from ... import nft as nftables
 from ... import rtnl
 from ...netlink import NetlinkError
-from ...nft import NftError as NftError  # the one nft error; the agent and cli catch it from here
+from ...nft import NftError as NftError  # the one nft error; the controllers catch it from here
 from . import nft
 from .objects import Address
 

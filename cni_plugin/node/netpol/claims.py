@@ -1,8 +1,8 @@
 """The addresses ADDs announced for this node's pods (cni_plugin/placement.py), until the API shows them.
 
-A new pod is isolated until the node agent places it (nft.Fence). Its IPs reach the API only
+A new pod is isolated until the node controller places it (nft.Fence). Its IPs reach the API only
 after its ADD returned, so the ADD announces them on a root-only datagram socket; the pod's
-labels come from the watch, and the pod is placed with the claimed addresses that the node agent
+labels come from the watch, and the pod is placed with the claimed addresses that the node controller
 finds on the pod side of a port of its bridge (a claim's word alone places nothing). The API's
 addresses win once it has them. A claim for a pod not (yet) seen waits for it, at most TTL
 seconds; at most MAX claims are kept (the oldest go first): a claim that went leaves its
@@ -69,7 +69,7 @@ class Claims:
 
 
 def bind(path: str) -> socket.socket:
-    """The node agent's claim socket, root only (0600); a stale one is replaced."""
+    """The node controller's claim socket, root only (0600); a stale one is replaced."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

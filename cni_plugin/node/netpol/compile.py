@@ -67,7 +67,7 @@ class PolicyRules:
 class Decision:
     """The policies selecting pods of this node, and for each local pod address the indices of
     the policies selecting it, per direction. Addresses absent from a map are open that way.
-    `placed`: every address of one pod of this node (selected or not): what the node agent decided."""
+    `placed`: every address of one pod of this node (selected or not): what the node controller decided."""
 
     policies: tuple[PolicyRules, ...]
     ingress: Mapping[Address, tuple[int, ...]]

@@ -3,7 +3,7 @@
 The netpol tables accept what conntrack calls established before any policy judges it (replies of
 accepted connections must pass). An entry outlives the pod that made it: a peer that keeps
 sending to a deleted pod's address keeps the entry alive, and the next pod given that address
-would receive it, and answer on it, past its own policy. So the node agent deletes every entry
+would receive it, and answer on it, past its own policy. So the node controller deletes every entry
 of an address just before it places a new pod there (agent.py): until that transaction the
 address is not placed and the fence drops its traffic before conntrack is consulted, so no new
 entry can be confirmed in between.

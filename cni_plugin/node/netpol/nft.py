@@ -26,7 +26,7 @@ traffic takes the input/output hooks).
 
 The inet table knows a pod by its API addresses only. What a pod receives at, or sends from, any
 other address (its IPv6 link-local one, a broadcast or multicast address, an address it added
-itself) is judged in the bridge table by the pod's bridge port, when the node agent found the
+itself) is judged in the bridge table by the pod's bridge port, when the node controller found the
 pod's API address on the pod side of that port (apply.pod_ports): base chains `forward_egress`
 and `forward_ingress` of the bridge forward hook let frames whose source (egress) or destination
 (ingress) is the port's own API address on to the inet table, pass IPv6 neighbour solicitations
@@ -37,11 +37,11 @@ policy allows, so replies to a pod's own link-local or multicast conversations d
 addresses keep their conntrack in the inet table). A link-local source is never a pod peer: it
 passes only a rule whose peers are all addresses or an ipBlock holding it.
 
-With a Fence, a pod the node agent has not placed yet (not in @placed4/@placed6: its ADD gave it
+With a Fence, a pod the node controller has not placed yet (not in @placed4/@placed6: its ADD gave it
 an address the agent has not decided on) is isolated both ways from its first packet: a packet
 from (to) the fence's bridge whose source (destination) is in the cluster's pod networks but not
 placed is dropped in the inet table, before conntrack's established/related accept: an entry
-left by the address's last pod passes no packet of a pod not placed (and the node agent deletes
+left by the address's last pod passes no packet of a pod not placed (and the node controller deletes
 such entries before it places the new pod: conntrack.py). (The bridge table cannot do the same for its other
 addresses: naming the bridge of a port there needs `meta ibrname`, CONFIG_NFT_BRIDGE_META.)
 """
@@ -336,7 +336,7 @@ def ruleset(decision: Decision, ports: Mapping[Address, Collection[str]] | None 
     """Both tables, replaced in one transaction (add + delete + define is idempotent). `ports`:
     the bridge ports each address was found on (none: the bridge table judges nothing); `tiers`:
     the ClusterNetworkPolicies around the NetworkPolicies (tiers.py). `fence`: pods not placed
-    are isolated (None or not valid: open, as before the node agent knew them)."""
+    are isolated (None or not valid: open, as before the node controller knew them)."""
     tiers = tiers or Tiers()
     fence = fence if fence is not None and fence.valid() else None
     script = _Script(tiers)

@@ -1,0 +1,1 @@
+"""Unit tests of cni_plugin/agent/."""

@@ -57,7 +57,9 @@ class Host(Protocol):
     def masq_gc(self, network: str, valid: set[tuple[str, str]]) -> list[str]: ...
     def port_check_setup(self, network: str, container_id: str, ifname: str, port: str, mac: str,
                          addrs: Sequence[IPInterface], ipv6: bool) -> None: ...
-    def port_check_teardown(self, network: str, container_id: str, ifname: str) -> None: ...
+    def port_check_teardown(self, network: str, container_id: str, ifname: str,
+                            port: str | None = None) -> None:
+        """`port`: the attachment's host port, verified by DEL (link.verified_port)."""
     def port_check_in_effect(self, network: str, container_id: str, ifname: str) -> bool: ...
     def port_check_gc(self, network: str, valid: set[tuple[str, str]]) -> list[str]: ...
 
@@ -123,10 +125,11 @@ class Kernel:
 
         sourcecheck.setup(network, container_id, ifname, port, mac, addrs, ipv6)
 
-    def port_check_teardown(self, network: str, container_id: str, ifname: str) -> None:
+    def port_check_teardown(self, network: str, container_id: str, ifname: str,
+                            port: str | None = None) -> None:
         from . import sourcecheck
 
-        sourcecheck.teardown(network, container_id, ifname)
+        sourcecheck.teardown(network, container_id, ifname, port)
 
     def port_check_in_effect(self, network: str, container_id: str, ifname: str) -> bool:
         from . import sourcecheck

@@ -108,6 +108,12 @@ def _parse_link(body: bytes) -> Link:
     )
 
 
+def _link_nsid(body: bytes) -> int | None:
+    """IFLA_LINK_NETNSID: the id here of the netns the link's peer is in (absent: this one)."""
+    nsid = dict(_attrs(body, _IFINFO.size)).get(IFLA_LINK_NETNSID)
+    return int(struct.unpack("=i", nsid[:4])[0]) if nsid is not None else None
+
+
 def _mac_bytes(mac: str) -> bytes:
     return bytes(int(part, 16) for part in mac.split(":"))
 
@@ -190,13 +196,17 @@ class Socket:
         return self._get_link(ifinfo(index))
 
     def _get_link(self, payload: bytes) -> Link | None:
+        body = self._get_body(payload)
+        return None if body is None else _parse_link(body)
+
+    def _get_body(self, payload: bytes) -> bytes | None:
         try:
             replies = self.request(RTM_GETLINK, 0, payload)
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None
             raise
-        return _parse_link(replies[0][1]) if replies else None
+        return replies[0][1] if replies else None
 
     def add_veth(
         self, name: str, peer: str, peer_netns_fd: int, mtu: int | None, peer_mac: str | None,
@@ -276,16 +286,6 @@ class Socket:
 
     def delete_link(self, index: int) -> None:
         self.request(RTM_DELLINK, NLM_F_ACK, ifinfo(index))
-
-    def netnsid(self, fd: int) -> int | None:
-        """The id this netns gives the netns `fd` (as a link's IFLA_LINK_NETNSID names it);
-        None if it gives none."""
-        replies = self.request(RTM_GETNSID, 0, b"\0\0\0\0" + attr(NETNSA_FD, struct.pack("=I", fd)))
-        for _kind, body in replies:
-            fields = dict(_attrs(body, 4))
-            if NETNSA_NSID in fields and (nsid := _s32(fields[NETNSA_NSID])) >= 0:
-                return nsid
-        return None
 
     def mark(self, index: int, group: int, alias: str) -> None:
         """Put a link in a link group, with an alias (neither takes the kernel any time)."""
@@ -386,11 +386,8 @@ class Socket:
 
     def links(self) -> list[tuple[Link, int | None]]:
         """Every link, each with the id here of the netns its peer is in (None: this one)."""
-        out = []
-        for _kind, body in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo()):
-            nsid = dict(_attrs(body, _IFINFO.size)).get(IFLA_LINK_NETNSID)
-            out.append((_parse_link(body), struct.unpack("=i", nsid[:4])[0] if nsid is not None else None))
-        return out
+        return [(_parse_link(body), _link_nsid(body))
+                for _kind, body in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo())]
 
     def bridge_ports(self) -> list[tuple[Link, int]]:
         """Each veth on a bridge whose peer is in another netns, with that netns's id here."""

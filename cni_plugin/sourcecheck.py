@@ -16,7 +16,8 @@ attachment's chain, named by masq's tag (hashes only), drops from its port:
 
 The chain and its map element are written in one transaction, so a port is never half checked.
 ADD costs one nft run: `create chain` + rules + element; only when that misses (no table yet, a
-retried ADD's chain left over) does it list and rewrite what it needs, as masq does. nft runs
+retried ADD's chain left over) does it list and rewrite what it needs, as masq does. DEL too,
+given the port it verified is the pod's (link.verified_port); else, or when nft refuses, it lists. nft runs
 in-process through libnftables where present (nft.py: ~1.5 ms, not ~15 ms per run), else exec'd.
 """
 
@@ -123,15 +124,29 @@ def setup(network: str, container_id: str, ifname: str, port: str, mac: str,
         raise _fail("setup", exc) from exc
 
 
-def teardown(network: str, container_id: str, ifname: str) -> None:
-    """Remove this attachment's chain and map element; nothing to remove is success."""
+def teardown(network: str, container_id: str, ifname: str, port: str | None = None) -> None:
+    """Remove this attachment's chain and map element; nothing to remove is success. `port`:
+    its host port as DEL verified it (link.verified_port): one nft run, no listing."""
     masq.validate_attachment(network, container_id, ifname)
     chain = chain_name(network, container_id, ifname)
     if _have_nft():
         try:
-            _replace(lambda c, key: c == chain)
+            if port is None or not _PORT.fullmatch(port) or not _delete_port(chain, port):
+                _replace(lambda c, key: c == chain)
         except nftables.NftError as exc:
             raise _fail("teardown", exc) from exc
+
+
+def _delete_port(chain: str, port: str) -> bool:
+    """The element of `port` and `chain`, in one transaction; False where nft refused it: the
+    element or chain absent, or the chain still the goto of another element (nft keeps a chain
+    in use), so `port`'s element was not this chain's. The listing path then sees what is."""
+    try:
+        nftables.run(f'delete element {_TABLE} ports {{ "{port}" }}\n'
+                     f"flush chain {_TABLE} {chain}\ndelete chain {_TABLE} {chain}\n", in_process=True)
+    except nftables.NftError:
+        return False
+    return True
 
 
 def gc(network: str, valid: set[tuple[str, str]]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from typing import Any, cast
@@ -16,6 +17,7 @@ from cnikit.spec.result import Interface, Result, parse_result
 from . import config, ipam_client, link, netns, nsrecord, plan
 from .config import BridgeConf
 from .host import Host, Kernel
+from .netlink import Netlink
 
 
 def _load(req: Request) -> BridgeConf:
@@ -133,29 +135,38 @@ def cmd_add(req: Request) -> dict[str, Any]:
     return result.to_version(req.cni_version)
 
 
-def _delete_pod_link(req: Request, host: Host, bridge: str) -> None:
-    ifname = req.cmd.ifname
+def _delete_pod_link(req: Request, host: Host, bridge: str, want_port: bool) -> str | None:
+    """Unplug the pod; with `want_port`, return its host port as the host netns vouches for it
+    (link.verified_port), for the source check's teardown without a listing; else None."""
     try:
         fd = _open_pod_netns(req, host)
     except netns.NetnsGone:
-        return  # the runtime already removed the netns: nothing left to unplug
+        return None  # the runtime already removed the netns: nothing left to unplug
     try:
         _refuse_own_netns(req, host, fd)  # else DEL would delete a host link named CNI_IFNAME
-        if req.removals is None:
-            host.run_in(fd, lambda: link.pod_delete(host, ifname))
-            return
-        pod = host.run_in(fd, lambda: link.pod_detach(host, ifname))
-        if pod is None:
-            return
-        with link.netlink(host) as sock:
-            marked = link.mark_host_end(sock, pod, fd, bridge)
-        if marked:  # swept with the others marked (cnikit/removals.py)
-            req.removals.submit(link.sweeper(host))
-        else:
-            later = os.dup(fd)
-            req.removals.submit(lambda: _finish_removal(host, later, pod.index))
+        if not want_port and req.removals is None:
+            return host.run_in(fd, lambda: link.pod_delete(host, req.cmd.ifname))
+        with link.netlink(host) as ipr:  # in the host netns: it vouches for the port, marks the host end
+            port_of = functools.partial(link.verified_port, ipr, ipr.nsid(fd)) if want_port else link.no_port
+            return _unplug(req, host, ipr, fd, bridge, port_of)
     finally:
         os.close(fd)
+
+
+def _unplug(req: Request, host: Host, ipr: Netlink, fd: int, bridge: str, port_of: link.PortOf) -> str | None:
+    ifname = req.cmd.ifname
+    if req.removals is None:
+        return host.run_in(fd, lambda: link.pod_delete(host, ifname, port_of))
+    detached = host.run_in(fd, lambda: link.pod_detach(host, ifname, port_of))
+    if detached is None:
+        return None
+    pod, port = detached
+    if link.mark_host_end(ipr, pod, fd, bridge):  # swept with the others marked (cnikit/removals.py)
+        req.removals.submit(link.sweeper(host))
+    else:
+        later = os.dup(fd)
+        req.removals.submit(lambda: _finish_removal(host, later, pod.index))
+    return port
 
 
 def _finish_removal(host: Host, fd: int, index: int) -> None:
@@ -177,14 +188,13 @@ def _release_ipam(req: Request, conf: BridgeConf) -> None:
 def cmd_del(req: Request) -> None:
     conf = _load(req)
     host = _host(req)
-    if req.cmd.netns:
-        _delete_pod_link(req, host, conf.bridge)
+    port = _delete_pod_link(req, host, conf.bridge, conf.source_check) if req.cmd.netns else None
     if conf.ipam_type:
         _release_ipam(req, conf)
     if conf.ip_masq:
         host.masq_teardown(conf.name, req.cmd.container_id, req.cmd.ifname)
     if conf.source_check:
-        host.port_check_teardown(conf.name, req.cmd.container_id, req.cmd.ifname)
+        host.port_check_teardown(conf.name, req.cmd.container_id, req.cmd.ifname, port)
 
 
 def cmd_check(req: Request) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import concurrent.futures
 import ipaddress
 import json
+import os
 import socket
 import time
 
 import pytest
 
-from cni_plugin import libnft, sourcecheck
+from cni_plugin import libnft, link, netns, rtnl, sourcecheck
+from cni_plugin.netlink import Link
 from testbed.harness import Host
 
 from .netpol_probe import in_netns
@@ -218,3 +220,107 @@ def test_the_port_chain_is_the_same_with_or_without_libnftables(
     chain = sourcecheck.chain_name("net", "c", "eth0")
     rules = host.exec("nft", "list", "chain", "bridge", "pybridge", chain).stdout.decode()
     assert "ip saddr != 10.88.0.9 drop" in rules and f"ether saddr != {mac} drop" in rules
+
+
+# --- DEL's teardown by the port it verified -------------------------------------------------
+
+
+def _teardown_by_port(port: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sourcecheck.teardown with `port`, its listing path made to fail: what it leaves is what
+    the one-run path left."""
+    def listing(*_: object, **__: object) -> None:
+        raise AssertionError("listed")
+    monkeypatch.setattr(sourcecheck, "_replace", listing)
+    sourcecheck.teardown("net", "a", "eth0", port)
+
+
+def _two_attachments() -> None:
+    """Attachments a and b of network net, on ports vetha and vethb."""
+    mac, addr = "0a:58:0a:58:00:09", ipaddress.ip_interface("10.88.0.9/24")
+    for cid, port in (("a", "vetha"), ("b", "vethb")):
+        sourcecheck.setup("net", cid, "eth0", port, mac, [addr], False)
+
+
+def test_teardown_by_port_deletes_the_element_and_chain_in_one_run(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_netns(host.name, _two_attachments)
+    in_netns(host.name, lambda: _teardown_by_port("vetha", monkeypatch))
+    assert _port_chains(host) == {sourcecheck.chain_name("net", "b", "eth0"): "vethb"}
+    assert _chains(host) == {"prerouting", sourcecheck.chain_name("net", "b", "eth0")}
+
+
+def test_teardown_by_another_attachments_port_falls_back_and_keeps_its_element(host: Host) -> None:
+    """nft refuses the one run (the chain is still another element's goto): the listing path
+    removes this attachment's element and chain, the other's stay."""
+    in_netns(host.name, _two_attachments)
+    in_netns(host.name, lambda: sourcecheck.teardown("net", "a", "eth0", "vethb"))
+    assert _port_chains(host) == {sourcecheck.chain_name("net", "b", "eth0"): "vethb"}
+    in_netns(host.name, lambda: sourcecheck.teardown("net", "b", "eth0", "vethb"))
+    in_netns(host.name, lambda: sourcecheck.teardown("net", "b", "eth0", "vethb"))  # nothing left: fine
+    assert _port_chains(host) == {} and _chains(host) == {"prerouting"}
+
+
+def test_del_leaves_no_chain_and_no_element(host: Host) -> None:
+    conf = dual_stack(host)
+    pods = [host.new_pod() for _ in range(2)]
+    for i, pod in enumerate(pods):
+        host.add(conf, pod, container_id=f"c{i}")
+    assert host.cni("DEL", conf, pods[0], container_id="c0").ok
+    kept = sourcecheck.chain_name("testnet", "c1", "eth0")
+    assert list(_port_chains(host)) == [kept] and _chains(host) == {"prerouting", kept}
+
+
+def _ifindex(host: Host, netns: str | None, name: str) -> int:
+    run = host.exec if netns is None else lambda *cmd: host.pod_exec(netns, *cmd)
+    return int(json.loads(run("ip", "-j", "link", "show", "dev", name).stdout)[0]["ifindex"])
+
+
+def _eth0() -> Link | None:
+    with rtnl.Socket() as sock:
+        return link.find(sock, "eth0")
+
+
+def _verified_port(host: Host, pod: str) -> str | None:
+    """What DEL would verify as the host port of `pod`'s eth0 (link.verified_port)."""
+    def verify() -> str | None:
+        fd = netns.open_netns(f"/run/netns/{pod}")
+        try:
+            with rtnl.Socket() as sock:
+                nsid = sock.nsid(fd)
+                pod_link = netns.run_in(fd, _eth0)
+                assert pod_link is not None
+                return link.verified_port(sock, nsid, pod_link)
+        finally:
+            os.close(fd)
+    return in_netns(host.name, verify)
+
+
+@pytest.mark.parametrize("element", [True, False])
+def test_a_pods_own_veth_named_eth0_never_takes_another_pods_check_away(host: Host, element: bool) -> None:
+    """The attacker deletes its eth0 and makes a veth pair of its own, eth0 with the victim's
+    eth0's index and its peer x with the victim's host port's: eth0's peer index then names
+    the victim's port. DEL must not take it for the attacker's. With the attacker's element
+    gone (as by hand), nft no longer refuses to delete its chain: only DEL's check is left."""
+    conf = dual_stack(host)
+    attacker, victim = host.new_pod(), host.new_pod()
+    mine = host.add(conf, attacker, container_id="attacker")["interfaces"][1]["name"]
+    if not element:
+        host.exec("nft", "delete", "element", "bridge", "pybridge", "ports", f'{{ "{mine}" }}')
+    port = host.add(conf, victim, container_id="victim")["interfaces"][1]["name"]
+    assert _verified_port(host, victim) == port
+    eth0, peer = _ifindex(host, victim, "eth0"), _ifindex(host, None, port)
+    host.pod_exec(attacker, "ip", "link", "del", "eth0")
+    host.pod_exec(attacker, "ip", "link", "add", "eth0", "index", str(eth0), "type", "veth",
+                  "peer", "name", "x", "index", str(peer))
+    assert _ifindex(host, attacker, "eth0") == eth0 and _ifindex(host, attacker, "x") == peer
+    assert _verified_port(host, attacker) is None
+    assert host.cni("DEL", conf, attacker, container_id="attacker").ok
+    kept = sourcecheck.chain_name("testnet", "victim", "eth0")
+    assert _port_chains(host) == {kept: port} and _chains(host) == {"prerouting", kept}
+
+
+def _chains(host: Host) -> set[str]:
+    items = json.loads(host.exec("nft", "-j", "list", "chains", "bridge").stdout)["nftables"]
+    return {item["chain"]["name"] for item in items
+            if "chain" in item and item["chain"]["table"] == "pybridge"}

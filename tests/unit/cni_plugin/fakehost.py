@@ -38,6 +38,7 @@ class Namespace:
     addrs: dict[int, list[IPInterface]] = field(default_factory=dict)
     # (destination, gateway, oif); the node controller's routes by protocol carry -proto as oif
     routes: list[tuple[str, str | None, int]] = field(default_factory=list)
+    peer_ns: dict[int, str] = field(default_factory=dict)  # a veth's index -> its peer's netns
 
 
 def _mac() -> str:
@@ -55,6 +56,7 @@ class FakeHost:
         self.written_while_up: list[str] = []
         self.masq: set[Attachment] = set()
         self.port_chains: dict[Attachment, tuple[str, str]] = {}  # -> (port, pod MAC)
+        self.teardown_ports: list[str | None] = []  # the port each source check teardown was given
         self.hairpin: set[int] = set()
         self.steps: list[str] = []
         self.fail_at: int | None = None
@@ -185,8 +187,10 @@ class FakeHost:
         self.step("source check setup")
         self.port_chains[(network, container_id, ifname)] = (port, mac)
 
-    def port_check_teardown(self, network: str, container_id: str, ifname: str) -> None:
+    def port_check_teardown(self, network: str, container_id: str, ifname: str,
+                            port: str | None = None) -> None:
         self.step("source check teardown")
+        self.teardown_ports.append(port)
         self.port_chains.pop((network, container_id, ifname), None)
 
     def port_check_in_effect(self, network: str, container_id: str, ifname: str) -> bool:
@@ -228,7 +232,17 @@ class FakeSocket:
         return next((lk for lk in self.ns.links.values() if lk.name == name), None)
 
     def link_by_index(self, index: int) -> Link | None:
-        return self.ns.links.get(index)
+        found = self.ns.links.get(index)
+        peer_ns = self.ns.peer_ns.get(index)
+        if found is None or peer_ns is None:
+            return found
+        return replace(found, peer_netnsid=self._nsid(peer_ns))  # as the kernel reports a veth's peer
+
+    def nsid(self, netns_fd: int) -> int | None:
+        return self._nsid(self.host.name_of(netns_fd))
+
+    def _nsid(self, name: str) -> int:
+        return list(self.host.namespaces).index(name)
 
     def add_veth(self, name: str, peer: str, peer_netns_fd: int, mtu: int | None,
                  peer_mac: str | None, master: int | None = None) -> None:
@@ -243,6 +257,8 @@ class FakeSocket:
         self.ns.links[host_index] = Link(host_index, name, _mac(), mtu, "veth", peer_index=pod_index,
                                          master=master)
         pod.links[pod_index] = Link(pod_index, peer, peer_mac or _mac(), mtu, "veth", peer_index=host_index)
+        self.ns.peer_ns[host_index] = self.host.name_of(peer_netns_fd)
+        pod.peer_ns[pod_index] = self.name
 
     def add_bridge(self, name: str, mtu: int | None, vlan_filtering: bool) -> None:
         self.host.step(f"add bridge {name}")
@@ -301,6 +317,7 @@ class FakeSocket:
                     self.host.hairpin.discard(gone)
                     del ns.links[gone]
                     ns.addrs.pop(gone, None)
+                    ns.peer_ns.pop(gone, None)
                     ns.routes = [r for r in ns.routes if r[2] != gone]
 
     def addresses(self, index: int) -> list[tuple[IPInterface, int]]:

@@ -12,19 +12,21 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cni_plugin import verbs
+from cni_plugin.netlink import Link
 from cnikit import skel
 from cnikit.removals import Removals
 from cnikit.spec.version import SUPPORTED, at_least
 from ipam.index import Indexes
 from ipam.plugin import list_reservations
 
-from .fakehost import HOST, FakeHost
+from .fakehost import HOST, FakeHost, FakeSocket
 
 POD = "/run/netns/fake-pod"
 CID = "ctr-fake"
@@ -293,3 +295,41 @@ def test_node_agent_adds_never_replaces_a_route_it_does_not_own() -> None:
     sock.ns.routes = [("10.70.2.0/24", "172.18.0.3", -effects.RTPROT_PYBRIDGE)]
     assert effects.apply_routes(sock, [], [moved], owned=[route]) == []  # its own: replaced
     assert effects.current_routes(sock) == {moved}
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_del_hands_the_source_check_the_port_it_verified(
+    kernel: FakeHost, tmp_path: Path, deferred: bool
+) -> None:
+    conf = _conf(tmp_path, sourceCheck=True)
+    _, result = _call(kernel, "ADD", conf)
+    assert result is not None
+    removals = Removals() if deferred else None
+    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": CID, "CNI_NETNS": POD, "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/nonexistent"}
+    assert skel.run(lambda: verbs.VERBS, env, io.BytesIO(json.dumps(conf).encode()), io.StringIO(),
+                    program="pybridge", stderr=io.StringIO(), removals=removals, host=kernel) == 0
+    assert removals is None or removals.drain()
+    assert kernel.teardown_ports == [result["interfaces"][1]["name"]]
+    _nothing_left(kernel, tmp_path)
+
+
+def test_a_pods_own_veth_named_like_ours_gets_no_port_verified(kernel: FakeHost, tmp_path: Path) -> None:
+    """The pod deletes its eth0 and makes a veth pair of its own named eth0, with the index of
+    the victim's eth0 and, as its peer, the index of the victim's host port: only the netns the
+    host finds that port's peer in tells them apart."""
+    conf = _conf(tmp_path, sourceCheck=True)
+    victim = kernel.new_netns("/run/netns/fake-victim")
+    assert _call(kernel, "ADD", conf)[0] == 0
+    assert _call(kernel, "ADD", conf, cid="victim", netns=victim)[0] == 0
+    [mine] = kernel.links(POD)
+    [theirs] = kernel.links(victim)
+    FakeSocket(kernel, POD).delete_link(mine.index)
+    pod = kernel.namespaces[POD]
+    assert theirs.peer_index is not None
+    pod.links[theirs.index] = replace(theirs, mac=mine.mac)  # eth0, its peer index the victim's port
+    pod.links[theirs.peer_index] = Link(theirs.peer_index, "x", mine.mac, 1500, "veth",
+                                        peer_index=theirs.index)
+    assert _call(kernel, "DEL", conf) == (0, None)
+    assert kernel.teardown_ports == [None]
+    assert set(kernel.port_chains) == {("fakenet", "victim", "eth0")}

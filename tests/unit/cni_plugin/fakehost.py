@@ -39,6 +39,7 @@ class Namespace:
     # (destination, gateway, oif); the node controller's routes by protocol carry -proto as oif
     routes: list[tuple[str, str | None, int]] = field(default_factory=list)
     peer_ns: dict[int, str] = field(default_factory=dict)  # a veth's index -> its peer's netns
+    marks: dict[int, tuple[int, str]] = field(default_factory=dict)  # index -> (group, alias)
 
 
 def _mac() -> str:
@@ -318,7 +319,20 @@ class FakeSocket:
                     del ns.links[gone]
                     ns.addrs.pop(gone, None)
                     ns.peer_ns.pop(gone, None)
+                    ns.marks.pop(gone, None)
                     ns.routes = [r for r in ns.routes if r[2] != gone]
+
+    def mark(self, index: int, group: int, alias: str) -> None:
+        self.host.step(f"mark link {index}")
+        self._link(index)
+        self.ns.marks[index] = (group, alias)
+
+    def group_members(self, group: int) -> list[tuple[int, str]]:
+        return [(index, alias) for index, (g, alias) in self.ns.marks.items() if g == group]
+
+    def delete_group(self, group: int) -> None:
+        for index, _alias in self.group_members(group):
+            self.delete_link(index)
 
     def addresses(self, index: int) -> list[tuple[IPInterface, int]]:
         return [(a, 0) for a in self.ns.addrs.get(index, [])]

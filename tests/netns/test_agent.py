@@ -224,8 +224,9 @@ def test_a_detached_pod_end_marks_its_host_end_and_one_request_deletes_the_group
     kernel = Kernel()
 
     def detach_and_mark() -> tuple[bool, bool]:
-        pod_end = netns.run_in(pod_fd, lambda: link.pod_detach(kernel, "eth0"))
-        assert pod_end is not None
+        detached = netns.run_in(pod_fd, lambda: link.pod_detach(kernel, "eth0"))
+        assert detached is not None
+        pod_end, _port = detached
         with link.netlink(kernel) as sock:
             return (link.mark_host_end(sock, pod_end, pod_fd, "br-other"),
                     link.mark_host_end(sock, pod_end, pod_fd, conf["bridge"]))

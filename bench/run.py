@@ -316,18 +316,27 @@ def run_variants(
     return results
 
 
+def _pair(
+    plan: list[Variant], tmp: Path, tag: str, bridge: str, octet: int
+) -> tuple[tuple[str, dict[str, Any], dict[str, str]], tuple[str, dict[str, Any], dict[str, str]]]:
+    """The reference's and the agent's (binary, conf, env) for a run alternating them: bridges
+    `bridge`0 and `bridge`1, subnets 10.`octet`.0.0/22 and 10.`octet + 1`.0.0/22."""
+    named = {variant[0]: variant for variant in plan}
+    _, ref_binary, ref_kind, ref_ipam, ref_env = named["reference"]
+    _, binary, kind, ipam, env = named[AGENT]
+    ref_conf = conf(ref_kind, ref_ipam, f"{bridge}0", f"10.{octet}.0.0/22", str(tmp / f"ipam-{tag}-ref"))
+    agent_conf = conf(kind, ipam, f"{bridge}1", f"10.{octet + 1}.0.0/22", str(tmp / f"ipam-{tag}-agent"))
+    return (ref_binary, ref_conf, ref_env), (binary, agent_conf, env)
+
+
 def paired(
     args: argparse.Namespace, world: World, tmp: Path, plan: list[Variant], results: dict[str, dict[str, Any]]
 ) -> None:
     """The sequential calls and parallel bursts again, the reference's and the agent's
     alternating in one driver."""
-    named = {variant[0]: variant for variant in plan}
-    _, ref_binary, ref_kind, ref_ipam, ref_env = named["reference"]
-    _, binary, kind, ipam, env = named[AGENT]
     progress(f"{args.pods} sequential pods and {args.rounds} rounds of parallel bursts, reference and agent "
              "alternating")
-    ref_conf = conf(ref_kind, ref_ipam, "brp0", "10.220.0.0/22", str(tmp / "ipam-pair-ref"))
-    agent_conf = conf(kind, ipam, "brp1", "10.221.0.0/22", str(tmp / "ipam-pair-agent"))
+    (ref_binary, ref_conf, ref_env), (binary, agent_conf, env) = _pair(plan, tmp, "pair", "brp", 220)
     with agent_for(AGENT, world, env, binary):
         report = drive(world, tmp, binary, agent_conf, env, args.pods, args.parallel, 0, args.rounds,
                        pair=(ref_binary, ref_conf, ref_env))
@@ -344,13 +353,9 @@ def churn(
 ) -> None:
     """ADDs while `args.churn` other pods are deleted at once (bench/driver.py: churn_round), the
     reference's rounds and the agent's alternating in one driver."""
-    named = {variant[0]: variant for variant in plan}
-    _, ref_binary, ref_kind, ref_ipam, ref_env = named["reference"]
-    _, binary, kind, ipam, env = named[AGENT]
     progress(f"{args.churn_rounds} rounds of ADDs while {args.churn} pods are deleted, reference and agent "
              "alternating")
-    ref_conf = conf(ref_kind, ref_ipam, "brk0", "10.224.0.0/22", str(tmp / "ipam-churn-ref"))
-    agent_conf = conf(kind, ipam, "brk1", "10.225.0.0/22", str(tmp / "ipam-churn-agent"))
+    (ref_binary, ref_conf, ref_env), (binary, agent_conf, env) = _pair(plan, tmp, "churn", "brk", 224)
     with agent_for(AGENT, world, env, binary):
         report = drive(world, tmp, binary, agent_conf, env, 0, 0, 0, 0, pair=(ref_binary, ref_conf, ref_env),
                        churn=(args.churn, args.churn_rounds))

@@ -38,7 +38,6 @@ IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_ARP_NOTIFY = 26, 1, 22
 IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 31, 32
 IFLA_LINK_NETNSID = 37
 IFLA_IFALIAS, IFLA_GROUP, IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS = 20, 27, 29, 1 << 3
-RTM_GETNSID, NETNSA_NSID, NETNSA_FD = 90, 1, 3
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS, IFA_TARGET_NETNSID = 1, 2, 4, 8, 10
 IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
@@ -106,12 +105,6 @@ def _parse_link(body: bytes) -> Link:
         up=bool(flags & IFF_UP),
         oper_up=IFLA_OPERSTATE in fields and fields[IFLA_OPERSTATE][0] == OPER_UP,
     )
-
-
-def _link_nsid(body: bytes) -> int | None:
-    """IFLA_LINK_NETNSID: the id here of the netns the link's peer is in (absent: this one)."""
-    nsid = dict(_attrs(body, _IFINFO.size)).get(IFLA_LINK_NETNSID)
-    return int(struct.unpack("=i", nsid[:4])[0]) if nsid is not None else None
 
 
 def _mac_bytes(mac: str) -> bytes:
@@ -196,17 +189,13 @@ class Socket:
         return self._get_link(ifinfo(index))
 
     def _get_link(self, payload: bytes) -> Link | None:
-        body = self._get_body(payload)
-        return None if body is None else _parse_link(body)
-
-    def _get_body(self, payload: bytes) -> bytes | None:
         try:
             replies = self.request(RTM_GETLINK, 0, payload)
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None
             raise
-        return replies[0][1] if replies else None
+        return _parse_link(replies[0][1]) if replies else None
 
     def add_veth(
         self, name: str, peer: str, peer_netns_fd: int, mtu: int | None, peer_mac: str | None,
@@ -384,15 +373,14 @@ class Socket:
             out.append((ipaddress.ip_interface(f"{ip}/{prefixlen}"), flags))
         return out
 
-    def links(self) -> list[tuple[Link, int | None]]:
-        """Every link, each with the id here of the netns its peer is in (None: this one)."""
-        return [(_parse_link(body), _link_nsid(body))
-                for _kind, body in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo())]
+    def links(self) -> list[Link]:
+        """Every link (each with `peer_netnsid`: the id here of the netns its peer is in)."""
+        return [_parse_link(body) for _kind, body in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo())]
 
     def bridge_ports(self) -> list[tuple[Link, int]]:
         """Each veth on a bridge whose peer is in another netns, with that netns's id here."""
-        return [(link, nsid) for link, nsid in self.links()
-                if link.kind == "veth" and link.master and link.peer_index and nsid is not None]
+        return [(link, link.peer_netnsid) for link in self.links()
+                if link.kind == "veth" and link.master and link.peer_index and link.peer_netnsid is not None]
 
     def nsid(self, netns_fd: int) -> int | None:
         """The id this netns knows the netns `netns_fd` by; None if it has given it none (as
@@ -401,7 +389,7 @@ class Socket:
         for _kind, body in self.request(RTM_GETNSID, NLM_F_ACK, payload):
             raw = dict(_attrs(body, 4)).get(NETNSA_NSID)
             if raw is not None:
-                nsid = int(struct.unpack("=i", raw[:4])[0])
+                nsid = _s32(raw)
                 return nsid if nsid >= 0 else None
         return None
 

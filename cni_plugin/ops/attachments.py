@@ -120,8 +120,8 @@ def _pod_ends(path: str) -> dict[tuple[int, int], PodLink]:
     def read() -> dict[tuple[int, int], PodLink]:
         with rtnl.Socket() as sock:
             return {(link.peer_index, link.index): PodLink("", path, link.name, _addresses(sock, link.index))
-                    for link, nsid in sock.links()
-                    if link.kind == "veth" and link.peer_index and nsid is not None}
+                    for link in sock.links()
+                    if link.kind == "veth" and link.peer_index and link.peer_netnsid is not None}
 
     try:
         fd = netns.open_netns(path)
@@ -142,9 +142,10 @@ def pod_links(bridges: Iterable[str], netns_paths: Iterable[str] = ()) -> dict[s
     found: dict[str, list[PodLink]] = {b: [] for b in wanted}
     with rtnl.Socket() as sock:
         links = sock.links()
-    by_index = {link.index: link for link, _nsid in links}
+    by_index = {link.index: link for link in links}
     names, ends = None, None
-    for link, nsid in links:
+    for link in links:
+        nsid = link.peer_netnsid
         master = by_index.get(link.master) if link.master else None
         bridge = master.name if master is not None else None
         if bridge not in wanted or link.kind != "veth":

@@ -232,7 +232,7 @@ def check_attachments(node: Node) -> Check:
 
 def _uplink_and_mtus(bridges: set[str]) -> tuple[tuple[str, int] | None, dict[str, int]]:
     with rtnl.Socket() as sock:
-        links = {link.index: link for link, _nsid in sock.links()}
+        links = {link.index: link for link in sock.links()}
         default = sock.default_links()
     uplink = links.get(default[0]) if default else None
     mtus = {link.name: link.mtu for link in links.values() if link.name in bridges}

@@ -192,8 +192,8 @@ def test_links_netns_ids_default_routes_and_global_addresses_match_pyroute2(pair
                 sock.global_addresses(veth.index), py
 
     links, nsid, defaults, addresses, (py_defaults, py_nsid, py_addresses) = pair.host(host_side)
-    veth = next((link, link_nsid) for link, link_nsid in links if link.name == "veth-ls")
-    assert veth[1] is not None and veth[1] == nsid == py_nsid
-    assert [link_nsid for link, link_nsid in links if link.name == "lo"] == [None]
-    assert defaults == py_defaults == [veth[0].index]
+    veth = next(link for link in links if link.name == "veth-ls")
+    assert veth.peer_netnsid is not None and veth.peer_netnsid == nsid == py_nsid
+    assert [link.peer_netnsid for link in links if link.name == "lo"] == [None]
+    assert defaults == py_defaults == [veth.index]
     assert {str(a.ip) for a in addresses} == py_addresses == {"10.58.0.1"}

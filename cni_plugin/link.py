@@ -359,57 +359,71 @@ def _pod_veth(sock: Netlink, ifname: str) -> Link | None:
     return link if link is not None and link.kind == "veth" else None
 
 
-PortOf = Callable[[Link], str | None]  # the host port of a pod veth, if known
+HostEnd = Callable[[Link], Link | None]  # the host end of a pod veth, if verified
 
 
-def no_port(_pod: Link) -> str | None:
+def no_host_end(_pod: Link) -> Link | None:
     return None
 
 
-def pod_delete(host: Host, ifname: str, port_of: PortOf = no_port) -> str | None:
-    """Delete the pod end (the host end goes with it). Returns `port_of` the pod end, read
+def pod_delete(host: Host, ifname: str, host_end_of: HostEnd = no_host_end) -> Link | None:
+    """Delete the pod end (the host end goes with it). Returns `host_end_of` the pod end, read
     before the host end goes; None if there is no veth of that name."""
     with netlink(host) as sock, netlink_errors(f"delete {ifname}"):
         link = _pod_veth(sock, ifname)
         if link is None:
             return None
-        port = port_of(link)
+        end = host_end_of(link)
         try:
             sock.delete_link(link.index)
         except NetlinkError as exc:
             if exc.errno not in (errno.ENODEV, errno.ENOENT):
                 raise
-        return port
+        return end
 
 
-def pod_detach(host: Host, ifname: str, port_of: PortOf = no_port) -> tuple[Link, str | None] | None:
+def pod_detach(host: Host, ifname: str,
+               host_end_of: HostEnd = no_host_end) -> tuple[Link, Link | None] | None:
     """Take the pod end out of service without waiting for the kernel's deletion: down (so the
     bridge port loses its carrier) and renamed (so `ifname` is free for a new ADD at once).
-    Returns it as it was, for `mark_host_end` or `pod_delete_index`, and `port_of` it; None if
-    there is no veth of that name."""
+    Returns it as it was, for `pod_delete_index`, and `host_end_of` it; None if there is no
+    veth of that name."""
     with netlink(host) as sock, netlink_errors(f"detach {ifname}"):
         link = _pod_veth(sock, ifname)
         if link is None:
             return None
-        port = port_of(link)
+        end = host_end_of(link)
         sock.set_link(link.index, up=False)
         sock.rename(link.index, f"pbdel{secrets.token_hex(5)}")
-        return link, port
+        return link, end
 
 
-def mark_host_end(sock: Netlink, pod: Link, pod_fd: int, bridge: str) -> bool:
-    """Mark the peer of `pod` (a pod end just detached, in netns `pod_fd`) for `sweep_removed`,
-    if it is a port of `bridge` in this netns whose peer is that very link (the same index in
-    the same netns: pod ends of every netns often share one index). False, and nothing marked,
-    otherwise or on any netlink failure: the caller then deletes the pod end by itself."""
+def verified_host_end(sock: Netlink, pod_nsid: int | None, pod: Link) -> Link | None:
+    """The host end of pod veth `pod`, if the host netns (`sock`) agrees: the host link `pod`
+    names as its peer is a veth whose own peer is `pod`'s index in the netns the host knows as
+    `pod_nsid` (pod ends of every netns often share one index). A pod can make a veth pair of its
+    own named like ours: its peer index then names an unrelated host link (another pod's port),
+    which is never ours. None, too, on any netlink failure: the callers then do without it."""
+    if pod.peer_index is None or pod_nsid is None:
+        return None
     try:
-        host = get(sock, pod.peer_index) if pod.peer_index else None
+        peer = get(sock, pod.peer_index)
+    except NetlinkError:
+        return None
+    if peer is None or peer.kind != "veth" or peer.peer_index != pod.index:
+        return None
+    return peer if peer.peer_netnsid is not None and peer.peer_netnsid == pod_nsid else None
+
+
+def mark_host_end(sock: Netlink, end: Link, bridge: str) -> bool:
+    """Mark `end` (a pod's host end, as verified_host_end found it) for `sweep_removed` if it is
+    a port of `bridge`. False, and nothing marked, otherwise or on any netlink failure: the
+    caller then deletes the pod end by itself."""
+    try:
         port_of = find(sock, bridge)
-        if (host is None or port_of is None or host.kind != "veth" or host.master != port_of.index
-                or host.peer_index != pod.index or host.peer_netnsid is None
-                or host.peer_netnsid != sock.nsid(pod_fd)):
+        if port_of is None or end.master != port_of.index:
             return False
-        sock.mark(host.index, REMOVAL_GROUP, REMOVAL_ALIAS)
+        sock.mark(end.index, REMOVAL_GROUP, REMOVAL_ALIAS)
     except NetlinkError:
         return False
     return True
@@ -440,19 +454,6 @@ def sweep_removed(host: Host) -> None:
             return
         for index in ours:
             delete_link(sock, index)
-
-
-def verified_port(sock: Netlink, pod_nsid: int | None, pod: Link) -> str | None:
-    """The name of the host end of pod veth `pod`, if the host netns (`sock`) agrees: the host
-    link `pod` names as its peer is a veth whose own peer is `pod`'s index in the netns the
-    host knows as `pod_nsid`. A pod can make a veth pair of its own named like ours: its peer
-    index then names an unrelated host link (another pod's port), which is never ours."""
-    if pod.peer_index is None or pod_nsid is None:
-        return None
-    peer = get(sock, pod.peer_index)
-    if peer is None or peer.kind != "veth" or peer.peer_index != pod.index:
-        return None
-    return peer.name if peer.peer_netnsid is not None and peer.peer_netnsid == pod_nsid else None
 
 
 def pod_delete_index(host: Host, index: int) -> None:

@@ -17,8 +17,9 @@ attachment's chain, named by masq's tag (hashes only), drops from its port:
 The chain and its map element are written in one transaction, so a port is never half checked.
 ADD costs one nft run: `create chain` + rules + element; only when that misses (no table yet, a
 retried ADD's chain left over) does it list and rewrite what it needs, as masq does. DEL too,
-given the port it verified is the pod's (link.verified_port); else, or when nft refuses, it lists. nft runs
-in-process through libnftables where present (nft.py: ~1.5 ms, not ~15 ms per run), else exec'd.
+given the port it verified is the pod's (link.verified_host_end); else, or when nft refuses, it
+lists. nft runs in-process through libnftables where present (nft.py: ~1.5 ms, not ~15 ms per
+run), else exec'd.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def setup(network: str, container_id: str, ifname: str, port: str, mac: str,
 
 def teardown(network: str, container_id: str, ifname: str, port: str | None = None) -> None:
     """Remove this attachment's chain and map element; nothing to remove is success. `port`:
-    its host port as DEL verified it (link.verified_port): one nft run, no listing."""
+    its host port as DEL verified it (link.verified_host_end): one nft run, no listing."""
     masq.validate_attachment(network, container_id, ifname)
     chain = chain_name(network, container_id, ifname)
     if _have_nft():

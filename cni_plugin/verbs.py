@@ -17,7 +17,7 @@ from cnikit.spec.result import Interface, Result, parse_result
 from . import config, ipam_client, link, netns, nsrecord, plan
 from .config import BridgeConf
 from .host import Host, Kernel
-from .netlink import Netlink
+from .netlink import Link, Netlink
 
 
 def _load(req: Request) -> BridgeConf:
@@ -137,7 +137,7 @@ def cmd_add(req: Request) -> dict[str, Any]:
 
 def _delete_pod_link(req: Request, host: Host, bridge: str, want_port: bool) -> str | None:
     """Unplug the pod; with `want_port`, return its host port as the host netns vouches for it
-    (link.verified_port), for the source check's teardown without a listing; else None."""
+    (link.verified_host_end), for the source check's teardown without a listing; else None."""
     try:
         fd = _open_pod_netns(req, host)
     except netns.NetnsGone:
@@ -145,28 +145,32 @@ def _delete_pod_link(req: Request, host: Host, bridge: str, want_port: bool) -> 
     try:
         _refuse_own_netns(req, host, fd)  # else DEL would delete a host link named CNI_IFNAME
         if not want_port and req.removals is None:
-            return host.run_in(fd, lambda: link.pod_delete(host, req.cmd.ifname))
-        with link.netlink(host) as ipr:  # in the host netns: it vouches for the port, marks the host end
-            port_of = functools.partial(link.verified_port, ipr, ipr.nsid(fd)) if want_port else link.no_port
-            return _unplug(req, host, ipr, fd, bridge, port_of)
+            host.run_in(fd, lambda: link.pod_delete(host, req.cmd.ifname))
+            return None
+        with link.netlink(host) as ipr:  # in the host netns: it vouches for the host end, marks it
+            verified = functools.partial(link.verified_host_end, ipr, ipr.nsid(fd))
+            end = _unplug(req, host, ipr, fd, bridge, verified)
+        return end.name if want_port and end is not None else None
     finally:
         os.close(fd)
 
 
-def _unplug(req: Request, host: Host, ipr: Netlink, fd: int, bridge: str, port_of: link.PortOf) -> str | None:
+def _unplug(req: Request, host: Host, ipr: Netlink, fd: int, bridge: str,
+            host_end_of: link.HostEnd) -> Link | None:
+    """The pod end deleted, or detached and its removal submitted; its verified host end."""
     ifname = req.cmd.ifname
     if req.removals is None:
-        return host.run_in(fd, lambda: link.pod_delete(host, ifname, port_of))
-    detached = host.run_in(fd, lambda: link.pod_detach(host, ifname, port_of))
+        return host.run_in(fd, lambda: link.pod_delete(host, ifname, host_end_of))
+    detached = host.run_in(fd, lambda: link.pod_detach(host, ifname, host_end_of))
     if detached is None:
         return None
-    pod, port = detached
-    if link.mark_host_end(ipr, pod, fd, bridge):  # swept with the others marked (cnikit/removals.py)
-        req.removals.submit(link.sweeper(host))
+    pod, end = detached
+    if end is not None and link.mark_host_end(ipr, end, bridge):  # swept with the others marked
+        req.removals.submit(link.sweeper(host))                    # (cnikit/removals.py)
     else:
         later = os.dup(fd)
         req.removals.submit(lambda: _finish_removal(host, later, pod.index))
-    return port
+    return end
 
 
 def _finish_removal(host: Host, fd: int, index: int) -> None:

@@ -228,8 +228,10 @@ def test_a_detached_pod_end_marks_its_host_end_and_one_request_deletes_the_group
         assert detached is not None
         pod_end, _port = detached
         with link.netlink(kernel) as sock:
-            return (link.mark_host_end(sock, pod_end, pod_fd, "br-other"),
-                    link.mark_host_end(sock, pod_end, pod_fd, conf["bridge"]))
+            end = link.verified_host_end(sock, sock.nsid(pod_fd), pod_end)
+            assert end is not None
+            return (link.mark_host_end(sock, end, "br-other"),
+                    link.mark_host_end(sock, end, conf["bridge"]))
 
     try:
         assert netns.run_in(host_fd, detach_and_mark) == (False, True)

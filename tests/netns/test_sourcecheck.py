@@ -282,7 +282,7 @@ def _eth0() -> Link | None:
 
 
 def _verified_port(host: Host, pod: str) -> str | None:
-    """What DEL would verify as the host port of `pod`'s eth0 (link.verified_port)."""
+    """What DEL would verify as the host port of `pod`'s eth0 (link.verified_host_end)."""
     def verify() -> str | None:
         fd = netns.open_netns(f"/run/netns/{pod}")
         try:
@@ -290,7 +290,8 @@ def _verified_port(host: Host, pod: str) -> str | None:
                 nsid = sock.nsid(fd)
                 pod_link = netns.run_in(fd, _eth0)
                 assert pod_link is not None
-                return link.verified_port(sock, nsid, pod_link)
+                end = link.verified_host_end(sock, nsid, pod_link)
+                return None if end is None else end.name
         finally:
             os.close(fd)
     return in_netns(host.name, verify)

@@ -32,12 +32,17 @@ def test_removals_run_in_order_on_one_thread_past_a_failure() -> None:
 def test_work_submitted_again_before_it_ran_runs_once() -> None:
     removals = Removals()
     runs: list[str] = []
-    busy = threading.Event()
+    started, busy = threading.Event(), threading.Event()
 
     def sweep() -> None:
         runs.append("sweep")
 
-    removals.submit(lambda: busy.wait(5))  # the thread is busy: what follows queues up
+    def hold() -> None:
+        started.set()
+        busy.wait(5)
+
+    removals.submit(hold)
+    assert started.wait(5)  # the thread is busy, its batch taken: what follows queues up
     for _ in range(3):
         removals.submit(sweep)
     removals.submit(lambda: runs.append("other"))

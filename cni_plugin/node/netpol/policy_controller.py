@@ -15,7 +15,6 @@ again after an exponential backoff, events or not; no error ends a thread.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import queue
 import socket
 import threading
@@ -284,16 +283,14 @@ def start(agent: PolicyController, stream: Stream, log: Log, errors: tuple[type[
 
 
 def listers(api: Any, stop: threading.Event | None = None) -> dict[str, Callable[..., Any]]:
-    from kubernetes import client
-
     from .. import kube
 
-    core, networking = client.CoreV1Api(api), client.NetworkingV1Api(api)
-    cnp = functools.partial(client.CustomObjectsApi(api).list_cluster_custom_object, *cluster.RESOURCE)
-    return {"NetworkPolicy": networking.list_network_policy_for_all_namespaces,
-            "Pod": core.list_pod_for_all_namespaces, "Namespace": core.list_namespace,
+    group, version, plural = cluster.RESOURCE
+    return {"NetworkPolicy": kube.lister(api, "/apis/networking.k8s.io/v1/networkpolicies"),
+            "Pod": kube.lister(api, "/api/v1/pods"), "Namespace": kube.lister(api, "/api/v1/namespaces"),
             # not served (no CRD): none exist, an empty list (kube.optional)
-            cluster.KIND: kube.optional(cnp, (stop or threading.Event()).wait)}
+            cluster.KIND: kube.optional(kube.lister(api, f"/apis/{group}/{version}/{plural}"),
+                                        (stop or threading.Event()).wait)}
 
 
 def kube_stream(api: Any, resync: int, stop: threading.Event, log: Log) -> Stream:

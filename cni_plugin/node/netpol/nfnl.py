@@ -214,8 +214,8 @@ def encode(change: str, model: delta.Model) -> list[Message] | None:
             return None
         assert block is not None
         elements = _elements(kind, verb == "add", items.split(", "), not block.body)
-        if elements is None:
-            return None
+        if elements is None or sum(map(len, elements)) > 0xFFFF - 4:
+            return None  # (an attribute's length is 16 bits)
         payload = (_nfgen(FAMILIES[family]) + rtnl.attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
                    + rtnl.attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
                    + rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS, *elements))

@@ -71,8 +71,8 @@ def _type(block: delta.Block) -> _Type | None:
     verdict = block.kind == "map"
     if verdict != (value == "verdict") or not all(f in _WIDTH for f in fields):
         return None
-    if verdict and flags:
-        return None  # an interval map: not rendered, not encoded
+    if flags and (verdict or "ifname" in fields):
+        return None  # interval maps and names (wildcards): not rendered, not encoded
     return _Type(fields, bool(flags), verdict)
 
 
@@ -82,7 +82,7 @@ _WIDTH = {"ipv4_addr": 4, "ipv6_addr": 16, "ifname": 16, "inet_proto": 1, "inet_
 def _range(field: str, text: str) -> tuple[int, int] | None:
     """The first and last value a field's text covers (an address, a CIDR, a port range)."""
     try:
-        if field in ("ipv4_addr", "ipv6_addr"):
+        if field in ("ipv4_addr", "ipv6_addr") and "%" not in text:  # no scoped address
             net = ipaddress.ip_network(text, strict=True)
             if net.version != (4 if field == "ipv4_addr" else 6):
                 return None

@@ -260,7 +260,9 @@ class PolicyController:
             return self.apply_elements(change, self.model)
         except OSError as exc:  # NetlinkError, TimeoutError
             self.log("netpol-warning", error=f"element batch refused, applying it with nft: {exc}"[:300])
-            return False
+        except Exception as exc:  # a bug of the encoder must not hold every later change up
+            self.log("netpol-error", error=f"element batch failed, applying it with nft: {exc!r}"[:300])
+        return False
 
 
 def serve(agent: PolicyController, events: queue.Queue[Event], stop: threading.Event,

@@ -115,10 +115,13 @@ def test_concatenations_pad_each_field_to_32_bits_and_ranges_take_key_end() -> N
 
 def test_anything_else_is_left_to_nft() -> None:
     held = model({"p": ("set", INTERVAL4, ()), "placed4": ("set", ("type ipv4_addr",), ()),
+                  "names": ("set", ("type ifname", "flags interval"), ()),
                   "m": ("map", ("type ifname : verdict",), ()), "c": ("chain", (), ())})
     for change in ("add element inet t p { 10.0.0.1-10.0.0.7 }", "add element inet t p { 10.0.0.1/8 }",
                    "add element inet t placed4 { 10.0.0.0/31 }", "add element inet t placed4 { fd00::1 }",
-                   "add element inet t m { veth1 : jump c }", 'add element inet t m { "veth1" : accept }',
+                   "add element inet t m { veth1 : jump c }",
+                   "add element inet t placed4 { fe80::1%eth0 }",
+                   'add element inet t names { "veth1" }',  # an interval of names 'add element inet t m { "veth1" : accept }',
                    'add element inet t m { "veth1" }', "add element inet t c { 10.0.0.1 }",
                    "add element inet t absent { 10.0.0.1 }", "add element inet u p { 10.0.0.1 }",
                    "flush chain inet t c", "add element inet t placed4 { 10.0.0.1 }\nflush chain inet t c",
@@ -181,3 +184,11 @@ def test_element_changes_go_to_the_batch_the_rest_and_refusals_to_nft() -> None:
     agent.handle("Pod", "ADDED", relabelled)
     assert agent.reconcile() and len(scripts) == 3 and scripts[-1] == batches[-1]  # nft took it
     assert [e for e, _ in logs].count("netpol-warning") == 1 and "element batch refused" in str(logs)
+
+    def broken(change: str, held: delta.Model) -> bool:
+        raise struct.error("a bug")
+
+    agent.apply_elements = broken
+    agent.handle("Pod", "DELETED", relabelled)
+    assert agent.reconcile() and len(scripts) == 4 and "element" in scripts[-1]  # nft took it too
+    assert logs[-2][0] == "netpol-error" and "a bug" in logs[-2][1]["error"]

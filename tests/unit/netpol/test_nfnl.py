@@ -121,7 +121,8 @@ def test_anything_else_is_left_to_nft() -> None:
                    "add element inet t placed4 { 10.0.0.0/31 }", "add element inet t placed4 { fd00::1 }",
                    "add element inet t m { veth1 : jump c }",
                    "add element inet t placed4 { fe80::1%eth0 }",
-                   'add element inet t names { "veth1" }',  # an interval of names 'add element inet t m { "veth1" : accept }',
+                   'add element inet t names { "veth1" }',  # an interval of names
+                   'add element inet t m { "veth1" : accept }',
                    'add element inet t m { "veth1" }', "add element inet t c { 10.0.0.1 }",
                    "add element inet t absent { 10.0.0.1 }", "add element inet u p { 10.0.0.1 }",
                    "flush chain inet t c", "add element inet t placed4 { 10.0.0.1 }\nflush chain inet t c",

@@ -27,11 +27,13 @@ from typing import Any, Protocol
 from ... import placement
 from ...netlink import NetlinkError
 from ..loop import Event, Log, Stream, drive, pump
-from . import apply, claims, cluster, compile, conntrack, delta, nft, objects, tiers
+from . import apply, claims, cluster, compile, conntrack, delta, nfnl, nft, objects, tiers
 from .objects import KINDS, Address, Cause, Model, Pod, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
 Forget = Callable[[Collection[Address]], int]
+# Applies an element-only change to the tables of the model in force, True if it did (nfnl.apply)
+ApplyElements = Callable[[str, delta.Model], bool]
 OnBridge = Callable[[str], Collection[Address]]  # the addresses on the pod side of a bridge's ports
 Key = tuple[str, str]
 Owner = tuple[str, str, str]  # a pod's namespace, name and uid
@@ -85,9 +87,10 @@ class PolicyController:
     def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log,
                  observer: Observer | None = None, ports: Ports | None = None,
                  fence: nft.Fence | None = None, forget: Forget | None = None,
-                 on_bridge: OnBridge | None = None) -> None:
+                 on_bridge: OnBridge | None = None, apply_elements: ApplyElements | None = None) -> None:
         self.node_name = node_name
         self.apply_script = apply_script
+        self.apply_elements = apply_elements  # None: every change goes to apply_script
         self.log = log
         self.observer = observer
         self.ports = ports  # the bridge ports of pod addresses (apply.pod_ports); None: not keyed by port
@@ -240,12 +243,25 @@ class PolicyController:
         change = None if self.model is None else delta.diff(self.model, model)
         if change is not None:
             try:
-                if change:  # "": the same tables, written otherwise
+                if change and not self._batched(change):  # "": the same tables, written otherwise
                     self.apply_script(change)
                 return
             except apply.NftError as exc:
                 self.log("netpol-warning", error=f"update refused, replacing the tables: {exc}"[:300])
         self.apply_script(script)
+
+    def _batched(self, change: str) -> bool:
+        """Whether `change`, only elements, went in as one netlink batch (nfnl.py). A batch the
+        kernel refused changed nothing (a batch is one transaction): nft applies the change then."""
+        if self.apply_elements is None or self.model is None:
+            return False
+        try:
+            return self.apply_elements(change, self.model)
+        except OSError as exc:  # NetlinkError, TimeoutError
+            self.log("netpol-warning", error=f"element batch refused, applying it with nft: {exc}"[:300])
+        except Exception as exc:  # a bug of the encoder must not hold every later change up
+            self.log("netpol-error", error=f"element batch failed, applying it with nft: {exc!r}"[:300])
+        return False
 
 
 def serve(agent: PolicyController, events: queue.Queue[Event], stop: threading.Event,
@@ -358,7 +374,7 @@ def launch(node_name: str, api: Any, resync: int, log: Log,
         log("netpol-warning", error="no cluster CIDR or bridge: a new pod is open until the API shows its IP")
         fence = None
     agent = PolicyController(node_name, apply.replace, log, observer, apply.pod_ports, fence,
-                             conntrack.forget, lambda bridge: apply.pod_ports(bridge=bridge))
+                             conntrack.forget, lambda bridge: apply.pod_ports(bridge=bridge), nfnl.apply)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after a backoff.
     enforcement.threads = start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,),

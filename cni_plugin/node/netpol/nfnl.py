@@ -23,11 +23,10 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ... import rtnl
+from ... import nfbatch, rtnl
+from ...nfbatch import Message
 from . import delta
 
-NFNL_SUBSYS_NFTABLES = 10
-NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11  # NLMSG_MIN_TYPE, +1
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
@@ -37,14 +36,11 @@ NFTA_DATA_VALUE, NFTA_DATA_VERDICT = 1, 2
 NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
 NFT_JUMP = -3
 NFT_SET_ELEM_INTERVAL_END = 0x1
-FAMILIES = {"ip": 2, "inet": 1, "bridge": 7, "ip6": 10}  # NFPROTO_*
 # libnftnl's user data on an interval's start that runs to the end of the key's space: TLV of
 # NFTNL_UDATA_SET_ELEM_FLAGS (1), 4 bytes, NFTNL_SET_ELEM_F_INTERVAL_OPEN (1) in host order.
 OPEN = bytes([1, 4]) + struct.pack("=I", 1)
-TIMEOUT = 5.0  # seconds the kernel's answer may take
 LIMIT = 128 * 1024  # bytes of one batch, well under a netlink socket's default send buffer
 
-Message = tuple[int, int, bytes]  # netlink type, flags, payload
 _LINE = re.compile(r"(add|delete) element (\w+) (\w+) (\w+) \{ (.*) \}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # an ifname as nft.py renders it
 _CHAIN = re.compile(r"[A-Za-z0-9_]{1,255}")
@@ -195,10 +191,6 @@ def _elements(kind: _Type, add: bool, items: Sequence[str], empty: bool) -> list
     return out
 
 
-def _nfgen(family: int, res_id: int = 0) -> bytes:
-    return struct.pack("=BB", family, 0) + struct.pack(">H", res_id)  # nfgenmsg; res_id is big-endian
-
-
 def encode(change: str, model: delta.Model) -> list[Message] | None:
     """The batch applying `change` (a script of delta.diff) to the tables of `model` (in force),
     or None when it is not only element changes nft would encode as this module does."""
@@ -210,31 +202,24 @@ def encode(change: str, model: delta.Model) -> list[Message] | None:
         verb, family, table, name, items = match.groups()
         block = model.get((family, table), {}).get(name)
         kind = None if block is None or block.kind == "chain" else _type(block)
-        if kind is None or family not in FAMILIES:
+        if kind is None or family not in nfbatch.FAMILIES:
             return None
         assert block is not None
         elements = _elements(kind, verb == "add", items.split(", "), not block.body)
         if elements is None or sum(map(len, elements)) > 0xFFFF - 4:
             return None  # (an attribute's length is 16 bits)
-        payload = (_nfgen(FAMILIES[family]) + rtnl.attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-                   + rtnl.attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
-                   + rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS, *elements))
-        if verb == "add":
-            messages.append((NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM,
-                             rtnl.NLM_F_CREATE | rtnl.NLM_F_ACK, payload))
-        else:
-            messages.append((NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELSETELEM, rtnl.NLM_F_ACK, payload))
+        kind_flags = ((NFT_MSG_NEWSETELEM, rtnl.NLM_F_CREATE | rtnl.NLM_F_ACK) if verb == "add" else
+                      (NFT_MSG_DELSETELEM, rtnl.NLM_F_ACK))
+        messages.append(nfbatch.message(*kind_flags, family, nfbatch.name(NFTA_SET_ELEM_LIST_TABLE, table),
+                                        nfbatch.name(NFTA_SET_ELEM_LIST_SET, name),
+                                        rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS, *elements)))
     if not messages or sum(16 + len(m[2]) for m in messages) > LIMIT:
         return None
-    edge = _nfgen(0, NFNL_SUBSYS_NFTABLES)  # AF_UNSPEC; the batch's subsystem in res_id
-    return [(NFNL_MSG_BATCH_BEGIN, 0, edge), *messages, (NFNL_MSG_BATCH_END, 0, edge)]
+    return nfbatch.framed(messages)
 
 
-def _socket() -> rtnl.Socket:
-    return rtnl.Socket(rtnl.NETLINK_NETFILTER, timeout=TIMEOUT)
-
-
-def apply(change: str, model: delta.Model, open_socket: Callable[[], rtnl.Socket] = _socket) -> bool:
+def apply(change: str, model: delta.Model,
+          open_socket: Callable[[], rtnl.Socket] = nfbatch.open_socket) -> bool:
     """Apply `change` to the tables of `model` as one batch in the socket's netns (default: the
     calling thread's): True when done, False when it is not a change this module encodes.
     NetlinkError when the kernel refused it (then nothing changed), OSError (TimeoutError
@@ -243,5 +228,5 @@ def apply(change: str, model: delta.Model, open_socket: Callable[[], rtnl.Socket
     if messages is None:
         return False
     with open_socket() as sock:
-        sock.batch(messages)
+        sock.batch(messages)  # framed by encode()
     return True

@@ -13,12 +13,17 @@ keeps one `Kernel` for all its calls; a one-shot call makes one for itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from cnikit.ip import IPInterface
 
 from . import netns, rtnl, sysctl
 from .netlink import Netlink
+
+if TYPE_CHECKING:
+    from cnikit.removals import Removals
+
+    from . import sourcecheck
 
 T = TypeVar("T")
 
@@ -58,8 +63,9 @@ class Host(Protocol):
     def port_check_setup(self, network: str, container_id: str, ifname: str, port: str, mac: str,
                          addrs: Sequence[IPInterface], ipv6: bool) -> None: ...
     def port_check_teardown(self, network: str, container_id: str, ifname: str,
-                            port: str | None = None) -> None:
-        """`port`: the attachment's host port, verified by DEL (link.verified_host_end)."""
+                            port: str | None = None, later: Removals | None = None) -> None:
+        """`port`: the attachment's host port, verified by DEL (link.verified_host_end); with
+        it, `later` (the agent's removals) may do the teardown after DEL's answer."""
     def port_check_in_effect(self, network: str, container_id: str, ifname: str) -> bool: ...
     def port_check_gc(self, network: str, valid: set[tuple[str, str]]) -> list[str]: ...
 
@@ -70,6 +76,7 @@ class Kernel:
 
     def __init__(self) -> None:
         self.pinned: dict[tuple[int, str], str] = {}
+        self.port_teardowns: sourcecheck.Teardowns | None = None  # DEL's, queued for `later`
 
     def netlink(self) -> Netlink:
         return rtnl.Socket()
@@ -126,10 +133,26 @@ class Kernel:
         sourcecheck.setup(network, container_id, ifname, port, mac, addrs, ipv6)
 
     def port_check_teardown(self, network: str, container_id: str, ifname: str,
-                            port: str | None = None) -> None:
+                            port: str | None = None, later: Removals | None = None) -> None:
         from . import sourcecheck
 
+        if later is not None and port is not None:
+            if self.port_teardowns is None:
+                self.port_teardowns = sourcecheck.Teardowns()
+            if self.port_teardowns.add(network, container_id, ifname, port):
+                later.submit(self.port_teardowns.run)  # one run for all queued by then
+                return
         sourcecheck.teardown(network, container_id, ifname, port)
+
+    def port_check_sweep(self) -> None:
+        """The chains of ports gone with no teardown (sourcecheck.sweep): at an agent's start."""
+        from . import sourcecheck
+
+        def names() -> set[str]:
+            with rtnl.Socket() as sock:
+                return {link.name for link in sock.links()}
+
+        sourcecheck.sweep(names)
 
     def port_check_in_effect(self, network: str, container_id: str, ifname: str) -> bool:
         from . import sourcecheck

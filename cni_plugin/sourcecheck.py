@@ -19,6 +19,8 @@ ADD costs one nft run: `create chain` + rules + element; only when that misses (
 retried ADD's chain left over) does it list and rewrite what it needs, as masq does. DEL
 sends one nfnetlink batch (nfbatch.py: nft would fill its cache first, ~15 ms), given the port
 it verified is the pod's (link.verified_host_end); else, or when the kernel refuses, it lists.
+Through the agent that batch goes after DEL's answer, with every other DEL's queued by then
+(Teardowns: the kernel's commit of deletions is what costs, ~7-15 ms a batch).
 nft runs in-process through libnftables where present (nft.py: ~1.5 ms, not ~15 ms per
 run), else exec'd.
 """
@@ -26,7 +28,8 @@ run), else exec'd.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 from typing import Any
@@ -165,6 +168,69 @@ def _delete_port(chain: str, port: str) -> bool:
     except nftables.NftError:
         return False
     return True
+
+
+class Teardowns:
+    """Teardowns DEL leaves for after its answer (the agent's removal thread, cnikit/removals.py),
+    all those queued then sent as one nfnetlink batch: the kernel's commit of deletions costs
+    ~7-15 ms whatever their number (docs/performance.md), and every other nft transaction of the
+    node waits for it. Each is the verified port's element, its chain's rules and the chain, as
+    `_delete_port`. The kernel commits a batch whole or not at all, so one that would delete what
+    an ADD of the same attachment made since is refused: that ADD's element is the chain's goto
+    (the chain is in use) and it deleted the old element. The queued ones are then tried one by
+    one; one refused alone is left as it is (gone already, by GC or another DEL, or ADDed again;
+    a chain whose element went otherwise is GC's). An agent that dies first leaves them to the
+    next one's start (`sweep`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued: dict[str, str] = {}  # chain -> its port
+
+    def add(self, network: str, container_id: str, ifname: str, port: str) -> bool:
+        """Queue the attachment's teardown; False (nothing queued) where it cannot be done so."""
+        masq.validate_attachment(network, container_id, ifname)
+        if not _PORT.fullmatch(port) or not _have_nft():
+            return False
+        with self._lock:
+            self._queued[chain_name(network, container_id, ifname)] = port
+        return True
+
+    def run(self) -> None:
+        with self._lock:
+            queued, self._queued = self._queued, {}
+        _delete_ports(queued.items())
+
+
+def _delete_ports(items: Iterable[tuple[str, str]]) -> None:
+    """Each (chain, port)'s element and chain, in one batch; else one by one (see Teardowns)."""
+    pairs = list(items)
+    if not pairs:
+        return
+    try:
+        nfbatch.send([message for chain, port in pairs for message in _port_deletion(chain, port)])
+        return
+    except NetlinkError:
+        if len(pairs) == 1:
+            return  # refused alone
+    except OSError:
+        pass  # the socket failed: _delete_port tries nft
+    for chain, port in pairs:
+        _delete_port(chain, port)
+
+
+def sweep(link_names: Callable[[], Collection[str]]) -> None:
+    """At an agent's start: the chains of ports the host netns no longer has (their DEL's
+    teardown was queued by an agent that died), as Teardowns does. The map is read before the
+    links: an ADD's port exists before its element."""
+    if not _have_nft():
+        return
+    try:
+        elements = _listing().elements
+    except nftables.NftError:
+        return  # unreadable: nothing this sweep can do (no table reads as empty)
+    names = link_names()
+    _delete_ports((chain, port) for port, chain in elements.items()
+                  if _PORT.fullmatch(port) and port not in names)
 
 
 def _port_deletion(chain: str, port: str) -> list[nfbatch.Message]:

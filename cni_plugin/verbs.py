@@ -198,7 +198,7 @@ def cmd_del(req: Request) -> None:
     if conf.ip_masq:
         host.masq_teardown(conf.name, req.cmd.container_id, req.cmd.ifname)
     if conf.source_check:
-        host.port_check_teardown(conf.name, req.cmd.container_id, req.cmd.ifname, port)
+        host.port_check_teardown(conf.name, req.cmd.container_id, req.cmd.ifname, port, req.removals)
 
 
 def cmd_check(req: Request) -> None:

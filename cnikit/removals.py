@@ -4,8 +4,10 @@ The kernel takes ~15-25 ms to delete a veth: with rtnl_lock held it waits for RC
 (one set per batch of links, not per link), and every ADD of the node waits for that lock. The
 reference plugin makes the runtime wait for it, one link per DEL. In the agent, DEL takes the
 pod end out of service (down and renamed, so the bridge port has no carrier and CNI_IFNAME is
-free at once), marks the host end for removal, releases the address and the rules, and answers;
-the work it submits here does the deletion itself.
+free at once), marks the host end for removal, releases the address and the masquerade rules,
+and answers; the work it submits here does the deletion itself, and the source check's
+teardown (cni_plugin/sourcecheck.py: one nf_tables batch for all queued, whose commit waits for
+the kernel as a veth's deletion does).
 
 The work runs on the one thread here, everything queued at once, back to back: DELs that come
 while a batch runs go in the next one, and work submitted again before it ran runs once (one

@@ -326,6 +326,7 @@ def run(path: str | None, observer: Observer | None, endpoint: Endpoint,
         return 2
     endpoint.ready_when(agent.listening)
     agent.removals.submit(link.sweeper(kernel))  # what an agent that died left marked (link.py)
+    agent.removals.submit(kernel.port_check_sweep)  # and its source-check teardowns (then: ports gone)
     if bound is not None:
         bound(agent)
     agent.serve_forever()

@@ -13,10 +13,12 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
 from cni_plugin import libnft, link, netns, rtnl, sourcecheck
+from cni_plugin.host import Kernel as host_kernel
 from cni_plugin.netlink import Link
 from testbed.harness import Host
 
@@ -132,7 +134,7 @@ def test_check_finds_the_port_chain_and_del_and_gc_remove_it(host: Host) -> None
     check = host.cni("CHECK", {**conf, "prevResult": result}, kept, container_id="kept")
     assert not check.ok and check.out["msg"] == "source check rules missing", check.out
     assert host.cni("DEL", conf, kept, container_id="kept").ok
-    assert _port_chains(host) == {}
+    assert _port_chains_after_del(host, 0) == {}
 
 
 def _port_chains(host: Host) -> dict[str, str]:
@@ -140,6 +142,15 @@ def _port_chains(host: Host) -> dict[str, str]:
     items = json.loads(host.exec("nft", "-j", "list", "table", "bridge", "pybridge").stdout)["nftables"]
     ports = next(item["map"] for item in items if "map" in item)
     return {verdict["goto"]["target"]: port for port, verdict in ports.get("elem", [])}
+
+
+def _port_chains_after_del(host: Host, left: int, timeout: float = 5.0) -> dict[str, str]:
+    """_port_chains once at most `left` are in the map: through the agent, DEL's teardown is
+    done after its answer (sourcecheck.Teardowns)."""
+    deadline = time.monotonic() + timeout
+    while len(chains := _port_chains(host)) > left and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return chains
 
 
 def _udp_sender() -> socket.socket:
@@ -265,6 +276,54 @@ def test_teardown_by_another_attachments_port_falls_back_and_keeps_its_element(h
     assert _port_chains(host) == {} and _chains(host) == {"prerouting"}
 
 
+def _queued_and_run(queued: list[str], between: Callable[[], None] = lambda: None) -> list[int]:
+    """Attachments a, b (and c on vethc) set up; `queued` ones' teardowns queued by port, then
+    `between`, then run: the size of each batch sent."""
+    _two_attachments()
+    sourcecheck.setup("net", "c", "eth0", "vethc", "0a:58:0a:58:00:0a",
+                      [ipaddress.ip_interface("10.88.0.10/24")], False)
+    teardowns = sourcecheck.Teardowns()
+    for cid in queued:
+        assert teardowns.add("net", cid, "eth0", f"veth{cid}")
+    between()
+    sizes: list[int] = []
+    send = sourcecheck.nfbatch.send
+    sourcecheck.nfbatch.send = lambda messages, *rest: (sizes.append(len(messages)), send(messages, *rest))[1]
+    try:
+        teardowns.run()
+    finally:
+        sourcecheck.nfbatch.send = send
+    return sizes
+
+
+def test_teardowns_queued_by_del_go_in_one_batch(host: Host) -> None:
+    assert in_netns(host.name, lambda: _queued_and_run(["a", "b"])) == [6]
+    assert _port_chains(host) == {sourcecheck.chain_name("net", "c", "eth0"): "vethc"}
+    assert _chains(host) == {"prerouting", sourcecheck.chain_name("net", "c", "eth0")}
+
+
+def test_a_queued_teardown_never_takes_an_attachment_added_again(host: Host) -> None:
+    """a is ADDed again on a new port after its DEL queued the teardown: the batch is refused
+    whole (a's chain is the new element's goto), then b's alone goes, a's is left as it is."""
+    def add_again() -> None:
+        sourcecheck.setup("net", "a", "eth0", "vethz", "0a:58:0a:58:00:0b",
+                          [ipaddress.ip_interface("10.88.0.11/24")], False)
+
+    assert in_netns(host.name, lambda: _queued_and_run(["a", "b"], add_again)) == [6, 3, 3]
+    assert _port_chains(host) == {sourcecheck.chain_name("net", "a", "eth0"): "vethz",
+                                  sourcecheck.chain_name("net", "c", "eth0"): "vethc"}
+
+
+def test_an_agents_start_sweeps_the_chains_of_ports_gone(host: Host) -> None:
+    """The teardowns an agent queued die with it: the next one's start removes the chains of
+    ports the host has no link of, and keeps the others."""
+    host.exec("ip", "link", "add", "vethb", "type", "veth", "peer", "name", "vethbp")
+    in_netns(host.name, _two_attachments)
+    in_netns(host.name, lambda: host_kernel().port_check_sweep())
+    assert _port_chains(host) == {sourcecheck.chain_name("net", "b", "eth0"): "vethb"}
+    assert _chains(host) == {"prerouting", sourcecheck.chain_name("net", "b", "eth0")}
+
+
 def test_del_leaves_no_chain_and_no_element(host: Host) -> None:
     conf = dual_stack(host)
     pods = [host.new_pod() for _ in range(2)]
@@ -272,7 +331,7 @@ def test_del_leaves_no_chain_and_no_element(host: Host) -> None:
         host.add(conf, pod, container_id=f"c{i}")
     assert host.cni("DEL", conf, pods[0], container_id="c0").ok
     kept = sourcecheck.chain_name("testnet", "c1", "eth0")
-    assert list(_port_chains(host)) == [kept] and _chains(host) == {"prerouting", kept}
+    assert list(_port_chains_after_del(host, 1)) == [kept] and _chains(host) == {"prerouting", kept}
 
 
 def _ifindex(host: Host, netns: str | None, name: str) -> int:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from cni_plugin import netns
 from cni_plugin.netlink import Link, NetlinkError
 from cnikit.ip import IPInterface
+from cnikit.removals import Removals
 
 T = TypeVar("T")
 HOST = "host"
@@ -189,10 +190,17 @@ class FakeHost:
         self.port_chains[(network, container_id, ifname)] = (port, mac)
 
     def port_check_teardown(self, network: str, container_id: str, ifname: str,
-                            port: str | None = None) -> None:
-        self.step("source check teardown")
-        self.teardown_ports.append(port)
-        self.port_chains.pop((network, container_id, ifname), None)
+                            port: str | None = None, later: Removals | None = None) -> None:
+        def teardown() -> None:
+            self.step("source check teardown")
+            self.teardown_ports.append(port)
+            self.port_chains.pop((network, container_id, ifname), None)
+
+        if later is not None and port is not None:
+            self.step("source check teardown queued")
+            later.submit(teardown)
+        else:
+            teardown()
 
     def port_check_in_effect(self, network: str, container_id: str, ifname: str) -> bool:
         return (network, container_id, ifname) in self.port_chains

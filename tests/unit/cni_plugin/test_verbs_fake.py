@@ -309,6 +309,8 @@ def test_del_hands_the_source_check_the_port_it_verified(
            "CNI_PATH": "/nonexistent"}
     assert skel.run(lambda: verbs.VERBS, env, io.BytesIO(json.dumps(conf).encode()), io.StringIO(),
                     program="pybridge", stderr=io.StringIO(), removals=removals, host=kernel) == 0
+    # through the agent (its removals) the teardown is queued by DEL and done after its answer
+    assert ("source check teardown queued" in kernel.steps) == deferred
     assert removals is None or removals.drain()
     assert kernel.teardown_ports == [result["interfaces"][1]["name"]]
     _nothing_left(kernel, tmp_path)

@@ -549,6 +549,11 @@ def cri_table(runtime: str, cri: dict[str, list[float]] | str, pods: int, blocks
     return lines
 
 
+def _shown(arg: str) -> str:
+    """An argument as results.md shows it: a path of this machine by its name alone."""
+    return os.path.basename(arg) if os.path.isabs(arg) else arg
+
+
 def render(
     results: dict[str, dict[str, Any]], args: argparse.Namespace, imports: tuple[float, list[str]],
     cri: dict[str, dict[str, list[float]] | str] | None = None,
@@ -558,10 +563,10 @@ def render(
     labels = [names.get(label, label) for label in results]
     sid_line = (f"sid's reference plugins: not measured ({args.sid_reference_missing})"
                 if args.sid_reference_missing else
-                f"sid's reference plugins: {args.sid_reference}")
+                f"sid's reference plugins: Debian unstable's {args.sid_version}")
     lines = [
         f"Machine: {machine()}",
-        f"Commit: {args.commit}; command: `{' '.join(['bench/run.py', *sys.argv[1:]])}`",
+        f"Commit: {args.commit}; command: `{' '.join(['bench/run.py', *map(_shown, sys.argv[1:])])}`",
         f"Load average (1/5/15 min) at the start: {args.load_at_start}; at the end: {load()}",
         f"Pods: {args.pods} sequential (in-process/bundle: {min(args.pods, 50)}), "
         f"{args.parallel} parallel in {args.rounds} bursts (in-process/bundle: 1), scale {args.scale} "

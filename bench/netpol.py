@@ -31,7 +31,7 @@ from typing import Any
 
 import kubernetes  # noqa: F401  # the agent's import, counted in its RSS
 
-from cni_plugin.node.netpol import apply, nft
+from cni_plugin.node.netpol import apply, delta, nft
 from cni_plugin.node.netpol.policy_controller import PolicyController, serve
 
 NODE = "bench-node"
@@ -109,7 +109,7 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
 
 
 def _size(script: str, listed: str) -> dict[str, int]:
-    rules, elements = nft.census(script)
+    rules, elements = nft.census(delta.parse(script))
     return {"lines": len(listed.splitlines()), "chains": listed.count("\tchain "), "rules": rules,
             "set_elements": elements}
 

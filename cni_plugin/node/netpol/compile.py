@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +31,11 @@ from .objects import (
     Address,
     Cause,
     Direction,
+    DIRECTIONS,
     EgressRule,
     IngressRule,
     IPBlock,
+    LabelSelector,
     Namespace,
     Network,
     NetworkPolicy,
@@ -75,15 +78,21 @@ class Decision:
     placed: frozenset[Address] = frozenset()
 
 
+Labels = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # of the namespaces with pods, by name
+Matching = dict[int, tuple[LabelSelector, tuple[str, ...]]]  # by id() of the selector, kept alive here
+
+
 @dataclass(frozen=True)
 class World:
     """The pods with addresses, by namespace, and each namespace's labels."""
 
     pods: Sequence[Pod]
-    by_namespace: Mapping[str, Sequence[Pod]]
+    by_namespace: Mapping[str, tuple[Pod, ...]]
     namespace_labels: Mapping[str, Mapping[str, str]]
     memo: dict[tuple[frozenset[int], frozenset[Network]], tuple[Network, ...]] = field(default_factory=dict)
     hosts: dict[int, list[Network]] = field(default_factory=dict)  # by id() of a pod of `pods`
+    matching: Matching = field(default_factory=dict)  # namespaces() of this world
+    kept: Matching = field(default_factory=dict)  # namespaces() of an earlier world of the same labels
 
     @classmethod
     def of(cls, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
@@ -91,10 +100,22 @@ class World:
         by_namespace: dict[str, list[Pod]] = {}
         for pod in live:
             by_namespace.setdefault(pod.metadata.namespace, []).append(pod)
-        return cls(live, by_namespace, {n.metadata.name: n.labels() for n in namespaces})
+        return cls(live, {n: tuple(p) for n, p in by_namespace.items()},
+                   {n.metadata.name: n.labels() for n in namespaces})
 
     def labels_of_namespace(self, name: str) -> Mapping[str, str]:
         return self.namespace_labels.get(name, {"kubernetes.io/metadata.name": name})
+
+    def labels(self) -> Labels:
+        return tuple((n, tuple(sorted(self.labels_of_namespace(n).items()))) for n in sorted(self.by_namespace))
+
+    def namespaces(self, selector: LabelSelector) -> tuple[str, ...]:
+        """The namespaces with pods whose labels match."""
+        entry = self.matching.get(id(selector)) or self.kept.get(id(selector))
+        if entry is None or entry[0] is not selector:
+            entry = (selector, tuple(n for n in self.by_namespace if matches(selector, self.labels_of_namespace(n))))
+        self.matching[id(selector)] = entry
+        return entry[1]
 
     def peers(self, pods: Iterable[Pod], blocks: Iterable[Network]) -> tuple[Network, ...]:
         """The pods' addresses and the blocks, collapsed; remembered for this world, as many
@@ -119,15 +140,9 @@ def _host(address: Address) -> Network:
     return ipaddress.ip_network(address)
 
 
-def _selected(policy: NetworkPolicy, by_namespace: Mapping[str, Sequence[Pod]]) -> list[Pod]:
-    return [p for p in by_namespace.get(policy.metadata.namespace, ())
-            if matches(policy.spec.pod_selector, p.metadata.labels)]
-
-
 def _peer_pods(peer: Peer, namespace: str, world: World) -> list[Pod]:
     selector = peer.namespace_selector
-    namespaces = ([namespace] if selector is None else
-                  [n for n in world.by_namespace if matches(selector, world.labels_of_namespace(n))])
+    namespaces = [namespace] if selector is None else world.namespaces(selector)
     return [p for n in namespaces for p in world.by_namespace.get(n, ())
             if peer.pod_selector is None or matches(peer.pod_selector, p.metadata.labels)]
 
@@ -214,35 +229,104 @@ def _name(policy: NetworkPolicy) -> str:
     return f"{policy.metadata.namespace}/{policy.metadata.name}"
 
 
+Compiled = tuple[NetworkPolicy, tuple[object, ...], list[Pod], PolicyRules | None]
+
+
+class Memo:
+    """What decide() compiled, kept for its next call on the same node (the node controller's): a
+    policy's selected pods and PolicyRules while the policy and what it reads (_reads) are the
+    same objects. Each namespace's pods are one tuple while they are the same pods."""
+
+    def __init__(self) -> None:
+        self.namespaces: dict[str, tuple[Pod, ...]] = {}
+        self.labels: Labels = ()
+        self.matching: Matching = {}
+        self.compiled: dict[int, Compiled] = {}  # by id() of the policy, kept alive here
+
+    def world(self, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
+        world = World.of(pods, namespaces)
+        by_namespace = {n: _same_pods(self.namespaces.get(n), group) for n, group in world.by_namespace.items()}
+        labels = world.labels()
+        kept = self.matching if labels == self.labels else {}
+        world = World(world.pods, by_namespace, world.namespace_labels, kept=kept)
+        self.namespaces, self.labels, self.matching = by_namespace, labels, world.matching
+        return world
+
+    def policy(self, policy: NetworkPolicy, world: World, node_name: str) -> Compiled:
+        reads = _reads(policy, world)
+        entry = self.compiled.get(id(policy))
+        if entry is None or entry[0] is not policy or not _same(entry[1], reads):
+            entry = (policy, reads, *_compiled(policy, world, node_name))
+        return entry
+
+
+def _same(old: Sequence[object], new: Sequence[object]) -> bool:
+    return len(old) == len(new) and all(map(operator.is_, old, new))
+
+
+def _same_pods(old: tuple[Pod, ...] | None, new: tuple[Pod, ...]) -> tuple[Pod, ...]:
+    """`old` when it holds the same pods (the same objects, or equal ones: a claimed pod is a
+    new copy at each call), else `new`."""
+    return old if old is not None and (_same(old, new) or old == new) else new
+
+
+def _reads(policy: NetworkPolicy, world: World) -> tuple[object, ...]:
+    """What compiling the policy reads besides itself: the pods of its namespace (selected, and
+    peers of a podSelector alone), of the namespaces its namespaceSelectors match, and all pods
+    for an egress named port to any peer (looked up on every pod)."""
+    reads: list[object] = [world.by_namespace.get(policy.metadata.namespace, ())]
+    for direction in DIRECTIONS:
+        if not policy.affects(direction):
+            continue
+        for rule in (policy.spec.ingress if direction == "Ingress" else policy.spec.egress) or ():
+            if rule.peers is None and direction == "Egress" and any(isinstance(p.port, str)
+                                                                    for p in rule.ports or ()):
+                reads += world.by_namespace.values()
+            for peer in rule.peers or ():
+                if peer.ip_block is None and peer.namespace_selector is not None:
+                    reads += (world.by_namespace[n] for n in world.namespaces(peer.namespace_selector))
+    return tuple(reads)
+
+
+def _compiled(policy: NetworkPolicy, world: World, node_name: str) -> tuple[list[Pod], PolicyRules | None]:
+    """The pods of this node the policy selects, and its rules (None when it selects none)."""
+    targets = [p for p in world.by_namespace.get(policy.metadata.namespace, ())
+               if p.spec.node_name == node_name and matches(policy.spec.pod_selector, p.metadata.labels)]
+    if not targets:
+        return targets, None  # selects nothing here: nothing to enforce on this node
+    refused = list(policy.refused)
+    return targets, PolicyRules(
+        name=_name(policy),
+        ingress=_direction_rules(policy, world, "Ingress", targets, refused),
+        egress=_direction_rules(policy, world, "Egress", targets, refused), refused=tuple(refused))
+
+
 def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: Iterable[Namespace],
-           node_name: str) -> Decision:
-    world = World.of(pods, namespaces)
-    local = [p for p in world.pods if p.spec.node_name == node_name]
-    local_by_namespace: dict[str, list[Pod]] = {}
-    for pod in local:
-        local_by_namespace.setdefault(pod.metadata.namespace, []).append(pod)
+           node_name: str, memo: Memo | None = None) -> Decision:
+    """`memo`: what the last call compiled (none: all compiled afresh); the same Decision either way."""
+    memo = memo or Memo()
+    world = memo.world(pods, namespaces)
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
     compiled: list[PolicyRules] = []
     ingress: dict[Address, list[int]] = {}
     egress: dict[Address, list[int]] = {}
     selected_by: dict[Direction, dict[Address, list[int]]] = {"Ingress": ingress, "Egress": egress}
+    kept: dict[int, Compiled] = {}
     for policy in ordered:
-        targets = _selected(policy, local_by_namespace)
-        if not targets:
-            continue  # selects nothing here: nothing to enforce on this node
+        entry = kept[id(policy)] = memo.policy(policy, world, node_name)
+        _policy, _reads, targets, rules = entry
+        if rules is None:
+            continue
         index = len(compiled)
-        refused = list(policy.refused)
-        compiled.append(PolicyRules(
-            name=_name(policy),
-            ingress=_direction_rules(policy, world, "Ingress", targets, refused),
-            egress=_direction_rules(policy, world, "Egress", targets, refused), refused=tuple(refused)))
+        compiled.append(rules)
         for direction, table in selected_by.items():
             if policy.affects(direction):
                 for address in (a for pod in targets for a in pod.addresses()):
                     table.setdefault(address, []).append(index)
+    memo.compiled = kept
     # An address two pods of this node hold (one gone, its object not yet) is placed for neither:
     # the newer one would get the union of both pods' rules until then.
-    held = Counter(a for pod in local for a in set(pod.addresses()))
+    held = Counter(a for pod in world.pods if pod.spec.node_name == node_name for a in set(pod.addresses()))
     placed = frozenset(a for a, pods in held.items() if pods == 1)
     return Decision(tuple(compiled), {a: tuple(i) for a, i in ingress.items()},
                     {a: tuple(i) for a, i in egress.items()}, placed)

@@ -28,10 +28,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .objects import (
+    DIRECTIONS,
     Address,
     Cause,
     Direction,
-    DIRECTIONS,
     EgressRule,
     IngressRule,
     IPBlock,
@@ -89,7 +89,10 @@ class World:
     pods: Sequence[Pod]
     by_namespace: Mapping[str, tuple[Pod, ...]]
     namespace_labels: Mapping[str, Mapping[str, str]]
-    memo: dict[tuple[frozenset[int], frozenset[Network]], tuple[Network, ...]] = field(default_factory=dict)
+    # peers() by id() of its groups, which the entry holds (so that their id()s stay theirs)
+    memo: dict[tuple[tuple[int, ...], frozenset[Network]],
+               tuple[tuple[tuple[Pod, ...], ...], tuple[Network, ...]]] = field(default_factory=dict)
+    groups: dict[tuple[tuple[str, ...], object], tuple[Pod, ...]] = field(default_factory=dict)  # peer_pods()
     hosts: dict[int, list[Network]] = field(default_factory=dict)  # by id() of a pod of `pods`
     matching: Matching = field(default_factory=dict)  # namespaces() of this world
     kept: Matching = field(default_factory=dict)  # namespaces() of an earlier world of the same labels
@@ -107,26 +110,40 @@ class World:
         return self.namespace_labels.get(name, {"kubernetes.io/metadata.name": name})
 
     def labels(self) -> Labels:
-        return tuple((n, tuple(sorted(self.labels_of_namespace(n).items()))) for n in sorted(self.by_namespace))
+        return tuple((n, tuple(sorted(self.labels_of_namespace(n).items())))
+                     for n in sorted(self.by_namespace))
 
     def namespaces(self, selector: LabelSelector) -> tuple[str, ...]:
         """The namespaces with pods whose labels match."""
         entry = self.matching.get(id(selector)) or self.kept.get(id(selector))
         if entry is None or entry[0] is not selector:
-            entry = (selector, tuple(n for n in self.by_namespace if matches(selector, self.labels_of_namespace(n))))
+            entry = (selector, tuple(n for n in self.by_namespace
+                                     if matches(selector, self.labels_of_namespace(n))))
         self.matching[id(selector)] = entry
         return entry[1]
 
-    def peers(self, pods: Iterable[Pod], blocks: Iterable[Network]) -> tuple[Network, ...]:
-        """The pods' addresses and the blocks, collapsed; remembered for this world, as many
-        rules name the same peers (all pods of a namespace, say). Keyed by the pods themselves
-        (the world holds them, so their id()s stay theirs), cheaper than by their addresses."""
-        chosen = list(pods)
+    def peer_pods(self, namespaces: tuple[str, ...], selector: LabelSelector | None) -> tuple[Pod, ...]:
+        """The pods of the namespaces matching `selector` (None: all); remembered for this
+        world, as many rules name the same ones (all pods of a namespace, say)."""
+        if selector is None and len(namespaces) == 1:
+            return self.by_namespace.get(namespaces[0], ())
+        key = (namespaces, None if selector is None else
+               (tuple(sorted(selector.match_labels.items())), selector.match_expressions))
+        if key not in self.groups:
+            self.groups[key] = tuple(p for n in namespaces for p in self.by_namespace.get(n, ())
+                                     if selector is None or matches(selector, p.metadata.labels))
+        return self.groups[key]
+
+    def peers(self, groups: Sequence[tuple[Pod, ...]], blocks: Iterable[Network]) -> tuple[Network, ...]:
+        """The addresses of the pods of the groups and the blocks, collapsed; remembered for
+        this world, as many rules name the same peers. Keyed by the groups themselves, cheaper
+        than by their addresses."""
         networks = frozenset(blocks)
-        key = (frozenset(map(id, chosen)), networks)
+        key = (tuple(map(id, groups)), networks)
         if key not in self.memo:
-            self.memo[key] = collapse([*(n for p in chosen for n in self._hosts(p)), *networks])
-        return self.memo[key]
+            hosts = [n for group in groups for p in group for n in self._hosts(p)]
+            self.memo[key] = (tuple(groups), collapse([*hosts, *networks]))
+        return self.memo[key][1]
 
     def _hosts(self, pod: Pod) -> list[Network]:
         if id(pod) not in self.hosts:
@@ -140,11 +157,10 @@ def _host(address: Address) -> Network:
     return ipaddress.ip_network(address)
 
 
-def _peer_pods(peer: Peer, namespace: str, world: World) -> list[Pod]:
+def _peer_pods(peer: Peer, namespace: str, world: World) -> tuple[Pod, ...]:
     selector = peer.namespace_selector
-    namespaces = [namespace] if selector is None else world.namespaces(selector)
-    return [p for n in namespaces for p in world.by_namespace.get(n, ())
-            if peer.pod_selector is None or matches(peer.pod_selector, p.metadata.labels)]
+    namespaces = (namespace,) if selector is None else world.namespaces(selector)
+    return world.peer_pods(namespaces, peer.pod_selector)
 
 
 def block_networks(block: IPBlock) -> list[Network]:
@@ -164,11 +180,36 @@ def block_networks(block: IPBlock) -> list[Network]:
 
 
 def collapse(networks: Iterable[Network]) -> tuple[Network, ...]:
-    """Disjoint, sorted, IPv4 first: nft interval sets reject overlapping elements."""
-    networks = list(networks)
-    v4 = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network))
-    v6 = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))
-    return (*v4, *v6)
+    """Disjoint, sorted, IPv4 first: nft interval sets reject overlapping elements. What
+    ipaddress.collapse_addresses gives (the union's largest aligned blocks), worked out on
+    integers: ten times faster, and a pod event recomputes the peers of every rule naming it."""
+    spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    for net in networks:
+        first = int(net.network_address)
+        spans[net.version].append((first, first + net.num_addresses - 1))
+    return tuple(n for version in (4, 6) for n in _blocks(version, sorted(spans[version])))
+
+
+def _blocks(version: int, spans: list[tuple[int, int]]) -> Iterable[Network]:
+    """The union of sorted (first, last) spans as aligned blocks, in order."""
+    bits = 32 if version == 4 else 128
+    merged: list[list[int]] = []
+    for first, last in spans:
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    for first, last in merged:
+        while first <= last:
+            aligned = (first & -first).bit_length() - 1 if first else bits
+            size = min(aligned, (last - first + 1).bit_length() - 1)
+            yield _network(version, first, bits - size)
+            first += 1 << size
+
+
+@functools.lru_cache(maxsize=65536)
+def _network(version: int, first: int, prefix: int) -> Network:
+    return (ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network)((first, prefix))
 
 
 def merge_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
@@ -185,17 +226,17 @@ def merge_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
 def _rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
           direction: Direction, targets: Sequence[Pod]) -> Rule:
     namespace = policy.metadata.namespace
-    peer_pods: list[Pod] | None = None
+    groups: list[tuple[Pod, ...]] | None = None
     peers: tuple[Network, ...] | None = None
     if rule.peers:
-        peer_pods = [p for peer in rule.peers if peer.ip_block is None
-                     for p in _peer_pods(peer, namespace, world)]
-        peers = world.peers(peer_pods, [n for peer in rule.peers if peer.ip_block
-                                        for n in block_networks(peer.ip_block)])
+        groups = [_peer_pods(peer, namespace, world) for peer in rule.peers if peer.ip_block is None]
+        blocks = [n for peer in rule.peers if peer.ip_block for n in block_networks(peer.ip_block)]
+        peers = world.peers(groups, blocks)
     if not rule.ports:
         return Rule(peers=peers, ranges=None)
     # A named port is looked up on the destination: the selected pod for ingress, the peer for egress.
-    destinations = targets if direction == "Ingress" else (world.pods if peer_pods is None else peer_pods)
+    destinations = targets if direction == "Ingress" else (world.pods if groups is None else
+                                                           [p for group in groups for p in group])
     ranges: list[PortRange] = []
     named: set[NamedPort] = set()
     for port in rule.ports:
@@ -245,7 +286,8 @@ class Memo:
 
     def world(self, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
         world = World.of(pods, namespaces)
-        by_namespace = {n: _same_pods(self.namespaces.get(n), group) for n, group in world.by_namespace.items()}
+        by_namespace = {n: _same_pods(self.namespaces.get(n), group)
+                        for n, group in world.by_namespace.items()}
         labels = world.labels()
         kept = self.matching if labels == self.labels else {}
         world = World(world.pods, by_namespace, world.namespace_labels, kept=kept)
@@ -279,12 +321,14 @@ def _reads(policy: NetworkPolicy, world: World) -> tuple[object, ...]:
         if not policy.affects(direction):
             continue
         for rule in (policy.spec.ingress if direction == "Ingress" else policy.spec.egress) or ():
+            # Each list of pods after what read it: the same pods read by other peers are another input
             if rule.peers is None and direction == "Egress" and any(isinstance(p.port, str)
                                                                     for p in rule.ports or ()):
-                reads += world.by_namespace.values()
+                reads += (rule, *world.by_namespace.values())
             for peer in rule.peers or ():
                 if peer.ip_block is None and peer.namespace_selector is not None:
-                    reads += (world.by_namespace[n] for n in world.namespaces(peer.namespace_selector))
+                    matching = world.namespaces(peer.namespace_selector)
+                    reads += (peer, *(world.by_namespace[n] for n in matching))
     return tuple(reads)
 
 

@@ -49,6 +49,7 @@ addresses: naming the bridge of a port there needs `meta ibrname`, CONFIG_NFT_BR
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 from collections.abc import Collection, Iterable, Mapping
@@ -82,7 +83,8 @@ class Fence:
 
 
 def _set(type_: str, elements: Iterable[str], interval: bool, kind: str = "set") -> Block:
-    return Block(kind, (f"type {type_}", "flags interval") if interval else (f"type {type_}",), tuple(elements))
+    header = (f"type {type_}", "flags interval") if interval else (f"type {type_}",)
+    return Block(kind, header, tuple(elements))
 
 
 def _printable(name: str) -> str:
@@ -114,6 +116,12 @@ def stable_names(prefix: str, keys: Iterable[str]) -> dict[str, str]:
         taken.add(name)
         names[key] = name
     return names
+
+
+@functools.lru_cache(maxsize=65536)
+def _text(address: Address | Network) -> str:
+    """An address or network as nft reads it; remembered, as each ruleset names every pod's."""
+    return str(address)
 
 
 def _port(first: int, last: int) -> str:
@@ -169,7 +177,7 @@ class _Script:
         same tuple to every rule naming the same peers (compile.World.peers)."""
         key = (id(networks), version)
         if key not in self.peer_texts:
-            self.peer_texts[key] = (networks, [str(n) for n in networks if n.version == version])
+            self.peer_texts[key] = (networks, [_text(n) for n in networks if n.version == version])
         return self.peer_texts[key][1]
 
     def shared(self, name: str, type_: str, elements: Iterable[str], interval: bool) -> str:
@@ -221,8 +229,8 @@ class _Script:
             alone.peer_texts = self.peer_texts
             body = tuple(line for k, rule in enumerate(rules)
                          for line in alone.rule_lines(f"{chain}{k}", rule, peer_side))
-            recipe = _Recipe(policy, tuple((name, key, alone.sets[name]) for key, name in alone.known.items()),
-                             Block("chain", (f'comment "{_comment(policy)}"',), body))
+            sets = tuple((name, key, alone.sets[name]) for key, name in alone.known.items())
+            recipe = _Recipe(policy, sets, Block("chain", (f'comment "{_comment(policy)}"',), body))
         self.memo.used[chain] = recipe
         renamed: dict[str, str] = {}
         for name, key, block in recipe.sets:
@@ -280,8 +288,8 @@ class _Script:
         """The per-plan chains, the verdict maps from pod address to them, the base chain."""
         combos = self.combo_chains(direction, selected.values())
         for version in (4, 6):
-            elements = [f"{a} : jump {combos[selected[a]]}"
-                        for a in sorted(a for a in selected if a.version == version)]
+            elements = [f"{_text(a)} : jump {combos[selected[a]]}"
+                        for a in sorted((a for a in selected if a.version == version), key=int)]
             self.sets[f"{direction}{version}"] = _set(f"{_ADDR_TYPE[version]} : verdict", elements,
                                                       interval=False, kind="map")
         lookup = (f"ip {key} vmap @{direction}4", f"ip6 {key} vmap @{direction}6")
@@ -329,7 +337,7 @@ def _unplaced(fence: Fence | None, side: str, key: str) -> list[str]:
 
 
 def _placed(decision: Decision) -> dict[str, Block]:
-    return {f"placed{version}": _set(_ADDR_TYPE[version], sorted(str(a) for a in decision.placed
+    return {f"placed{version}": _set(_ADDR_TYPE[version], sorted(_text(a) for a in decision.placed
                                                                if a.version == version), interval=False)
             for version in (4, 6)}
 
@@ -356,7 +364,7 @@ def _bridge(decision: Decision, tiers: Tiers, ports: Mapping[Address, Collection
     (a port holding several pods' addresses is judged by all their policies)."""
     by_port: dict[str, dict[str, list[Judges]]] = {"ingress": {}, "egress": {}}
     own: set[tuple[str, Address]] = set()
-    for direction in ("ingress", "egress"):
+    for direction in ("ingress", "egress") if ports else ():
         for address, plan in judges(decision, tiers, direction).items():
             for port in filter(_IFNAME.fullmatch, ports.get(address, ())):
                 by_port[direction].setdefault(port, []).append(plan)

@@ -93,7 +93,7 @@ def _rule(rule: IngressRule | EgressRule, world: World, subjects: Sequence[Pod])
     peer_pods = [p for peer in peers if peer.networks is None
                  for p in _pods(peer.namespaces, peer.pods, world)]
     networks: list[Network] = [n for peer in peers for n in peer.networks or ()]
-    addresses = world.peers(peer_pods, networks)
+    addresses = world.peers([tuple(peer_pods)], networks)
     if rule.protocols is None:
         return TierRule(rule.action, Rule(peers=addresses, ranges=None))
     ranges: list[PortRange] = []
@@ -158,11 +158,15 @@ def judges(decision: Decision, tiers: Tiers, direction: str) -> dict[Address, Ju
     policies = decision.ingress if direction == "ingress" else decision.egress
     by_tier = tiers.selected(direction)
     result: dict[Address, Judges] = {}
+    plans: dict[tuple[tuple[int, ...], tuple[int, ...] | None], Judges] = {}  # one object per plan
     for address in {*policies, *by_tier}:
-        chosen = by_tier.get(address, ())
-        result[address] = Judges(admin=tuple(i for i in chosen if tiers.policies[i].tier == "Admin"),
-                               policies=policies.get(address),
-                               baseline=tuple(i for i in chosen if tiers.policies[i].tier == "Baseline"))
+        key = (by_tier.get(address, ()), policies.get(address))
+        if key not in plans:
+            chosen = key[0]
+            plans[key] = Judges(admin=tuple(i for i in chosen if tiers.policies[i].tier == "Admin"),
+                                policies=key[1],
+                                baseline=tuple(i for i in chosen if tiers.policies[i].tier == "Baseline"))
+        result[address] = plans[key]
     return result
 
 

@@ -79,6 +79,7 @@ class Decision:
 
 
 Labels = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # of the namespaces with pods, by name
+Known = tuple[Pod, tuple[Address, ...], tuple[Network, ...]]  # a pod, its addresses, as networks
 Matching = dict[int, tuple[LabelSelector, tuple[str, ...]]]  # by id() of the selector, kept alive here
 
 
@@ -93,18 +94,30 @@ class World:
     memo: dict[tuple[tuple[int, ...], frozenset[Network]],
                tuple[tuple[tuple[Pod, ...], ...], tuple[Network, ...]]] = field(default_factory=dict)
     groups: dict[tuple[tuple[str, ...], object], tuple[Pod, ...]] = field(default_factory=dict)  # peer_pods()
-    hosts: dict[int, list[Network]] = field(default_factory=dict)  # by id() of a pod of `pods`
+    known: Mapping[int, Known] = field(default_factory=dict)  # by id() of each pod of `pods`
     matching: Matching = field(default_factory=dict)  # namespaces() of this world
     kept: Matching = field(default_factory=dict)  # namespaces() of an earlier world of the same labels
 
     @classmethod
-    def of(cls, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
-        live = [p for p in pods if p.addresses()]
+    def of(cls, pods: Iterable[Pod], namespaces: Iterable[Namespace],
+           earlier: Mapping[int, Known] | None = None) -> World:
+        """`earlier`: the `known` of an earlier world, whose pods' addresses need no reading again."""
+        known: dict[int, Known] = {}
         by_namespace: dict[str, list[Pod]] = {}
-        for pod in live:
-            by_namespace.setdefault(pod.metadata.namespace, []).append(pod)
-        return cls(live, {n: tuple(p) for n, p in by_namespace.items()},
-                   {n.metadata.name: n.labels() for n in namespaces})
+        for pod in pods:
+            entry = earlier.get(id(pod)) if earlier else None
+            if entry is None or entry[0] is not pod:
+                addresses = pod.addresses()
+                entry = (pod, addresses, tuple(_host(a) for a in addresses))
+            if entry[1]:
+                known[id(pod)] = entry
+                by_namespace.setdefault(pod.metadata.namespace, []).append(pod)
+        return cls([entry[0] for entry in known.values()], {n: tuple(p) for n, p in by_namespace.items()},
+                   {n.metadata.name: n.labels() for n in namespaces}, known=known)
+
+    def addresses(self, pod: Pod) -> tuple[Address, ...]:
+        """Those of a pod of the world (pod.addresses(), read once)."""
+        return self.known[id(pod)][1]
 
     def labels_of_namespace(self, name: str) -> Mapping[str, str]:
         return self.namespace_labels.get(name, {"kubernetes.io/metadata.name": name})
@@ -141,19 +154,14 @@ class World:
         networks = frozenset(blocks)
         key = (tuple(map(id, groups)), networks)
         if key not in self.memo:
-            hosts = [n for group in groups for p in group for n in self._hosts(p)]
+            hosts = [n for group in groups for p in group for n in self.known[id(p)][2]]
             self.memo[key] = (tuple(groups), collapse([*hosts, *networks]))
         return self.memo[key][1]
-
-    def _hosts(self, pod: Pod) -> list[Network]:
-        if id(pod) not in self.hosts:
-            self.hosts[id(pod)] = [_host(a) for a in pod.addresses()]
-        return self.hosts[id(pod)]
 
 
 @functools.lru_cache(maxsize=65536)
 def _host(address: Address) -> Network:
-    """A pod address as a network; remembered across worlds (each event makes a new one)."""
+    """A pod address as a network; remembered, as pods come and go with the same addresses."""
     return ipaddress.ip_network(address)
 
 
@@ -248,7 +256,7 @@ def _rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
             for pod in destinations:
                 number = pod.named_port(port.port, port.protocol)
                 if number is not None:
-                    named.update((a, port.protocol, number) for a in pod.addresses())
+                    named.update((a, port.protocol, number) for a in world.addresses(pod))
     return Rule(peers=peers, ranges=merge_ranges(ranges),
                 named=tuple(sorted(named, key=lambda n: (n[0].version, n[0], n[1], n[2]))))
 
@@ -270,7 +278,8 @@ def _name(policy: NetworkPolicy) -> str:
     return f"{policy.metadata.namespace}/{policy.metadata.name}"
 
 
-Compiled = tuple[NetworkPolicy, tuple[object, ...], list[Pod], PolicyRules | None]
+# a policy, what it read, the addresses of the pods it selects, its rules (None: it selects none)
+Compiled = tuple[NetworkPolicy, tuple[object, ...], tuple[Address, ...], PolicyRules | None]
 
 
 class Memo:
@@ -280,18 +289,19 @@ class Memo:
 
     def __init__(self) -> None:
         self.namespaces: dict[str, tuple[Pod, ...]] = {}
+        self.known: Mapping[int, Known] = {}
         self.labels: Labels = ()
         self.matching: Matching = {}
         self.compiled: dict[int, Compiled] = {}  # by id() of the policy, kept alive here
 
     def world(self, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
-        world = World.of(pods, namespaces)
+        world = World.of(pods, namespaces, self.known)
         by_namespace = {n: _same_pods(self.namespaces.get(n), group)
                         for n, group in world.by_namespace.items()}
         labels = world.labels()
         kept = self.matching if labels == self.labels else {}
-        world = World(world.pods, by_namespace, world.namespace_labels, kept=kept)
-        self.namespaces, self.labels, self.matching = by_namespace, labels, world.matching
+        world = World(world.pods, by_namespace, world.namespace_labels, known=world.known, kept=kept)
+        self.namespaces, self.known, self.labels, self.matching = by_namespace, world.known, labels, world.matching
         return world
 
     def policy(self, policy: NetworkPolicy, world: World, node_name: str) -> Compiled:
@@ -307,9 +317,9 @@ def _same(old: Sequence[object], new: Sequence[object]) -> bool:
 
 
 def _same_pods(old: tuple[Pod, ...] | None, new: tuple[Pod, ...]) -> tuple[Pod, ...]:
-    """`old` when it holds the same pods (the same objects, or equal ones: a claimed pod is a
-    new copy at each call), else `new`."""
-    return old if old is not None and (_same(old, new) or old == new) else new
+    """`old` when it holds the same pod objects, else `new` (a relist, or a claimed pod, which
+    is a new copy at each call, makes new ones: what reads them is compiled again)."""
+    return old if old is not None and _same(old, new) else new
 
 
 def _reads(policy: NetworkPolicy, world: World) -> tuple[object, ...]:
@@ -332,14 +342,17 @@ def _reads(policy: NetworkPolicy, world: World) -> tuple[object, ...]:
     return tuple(reads)
 
 
-def _compiled(policy: NetworkPolicy, world: World, node_name: str) -> tuple[list[Pod], PolicyRules | None]:
-    """The pods of this node the policy selects, and its rules (None when it selects none)."""
+def _compiled(policy: NetworkPolicy, world: World,
+              node_name: str) -> tuple[tuple[Address, ...], PolicyRules | None]:
+    """The addresses of the pods of this node the policy selects, and its rules (None when it
+    selects none)."""
     targets = [p for p in world.by_namespace.get(policy.metadata.namespace, ())
                if p.spec.node_name == node_name and matches(policy.spec.pod_selector, p.metadata.labels)]
+    addresses = tuple(a for p in targets for a in world.addresses(p))
     if not targets:
-        return targets, None  # selects nothing here: nothing to enforce on this node
+        return addresses, None  # selects nothing here: nothing to enforce on this node
     refused = list(policy.refused)
-    return targets, PolicyRules(
+    return addresses, PolicyRules(
         name=_name(policy),
         ingress=_direction_rules(policy, world, "Ingress", targets, refused),
         egress=_direction_rules(policy, world, "Egress", targets, refused), refused=tuple(refused))
@@ -358,19 +371,20 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
     kept: dict[int, Compiled] = {}
     for policy in ordered:
         entry = kept[id(policy)] = memo.policy(policy, world, node_name)
-        _policy, _reads, targets, rules = entry
+        _policy, _reads, addresses, rules = entry
         if rules is None:
             continue
         index = len(compiled)
         compiled.append(rules)
         for direction, table in selected_by.items():
             if policy.affects(direction):
-                for address in (a for pod in targets for a in pod.addresses()):
+                for address in addresses:
                     table.setdefault(address, []).append(index)
     memo.compiled = kept
     # An address two pods of this node hold (one gone, its object not yet) is placed for neither:
     # the newer one would get the union of both pods' rules until then.
-    held = Counter(a for pod in world.pods if pod.spec.node_name == node_name for a in set(pod.addresses()))
+    held = Counter(a for pod in world.pods if pod.spec.node_name == node_name
+                   for a in set(world.addresses(pod)))
     placed = frozenset(a for a, pods in held.items() if pods == 1)
     return Decision(tuple(compiled), {a: tuple(i) for a, i in ingress.items()},
                     {a: tuple(i) for a, i in egress.items()}, placed)

@@ -130,10 +130,13 @@ def _precedence(policy: ClusterNetworkPolicy) -> tuple[int, int, str]:
 
 def decide(policies: Iterable[ClusterNetworkPolicy], pods: Iterable[Pod], namespaces: Iterable[Namespace],
            node_name: str) -> Tiers:
+    ordered = sorted(policies, key=_precedence)
+    if not ordered:
+        return Tiers()  # the common case: no pod read
     world = World.of(pods, namespaces)
     compiled: list[ClusterRules] = []
     selected: dict[str, dict[Address, list[int]]] = {"ingress": {}, "egress": {}}
-    for policy in sorted(policies, key=_precedence):
+    for policy in ordered:
         subjects = [p for p in _pods(policy.spec.subject.namespaces, policy.spec.subject.pods, world)
                     if p.spec.node_name == node_name]
         if not subjects:

@@ -301,7 +301,8 @@ class Memo:
         labels = world.labels()
         kept = self.matching if labels == self.labels else {}
         world = World(world.pods, by_namespace, world.namespace_labels, known=world.known, kept=kept)
-        self.namespaces, self.known, self.labels, self.matching = by_namespace, world.known, labels, world.matching
+        self.namespaces, self.known = by_namespace, world.known
+        self.labels, self.matching = labels, world.matching
         return world
 
     def policy(self, policy: NetworkPolicy, world: World, node_name: str) -> Compiled:

@@ -118,6 +118,10 @@ def stable_names(prefix: str, keys: Iterable[str]) -> dict[str, str]:
     return names
 
 
+def _by_address(item: tuple[Address, Judges]) -> int:
+    return int(item[0])
+
+
 @functools.lru_cache(maxsize=65536)
 def _text(address: Address | Network) -> str:
     """An address or network as nft reads it; remembered, as each ruleset names every pod's."""
@@ -128,7 +132,7 @@ def _port(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
 
-SetKey = tuple[str, bool, tuple[str, ...]]  # a set's type, whether of intervals, its elements
+SetKey = str  # a set's type, whether of intervals and its elements, joined: a str keeps its hash
 
 
 @dataclass(frozen=True)
@@ -183,10 +187,11 @@ class _Script:
     def shared(self, name: str, type_: str, elements: Iterable[str], interval: bool) -> str:
         """The name of a set with these elements: rules naming the same peers or ports (all pods
         of a namespace, say) share the set of the first one."""
-        key = (type_, interval, tuple(elements))
+        items = tuple(elements)
+        key = "\n".join((type_, str(interval), *items))
         if key not in self.known:
             self.known[key] = name
-            self.sets[name] = _set(type_, key[2], interval)
+            self.sets[name] = _set(type_, items, interval)
         return self.known[key]
 
     def rule_lines(self, prefix: str, rule: Rule, peer_side: str, verdict: str = "accept") -> list[str]:
@@ -286,10 +291,11 @@ class _Script:
     def dispatch(self, direction: str, selected: Mapping[Address, Judges], key: str, priority: str,
                  fence: Fence | None) -> None:
         """The per-plan chains, the verdict maps from pod address to them, the base chain."""
-        combos = self.combo_chains(direction, selected.values())
+        plans = {id(p): p for p in selected.values()}  # few objects (tiers.judges): by id(), unhashed
+        chains = {id(p): chain for p, chain in self.combo_chains(direction, plans.values()).items()}
         for version in (4, 6):
-            elements = [f"{_text(a)} : jump {combos[selected[a]]}"
-                        for a in sorted((a for a in selected if a.version == version), key=int)]
+            family = sorted(((a, p) for a, p in selected.items() if a.version == version), key=_by_address)
+            elements = [f"{_text(a)} : jump {chains[id(plan)]}" for a, plan in family]
             self.sets[f"{direction}{version}"] = _set(f"{_ADDR_TYPE[version]} : verdict", elements,
                                                       interval=False, kind="map")
         lookup = (f"ip {key} vmap @{direction}4", f"ip6 {key} vmap @{direction}6")

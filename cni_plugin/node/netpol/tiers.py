@@ -162,8 +162,9 @@ def judges(decision: Decision, tiers: Tiers, direction: str) -> dict[Address, Ju
     by_tier = tiers.selected(direction)
     result: dict[Address, Judges] = {}
     plans: dict[tuple[tuple[int, ...], tuple[int, ...] | None], Judges] = {}  # one object per plan
-    for address in {*policies, *by_tier}:
-        key = (by_tier.get(address, ()), policies.get(address))
+    keys = (((a, (by_tier.get(a, ()), policies.get(a))) for a in policies.keys() | by_tier.keys()) if by_tier
+            else ((a, ((), p)) for a, p in policies.items()))  # without tiers: no address hashed
+    for address, key in keys:
         if key not in plans:
             chosen = key[0]
             plans[key] = Judges(admin=tuple(i for i in chosen if tiers.policies[i].tier == "Admin"),

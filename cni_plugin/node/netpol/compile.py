@@ -79,7 +79,9 @@ class Decision:
 
 
 Labels = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # of the namespaces with pods, by name
-Known = tuple[Pod, tuple[Address, ...], tuple[Network, ...]]  # a pod, its addresses, as networks
+Host = tuple[int, int]  # an address's version and number
+Known = tuple[Pod, tuple[Address, ...], tuple[Host, ...]]  # a pod, its addresses, as Hosts
+Collapsed = dict[tuple[frozenset[Host], frozenset[Network]], tuple[Network, ...]]  # collapse()s, by input
 Matching = dict[int, tuple[LabelSelector, tuple[str, ...]]]  # by id() of the selector, kept alive here
 
 
@@ -97,6 +99,8 @@ class World:
     known: Mapping[int, Known] = field(default_factory=dict)  # by id() of each pod of `pods`
     matching: Matching = field(default_factory=dict)  # namespaces() of this world
     kept: Matching = field(default_factory=dict)  # namespaces() of an earlier world of the same labels
+    collapsed: Collapsed = field(default_factory=dict)  # of this world
+    earlier: Collapsed = field(default_factory=dict)  # of the last one: the same peers, the same tuple
 
     @classmethod
     def of(cls, pods: Iterable[Pod], namespaces: Iterable[Namespace],
@@ -108,7 +112,7 @@ class World:
             entry = earlier.get(id(pod)) if earlier else None
             if entry is None or entry[0] is not pod:
                 addresses = pod.addresses()
-                entry = (pod, addresses, tuple(_host(a) for a in addresses))
+                entry = (pod, addresses, tuple((a.version, int(a)) for a in addresses))
             if entry[1]:
                 known[id(pod)] = entry
                 by_namespace.setdefault(pod.metadata.namespace, []).append(pod)
@@ -154,15 +158,17 @@ class World:
         networks = frozenset(blocks)
         key = (tuple(map(id, groups)), networks)
         if key not in self.memo:
-            hosts = [n for group in groups for p in group for n in self.known[id(p)][2]]
-            self.memo[key] = (tuple(groups), collapse([*hosts, *networks]))
+            hosts = frozenset(h for group in groups for p in group for h in self.known[id(p)][2])
+            self.memo[key] = (tuple(groups), self._collapse(hosts, networks))
         return self.memo[key][1]
 
-
-@functools.lru_cache(maxsize=65536)
-def _host(address: Address) -> Network:
-    """A pod address as a network; remembered, as pods come and go with the same addresses."""
-    return ipaddress.ip_network(address)
+    def _collapse(self, hosts: frozenset[Host], networks: frozenset[Network]) -> tuple[Network, ...]:
+        """The same tuple as the last world's for the same input: a rule whose peers' addresses
+        stayed compiles to an equal Rule, cheaply compared (Memo.policy)."""
+        key = (hosts, networks)
+        found = self.collapsed.get(key) or self.earlier.get(key)
+        self.collapsed[key] = found or _collapse(hosts, networks)
+        return self.collapsed[key]
 
 
 def _peer_pods(peer: Peer, namespace: str, world: World) -> tuple[Pod, ...]:
@@ -188,10 +194,16 @@ def block_networks(block: IPBlock) -> list[Network]:
 
 
 def collapse(networks: Iterable[Network]) -> tuple[Network, ...]:
-    """Disjoint, sorted, IPv4 first: nft interval sets reject overlapping elements. What
-    ipaddress.collapse_addresses gives (the union's largest aligned blocks), worked out on
-    integers: ten times faster, and a pod event recomputes the peers of every rule naming it."""
+    """Disjoint, sorted, IPv4 first: nft interval sets reject overlapping elements."""
+    return _collapse(frozenset(), networks)
+
+
+def _collapse(hosts: Iterable[Host], networks: Iterable[Network]) -> tuple[Network, ...]:
+    """What ipaddress.collapse_addresses gives (the union's largest aligned blocks), worked out
+    on integers: ten times faster, and a pod event recomputes the peers of each rule naming it."""
     spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    for version, number in hosts:
+        spans[version].append((number, number))
     for net in networks:
         first = int(net.network_address)
         spans[net.version].append((first, first + net.num_addresses - 1))
@@ -290,6 +302,7 @@ class Memo:
     def __init__(self) -> None:
         self.namespaces: dict[str, tuple[Pod, ...]] = {}
         self.known: Mapping[int, Known] = {}
+        self.collapsed: Collapsed = {}
         self.labels: Labels = ()
         self.matching: Matching = {}
         self.compiled: dict[int, Compiled] = {}  # by id() of the policy, kept alive here
@@ -300,17 +313,21 @@ class Memo:
                         for n, group in world.by_namespace.items()}
         labels = world.labels()
         kept = self.matching if labels == self.labels else {}
-        world = World(world.pods, by_namespace, world.namespace_labels, known=world.known, kept=kept)
-        self.namespaces, self.known = by_namespace, world.known
+        world = World(world.pods, by_namespace, world.namespace_labels, known=world.known, kept=kept,
+                      earlier=self.collapsed)
+        self.namespaces, self.known, self.collapsed = by_namespace, world.known, world.collapsed
         self.labels, self.matching = labels, world.matching
         return world
 
     def policy(self, policy: NetworkPolicy, world: World, node_name: str) -> Compiled:
         reads = _reads(policy, world)
         entry = self.compiled.get(id(policy))
-        if entry is None or entry[0] is not policy or not _same(entry[1], reads):
-            entry = (policy, reads, *_compiled(policy, world, node_name))
-        return entry
+        if entry is not None and entry[0] is policy and _same(entry[1], reads):
+            return entry
+        addresses, rules = _compiled(policy, world, node_name)
+        if entry is not None and entry[0] is policy and rules == entry[3]:
+            rules = entry[3]  # the same rules (their pods changed otherwise): the same chains
+        return policy, reads, addresses, rules
 
 
 def _same(old: Sequence[object], new: Sequence[object]) -> bool:

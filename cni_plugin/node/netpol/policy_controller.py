@@ -3,7 +3,9 @@
 Four list+watch streams (NetworkPolicy, Pod, Namespace, ClusterNetworkPolicy; kube.list_watch:
 resourceVersion, relist on 410 Gone, a relist every `resync` seconds) feed one queue; one thread
 takes an event, also takes every event already queued behind it, and only then compiles and
-applies, so a burst of events costs one nft transaction: the change from the ruleset in force
+applies, so a burst of events costs one nft transaction. What the last ruleset compiled and
+rendered is kept for the next (compile.Memo, nft.Chains): a policy is compiled and rendered again
+only when it or the pods it reads changed. Applied is the change from the ruleset in force
 (delta.py: elements added and deleted, the chains of what changed rewritten), or the whole
 ruleset at the first apply, after a relist, and when the change failed. Nothing is applied
 before all four kinds were listed once (a policy without its pods would cut them off). A lost
@@ -159,9 +161,10 @@ class PolicyController:
         return None if self.in_force is None else self.script(self.in_force)
 
     def script(self, tables: delta.Model) -> str:
-        if self.text is None or self.text[0] is not tables:
-            self.text = (tables, nft.script(tables))
-        return self.text[1]
+        text = self.text  # once: `applied` is read from other threads too
+        if text is None or text[0] is not tables:
+            text = self.text = (tables, nft.script(tables))
+        return text[1]
 
     def tables(self) -> delta.Model:
         pods = list(self.claims.pods(self.objects["Pod"], self.node_name, self._claimable()))  # both tiers

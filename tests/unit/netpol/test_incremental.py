@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.node.netpol import cluster, compile, nft
+from cni_plugin.node.netpol import apply, cluster, compile, nft
 from cni_plugin.node.netpol.objects import Address
 from cni_plugin.node.netpol.policy_controller import WATCHED, PolicyController
 
@@ -110,9 +110,14 @@ def _key(kind: str, obj: dict[str, Any]) -> tuple[str, str]:
     return obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
 
 
-def _controller() -> PolicyController:
-    return PolicyController(ME, lambda _script: None, lambda *_a, **_k: None, ports=lambda: PORTS,
-                            fence=FENCE)
+def _controller(r: random.Random | None = None) -> PolicyController:
+    """With `r`, one apply in ten fails (a change refused: the whole tables follow; a whole
+    replacement refused: tried again)."""
+    def apply_script(_script: str) -> None:
+        if r is not None and r.random() < 0.1:
+            raise apply.NftError("refused")
+
+    return PolicyController(ME, apply_script, lambda *_a, **_k: None, ports=lambda: PORTS, fence=FENCE)
 
 
 def _from_scratch(world: dict[str, dict[tuple[str, str], dict[str, Any]]]) -> str:
@@ -156,13 +161,15 @@ def test_each_event_gives_the_tables_computed_from_scratch(seed: int) -> None:
         for name in r.sample(NAMES[kind], len(NAMES[kind]) // 2 + (kind == "Namespace")):
             obj = MAKE[kind](r, name)
             world[kind][_key(kind, obj)] = obj
-    agent = _controller()
+    agent = _controller(random.Random(seed))
     for kind in WATCHED:
         agent.handle(kind, "SYNC", list(world[kind].values()))
-    agent.reconcile()
     for step in range(150):
         agent.handle(*_event(r, world))
-        agent.reconcile()
+        for _ in range(10):  # a failed apply is tried again (serve() does after a backoff)
+            agent.reconcile()
+            if not agent.failed:
+                break
         assert agent.applied == _from_scratch(world), f"seed {seed}, event {step}"
 
 

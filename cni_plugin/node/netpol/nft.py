@@ -56,10 +56,11 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from ...hostnet import NETPOL_REFUSED, NETPOL_TABLE
-from .compile import Decision, PolicyRules, Rule, collapse
+from .compile import Decision, PolicyRules, Rule
 from .delta import Block, Model
 from .objects import Address, Network
 from .tiers import ClusterRules, Judges, Tiers, judges, merged
+from .world import collapse
 
 TABLE = NETPOL_TABLE
 NFT_COMMENT = 128  # nft's longest comment
@@ -178,7 +179,7 @@ class _Script:
 
     def texts(self, networks: tuple[Network, ...], version: int) -> list[str]:
         """The networks of a family as nft reads them, once per tuple: the compiler hands the
-        same tuple to every rule naming the same peers (compile.World.peers)."""
+        same tuple to every rule naming the same peers (world.World.peers)."""
         key = (id(networks), version)
         if key not in self.peer_texts:
             self.peer_texts[key] = (networks, [_text(n) for n in networks if n.version == version])

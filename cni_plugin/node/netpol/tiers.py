@@ -18,9 +18,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .cluster import KIND, Action, ClusterNetworkPolicy, EgressRule, IngressRule, NamespacedPod, Peer, Tier
-from .compile import Decision, NamedPort, PortRange, Rule, World, merge_ranges
+from .compile import Decision, NamedPort, PortRange, Rule, merge_ranges
 from .objects import DIRECTIONS, Address, Cause, Direction, LabelSelector, Namespace, Network, Pod, Refusal
 from .selectors import matches
+from .world import World
 
 DENY_ALL = Rule(peers=None, ranges=None)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.node.netpol import apply, cluster, compile, nft
+from cni_plugin.node.netpol import apply, cluster, nft, world
 from cni_plugin.node.netpol.objects import Address
 from cni_plugin.node.netpol.policy_controller import WATCHED, PolicyController
 
@@ -202,4 +202,4 @@ def test_collapse_gives_what_ipaddress_does() -> None:
                  for _ in range(r.randrange(12))]
         want = [*ipaddress.collapse_addresses(n for n in nets if n.version == 4),
                 *ipaddress.collapse_addresses(n for n in nets if n.version == 6)]
-        assert list(compile.collapse(nets)) == want, nets
+        assert list(world.collapse(nets)) == want, nets

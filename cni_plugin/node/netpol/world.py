@@ -16,7 +16,7 @@ Labels = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # of the namespace
 Host = tuple[int, int]  # an address's version and number
 Known = tuple[Pod, tuple[Address, ...], tuple[Host, ...]]  # a pod, its addresses, as Hosts
 Collapsed = dict[tuple[frozenset[Host], frozenset[Network]], tuple[Network, ...]]  # collapse()s, by input
-Matching = dict[int, tuple[LabelSelector, tuple[str, ...]]]  # by id() of the selector, kept alive here
+Matching = dict[object, tuple[str, ...]]  # namespaces(), by what the selector says (selector_key)
 
 
 @dataclass(frozen=True)
@@ -66,20 +66,21 @@ class World:
 
     def namespaces(self, selector: LabelSelector) -> tuple[str, ...]:
         """The namespaces with pods whose labels match."""
-        entry = self.matching.get(id(selector)) or self.kept.get(id(selector))
-        if entry is None or entry[0] is not selector:
-            entry = (selector, tuple(n for n in self.by_namespace
-                                     if matches(selector, self.labels_of_namespace(n))))
-        self.matching[id(selector)] = entry
-        return entry[1]
+        key = selector_key(selector)  # many policies say the same (all namespaces, say)
+        found = self.matching.get(key)
+        if found is None:
+            found = self.kept.get(key)
+            if found is None:
+                found = tuple(n for n in self.by_namespace if matches(selector, self.labels_of_namespace(n)))
+            self.matching[key] = found
+        return found
 
     def peer_pods(self, namespaces: tuple[str, ...], selector: LabelSelector | None) -> tuple[Pod, ...]:
         """The pods of the namespaces matching `selector` (None: all); remembered for this
         world, as many rules name the same ones (all pods of a namespace, say)."""
         if selector is None and len(namespaces) == 1:
             return self.by_namespace.get(namespaces[0], ())
-        key = (namespaces, None if selector is None else
-               (tuple(sorted(selector.match_labels.items())), selector.match_expressions))
+        key = (namespaces, None if selector is None else selector_key(selector))
         if key not in self.groups:
             self.groups[key] = tuple(p for n in namespaces for p in self.by_namespace.get(n, ())
                                      if selector is None or matches(selector, p.metadata.labels))
@@ -138,6 +139,11 @@ def _blocks(version: int, spans: list[tuple[int, int]]) -> Iterable[Network]:
             size = min(aligned, (last - first + 1).bit_length() - 1)
             yield _network(version, first, bits - size)
             first += 1 << size
+
+
+def selector_key(selector: LabelSelector) -> object:
+    """What a selector says, hashable: equal selectors of different policies match the same."""
+    return tuple(sorted(selector.match_labels.items())), selector.match_expressions
 
 
 @functools.lru_cache(maxsize=65536)

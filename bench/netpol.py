@@ -2,13 +2,16 @@
 
 The world: 500 pods on this node (the worst case: every one gets rules) in 50 namespaces, and
 200 policies of the shapes users write (pod and namespace selectors, both in one peer, ipBlock
-with except, numbered, ranged and named ports, ingress and egress); the rules go in with `nft -f`
-in a throw-away netns.
+with except, numbered, ranged and named ports, ingress and egress). The measuring runs in a
+throw-away netns (this script re-execs itself under `ip netns exec`), applying as the node
+controller does (policy_controller.launch): an element-only change as one netlink batch
+(nfnl.py), anything else with `nft -f` exec'd; BENCH_NETPOL_BATCH=0 sends every change to nft.
 - convergence: the agent's imports (a fresh interpreter), then from the lists handed to the
   agent to the table applied;
 - event -> rules: EVENTS events (pod add and delete, pod label change, namespace label change,
   policy add, change and delete, in turn) through the agent's queue and thread to the applied
-  table: p50, p99 and max, per kind and over all;
+  table: p50, p99 and max, per kind and over all; and per kind the apply stage alone (the time in
+  the batch and in nft, of the event's reconcile) and how many events each path took;
 - size: the ruleset (lines of `nft list table`, set elements, chains, rules) at 50, 200 and 500
   pods, with the 200 policies;
 - RSS: this process holding an API view of 5,000 pods (4,500 on other nodes) and its ruleset.
@@ -27,16 +30,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import kubernetes  # noqa: F401  # the agent's import, counted in its RSS
 
-from cni_plugin.node.netpol import apply, delta, nft
+from cni_plugin.node.netpol import apply, delta, nfnl, nft
 from cni_plugin.node.netpol.policy_controller import PolicyController, serve
 
 NODE = "bench-node"
 NAMESPACES = [f"ns{i}" for i in range(50)]
 PODS, POLICIES, API_PODS, EVENTS = 500, 200, 5000, int(os.environ.get("BENCH_NETPOL_EVENTS", "301"))
+BATCH = os.environ.get("BENCH_NETPOL_BATCH", "1") != "0"
 TARGETS = {"p50_ms": 20, "p99_ms": 100, "max_ms": 250, "convergence_s": 2, "rss_mib_5000_pods": 150}
 
 
@@ -77,8 +82,40 @@ def _lists(pods: int, remote: int = 0) -> dict[str, list[dict[str, Any]]]:
             "Namespace": [namespace(i, i % 5) for i in range(len(NAMESPACES))], "ClusterNetworkPolicy": []}
 
 
-def _agent(nft_cmd: list[str], lists: dict[str, list[dict[str, Any]]]) -> PolicyController:
-    agent = PolicyController(NODE, lambda s: apply.replace(s, nft_cmd), lambda *_a, **_k: None)
+class Stage:
+    """The apply stage of the events: the time spent in the element batch and in nft since reset(),
+    and the path that applied ("batch", "nft", or "batch+nft" when nft took a refused batch's change)."""
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self.paths: list[str] = []
+
+    def reset(self) -> None:
+        self.spent, self.paths = 0.0, []
+
+    def script(self, script: str) -> None:
+        started = time.perf_counter()
+        try:
+            apply.replace(script)
+        finally:
+            self.spent += time.perf_counter() - started
+            self.paths.append("nft")
+
+    def elements(self, change: str, model: delta.Model) -> bool:
+        started = time.perf_counter()
+        try:
+            done = nfnl.apply(change, model)
+        finally:
+            self.spent += time.perf_counter() - started
+        if done:
+            self.paths.append("batch")
+        return done
+
+
+def _agent(lists: dict[str, list[dict[str, Any]]], stage: Stage | None = None) -> PolicyController:
+    stage = stage or Stage()
+    agent = PolicyController(NODE, stage.script, lambda *_a, **_k: None,
+                             apply_elements=stage.elements if BATCH else None)
     for kind, items in lists.items():
         agent.handle(kind, "SYNC", items)
     return agent
@@ -127,68 +164,84 @@ def main() -> None:
                              capture_output=True, text=True, check=True)
     netns = f"pbt-h17bench-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
-    nft_cmd = ["ip", "netns", "exec", netns, "nft"]
-    listing = [*nft_cmd, "list", "table", "inet", nft.TABLE]
     try:
-        sizes = {}
-        for count in (50, 200, PODS):
-            agent = _agent(nft_cmd, _lists(count))
-            assert agent.reconcile()
-            listed = subprocess.run(listing, capture_output=True, text=True, check=True).stdout
-            sizes[str(count)] = _size(agent.applied or "", listed)
-        syncs = []
-        for _ in range(3):
-            apply.remove(nft_cmd)
-            lists = _lists(PODS)
-            started = time.perf_counter()
-            agent = _agent(nft_cmd, lists)
-            assert agent.reconcile()
-            syncs.append(time.perf_counter() - started)
-
-        events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
-        done: queue.Queue[float] = queue.Queue()
-        stop = threading.Event()
-        worker = threading.Thread(target=serve,
-                                  args=(agent, events, stop, lambda: done.put(time.monotonic())))
-        worker.start()
-        latencies: dict[str, list[float]] = {}
-        try:
-            for label, kind, event, obj in _events():
-                sent = time.monotonic()
-                events.put((kind, event, obj))
-                latencies.setdefault(label, []).append(done.get(timeout=60) - sent)
-        finally:
-            stop.set()
-            worker.join()
-        apply.remove(nft_cmd)
-        rss = subprocess.run([sys.executable, __file__, "rss", netns], capture_output=True, text=True,
-                             check=True).stdout
-        print(json.dumps({
-            "machine": f"{os.cpu_count()} CPU, kernel {platform.release()}, "
-                       f"Python {platform.python_version()}",
-            "pods": PODS, "namespaces": len(NAMESPACES), "policies": POLICIES, "targets": TARGETS,
-            "convergence": {"imports_s": round(float(imports.stdout), 2),
-                            "lists_to_rules_s": round(statistics.median(syncs), 2)},
-            "event_to_rules": {"all": _quantiles([s for v in latencies.values() for s in v]),
-                               **{label: _quantiles(v) for label, v in latencies.items()}},
-            "ruleset_size": sizes,
-            "rss_mib_5000_pods": float(rss),
-        }, indent=2))
+        inside = subprocess.run(["ip", "netns", "exec", netns, sys.executable, __file__, "measure"],
+                                stdout=subprocess.PIPE, text=True, check=True).stdout
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
+    measured = json.loads(inside)
+    measured["convergence"] = {"imports_s": round(float(imports.stdout), 2), **measured["convergence"]}
+    print(json.dumps({
+        "machine": f"{os.cpu_count()} CPU, kernel {platform.release()}, "
+                   f"Python {platform.python_version()}",
+        "pods": PODS, "namespaces": len(NAMESPACES), "policies": POLICIES, "targets": TARGETS,
+        "element_batch": BATCH, **measured}, indent=2))
 
 
-def rss(netns: str) -> None:
+def measure() -> None:
+    """The figures but the imports', in this process's netns (main's throw-away one)."""
+    listing = ["nft", "list", "table", "inet", nft.TABLE]
+    sizes = {}
+    for count in (50, 200, PODS):
+        agent = _agent(_lists(count))
+        assert agent.reconcile()
+        listed = subprocess.run(listing, capture_output=True, text=True, check=True).stdout
+        sizes[str(count)] = _size(agent.applied or "", listed)
+    syncs = []
+    stage = Stage()
+    for _ in range(3):
+        apply.remove()
+        lists = _lists(PODS)
+        started = time.perf_counter()
+        agent = _agent(lists, stage)
+        assert agent.reconcile()
+        syncs.append(time.perf_counter() - started)
+
+    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    done: queue.Queue[float] = queue.Queue()
+    stop = threading.Event()
+    worker = threading.Thread(target=serve, args=(agent, events, stop, lambda: done.put(time.monotonic())))
+    worker.start()
+    latencies: dict[str, list[float]] = {}
+    stages: dict[str, list[float]] = {}
+    paths: dict[str, Counter[str]] = {}
+    try:
+        for label, kind, event, obj in _events():
+            stage.reset()
+            sent = time.monotonic()
+            events.put((kind, event, obj))
+            latencies.setdefault(label, []).append(done.get(timeout=60) - sent)
+            stages.setdefault(label, []).append(stage.spent)
+            paths.setdefault(label, Counter())["+".join(stage.paths)] += 1
+    finally:
+        stop.set()
+        worker.join()
+    apply.remove()
+    rss = subprocess.run([sys.executable, __file__, "rss"], capture_output=True, text=True, check=True).stdout
+    print(json.dumps({
+        "convergence": {"lists_to_rules_s": round(statistics.median(syncs), 2)},
+        "event_to_rules": {"all": _quantiles([s for v in latencies.values() for s in v]),
+                           **{label: _quantiles(v) for label, v in latencies.items()}},
+        "apply_stage": {"all": _quantiles([s for v in stages.values() for s in v]),
+                        **{label: {**_quantiles(v), "paths": dict(paths[label])}
+                           for label, v in stages.items()}},
+        "ruleset_size": sizes,
+        "rss_mib_5000_pods": float(rss),
+    }))
+
+
+def rss() -> None:
     """In a process of its own: the agent holding the 5,000 pods' view, its rules applied."""
-    nft_cmd = ["ip", "netns", "exec", netns, "nft"]
-    agent = _agent(nft_cmd, _lists(PODS, API_PODS - PODS))
+    agent = _agent(_lists(PODS, API_PODS - PODS))
     assert agent.reconcile()
     print(_rss_mib())
-    apply.remove(nft_cmd)
+    apply.remove()
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["rss"]:
-        rss(sys.argv[2])
+        rss()
+    elif sys.argv[1:2] == ["measure"]:
+        measure()
     else:
         main()

@@ -1,6 +1,8 @@
-"""The one way this project runs nftables: masquerade (masq.py), the source check
-(sourcecheck.py), the node controller's masquerade (node/effects.py) and NetworkPolicy
-(node/netpol/apply.py) all call run(). Each table is written by its own module only.
+"""The one way this project runs nft: masquerade (masq.py), the source check (sourcecheck.py),
+the node controller's masquerade (node/effects.py) and NetworkPolicy (node/netpol/apply.py) all
+call run(). Each table is written by its own module only. (Two hot paths send a few nf_tables
+messages without nft, nfbatch.py: a DEL's source-check teardown and NetworkPolicy's element
+changes.)
 
 Every run is bounded by `timeout` and every failure is an NftError carrying nft's error text:
 missing binary, exec error, non-zero exit, a run past its deadline (the exec'd nft is killed),

@@ -14,7 +14,7 @@ import errno
 import ipaddress
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from cnikit.ip import IPInterface
@@ -22,7 +22,7 @@ from cnikit.ip import IPInterface
 from .netlink import Link, NetlinkError
 
 NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
-SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
+SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_GET_STRICT_CHK = 270, 10, 12
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
@@ -128,13 +128,15 @@ def _pyroute2() -> Iterator[Any]:
 
 
 class Socket:
-    """One rtnetlink socket (or, with `protocol`, another netlink family's: request() only): it
-    stays in the netns it was opened in, whichever thread uses it."""
+    """One rtnetlink socket (or, with `protocol`, another netlink family's: request() and
+    batch() only): it stays in the netns it was opened in, whichever thread uses it. With
+    `timeout`, a wait for the kernel's answer past it raises TimeoutError."""
 
-    def __init__(self, protocol: int = NETLINK_ROUTE) -> None:
+    def __init__(self, protocol: int = NETLINK_ROUTE, timeout: float | None = None) -> None:
         kind = _socket.SOCK_RAW | _socket.SOCK_CLOEXEC
         self._sock = _socket.socket(_socket.AF_NETLINK, kind, protocol)
         try:
+            self._sock.settimeout(timeout)
             self._sock.bind((0, 0))
             if protocol == NETLINK_ROUTE:
                 # Strict checking makes the kernel filter dumps by the request's fields (the link
@@ -179,6 +181,34 @@ class Socket:
                 replies.append((mtype, body))
                 if not mflags & NLM_F_MULTI and not flags & NLM_F_ACK:
                     return replies
+
+    def batch(self, messages: Sequence[tuple[int, int, bytes]]) -> None:
+        """Send (type, flags, payload) messages in one datagram, as a netfilter batch is (the
+        kernel takes it whole or not at all), and wait for the answer to each asking an ack;
+        raise the first error the kernel sent."""
+        data = b""
+        waiting = set()
+        for kind, flags, payload in messages:
+            self._seq += 1
+            data += _NLMSG.pack(_NLMSG.size + len(payload), kind, flags | NLM_F_REQUEST, self._seq, 0)
+            data += payload + b"\0" * (-len(payload) % 4)
+            if flags & NLM_F_ACK:
+                waiting.add(self._seq)
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # an error without the message echoed
+        self._sock.send(data)
+        while waiting:
+            data = self._sock.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSG.size <= len(data):
+                length, mtype, _flags, mseq, _pid = _NLMSG.unpack_from(data, offset)
+                body = data[offset + _NLMSG.size : offset + length]
+                offset += max((length + 3) & ~3, _NLMSG.size)
+                if mtype != NLMSG_ERROR:
+                    continue
+                code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
+                if code:
+                    raise NetlinkError(code, os.strerror(code))
+                waiting.discard(mseq)
 
     # --- links ---------------------------------------------------------------------------
 

@@ -226,11 +226,15 @@ def test_the_port_chain_is_the_same_with_or_without_libnftables(
 
 
 def _teardown_by_port(port: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """sourcecheck.teardown with `port`, its listing path made to fail: what it leaves is what
-    the one-run path left."""
+    """sourcecheck.teardown with `port`, its listing path and nft made to fail: what it leaves
+    is what the one nfnetlink batch left."""
     def listing(*_: object, **__: object) -> None:
         raise AssertionError("listed")
+
+    def nft(*_: object, **__: object) -> str:
+        raise AssertionError("nft ran")
     monkeypatch.setattr(sourcecheck, "_replace", listing)
+    monkeypatch.setattr(sourcecheck.nftables, "run", nft)
     sourcecheck.teardown("net", "a", "eth0", port)
 
 
@@ -241,7 +245,7 @@ def _two_attachments() -> None:
         sourcecheck.setup("net", cid, "eth0", port, mac, [addr], False)
 
 
-def test_teardown_by_port_deletes_the_element_and_chain_in_one_run(
+def test_teardown_by_port_deletes_the_element_and_chain_in_one_batch(
     host: Host, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     in_netns(host.name, _two_attachments)
@@ -251,7 +255,7 @@ def test_teardown_by_port_deletes_the_element_and_chain_in_one_run(
 
 
 def test_teardown_by_another_attachments_port_falls_back_and_keeps_its_element(host: Host) -> None:
-    """nft refuses the one run (the chain is still another element's goto): the listing path
+    """The kernel refuses the one batch (the chain is still another element's goto): the listing path
     removes this attachment's element and chain, the other's stay."""
     in_netns(host.name, _two_attachments)
     in_netns(host.name, lambda: sourcecheck.teardown("net", "a", "eth0", "vethb"))

@@ -17,7 +17,6 @@ again after an exponential backoff, events or not; no error ends a thread.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import queue
 import socket
 import threading
@@ -30,11 +29,13 @@ from typing import Any, Protocol
 from ... import placement
 from ...netlink import NetlinkError
 from ..loop import Event, Log, Stream, drive, pump
-from . import apply, claims, cluster, compile, conntrack, delta, nft, objects, tiers
+from . import apply, claims, cluster, compile, conntrack, delta, nfnl, nft, objects, tiers
 from .objects import KINDS, Address, Cause, Model, Pod, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
 Forget = Callable[[Collection[Address]], int]
+# Applies an element-only change to the tables of the model in force, True if it did (nfnl.apply)
+ApplyElements = Callable[[str, delta.Model], bool]
 OnBridge = Callable[[str], Collection[Address]]  # the addresses on the pod side of a bridge's ports
 Key = tuple[str, str]
 Owner = tuple[str, str, str]  # a pod's namespace, name and uid
@@ -88,9 +89,10 @@ class PolicyController:
     def __init__(self, node_name: str, apply_script: Callable[[str], None], log: Log,
                  observer: Observer | None = None, ports: Ports | None = None,
                  fence: nft.Fence | None = None, forget: Forget | None = None,
-                 on_bridge: OnBridge | None = None) -> None:
+                 on_bridge: OnBridge | None = None, apply_elements: ApplyElements | None = None) -> None:
         self.node_name = node_name
         self.apply_script = apply_script
+        self.apply_elements = apply_elements  # None: every change goes to apply_script
         self.log = log
         self.observer = observer
         self.ports = ports  # the bridge ports of pod addresses (apply.pod_ports); None: not keyed by port
@@ -257,12 +259,25 @@ class PolicyController:
         change = None if self.model is None else delta.diff(self.model, model)
         if change is not None:
             try:
-                if change:  # "": the same tables, written otherwise
+                if change and not self._batched(change):  # "": the same tables, written otherwise
                     self.apply_script(change)
                 return
             except apply.NftError as exc:
                 self.log("netpol-warning", error=f"update refused, replacing the tables: {exc}"[:300])
         self.apply_script(self.script(model))
+
+    def _batched(self, change: str) -> bool:
+        """Whether `change`, only elements, went in as one netlink batch (nfnl.py). A batch the
+        kernel refused changed nothing (a batch is one transaction): nft applies the change then."""
+        if self.apply_elements is None or self.model is None:
+            return False
+        try:
+            return self.apply_elements(change, self.model)
+        except OSError as exc:  # NetlinkError, TimeoutError
+            self.log("netpol-warning", error=f"element batch refused, applying it with nft: {exc}"[:300])
+        except Exception as exc:  # a bug of the encoder must not hold every later change up
+            self.log("netpol-error", error=f"element batch failed, applying it with nft: {exc!r}"[:300])
+        return False
 
 
 def serve(agent: PolicyController, events: queue.Queue[Event], stop: threading.Event,
@@ -300,16 +315,14 @@ def start(agent: PolicyController, stream: Stream, log: Log, errors: tuple[type[
 
 
 def listers(api: Any, stop: threading.Event | None = None) -> dict[str, Callable[..., Any]]:
-    from kubernetes import client
-
     from .. import kube
 
-    core, networking = client.CoreV1Api(api), client.NetworkingV1Api(api)
-    cnp = functools.partial(client.CustomObjectsApi(api).list_cluster_custom_object, *cluster.RESOURCE)
-    return {"NetworkPolicy": networking.list_network_policy_for_all_namespaces,
-            "Pod": core.list_pod_for_all_namespaces, "Namespace": core.list_namespace,
+    group, version, plural = cluster.RESOURCE
+    return {"NetworkPolicy": kube.lister(api, "/apis/networking.k8s.io/v1/networkpolicies"),
+            "Pod": kube.lister(api, "/api/v1/pods"), "Namespace": kube.lister(api, "/api/v1/namespaces"),
             # not served (no CRD): none exist, an empty list (kube.optional)
-            cluster.KIND: kube.optional(cnp, (stop or threading.Event()).wait)}
+            cluster.KIND: kube.optional(kube.lister(api, f"/apis/{group}/{version}/{plural}"),
+                                        (stop or threading.Event()).wait)}
 
 
 def kube_stream(api: Any, resync: int, stop: threading.Event, log: Log) -> Stream:
@@ -377,7 +390,7 @@ def launch(node_name: str, api: Any, resync: int, log: Log,
         log("netpol-warning", error="no cluster CIDR or bridge: a new pod is open until the API shows its IP")
         fence = None
     agent = PolicyController(node_name, apply.replace, log, observer, apply.pod_ports, fence,
-                             conntrack.forget, lambda bridge: apply.pod_ports(bridge=bridge))
+                             conntrack.forget, lambda bridge: apply.pod_ports(bridge=bridge), nfnl.apply)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after a backoff.
     enforcement.threads = start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,),

@@ -139,20 +139,41 @@ SetKey = str  # a set's type, whether of intervals and its elements, joined: a s
 @dataclass(frozen=True)
 class _Recipe:
     """A policy's chain rendered on its own: the sets it names, each with the name it gave it,
-    and the chain naming them so."""
+    and the chain naming them so; and that chain with some sets named otherwise (those another
+    chain gave its name first), by the renaming, as the next ruleset mostly renames the same."""
 
     policy: PolicyRules
     sets: tuple[tuple[str, SetKey, Block], ...]
     chain: Block
+    renamed: dict[tuple[tuple[str, str], ...], Block] = dataclasses.field(default_factory=dict, compare=False)
+
+    def named(self, renamed: dict[str, str]) -> Block:
+        key = tuple(renamed.items())
+        if key not in self.renamed:
+            if len(self.renamed) >= 2:  # those of the last ruleset's tables (inet, bridge)
+                self.renamed.clear()
+            self.renamed[key] = dataclasses.replace(self.chain, body=tuple(
+                " ".join(renamed.get(word, word) for word in line.split(" ")) for line in self.chain.body))
+        return self.renamed[key]
 
 
 class Chains:
     """The policy chains of the last ruleset, kept for the next while their PolicyRules is the
-    same object (compile.Memo hands the same object back while what it read is the same)."""
+    same object (compile.Memo hands the same object back while what it read is the same), and
+    the chain names of the last ruleset's policies."""
 
     def __init__(self) -> None:
         self.last: dict[str, _Recipe] = {}
         self.used: dict[str, _Recipe] = {}
+        self.names: tuple[tuple[str, ...], list[str]] = ((), [])
+
+    def policy_names(self, policies: tuple[PolicyRules, ...]) -> list[str]:
+        """Each policy's chain name, less its direction (stable_names of their names)."""
+        names = tuple(p.name for p in policies)
+        if names != self.names[0]:
+            by_name = stable_names("p", names)
+            self.names = (names, [by_name[name] for name in names])
+        return self.names[1]
 
     def get(self, chain: str, policy: PolicyRules) -> _Recipe | None:
         recipe = self.used.get(chain) or self.last.get(chain)
@@ -245,8 +266,7 @@ class _Script:
                 self.sets[name] = block
             else:
                 renamed[f"@{name}"] = f"@{known}"
-        self.chains[chain] = recipe.chain if not renamed else dataclasses.replace(recipe.chain, body=tuple(
-            " ".join(renamed.get(word, word) for word in line.split(" ")) for line in recipe.chain.body))
+        self.chains[chain] = recipe.named(renamed) if renamed else recipe.chain
 
     def tier_chain(self, i: int, direction: str, rest: str) -> str:
         """The chain of ClusterNetworkPolicy `i`: its rules in order, each with its action. A
@@ -352,8 +372,7 @@ def _placed(decision: Decision) -> dict[str, Block]:
 def _policy_chains(script: _Script, decision: Decision,
                    used: Mapping[str, Collection[int]] | None = None) -> None:
     """Each policy's chain per direction it affects (only the `used` ones, when given)."""
-    by_name = stable_names("p", (p.name for p in decision.policies))
-    script.policy_names = [by_name[p.name] for p in decision.policies]
+    script.policy_names = script.memo.policy_names(decision.policies)
     for i, policy in enumerate(decision.policies):
         for direction, rules, peer_side in (("ingress", policy.ingress, "saddr"),
                                             ("egress", policy.egress, "daddr")):

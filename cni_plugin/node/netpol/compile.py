@@ -23,7 +23,7 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .objects import (
     DIRECTIONS,
@@ -41,7 +41,7 @@ from .objects import (
     Refusal,
 )
 from .selectors import matches
-from .world import Collapsed, Known, Labels, Matching, World
+from .world import Collapsed, Host, Known, Labels, Matching, World
 
 PortRange = tuple[str, int, int]  # (protocol, first, last)
 NamedPort = tuple[Address, str, int]  # (destination address, protocol, resolved number)
@@ -172,6 +172,8 @@ class Memo:
         self.labels: Labels = ()
         self.matching: Matching = {}
         self.compiled: dict[int, Compiled] = {}  # by id() of the policy, kept alive here
+        self.selection = _Selection()
+        self.placement = _Placement()
 
     def world(self, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
         world = World.of(pods, namespaces, self.known)
@@ -191,9 +193,87 @@ class Memo:
         if entry is not None and entry[0] is policy and _same(entry[1], reads):
             return entry
         addresses, rules = _compiled(policy, world, node_name)
-        if entry is not None and entry[0] is policy and rules == entry[3]:
-            rules = entry[3]  # the same rules (their pods changed otherwise): the same chains
+        if entry is not None and entry[0] is policy:
+            # the same rules (their pods changed otherwise): the same chains; the same addresses:
+            # nothing to change in the maps of what selects each address (_Selection)
+            rules = entry[3] if rules == entry[3] else rules
+            addresses = entry[2] if addresses == entry[2] else addresses
         return policy, reads, addresses, rules
+
+
+Selects = tuple[tuple[Address, ...], bool, bool]  # a policy's addresses, whether it affects each direction
+
+
+@dataclass
+class _Selection:
+    """Decision.ingress and .egress, kept: while the policies with rules are the same (by name,
+    in order: the same indices), an event changes the entries of the addresses of the policies
+    whose addresses or directions it changed, not all the addresses' (their dicts are copied)."""
+
+    names: tuple[str, ...] = ()
+    selects: tuple[Selects, ...] = ()
+    ingress: dict[Address, tuple[int, ...]] = field(default_factory=dict)
+    egress: dict[Address, tuple[int, ...]] = field(default_factory=dict)
+
+    def update(self, names: tuple[str, ...], selects: tuple[Selects, ...]) -> None:
+        """Kept whole or not at all (a failure leaves the last maps with their inputs)."""
+        if names != self.names:
+            ingress: dict[Address, tuple[int, ...]] = {}
+            egress: dict[Address, tuple[int, ...]] = {}
+            for i, (addresses, affects_ingress, affects_egress) in enumerate(selects):
+                for table in (ingress,) * affects_ingress + (egress,) * affects_egress:
+                    for address in addresses:
+                        table[address] = (*table.get(address, ()), i)
+        else:
+            changed = [i for i, (old, new) in enumerate(zip(self.selects, selects, strict=True))
+                       if old[0] is not new[0] or old[1:] != new[1:]]
+            ingress, egress = dict(self.ingress), dict(self.egress)  # copied: no address hashed
+            for i in changed:
+                _change(ingress, egress, i, self.selects[i], selects[i])
+        self.names, self.selects, self.ingress, self.egress = names, selects, ingress, egress
+
+
+def _change(ingress: dict[Address, tuple[int, ...]], egress: dict[Address, tuple[int, ...]], i: int,
+            before: Selects, after: Selects) -> None:
+    """Policy i's entries: those of its addresses before out, those after in, in order."""
+    for table, was, now in ((ingress, before[1], after[1]), (egress, before[2], after[2])):
+        old = before[0] if was else ()
+        new = Counter(after[0] if now else ())
+        for address in {*old, *new}:
+            kept = [k for k in table.get(address, ()) if k != i]
+            indices = tuple(sorted([*kept, *[i] * new[address]]))
+            if indices:
+                table[address] = indices
+            else:
+                table.pop(address, None)
+
+
+@dataclass
+class _Placement:
+    """Decision.placed, kept: an event changes it at the addresses of the local pods it added or
+    removed (by identity: World.known), not all the addresses'."""
+
+    pods: dict[int, Known] = field(default_factory=dict)  # the local pods with addresses, by id()
+    held: Counter[Host] = field(default_factory=Counter)  # by how many of them each address is held
+    placed: frozenset[Address] = frozenset()
+
+    def update(self, pods: dict[int, Known]) -> frozenset[Address]:
+        gone = [e for k, e in self.pods.items() if pods.get(k) is not e]
+        came = [e for k, e in pods.items() if self.pods.get(k) is not e]
+        if not gone and not came:
+            return self.placed
+        held = Counter(self.held)
+        touched: dict[Host, Address] = {}
+        for entries, sign in ((gone, -1), (came, 1)):
+            for _pod, addresses, hosts in entries:
+                for host, address in dict(zip(hosts, addresses, strict=True)).items():
+                    held[host] += sign
+                    touched[host] = address
+        out = {a for h, a in touched.items() if held[h] != 1}
+        placed = self.placed - out | {a for h, a in touched.items() if held[h] == 1}
+        self.pods, self.held = pods, +held
+        self.placed = frozenset(placed)
+        return self.placed
 
 
 def _same(old: Sequence[object], new: Sequence[object]) -> bool:
@@ -249,26 +329,17 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
     world = memo.world(pods, namespaces)
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
     compiled: list[PolicyRules] = []
-    ingress: dict[Address, list[int]] = {}
-    egress: dict[Address, list[int]] = {}
-    selected_by: dict[Direction, dict[Address, list[int]]] = {"Ingress": ingress, "Egress": egress}
     kept: dict[int, Compiled] = {}
+    selects: list[Selects] = []
     for policy in ordered:
         entry = kept[id(policy)] = memo.policy(policy, world, node_name)
         _policy, _reads, addresses, rules = entry
-        if rules is None:
-            continue
-        index = len(compiled)
-        compiled.append(rules)
-        for direction, table in selected_by.items():
-            if policy.affects(direction):
-                for address in addresses:
-                    table.setdefault(address, []).append(index)
+        if rules is not None:
+            compiled.append(rules)
+            selects.append((addresses, policy.affects("Ingress"), policy.affects("Egress")))
     memo.compiled = kept
+    memo.selection.update(tuple(r.name for r in compiled), tuple(selects))
     # An address two pods of this node hold (one gone, its object not yet) is placed for neither:
     # the newer one would get the union of both pods' rules until then.
-    held = Counter(a for pod in world.pods if pod.spec.node_name == node_name
-                   for a in set(world.addresses(pod)))
-    placed = frozenset(a for a, pods in held.items() if pods == 1)
-    return Decision(tuple(compiled), {a: tuple(i) for a, i in ingress.items()},
-                    {a: tuple(i) for a, i in egress.items()}, placed)
+    placed = memo.placement.update({k: e for k, e in world.known.items() if e[0].spec.node_name == node_name})
+    return Decision(tuple(compiled), memo.selection.ingress, memo.selection.egress, placed)

@@ -52,14 +52,14 @@ import dataclasses
 import functools
 import hashlib
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ...hostnet import NETPOL_REFUSED, NETPOL_TABLE
 from .compile import Decision, PolicyRules, Rule
 from .delta import Block, Model
 from .objects import Address, Network
-from .tiers import ClusterRules, Judges, Tiers, judges, merged
+from .tiers import ClusterRules, Judges, Tiers, judged, merged
 from .world import collapse
 
 TABLE = NETPOL_TABLE
@@ -119,8 +119,8 @@ def stable_names(prefix: str, keys: Iterable[str]) -> dict[str, str]:
     return names
 
 
-def _by_address(item: tuple[Address, Judges]) -> int:
-    return int(item[0])
+def _by_number(row: tuple[_Address, str]) -> int:
+    return row[0][3]
 
 
 @functools.lru_cache(maxsize=65536)
@@ -133,6 +133,7 @@ def _port(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
 
+_Address = tuple[Address, str, int, int]  # an address, its text, version and number
 SetKey = str  # a set's type, whether of intervals and its elements, joined: a str keeps its hash
 
 
@@ -166,6 +167,17 @@ class Chains:
         self.last: dict[str, _Recipe] = {}
         self.used: dict[str, _Recipe] = {}
         self.names: tuple[tuple[str, ...], list[str]] = ((), [])
+        # each pod address's text, version and number, by id() of the address (which the entry
+        # holds): a pod's address objects stay while the pod does, and hashing one is slow
+        self.addresses: dict[int, _Address] = {}
+        self.seen: dict[int, _Address] = {}
+
+    def address(self, address: Address) -> _Address:
+        entry = self.seen.get(id(address)) or self.addresses.get(id(address))
+        if entry is None or entry[0] is not address:
+            entry = (address, str(address), address.version, int(address))
+        self.seen[id(address)] = entry
+        return entry
 
     def policy_names(self, policies: tuple[PolicyRules, ...]) -> list[str]:
         """Each policy's chain name, less its direction (stable_names of their names)."""
@@ -182,6 +194,7 @@ class Chains:
     def done(self) -> None:
         """What this ruleset did not use goes."""
         self.last, self.used = self.used, {}
+        self.addresses, self.seen = self.seen, {}
 
 
 class _Script:
@@ -309,14 +322,15 @@ class _Script:
             for p in chosen if p.admin})
         return {p: admins.get(p, rests[p]) for p in chosen}
 
-    def dispatch(self, direction: str, selected: Mapping[Address, Judges], key: str, priority: str,
+    def dispatch(self, direction: str, selected: Sequence[tuple[Address, Judges]], key: str, priority: str,
                  fence: Fence | None) -> None:
         """The per-plan chains, the verdict maps from pod address to them, the base chain."""
-        plans = {id(p): p for p in selected.values()}  # few objects (tiers.judges): by id(), unhashed
+        plans = {id(p): p for _a, p in selected}  # few objects (tiers.judges): by id(), unhashed
         chains = {id(p): chain for p, chain in self.combo_chains(direction, plans.values()).items()}
+        rows = [(self.memo.address(a), chains[id(plan)]) for a, plan in selected]
         for version in (4, 6):
-            family = sorted(((a, p) for a, p in selected.items() if a.version == version), key=_by_address)
-            elements = [f"{_text(a)} : jump {chains[id(plan)]}" for a, plan in family]
+            family = sorted((row for row in rows if row[0][2] == version), key=_by_number)
+            elements = [f"{address[1]} : jump {chain}" for address, chain in family]
             self.sets[f"{direction}{version}"] = _set(f"{_ADDR_TYPE[version]} : verdict", elements,
                                                       interval=False, kind="map")
         lookup = (f"ip {key} vmap @{direction}4", f"ip6 {key} vmap @{direction}6")
@@ -363,9 +377,10 @@ def _unplaced(fence: Fence | None, side: str, key: str) -> list[str]:
     return lines
 
 
-def _placed(decision: Decision) -> dict[str, Block]:
-    return {f"placed{version}": _set(_ADDR_TYPE[version], sorted(_text(a) for a in decision.placed
-                                                               if a.version == version), interval=False)
+def _placed(decision: Decision, chains: Chains) -> dict[str, Block]:
+    addresses = [chains.address(a) for a in decision.placed]
+    return {f"placed{version}": _set(_ADDR_TYPE[version], sorted(a[1] for a in addresses if a[2] == version),
+                                     interval=False)
             for version in (4, 6)}
 
 
@@ -384,14 +399,15 @@ def _table(script: _Script) -> dict[str, Block]:
     return {**script.sets, **script.chains}
 
 
-def _bridge(decision: Decision, tiers: Tiers, ports: Mapping[Address, Collection[str]],
-            chains: Chains) -> _Script:
+def _bridge(decision: Decision, tiers: Tiers, ports: Mapping[Address, Collection[str]], chains: Chains,
+            selected: Mapping[str, Sequence[tuple[Address, Judges]]]) -> _Script:
     """The bridge table: for each port holding a selected pod's API address, that pod's policies
-    (a port holding several pods' addresses is judged by all their policies)."""
+    (a port holding several pods' addresses is judged by all their policies). `selected`: the
+    addresses judged in each direction (tiers.judged)."""
     by_port: dict[str, dict[str, list[Judges]]] = {"ingress": {}, "egress": {}}
     own: set[tuple[str, Address]] = set()
     for direction in ("ingress", "egress") if ports else ():
-        for address, plan in judges(decision, tiers, direction).items():
+        for address, plan in selected[direction]:
             for port in filter(_IFNAME.fullmatch, ports.get(address, ())):
                 by_port[direction].setdefault(port, []).append(plan)
                 own.add((port, address))
@@ -420,10 +436,11 @@ def model(decision: Decision, ports: Mapping[Address, Collection[str]] | None = 
     script = _Script(tiers, chains)
     _policy_chains(script, decision)
     if fence:
-        script.sets.update(_placed(decision))
-    script.dispatch("egress", judges(decision, tiers, "egress"), "saddr", "filter - 1", fence)
-    script.dispatch("ingress", judges(decision, tiers, "ingress"), "daddr", "filter + 1", fence)
-    bridge = _bridge(decision, tiers, ports or {}, chains)
+        script.sets.update(_placed(decision, chains))
+    selected = {direction: judged(decision, tiers, direction) for direction in ("egress", "ingress")}
+    script.dispatch("egress", selected["egress"], "saddr", "filter - 1", fence)
+    script.dispatch("ingress", selected["ingress"], "daddr", "filter + 1", fence)
+    bridge = _bridge(decision, tiers, ports or {}, chains, selected)
     chains.done()
     return {("inet", TABLE): _table(script), ("bridge", TABLE): _table(bridge)}
 

@@ -159,9 +159,14 @@ def decide(policies: Iterable[ClusterNetworkPolicy], pods: Iterable[Pod], namesp
 
 def judges(decision: Decision, tiers: Tiers, direction: str) -> dict[Address, Judges]:
     """Each local address judged in `direction` by something, with what judges it."""
+    return dict(judged(decision, tiers, direction))
+
+
+def judged(decision: Decision, tiers: Tiers, direction: str) -> list[tuple[Address, Judges]]:
+    """judges() as pairs: a dict would hash each address again (in Python: ipaddress)."""
     policies = decision.ingress if direction == "ingress" else decision.egress
     by_tier = tiers.selected(direction)
-    result: dict[Address, Judges] = {}
+    result: list[tuple[Address, Judges]] = []
     plans: dict[tuple[tuple[int, ...], tuple[int, ...] | None], Judges] = {}  # one object per plan
     keys = (((a, (by_tier.get(a, ()), policies.get(a))) for a in policies.keys() | by_tier.keys()) if by_tier
             else ((a, ((), p)) for a, p in policies.items()))  # without tiers: no address hashed
@@ -171,7 +176,7 @@ def judges(decision: Decision, tiers: Tiers, direction: str) -> dict[Address, Ju
             plans[key] = Judges(admin=tuple(i for i in chosen if tiers.policies[i].tier == "Admin"),
                                 policies=key[1],
                                 baseline=tuple(i for i in chosen if tiers.policies[i].tier == "Baseline"))
-        result[address] = plans[key]
+        result.append((address, plans[key]))
     return result
 
 

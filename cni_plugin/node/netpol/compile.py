@@ -156,14 +156,18 @@ def _name(policy: NetworkPolicy) -> str:
     return f"{policy.metadata.namespace}/{policy.metadata.name}"
 
 
-# a policy, what it read, the addresses of the pods it selects, its rules (None: it selects none)
-Compiled = tuple[NetworkPolicy, tuple[object, ...], tuple[Address, ...], PolicyRules | None]
+# a policy, what it read, the addresses of the pods it selects, its rules (None: it selects none),
+# the namespaces it read (None: all)
+Compiled = tuple[NetworkPolicy, tuple[object, ...], tuple[Address, ...], PolicyRules | None,
+                 frozenset[str] | None]
 
 
 class Memo:
     """What decide() compiled, kept for its next call on the same node (the node controller's): a
     policy's selected pods and PolicyRules while the policy and what it reads (_reads) are the
-    same objects. Each namespace's pods are one tuple while they are the same pods."""
+    same objects. Each namespace's pods are one tuple while they are the same pods; while the
+    namespaces with pods and their labels stay, a policy reading none whose pods changed is not
+    looked at further."""
 
     def __init__(self) -> None:
         self.namespaces: dict[str, tuple[Pod, ...]] = {}
@@ -171,6 +175,8 @@ class Memo:
         self.collapsed: Collapsed = {}
         self.labels: Labels = ()
         self.matching: Matching = {}
+        self.changed: frozenset[str] | None = None
+        self.complete = False  # compiled holds the entries of the last world
         self.compiled: dict[int, Compiled] = {}  # by id() of the policy, kept alive here
         self.selection = _Selection()
         self.placement = _Placement()
@@ -181,6 +187,10 @@ class Memo:
                         for n, group in world.by_namespace.items()}
         labels = world.labels()
         kept = self.matching if labels == self.labels else {}
+        # which namespaces' pods changed since the entries of `compiled` (None: unknown, or labels changed)
+        self.changed = None if labels != self.labels or not self.complete else frozenset(
+            n for n, group in by_namespace.items() if self.namespaces.get(n) is not group)
+        self.complete = False  # until compiled holds this world's entries
         world = World(world.pods, by_namespace, world.namespace_labels, known=world.known, kept=kept,
                       earlier=self.collapsed)
         self.namespaces, self.known, self.collapsed = by_namespace, world.known, world.collapsed
@@ -188,17 +198,20 @@ class Memo:
         return world
 
     def policy(self, policy: NetworkPolicy, world: World, node_name: str) -> Compiled:
-        reads = _reads(policy, world)
         entry = self.compiled.get(id(policy))
-        if entry is not None and entry[0] is policy and _same(entry[1], reads):
+        if entry is not None and entry[0] is policy and self.changed is not None and (
+                not self.changed if entry[4] is None else self.changed.isdisjoint(entry[4])):
             return entry
+        reads, names = _reads(policy, world)
+        if entry is not None and entry[0] is policy and _same(entry[1], reads):
+            return (*entry[:4], names)
         addresses, rules = _compiled(policy, world, node_name)
         if entry is not None and entry[0] is policy:
             # the same rules (their pods changed otherwise): the same chains; the same addresses:
             # nothing to change in the maps of what selects each address (_Selection)
             rules = entry[3] if rules == entry[3] else rules
             addresses = entry[2] if addresses == entry[2] else addresses
-        return policy, reads, addresses, rules
+        return policy, reads, addresses, rules, names
 
 
 Selects = tuple[tuple[Address, ...], bool, bool]  # a policy's addresses, whether it affects each direction
@@ -286,24 +299,28 @@ def _same_pods(old: tuple[Pod, ...] | None, new: tuple[Pod, ...]) -> tuple[Pod, 
     return old if old is not None and _same(old, new) else new
 
 
-def _reads(policy: NetworkPolicy, world: World) -> tuple[object, ...]:
+def _reads(policy: NetworkPolicy, world: World) -> tuple[tuple[object, ...], frozenset[str] | None]:
     """What compiling the policy reads besides itself: the pods of its namespace (selected, and
     peers of a podSelector alone), of the namespaces its namespaceSelectors match, and all pods
-    for an egress named port to any peer (looked up on every pod)."""
+    for an egress named port to any peer (looked up on every pod); and those namespaces (None: all)."""
     reads: list[object] = [world.by_namespace.get(policy.metadata.namespace, ())]
+    names: set[str] | None = {policy.metadata.namespace}
     for direction in DIRECTIONS:
         if not policy.affects(direction):
             continue
         for rule in (policy.spec.ingress if direction == "Ingress" else policy.spec.egress) or ():
             # Each list of pods after what read it: the same pods read by other peers are another input
-            if rule.peers is None and direction == "Egress" and any(isinstance(p.port, str)
-                                                                    for p in rule.ports or ()):
+            if not rule.peers and direction == "Egress" and any(isinstance(p.port, str)
+                                                                for p in rule.ports or ()):
                 reads += (rule, *world.by_namespace.values())
+                names = None
             for peer in rule.peers or ():
                 if peer.ip_block is None and peer.namespace_selector is not None:
                     matching = world.namespaces(peer.namespace_selector)
                     reads += (peer, *(world.by_namespace[n] for n in matching))
-    return tuple(reads)
+                    if names is not None:
+                        names.update(matching)
+    return tuple(reads), None if names is None else frozenset(names)
 
 
 def _compiled(policy: NetworkPolicy, world: World,
@@ -333,11 +350,11 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
     selects: list[Selects] = []
     for policy in ordered:
         entry = kept[id(policy)] = memo.policy(policy, world, node_name)
-        _policy, _reads, addresses, rules = entry
+        _policy, _reads, addresses, rules, _names = entry
         if rules is not None:
             compiled.append(rules)
             selects.append((addresses, policy.affects("Ingress"), policy.affects("Egress")))
-    memo.compiled = kept
+    memo.compiled, memo.complete = kept, True
     memo.selection.update(tuple(r.name for r in compiled), tuple(selects))
     # An address two pods of this node hold (one gone, its object not yet) is placed for neither:
     # the newer one would get the union of both pods' rules until then.

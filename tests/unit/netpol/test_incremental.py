@@ -203,3 +203,35 @@ def test_collapse_gives_what_ipaddress_does() -> None:
         want = [*ipaddress.collapse_addresses(n for n in nets if n.version == 4),
                 *ipaddress.collapse_addresses(n for n in nets if n.version == 6)]
         assert list(world.collapse(nets)) == want, nets
+
+
+def test_an_egress_named_port_to_any_peer_reads_every_pod() -> None:
+    """`to: []` is any peer, as no `to`: the named port is looked up on every pod, so a pod of
+    another namespace coming or going changes the rules (its address and port allowed or not)."""
+    world: dict[str, dict[tuple[str, str], dict[str, Any]]] = {kind: {} for kind in WATCHED}
+    policy = {"metadata": {"name": "np", "namespace": "a"},
+              "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                       "egress": [{"to": [], "ports": [{"port": "http"}]}]}}
+    selected = _pod(random.Random(0), "p0")
+    selected["metadata"].update(namespace="a")
+    selected["spec"].update(nodeName=ME, hostNetwork=False)
+    selected["status"].update(phase="Running", podIPs=[{"ip": "10.1.0.2"}])
+    peer = {"metadata": {"name": "web", "namespace": "b", "uid": "u1"},
+            "spec": {"nodeName": "n2", "containers": [{"ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.1.0.9"}]}}
+    world["NetworkPolicy"][("a", "np")] = policy
+    world["Pod"][("a", "p0")] = selected
+    world["Namespace"] = {("", n): {"metadata": {"name": n}} for n in NAMESPACES}
+    agent = _controller()
+    for kind in WATCHED:
+        agent.handle(kind, "SYNC", list(world[kind].values()))
+    agent.reconcile()
+    for event in ("ADDED", "DELETED"):
+        if event == "ADDED":
+            world["Pod"][("b", "web")] = peer
+        else:
+            del world["Pod"][("b", "web")]
+        agent.handle("Pod", event, peer)
+        agent.reconcile()
+        assert agent.applied == _from_scratch(world), event
+        assert ("10.1.0.9 . tcp . 8080" in (agent.applied or "")) == (event == "ADDED")

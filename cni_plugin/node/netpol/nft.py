@@ -119,10 +119,6 @@ def stable_names(prefix: str, keys: Iterable[str]) -> dict[str, str]:
     return names
 
 
-def _by_number(row: tuple[_Address, str]) -> int:
-    return row[0][3]
-
-
 @functools.lru_cache(maxsize=65536)
 def _text(address: Address | Network) -> str:
     """An address or network as nft reads it; remembered, as each ruleset names every pod's."""
@@ -133,7 +129,8 @@ def _port(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
 
-_Address = tuple[Address, str, int, int]  # an address, its text, version and number
+# an address's version, number and text, and the address: in order as the tuples sort
+_Address = tuple[int, int, str, Address]
 SetKey = str  # a set's type, whether of intervals and its elements, joined: a str keeps its hash
 
 
@@ -172,12 +169,16 @@ class Chains:
         self.addresses: dict[int, _Address] = {}
         self.seen: dict[int, _Address] = {}
 
-    def address(self, address: Address) -> _Address:
-        entry = self.seen.get(id(address)) or self.addresses.get(id(address))
-        if entry is None or entry[0] is not address:
-            entry = (address, str(address), address.version, int(address))
-        self.seen[id(address)] = entry
-        return entry
+    def texts(self, addresses: Iterable[Address]) -> list[_Address]:
+        seen, last = self.seen, self.addresses
+        found = []
+        for address in addresses:
+            entry = seen.get(id(address)) or last.get(id(address))
+            if entry is None or entry[3] is not address:
+                entry = (address.version, int(address), str(address), address)
+            seen[id(address)] = entry
+            found.append(entry)
+        return found
 
     def policy_names(self, policies: tuple[PolicyRules, ...]) -> list[str]:
         """Each policy's chain name, less its direction (stable_names of their names)."""
@@ -327,10 +328,10 @@ class _Script:
         """The per-plan chains, the verdict maps from pod address to them, the base chain."""
         plans = {id(p): p for _a, p in selected}  # few objects (tiers.judges): by id(), unhashed
         chains = {id(p): chain for p, chain in self.combo_chains(direction, plans.values()).items()}
-        rows = [(self.memo.address(a), chains[id(plan)]) for a, plan in selected]
+        rows = sorted(zip(self.memo.texts(a for a, _plan in selected),
+                          (chains[id(plan)] for _a, plan in selected), strict=True))
         for version in (4, 6):
-            family = sorted((row for row in rows if row[0][2] == version), key=_by_number)
-            elements = [f"{address[1]} : jump {chain}" for address, chain in family]
+            elements = [f"{address[2]} : jump {chain}" for address, chain in rows if address[0] == version]
             self.sets[f"{direction}{version}"] = _set(f"{_ADDR_TYPE[version]} : verdict", elements,
                                                       interval=False, kind="map")
         lookup = (f"ip {key} vmap @{direction}4", f"ip6 {key} vmap @{direction}6")
@@ -378,8 +379,8 @@ def _unplaced(fence: Fence | None, side: str, key: str) -> list[str]:
 
 
 def _placed(decision: Decision, chains: Chains) -> dict[str, Block]:
-    addresses = [chains.address(a) for a in decision.placed]
-    return {f"placed{version}": _set(_ADDR_TYPE[version], sorted(a[1] for a in addresses if a[2] == version),
+    addresses = chains.texts(decision.placed)
+    return {f"placed{version}": _set(_ADDR_TYPE[version], sorted(a[2] for a in addresses if a[0] == version),
                                      interval=False)
             for version in (4, 6)}
 

@@ -120,9 +120,9 @@ def stable_names(prefix: str, keys: Iterable[str]) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=65536)
-def _text(address: Address | Network) -> str:
-    """An address or network as nft reads it; remembered, as each ruleset names every pod's."""
-    return str(address)
+def _text(network: Network) -> str:
+    """A network as nft reads it; remembered, as each ruleset names the same peers."""
+    return str(network)
 
 
 def _port(first: int, last: int) -> str:

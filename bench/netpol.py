@@ -146,7 +146,7 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
 
 
 def _size(script: str, listed: str) -> dict[str, int]:
-    rules, elements = nft.census(script)
+    rules, elements = nft.census(delta.parse(script))
     return {"lines": len(listed.splitlines()), "chains": listed.count("\tchain "), "rules": rules,
             "set_elements": elements}
 

@@ -135,7 +135,7 @@ def test_replacing_the_rules_never_leaves_a_gap(world: World) -> None:
     scripts = []
     for name in ("deny-one", "deny-two"):  # same effect, other text: each apply replaces the table
         agent.handle("NetworkPolicy", "SYNC", [ns_policy("x", name, {"podSelector": POD_A})])
-        scripts.append(agent.ruleset())
+        scripts.append(nft.script(agent.tables()))
     try:
         assert _flood(world, "y/a", "x/a", lambda: time.sleep(0.3)) > 0  # the probe itself works
         apply.replace(scripts[0], world.nft())

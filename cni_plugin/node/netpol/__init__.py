@@ -2,8 +2,11 @@
 
 objects.py  the API objects as typed models (NetworkPolicy, Pod, Namespace)
 selectors.py label selectors (matchLabels, matchExpressions)
-compile.py  (policies, pods, namespaces, node) -> what each local pod allows, per direction
-nft.py      that decision -> one nftables script (sets and verdict maps, by address and by bridge port)
+world.py    the pods and namespaces compiled from, with what is worked out on them once per ruleset
+compile.py  (policies, pods, namespaces, node) -> what each local pod allows, per direction; what
+            each policy compiled is kept for the next event (Memo)
+nft.py      that decision -> the tables (delta's model, sets and verdict maps, by address and by
+            bridge port) and their nftables script
 apply.py    the script applied to / removed from the kernel in one `nft -f` transaction; pod ports read
 policy_controller.py  the cache of watched objects, fed by kube events, re-applying on change
 """

@@ -20,13 +20,13 @@ still isolates the pods the policy selects, and its refused fields are kept to b
 
 from __future__ import annotations
 
-import functools
-import ipaddress
+import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .objects import (
+    DIRECTIONS,
     Address,
     Cause,
     Direction,
@@ -41,6 +41,7 @@ from .objects import (
     Refusal,
 )
 from .selectors import matches
+from .world import Collapsed, Host, Known, Labels, Matching, World
 
 PortRange = tuple[str, int, int]  # (protocol, first, last)
 NamedPort = tuple[Address, str, int]  # (destination address, protocol, resolved number)
@@ -75,61 +76,10 @@ class Decision:
     placed: frozenset[Address] = frozenset()
 
 
-@dataclass(frozen=True)
-class World:
-    """The pods with addresses, by namespace, and each namespace's labels."""
-
-    pods: Sequence[Pod]
-    by_namespace: Mapping[str, Sequence[Pod]]
-    namespace_labels: Mapping[str, Mapping[str, str]]
-    memo: dict[tuple[frozenset[int], frozenset[Network]], tuple[Network, ...]] = field(default_factory=dict)
-    hosts: dict[int, list[Network]] = field(default_factory=dict)  # by id() of a pod of `pods`
-
-    @classmethod
-    def of(cls, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
-        live = [p for p in pods if p.addresses()]
-        by_namespace: dict[str, list[Pod]] = {}
-        for pod in live:
-            by_namespace.setdefault(pod.metadata.namespace, []).append(pod)
-        return cls(live, by_namespace, {n.metadata.name: n.labels() for n in namespaces})
-
-    def labels_of_namespace(self, name: str) -> Mapping[str, str]:
-        return self.namespace_labels.get(name, {"kubernetes.io/metadata.name": name})
-
-    def peers(self, pods: Iterable[Pod], blocks: Iterable[Network]) -> tuple[Network, ...]:
-        """The pods' addresses and the blocks, collapsed; remembered for this world, as many
-        rules name the same peers (all pods of a namespace, say). Keyed by the pods themselves
-        (the world holds them, so their id()s stay theirs), cheaper than by their addresses."""
-        chosen = list(pods)
-        networks = frozenset(blocks)
-        key = (frozenset(map(id, chosen)), networks)
-        if key not in self.memo:
-            self.memo[key] = collapse([*(n for p in chosen for n in self._hosts(p)), *networks])
-        return self.memo[key]
-
-    def _hosts(self, pod: Pod) -> list[Network]:
-        if id(pod) not in self.hosts:
-            self.hosts[id(pod)] = [_host(a) for a in pod.addresses()]
-        return self.hosts[id(pod)]
-
-
-@functools.lru_cache(maxsize=65536)
-def _host(address: Address) -> Network:
-    """A pod address as a network; remembered across worlds (each event makes a new one)."""
-    return ipaddress.ip_network(address)
-
-
-def _selected(policy: NetworkPolicy, by_namespace: Mapping[str, Sequence[Pod]]) -> list[Pod]:
-    return [p for p in by_namespace.get(policy.metadata.namespace, ())
-            if matches(policy.spec.pod_selector, p.metadata.labels)]
-
-
-def _peer_pods(peer: Peer, namespace: str, world: World) -> list[Pod]:
+def _peer_pods(peer: Peer, namespace: str, world: World) -> tuple[Pod, ...]:
     selector = peer.namespace_selector
-    namespaces = ([namespace] if selector is None else
-                  [n for n in world.by_namespace if matches(selector, world.labels_of_namespace(n))])
-    return [p for n in namespaces for p in world.by_namespace.get(n, ())
-            if peer.pod_selector is None or matches(peer.pod_selector, p.metadata.labels)]
+    namespaces = (namespace,) if selector is None else world.namespaces(selector)
+    return world.peer_pods(namespaces, peer.pod_selector)
 
 
 def block_networks(block: IPBlock) -> list[Network]:
@@ -148,14 +98,6 @@ def block_networks(block: IPBlock) -> list[Network]:
     return kept
 
 
-def collapse(networks: Iterable[Network]) -> tuple[Network, ...]:
-    """Disjoint, sorted, IPv4 first: nft interval sets reject overlapping elements."""
-    networks = list(networks)
-    v4 = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network))
-    v6 = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))
-    return (*v4, *v6)
-
-
 def merge_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
     """Overlapping or adjacent ranges of one protocol merged (for the same reason)."""
     merged: list[PortRange] = []
@@ -170,17 +112,17 @@ def merge_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
 def _rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
           direction: Direction, targets: Sequence[Pod]) -> Rule:
     namespace = policy.metadata.namespace
-    peer_pods: list[Pod] | None = None
+    groups: list[tuple[Pod, ...]] | None = None
     peers: tuple[Network, ...] | None = None
     if rule.peers:
-        peer_pods = [p for peer in rule.peers if peer.ip_block is None
-                     for p in _peer_pods(peer, namespace, world)]
-        peers = world.peers(peer_pods, [n for peer in rule.peers if peer.ip_block
-                                        for n in block_networks(peer.ip_block)])
+        groups = [_peer_pods(peer, namespace, world) for peer in rule.peers if peer.ip_block is None]
+        blocks = [n for peer in rule.peers if peer.ip_block for n in block_networks(peer.ip_block)]
+        peers = world.peers(groups, blocks)
     if not rule.ports:
         return Rule(peers=peers, ranges=None)
     # A named port is looked up on the destination: the selected pod for ingress, the peer for egress.
-    destinations = targets if direction == "Ingress" else (world.pods if peer_pods is None else peer_pods)
+    destinations = targets if direction == "Ingress" else (world.pods if groups is None else
+                                                           [p for group in groups for p in group])
     ranges: list[PortRange] = []
     named: set[NamedPort] = set()
     for port in rule.ports:
@@ -192,7 +134,7 @@ def _rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
             for pod in destinations:
                 number = pod.named_port(port.port, port.protocol)
                 if number is not None:
-                    named.update((a, port.protocol, number) for a in pod.addresses())
+                    named.update((a, port.protocol, number) for a in world.addresses(pod))
     return Rule(peers=peers, ranges=merge_ranges(ranges),
                 named=tuple(sorted(named, key=lambda n: (n[0].version, n[0], n[1], n[2]))))
 
@@ -214,35 +156,207 @@ def _name(policy: NetworkPolicy) -> str:
     return f"{policy.metadata.namespace}/{policy.metadata.name}"
 
 
+# a policy, what it read, the addresses of the pods it selects, its rules (None: it selects none),
+# the namespaces it read (None: all)
+Compiled = tuple[NetworkPolicy, tuple[object, ...], tuple[Address, ...], PolicyRules | None,
+                 frozenset[str] | None]
+
+
+class Memo:
+    """What decide() compiled, kept for its next call on the same node (the node controller's): a
+    policy's selected pods and PolicyRules while the policy and what it reads (_reads) are the
+    same objects. Each namespace's pods are one tuple while they are the same pods; while the
+    namespaces with pods and their labels stay, a policy reading none whose pods changed is not
+    looked at further."""
+
+    def __init__(self) -> None:
+        self.namespaces: dict[str, tuple[Pod, ...]] = {}
+        self.known: Mapping[int, Known] = {}
+        self.collapsed: Collapsed = {}
+        self.labels: Labels = ()
+        self.matching: Matching = {}
+        self.changed: frozenset[str] | None = None
+        self.complete = False  # compiled holds the entries of the last world
+        self.compiled: dict[int, Compiled] = {}  # by id() of the policy, kept alive here
+        self.selection = _Selection()
+        self.placement = _Placement()
+
+    def world(self, pods: Iterable[Pod], namespaces: Iterable[Namespace]) -> World:
+        world = World.of(pods, namespaces, self.known)
+        by_namespace = {n: _same_pods(self.namespaces.get(n), group)
+                        for n, group in world.by_namespace.items()}
+        labels = world.labels()
+        kept = self.matching if labels == self.labels else {}
+        # which namespaces' pods changed since the entries of `compiled` (None: unknown, or labels changed)
+        self.changed = None if labels != self.labels or not self.complete else frozenset(
+            n for n, group in by_namespace.items() if self.namespaces.get(n) is not group)
+        self.complete = False  # until compiled holds this world's entries
+        world = World(world.pods, by_namespace, world.namespace_labels, known=world.known, kept=kept,
+                      earlier=self.collapsed)
+        self.namespaces, self.known, self.collapsed = by_namespace, world.known, world.collapsed
+        self.labels, self.matching = labels, world.matching
+        return world
+
+    def policy(self, policy: NetworkPolicy, world: World, node_name: str) -> Compiled:
+        entry = self.compiled.get(id(policy))
+        if entry is not None and entry[0] is policy and self.changed is not None and (
+                not self.changed if entry[4] is None else self.changed.isdisjoint(entry[4])):
+            return entry
+        reads, names = _reads(policy, world)
+        if entry is not None and entry[0] is policy and _same(entry[1], reads):
+            return (*entry[:4], names)
+        addresses, rules = _compiled(policy, world, node_name)
+        if entry is not None and entry[0] is policy:
+            # the same rules (their pods changed otherwise): the same chains; the same addresses:
+            # nothing to change in the maps of what selects each address (_Selection)
+            rules = entry[3] if rules == entry[3] else rules
+            addresses = entry[2] if addresses == entry[2] else addresses
+        return policy, reads, addresses, rules, names
+
+
+Selects = tuple[tuple[Address, ...], bool, bool]  # a policy's addresses, whether it affects each direction
+
+
+@dataclass
+class _Selection:
+    """Decision.ingress and .egress, kept: while the policies with rules are the same (by name,
+    in order: the same indices), an event changes the entries of the addresses of the policies
+    whose addresses or directions it changed, not all the addresses' (their dicts are copied)."""
+
+    names: tuple[str, ...] = ()
+    selects: tuple[Selects, ...] = ()
+    ingress: dict[Address, tuple[int, ...]] = field(default_factory=dict)
+    egress: dict[Address, tuple[int, ...]] = field(default_factory=dict)
+
+    def update(self, names: tuple[str, ...], selects: tuple[Selects, ...]) -> None:
+        """Kept whole or not at all (a failure leaves the last maps with their inputs)."""
+        if names != self.names:
+            ingress: dict[Address, tuple[int, ...]] = {}
+            egress: dict[Address, tuple[int, ...]] = {}
+            for i, (addresses, affects_ingress, affects_egress) in enumerate(selects):
+                for table in (ingress,) * affects_ingress + (egress,) * affects_egress:
+                    for address in addresses:
+                        table[address] = (*table.get(address, ()), i)
+        else:
+            changed = [i for i, (old, new) in enumerate(zip(self.selects, selects, strict=True))
+                       if old[0] is not new[0] or old[1:] != new[1:]]
+            ingress, egress = dict(self.ingress), dict(self.egress)  # copied: no address hashed
+            for i in changed:
+                _change(ingress, egress, i, self.selects[i], selects[i])
+        self.names, self.selects, self.ingress, self.egress = names, selects, ingress, egress
+
+
+def _change(ingress: dict[Address, tuple[int, ...]], egress: dict[Address, tuple[int, ...]], i: int,
+            before: Selects, after: Selects) -> None:
+    """Policy i's entries: those of its addresses before out, those after in, in order."""
+    for table, was, now in ((ingress, before[1], after[1]), (egress, before[2], after[2])):
+        old = before[0] if was else ()
+        new = Counter(after[0] if now else ())
+        for address in {*old, *new}:
+            kept = [k for k in table.get(address, ()) if k != i]
+            indices = tuple(sorted([*kept, *[i] * new[address]]))
+            if indices:
+                table[address] = indices
+            else:
+                table.pop(address, None)
+
+
+@dataclass
+class _Placement:
+    """Decision.placed, kept: an event changes it at the addresses of the local pods it added or
+    removed (by identity: World.known), not all the addresses'."""
+
+    pods: dict[int, Known] = field(default_factory=dict)  # the local pods with addresses, by id()
+    held: Counter[Host] = field(default_factory=Counter)  # by how many of them each address is held
+    placed: frozenset[Address] = frozenset()
+
+    def update(self, pods: dict[int, Known]) -> frozenset[Address]:
+        gone = [e for k, e in self.pods.items() if pods.get(k) is not e]
+        came = [e for k, e in pods.items() if self.pods.get(k) is not e]
+        if not gone and not came:
+            return self.placed
+        held = Counter(self.held)
+        touched: dict[Host, Address] = {}
+        for entries, sign in ((gone, -1), (came, 1)):
+            for _pod, addresses, hosts in entries:
+                for host, address in dict(zip(hosts, addresses, strict=True)).items():
+                    held[host] += sign
+                    touched[host] = address
+        out = {a for h, a in touched.items() if held[h] != 1}
+        placed = self.placed - out | {a for h, a in touched.items() if held[h] == 1}
+        self.pods, self.held = pods, +held
+        self.placed = frozenset(placed)
+        return self.placed
+
+
+def _same(old: Sequence[object], new: Sequence[object]) -> bool:
+    return len(old) == len(new) and all(map(operator.is_, old, new))
+
+
+def _same_pods(old: tuple[Pod, ...] | None, new: tuple[Pod, ...]) -> tuple[Pod, ...]:
+    """`old` when it holds the same pod objects, else `new` (a relist, or a claimed pod, which
+    is a new copy at each call, makes new ones: what reads them is compiled again)."""
+    return old if old is not None and _same(old, new) else new
+
+
+def _reads(policy: NetworkPolicy, world: World) -> tuple[tuple[object, ...], frozenset[str] | None]:
+    """What compiling the policy reads besides itself: the pods of its namespace (selected, and
+    peers of a podSelector alone), of the namespaces its namespaceSelectors match, and all pods
+    for an egress named port to any peer (looked up on every pod); and those namespaces (None: all)."""
+    reads: list[object] = [world.by_namespace.get(policy.metadata.namespace, ())]
+    names: set[str] | None = {policy.metadata.namespace}
+    for direction in DIRECTIONS:
+        if not policy.affects(direction):
+            continue
+        for rule in (policy.spec.ingress if direction == "Ingress" else policy.spec.egress) or ():
+            # Each list of pods after what read it: the same pods read by other peers are another input
+            if not rule.peers and direction == "Egress" and any(isinstance(p.port, str)
+                                                                for p in rule.ports or ()):
+                reads += (rule, *world.by_namespace.values())
+                names = None
+            for peer in rule.peers or ():
+                if peer.ip_block is None and peer.namespace_selector is not None:
+                    matching = world.namespaces(peer.namespace_selector)
+                    reads += (peer, *(world.by_namespace[n] for n in matching))
+                    if names is not None:
+                        names.update(matching)
+    return tuple(reads), None if names is None else frozenset(names)
+
+
+def _compiled(policy: NetworkPolicy, world: World,
+              node_name: str) -> tuple[tuple[Address, ...], PolicyRules | None]:
+    """The addresses of the pods of this node the policy selects, and its rules (None when it
+    selects none)."""
+    targets = [p for p in world.by_namespace.get(policy.metadata.namespace, ())
+               if p.spec.node_name == node_name and matches(policy.spec.pod_selector, p.metadata.labels)]
+    addresses = tuple(a for p in targets for a in world.addresses(p))
+    if not targets:
+        return addresses, None  # selects nothing here: nothing to enforce on this node
+    refused = list(policy.refused)
+    return addresses, PolicyRules(
+        name=_name(policy),
+        ingress=_direction_rules(policy, world, "Ingress", targets, refused),
+        egress=_direction_rules(policy, world, "Egress", targets, refused), refused=tuple(refused))
+
+
 def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: Iterable[Namespace],
-           node_name: str) -> Decision:
-    world = World.of(pods, namespaces)
-    local = [p for p in world.pods if p.spec.node_name == node_name]
-    local_by_namespace: dict[str, list[Pod]] = {}
-    for pod in local:
-        local_by_namespace.setdefault(pod.metadata.namespace, []).append(pod)
+           node_name: str, memo: Memo | None = None) -> Decision:
+    """`memo`: what the last call compiled (none: all compiled afresh); the same Decision either way."""
+    memo = memo or Memo()
+    world = memo.world(pods, namespaces)
     ordered = sorted(policies, key=lambda p: (p.metadata.namespace, p.metadata.name))
     compiled: list[PolicyRules] = []
-    ingress: dict[Address, list[int]] = {}
-    egress: dict[Address, list[int]] = {}
-    selected_by: dict[Direction, dict[Address, list[int]]] = {"Ingress": ingress, "Egress": egress}
+    kept: dict[int, Compiled] = {}
+    selects: list[Selects] = []
     for policy in ordered:
-        targets = _selected(policy, local_by_namespace)
-        if not targets:
-            continue  # selects nothing here: nothing to enforce on this node
-        index = len(compiled)
-        refused = list(policy.refused)
-        compiled.append(PolicyRules(
-            name=_name(policy),
-            ingress=_direction_rules(policy, world, "Ingress", targets, refused),
-            egress=_direction_rules(policy, world, "Egress", targets, refused), refused=tuple(refused)))
-        for direction, table in selected_by.items():
-            if policy.affects(direction):
-                for address in (a for pod in targets for a in pod.addresses()):
-                    table.setdefault(address, []).append(index)
+        entry = kept[id(policy)] = memo.policy(policy, world, node_name)
+        _policy, _reads, addresses, rules, _names = entry
+        if rules is not None:
+            compiled.append(rules)
+            selects.append((addresses, policy.affects("Ingress"), policy.affects("Egress")))
+    memo.compiled, memo.complete = kept, True
+    memo.selection.update(tuple(r.name for r in compiled), tuple(selects))
     # An address two pods of this node hold (one gone, its object not yet) is placed for neither:
     # the newer one would get the union of both pods' rules until then.
-    held = Counter(a for pod in local for a in set(pod.addresses()))
-    placed = frozenset(a for a, pods in held.items() if pods == 1)
-    return Decision(tuple(compiled), {a: tuple(i) for a, i in ingress.items()},
-                    {a: tuple(i) for a, i in egress.items()}, placed)
+    placed = memo.placement.update({k: e for k, e in world.known.items() if e[0].spec.node_name == node_name})
+    return Decision(tuple(compiled), memo.selection.ingress, memo.selection.egress, placed)

@@ -48,15 +48,19 @@ addresses: naming the bridge of a port there needs `meta ibrname`, CONFIG_NFT_BR
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ...hostnet import NETPOL_REFUSED, NETPOL_TABLE
-from .compile import Decision, PolicyRules, Rule, collapse
+from .compile import Decision, PolicyRules, Rule
+from .delta import Block, Model
 from .objects import Address, Network
-from .tiers import ClusterRules, Judges, Tiers, judges, merged
+from .tiers import ClusterRules, Judges, Tiers, judged, merged
+from .world import collapse
 
 TABLE = NETPOL_TABLE
 NFT_COMMENT = 128  # nft's longest comment
@@ -79,14 +83,9 @@ class Fence:
         return bool(_IFNAME.fullmatch(self.bridge)) and bool(self.networks)
 
 
-def _set(name: str, type_: str, elements: Iterable[str], interval: bool, kind: str = "set") -> list[str]:
-    items = list(elements)
-    lines = [f"\t{kind} {name} {{", f"\t\ttype {type_}"]
-    if interval:
-        lines.append("\t\tflags interval")
-    if items:
-        lines.append(f"\t\telements = {{ {', '.join(items)} }}")
-    return [*lines, "\t}"]
+def _set(type_: str, elements: Iterable[str], interval: bool, kind: str = "set") -> Block:
+    header = (f"type {type_}", "flags interval") if interval else (f"type {type_}",)
+    return Block(kind, header, tuple(elements))
 
 
 def _printable(name: str) -> str:
@@ -120,16 +119,92 @@ def stable_names(prefix: str, keys: Iterable[str]) -> dict[str, str]:
     return names
 
 
+@functools.lru_cache(maxsize=65536)
+def _text(network: Network) -> str:
+    """A network as nft reads it; remembered, as each ruleset names the same peers."""
+    return str(network)
+
+
 def _port(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
 
+# an address's version, number and text, and the address: in order as the tuples sort
+_Address = tuple[int, int, str, Address]
+SetKey = str  # a set's type, whether of intervals and its elements, joined: a str keeps its hash
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """A policy's chain rendered on its own: the sets it names, each with the name it gave it,
+    and the chain naming them so; and that chain with some sets named otherwise (those another
+    chain gave its name first), by the renaming, as the next ruleset mostly renames the same."""
+
+    policy: PolicyRules
+    sets: tuple[tuple[str, SetKey, Block], ...]
+    chain: Block
+    renamed: dict[tuple[tuple[str, str], ...], Block] = dataclasses.field(default_factory=dict, compare=False)
+
+    def named(self, renamed: dict[str, str]) -> Block:
+        key = tuple(renamed.items())
+        if key not in self.renamed:
+            if len(self.renamed) >= 2:  # those of the last ruleset's tables (inet, bridge)
+                self.renamed.clear()
+            self.renamed[key] = dataclasses.replace(self.chain, body=tuple(
+                " ".join(renamed.get(word, word) for word in line.split(" ")) for line in self.chain.body))
+        return self.renamed[key]
+
+
+class Chains:
+    """The policy chains of the last ruleset, kept for the next while their PolicyRules is the
+    same object (compile.Memo hands the same object back while what it read is the same), and
+    the chain names of the last ruleset's policies."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, _Recipe] = {}
+        self.used: dict[str, _Recipe] = {}
+        self.names: tuple[tuple[str, ...], list[str]] = ((), [])
+        # each pod address's text, version and number, by id() of the address (which the entry
+        # holds): a pod's address objects stay while the pod does, and hashing one is slow
+        self.addresses: dict[int, _Address] = {}
+        self.seen: dict[int, _Address] = {}
+
+    def texts(self, addresses: Iterable[Address]) -> list[_Address]:
+        seen, last = self.seen, self.addresses
+        found = []
+        for address in addresses:
+            entry = seen.get(id(address)) or last.get(id(address))
+            if entry is None or entry[3] is not address:
+                entry = (address.version, int(address), str(address), address)
+            seen[id(address)] = entry
+            found.append(entry)
+        return found
+
+    def policy_names(self, policies: tuple[PolicyRules, ...]) -> list[str]:
+        """Each policy's chain name, less its direction (stable_names of their names)."""
+        names = tuple(p.name for p in policies)
+        if names != self.names[0]:
+            by_name = stable_names("p", names)
+            self.names = (names, [by_name[name] for name in names])
+        return self.names[1]
+
+    def get(self, chain: str, policy: PolicyRules) -> _Recipe | None:
+        recipe = self.used.get(chain) or self.last.get(chain)
+        return recipe if recipe is not None and recipe.policy is policy else None
+
+    def done(self) -> None:
+        """What this ruleset did not use goes."""
+        self.last, self.used = self.used, {}
+        self.addresses, self.seen = self.seen, {}
+
+
 class _Script:
-    def __init__(self, tiers: Tiers | None = None) -> None:
-        self.sets: list[str] = []
-        self.chains: list[str] = []
-        self.known: dict[tuple[str, bool, tuple[str, ...]], str] = {}
+    def __init__(self, tiers: Tiers | None = None, chains: Chains | None = None) -> None:
+        self.sets: dict[str, Block] = {}
+        self.chains: dict[str, Block] = {}
+        self.known: dict[SetKey, str] = {}
         self.tiers = tiers or Tiers()
+        self.memo = chains or Chains()
         self.tier_chains: set[str] = set()
         # by id() of a tuple of peers, kept alive by the entry itself
         self.peer_texts: dict[tuple[int, int], tuple[tuple[Network, ...], list[str]]] = {}
@@ -139,19 +214,20 @@ class _Script:
 
     def texts(self, networks: tuple[Network, ...], version: int) -> list[str]:
         """The networks of a family as nft reads them, once per tuple: the compiler hands the
-        same tuple to every rule naming the same peers (compile.World.peers)."""
+        same tuple to every rule naming the same peers (world.World.peers)."""
         key = (id(networks), version)
         if key not in self.peer_texts:
-            self.peer_texts[key] = (networks, [str(n) for n in networks if n.version == version])
+            self.peer_texts[key] = (networks, [_text(n) for n in networks if n.version == version])
         return self.peer_texts[key][1]
 
     def shared(self, name: str, type_: str, elements: Iterable[str], interval: bool) -> str:
         """The name of a set with these elements: rules naming the same peers or ports (all pods
         of a namespace, say) share the set of the first one."""
-        key = (type_, interval, tuple(elements))
+        items = tuple(elements)
+        key = "\n".join((type_, str(interval), *items))
         if key not in self.known:
             self.known[key] = name
-            self.sets += _set(name, type_, key[2], interval)
+            self.sets[name] = _set(type_, items, interval)
         return self.known[key]
 
     def rule_lines(self, prefix: str, rule: Rule, peer_side: str, verdict: str = "accept") -> list[str]:
@@ -180,15 +256,31 @@ class _Script:
                 name = self.shared(f"{prefix}_peer{version}", _ADDR_TYPE[version], peers, interval=True)
                 peer = f"{_FAMILY[version]} {peer_side} @{name}"
             for ports in ([""] if rule.ranges is None else port_matches[version]):
-                line = "\t\t" + " ".join(filter(None, (peer, ports, verdict)))
+                line = " ".join(filter(None, (peer, ports, verdict)))
                 if line not in lines:
                     lines.append(line)
         return lines
 
     def policy_chain(self, chain: str, policy: PolicyRules, rules: Iterable[Rule], peer_side: str) -> None:
-        body = [line for k, rule in enumerate(rules)
-                for line in self.rule_lines(f"{chain}{k}", rule, peer_side)]
-        self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_comment(policy)}"', *body, "\t}"]
+        """The chain and its sets, rendered alone once (Chains), then named as this ruleset's
+        sets are: a set with the elements of one an earlier chain named is that one."""
+        recipe = self.memo.get(chain, policy)
+        if recipe is None:
+            alone = _Script()
+            alone.peer_texts = self.peer_texts
+            body = tuple(line for k, rule in enumerate(rules)
+                         for line in alone.rule_lines(f"{chain}{k}", rule, peer_side))
+            sets = tuple((name, key, alone.sets[name]) for key, name in alone.known.items())
+            recipe = _Recipe(policy, sets, Block("chain", (f'comment "{_comment(policy)}"',), body))
+        self.memo.used[chain] = recipe
+        renamed: dict[str, str] = {}
+        for name, key, block in recipe.sets:
+            known = self.known.setdefault(key, name)
+            if known == name:
+                self.sets[name] = block
+            else:
+                renamed[f"@{name}"] = f"@{known}"
+        self.chains[chain] = recipe.named(renamed) if renamed else recipe.chain
 
     def tier_chain(self, i: int, direction: str, rest: str) -> str:
         """The chain of ClusterNetworkPolicy `i`: its rules in order, each with its action. A
@@ -201,10 +293,10 @@ class _Script:
             self.tier_chains.add(chain)
             peer_side = "saddr" if direction == "ingress" else "daddr"
             pass_to = f"goto {rest}" if passes else "accept"  # a Baseline Pass: on to the default, accept
-            body = [line for k, r in enumerate(policy.rules(direction))
-                    for line in self.rule_lines(f"{chain}r{k}", r.rule, peer_side,
-                                                _VERDICT.get(r.action, pass_to))]
-            self.chains += [f"\tchain {chain} {{", f'\t\tcomment "{_comment(policy)}"', *body, "\t}"]
+            body = tuple(line for k, r in enumerate(policy.rules(direction))
+                         for line in self.rule_lines(f"{chain}r{k}", r.rule, peer_side,
+                                                     _VERDICT.get(r.action, pass_to)))
+            self.chains[chain] = Block("chain", (f'comment "{_comment(policy)}"',), body)
         return chain
 
     def named_chains(self, prefix: str, bodies: Mapping[Judges, list[str]]) -> dict[Judges, str]:
@@ -212,7 +304,7 @@ class _Script:
         keys = {plan: "\n".join(body) for plan, body in bodies.items()}
         names = stable_names(prefix, keys.values())
         for key in sorted(set(keys.values()), key=names.__getitem__):
-            self.chains += [f"\tchain {names[key]} {{", *(f"\t\t{line}" for line in key.split("\n")), "\t}"]
+            self.chains[names[key]] = Block("chain", (), tuple(key.split("\n")))
         return {plan: names[key] for plan, key in keys.items()}
 
     def combo_chains(self, direction: str, selected: Iterable[Judges]) -> dict[Judges, str]:
@@ -231,45 +323,45 @@ class _Script:
             for p in chosen if p.admin})
         return {p: admins.get(p, rests[p]) for p in chosen}
 
-    def dispatch(self, direction: str, selected: Mapping[Address, Judges], key: str, priority: str,
+    def dispatch(self, direction: str, selected: Sequence[tuple[Address, Judges]], key: str, priority: str,
                  fence: Fence | None) -> None:
         """The per-plan chains, the verdict maps from pod address to them, the base chain."""
-        combos = self.combo_chains(direction, selected.values())
+        plans = {id(p): p for _a, p in selected}  # few objects (tiers.judges): by id(), unhashed
+        chains = {id(p): chain for p, chain in self.combo_chains(direction, plans.values()).items()}
+        rows = sorted(zip(self.memo.texts(a for a, _plan in selected),
+                          (chains[id(plan)] for _a, plan in selected), strict=True))
         for version in (4, 6):
-            elements = [f"{a} : jump {combos[selected[a]]}"
-                        for a in sorted(a for a in selected if a.version == version)]
-            self.sets += _set(f"{direction}{version}", f"{_ADDR_TYPE[version]} : verdict", elements,
-                              interval=False, kind="map")
-        lookup = [f"\t\tip {key} vmap @{direction}4", f"\t\tip6 {key} vmap @{direction}6", "\t}"]
-        self.chains += [f"\tchain forward_{direction} {{",
-                        f"\t\ttype filter hook forward priority {priority}; policy accept;",
-                        f"\t\ticmpv6 type {{ {_NEIGHBOUR} }} accept",
-                        # before conntrack: an entry left by the address's last pod is no pass
-                        *_unplaced(fence, "iifname" if key == "saddr" else "oifname", key),
-                        "\t\tct state established,related accept",
-                        *lookup]
+            elements = [f"{address[2]} : jump {chain}" for address, chain in rows if address[0] == version]
+            self.sets[f"{direction}{version}"] = _set(f"{_ADDR_TYPE[version]} : verdict", elements,
+                                                      interval=False, kind="map")
+        lookup = (f"ip {key} vmap @{direction}4", f"ip6 {key} vmap @{direction}6")
+        self.chains[f"forward_{direction}"] = Block("chain", (_hook("forward", priority),), (
+            f"icmpv6 type {{ {_NEIGHBOUR} }} accept",
+            # before conntrack: an entry left by the address's last pod is no pass
+            *_unplaced(fence, "iifname" if key == "saddr" else "oifname", key),
+            "ct state established,related accept", *lookup))
         if direction == "egress":  # the API exempts only ingress from the pod's own node
-            self.chains += ["\tchain input_egress {",
-                            "\t\ttype filter hook input priority filter; policy accept;",
-                            *_NOT_JUDGED, *lookup]
+            self.chains["input_egress"] = Block("chain", (_hook("input", "filter"),), (*_NOT_JUDGED, *lookup))
 
     def port_dispatch(self, direction: str, by_port: Mapping[str, Judges], side: str, key: str,
                       priority: str) -> None:
         """The bridge table's: a port's frames at other addresses than its own judged by its policies."""
         combos = self.combo_chains(direction, by_port.values())
         elements = [f'"{port}" : jump {combos[c]}' for port, c in sorted(by_port.items())]
-        self.sets += _set(f"{direction}_ports", "ifname : verdict", elements, interval=False, kind="map")
-        self.chains += [f"\tchain forward_{direction} {{",
-                        f"\t\ttype filter hook forward priority {priority}; policy accept;",
-                        f"\t\ticmpv6 type {{ {_NEIGHBOUR} }} accept",
-                        f"\t\t{side} . ip {key} @own4 accept",
-                        f"\t\t{side} . ip6 {key} @own6 accept",
-                        f"\t\tmeta protocol {{ ip, ip6 }} {side} vmap @{direction}_ports",
-                        "\t}"]
+        self.sets[f"{direction}_ports"] = _set("ifname : verdict", elements, interval=False, kind="map")
+        self.chains[f"forward_{direction}"] = Block("chain", (_hook("forward", priority),), (
+            f"icmpv6 type {{ {_NEIGHBOUR} }} accept",
+            f"{side} . ip {key} @own4 accept",
+            f"{side} . ip6 {key} @own6 accept",
+            f"meta protocol {{ ip, ip6 }} {side} vmap @{direction}_ports"))
+
+
+def _hook(hook: str, priority: str) -> str:
+    return f"type filter hook {hook} priority {priority}; policy accept;"
 
 
 # replies of accepted connections; neighbour discovery, without which a pod cannot talk at all
-_NOT_JUDGED = ["\t\tct state established,related accept", f"\t\ticmpv6 type {{ {_NEIGHBOUR} }} accept"]
+_NOT_JUDGED = ("ct state established,related accept", f"icmpv6 type {{ {_NEIGHBOUR} }} accept")
 
 
 def _unplaced(fence: Fence | None, side: str, key: str) -> list[str]:
@@ -281,22 +373,22 @@ def _unplaced(fence: Fence | None, side: str, key: str) -> list[str]:
         networks = [str(n) for n in collapse(fence.networks) if n.version == version]
         if networks:
             family = _FAMILY[version]
-            lines.append(f'\t\t{side} "{fence.bridge}" {family} {key} {{ {", ".join(networks)} }}'
+            lines.append(f'{side} "{fence.bridge}" {family} {key} {{ {", ".join(networks)} }}'
                          f" {family} {key} != @placed{version} drop")
     return lines
 
 
-def _placed(decision: Decision) -> list[str]:
-    return [line for version in (4, 6)
-            for line in _set(f"placed{version}", _ADDR_TYPE[version],
-                             sorted(str(a) for a in decision.placed if a.version == version), interval=False)]
+def _placed(decision: Decision, chains: Chains) -> dict[str, Block]:
+    addresses = chains.texts(decision.placed)
+    return {f"placed{version}": _set(_ADDR_TYPE[version], sorted(a[2] for a in addresses if a[0] == version),
+                                     interval=False)
+            for version in (4, 6)}
 
 
 def _policy_chains(script: _Script, decision: Decision,
                    used: Mapping[str, Collection[int]] | None = None) -> None:
     """Each policy's chain per direction it affects (only the `used` ones, when given)."""
-    by_name = stable_names("p", (p.name for p in decision.policies))
-    script.policy_names = [by_name[p.name] for p in decision.policies]
+    script.policy_names = script.memo.policy_names(decision.policies)
     for i, policy in enumerate(decision.policies):
         for direction, rules, peer_side in (("ingress", policy.ingress, "saddr"),
                                             ("egress", policy.egress, "daddr")):
@@ -304,48 +396,76 @@ def _policy_chains(script: _Script, decision: Decision,
                 script.policy_chain(f"{script.policy_names[i]}_{direction}", policy, rules, peer_side)
 
 
-def _table(family: str, script: _Script) -> list[str]:
-    return [f"add table {family} {TABLE}", f"delete table {family} {TABLE}", f"table {family} {TABLE} {{",
-            *script.sets, *script.chains, "}"]
+def _table(script: _Script) -> dict[str, Block]:
+    return {**script.sets, **script.chains}
 
 
-def _bridge(decision: Decision, tiers: Tiers, ports: Mapping[Address, Collection[str]]) -> _Script:
+def _bridge(decision: Decision, tiers: Tiers, ports: Mapping[Address, Collection[str]], chains: Chains,
+            selected: Mapping[str, Sequence[tuple[Address, Judges]]]) -> _Script:
     """The bridge table: for each port holding a selected pod's API address, that pod's policies
-    (a port holding several pods' addresses is judged by all their policies)."""
+    (a port holding several pods' addresses is judged by all their policies). `selected`: the
+    addresses judged in each direction (tiers.judged)."""
     by_port: dict[str, dict[str, list[Judges]]] = {"ingress": {}, "egress": {}}
     own: set[tuple[str, Address]] = set()
-    for direction in ("ingress", "egress"):
-        for address, plan in judges(decision, tiers, direction).items():
+    for direction in ("ingress", "egress") if ports else ():
+        for address, plan in selected[direction]:
             for port in filter(_IFNAME.fullmatch, ports.get(address, ())):
                 by_port[direction].setdefault(port, []).append(plan)
                 own.add((port, address))
     combos = {d: {port: merged(p) for port, p in by_.items()} for d, by_ in by_port.items()}
-    script = _Script(tiers)
+    script = _Script(tiers, chains)
     _policy_chains(script, decision, {d: {i for c in p.values() for i in c.policies or ()}
                                       for d, p in combos.items()})
     for version in (4, 6):
-        script.sets += _set(f"own{version}", f"ifname . {_ADDR_TYPE[version]}",
-                            sorted(f'"{p}" . {a}' for p, a in own if a.version == version), interval=False)
+        script.sets[f"own{version}"] = _set(f"ifname . {_ADDR_TYPE[version]}", sorted(
+            f'"{p}" . {a}' for p, a in own if a.version == version), interval=False)
     script.port_dispatch("egress", combos["egress"], "iifname", "saddr", "filter - 1")
     script.port_dispatch("ingress", combos["ingress"], "oifname", "daddr", "filter + 1")
     return script
 
 
-def ruleset(decision: Decision, ports: Mapping[Address, Collection[str]] | None = None,
-            tiers: Tiers | None = None, fence: Fence | None = None) -> str:
-    """Both tables, replaced in one transaction (add + delete + define is idempotent). `ports`:
-    the bridge ports each address was found on (none: the bridge table judges nothing); `tiers`:
-    the ClusterNetworkPolicies around the NetworkPolicies (tiers.py). `fence`: pods not placed
-    are isolated (None or not valid: open, as before the node controller knew them)."""
+def model(decision: Decision, ports: Mapping[Address, Collection[str]] | None = None,
+          tiers: Tiers | None = None, fence: Fence | None = None, chains: Chains | None = None) -> Model:
+    """Both tables (delta.Model; script() is their text). `ports`: the bridge ports each address
+    was found on (none: the bridge table judges nothing); `tiers`: the ClusterNetworkPolicies
+    around the NetworkPolicies (tiers.py). `fence`: pods not placed are isolated (None or not
+    valid: open, as before the node controller knew them). `chains`: the policy chains of the
+    last call, kept for this one (the node controller's; none: all rendered afresh)."""
     tiers = tiers or Tiers()
     fence = fence if fence is not None and fence.valid() else None
-    script = _Script(tiers)
+    chains = chains or Chains()
+    script = _Script(tiers, chains)
     _policy_chains(script, decision)
     if fence:
-        script.sets += _placed(decision)
-    script.dispatch("egress", judges(decision, tiers, "egress"), "saddr", "filter - 1", fence)
-    script.dispatch("ingress", judges(decision, tiers, "ingress"), "daddr", "filter + 1", fence)
-    return "\n".join([*_table("inet", script), *_table("bridge", _bridge(decision, tiers, ports or {})), ""])
+        script.sets.update(_placed(decision, chains))
+    selected = {direction: judged(decision, tiers, direction) for direction in ("egress", "ingress")}
+    script.dispatch("egress", selected["egress"], "saddr", "filter - 1", fence)
+    script.dispatch("ingress", selected["ingress"], "daddr", "filter + 1", fence)
+    bridge = _bridge(decision, tiers, ports or {}, chains, selected)
+    chains.done()
+    return {("inet", TABLE): _table(script), ("bridge", TABLE): _table(bridge)}
+
+
+def script(tables: Model) -> str:
+    """The tables replaced in one transaction (add + delete + define is idempotent)."""
+    lines: list[str] = []
+    for (family, name), table in tables.items():
+        lines += [f"add table {family} {name}", f"delete table {family} {name}", f"table {family} {name} {{"]
+        for block_name, block in table.items():
+            lines += [f"\t{block.kind} {block_name} {{", *(f"\t\t{line}" for line in block.header)]
+            if block.kind == "chain":
+                lines += [f"\t\t{rule}" for rule in block.body]
+            elif block.body:
+                lines.append(f"\t\telements = {{ {', '.join(block.body)} }}")
+            lines.append("\t}")
+        lines.append("}")
+    return "\n".join([*lines, ""])
+
+
+def ruleset(decision: Decision, ports: Mapping[Address, Collection[str]] | None = None,
+            tiers: Tiers | None = None, fence: Fence | None = None) -> str:
+    """The text of model(): both tables, replaced in one transaction."""
+    return script(model(decision, ports, tiers, fence))
 
 
 def removal() -> str:
@@ -354,18 +474,10 @@ def removal() -> str:
                    for family in ("inet", "bridge"))
 
 
-def census(script: str) -> tuple[int, int]:
-    """(rules, elements of the sets and maps) of a script of ruleset(): what the kernel holds
-    once nft took it. No element holds a comma, and each set's are on one line."""
-    rules = elements = 0
-    block = ""
-    for line in (raw.strip() for raw in script.splitlines()):
-        if line.startswith(("chain ", "set ", "map ")):
-            block = line.split(" ", 1)[0]
-        elif line == "}":
-            block = ""
-        elif block == "chain" and not line.startswith(("type ", "comment ")):
-            rules += 1
-        elif block != "chain" and line.startswith("elements = {"):
-            elements += line.count(",") + 1
-    return rules, elements
+def census(tables: Model) -> tuple[int, int]:
+    """(rules, elements of the sets and maps) of the tables: what the kernel holds once nft took them."""
+    counts = [0, 0]
+    for table in tables.values():
+        for block in table.values():
+            counts[block.kind != "chain"] += len(block.body)
+    return counts[0], counts[1]

@@ -3,7 +3,9 @@
 Four list+watch streams (NetworkPolicy, Pod, Namespace, ClusterNetworkPolicy; kube.list_watch:
 resourceVersion, relist on 410 Gone, a relist every `resync` seconds) feed one queue; one thread
 takes an event, also takes every event already queued behind it, and only then compiles and
-applies, so a burst of events costs one nft transaction: the change from the ruleset in force
+applies, so a burst of events costs one nft transaction. What the last ruleset compiled and
+rendered is kept for the next (compile.Memo, nft.Chains): a policy is compiled and rendered again
+only when it or the pods it reads changed. Applied is the change from the ruleset in force
 (delta.py: elements added and deleted, the chains of what changed rewritten), or the whole
 ruleset at the first apply, after a relist, and when the change failed. Nothing is applied
 before all four kinds were listed once (a policy without its pods would cut them off). A lost
@@ -103,8 +105,12 @@ class PolicyController:
         self.claims = claims.Claims()
         self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in WATCHED}
         self.listed: set[str] = set()
-        self.applied: str | None = None
-        self.model: delta.Model | None = None  # of `applied`, when the kernel holds it: changes apply to it
+        self.in_force: delta.Model | None = None  # the tables last applied (None after a relist)
+        self.model: delta.Model | None = None  # the same, when the kernel holds it: changes apply to it
+        self.text: tuple[delta.Model, str] | None = None  # the script of a model, rendered once
+        # what the last ruleset compiled and rendered, for the next: an event recomputes what it touches
+        self.memo = compile.Memo()
+        self.chains = nft.Chains()
         self.closed: set[Refusal] = set()
         self.failed = False  # the last reconcile could not apply its ruleset
         self.pending: list[float] = []  # when the events not yet in force came (time.monotonic)
@@ -129,7 +135,7 @@ class PolicyController:
         store = self.objects[kind]
         if event == "SYNC":
             self.listed.add(kind)
-            self.applied = None  # after a full list, replace the tables even if unchanged (resync)
+            self.in_force = None  # after a full list, replace the tables even if unchanged (resync)
             self.model = None
             parsed = ((_key(o), self._parse(kind, o)) for o in payload)
             self.objects[kind] = {k: m for k, m in parsed if m is not None}
@@ -151,10 +157,21 @@ class PolicyController:
             self.log("netpol-warning", error=f"bridge ports not read, claims not used: {exc}"[:300])
             return ()
 
-    def ruleset(self) -> str:
+    @property
+    def applied(self) -> str | None:
+        """The script of the tables last applied."""
+        return None if self.in_force is None else self.script(self.in_force)
+
+    def script(self, tables: delta.Model) -> str:
+        text = self.text  # once: `applied` is read from other threads too
+        if text is None or text[0] is not tables:
+            text = self.text = (tables, nft.script(tables))
+        return text[1]
+
+    def tables(self) -> delta.Model:
         pods = list(self.claims.pods(self.objects["Pod"], self.node_name, self._claimable()))  # both tiers
         decision = compile.decide(self.objects["NetworkPolicy"].values(), pods,
-                                  self.objects["Namespace"].values(), self.node_name)
+                                  self.objects["Namespace"].values(), self.node_name, self.memo)
         layers = tiers.decide(self.objects[cluster.KIND].values(), pods,
                               self.objects["Namespace"].values(), self.node_name)
         enforced: list[compile.PolicyRules | tiers.ClusterRules] = [*decision.policies, *layers.policies]
@@ -178,7 +195,7 @@ class PolicyController:
             decision = self._place(decision, pods)
         else:
             self.placing = None
-        return nft.ruleset(decision, self.port_map, layers, fence)
+        return nft.model(decision, self.port_map, layers, fence, self.chains)
 
     def _place(self, decision: compile.Decision, pods: Sequence[Pod]) -> compile.Decision:
         """Before a pod is placed at an address that no pod held in the fence in force, the
@@ -213,14 +230,13 @@ class PolicyController:
         self.failed = False
         if self.listed != set(WATCHED):
             return False
-        script = self.ruleset()
-        if script == self.applied:
+        model = self.tables()
+        if model == self.in_force:
             self.owners = self.placing
             self.pending = []  # what they changed is in force already
             return False
-        model = delta.parse(script)
         try:
-            self._apply(script, model)
+            self._apply(model)
         except apply.NftError as exc:
             self.failed = True
             self.model = None  # the tables are replaced whole at the next try
@@ -228,17 +244,17 @@ class PolicyController:
             if self.observer:
                 self.observer.apply_failed()
             return False
-        self.applied, self.model = script, model
+        self.in_force = self.model = model
         self.owners = self.placing
         if self.observer:
             done = time.monotonic()
-            self.observer.applied([done - t for t in self.pending], *nft.census(script))
+            self.observer.applied([done - t for t in self.pending], *nft.census(model))
         self.pending = []
         self.log("netpol-applied", policies=len(self.objects["NetworkPolicy"]), pods=len(self.objects["Pod"]))
         return True
 
-    def _apply(self, script: str, model: delta.Model) -> None:
-        """The change to `script`'s ruleset in one transaction, else the whole of it. A change nft
+    def _apply(self, model: delta.Model) -> None:
+        """The change to `model`'s tables in one transaction, else the whole of them. A change nft
         refused left the old rules (one transaction): the whole ruleset replaces them at once."""
         change = None if self.model is None else delta.diff(self.model, model)
         if change is not None:
@@ -248,7 +264,7 @@ class PolicyController:
                 return
             except apply.NftError as exc:
                 self.log("netpol-warning", error=f"update refused, replacing the tables: {exc}"[:300])
-        self.apply_script(script)
+        self.apply_script(self.script(model))
 
     def _batched(self, change: str) -> bool:
         """Whether `change`, only elements, went in as one netlink batch (nfnl.py). A batch the

@@ -18,9 +18,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .cluster import KIND, Action, ClusterNetworkPolicy, EgressRule, IngressRule, NamespacedPod, Peer, Tier
-from .compile import Decision, NamedPort, PortRange, Rule, World, merge_ranges
+from .compile import Decision, NamedPort, PortRange, Rule, merge_ranges
 from .objects import DIRECTIONS, Address, Cause, Direction, LabelSelector, Namespace, Network, Pod, Refusal
 from .selectors import matches
+from .world import World
 
 DENY_ALL = Rule(peers=None, ranges=None)
 
@@ -93,7 +94,7 @@ def _rule(rule: IngressRule | EgressRule, world: World, subjects: Sequence[Pod])
     peer_pods = [p for peer in peers if peer.networks is None
                  for p in _pods(peer.namespaces, peer.pods, world)]
     networks: list[Network] = [n for peer in peers for n in peer.networks or ()]
-    addresses = world.peers(peer_pods, networks)
+    addresses = world.peers([tuple(peer_pods)], networks)
     if rule.protocols is None:
         return TierRule(rule.action, Rule(peers=addresses, ranges=None))
     ranges: list[PortRange] = []
@@ -130,10 +131,13 @@ def _precedence(policy: ClusterNetworkPolicy) -> tuple[int, int, str]:
 
 def decide(policies: Iterable[ClusterNetworkPolicy], pods: Iterable[Pod], namespaces: Iterable[Namespace],
            node_name: str) -> Tiers:
+    ordered = sorted(policies, key=_precedence)
+    if not ordered:
+        return Tiers()  # the common case: no pod read
     world = World.of(pods, namespaces)
     compiled: list[ClusterRules] = []
     selected: dict[str, dict[Address, list[int]]] = {"ingress": {}, "egress": {}}
-    for policy in sorted(policies, key=_precedence):
+    for policy in ordered:
         subjects = [p for p in _pods(policy.spec.subject.namespaces, policy.spec.subject.pods, world)
                     if p.spec.node_name == node_name]
         if not subjects:
@@ -155,14 +159,24 @@ def decide(policies: Iterable[ClusterNetworkPolicy], pods: Iterable[Pod], namesp
 
 def judges(decision: Decision, tiers: Tiers, direction: str) -> dict[Address, Judges]:
     """Each local address judged in `direction` by something, with what judges it."""
+    return dict(judged(decision, tiers, direction))
+
+
+def judged(decision: Decision, tiers: Tiers, direction: str) -> list[tuple[Address, Judges]]:
+    """judges() as pairs: a dict would hash each address again (in Python: ipaddress)."""
     policies = decision.ingress if direction == "ingress" else decision.egress
     by_tier = tiers.selected(direction)
-    result: dict[Address, Judges] = {}
-    for address in {*policies, *by_tier}:
-        chosen = by_tier.get(address, ())
-        result[address] = Judges(admin=tuple(i for i in chosen if tiers.policies[i].tier == "Admin"),
-                               policies=policies.get(address),
-                               baseline=tuple(i for i in chosen if tiers.policies[i].tier == "Baseline"))
+    result: list[tuple[Address, Judges]] = []
+    plans: dict[tuple[tuple[int, ...], tuple[int, ...] | None], Judges] = {}  # one object per plan
+    keys = (((a, (by_tier.get(a, ()), policies.get(a))) for a in policies.keys() | by_tier.keys()) if by_tier
+            else ((a, ((), p)) for a, p in policies.items()))  # without tiers: no address hashed
+    for address, key in keys:
+        if key not in plans:
+            chosen = key[0]
+            plans[key] = Judges(admin=tuple(i for i in chosen if tiers.policies[i].tier == "Admin"),
+                                policies=key[1],
+                                baseline=tuple(i for i in chosen if tiers.policies[i].tier == "Baseline"))
+        result.append((address, plans[key]))
     return result
 
 

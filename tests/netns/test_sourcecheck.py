@@ -249,6 +249,13 @@ def _teardown_by_port(port: str, monkeypatch: pytest.MonkeyPatch) -> None:
     sourcecheck.teardown("net", "a", "eth0", port)
 
 
+def _links(host: Host, *names: str) -> None:
+    """Host links by these names: an agent's start sweeps the chains of ports without one
+    (sourcecheck.sweep), and the agent of the [agent] runs may start its sweep late."""
+    for name in names:
+        host.exec("ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p")
+
+
 def _two_attachments() -> None:
     """Attachments a and b of network net, on ports vetha and vethb."""
     mac, addr = "0a:58:0a:58:00:09", ipaddress.ip_interface("10.88.0.9/24")
@@ -259,6 +266,7 @@ def _two_attachments() -> None:
 def test_teardown_by_port_deletes_the_element_and_chain_in_one_batch(
     host: Host, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _links(host, "vetha", "vethb")
     in_netns(host.name, _two_attachments)
     in_netns(host.name, lambda: _teardown_by_port("vetha", monkeypatch))
     assert _port_chains(host) == {sourcecheck.chain_name("net", "b", "eth0"): "vethb"}
@@ -268,6 +276,7 @@ def test_teardown_by_port_deletes_the_element_and_chain_in_one_batch(
 def test_teardown_by_another_attachments_port_falls_back_and_keeps_its_element(host: Host) -> None:
     """The kernel refuses the one batch (the chain is still another element's goto): the listing path
     removes this attachment's element and chain, the other's stay."""
+    _links(host, "vetha", "vethb")
     in_netns(host.name, _two_attachments)
     in_netns(host.name, lambda: sourcecheck.teardown("net", "a", "eth0", "vethb"))
     assert _port_chains(host) == {sourcecheck.chain_name("net", "b", "eth0"): "vethb"}
@@ -297,6 +306,7 @@ def _queued_and_run(queued: list[str], between: Callable[[], None] = lambda: Non
 
 
 def test_teardowns_queued_by_del_go_in_one_batch(host: Host) -> None:
+    _links(host, "vetha", "vethb", "vethc")
     assert in_netns(host.name, lambda: _queued_and_run(["a", "b"])) == [6]
     assert _port_chains(host) == {sourcecheck.chain_name("net", "c", "eth0"): "vethc"}
     assert _chains(host) == {"prerouting", sourcecheck.chain_name("net", "c", "eth0")}
@@ -305,6 +315,8 @@ def test_teardowns_queued_by_del_go_in_one_batch(host: Host) -> None:
 def test_a_queued_teardown_never_takes_an_attachment_added_again(host: Host) -> None:
     """a is ADDed again on a new port after its DEL queued the teardown: the batch is refused
     whole (a's chain is the new element's goto), then b's alone goes, a's is left as it is."""
+    _links(host, "vetha", "vethb", "vethc", "vethz")
+
     def add_again() -> None:
         sourcecheck.setup("net", "a", "eth0", "vethz", "0a:58:0a:58:00:0b",
                           [ipaddress.ip_interface("10.88.0.11/24")], False)

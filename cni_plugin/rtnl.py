@@ -127,6 +127,23 @@ def _pyroute2() -> Iterator[Any]:
         ipr.close()
 
 
+
+def _messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """(type, flags, seq, body) of each netlink message of a datagram; a length below the header's
+    still moves on by a header (a zero length would loop forever)."""
+    offset = 0
+    while offset + _NLMSG.size <= len(data):
+        length, mtype, mflags, mseq, _pid = _NLMSG.unpack_from(data, offset)
+        yield mtype, mflags, mseq, data[offset + _NLMSG.size : offset + length]
+        offset += max((length + 3) & ~3, _NLMSG.size)
+
+
+def _raise_error(body: bytes) -> None:
+    """NetlinkError for an NLMSG_ERROR (or DONE) body whose code is not 0 (an ack)."""
+    code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
+    if code:
+        raise NetlinkError(code, os.strerror(code))
+
 class Socket:
     """One rtnetlink socket (or, with `protocol`, another netlink family's: request() and
     batch() only): it stays in the netns it was opened in, whichever thread uses it. With
@@ -165,18 +182,11 @@ class Socket:
         )
         replies: list[tuple[int, bytes]] = []
         while True:
-            data = self._sock.recv(1 << 16)
-            offset = 0
-            while offset + _NLMSG.size <= len(data):
-                length, mtype, mflags, mseq, _pid = _NLMSG.unpack_from(data, offset)
-                body = data[offset + _NLMSG.size : offset + length]
-                offset += (length + 3) & ~3
+            for mtype, mflags, mseq, body in _messages(self._sock.recv(1 << 16)):
                 if mseq != seq:
                     continue
                 if mtype in (NLMSG_ERROR, NLMSG_DONE):  # a dump's error comes in its DONE
-                    code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
-                    if code:
-                        raise NetlinkError(code, os.strerror(code))
+                    _raise_error(body)
                     return replies
                 replies.append((mtype, body))
                 if not mflags & NLM_F_MULTI and not flags & NLM_F_ACK:
@@ -197,18 +207,10 @@ class Socket:
         self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # an error without the message echoed
         self._sock.send(data)
         while waiting:
-            data = self._sock.recv(1 << 16)
-            offset = 0
-            while offset + _NLMSG.size <= len(data):
-                length, mtype, _flags, mseq, _pid = _NLMSG.unpack_from(data, offset)
-                body = data[offset + _NLMSG.size : offset + length]
-                offset += max((length + 3) & ~3, _NLMSG.size)
-                if mtype != NLMSG_ERROR:
-                    continue
-                code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
-                if code:
-                    raise NetlinkError(code, os.strerror(code))
-                waiting.discard(mseq)
+            for mtype, _flags, mseq, body in _messages(self._sock.recv(1 << 16)):
+                if mtype == NLMSG_ERROR:
+                    _raise_error(body)
+                    waiting.discard(mseq)
 
     # --- links ---------------------------------------------------------------------------
 

@@ -241,8 +241,9 @@ class _Selection:
                     for address in addresses:
                         table[address] = (*table.get(address, ()), i)
         else:
+            # a policy object replaced (a change of its rules) selects equal addresses, mostly
             changed = [i for i, (old, new) in enumerate(zip(self.selects, selects, strict=True))
-                       if old[0] is not new[0] or old[1:] != new[1:]]
+                       if (old[0] is not new[0] and old[0] != new[0]) or old[1:] != new[1:]]
             ingress, egress = self.ingress, self.egress  # unchanged, the same objects (nft.Chains)
             if changed:
                 ingress, egress = dict(ingress), dict(egress)  # copied: no address hashed

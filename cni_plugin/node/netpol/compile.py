@@ -139,13 +139,27 @@ def _rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
                 named=tuple(sorted(named, key=lambda n: (n[0].version, n[0], n[1], n[2]))))
 
 
+def _shared_rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
+                 direction: Direction, targets: Sequence[Pod]) -> Rule:
+    """_rule(), once per world for a rule that reads neither the policy's namespace nor the pods
+    it selects (an ingress named port): many policies say the same (from every namespace, say)."""
+    if any(p.ip_block is None and p.namespace_selector is None for p in rule.peers or ()) or (
+            direction == "Ingress" and any(isinstance(p.port, str) for p in rule.ports or ())):
+        return _rule(rule, policy, world, direction, targets)
+    key = (direction, rule.key)
+    found = world.rules.get(key)
+    if not isinstance(found, Rule):
+        found = world.rules[key] = _rule(rule, policy, world, direction, targets)
+    return found
+
+
 def _direction_rules(policy: NetworkPolicy, world: World, direction: Direction, targets: Sequence[Pod],
                      refused: list[Refusal]) -> tuple[Rule, ...] | None:
     if not policy.affects(direction):
         return None
     rules = policy.spec.ingress if direction == "Ingress" else policy.spec.egress
     try:
-        return tuple(_rule(r, policy, world, direction, targets) for r in rules or ())
+        return tuple(_shared_rule(r, policy, world, direction, targets) for r in rules or ())
     except Exception as exc:  # a bug here must close this direction, not drop the policy
         refused.append(Refusal("NetworkPolicy", _name(policy), f"spec.{direction.lower()}",
                                f"not compiled: {type(exc).__name__}: {exc}", Cause.NOT_COMPILED))

@@ -378,7 +378,7 @@ class _Script:
         plans = {id(p): p for _a, p in selected}  # few objects (tiers.judges): by id(), unhashed
         chains = {id(p): chain for p, chain in self.combo_chains(direction, plans.values()).items()}
         texts = self.memo.texts(a for a, _plan in selected)
-        rows = sorted(zip(texts, (chains[id(plan)] for _a, plan in selected), strict=True))
+        rows = sorted(zip(texts, (chains[id(plan)] for _a, plan in selected), strict=True), key=_in_order)
         for version in (4, 6):
             elements = [f"{address[2]} : jump {chain}" for address, chain in rows if address[0] == version]
             self.sets[f"{direction}{version}"] = _set(f"{_ADDR_TYPE[version]} : verdict", elements,
@@ -404,6 +404,11 @@ class _Script:
             f"{side} . ip {key} @own4 accept",
             f"{side} . ip6 {key} @own6 accept",
             f"meta protocol {{ ip, ip6 }} {side} vmap @{direction}_ports"))
+
+
+def _in_order(row: tuple[_Address, str]) -> int:
+    """IPv4 first, then by number: one int, compared in C (tuples of tuples took ~1 ms at 750)."""
+    return row[0][0] << 128 | row[0][1]
 
 
 def _hook(hook: str, priority: str) -> str:

@@ -14,7 +14,12 @@ controller does (policy_controller.launch): an element-only change as one netlin
   the batch and in nft, of the event's reconcile) and how many events each path took;
 - size: the ruleset (lines of `nft list table`, set elements, chains, rules) at 50, 200 and 500
   pods, with the 200 policies;
-- RSS: this process holding an API view of 5,000 pods (4,500 on other nodes) and its ruleset.
+- RSS: this process holding an API view of 5,000 pods (4,500 on other nodes) and its ruleset;
+- the bridge ports' read: the event figures leave it out (the world has no veths), but on a node
+  the node controller reads every bridge port's pod addresses at each event (apply.pod_ports:
+  one links dump, then one address dump per port in the pod's netns). Timed here with PORTS
+  real pod netns, each with a veth on a bridge of the throw-away netns (BENCH_NETPOL_PORTS=0:
+  skipped).
 The targets are printed next to the figures; nothing fails on them. Prints JSON.
 """
 
@@ -41,6 +46,7 @@ from cni_plugin.node.netpol.policy_controller import PolicyController, serve
 NODE = "bench-node"
 NAMESPACES = [f"ns{i}" for i in range(50)]
 PODS, POLICIES, API_PODS, EVENTS = 500, 200, 5000, int(os.environ.get("BENCH_NETPOL_EVENTS", "301"))
+PORTS = int(os.environ.get("BENCH_NETPOL_PORTS", str(PODS)))
 BATCH = os.environ.get("BENCH_NETPOL_BATCH", "1") != "0"
 TARGETS = {"p50_ms": 20, "p99_ms": 100, "max_ms": 250, "convergence_s": 2, "rss_mib_5000_pods": 150}
 
@@ -164,18 +170,64 @@ def main() -> None:
                              capture_output=True, text=True, check=True)
     netns = f"pbt-h17bench-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
+    pods = [f"{netns}-p{i}" for i in range(PORTS)]
     try:
         inside = subprocess.run(["ip", "netns", "exec", netns, sys.executable, __file__, "measure"],
                                 stdout=subprocess.PIPE, text=True, check=True).stdout
+        if pods:
+            _bridge_ports(netns, pods)
+            read = subprocess.run(["ip", "netns", "exec", netns, sys.executable, __file__, "ports"],
+                                  stdout=subprocess.PIPE, text=True, check=True).stdout
     finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        for name in [*pods, netns]:
+            subprocess.run(["ip", "netns", "del", name], check=False, stderr=subprocess.DEVNULL)
     measured = json.loads(inside)
+    if pods:
+        measured["bridge_ports_read"] = json.loads(read)
     measured["convergence"] = {"imports_s": round(float(imports.stdout), 2), **measured["convergence"]}
     print(json.dumps({
         "machine": f"{os.cpu_count()} CPU, kernel {platform.release()}, "
                    f"Python {platform.python_version()}",
         "pods": PODS, "namespaces": len(NAMESPACES), "policies": POLICIES, "targets": TARGETS,
         "element_batch": BATCH, **measured}, indent=2))
+
+
+def _bridge_ports(netns: str, pods: list[str]) -> None:
+    """In `netns`: bridge br0 and a veth per pod netns, its pod end with an IPv4 and an IPv6 address."""
+    def batch(where: list[str], lines: list[str]) -> None:
+        subprocess.run(["ip", *where, "-batch", "-"], input="".join(f"{line}\n" for line in lines),
+                       text=True, check=True)
+
+    batch([], [f"netns add {pod}" for pod in pods])
+    batch(["-n", netns], ["link add br0 type bridge", "link set br0 up", *(
+        line for i, pod in enumerate(pods)
+        for line in (f"link add v{i} type veth peer name eth0 netns {pod}", f"link set v{i} master br0 up"))])
+    for i, pod in enumerate(pods):
+        batch(["-n", pod], [f"addr add 10.{244 + i // 62500}.{i // 250 % 250}.{i % 250 + 2}/16 dev eth0",
+                            f"addr add fd00:244::{i + 2:x}/64 dev eth0 nodad", "link set eth0 up"])
+
+
+def ports() -> None:
+    """In main's throw-away netns: apply.pod_ports() as the node controller calls it at each
+    event, and the links dump alone, p50 of 10."""
+    from cni_plugin import rtnl
+
+    def links() -> list[Any]:
+        with rtnl.Socket() as sock:
+            return sock.bridge_ports()
+
+    def p50(read: Any) -> tuple[int, float]:
+        times, found = [], 0
+        for _ in range(10):
+            started = time.perf_counter()
+            found = len(read())
+            times.append(time.perf_counter() - started)
+        return found, round(statistics.median(times) * 1000, 1)
+
+    addresses, all_ms = p50(apply.pod_ports)
+    ports_found, links_ms = p50(links)
+    print(json.dumps({"ports": ports_found, "addresses": addresses, "pod_ports_p50_ms": all_ms,
+                      "links_dump_p50_ms": links_ms}))
 
 
 def measure() -> None:
@@ -243,5 +295,7 @@ if __name__ == "__main__":
         rss()
     elif sys.argv[1:2] == ["measure"]:
         measure()
+    elif sys.argv[1:2] == ["ports"]:
+        ports()
     else:
         main()

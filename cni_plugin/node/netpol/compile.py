@@ -139,13 +139,27 @@ def _rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
                 named=tuple(sorted(named, key=lambda n: (n[0].version, n[0], n[1], n[2]))))
 
 
+def _shared_rule(rule: IngressRule | EgressRule, policy: NetworkPolicy, world: World,
+                 direction: Direction, targets: Sequence[Pod]) -> Rule:
+    """_rule(), once per world for a rule that reads neither the policy's namespace nor the pods
+    it selects (an ingress named port): many policies say the same (from every namespace, say)."""
+    if any(p.ip_block is None and p.namespace_selector is None for p in rule.peers or ()) or (
+            direction == "Ingress" and any(isinstance(p.port, str) for p in rule.ports or ())):
+        return _rule(rule, policy, world, direction, targets)
+    key = (direction, rule.key)
+    found = world.rules.get(key)
+    if not isinstance(found, Rule):
+        found = world.rules[key] = _rule(rule, policy, world, direction, targets)
+    return found
+
+
 def _direction_rules(policy: NetworkPolicy, world: World, direction: Direction, targets: Sequence[Pod],
                      refused: list[Refusal]) -> tuple[Rule, ...] | None:
     if not policy.affects(direction):
         return None
     rules = policy.spec.ingress if direction == "Ingress" else policy.spec.egress
     try:
-        return tuple(_rule(r, policy, world, direction, targets) for r in rules or ())
+        return tuple(_shared_rule(r, policy, world, direction, targets) for r in rules or ())
     except Exception as exc:  # a bug here must close this direction, not drop the policy
         refused.append(Refusal("NetworkPolicy", _name(policy), f"spec.{direction.lower()}",
                                f"not compiled: {type(exc).__name__}: {exc}", Cause.NOT_COMPILED))
@@ -156,10 +170,10 @@ def _name(policy: NetworkPolicy) -> str:
     return f"{policy.metadata.namespace}/{policy.metadata.name}"
 
 
-# a policy, what it read, the addresses of the pods it selects, its rules (None: it selects none),
-# the namespaces it read (None: all)
+# a policy, what it read (first: its namespace's pods), the addresses of the pods it selects, its
+# rules (None: it selects none), the namespaces it read (None: all), the pods it selects
 Compiled = tuple[NetworkPolicy, tuple[object, ...], tuple[Address, ...], PolicyRules | None,
-                 frozenset[str] | None]
+                 frozenset[str] | None, tuple[Pod, ...]]
 
 
 class Memo:
@@ -204,14 +218,17 @@ class Memo:
             return entry
         reads, names = _reads(policy, world)
         if entry is not None and entry[0] is policy and _same(entry[1], reads):
-            return (*entry[:4], names)
-        addresses, rules = _compiled(policy, world, node_name)
+            return (*entry[:4], names, entry[5])
+        # the same pods of its namespace: the same pods selected (only peers changed)
+        same = entry is not None and entry[0] is policy and entry[1][0] is reads[0]
+        kept = (entry[2], entry[5]) if entry is not None and same else None
+        addresses, rules, targets = _compiled(policy, world, node_name, kept)
         if entry is not None and entry[0] is policy:
             # the same rules (their pods changed otherwise): the same chains; the same addresses:
             # nothing to change in the maps of what selects each address (_Selection)
             rules = entry[3] if rules == entry[3] else rules
             addresses = entry[2] if addresses == entry[2] else addresses
-        return policy, reads, addresses, rules, names
+        return policy, reads, addresses, rules, names, targets
 
 
 Selects = tuple[tuple[Address, ...], bool, bool]  # a policy's addresses, whether it affects each direction
@@ -238,9 +255,12 @@ class _Selection:
                     for address in addresses:
                         table[address] = (*table.get(address, ()), i)
         else:
+            # a policy object replaced (a change of its rules) selects equal addresses, mostly
             changed = [i for i, (old, new) in enumerate(zip(self.selects, selects, strict=True))
-                       if old[0] is not new[0] or old[1:] != new[1:]]
-            ingress, egress = dict(self.ingress), dict(self.egress)  # copied: no address hashed
+                       if (old[0] is not new[0] and old[0] != new[0]) or old[1:] != new[1:]]
+            ingress, egress = self.ingress, self.egress  # unchanged, the same objects (nft.Chains)
+            if changed:
+                ingress, egress = dict(ingress), dict(egress)  # copied: no address hashed
             for i in changed:
                 _change(ingress, egress, i, self.selects[i], selects[i])
         self.names, self.selects, self.ingress, self.egress = names, selects, ingress, egress
@@ -323,20 +343,24 @@ def _reads(policy: NetworkPolicy, world: World) -> tuple[tuple[object, ...], fro
     return tuple(reads), None if names is None else frozenset(names)
 
 
-def _compiled(policy: NetworkPolicy, world: World,
-              node_name: str) -> tuple[tuple[Address, ...], PolicyRules | None]:
-    """The addresses of the pods of this node the policy selects, and its rules (None when it
-    selects none)."""
-    targets = [p for p in world.by_namespace.get(policy.metadata.namespace, ())
-               if p.spec.node_name == node_name and matches(policy.spec.pod_selector, p.metadata.labels)]
-    addresses = tuple(a for p in targets for a in world.addresses(p))
+def _compiled(policy: NetworkPolicy, world: World, node_name: str,
+              selected: tuple[tuple[Address, ...], tuple[Pod, ...]] | None = None,
+              ) -> tuple[tuple[Address, ...], PolicyRules | None, tuple[Pod, ...]]:
+    """The addresses of the pods of this node the policy selects, its rules (None when it
+    selects none) and those pods. `selected`: the addresses and pods, when known."""
+    if selected is None:
+        selector = policy.spec.pod_selector
+        targets = tuple(p for p in world.by_namespace.get(policy.metadata.namespace, ())
+                        if p.spec.node_name == node_name and matches(selector, p.metadata.labels))
+        selected = tuple(a for p in targets for a in world.addresses(p)), targets
+    addresses, targets = selected
     if not targets:
-        return addresses, None  # selects nothing here: nothing to enforce on this node
+        return addresses, None, targets  # selects nothing here: nothing to enforce on this node
     refused = list(policy.refused)
     return addresses, PolicyRules(
         name=_name(policy),
         ingress=_direction_rules(policy, world, "Ingress", targets, refused),
-        egress=_direction_rules(policy, world, "Egress", targets, refused), refused=tuple(refused))
+        egress=_direction_rules(policy, world, "Egress", targets, refused), refused=tuple(refused)), targets
 
 
 def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: Iterable[Namespace],
@@ -350,7 +374,7 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
     selects: list[Selects] = []
     for policy in ordered:
         entry = kept[id(policy)] = memo.policy(policy, world, node_name)
-        _policy, _reads, addresses, rules, _names = entry
+        _policy, _reads, addresses, rules, _names, _targets = entry
         if rules is not None:
             compiled.append(rules)
             selects.append((addresses, policy.affects("Ingress"), policy.affects("Egress")))

@@ -14,6 +14,7 @@ when the field is not in such a list, is left out whole. Each such field is a Re
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -135,12 +136,19 @@ class PolicyPort(_Api):
     end_port: PortNumber | None = Field(default=None, alias="endPort")
 
 
-class IngressRule(_Api):
+class _Rule(_Api):
+    @functools.cached_property
+    def key(self) -> str:
+        """What the rule says, as text: equal rules of different policies compile alike (compile.py)."""
+        return self.model_dump_json()
+
+
+class IngressRule(_Rule):
     peers: tuple[Peer, ...] | None = Field(default=None, alias="from")
     ports: tuple[PolicyPort, ...] | None = None
 
 
-class EgressRule(_Api):
+class EgressRule(_Rule):
     peers: tuple[Peer, ...] | None = Field(default=None, alias="to")
     ports: tuple[PolicyPort, ...] | None = None
 

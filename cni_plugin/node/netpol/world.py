@@ -35,6 +35,7 @@ class World:
     kept: Matching = field(default_factory=dict)  # namespaces() of an earlier world of the same labels
     collapsed: Collapsed = field(default_factory=dict)  # of this world
     earlier: Collapsed = field(default_factory=dict)  # of the last one: the same peers, the same tuple
+    rules: dict[tuple[str, str], object] = field(default_factory=dict)  # compile's rules, by what they say
 
     @classmethod
     def of(cls, pods: Iterable[Pod], namespaces: Iterable[Namespace],

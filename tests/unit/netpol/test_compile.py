@@ -176,6 +176,25 @@ def test_named_port_egress_resolves_on_the_peer() -> None:
     assert not verdict(d, "x/a", "192.0.2.1", "TCP", 80)  # a name never matches a non-pod address
 
 
+def test_the_same_rule_in_two_namespaces_reads_each_its_own() -> None:
+    # compile shares the Rule of equal rules across policies: not of those reading their namespace
+    spec = {"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}
+    d = run(policy("x", spec), policy("y", spec))
+    assert verdict(d, "x/b", "x/a") and verdict(d, "y/b", "y/a")
+    assert not verdict(d, "y/b", "x/a") and not verdict(d, "x/b", "y/a")
+
+
+def test_the_same_named_port_rule_in_two_namespaces_resolves_on_each_ones_pods() -> None:
+    # nor of an ingress named port, which is looked up on the pods the policy selects
+    pods = with_pod(pod("y", "a", spec={"containers": [{"ports": [SERVE_8080]}]}))
+    spec = {"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": "serve-80-tcp"}]}]}
+    d = run(policy("x", spec), policy("y", spec), pods=pods)
+    assert verdict(d, "x/b", "x/a", "TCP", 80) and not verdict(d, "x/b", "x/a", "TCP", 8080)
+    assert verdict(d, "x/b", "y/a", "TCP", 8080) and not verdict(d, "x/b", "y/a", "TCP", 80)
+
+
 def test_egress_deny_all_and_implied_policy_types() -> None:
     d = run(policy("x", {"podSelector": {}, "policyTypes": ["Egress"]}))
     assert matrix(d) == {(f"x/{p}", t) for p in "abc" for t in ALL if t != f"x/{p}"}

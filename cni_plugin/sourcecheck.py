@@ -179,8 +179,8 @@ def _create_port(chain: str, port: str, rules: list[Rule]) -> bool:
         if exc.errno in _MISS_ERRNO:
             return False
         raise CNIError(SOURCE_CHECK_FAILED, "source check setup failed", str(exc)) from exc
-    except OSError:
-        pass
+    except (OSError, struct.error):
+        pass  # the socket failed, or an attribute would pass 64 KiB (thousands of addresses)
     try:
         nftables.run(f"create chain {_TABLE} {chain}\n" + _port_script(chain, port, rules), in_process=True)
     except nftables.NftError as exc:

@@ -85,3 +85,18 @@ def test_a_batch_refused_for_another_reason_is_a_spec_error_and_runs_no_nft(
 def test_a_failed_socket_falls_back_to_nfts_one_run(monkeypatch: pytest.MonkeyPatch) -> None:
     [script] = _setup_sending(monkeypatch, OSError(errno.EMFILE, "Too many open files"))
     assert script.startswith("create chain bridge pybridge ") and "ip saddr != { 10.88.0.5 } drop" in script
+
+
+def test_addresses_past_what_one_netlink_attribute_holds_go_to_nft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An address set's elements are one attribute (64 KiB at most): thousands of IPAM addresses
+    take nft's one run, not a traceback."""
+    ran: list[str] = []
+
+    def send(*_: object) -> None:
+        raise AssertionError("sent")
+    monkeypatch.setattr(sourcecheck, "_have_nft", lambda: True)
+    monkeypatch.setattr(sourcecheck.nfbatch, "send", send)
+    monkeypatch.setattr(sourcecheck.nftables, "run", lambda script, **_: ran.append(script) or "")
+    many = [ip_interface(f"fd88::{i:x}/64") for i in range(1, 3000)]
+    sourcecheck.setup("net", "cid", "eth0", "veth1", MAC, many, ipv6=True)
+    assert len(ran) == 1 and "fd88::bb7" in ran[0]

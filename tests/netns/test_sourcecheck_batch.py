@@ -140,3 +140,14 @@ def test_a_retried_add_takes_over_the_chain_it_left(
     rules, elements = _listed(netns[0])
     assert elements == [["vethy", {"goto": {"target": CHAIN}}]]
     assert len(rules) == len(sourcecheck.port_rules(MAC, [V4, V6], True))  # not twice
+
+
+def test_a_port_still_mapped_to_another_attachment_is_taken_over(netns: list[str]) -> None:
+    """The port's element still names another attachment's chain (its DEL's teardown not yet
+    run): the kernel refuses the batch (EEXIST on the element) and the listing path maps the
+    port to the new chain."""
+    _set_up(netns[0], "vethx")
+    in_netns(netns[0], lambda: sourcecheck.setup("net", "d", "eth0", "vethx", MAC, [V4], False))
+    ports = json.loads(_nft(netns[0], "-j", "list", "map", "bridge", "pybridge", "ports"))["nftables"]
+    assert next(item["map"] for item in ports if "map" in item)["elem"] == [
+        ["vethx", {"goto": {"target": sourcecheck.chain_name("net", "d", "eth0")}}]]

@@ -5,8 +5,8 @@ nft lists the ruleset into its cache before it evaluates a command: 10-30 ms at 
 for a DEL's source-check teardown at a few dozen, in process or exec'd. The kernel commits a
 batch (NFNL_MSG_BATCH_BEGIN, the messages, NFNL_MSG_BATCH_END) whole or not at all and answers
 each message asking an ack, so a refused batch changed nothing and its caller may fall back to
-nft. Users: NetworkPolicy's element changes (node/netpol/nfnl.py) and the source check's teardown
-(sourcecheck.py).
+nft. Users: NetworkPolicy's element changes (node/netpol/nfnl.py) and the source check's setup
+(its rules by nfexpr.py) and teardown (sourcecheck.py).
 """
 
 from __future__ import annotations

@@ -1,16 +1,17 @@
 """The one way this project runs nft: masquerade (masq.py), the source check (sourcecheck.py),
 the node controller's masquerade (node/effects.py) and NetworkPolicy (node/netpol/apply.py) all
-call run(). Each table is written by its own module only. (Two hot paths send a few nf_tables
-messages without nft, nfbatch.py: a DEL's source-check teardown and NetworkPolicy's element
-changes.)
+call run(). Each table is written by its own module only. (Hot paths send nf_tables messages
+without nft, nfbatch.py: an ADD's source-check setup and a DEL's teardown, NetworkPolicy's
+element changes.)
 
 Every run is bounded by `timeout` and every failure is an NftError carrying nft's error text:
 missing binary, exec error, non-zero exit, a run past its deadline (the exec'd nft is killed),
 unparsable JSON. Callers map it to their contract (a CNI verb's error code; the node controller's
 loops retry the step), so a hung or failing nft fails one operation, never a process.
 
-`in_process` runs the script through libnftables (libnft.py) where the library is there: ADD's
-source-check transaction then costs ~1.5 ms instead of ~15 ms for exec'ing nft. The node controller
+`in_process` runs the script through libnftables (libnft.py) where the library is there: the
+source check's transactions that fall back to nft then cost ~1.5 ms instead of ~15 ms for
+exec'ing nft. The node controller
 execs: a hung exec'd nft is killed at its deadline, a hung library call is not (it holds the
 library's lock until it returns), which a long-lived process should not risk.
 """

@@ -15,19 +15,24 @@ attachment's chain, named by masq's tag (hashes only), drops from its port:
   solicitations of DAD and the MLD reports sent before a link-local address exists.
 
 The chain and its map element are written in one transaction, so a port is never half checked.
-ADD costs one nft run: `create chain` + rules + element; only when that misses (no table yet, a
-retried ADD's chain left over) does it list and rewrite what it needs, as masq does. DEL
-sends one nfnetlink batch (nfbatch.py: nft would fill its cache first, ~15 ms), given the port
-it verified is the pod's (link.verified_host_end); else, or when the kernel refuses, it lists.
-Through the agent that batch goes after DEL's answer, with every other DEL's queued by then
-(Teardowns: the kernel's commit of deletions is what costs, ~7-15 ms a batch).
-nft runs in-process through libnftables where present (nft.py: ~1.5 ms, not ~15 ms per
-run), else exec'd.
+ADD sends it as one nfnetlink batch (nfbatch.py): the chain, its rules as the messages nft sends
+for their text (nfexpr.py) and the element, without nft parsing text and filling its cache first
+(p50 1.3-1.7 ms against 2.4-3.7 ms through libnftables over 200 chains, docs/performance.md).
+Only when the kernel refuses it for a miss (ENOENT: no table or map yet; EEXIST: a retried ADD's
+chain left over) does it list and rewrite what it needs through nft, as masq does; where the
+socket fails, nft's one run of the same text. DEL sends one nfnetlink batch too (nft would fill
+its cache first, ~15 ms), given the port it verified is the pod's (link.verified_host_end);
+else, or when the kernel refuses, it lists. Through the agent that batch goes after DEL's
+answer, with every other DEL's queued by then (Teardowns: the kernel's commit of deletions is
+what costs, ~7-15 ms a batch). nft runs in-process through libnftables where present (nft.py:
+~1.5 ms, not ~15 ms per run), else exec'd.
 """
 
 from __future__ import annotations
 
+import errno
 import re
+import struct
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,9 +43,10 @@ from cnikit.ip import IPInterface
 from cnikit.spec.errors import INVALID_CONFIG, SOURCE_CHECK_FAILED, CNIError
 from cnikit.spec.names import validate_network_name
 
-from . import hostnet, masq, nfbatch, rtnl
+from . import hostnet, masq, nfbatch, nfexpr, rtnl
 from . import nft as nftables
 from .netlink import NetlinkError
+from .nfexpr import Rule, Test
 
 _TABLE = "bridge pybridge"
 _BASE_MARK = "pybridge base v1"
@@ -51,18 +57,24 @@ flush chain {_TABLE} prerouting
 add rule {_TABLE} prerouting iifname vmap @ports comment "{_BASE_MARK}"
 """
 _ROUTER_ND = (
-    "icmpv6 type { nd-router-advert, nd-redirect } drop",
-    "icmpv6 type nd-neighbor-advert @th,32,1 1 drop",  # the R (router) flag
+    Rule((Test("icmpv6 type", ("nd-router-advert", "nd-redirect"), braces=True),), "drop"),
+    # the R (router) flag
+    Rule((Test("icmpv6 type", ("nd-neighbor-advert",)), Test("@th,32,1", ("1",))), "drop"),
 )
+_DAD = ("nd-neighbor-solicit", "mld-listener-report", "mld2-listener-report")
 # The fast path missed: no table or map yet, or this attachment's chain is still there.
 _MISS = ("No such file or directory", "File exists")
+_MISS_ERRNO = (errno.ENOENT, errno.EEXIST)
 _PORT = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 # linux/netfilter/nf_tables.h
-NFT_MSG_DELCHAIN, NFT_MSG_DELRULE, NFT_MSG_DELSETELEM = 5, 8, 14
+NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_DELRULE = 3, 5, 8
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
 NFTA_TABLE, NFTA_CHAIN_NAME, NFTA_RULE_CHAIN = 1, 3, 2  # each message's table is its attribute 1
 NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 2, 3
-NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 1, 1, 1
+NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_DATA_VALUE = 1, 1, 2, 1
+NFTA_DATA_VERDICT, NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 2, 1, 2
+NFT_GOTO = -4
 IFNAMSIZ = 16  # an ifname key: the name, NUL-padded
 
 
@@ -85,29 +97,53 @@ def link_local(mac: str) -> IPv6Address:
     return IPv6Address(b"\xfe\x80" + bytes(6) + eui)
 
 
-def port_rules(mac: str, addrs: Sequence[IPInterface], ipv6: bool) -> list[str]:
+def port_rules(mac: str, addrs: Sequence[IPInterface], ipv6: bool) -> list[Rule]:
     """The attachment chain's rules. `ipv6`: IPv6 is on on the pod end (its link-local counts)."""
-    rules = [f"ether saddr != {mac} drop", *_ROUTER_ND]
+    rules = [Rule((Test("ether saddr", (mac,), negated=True),), "drop"), *_ROUTER_ND]
     if not addrs:  # no IPAM: the pod's addresses are not ours to know
         return rules
-    v4 = sorted({str(a.ip) for a in addrs if a.version == 4})
-    v6 = sorted({str(a.ip) for a in addrs if a.version == 6} | ({str(link_local(mac))} if ipv6 else set()))
-    types = (["ip", "arp"] if v4 else []) + (["ip6"] if v6 else [])
-    rules.append(f"ether type != {{ {', '.join(types)} }} drop")
+    own = {str(link_local(mac))} if ipv6 else set()
+    v4 = tuple(sorted({str(a.ip) for a in addrs if a.version == 4}))
+    v6 = tuple(sorted({str(a.ip) for a in addrs if a.version == 6} | own))
+    types = (("ip", "arp") if v4 else ()) + (("ip6",) if v6 else ())
+    rules.append(Rule((Test("ether type", types, negated=True, braces=True),), "drop"))
     if v4:
-        rules += [f"arp saddr ether != {mac} drop",
-                  f"arp saddr ip != {{ {', '.join(v4)} }} drop",
-                  f"ip saddr != {{ {', '.join(v4)} }} drop"]
+        rules += [Rule((Test("arp saddr ether", (mac,), negated=True),), "drop"),
+                  Rule((Test("arp saddr ip", v4, negated=True, braces=True),), "drop"),
+                  Rule((Test("ip saddr", v4, negated=True, braces=True),), "drop")]
     if v6:
-        rules += ["ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld-listener-report,"
-                  " mld2-listener-report } return",
-                  f"ip6 saddr != {{ {', '.join(v6)} }} drop"]
+        rules += [Rule((Test("ip6 saddr", ("::",)), Test("icmpv6 type", _DAD, braces=True)), "return"),
+                  Rule((Test("ip6 saddr", v6, negated=True, braces=True),), "drop")]
     return rules
 
 
-def _port_script(chain: str, port: str, rules: list[str]) -> str:
+def _port_script(chain: str, port: str, rules: list[Rule]) -> str:
     return "".join(f"add rule {_TABLE} {chain} {rule}\n" for rule in rules) + (
         f'add element {_TABLE} ports {{ "{port}" : goto {chain} }}\n')
+
+
+def _port_key(port: str) -> bytes:
+    """`port` as the `ports` map's key."""
+    return rtnl.nested(NFTA_SET_ELEM_KEY, rtnl.attr(NFTA_DATA_VALUE, port.encode().ljust(IFNAMSIZ, b"\0")))
+
+
+def _port_creation(chain: str, port: str, rules: list[Rule]) -> list[nfbatch.Message]:
+    """What nft sends for `create chain`, the rules (nfexpr.py) and `add element ... ports
+    { port : goto chain }`."""
+    family, table = _TABLE.split()
+    goto = rtnl.nested(NFTA_SET_ELEM_DATA, rtnl.nested(
+        NFTA_DATA_VERDICT, rtnl.attr(NFTA_VERDICT_CODE, struct.pack(">i", NFT_GOTO)),
+        nfbatch.name(NFTA_VERDICT_CHAIN, chain)))
+    element = rtnl.nested(NFTA_LIST_ELEM, _port_key(port), goto)
+    return [
+        nfbatch.message(NFT_MSG_NEWCHAIN, rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL | rtnl.NLM_F_ACK, family,
+                        nfbatch.name(NFTA_TABLE, table), nfbatch.name(NFTA_CHAIN_NAME, chain)),
+        *nfexpr.rule_messages(family, table, chain, rules),
+        # by name only: a set id would name this batch's anonymous sets
+        nfbatch.message(NFT_MSG_NEWSETELEM, rtnl.NLM_F_CREATE | rtnl.NLM_F_ACK, family,
+                        nfbatch.name(NFTA_TABLE, table), nfbatch.name(NFTA_SET_ELEM_LIST_SET, "ports"),
+                        rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS, element)),
+    ]
 
 
 def setup(network: str, container_id: str, ifname: str, port: str, mac: str,
@@ -119,21 +155,39 @@ def setup(network: str, container_id: str, ifname: str, port: str, mac: str,
             not isinstance(a, IPInterface) or getattr(a, "scope_id", None) for a in addrs):
         raise CNIError(INVALID_CONFIG, "invalid port for the source check", f"{port!r} {mac!r}"[:100])
     chain = chain_name(network, container_id, ifname)
-    body = _port_script(chain, port, port_rules(mac, addrs, ipv6))
+    rules = port_rules(mac, addrs, ipv6)
     if not _have_nft():
         raise CNIError(SOURCE_CHECK_FAILED, "sourceCheck needs nft",
                        "not in PATH or sbin: install nftables, or set sourceCheck false")
-    try:
+    if not _create_port(chain, port, rules):
         try:
-            nftables.run(f"create chain {_TABLE} {chain}\n" + body, in_process=True)
-        except nftables.NftError as exc:
-            if not exc.says(_MISS):
-                raise
             _replace(lambda c, key: c == chain or key == port,
-                     f"add chain {_TABLE} {chain}\nflush chain {_TABLE} {chain}\n" + body, base=True,
-                     rewrite=chain)
+                     f"add chain {_TABLE} {chain}\nflush chain {_TABLE} {chain}\n"
+                     + _port_script(chain, port, rules), base=True, rewrite=chain)
+        except nftables.NftError as exc:
+            raise _fail("setup", exc) from exc
+
+
+def _create_port(chain: str, port: str, rules: list[Rule]) -> bool:
+    """The chain, its rules and `port`'s element, in one transaction; False where it missed
+    (_MISS: no table or map yet, or a retried ADD's chain is there). Sent as nfnetlink messages
+    (nfexpr.py: no text to parse, no cache to fill), by nft where the socket fails."""
+    try:
+        nfbatch.send(_port_creation(chain, port, rules))
+        return True
+    except NetlinkError as exc:
+        if exc.errno in _MISS_ERRNO:
+            return False
+        raise CNIError(SOURCE_CHECK_FAILED, "source check setup failed", str(exc)) from exc
+    except (OSError, struct.error):
+        pass  # the socket failed, or an attribute would pass 64 KiB (thousands of addresses)
+    try:
+        nftables.run(f"create chain {_TABLE} {chain}\n" + _port_script(chain, port, rules), in_process=True)
     except nftables.NftError as exc:
-        raise _fail("setup", exc) from exc
+        if not exc.says(_MISS):
+            raise _fail("setup", exc) from exc
+        return False
+    return True
 
 
 def teardown(network: str, container_id: str, ifname: str, port: str | None = None) -> None:
@@ -236,11 +290,11 @@ def sweep(link_names: Callable[[], Collection[str]]) -> None:
 def _port_deletion(chain: str, port: str) -> list[nfbatch.Message]:
     """What nft sends for `delete element ... ports { port }`, `flush chain`, `delete chain`."""
     family, table = _TABLE.split()
-    key = rtnl.nested(NFTA_SET_ELEM_KEY, rtnl.attr(NFTA_DATA_VALUE, port.encode().ljust(IFNAMSIZ, b"\0")))
     return [
         nfbatch.message(NFT_MSG_DELSETELEM, rtnl.NLM_F_ACK, family, nfbatch.name(NFTA_TABLE, table),
                         nfbatch.name(NFTA_SET_ELEM_LIST_SET, "ports"),
-                        rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS, rtnl.nested(NFTA_LIST_ELEM, key))),
+                        rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS,
+                                    rtnl.nested(NFTA_LIST_ELEM, _port_key(port)))),
         # without a rule's handle: every rule of the chain
         nfbatch.message(NFT_MSG_DELRULE, rtnl.NLM_F_ACK, family, nfbatch.name(NFTA_TABLE, table),
                         nfbatch.name(NFTA_RULE_CHAIN, chain)),

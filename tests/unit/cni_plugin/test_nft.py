@@ -83,6 +83,10 @@ def test_a_hung_nft_fails_one_source_check_setup(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(libnft, "available", lambda: False)  # the exec'd path: the one that can hang
     monkeypatch.setattr(nft.hostnet, "find_binary", lambda _name: hung)
     monkeypatch.setattr(nft, "TIMEOUT", 0.5)
+
+    def no_socket(*_: object) -> None:
+        raise OSError("no netlink socket")  # setup's batch: nft is what runs then (and no kernel here)
+    monkeypatch.setattr(sourcecheck.nfbatch, "send", no_socket)
     with pytest.raises(CNIError) as err:
         sourcecheck.setup("n", "c1", "eth0", "veth1", "02:00:00:00:00:01", [], ipv6=False)
     assert err.value.code == SOURCE_CHECK_FAILED and "did not finish within 0.5 s" in str(err.value)

@@ -6,7 +6,8 @@ for a DEL's source-check teardown at a few dozen, in process or exec'd. The kern
 batch (NFNL_MSG_BATCH_BEGIN, the messages, NFNL_MSG_BATCH_END) whole or not at all and answers
 each message asking an ack, so a refused batch changed nothing and its caller may fall back to
 nft. Users: NetworkPolicy's element changes (node/netpol/nfnl.py) and the source check's setup
-(its rules by nfexpr.py) and teardown (sourcecheck.py).
+(its rules by nfexpr.py) and teardown (sourcecheck.py). The attributes more than one of them
+encodes (data, verdicts, set elements) are here, once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11  # NLMSG_MIN_TYPE, +1
 FAMILIES = {"ip": 2, "inet": 1, "bridge": 7, "ip6": 10}  # NFPROTO_*
 TIMEOUT = 5.0  # seconds the kernel's answer may take
+# linux/netfilter/nf_tables.h
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFTA_LIST_ELEM = 1
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN = 1, 2
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET = 1, 2
+NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET_ID = 3, 4
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA = 1, 2
+NFTA_DATA_VALUE, NFTA_DATA_VERDICT = 1, 2
+NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
+NFT_JUMP, NFT_GOTO = -3, -4
+IFNAMSIZ = 16  # linux/if.h
 
 Message = tuple[int, int, bytes]  # netlink type, flags, payload
 
@@ -37,6 +49,45 @@ def message(kind: int, flags: int, family: str, *attrs: bytes) -> Message:
 def name(kind: int, text: str) -> bytes:
     """A NUL-terminated string attribute (a table's, chain's or set's name)."""
     return rtnl.attr(kind, text.encode() + b"\0")
+
+
+def u32(kind: int, value: int) -> bytes:
+    """A 32-bit attribute in network order (a negative value as two's complement)."""
+    return rtnl.attr(kind, struct.pack(">I", value & 0xFFFFFFFF))
+
+
+def data(kind: int, value: bytes) -> bytes:
+    """Attribute `kind` holding `value` as nf_tables data (NFTA_DATA_VALUE)."""
+    return rtnl.nested(kind, rtnl.attr(NFTA_DATA_VALUE, value))
+
+
+def verdict_data(kind: int, code: int, chain: str | None = None) -> bytes:
+    """Attribute `kind` holding a verdict (NFTA_DATA_VERDICT): `code` (linux/netfilter.h NF_DROP,
+    NFT_JUMP ...) and, for a jump or goto, the chain it names."""
+    target = [] if chain is None else [name(NFTA_VERDICT_CHAIN, chain)]
+    return rtnl.nested(kind, rtnl.nested(NFTA_DATA_VERDICT, u32(NFTA_VERDICT_CODE, code), *target))
+
+
+def ifname(text: str) -> bytes:
+    """An interface name as a key: NUL-padded to IFNAMSIZ."""
+    return text.encode().ljust(IFNAMSIZ, b"\0")
+
+
+def element(key: bytes, *attrs: bytes) -> bytes:
+    """A set element (NFTA_LIST_ELEM): its key, then `attrs` (NFTA_SET_ELEM_*)."""
+    return rtnl.nested(NFTA_LIST_ELEM, data(NFTA_SET_ELEM_KEY, key), *attrs)
+
+
+def set_elements(family: str, table: str, set_name: str, elements: Sequence[bytes], *,
+                 delete: bool = False, set_id: int | None = None) -> Message:
+    """NFT_MSG_NEWSETELEM (or, with `delete`, DELSETELEM) of `elements` in set `set_name` of
+    `table`; `set_id` names a set made earlier in the same batch (an anonymous one)."""
+    kind, flags = ((NFT_MSG_DELSETELEM, rtnl.NLM_F_ACK) if delete else
+                   (NFT_MSG_NEWSETELEM, rtnl.NLM_F_CREATE | rtnl.NLM_F_ACK))
+    by_id = [] if set_id is None else [u32(NFTA_SET_ELEM_LIST_SET_ID, set_id)]
+    return message(kind, flags, family, name(NFTA_SET_ELEM_LIST_TABLE, table),
+                   name(NFTA_SET_ELEM_LIST_SET, set_name), *by_id,
+                   rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS, *elements))
 
 
 def framed(messages: Sequence[Message]) -> list[Message]:

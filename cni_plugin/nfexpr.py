@@ -19,17 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import nfbatch, rtnl
-from .nfbatch import Message
+from .nfbatch import NFTA_LIST_ELEM, NFTA_RULE_CHAIN, NFTA_RULE_TABLE, Message, data, u32
 
-# linux/netfilter/nf_tables.h
-NFT_MSG_NEWRULE, NFT_MSG_NEWSET, NFT_MSG_NEWSETELEM = 6, 9, 12
-NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
-NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 1, 2
+# linux/netfilter/nf_tables.h: what only this module encodes (what others do too: nfbatch.py)
+NFT_MSG_NEWRULE, NFT_MSG_NEWSET = 6, 9
+NFTA_RULE_EXPRESSIONS, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 4, 1, 2
 NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS, NFTA_SET_KEY_TYPE, NFTA_SET_KEY_LEN = 1, 2, 3, 4, 5
 NFTA_SET_DESC, NFTA_SET_ID, NFTA_SET_USERDATA, NFTA_SET_DESC_SIZE = 9, 10, 13, 1
-NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET = 1, 2
-NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET_ID = 3, 4
-NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 1, 1
+NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA = 1, 2
 NFT_SET_ANONYMOUS, NFT_SET_CONSTANT = 0x1, 0x2
 NFT_REG_VERDICT, NFT_REG_1 = 0, 1
 NFT_PAYLOAD_LL_HEADER, NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 0, 1, 2
@@ -46,45 +43,38 @@ ICMPV6_TYPES = {"mld-listener-report": 131, "nd-router-advert": 134, "nd-neighbo
 IPPROTO_ICMPV6 = 58
 
 
-def _u32(kind: int, value: int) -> bytes:
-    return rtnl.attr(kind, struct.pack(">I", value & 0xFFFFFFFF))
-
-
-def _data(kind: int, value: bytes) -> bytes:
-    return rtnl.nested(kind, rtnl.attr(NFTA_DATA_VALUE, value))
-
-
 def _expr(name: str, *attrs: bytes) -> bytes:
     return rtnl.nested(NFTA_LIST_ELEM, nfbatch.name(NFTA_EXPR_NAME, name),
                        rtnl.nested(NFTA_EXPR_DATA, *attrs))
 
 
 def payload(base: int, offset: int, length: int) -> bytes:
-    return _expr("payload", _u32(1, NFT_REG_1), _u32(2, base), _u32(3, offset), _u32(4, length))
+    return _expr("payload", u32(1, NFT_REG_1), u32(2, base), u32(3, offset), u32(4, length))
 
 
 def meta(key: int) -> bytes:
-    return _expr("meta", _u32(2, key), _u32(1, NFT_REG_1))
+    return _expr("meta", u32(2, key), u32(1, NFT_REG_1))
 
 
 def cmp(op: int, value: bytes) -> bytes:
-    return _expr("cmp", _u32(1, NFT_REG_1), _u32(2, op), _data(3, value))
+    return _expr("cmp", u32(1, NFT_REG_1), u32(2, op), data(3, value))
 
 
 def bitwise(mask: bytes, xor: bytes) -> bytes:
     """reg 1 = (reg 1 & mask) ^ xor (NFT_BITWISE_BOOL)."""
-    return _expr("bitwise", _u32(1, NFT_REG_1), _u32(2, NFT_REG_1), _u32(6, 0), _u32(3, len(mask)),
-                 _data(4, mask), _data(5, xor))
+    return _expr("bitwise", u32(1, NFT_REG_1), u32(2, NFT_REG_1), u32(6, 0), u32(3, len(mask)),
+                 data(4, mask), data(5, xor))
 
 
 def lookup(set_id: int, inverted: bool) -> bytes:
-    flags = [_u32(5, NFT_LOOKUP_F_INV)] if inverted else []
-    return _expr("lookup", _u32(2, NFT_REG_1), nfbatch.name(1, ANONYMOUS), _u32(4, set_id), *flags)
+    flags = [u32(5, NFT_LOOKUP_F_INV)] if inverted else []
+    return _expr("lookup", u32(2, NFT_REG_1), nfbatch.name(1, ANONYMOUS), u32(4, set_id), *flags)
 
 
 def verdict(code: int) -> bytes:
     """An immediate verdict (linux/netfilter.h NF_DROP, nf_tables.h NFT_RETURN ...)."""
-    return _expr("immediate", _u32(1, NFT_REG_VERDICT), rtnl.nested(2, rtnl.nested(2, _u32(1, code))))
+    return _expr("immediate", u32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT),
+                 nfbatch.verdict_data(NFTA_IMMEDIATE_DATA, code))
 
 
 @dataclass(frozen=True)
@@ -103,10 +93,10 @@ class Key:
         def tlv(kind: int, value: bytes) -> bytes:
             return bytes([kind, len(value)]) + value
 
-        def u32(value: int) -> bytes:
+        def host(value: int) -> bytes:
             return struct.pack("=I", value)
-        payload_of = tlv(0, u32(self.proto)) + tlv(1, u32(self.field))
-        return tlv(0, u32(2)) + tlv(3, tlv(0, u32(7)) + tlv(1, payload_of))
+        payload_of = tlv(0, host(self.proto)) + tlv(1, host(self.field))
+        return tlv(0, host(2)) + tlv(3, tlv(0, host(7)) + tlv(1, payload_of))
 
 
 def _mac(text: str) -> bytes:
@@ -177,20 +167,16 @@ class Rule:
 
 
 def _anonymous_set(family: str, table: str, set_id: int, key: Key, values: Sequence[bytes]) -> list[Message]:
-    elements = [rtnl.nested(NFTA_LIST_ELEM, _data(NFTA_SET_ELEM_KEY, value)) for value in values]
     return [
         nfbatch.message(NFT_MSG_NEWSET, rtnl.NLM_F_CREATE | rtnl.NLM_F_ACK, family,
                         nfbatch.name(NFTA_SET_TABLE, table), nfbatch.name(NFTA_SET_NAME, ANONYMOUS),
-                        _u32(NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT),
-                        _u32(NFTA_SET_KEY_TYPE, key.datatype), _u32(NFTA_SET_KEY_LEN, key.length),
-                        _u32(NFTA_SET_ID, set_id),
-                        rtnl.nested(NFTA_SET_DESC, _u32(NFTA_SET_DESC_SIZE, len(values))),
+                        u32(NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT),
+                        u32(NFTA_SET_KEY_TYPE, key.datatype), u32(NFTA_SET_KEY_LEN, key.length),
+                        u32(NFTA_SET_ID, set_id),
+                        rtnl.nested(NFTA_SET_DESC, u32(NFTA_SET_DESC_SIZE, len(values))),
                         rtnl.attr(NFTA_SET_USERDATA, key.userdata())),
-        nfbatch.message(NFT_MSG_NEWSETELEM, rtnl.NLM_F_CREATE | rtnl.NLM_F_ACK, family,
-                        nfbatch.name(NFTA_SET_ELEM_LIST_TABLE, table),
-                        nfbatch.name(NFTA_SET_ELEM_LIST_SET, ANONYMOUS),
-                        _u32(NFTA_SET_ELEM_LIST_SET_ID, set_id),
-                        rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS, *elements)),
+        nfbatch.set_elements(family, table, ANONYMOUS, [nfbatch.element(value) for value in values],
+                             set_id=set_id),
     ]
 
 

@@ -55,6 +55,7 @@ _RTMSG = struct.Struct("=BBBBBBBBI")
 _ONE = struct.pack("=I", 1)
 _RTA = struct.Struct("=HH")
 
+
 def attr(kind: int, data: bytes) -> bytes:
     raw = _RTA.pack(4 + len(data), kind) + data
     return raw + b"\0" * (-len(raw) % 4)
@@ -127,7 +128,6 @@ def _pyroute2() -> Iterator[Any]:
         ipr.close()
 
 
-
 def _messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
     """(type, flags, seq, body) of each netlink message of a datagram; a length below the header's
     still moves on by a header (a zero length would loop forever)."""
@@ -143,6 +143,7 @@ def _raise_error(body: bytes) -> None:
     code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
     if code:
         raise NetlinkError(code, os.strerror(code))
+
 
 class Socket:
     """One rtnetlink socket (or, with `protocol`, another netlink family's: request() and

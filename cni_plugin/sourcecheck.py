@@ -67,15 +67,9 @@ _MISS = ("No such file or directory", "File exists")
 _MISS_ERRNO = (errno.ENOENT, errno.EEXIST)
 _PORT = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-# linux/netfilter/nf_tables.h
+# linux/netfilter/nf_tables.h: what only this module encodes (what others do too: nfbatch.py)
 NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_DELRULE = 3, 5, 8
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
-NFTA_TABLE, NFTA_CHAIN_NAME, NFTA_RULE_CHAIN = 1, 3, 2  # each message's table is its attribute 1
-NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 2, 3
-NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_DATA_VALUE = 1, 1, 2, 1
-NFTA_DATA_VERDICT, NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 2, 1, 2
-NFT_GOTO = -4
-IFNAMSIZ = 16  # an ifname key: the name, NUL-padded
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
 
 
 def _fail(what: str, exc: nftables.NftError) -> CNIError:
@@ -122,27 +116,17 @@ def _port_script(chain: str, port: str, rules: list[Rule]) -> str:
         f'add element {_TABLE} ports {{ "{port}" : goto {chain} }}\n')
 
 
-def _port_key(port: str) -> bytes:
-    """`port` as the `ports` map's key."""
-    return rtnl.nested(NFTA_SET_ELEM_KEY, rtnl.attr(NFTA_DATA_VALUE, port.encode().ljust(IFNAMSIZ, b"\0")))
-
-
 def _port_creation(chain: str, port: str, rules: list[Rule]) -> list[nfbatch.Message]:
     """What nft sends for `create chain`, the rules (nfexpr.py) and `add element ... ports
     { port : goto chain }`."""
     family, table = _TABLE.split()
-    goto = rtnl.nested(NFTA_SET_ELEM_DATA, rtnl.nested(
-        NFTA_DATA_VERDICT, rtnl.attr(NFTA_VERDICT_CODE, struct.pack(">i", NFT_GOTO)),
-        nfbatch.name(NFTA_VERDICT_CHAIN, chain)))
-    element = rtnl.nested(NFTA_LIST_ELEM, _port_key(port), goto)
+    goto = nfbatch.verdict_data(nfbatch.NFTA_SET_ELEM_DATA, nfbatch.NFT_GOTO, chain)
     return [
         nfbatch.message(NFT_MSG_NEWCHAIN, rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL | rtnl.NLM_F_ACK, family,
-                        nfbatch.name(NFTA_TABLE, table), nfbatch.name(NFTA_CHAIN_NAME, chain)),
+                        nfbatch.name(NFTA_CHAIN_TABLE, table), nfbatch.name(NFTA_CHAIN_NAME, chain)),
         *nfexpr.rule_messages(family, table, chain, rules),
         # by name only: a set id would name this batch's anonymous sets
-        nfbatch.message(NFT_MSG_NEWSETELEM, rtnl.NLM_F_CREATE | rtnl.NLM_F_ACK, family,
-                        nfbatch.name(NFTA_TABLE, table), nfbatch.name(NFTA_SET_ELEM_LIST_SET, "ports"),
-                        rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS, element)),
+        nfbatch.set_elements(family, table, "ports", [nfbatch.element(nfbatch.ifname(port), goto)]),
     ]
 
 
@@ -291,14 +275,11 @@ def _port_deletion(chain: str, port: str) -> list[nfbatch.Message]:
     """What nft sends for `delete element ... ports { port }`, `flush chain`, `delete chain`."""
     family, table = _TABLE.split()
     return [
-        nfbatch.message(NFT_MSG_DELSETELEM, rtnl.NLM_F_ACK, family, nfbatch.name(NFTA_TABLE, table),
-                        nfbatch.name(NFTA_SET_ELEM_LIST_SET, "ports"),
-                        rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS,
-                                    rtnl.nested(NFTA_LIST_ELEM, _port_key(port)))),
+        nfbatch.set_elements(family, table, "ports", [nfbatch.element(nfbatch.ifname(port))], delete=True),
         # without a rule's handle: every rule of the chain
-        nfbatch.message(NFT_MSG_DELRULE, rtnl.NLM_F_ACK, family, nfbatch.name(NFTA_TABLE, table),
-                        nfbatch.name(NFTA_RULE_CHAIN, chain)),
-        nfbatch.message(NFT_MSG_DELCHAIN, rtnl.NLM_F_ACK, family, nfbatch.name(NFTA_TABLE, table),
+        nfbatch.message(NFT_MSG_DELRULE, rtnl.NLM_F_ACK, family, nfbatch.name(nfbatch.NFTA_RULE_TABLE, table),
+                        nfbatch.name(nfbatch.NFTA_RULE_CHAIN, chain)),
+        nfbatch.message(NFT_MSG_DELCHAIN, rtnl.NLM_F_ACK, family, nfbatch.name(NFTA_CHAIN_TABLE, table),
                         nfbatch.name(NFTA_CHAIN_NAME, chain)),
     ]
 

@@ -90,6 +90,12 @@ def _reset(world: World) -> PolicyController:
     return agent
 
 
+def _node(world: World) -> Host:
+    """The node netns, which the `world` fixture always makes."""
+    assert world.host is not None
+    return world.host
+
+
 @pytest.mark.parametrize("title", [*CASES, *CLUSTER_CASES],
                          ids=[re.sub(r"[^A-Za-z0-9]+", "-", t).strip("-") for t in [*CASES, *CLUSTER_CASES]])
 def test_upstream_case_reachability(world: World, title: str) -> None:
@@ -113,7 +119,11 @@ def _flood(world: World, source: str, target: str, replace: Callable[[], None]) 
     socks = in_netns(world.netns[source], lambda: [client("UDP", world.ips[target][4]) for _ in range(4)])
     answered = 0
     done = threading.Event()
-    worker = threading.Thread(target=lambda: (replace(), done.set()))
+
+    def replace_then_stop() -> None:
+        replace()
+        done.set()
+    worker = threading.Thread(target=replace_then_stop)
     try:
         worker.start()
         while not done.is_set():
@@ -152,17 +162,18 @@ def test_a_failing_script_changes_nothing_and_removal_is_clean(world: World) -> 
     agent = _reset(world)
     agent.handle("NetworkPolicy", "ADDED", ns_policy("x", "deny", {"podSelector": POD_A}))
     assert agent.reconcile()
-    listed = world.host.exec("nft", "list", "table", "inet", TABLE).stdout
+    node = _node(world)
+    listed = node.exec("nft", "list", "table", "inet", TABLE).stdout
     broken = nft.ruleset(compile.decide([], [], [], NODE)) + "this is no nft\n"
     try:
         with pytest.raises(apply.NftError):
             apply.replace(broken, world.nft())
-        assert world.host.exec("nft", "list", "table", "inet", TABLE).stdout == listed
+        assert node.exec("nft", "list", "table", "inet", TABLE).stdout == listed
         assert observe(world, "TCP", 80, 4)[("y/a", "x/a")] is False
     finally:
         apply.remove(world.nft())
     apply.remove(world.nft())  # removing what is not there is fine
-    assert TABLE not in world.host.exec("nft", "list", "tables").stdout.decode()
+    assert TABLE not in node.exec("nft", "list", "tables").stdout.decode()
     assert observe(world, "TCP", 80, 4)[("y/a", "x/a")] is True
 
 
@@ -174,7 +185,7 @@ def test_the_node_itself_reaches_its_pods_under_deny_all(world: World) -> None:
         agent.handle("NetworkPolicy", "ADDED", ns_policy(ns, "deny-all", deny_all))
     assert agent.reconcile()
     try:
-        targets = [(world.host.name, world.ips[p][family]) for p in PODS for family in (4, 6)]
+        targets = [(_node(world).name, world.ips[p][family]) for p in PODS for family in (4, 6)]
         seen = probe(targets, "TCP", 80, 3.0)
         assert [t for t, ok in seen.items() if not ok] == []
         assert not any(observe(world, "TCP", 80, 4, reachable(("*", "*", False))).values())
@@ -226,13 +237,14 @@ REMOTE_POD = "10.90.0.5"  # r/a, a pod of another node, reached through a route 
 def remote(world: World) -> Iterator[str]:
     """A netns standing for another node and its pod r/a: a veth from the node, routes both ways.
     Traffic between it and the node's pods is routed, not bridged (the cross-node path)."""
+    node = _node(world)
     name = new_netns("h17rm")
     servers = None
     try:
-        world.host.exec("ip", "link", "add", "h17rm0", "type", "veth", "peer", "name", "eth0", "netns", name)
-        world.host.exec("ip", "addr", "add", "192.168.77.1/30", "dev", "h17rm0")
-        world.host.exec("ip", "link", "set", "h17rm0", "up")
-        world.host.exec("ip", "route", "add", "10.90.0.0/24", "via", "192.168.77.2")
+        node.exec("ip", "link", "add", "h17rm0", "type", "veth", "peer", "name", "eth0", "netns", name)
+        node.exec("ip", "addr", "add", "192.168.77.1/30", "dev", "h17rm0")
+        node.exec("ip", "link", "set", "h17rm0", "up")
+        node.exec("ip", "route", "add", "10.90.0.0/24", "via", "192.168.77.2")
         for cmd in (["addr", "add", "192.168.77.2/30", "dev", "eth0"], ["link", "set", "eth0", "up"],
                     ["link", "set", "lo", "up"], ["addr", "add", f"{REMOTE_POD}/32", "dev", "lo"],
                     ["route", "add", "10.89.0.0/24", "via", "192.168.77.1", "src", REMOTE_POD]):
@@ -423,7 +435,7 @@ def test_egress_to_the_node_itself_is_judged(world: World) -> None:
     isolated, still reaches the node."""
     agent = _reset(world)
     gateways = {4: "10.89.0.1", 6: "fd89::1"}  # the node's addresses on the pods' bridge
-    servers = Servers({"node": world.host.name})
+    servers = Servers({"node": _node(world).name})
     sources = ("x/a", "x/b", "y/a")
 
     def seen(family: int) -> dict[str, bool]:
@@ -434,7 +446,7 @@ def test_egress_to_the_node_itself_is_judged(world: World) -> None:
         assert agent.reconcile()
         for family in (4, 6):
             assert seen(family) == {"x/a": False, "x/b": False, "y/a": True}, family
-        from_node = probe([(world.host.name, world.ips[p][6]) for p in ("x/a", "x/b")], "TCP", 80, 3.0)
+        from_node = probe([(_node(world).name, world.ips[p][6]) for p in ("x/a", "x/b")], "TCP", 80, 3.0)
         assert all(from_node.values())
         to_node = {"to": [{"ipBlock": {"cidr": f"{gateways[4]}/32"}},
                           {"ipBlock": {"cidr": f"{gateways[6]}/128"}}]}
@@ -456,7 +468,7 @@ def _listing(world: World) -> list[str]:
         return [strip(v) for v in obj] if isinstance(obj, list) else obj
 
     objects = [o for family in ("inet", "bridge") for o in json.loads(
-        world.host.exec("nft", "-j", "list", "table", family, TABLE).stdout)["nftables"]]  # type: ignore[union-attr]
+        _node(world).exec("nft", "-j", "list", "table", family, TABLE).stdout)["nftables"]]
     return sorted(json.dumps(strip(o), sort_keys=True) for o in objects if "metainfo" not in o)
 
 
@@ -467,9 +479,13 @@ def test_events_applied_as_changes_leave_what_a_fresh_apply_of_the_end_state_lea
     agent = _reset(world)
     scripts: list[str] = []
     batches: list[str] = []
-    agent.apply_script = lambda script: (scripts.append(script), apply.replace(script, world.nft()))[1]
-    assert world.host is not None
-    host = world.host.name
+    host = _node(world).name
+
+    def apply_script(script: str) -> None:
+        scripts.append(script)
+        apply.replace(script, world.nft())
+
+    agent.apply_script = apply_script
 
     def elements(change: str, model: delta.Model) -> bool:
         done = in_netns(host, lambda: nfnl.apply(change, model))
@@ -477,7 +493,7 @@ def test_events_applied_as_changes_leave_what_a_fresh_apply_of_the_end_state_lea
         return done
 
     agent.apply_elements = elements
-    monitor = subprocess.Popen(["ip", "netns", "exec", world.host.name, "nft", "monitor"],
+    monitor = subprocess.Popen(["ip", "netns", "exec", host, "nft", "monitor"],
                                stdout=subprocess.PIPE, text=True)
     team_y = {"namespaceSelector": {"matchLabels": {"team": "y"}}}
     only_y = {"podSelector": POD_A, "ingress": [{"from": [team_y], "ports": [{"port": 80}]}]}

@@ -27,14 +27,8 @@ from ... import nfbatch, rtnl
 from ...nfbatch import Message
 from . import delta
 
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
-NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
-NFTA_LIST_ELEM = 1
-NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS = 1, 2, 3
-NFTA_SET_ELEM_USERDATA, NFTA_SET_ELEM_KEY_END = 6, 10
-NFTA_DATA_VALUE, NFTA_DATA_VERDICT = 1, 2
-NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
-NFT_JUMP = -3
+# linux/netfilter/nf_tables.h: what only this module encodes (what others do too: nfbatch.py)
+NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_USERDATA, NFTA_SET_ELEM_KEY_END = 3, 6, 10
 NFT_SET_ELEM_INTERVAL_END = 0x1
 # libnftnl's user data on an interval's start that runs to the end of the key's space: TLV of
 # NFTNL_UDATA_SET_ELEM_FLAGS (1), 4 bytes, NFTNL_SET_ELEM_F_INTERVAL_OPEN (1) in host order.
@@ -72,7 +66,7 @@ def _type(block: delta.Block) -> _Type | None:
     return _Type(fields, bool(flags), verdict)
 
 
-_WIDTH = {"ipv4_addr": 4, "ipv6_addr": 16, "ifname": 16, "inet_proto": 1, "inet_service": 2}
+_WIDTH = {"ipv4_addr": 4, "ipv6_addr": 16, "ifname": nfbatch.IFNAMSIZ, "inet_proto": 1, "inet_service": 2}
 
 
 def _range(field: str, text: str) -> tuple[int, int] | None:
@@ -101,7 +95,7 @@ def _bytes(field: str, value: int) -> bytes:
 
 def _ifname(text: str) -> bytes | None:
     name = text[1:-1] if len(text) > 2 and text[0] == text[-1] == '"' else ""
-    return name.encode().ljust(_WIDTH["ifname"], b"\0") if _NAME.fullmatch(name) else None
+    return nfbatch.ifname(name) if _NAME.fullmatch(name) else None
 
 
 def _register(raw: bytes) -> bytes:
@@ -134,24 +128,18 @@ def _keys(kind: _Type, text: str) -> tuple[bytes, bytes] | None:
     return low, high
 
 
-def _data(kind: int, raw: bytes) -> bytes:
-    return rtnl.nested(kind, rtnl.attr(NFTA_DATA_VALUE, raw))
-
-
 def _element(key: bytes, flags: int = 0, key_end: bytes | None = None, verdict: str | None = None,
              userdata: bytes | None = None) -> bytes:
-    attrs = [_data(NFTA_SET_ELEM_KEY, key)]
+    attrs: list[bytes] = []
     if key_end is not None:
-        attrs.append(_data(NFTA_SET_ELEM_KEY_END, key_end))
+        attrs.append(nfbatch.data(NFTA_SET_ELEM_KEY_END, key_end))
     if flags:
-        attrs.append(rtnl.attr(NFTA_SET_ELEM_FLAGS, struct.pack(">I", flags)))
+        attrs.append(nfbatch.u32(NFTA_SET_ELEM_FLAGS, flags))
     if verdict is not None:
-        code = rtnl.attr(NFTA_VERDICT_CODE, struct.pack(">i", NFT_JUMP))
-        chain = rtnl.attr(NFTA_VERDICT_CHAIN, verdict.encode() + b"\0")
-        attrs.append(rtnl.nested(NFTA_SET_ELEM_DATA, rtnl.nested(NFTA_DATA_VERDICT, code, chain)))
+        attrs.append(nfbatch.verdict_data(nfbatch.NFTA_SET_ELEM_DATA, nfbatch.NFT_JUMP, verdict))
     if userdata is not None:
         attrs.append(rtnl.attr(NFTA_SET_ELEM_USERDATA, userdata))
-    return rtnl.nested(NFTA_LIST_ELEM, *attrs)
+    return nfbatch.element(key, *attrs)
 
 
 def _elements(kind: _Type, add: bool, items: Sequence[str], empty: bool) -> list[bytes] | None:
@@ -208,11 +196,7 @@ def encode(change: str, model: delta.Model) -> list[Message] | None:
         elements = _elements(kind, verb == "add", items.split(", "), not block.body)
         if elements is None or sum(map(len, elements)) > 0xFFFF - 4:
             return None  # (an attribute's length is 16 bits)
-        kind_flags = ((NFT_MSG_NEWSETELEM, rtnl.NLM_F_CREATE | rtnl.NLM_F_ACK) if verb == "add" else
-                      (NFT_MSG_DELSETELEM, rtnl.NLM_F_ACK))
-        messages.append(nfbatch.message(*kind_flags, family, nfbatch.name(NFTA_SET_ELEM_LIST_TABLE, table),
-                                        nfbatch.name(NFTA_SET_ELEM_LIST_SET, name),
-                                        rtnl.nested(NFTA_SET_ELEM_LIST_ELEMENTS, *elements)))
+        messages.append(nfbatch.set_elements(family, table, name, elements, delete=verb == "delete"))
     if not messages or sum(16 + len(m[2]) for m in messages) > LIMIT:
         return None
     return nfbatch.framed(messages)

@@ -167,6 +167,17 @@ class _Dispatched:
     texts: dict[int, _Address]  # Chains.texts() of the selected addresses, by id()
 
 
+@dataclass(frozen=True)
+class _PortLayout:
+    """What the bridge table keys on, from the ports and the addresses judged (by identity):
+    each port's plan per direction, the ports' own addresses, and the policies they use."""
+
+    inputs: tuple[object, ...]
+    combos: dict[str, dict[str, Judges]]
+    own: dict[int, Block]
+    used: dict[str, set[int]]
+
+
 class Chains:
     """The policy chains of the last ruleset, kept for the next while their PolicyRules is the
     same object (compile.Memo hands the same object back while what it read is the same), and
@@ -184,6 +195,7 @@ class Chains:
         # hands the same one back while no selection changed), and what dispatch() wrote for it
         self.judgements: dict[str, tuple[Mapping[Address, tuple[int, ...]], list[_Judged]]] = {}
         self.dispatched: dict[str, _Dispatched] = {}
+        self.layout: _PortLayout | None = None  # the bridge table's, kept while its inputs are the same
 
     def judged(self, decision: Decision, tiers: Tiers, direction: str) -> list[_Judged]:
         """tiers.judged(), the same list while the direction's map is the same object and no
@@ -455,27 +467,53 @@ def _table(script: _Script) -> dict[str, Block]:
     return {**script.sets, **script.chains}
 
 
+def _port_layout(ports: Mapping[Address, Collection[str]], chains: Chains,
+                 selected: Mapping[str, Sequence[tuple[Address, Judges]]]) -> _PortLayout:
+    """For each port holding a selected pod's API address, that pod's plan (a port holding several
+    pods' addresses is judged by all their policies); the same object while the ports and the
+    selection are (bridgeports.Watch and Chains.judged hand the same ones back while unchanged)."""
+    inputs = (ports, selected["ingress"], selected["egress"])
+    last = chains.layout
+    if last is not None and all(a is b for a, b in zip(last.inputs, inputs, strict=True)):
+        return last
+    by_port: dict[str, dict[str, list[Judges]]] = {"ingress": {}, "egress": {}}
+    own: set[tuple[str, _Address]] = set()
+    valid: dict[str, bool] = {}
+    for direction in ("ingress", "egress") if ports else ():
+        pairs = selected[direction]
+        for (address, plan), text in zip(pairs, chains.texts(a for a, _plan in pairs), strict=True):
+            for port in ports.get(address, ()):
+                if valid.setdefault(port, bool(_IFNAME.fullmatch(port))):
+                    by_port[direction].setdefault(port, []).append(plan)
+                    own.add((port, text))
+    plans: dict[tuple[int, ...], Judges] = {}  # a port's plans merged once per distinct list
+
+    def plan(found: list[Judges]) -> Judges:
+        key = tuple(map(id, found))
+        if key not in plans:
+            plans[key] = merged(found)
+        return plans[key]
+
+    combos = {d: {port: plan(p) for port, p in by_.items()} for d, by_ in by_port.items()}
+    chains.layout = _PortLayout(
+        inputs, combos,
+        {version: _set(f"ifname . {_ADDR_TYPE[version]}", sorted(
+            f'"{p}" . {a[2]}' for p, a in own if a[0] == version), interval=False) for version in (4, 6)},
+        {d: {i for c in p.values() for i in c.policies or ()} for d, p in combos.items()})
+    return chains.layout
+
+
 def _bridge(decision: Decision, tiers: Tiers, ports: Mapping[Address, Collection[str]], chains: Chains,
             selected: Mapping[str, Sequence[tuple[Address, Judges]]]) -> _Script:
-    """The bridge table: for each port holding a selected pod's API address, that pod's policies
-    (a port holding several pods' addresses is judged by all their policies). `selected`: the
-    addresses judged in each direction (tiers.judged)."""
-    by_port: dict[str, dict[str, list[Judges]]] = {"ingress": {}, "egress": {}}
-    own: set[tuple[str, Address]] = set()
-    for direction in ("ingress", "egress") if ports else ():
-        for address, plan in selected[direction]:
-            for port in filter(_IFNAME.fullmatch, ports.get(address, ())):
-                by_port[direction].setdefault(port, []).append(plan)
-                own.add((port, address))
-    combos = {d: {port: merged(p) for port, p in by_.items()} for d, by_ in by_port.items()}
+    """The bridge table: each port judged by the plan of the selected addresses it holds
+    (_port_layout). `selected`: the addresses judged in each direction (tiers.judged)."""
+    layout = _port_layout(ports, chains, selected)
     script = _Script(tiers, chains)
-    _policy_chains(script, decision, {d: {i for c in p.values() for i in c.policies or ()}
-                                      for d, p in combos.items()})
+    _policy_chains(script, decision, layout.used)
     for version in (4, 6):
-        script.sets[f"own{version}"] = _set(f"ifname . {_ADDR_TYPE[version]}", sorted(
-            f'"{p}" . {a}' for p, a in own if a.version == version), interval=False)
-    script.port_dispatch("egress", combos["egress"], "iifname", "saddr", "filter - 1")
-    script.port_dispatch("ingress", combos["ingress"], "oifname", "daddr", "filter + 1")
+        script.sets[f"own{version}"] = layout.own[version]
+    script.port_dispatch("egress", layout.combos["egress"], "iifname", "saddr", "filter - 1")
+    script.port_dispatch("ingress", layout.combos["ingress"], "oifname", "daddr", "filter + 1")
     return script
 
 

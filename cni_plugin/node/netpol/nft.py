@@ -173,7 +173,9 @@ class _PortLayout:
     each port's plan per direction, the ports' own addresses, and the policies they use."""
 
     inputs: tuple[object, ...]
+    by_text: dict[str, tuple[str, ...]]  # of inputs[0]: each address's ports fit for the script, by its text
     combos: dict[str, dict[str, Judges]]
+    own_keys: set[tuple[str, int, str]]  # port, version and text of each port's own addresses
     own: dict[int, Block]
     used: dict[str, set[int]]
 
@@ -467,6 +469,20 @@ def _table(script: _Script) -> dict[str, Block]:
     return {**script.sets, **script.chains}
 
 
+def _by_text(ports: Mapping[Address, Collection[str]]) -> dict[str, tuple[str, ...]]:
+    """Each address's ports fit for the script, by the address's text: an ipaddress object
+    hashes in Python, a str keeps its hash."""
+    return {str(address): tuple(p for p in sorted(names) if _IFNAME.fullmatch(p))
+            for address, names in ports.items()}
+
+
+def _own_sets(own: set[tuple[str, int, str]]) -> dict[int, Block]:
+    """The sets of each port's own addresses, by version: frames there are not judged again."""
+    return {version: _set(f"ifname . {_ADDR_TYPE[version]}",
+                          sorted(f'"{p}" . {t}' for p, v, t in own if v == version), interval=False)
+            for version in (4, 6)}
+
+
 def _port_layout(ports: Mapping[Address, Collection[str]], chains: Chains,
                  selected: Mapping[str, Sequence[tuple[Address, Judges]]]) -> _PortLayout:
     """For each port holding a selected pod's API address, that pod's plan (a port holding several
@@ -476,16 +492,16 @@ def _port_layout(ports: Mapping[Address, Collection[str]], chains: Chains,
     last = chains.layout
     if last is not None and all(a is b for a, b in zip(last.inputs, inputs, strict=True)):
         return last
+    by_text = last.by_text if last is not None and last.inputs[0] is ports else _by_text(ports)
     by_port: dict[str, dict[str, list[Judges]]] = {"ingress": {}, "egress": {}}
-    own: set[tuple[str, _Address]] = set()
-    valid: dict[str, bool] = {}
-    for direction in ("ingress", "egress") if ports else ():
+    own: set[tuple[str, int, str]] = set()
+    for direction in ("ingress", "egress") if by_text else ():
         pairs = selected[direction]
-        for (address, plan), text in zip(pairs, chains.texts(a for a, _plan in pairs), strict=True):
-            for port in ports.get(address, ()):
-                if valid.setdefault(port, bool(_IFNAME.fullmatch(port))):
-                    by_port[direction].setdefault(port, []).append(plan)
-                    own.add((port, text))
+        for (_address, judges), (version, _n, text, _a) in zip(pairs, chains.texts(a for a, _j in pairs),
+                                                               strict=True):
+            for port in by_text.get(text, ()):
+                by_port[direction].setdefault(port, []).append(judges)
+                own.add((port, version, text))
     plans: dict[tuple[int, ...], Judges] = {}  # a port's plans merged once per distinct list
 
     def plan(found: list[Judges]) -> Judges:
@@ -495,11 +511,9 @@ def _port_layout(ports: Mapping[Address, Collection[str]], chains: Chains,
         return plans[key]
 
     combos = {d: {port: plan(p) for port, p in by_.items()} for d, by_ in by_port.items()}
-    chains.layout = _PortLayout(
-        inputs, combos,
-        {version: _set(f"ifname . {_ADDR_TYPE[version]}", sorted(
-            f'"{p}" . {a[2]}' for p, a in own if a[0] == version), interval=False) for version in (4, 6)},
-        {d: {i for c in p.values() for i in c.policies or ()} for d, p in combos.items()})
+    own_sets = last.own if last is not None and last.own_keys == own else _own_sets(own)
+    used = {d: {i for c in p.values() for i in c.policies or ()} for d, p in combos.items()}
+    chains.layout = _PortLayout(inputs, by_text, combos, own, own_sets, used)
     return chains.layout
 
 

@@ -68,6 +68,24 @@ def addresses(ports: Collection[Port]) -> dict[Address, frozenset[str]]:
     return {address: frozenset(names) for address, names in found.items()}
 
 
+def _patched(found: Mapping[Address, frozenset[str]],
+             changed: list[tuple[Port | None, Port | None]]) -> dict[Address, frozenset[str]]:
+    """`found` (addresses()) after the ports' changes, in order."""
+    out = dict(found)
+    for before, after in changed:
+        if before is not None:
+            for address in before.addresses:
+                names = out.get(address, frozenset()) - {before.name}
+                if names:
+                    out[address] = names
+                else:
+                    out.pop(address, None)
+        if after is not None:
+            for address in after.addresses:
+                out[address] = out.get(address, frozenset()) | {after.name}
+    return out
+
+
 def pod_ports(open_socket: Callable[[], rtnl.Socket] = rtnl.Socket,
               bridge: str | None = None) -> dict[Address, frozenset[str]]:
     """One read, whole; with `bridge`, of that bridge's ports only (none if it does not exist)."""
@@ -93,6 +111,7 @@ class Watch:
             raise
         self._ports: dict[int, Port] | None = None  # None: to be read whole
         self._map: dict[Address, frozenset[str]] | None = None  # of _ports, made when asked
+        self._changed: list[tuple[Port | None, Port | None]] = []  # ports (before, after) since _map
         self.full_reads = 0  # for the tests and the benchmark
 
     def close(self) -> None:
@@ -110,6 +129,9 @@ class Watch:
         ports = self._refresh()
         if self._map is None:
             self._map = addresses(ports.values())
+        elif self._changed:
+            self._map = _patched(self._map, self._changed)  # a new object: the old one is someone's key
+        self._changed = []
         return self._map
 
     def on_bridge(self, bridge: str) -> Collection[Address]:
@@ -125,6 +147,7 @@ class Watch:
             return self._follow()
         except BaseException:
             self._ports = self._map = None  # a port left half-read: read whole at the next call
+            self._changed = []
             raise
 
     def _follow(self) -> dict[int, Port]:
@@ -135,7 +158,7 @@ class Watch:
                 raise
             notes, drained = [], False
         if self._ports is None or not drained:
-            self._ports, self._map = read(self._sock), None
+            self._ports, self._map, self._changed = read(self._sock), None, []
             self.full_reads += 1
             return self._ports
         links, pod_ends = set(), set()
@@ -156,10 +179,11 @@ class Watch:
         assert self._ports is not None
         link = self._sock.link_by_index(index)
         port = None if link is None else _port(self._sock, link)
-        if self._ports.get(index) == port:
+        before = self._ports.get(index)
+        if before == port:
             return
         if port is None:
             del self._ports[index]
         else:
             self._ports[index] = port
-        self._map = None
+        self._changed.append((before, port))

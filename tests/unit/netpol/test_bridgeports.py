@@ -148,3 +148,21 @@ def test_the_map_is_the_same_object_until_a_port_changes() -> None:
     kernel.addresses[1, 2] = []
     kernel.queued = [_address_note(1, 2)]
     assert watch.pods() is not first
+
+
+def test_an_address_on_two_ports_keeps_the_one_left_when_the_other_goes() -> None:
+    kernel = Kernel()
+    watch = bridgeports.Watch(kernel.socket)
+    watch.pods()
+    kernel.links[12] = _port(12, 3)
+    kernel.addresses[3, 2] = [ipaddress.ip_interface("10.0.0.10/24")]  # veth10's pod address too
+    kernel.queued = [(rtnl.RTM_NEWLINK, None, rtnl.ifinfo(12))]
+    assert watch.pods()[ipaddress.ip_address("10.0.0.10")] == {"veth10", "veth12"}
+    del kernel.links[10]
+    kernel.queued = [(rtnl.RTM_DELLINK, None, rtnl.ifinfo(10))]
+    assert dict(watch.pods()) == {ipaddress.ip_address("10.0.0.10"): {"veth12"},
+                                  ipaddress.ip_address("10.0.0.11"): {"veth11"}}
+    kernel.addresses[3, 2] = []
+    kernel.queued = [_address_note(3, 2)]
+    assert dict(watch.pods()) == {ipaddress.ip_address("10.0.0.11"): {"veth11"}}
+    assert watch.full_reads == 1

@@ -52,7 +52,7 @@ import dataclasses
 import functools
 import hashlib
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ...hostnet import NETPOL_REFUSED, NETPOL_TABLE
@@ -158,10 +158,10 @@ class _Recipe:
 
 @dataclass(frozen=True)
 class _Dispatched:
-    """What _Script.dispatch() wrote for one direction, and from what."""
+    """What _Script.dispatch() or port_dispatch() wrote for one direction, and from what."""
 
-    selected: Sequence[tuple[Address, Judges]]
-    inputs: tuple[object, ...]  # the policies' chain names (by identity), the fence, key and priority
+    selected: object  # the addresses judged (tiers.judged), or each port's plan: by identity
+    inputs: tuple[object, ...]  # the policies' chain names (by identity), then the rest of the arguments
     sets: dict[str, Block]
     chains: dict[str, Block]
     texts: dict[int, _Address]  # Chains.texts() of the selected addresses, by id()
@@ -369,21 +369,27 @@ class _Script:
 
     def dispatch(self, direction: str, selected: Sequence[tuple[Address, Judges]], key: str, priority: str,
                  fence: Fence | None) -> None:
-        """The per-plan chains, the verdict maps from pod address to them, the base chain; what
-        was written last when `selected` and the policies' chain names are the same objects."""
-        inputs = (self.policy_names, fence, key, priority)
-        last = self.memo.dispatched.get(direction)
+        """The per-plan chains, the verdict maps from pod address to them, the base chain."""
+        self._kept(direction, selected, (self.policy_names, fence, key, priority),
+                   lambda: self._dispatch(direction, selected, key, priority, fence))
+
+    def _kept(self, name: str, selected: object, inputs: tuple[object, ...],
+              write: Callable[[], list[_Address]]) -> None:
+        """What `write` adds to the script (and the address texts it used), kept in Chains under
+        `name`: written again as it was while `selected` and the policies' chain names (inputs[0])
+        are the same objects and the rest of `inputs` equal; not with ClusterNetworkPolicies."""
+        last = self.memo.dispatched.get(name)
         if (last is not None and last.selected is selected and last.inputs[0] is inputs[0]
                 and last.inputs[1:] == inputs[1:] and not self.tiers.policies):
             self.sets.update(last.sets)
             self.chains.update(last.chains)
             self.memo.seen.update(last.texts)  # kept for the next ruleset, as texts() would
             return
-        self.memo.dispatched.pop(direction, None)
+        self.memo.dispatched.pop(name, None)
         sets, chains = set(self.sets), set(self.chains)
-        texts = self._dispatch(direction, selected, key, priority, fence)
+        texts = write()
         if not self.tiers.policies:
-            self.memo.dispatched[direction] = _Dispatched(
+            self.memo.dispatched[name] = _Dispatched(
                 selected, inputs, {n: b for n, b in self.sets.items() if n not in sets},
                 {n: b for n, b in self.chains.items() if n not in chains}, {id(t[3]): t for t in texts})
 
@@ -410,6 +416,11 @@ class _Script:
     def port_dispatch(self, direction: str, by_port: Mapping[str, Judges], side: str, key: str,
                       priority: str) -> None:
         """The bridge table's: a port's frames at other addresses than its own judged by its policies."""
+        self._kept(f"ports_{direction}", by_port, (self.policy_names, side, key, priority),
+                   lambda: self._port_dispatch(direction, by_port, side, key, priority))
+
+    def _port_dispatch(self, direction: str, by_port: Mapping[str, Judges], side: str, key: str,
+                       priority: str) -> list[_Address]:
         combos = self.combo_chains(direction, by_port.values())
         elements = [f'"{port}" : jump {combos[c]}' for port, c in sorted(by_port.items())]
         self.sets[f"{direction}_ports"] = _set("ifname : verdict", elements, interval=False, kind="map")
@@ -418,6 +429,7 @@ class _Script:
             f"{side} . ip {key} @own4 accept",
             f"{side} . ip6 {key} @own6 accept",
             f"meta protocol {{ ip, ip6 }} {side} vmap @{direction}_ports"))
+        return []
 
 
 def _in_order(row: tuple[_Address, str]) -> int:
@@ -511,6 +523,8 @@ def _port_layout(ports: Mapping[Address, Collection[str]], chains: Chains,
         return plans[key]
 
     combos = {d: {port: plan(p) for port, p in by_.items()} for d, by_ in by_port.items()}
+    if last is not None:  # equal plans: the same object, so port_dispatch() writes what it wrote
+        combos = {d: last.combos[d] if last.combos[d] == c else c for d, c in combos.items()}
     own_sets = last.own if last is not None and last.own_keys == own else _own_sets(own)
     used = {d: {i for c in p.values() for i in c.policies or ()} for d, p in combos.items()}
     chains.layout = _PortLayout(inputs, by_text, combos, own, own_sets, used)

@@ -15,16 +15,18 @@ controller does (policy_controller.launch): an element-only change as one netlin
 - size: the ruleset (lines of `nft list table`, set elements, chains, rules) at 50, 200 and 500
   pods, with the 200 policies;
 - RSS: this process holding an API view of 5,000 pods (4,500 on other nodes) and its ruleset;
-- the bridge ports' read: the event figures leave it out (the world has no veths), but on a node
-  the node controller reads every bridge port's pod addresses at each event (apply.pod_ports:
-  one links dump, then one address dump per port in the pod's netns). Timed here with PORTS
-  real pod netns, each with a veth on a bridge of the throw-away netns (BENCH_NETPOL_PORTS=0:
-  skipped).
+- the bridge ports: PORTS real pod netns (the world's first pods, their addresses), each with a
+  veth on a bridge of the throw-away netns, which the agent keys its bridge table on and keeps
+  from netlink notifications as the node controller does (bridgeports.Watch), in every figure
+  above; and, timed apart, one read of them whole (what every event cost before the watch: one
+  links dump, one address dump per port in the pod's netns), and the watch's refresh with
+  nothing changed and after one pod's address changed (BENCH_NETPOL_PORTS=0: no ports).
 The targets are printed next to the figures; nothing fails on them. Prints JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -36,11 +38,12 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import kubernetes  # noqa: F401  # the agent's import, counted in its RSS
 
-from cni_plugin.node.netpol import apply, delta, nfnl, nft
+from cni_plugin.node.netpol import apply, bridgeports, delta, nfnl, nft
 from cni_plugin.node.netpol.policy_controller import PolicyController, serve
 
 NODE = "bench-node"
@@ -118,9 +121,10 @@ class Stage:
         return done
 
 
-def _agent(lists: dict[str, list[dict[str, Any]]], stage: Stage | None = None) -> PolicyController:
+def _agent(lists: dict[str, list[dict[str, Any]]], stage: Stage | None = None,
+           ports: bridgeports.Watch | None = None) -> PolicyController:
     stage = stage or Stage()
-    agent = PolicyController(NODE, stage.script, lambda *_a, **_k: None,
+    agent = PolicyController(NODE, stage.script, lambda *_a, **_k: None, ports=ports.pods if ports else None,
                              apply_elements=stage.elements if BATCH else None)
     for kind, items in lists.items():
         agent.handle(kind, "SYNC", items)
@@ -172,11 +176,12 @@ def main() -> None:
     subprocess.run(["ip", "netns", "add", netns], check=True)
     pods = [f"{netns}-p{i}" for i in range(PORTS)]
     try:
+        if pods:
+            _bridge_ports(netns, pods)
         inside = subprocess.run(["ip", "netns", "exec", netns, sys.executable, __file__, "measure"],
                                 stdout=subprocess.PIPE, text=True, check=True).stdout
         if pods:
-            _bridge_ports(netns, pods)
-            read = subprocess.run(["ip", "netns", "exec", netns, sys.executable, __file__, "ports"],
+            read = subprocess.run(["ip", "netns", "exec", netns, sys.executable, __file__, "ports", pods[0]],
                                   stdout=subprocess.PIPE, text=True, check=True).stdout
     finally:
         for name in [*pods, netns]:
@@ -207,36 +212,64 @@ def _bridge_ports(netns: str, pods: list[str]) -> None:
                             f"addr add fd00:244::{i + 2:x}/64 dev eth0 nodad", "link set eth0 up"])
 
 
-def ports() -> None:
-    """In main's throw-away netns: apply.pod_ports() as the node controller calls it at each
-    event, and the links dump alone, p50 of 10."""
+def ports(pod_netns: str) -> None:
+    """In main's throw-away netns, p50 of 10: one read of the bridge ports whole, the links dump
+    alone, and the watch's refresh with nothing changed and after an address of `pod_netns`'s
+    pod changed (added, then removed: `ip` outside the time)."""
     from cni_plugin import rtnl
 
     def links() -> list[Any]:
         with rtnl.Socket() as sock:
             return sock.bridge_ports()
 
-    def p50(read: Any) -> tuple[int, float]:
+    def p50(read: Any, before: Any = lambda _i: None) -> tuple[int, float]:
         times, found = [], 0
-        for _ in range(10):
+        for i in range(10):
+            before(i)
             started = time.perf_counter()
             found = len(read())
             times.append(time.perf_counter() - started)
-        return found, round(statistics.median(times) * 1000, 1)
+        return found, round(statistics.median(times) * 1000, 2)
 
-    addresses, all_ms = p50(apply.pod_ports)
+    def change(i: int) -> None:
+        subprocess.run(["ip", "-n", pod_netns, "addr", "add" if i % 2 == 0 else "del", "10.99.0.1/32",
+                        "dev", "eth0"], check=True)
+
+    addresses, all_ms = p50(bridgeports.pod_ports)
     ports_found, links_ms = p50(links)
-    print(json.dumps({"ports": ports_found, "addresses": addresses, "pod_ports_p50_ms": all_ms,
-                      "links_dump_p50_ms": links_ms}))
+    with bridgeports.Watch() as watch:
+        watch.pods()
+        _found, idle_ms = p50(watch.pods)
+        _found, changed_ms = p50(watch.pods, change)
+        whole = watch.full_reads
+    print(json.dumps({"ports": ports_found, "addresses": addresses, "read_whole_p50_ms": all_ms,
+                      "links_dump_p50_ms": links_ms, "watch_idle_p50_ms": idle_ms,
+                      "watch_one_changed_p50_ms": changed_ms, "watch_whole_reads": whole}))
+
+
+@contextlib.contextmanager
+def _watch() -> Iterator[bridgeports.Watch | None]:
+    """The bridge ports of this netns as the node controller keeps them; None without ports."""
+    if not PORTS:
+        yield None
+        return
+    with bridgeports.Watch() as watch:
+        yield watch
 
 
 def measure() -> None:
     """The figures but the imports', in this process's netns (main's throw-away one)."""
+    with contextlib.ExitStack() as held:
+        _measure(held)
+
+
+def _measure(held: contextlib.ExitStack) -> None:
     listing = ["nft", "list", "table", "inet", nft.TABLE]
     sizes = {}
     for count in (50, 200, PODS):
-        agent = _agent(_lists(count))
-        assert agent.reconcile()
+        with _watch() as watch:
+            agent = _agent(_lists(count), ports=watch)
+            assert agent.reconcile()
         listed = subprocess.run(listing, capture_output=True, text=True, check=True).stdout
         sizes[str(count)] = _size(agent.applied or "", listed)
     syncs = []
@@ -245,7 +278,8 @@ def measure() -> None:
         apply.remove()
         lists = _lists(PODS)
         started = time.perf_counter()
-        agent = _agent(lists, stage)
+        watch = held.enter_context(_watch())  # its first read counts: a node agent's start
+        agent = _agent(lists, stage, watch)
         assert agent.reconcile()
         syncs.append(time.perf_counter() - started)
 
@@ -284,9 +318,10 @@ def measure() -> None:
 
 def rss() -> None:
     """In a process of its own: the agent holding the 5,000 pods' view, its rules applied."""
-    agent = _agent(_lists(PODS, API_PODS - PODS))
-    assert agent.reconcile()
-    print(_rss_mib())
+    with _watch() as watch:
+        agent = _agent(_lists(PODS, API_PODS - PODS), ports=watch)
+        assert agent.reconcile()
+        print(_rss_mib())
     apply.remove()
 
 
@@ -296,6 +331,6 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["measure"]:
         measure()
     elif sys.argv[1:2] == ["ports"]:
-        ports()
+        ports(sys.argv[2])
     else:
         main()

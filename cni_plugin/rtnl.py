@@ -22,7 +22,9 @@ from cnikit.ip import IPInterface
 from .netlink import Link, NetlinkError
 
 NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
-SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_GET_STRICT_CHK = 270, 10, 12
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NETLINK_LISTEN_ALL_NSID = 270, 1, 8
+NETLINK_CAP_ACK, NETLINK_GET_STRICT_CHK = 10, 12
+RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR = 1, 5, 9
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
@@ -54,6 +56,10 @@ _IFADDR = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _ONE = struct.pack("=I", 1)
 _RTA = struct.Struct("=HH")
+_CMSG_NSID = _socket.CMSG_SPACE(4)
+
+Notification = tuple[int, int | None, bytes]  # type, the id of the netns it came from (None: this one), body
+
 
 
 def attr(kind: int, data: bytes) -> bytes:
@@ -106,6 +112,16 @@ def _parse_link(body: bytes) -> Link:
         up=bool(flags & IFF_UP),
         oper_up=IFLA_OPERSTATE in fields and fields[IFLA_OPERSTATE][0] == OPER_UP,
     )
+
+
+def subject(mtype: int, body: bytes) -> int | None:
+    """The link index a link or address message is about; None for another message, or one too
+    short to say."""
+    if mtype in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= _IFINFO.size:
+        return int(_IFINFO.unpack_from(body)[2])
+    if mtype in (RTM_NEWADDR, RTM_DELADDR) and len(body) >= _IFADDR.size:
+        return int(_IFADDR.unpack_from(body)[4])
+    return None
 
 
 def _mac_bytes(mac: str) -> bytes:
@@ -212,6 +228,34 @@ class Socket:
                 if mtype == NLMSG_ERROR:
                     _raise_error(body)
                     waiting.discard(mseq)
+
+    # --- notifications -------------------------------------------------------------------
+
+    def listen(self, groups: Iterable[int], buffer: int) -> None:
+        """Receive the notifications of `groups` (RTNLGRP_*): those of this netns, and those of
+        every netns with an id here (NETLINK_LISTEN_ALL_NSID, CAP_NET_BROADCAST over them).
+        Use this socket for nothing else: request() skips what is not its answer."""
+        self._sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, buffer)
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_LISTEN_ALL_NSID, 1)
+        for group in groups:
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+
+    def notifications(self, limit: int) -> tuple[list[Notification], bool]:
+        """The notifications queued, without waiting: (type, the id here of the netns it came
+        from or None for this one, body) of each, up to `limit` datagrams; and whether the
+        queue was drained. OSError ENOBUFS: the kernel dropped some since the last call."""
+        found: list[Notification] = []
+        for _ in range(limit):
+            try:
+                data, ancillary, _flags, _from = self._sock.recvmsg(1 << 16, _CMSG_NSID, _socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return found, True
+            nsid = None
+            for level, kind, value in ancillary:
+                if level == SOL_NETLINK and kind == NETLINK_LISTEN_ALL_NSID and len(value) >= 4:
+                    nsid = _s32(value)
+            found.extend((mtype, nsid, body) for mtype, _mflags, _seq, body in _messages(data))
+        return found, False
 
     # --- links ---------------------------------------------------------------------------
 
@@ -408,7 +452,8 @@ class Socket:
 
     def links(self) -> list[Link]:
         """Every link (each with `peer_netnsid`: the id here of the netns its peer is in)."""
-        return [_parse_link(body) for _kind, body in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo())]
+        mask = attr(IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS))  # a third of the bytes
+        return [_parse_link(body) for _kind, body in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo() + mask)]
 
     def bridge_ports(self) -> list[tuple[Link, int]]:
         """Each veth on a bridge whose peer is in another netns, with that netns's id here."""

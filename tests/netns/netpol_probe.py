@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from cni_plugin import rtnl
-from cni_plugin.node.netpol import apply
+from cni_plugin.node.netpol import apply, bridgeports
 from cni_plugin.node.netpol.policy_controller import PolicyController
 from testbed.harness import Host, bridge_conf
 
@@ -60,13 +60,22 @@ def in_netns(netns: str, make: Callable[[], T]) -> T:
     return out["value"]
 
 
-def node_agent(world: World) -> PolicyController:
+def node_agent(world: World, watch: bridgeports.Watch | None = None) -> PolicyController:
     """The node controller's NetworkPolicy path for the world's node netns: its rules go in with
-    `nft -f` there, its bridge ports are read there; no objects yet."""
+    `nft -f` there, its bridge ports are read there (whole at each reconcile, or kept by `watch`,
+    as the node controller does); no objects yet."""
     assert world.host is not None
     host = world.host.name
-    return PolicyController(NODE, lambda script: apply.replace(script, world.nft()), lambda *_a, **_k: None,
-                       ports=lambda: apply.pod_ports(lambda: in_netns(host, rtnl.Socket)))
+    agent = PolicyController(NODE, lambda script: apply.replace(script, world.nft()), lambda *_a, **_k: None,
+                             ports=lambda: bridgeports.pod_ports(lambda: in_netns(host, rtnl.Socket)))
+    if watch is not None:
+        agent.ports, agent.on_bridge = watch.pods, watch.on_bridge
+    return agent
+
+
+def port_watch(host: str) -> bridgeports.Watch:
+    """The bridge ports of netns `host`, kept as the node controller keeps them."""
+    return bridgeports.Watch(lambda: in_netns(host, rtnl.Socket))
 
 
 def _listeners() -> list[socket.socket]:

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin import placement, rtnl
+from cni_plugin import placement
 from cni_plugin.node.loop import Event
-from cni_plugin.node.netpol import apply, claims, conntrack, nft, policy_controller
+from cni_plugin.node.netpol import apply, bridgeports, claims, conntrack, nft, policy_controller
 from cni_plugin.node.netpol.objects import parse_cidr
 from testbed.harness import Host, bridge_conf, new_netns
 
-from .netpol_probe import in_netns, node_agent
+from .netpol_probe import in_netns, node_agent, port_watch
 
 pytestmark = [
     pytest.mark.netns,
@@ -58,6 +58,13 @@ def host(tmp_path: Path, launchers: Path) -> Iterator[Host]:
         yield h
     finally:
         h.destroy()
+
+
+@pytest.fixture
+def watch(host: Host) -> Iterator[bridgeports.Watch]:
+    """The bridge ports followed from before the first pod, as the node controller does."""
+    with port_watch(host.name) as ports:
+        yield ports
 
 
 def _udp(netns: str, port: int) -> socket.socket:
@@ -91,14 +98,13 @@ def _send_until(stop: threading.Event, sock: socket.socket, targets: list[str], 
 
 
 def test_a_pod_added_before_the_node_agent_saw_its_address_is_closed_from_its_first_packet(
-        host: Host, tmp_path: Path) -> None:
+        host: Host, watch: bridgeports.Watch, tmp_path: Path) -> None:
     conf = bridge_conf(host, name="h17fp", bridge=BRIDGE, isDefaultGateway=True)
     conf["ipam"]["ranges"] = [[{"subnet": SUBNET}]]
     outside = host.new_pod()
     prober_ip = host.add(conf, outside, container_id="y-p")["ips"][0]["address"].split("/")[0]
-    agent = node_agent(WorldLike(host))  # type: ignore[arg-type]
+    agent = node_agent(WorldLike(host), watch)  # type: ignore[arg-type]
     agent.fence = nft.Fence(BRIDGE, (parse_cidr("10.91.0.0/16"),))
-    agent.on_bridge = lambda bridge: apply.pod_ports(lambda: in_netns(host.name, rtnl.Socket), bridge)
     deny = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     agent.handle("NetworkPolicy", "SYNC", [{"metadata": {"name": "deny", "namespace": "x"}, "spec": deny}])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}, {"metadata": {"name": "y"}}])
@@ -190,7 +196,7 @@ def _exchange(stop: threading.Event, sock: socket.socket, peer: tuple[str, int],
 
 
 def test_a_new_pod_at_the_address_of_a_deleted_one_gets_none_of_its_conversations(
-        host: Host, tmp_path: Path) -> None:
+        host: Host, watch: bridgeports.Watch, tmp_path: Path) -> None:
     """y/p and y/old talk UDP (y/p:5000 <-> y/old:80; an established conntrack entry). y/old is
     deleted while y/p goes on sending, and x/new, under default deny, gets its address: nothing
     of that conversation may reach x/new or come from it, not before its placement (the
@@ -201,10 +207,9 @@ def test_a_new_pod_at_the_address_of_a_deleted_one_gets_none_of_its_conversation
     outside, old, new = host.new_pod(), host.new_pod(), host.new_pod()
     prober_ip = host.add(conf, outside, container_id="y-p")["ips"][0]["address"].split("/")[0]
     assert host.add(conf, old, container_id="y-old")["ips"][0]["address"] == f"{REUSED}/29"
-    agent = node_agent(WorldLike(host))  # type: ignore[arg-type]
+    agent = node_agent(WorldLike(host), watch)  # type: ignore[arg-type]
     agent.fence = nft.Fence(BRIDGE, (parse_cidr("10.91.0.0/16"),))
     agent.forget = lambda addresses: in_netns(host.name, lambda: conntrack.forget(addresses))
-    agent.on_bridge = lambda bridge: apply.pod_ports(lambda: in_netns(host.name, rtnl.Socket), bridge)
     deny = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     agent.handle("NetworkPolicy", "SYNC", [{"metadata": {"name": "deny", "namespace": "x"}, "spec": deny}])
     agent.handle("Namespace", "SYNC", [{"metadata": {"name": "x"}}, {"metadata": {"name": "y"}}])

@@ -1,5 +1,4 @@
-"""The netpol tables in the kernel: replaced or removed by one `nft -f` transaction; the bridge
-ports the bridge table keys on, read from the kernel.
+"""The netpol tables in the kernel: replaced or removed by one `nft -f` transaction.
 
 nft commits a whole script atomically (all of it or none), and the script deletes and defines
 the tables in that one commit, so there is never a moment with no rules or half of them.
@@ -7,15 +6,11 @@ the tables in that one commit, so there is never a moment with no rules or half 
 
 from __future__ import annotations
 
-import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ... import nft as nftables
-from ... import rtnl
-from ...netlink import NetlinkError
 from ...nft import NftError as NftError  # the one nft error; the controllers catch it from here
 from . import nft
-from .objects import Address
 
 # Bridged pod-to-pod packets reach the inet forward hook only with these on (per netns).
 BRIDGE_SYSCTLS = ("net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables")
@@ -46,31 +41,3 @@ def enable_bridge_netfilter(proc_sys: str = "/proc/sys") -> list[str]:
         except OSError as exc:
             errors.append(f"{name}: {exc}")
     return errors
-
-
-def pod_ports(open_socket: Callable[[], rtnl.Socket] = rtnl.Socket,
-              bridge: str | None = None) -> dict[Address, set[str]]:
-    """Each address on the pod side of a bridge port (a veth whose peer is in another netns),
-    with the ports it is on: what the bridge table keys policy on (nft.py). Read in the netns
-    of the socket (default: this process's), without entering the pods' netns. With `bridge`,
-    the ports of that bridge only (none if it does not exist)."""
-    found: dict[Address, set[str]] = {}
-    with open_socket() as sock:
-        master = None
-        if bridge is not None:
-            link = sock.link_by_name(bridge)
-            if link is None:
-                return found
-            master = link.index
-        for link, nsid in sock.bridge_ports():
-            if master is not None and link.master != master:
-                continue
-            try:
-                addresses = sock.peer_addresses(nsid, link.peer_index or 0)
-            except NetlinkError as exc:
-                if exc.errno in (errno.EINVAL, errno.ENODEV):  # the pod's netns went away meanwhile
-                    continue
-                raise  # EACCES without CAP_NET_ADMIN: said by the agent, never taken for "no pods"
-            for address in addresses:
-                found.setdefault(address.ip, set()).add(link.name)
-    return found

@@ -52,7 +52,7 @@ import dataclasses
 import functools
 import hashlib
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ...hostnet import NETPOL_REFUSED, NETPOL_TABLE
@@ -158,13 +158,26 @@ class _Recipe:
 
 @dataclass(frozen=True)
 class _Dispatched:
-    """What _Script.dispatch() wrote for one direction, and from what."""
+    """What _Script.dispatch() or port_dispatch() wrote for one direction, and from what."""
 
-    selected: Sequence[tuple[Address, Judges]]
-    inputs: tuple[object, ...]  # the policies' chain names (by identity), the fence, key and priority
+    selected: object  # the addresses judged (tiers.judged), or each port's plan: by identity
+    inputs: tuple[object, ...]  # the policies' chain names (by identity), then the rest of the arguments
     sets: dict[str, Block]
     chains: dict[str, Block]
     texts: dict[int, _Address]  # Chains.texts() of the selected addresses, by id()
+
+
+@dataclass(frozen=True)
+class _PortLayout:
+    """What the bridge table keys on, from the ports and the addresses judged (by identity):
+    each port's plan per direction, the ports' own addresses, and the policies they use."""
+
+    inputs: tuple[object, ...]
+    by_text: dict[str, tuple[str, ...]]  # of inputs[0]: each address's ports fit for the script, by its text
+    combos: dict[str, dict[str, Judges]]
+    own_keys: set[tuple[str, int, str]]  # port, version and text of each port's own addresses
+    own: dict[int, Block]
+    used: dict[str, set[int]]
 
 
 class Chains:
@@ -184,6 +197,7 @@ class Chains:
         # hands the same one back while no selection changed), and what dispatch() wrote for it
         self.judgements: dict[str, tuple[Mapping[Address, tuple[int, ...]], list[_Judged]]] = {}
         self.dispatched: dict[str, _Dispatched] = {}
+        self.layout: _PortLayout | None = None  # the bridge table's, kept while its inputs are the same
 
     def judged(self, decision: Decision, tiers: Tiers, direction: str) -> list[_Judged]:
         """tiers.judged(), the same list while the direction's map is the same object and no
@@ -355,21 +369,27 @@ class _Script:
 
     def dispatch(self, direction: str, selected: Sequence[tuple[Address, Judges]], key: str, priority: str,
                  fence: Fence | None) -> None:
-        """The per-plan chains, the verdict maps from pod address to them, the base chain; what
-        was written last when `selected` and the policies' chain names are the same objects."""
-        inputs = (self.policy_names, fence, key, priority)
-        last = self.memo.dispatched.get(direction)
+        """The per-plan chains, the verdict maps from pod address to them, the base chain."""
+        self._kept(direction, selected, (self.policy_names, fence, key, priority),
+                   lambda: self._dispatch(direction, selected, key, priority, fence))
+
+    def _kept(self, name: str, selected: object, inputs: tuple[object, ...],
+              write: Callable[[], list[_Address]]) -> None:
+        """What `write` adds to the script (and the address texts it used), kept in Chains under
+        `name`: written again as it was while `selected` and the policies' chain names (inputs[0])
+        are the same objects and the rest of `inputs` equal; not with ClusterNetworkPolicies."""
+        last = self.memo.dispatched.get(name)
         if (last is not None and last.selected is selected and last.inputs[0] is inputs[0]
                 and last.inputs[1:] == inputs[1:] and not self.tiers.policies):
             self.sets.update(last.sets)
             self.chains.update(last.chains)
             self.memo.seen.update(last.texts)  # kept for the next ruleset, as texts() would
             return
-        self.memo.dispatched.pop(direction, None)
+        self.memo.dispatched.pop(name, None)
         sets, chains = set(self.sets), set(self.chains)
-        texts = self._dispatch(direction, selected, key, priority, fence)
+        texts = write()
         if not self.tiers.policies:
-            self.memo.dispatched[direction] = _Dispatched(
+            self.memo.dispatched[name] = _Dispatched(
                 selected, inputs, {n: b for n, b in self.sets.items() if n not in sets},
                 {n: b for n, b in self.chains.items() if n not in chains}, {id(t[3]): t for t in texts})
 
@@ -396,6 +416,11 @@ class _Script:
     def port_dispatch(self, direction: str, by_port: Mapping[str, Judges], side: str, key: str,
                       priority: str) -> None:
         """The bridge table's: a port's frames at other addresses than its own judged by its policies."""
+        self._kept(f"ports_{direction}", by_port, (self.policy_names, side, key, priority),
+                   lambda: self._port_dispatch(direction, by_port, side, key, priority))
+
+    def _port_dispatch(self, direction: str, by_port: Mapping[str, Judges], side: str, key: str,
+                       priority: str) -> list[_Address]:
         combos = self.combo_chains(direction, by_port.values())
         elements = [f'"{port}" : jump {combos[c]}' for port, c in sorted(by_port.items())]
         self.sets[f"{direction}_ports"] = _set("ifname : verdict", elements, interval=False, kind="map")
@@ -404,6 +429,7 @@ class _Script:
             f"{side} . ip {key} @own4 accept",
             f"{side} . ip6 {key} @own6 accept",
             f"meta protocol {{ ip, ip6 }} {side} vmap @{direction}_ports"))
+        return []
 
 
 def _in_order(row: tuple[_Address, str]) -> int:
@@ -455,27 +481,67 @@ def _table(script: _Script) -> dict[str, Block]:
     return {**script.sets, **script.chains}
 
 
+def _by_text(ports: Mapping[Address, Collection[str]]) -> dict[str, tuple[str, ...]]:
+    """Each address's ports fit for the script, by the address's text: an ipaddress object
+    hashes in Python, a str keeps its hash."""
+    return {str(address): tuple(p for p in sorted(names) if _IFNAME.fullmatch(p))
+            for address, names in ports.items()}
+
+
+def _own_sets(own: set[tuple[str, int, str]]) -> dict[int, Block]:
+    """The sets of each port's own addresses, by version: frames there are not judged again."""
+    return {version: _set(f"ifname . {_ADDR_TYPE[version]}",
+                          sorted(f'"{p}" . {t}' for p, v, t in own if v == version), interval=False)
+            for version in (4, 6)}
+
+
+def _port_layout(ports: Mapping[Address, Collection[str]], chains: Chains,
+                 selected: Mapping[str, Sequence[tuple[Address, Judges]]]) -> _PortLayout:
+    """For each port holding a selected pod's API address, that pod's plan (a port holding several
+    pods' addresses is judged by all their policies); the same object while the ports and the
+    selection are (bridgeports.Watch and Chains.judged hand the same ones back while unchanged)."""
+    inputs = (ports, selected["ingress"], selected["egress"])
+    last = chains.layout
+    if last is not None and all(a is b for a, b in zip(last.inputs, inputs, strict=True)):
+        return last
+    by_text = last.by_text if last is not None and last.inputs[0] is ports else _by_text(ports)
+    by_port: dict[str, dict[str, list[Judges]]] = {"ingress": {}, "egress": {}}
+    own: set[tuple[str, int, str]] = set()
+    for direction in ("ingress", "egress") if by_text else ():
+        pairs = selected[direction]
+        for (_address, judges), (version, _n, text, _a) in zip(pairs, chains.texts(a for a, _j in pairs),
+                                                               strict=True):
+            for port in by_text.get(text, ()):
+                by_port[direction].setdefault(port, []).append(judges)
+                own.add((port, version, text))
+    plans: dict[tuple[int, ...], Judges] = {}  # a port's plans merged once per distinct list
+
+    def plan(found: list[Judges]) -> Judges:
+        key = tuple(map(id, found))
+        if key not in plans:
+            plans[key] = merged(found)
+        return plans[key]
+
+    combos = {d: {port: plan(p) for port, p in by_.items()} for d, by_ in by_port.items()}
+    if last is not None:  # equal plans: the same object, so port_dispatch() writes what it wrote
+        combos = {d: last.combos[d] if last.combos[d] == c else c for d, c in combos.items()}
+    own_sets = last.own if last is not None and last.own_keys == own else _own_sets(own)
+    used = {d: {i for c in p.values() for i in c.policies or ()} for d, p in combos.items()}
+    chains.layout = _PortLayout(inputs, by_text, combos, own, own_sets, used)
+    return chains.layout
+
+
 def _bridge(decision: Decision, tiers: Tiers, ports: Mapping[Address, Collection[str]], chains: Chains,
             selected: Mapping[str, Sequence[tuple[Address, Judges]]]) -> _Script:
-    """The bridge table: for each port holding a selected pod's API address, that pod's policies
-    (a port holding several pods' addresses is judged by all their policies). `selected`: the
-    addresses judged in each direction (tiers.judged)."""
-    by_port: dict[str, dict[str, list[Judges]]] = {"ingress": {}, "egress": {}}
-    own: set[tuple[str, Address]] = set()
-    for direction in ("ingress", "egress") if ports else ():
-        for address, plan in selected[direction]:
-            for port in filter(_IFNAME.fullmatch, ports.get(address, ())):
-                by_port[direction].setdefault(port, []).append(plan)
-                own.add((port, address))
-    combos = {d: {port: merged(p) for port, p in by_.items()} for d, by_ in by_port.items()}
+    """The bridge table: each port judged by the plan of the selected addresses it holds
+    (_port_layout). `selected`: the addresses judged in each direction (tiers.judged)."""
+    layout = _port_layout(ports, chains, selected)
     script = _Script(tiers, chains)
-    _policy_chains(script, decision, {d: {i for c in p.values() for i in c.policies or ()}
-                                      for d, p in combos.items()})
+    _policy_chains(script, decision, layout.used)
     for version in (4, 6):
-        script.sets[f"own{version}"] = _set(f"ifname . {_ADDR_TYPE[version]}", sorted(
-            f'"{p}" . {a}' for p, a in own if a.version == version), interval=False)
-    script.port_dispatch("egress", combos["egress"], "iifname", "saddr", "filter - 1")
-    script.port_dispatch("ingress", combos["ingress"], "oifname", "daddr", "filter + 1")
+        script.sets[f"own{version}"] = layout.own[version]
+    script.port_dispatch("egress", layout.combos["egress"], "iifname", "saddr", "filter - 1")
+    script.port_dispatch("ingress", layout.combos["ingress"], "oifname", "daddr", "filter + 1")
     return script
 
 

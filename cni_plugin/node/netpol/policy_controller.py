@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from ... import placement
 from ...netlink import NetlinkError
 from ..loop import Event, Log, Stream, drive, pump
-from . import apply, claims, cluster, compile, conntrack, delta, nfnl, nft, objects, tiers
+from . import apply, bridgeports, claims, cluster, compile, conntrack, delta, nfnl, nft, objects, tiers
 from .objects import KINDS, Address, Cause, Model, Pod, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
@@ -95,11 +95,11 @@ class PolicyController:
         self.apply_elements = apply_elements  # None: every change goes to apply_script
         self.log = log
         self.observer = observer
-        self.ports = ports  # the bridge ports of pod addresses (apply.pod_ports); None: not keyed by port
+        self.ports = ports  # the bridge ports of pod addresses (bridgeports.py); None: not keyed by port
         self.port_map: Mapping[Address, Collection[str]] = {}
         self.fence = fence  # pods not placed yet are isolated (nft.Fence); None: open until placed
         self.forget = forget  # deletes the conntrack entries of addresses (conntrack.forget)
-        self.on_bridge = on_bridge  # where a claimed address must be (apply.pod_ports); None: unchecked
+        self.on_bridge = on_bridge  # where a claimed address must be (bridgeports.py); None: unchecked
         self.owners: dict[Address, Owner] | None = None  # the fence in force: who is placed where
         self.placing: dict[Address, Owner] | None = None  # the same, of the ruleset being applied
         self.claims = claims.Claims()
@@ -347,6 +347,7 @@ class Enforcement:
     stop: threading.Event
     bridge_errors: list[str]
     threads: list[threading.Thread] = field(default_factory=list)
+    ports: bridgeports.Watch | None = None  # the applier's, closed when it is done
 
     def wait(self, timeout: float) -> None:
         """After `stop`: wait up to `timeout` s for the ruleset being applied, if any (the rules
@@ -354,6 +355,9 @@ class Enforcement:
         for thread in self.threads:
             if thread.name == APPLIER:
                 thread.join(timeout)
+                if not thread.is_alive() and self.ports is not None:
+                    self.ports.close()
+                    self.ports = None
 
     def readiness(self) -> str | None:
         if self.bridge_errors:
@@ -376,6 +380,17 @@ def _claim_socket(path: str, log: Log) -> socket.socket | None:
         return None
 
 
+def _bridge_ports(enforcement: Enforcement, log: Log) -> tuple[Ports, OnBridge]:
+    """The bridge ports kept from notifications (bridgeports.Watch); read whole at each
+    reconcile where notifications cannot be had."""
+    try:
+        enforcement.ports = watch = bridgeports.Watch()
+    except OSError as exc:
+        log("netpol-warning", error=f"bridge ports read whole at each event, not followed: {exc}"[:300])
+        return bridgeports.pod_ports, lambda bridge: bridgeports.pod_ports(bridge=bridge)
+    return watch.pods, watch.on_bridge
+
+
 def launch(node_name: str, api: Any, resync: int, log: Log,
            enable: Callable[[], list[str]] = apply.enable_bridge_netfilter,
            observer: Observer | None = None, stop: threading.Event | None = None,
@@ -389,8 +404,9 @@ def launch(node_name: str, api: Any, resync: int, log: Log,
     if fence is None or not fence.valid():
         log("netpol-warning", error="no cluster CIDR or bridge: a new pod is open until the API shows its IP")
         fence = None
-    agent = PolicyController(node_name, apply.replace, log, observer, apply.pod_ports, fence,
-                             conntrack.forget, lambda bridge: apply.pod_ports(bridge=bridge), nfnl.apply)
+    ports, on_bridge = _bridge_ports(enforcement, log)
+    agent = PolicyController(node_name, apply.replace, log, observer, ports, fence, conntrack.forget,
+                             on_bridge, nfnl.apply)
     # Any error of a stream (transport, or an answer the client cannot read) is logged and the
     # stream starts over with a fresh list after a backoff.
     enforcement.threads = start(agent, kube_stream(api, resync, enforcement.stop, log), log, (Exception,),

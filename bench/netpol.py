@@ -44,7 +44,7 @@ from typing import Any
 import kubernetes  # noqa: F401  # the agent's import, counted in its RSS
 
 from cni_plugin.node.netpol import apply, bridgeports, delta, nfnl, nft
-from cni_plugin.node.netpol.policy_controller import PolicyController, serve
+from cni_plugin.node.netpol.policy_controller import PolicyController, serve, settle_heap
 
 NODE = "bench-node"
 NAMESPACES = [f"ns{i}" for i in range(50)]
@@ -126,6 +126,7 @@ def _agent(lists: dict[str, list[dict[str, Any]]], stage: Stage | None = None,
     stage = stage or Stage()
     agent = PolicyController(NODE, stage.script, lambda *_a, **_k: None, ports=ports.pods if ports else None,
                              apply_elements=stage.elements if BATCH else None)
+    agent.settle = settle_heap  # as the node controller's (policy_controller.launch)
     for kind, items in lists.items():
         agent.handle(kind, "SYNC", items)
     return agent

@@ -28,6 +28,7 @@ The targets are printed next to the figures; nothing fails on them. Prints JSON.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -250,6 +251,12 @@ def ports(pod_netns: str) -> None:
                       "watch_one_changed_p50_ms": changed_ms, "watch_whole_reads": whole}))
 
 
+def _settle(in_force: list[float]) -> None:
+    """The node controller's settle_heap, after the rules went in: convergence ends there."""
+    in_force.append(time.perf_counter())
+    settle_heap()
+
+
 @contextlib.contextmanager
 def _watch() -> Iterator[Ports | None]:
     """The bridge ports of this netns as the node controller keeps them (or, BENCH_NETPOL_WATCH=0,
@@ -288,12 +295,7 @@ def _measure(held: contextlib.ExitStack) -> None:
         watch = held.enter_context(_watch())  # its first read counts: a node agent's start
         agent = _agent(lists, stage, watch)
         in_force: list[float] = []
-
-        def settle() -> None:  # after the rules went in: convergence ends there
-            in_force.append(time.perf_counter())
-            settle_heap()
-
-        agent.settle = settle
+        agent.settle = functools.partial(_settle, in_force)
         assert agent.reconcile()
         syncs.append(in_force[0] - started)
 

@@ -20,13 +20,15 @@ controller does (policy_controller.launch): an element-only change as one netlin
   from netlink notifications as the node controller does (bridgeports.Watch), in every figure
   above; and, timed apart, one read of them whole (what every event cost before the watch: one
   links dump, one address dump per port in the pod's netns), and the watch's refresh with
-  nothing changed and after one pod's address changed (BENCH_NETPOL_PORTS=0: no ports).
+  nothing changed and after one pod's address changed (BENCH_NETPOL_PORTS=0: no ports;
+  BENCH_NETPOL_WATCH=0: the agent reads the ports whole at each event, as where it cannot subscribe).
 The targets are printed next to the figures; nothing fails on them. Prints JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -44,12 +46,13 @@ from typing import Any
 import kubernetes  # noqa: F401  # the agent's import, counted in its RSS
 
 from cni_plugin.node.netpol import apply, bridgeports, delta, nfnl, nft
-from cni_plugin.node.netpol.policy_controller import PolicyController, serve
+from cni_plugin.node.netpol.policy_controller import PolicyController, Ports, serve, settle_heap
 
 NODE = "bench-node"
 NAMESPACES = [f"ns{i}" for i in range(50)]
 PODS, POLICIES, API_PODS, EVENTS = 500, 200, 5000, int(os.environ.get("BENCH_NETPOL_EVENTS", "301"))
 PORTS = int(os.environ.get("BENCH_NETPOL_PORTS", str(PODS)))
+WATCH = os.environ.get("BENCH_NETPOL_WATCH", "1") != "0"  # 0: the ports read whole at each event
 BATCH = os.environ.get("BENCH_NETPOL_BATCH", "1") != "0"
 TARGETS = {"p50_ms": 20, "p99_ms": 100, "max_ms": 250, "convergence_s": 2, "rss_mib_5000_pods": 150}
 
@@ -122,10 +125,11 @@ class Stage:
 
 
 def _agent(lists: dict[str, list[dict[str, Any]]], stage: Stage | None = None,
-           ports: bridgeports.Watch | None = None) -> PolicyController:
+           ports: Ports | None = None) -> PolicyController:
     stage = stage or Stage()
-    agent = PolicyController(NODE, stage.script, lambda *_a, **_k: None, ports=ports.pods if ports else None,
+    agent = PolicyController(NODE, stage.script, lambda *_a, **_k: None, ports=ports,
                              apply_elements=stage.elements if BATCH else None)
+    agent.settle = settle_heap  # as the node controller's (policy_controller.launch)
     for kind, items in lists.items():
         agent.handle(kind, "SYNC", items)
     return agent
@@ -194,7 +198,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU, kernel {platform.release()}, "
                    f"Python {platform.python_version()}",
         "pods": PODS, "namespaces": len(NAMESPACES), "policies": POLICIES, "targets": TARGETS,
-        "element_batch": BATCH, **measured}, indent=2))
+        "element_batch": BATCH, "ports_watched": WATCH, **measured}, indent=2))
 
 
 def _bridge_ports(netns: str, pods: list[str]) -> None:
@@ -247,14 +251,24 @@ def ports(pod_netns: str) -> None:
                       "watch_one_changed_p50_ms": changed_ms, "watch_whole_reads": whole}))
 
 
+def _settle(in_force: list[float]) -> None:
+    """The node controller's settle_heap, after the rules went in: convergence ends there."""
+    in_force.append(time.perf_counter())
+    settle_heap()
+
+
 @contextlib.contextmanager
-def _watch() -> Iterator[bridgeports.Watch | None]:
-    """The bridge ports of this netns as the node controller keeps them; None without ports."""
+def _watch() -> Iterator[Ports | None]:
+    """The bridge ports of this netns as the node controller keeps them (or, BENCH_NETPOL_WATCH=0,
+    reads them where it cannot subscribe); None without ports."""
     if not PORTS:
         yield None
         return
+    if not WATCH:
+        yield bridgeports.pod_ports
+        return
     with bridgeports.Watch() as watch:
-        yield watch
+        yield watch.pods
 
 
 def measure() -> None:
@@ -280,8 +294,10 @@ def _measure(held: contextlib.ExitStack) -> None:
         started = time.perf_counter()
         watch = held.enter_context(_watch())  # its first read counts: a node agent's start
         agent = _agent(lists, stage, watch)
+        in_force: list[float] = []
+        agent.settle = functools.partial(_settle, in_force)
         assert agent.reconcile()
-        syncs.append(time.perf_counter() - started)
+        syncs.append(in_force[0] - started)
 
     events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
     done: queue.Queue[float] = queue.Queue()

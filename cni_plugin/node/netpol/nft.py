@@ -354,8 +354,10 @@ class _Script:
     def combo_chains(self, direction: str, selected: Iterable[Judges]) -> dict[Judges, str]:
         """A chain per plan judging a pod: the Admin policies' chains, then either its
         NetworkPolicies' (each one's chain, then drop) or the Baseline policies' (then accept).
-        Named by what they jump to: a pod coming or going adds or drops no other pod's chain."""
-        chosen = set(selected)
+        Named by what they jump to: a pod coming or going adds or drops no other pod's chain.
+        In a set order: the first chain to name a set's elements names the set, and a set's order
+        is not (Python 3.11 hashes None, in Judges, by its address)."""
+        chosen = sorted(set(selected), key=_plan_order)
         rests = self.named_chains(f"{direction}_", {
             p: [*(f"jump {self.policy_names[i]}_{direction}" for i in p.policies), "drop"]
             for p in chosen if p.policies is not None})
@@ -430,6 +432,10 @@ class _Script:
             f"{side} . ip6 {key} @own6 accept",
             f"meta protocol {{ ip, ip6 }} {side} vmap @{direction}_ports"))
         return []
+
+
+def _plan_order(plan: Judges) -> tuple[tuple[int, ...], bool, tuple[int, ...], tuple[int, ...]]:
+    return plan.admin, plan.policies is None, plan.policies or (), plan.baseline
 
 
 def _in_order(row: tuple[_Address, str]) -> int:

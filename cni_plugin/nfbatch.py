@@ -11,12 +11,11 @@ nft. Users: NetworkPolicy's element changes (node/netpol/nfnl.py) and the source
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from collections.abc import Sequence
 
-from . import rtnl
+from . import netns, rtnl
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11  # NLMSG_MIN_TYPE, +1
@@ -52,17 +51,13 @@ def open_socket() -> rtnl.Socket:
 
 
 class _Kept(threading.local):
-    """The calling thread's socket and the netns (its inode) that socket belongs to."""
+    """The calling thread's socket and the netns (netns.thread_netns) that socket belongs to."""
 
     sock: rtnl.Socket | None = None
-    netns = 0
+    home = (0, 0)
 
 
 _kept = _Kept()
-
-
-def _thread_netns() -> int:
-    return os.stat("/proc/thread-self/ns/net").st_ino
 
 
 def _socket() -> rtnl.Socket:
@@ -72,10 +67,10 @@ def _socket() -> rtnl.Socket:
     a veth's creation (nf_tables' netdev notifier, under rtnl_lock), every batch and nft's own
     socket closes wait for that mutex: the agent's DEL teardown batches stalled the next ADDs and
     CHECKs so (docs/performance.md). A thread that has moved to another netns gets a new one."""
-    netns = _thread_netns()
-    if _kept.sock is None or _kept.netns != netns:
+    mine = netns.thread_netns()
+    if _kept.sock is None or _kept.home != mine:
         _drop()
-        _kept.sock, _kept.netns = open_socket(), netns
+        _kept.sock, _kept.home = open_socket(), mine
     return _kept.sock
 
 

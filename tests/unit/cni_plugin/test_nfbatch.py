@@ -33,10 +33,10 @@ class World:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.opened: list[FakeSocket] = []
-        self.netns = 1
+        self.netns = (1, 1)
         self.failing = False
         monkeypatch.setattr(nfbatch, "open_socket", self.open)
-        monkeypatch.setattr(nfbatch, "_thread_netns", lambda: self.netns)
+        monkeypatch.setattr(nfbatch.netns, "thread_netns", lambda: self.netns)
         monkeypatch.setattr(nfbatch, "_kept", nfbatch._Kept())  # this test's own
 
     def open(self) -> FakeSocket:
@@ -72,7 +72,7 @@ def test_a_failed_batch_closes_its_socket_and_the_next_opens_another(world: Worl
 
 def test_a_thread_in_another_netns_never_uses_the_first_netns_socket(world: World) -> None:
     nfbatch.send([MESSAGE])
-    world.netns = 2
+    world.netns = (1, 2)
     nfbatch.send([MESSAGE])
     assert len(world.opened) == 2
     assert world.opened[0].closed and len(world.opened[0].batches) == 1

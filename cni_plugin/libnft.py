@@ -3,10 +3,13 @@ on: ADD's one source-check transaction then costs ~1.5 ms instead of ~15 ms for 
 (fork, exec, the binary's start), measured side by side on this project's loaded 2-vCPU VM.
 Only nft.py calls it (its in_process path); where the library is missing, nft.py execs nft.
 
-The context is made per call in the calling thread's netns (a worker thread inherits it), and
-calls are serialised: the library keeps process-wide state, and the kernel serialises nftables
-commits anyway. The wait is bounded: a call that does not return in time fails its caller, and
-later calls fail to get the lock until it returns.
+One context is kept for the calling thread's netns (a worker thread inherits it) and made anew
+for another: freeing a context closes its nfnetlink socket, and the kernel then flushes
+nf_tables' deferred destruction with the commit mutex held (an RCU grace period after a batch
+that deleted, nfbatch.py), which CHECK's listing waited for after DEL's teardowns. Calls are
+serialised: the library keeps process-wide state, a context is used by one thread at a time,
+and the kernel serialises nftables commits anyway. The wait is bounded: a call that does not
+return in time fails its caller, and later calls fail to get the lock until it returns.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import ctypes
 import threading
 from functools import cache
 
+from . import netns
+
 _lock = threading.Lock()
+_kept: list[tuple[tuple[int, int], int]] = []  # (netns.thread_netns(), context): at most one, under _lock
 
 
 @cache
@@ -45,21 +51,32 @@ def available() -> bool:
 NFT_CTX_OUTPUT_JSON = 1 << 4  # libnftables.h
 
 
-def _call(lib: ctypes.CDLL, script: str, json: bool) -> tuple[int, str, str]:
+def _context(lib: ctypes.CDLL) -> int | None:
+    """The kept context if it was made in this thread's netns, else a new one kept instead."""
+    mine = netns.thread_netns()
+    if _kept and _kept[0][0] == mine:
+        return _kept[0][1]
+    while _kept:
+        lib.nft_ctx_free(_kept.pop()[1])
     ctx = lib.nft_ctx_new(0)
     if not ctx:
+        return None
+    lib.nft_ctx_buffer_output(ctx)
+    lib.nft_ctx_buffer_error(ctx)
+    _kept.append((mine, ctx))
+    return int(ctx)
+
+
+def _call(lib: ctypes.CDLL, script: str, json: bool) -> tuple[int, str, str]:
+    ctx = _context(lib)
+    if ctx is None:
         return 1, "", "libnftables: no context"
-    try:
-        lib.nft_ctx_buffer_output(ctx)
-        lib.nft_ctx_buffer_error(ctx)
-        if json:
-            lib.nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_JSON)
-        code = lib.nft_run_cmd_from_buffer(ctx, script.encode())
-        output = lib.nft_ctx_get_output_buffer(ctx) or b""
-        error = lib.nft_ctx_get_error_buffer(ctx) or b""
-        return code, output.decode(errors="replace"), error.decode(errors="replace")
-    finally:
-        lib.nft_ctx_free(ctx)
+    lib.nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_JSON if json else 0)
+    code = lib.nft_run_cmd_from_buffer(ctx, script.encode())
+    # Reading a buffer empties it for the next run.
+    output = lib.nft_ctx_get_output_buffer(ctx) or b""
+    error = lib.nft_ctx_get_error_buffer(ctx) or b""
+    return code, output.decode(errors="replace"), error.decode(errors="replace")
 
 
 def run(script: str, timeout: float, json: bool = False) -> tuple[int, str, str]:

@@ -74,11 +74,16 @@ def reopen(fd: int, path: str = "") -> int:
     return new
 
 
+def thread_netns() -> tuple[int, int]:
+    """The calling thread's netns: (device, inode) of its nsfs file."""
+    mine = os.stat("/proc/thread-self/ns/net")
+    return mine.st_dev, mine.st_ino
+
+
 def same_netns(fd: int) -> bool:
     """Is `fd` the netns the calling thread is in?"""
-    mine = os.stat("/proc/thread-self/ns/net")
     theirs = os.fstat(fd)
-    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+    return thread_netns() == (theirs.st_dev, theirs.st_ino)
 
 
 def _setns(fd: int) -> None:

@@ -13,9 +13,10 @@ encodes (data, verdicts, set elements) are here, once.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 
-from . import rtnl
+from . import netns, rtnl
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11  # NLMSG_MIN_TYPE, +1
@@ -100,8 +101,44 @@ def open_socket() -> rtnl.Socket:
     return rtnl.Socket(rtnl.NETLINK_NETFILTER, timeout=TIMEOUT)
 
 
-def send(messages: Sequence[Message], opener: Callable[[], rtnl.Socket] = open_socket) -> None:
-    """Commit `messages` as one batch. NetlinkError when the kernel refused it (nothing changed),
-    OSError (TimeoutError included) when the socket failed or the answer did not come in time."""
-    with opener() as sock:
+class _Kept(threading.local):
+    """The calling thread's socket and the netns (netns.thread_netns) that socket belongs to."""
+
+    sock: rtnl.Socket | None = None
+    home = (0, 0)
+
+
+_kept = _Kept()
+
+
+def _socket() -> rtnl.Socket:
+    """The calling thread's socket in its netns, kept across batches: closing an nfnetlink socket
+    makes the kernel flush nf_tables' deferred destruction of what earlier batches deleted (an RCU
+    grace period, 10-20 ms on this project's VM) with the netns' nf_tables commit mutex held, and
+    a veth's creation (nf_tables' netdev notifier, under rtnl_lock), every batch and nft's own
+    socket closes wait for that mutex: the agent's DEL teardown batches stalled the next ADDs and
+    CHECKs so (docs/performance.md). A thread that has moved to another netns gets a new one."""
+    mine = netns.thread_netns()
+    if _kept.sock is None or _kept.home != mine:
+        _drop()
+        _kept.sock, _kept.home = open_socket(), mine
+    return _kept.sock
+
+
+def _drop() -> None:
+    sock, _kept.sock = _kept.sock, None
+    if sock is not None:
+        sock.close()
+
+
+def send(messages: Sequence[Message]) -> None:
+    """Commit `messages` as one batch, on the calling thread's kept socket (_socket). NetlinkError
+    when the kernel refused it (nothing changed), OSError (TimeoutError included) when the socket
+    failed or the answer did not come in time. After any error the socket is closed and dropped:
+    an answer left unread must not be taken for the next batch's."""
+    sock = _socket()
+    try:
         sock.batch(framed(messages))
+    except BaseException:
+        _drop()
+        raise

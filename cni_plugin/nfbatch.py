@@ -132,13 +132,18 @@ def _drop() -> None:
 
 
 def send(messages: Sequence[Message]) -> None:
-    """Commit `messages` as one batch, on the calling thread's kept socket (_socket). NetlinkError
-    when the kernel refused it (nothing changed), OSError (TimeoutError included) when the socket
-    failed or the answer did not come in time. After any error the socket is closed and dropped:
-    an answer left unread must not be taken for the next batch's."""
+    """Commit `messages` as one batch, on the calling thread's kept socket (commit())."""
+    commit(framed(messages))
+
+
+def commit(batch: Sequence[Message]) -> None:
+    """Commit a framed batch on the calling thread's kept socket (_socket). NetlinkError when the
+    kernel refused it (nothing changed), OSError (TimeoutError included) when the socket failed
+    or the answer did not come in time. After any error the socket is closed and dropped: an
+    answer left unread must not be taken for the next batch's."""
     sock = _socket()
     try:
-        sock.batch(framed(messages))
+        sock.batch(batch)
     except BaseException:
         _drop()
         raise

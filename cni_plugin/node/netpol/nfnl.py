@@ -202,15 +202,18 @@ def encode(change: str, model: delta.Model) -> list[Message] | None:
     return nfbatch.framed(messages)
 
 
-def apply(change: str, model: delta.Model,
-          open_socket: Callable[[], rtnl.Socket] = nfbatch.open_socket) -> bool:
-    """Apply `change` to the tables of `model` as one batch in the socket's netns (default: the
-    calling thread's): True when done, False when it is not a change this module encodes.
+def apply(change: str, model: delta.Model, open_socket: Callable[[], rtnl.Socket] | None = None) -> bool:
+    """Apply `change` to the tables of `model` as one batch in the socket's netns (default: on the
+    calling thread's kept socket, nfbatch.commit: closing one stalls the node's next veth
+    creations): True when done, False when it is not a change this module encodes.
     NetlinkError when the kernel refused it (then nothing changed), OSError (TimeoutError
     included) when the socket failed or the answer did not come in time."""
     messages = encode(change, model)
     if messages is None:
         return False
-    with open_socket() as sock:
-        sock.batch(messages)  # framed by encode()
+    if open_socket is None:
+        nfbatch.commit(messages)  # framed by encode()
+    else:
+        with open_socket() as sock:
+            sock.batch(messages)
     return True

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import rtnl
+from cni_plugin import nfbatch, rtnl
 from cni_plugin.netlink import NetlinkError
 from cni_plugin.node.netpol import delta, nfnl
 
@@ -193,3 +193,27 @@ def test_element_changes_go_to_the_batch_the_rest_and_refusals_to_nft() -> None:
     agent.handle("Pod", "DELETED", relabelled)
     assert agent.reconcile() and len(scripts) == 4 and "element" in scripts[-1]  # nft took it too
     assert logs[-2][0] == "netpol-error" and "a bug" in logs[-2][1]["error"]
+
+
+def test_batches_go_on_the_threads_kept_socket_unless_one_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing an nfnetlink socket stalls the node's next veth creations (nfbatch._socket), so
+    the node controller's batches go on nfbatch's kept socket, as the agent's do."""
+    committed: list[list[Any]] = []
+    monkeypatch.setattr(nfbatch, "commit", committed.append)
+    change = "add element inet t ingress4 { 10.244.2.2 : jump ingress_be5dc0e373 }"
+    assert nfnl.apply(change, VMAP)
+    assert committed == [nfnl.encode(change, VMAP)]
+    given: list[object] = []
+
+    class Given:
+        def __enter__(self) -> Given:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            given.append("closed")
+
+        def batch(self, messages: list[Any]) -> None:
+            given.append(messages)
+
+    assert nfnl.apply(change, VMAP, lambda: Given())  # type: ignore[arg-type, return-value]
+    assert given == [nfnl.encode(change, VMAP), "closed"] and len(committed) == 1

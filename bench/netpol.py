@@ -3,9 +3,11 @@
 The world: 500 pods on this node (the worst case: every one gets rules) in 50 namespaces, and
 200 policies of the shapes users write (pod and namespace selectors, both in one peer, ipBlock
 with except, numbered, ranged and named ports, ingress and egress). The measuring runs in a
-throw-away netns (this script re-execs itself under `ip netns exec`), applying as the node
-controller does (policy_controller.launch): an element-only change as one netlink batch
-(nfnl.py), anything else with `nft -f` exec'd; BENCH_NETPOL_BATCH=0 sends every change to nft.
+throw-away netns (this script re-execs itself under `ip netns exec`), with the agent made and
+applying as the node controller does (policy_controller.launch): the new-pod fence on with its
+conntrack deletions (BENCH_NETPOL_FENCE=0: off, as without a cluster CIDR), the heap settled after
+a relist, an element-only change as one netlink batch (nfnl.py), anything else with `nft -f`
+exec'd; BENCH_NETPOL_BATCH=0 sends every change to nft.
 - convergence: the agent's imports (a fresh interpreter), then from the lists handed to the
   agent to the table applied;
 - event -> rules: EVENTS events (pod add and delete, pod label change, namespace label change,
@@ -45,14 +47,17 @@ from typing import Any
 
 import kubernetes  # noqa: F401  # the agent's import, counted in its RSS
 
-from cni_plugin.node.netpol import apply, bridgeports, delta, nfnl, nft
-from cni_plugin.node.netpol.policy_controller import PolicyController, Ports, serve, settle_heap
+from cni_plugin.node.netpol import apply, bridgeports, conntrack, delta, nfnl, nft
+from cni_plugin.node.netpol.objects import parse_cidr
+from cni_plugin.node.netpol.policy_controller import OnBridge, PolicyController, Ports, serve, settle_heap
 
 NODE = "bench-node"
 NAMESPACES = [f"ns{i}" for i in range(50)]
 PODS, POLICIES, API_PODS, EVENTS = 500, 200, 5000, int(os.environ.get("BENCH_NETPOL_EVENTS", "301"))
 PORTS = int(os.environ.get("BENCH_NETPOL_PORTS", str(PODS)))
 WATCH = os.environ.get("BENCH_NETPOL_WATCH", "1") != "0"  # 0: the ports read whole at each event
+FENCE = os.environ.get("BENCH_NETPOL_FENCE", "1") != "0"  # 0: new pods not fenced (no cluster CIDR)
+BRIDGE = "br0"
 BATCH = os.environ.get("BENCH_NETPOL_BATCH", "1") != "0"
 TARGETS = {"p50_ms": 20, "p99_ms": 100, "max_ms": 250, "convergence_s": 2, "rss_mib_5000_pods": 150}
 
@@ -125,11 +130,17 @@ class Stage:
 
 
 def _agent(lists: dict[str, list[dict[str, Any]]], stage: Stage | None = None,
-           ports: Ports | None = None) -> PolicyController:
+           ports: tuple[Ports, OnBridge] | None = None) -> PolicyController:
+    """The node controller's NetworkPolicy agent as policy_controller.launch makes it: with the
+    new-pod fence (BENCH_NETPOL_FENCE=0: without), its conntrack deletions, the heap settled."""
     stage = stage or Stage()
-    agent = PolicyController(NODE, stage.script, lambda *_a, **_k: None, ports=ports,
+    agent = PolicyController(NODE, stage.script, lambda *_a, **_k: None, ports=ports and ports[0],
                              apply_elements=stage.elements if BATCH else None)
-    agent.settle = settle_heap  # as the node controller's (policy_controller.launch)
+    if FENCE:
+        agent.fence = nft.Fence(BRIDGE, (parse_cidr("10.244.0.0/14"), parse_cidr("fd00:244::/64")))
+        agent.forget = conntrack.forget
+        agent.on_bridge = ports and ports[1]
+    agent.settle = settle_heap
     for kind, items in lists.items():
         agent.handle(kind, "SYNC", items)
     return agent
@@ -198,19 +209,20 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU, kernel {platform.release()}, "
                    f"Python {platform.python_version()}",
         "pods": PODS, "namespaces": len(NAMESPACES), "policies": POLICIES, "targets": TARGETS,
-        "element_batch": BATCH, "ports_watched": WATCH, **measured}, indent=2))
+        "element_batch": BATCH, "ports_watched": WATCH, "fence": FENCE, **measured}, indent=2))
 
 
 def _bridge_ports(netns: str, pods: list[str]) -> None:
-    """In `netns`: bridge br0 and a veth per pod netns, its pod end with an IPv4 and an IPv6 address."""
+    """In `netns`: bridge BRIDGE and a veth per pod netns, its pod end with an IPv4 and an IPv6 address."""
     def batch(where: list[str], lines: list[str]) -> None:
         subprocess.run(["ip", *where, "-batch", "-"], input="".join(f"{line}\n" for line in lines),
                        text=True, check=True)
 
     batch([], [f"netns add {pod}" for pod in pods])
-    batch(["-n", netns], ["link add br0 type bridge", "link set br0 up", *(
+    batch(["-n", netns], [f"link add {BRIDGE} type bridge", f"link set {BRIDGE} up", *(
         line for i, pod in enumerate(pods)
-        for line in (f"link add v{i} type veth peer name eth0 netns {pod}", f"link set v{i} master br0 up"))])
+        for line in (f"link add v{i} type veth peer name eth0 netns {pod}",
+                     f"link set v{i} master {BRIDGE} up"))])
     for i, pod in enumerate(pods):
         batch(["-n", pod], [f"addr add 10.{244 + i // 62500}.{i // 250 % 250}.{i % 250 + 2}/16 dev eth0",
                             f"addr add fd00:244::{i + 2:x}/64 dev eth0 nodad", "link set eth0 up"])
@@ -258,17 +270,17 @@ def _settle(in_force: list[float]) -> None:
 
 
 @contextlib.contextmanager
-def _watch() -> Iterator[Ports | None]:
-    """The bridge ports of this netns as the node controller keeps them (or, BENCH_NETPOL_WATCH=0,
-    reads them where it cannot subscribe); None without ports."""
+def _watch() -> Iterator[tuple[Ports, OnBridge] | None]:
+    """The bridge ports of this netns, all and by bridge, as the node controller keeps them (or,
+    BENCH_NETPOL_WATCH=0, reads them where it cannot subscribe); None without ports."""
     if not PORTS:
         yield None
         return
     if not WATCH:
-        yield bridgeports.pod_ports
+        yield bridgeports.pod_ports, lambda bridge: bridgeports.pod_ports(bridge=bridge)
         return
     with bridgeports.Watch() as watch:
-        yield watch.pods
+        yield watch.pods, watch.on_bridge
 
 
 def measure() -> None:

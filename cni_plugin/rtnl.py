@@ -234,7 +234,9 @@ class Socket:
     def listen(self, groups: Iterable[int], buffer: int) -> None:
         """Receive the notifications of `groups` (RTNLGRP_*): those of this netns, and those of
         every netns with an id here (NETLINK_LISTEN_ALL_NSID, CAP_NET_BROADCAST over them).
-        Use this socket for nothing else: request() skips what is not its answer."""
+        Use this socket for nothing else: request() skips what is not its answer. It becomes
+        non-blocking: with a timeout, Python waits for data before each recvmsg, MSG_DONTWAIT or not."""
+        self._sock.setblocking(False)
         self._sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, buffer)
         self._sock.setsockopt(SOL_NETLINK, NETLINK_LISTEN_ALL_NSID, 1)
         for group in groups:

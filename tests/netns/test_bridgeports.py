@@ -11,11 +11,12 @@ from collections.abc import Collection, Iterator
 
 import pytest
 
+from cni_plugin import rtnl
 from cni_plugin.node.netpol import bridgeports
 from cni_plugin.node.netpol.objects import Address
 from testbed.harness import delete_netns, new_netns
 
-from .netpol_probe import port_watch
+from .netpol_probe import in_netns, port_watch
 
 pytestmark = pytest.mark.netns
 
@@ -109,6 +110,22 @@ def test_the_watch_follows_pods_addresses_and_bridges_from_one_read(node: Node) 
         delete_netns(node.pods["va"])  # its veth goes with it, in the background
         node.made["va"].clear()
         assert _until(watch, node.expected()) == node.expected()
+        assert watch.full_reads == 1
+
+
+def test_a_watch_of_sockets_with_a_timeout_never_waits_for_notifications(node: Node) -> None:
+    """The node controller's sockets wait at most bridgeports.TIMEOUT for an answer; the
+    subscription must not wait at all when nothing is queued (a refresh raised TimeoutError
+    after 5 s when it did)."""
+    node.add_pod("va", "10.1.0.2/24")
+    def timed() -> rtnl.Socket:
+        return rtnl.Socket(timeout=bridgeports.TIMEOUT)
+
+    with bridgeports.Watch(lambda: in_netns(node.host, timed)) as watch:
+        assert watch.pods() == node.expected()
+        assert watch.pods() == node.expected()  # nothing queued
+        node.add_address("va", "10.1.0.9/24")
+        assert watch.pods() == node.expected()
         assert watch.full_reads == 1
 
 

@@ -22,8 +22,13 @@ from .objects import Address
 
 BUFFER = 4 << 20  # bytes of notifications the kernel queues before it drops (and says ENOBUFS)
 GROUPS = (rtnl.RTNLGRP_LINK, rtnl.RTNLGRP_IPV4_IFADDR, rtnl.RTNLGRP_IPV6_IFADDR)
+TIMEOUT = 5.0  # s a read waits for the kernel's answer, then TimeoutError (an OSError: read whole next)
 DRAIN_LIMIT = 4096  # datagrams taken per refresh: a flood of notifications costs a full read, not more
 _GONE = (errno.EINVAL, errno.ENODEV)  # asked of a netns or link that went away meanwhile
+
+
+def _socket() -> rtnl.Socket:
+    return rtnl.Socket(timeout=TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ def _patched(found: Mapping[Address, frozenset[str]],
     return out
 
 
-def pod_ports(open_socket: Callable[[], rtnl.Socket] = rtnl.Socket,
+def pod_ports(open_socket: Callable[[], rtnl.Socket] = _socket,
               bridge: str | None = None) -> dict[Address, frozenset[str]]:
     """One read, whole; with `bridge`, of that bridge's ports only (none if it does not exist)."""
     with open_socket() as sock:
@@ -101,7 +106,7 @@ class Watch:
     """The bridge ports, kept from notifications (the module's doc). For one thread; close() it.
     Raises what opening or subscribing raises (EPERM without CAP_NET_BROADCAST)."""
 
-    def __init__(self, open_socket: Callable[[], rtnl.Socket] = rtnl.Socket) -> None:
+    def __init__(self, open_socket: Callable[[], rtnl.Socket] = _socket) -> None:
         self._events = open_socket()
         try:
             self._events.listen(GROUPS, BUFFER)

@@ -68,12 +68,15 @@ class PolicyRules:
 class Decision:
     """The policies selecting pods of this node, and for each local pod address the indices of
     the policies selecting it, per direction. Addresses absent from a map are open that way.
-    `placed`: every address of one pod of this node (selected or not): what the node controller decided."""
+    `placed`: every address of one pod of this node (selected or not): what the node controller decided.
+    `local`: the pods of this node with addresses, by id() (World.known's entries; the same
+    object while they are the same)."""
 
     policies: tuple[PolicyRules, ...]
     ingress: Mapping[Address, tuple[int, ...]]
     egress: Mapping[Address, tuple[int, ...]]
     placed: frozenset[Address] = frozenset()
+    local: Mapping[int, Known] = field(default_factory=dict)
 
 
 def _peer_pods(peer: Peer, namespace: str, world: World) -> tuple[Pod, ...]:
@@ -383,4 +386,5 @@ def decide(policies: Iterable[NetworkPolicy], pods: Iterable[Pod], namespaces: I
     # An address two pods of this node hold (one gone, its object not yet) is placed for neither:
     # the newer one would get the union of both pods' rules until then.
     placed = memo.placement.update({k: e for k, e in world.known.items() if e[0].spec.node_name == node_name})
-    return Decision(tuple(compiled), memo.selection.ingress, memo.selection.egress, placed)
+    return Decision(tuple(compiled), memo.selection.ingress, memo.selection.egress, placed,
+                    memo.placement.pods)

@@ -31,7 +31,7 @@ from ... import placement
 from ...netlink import NetlinkError
 from ..loop import Event, Log, Stream, drive, pump
 from . import apply, bridgeports, claims, cluster, compile, conntrack, delta, nfnl, nft, objects, tiers
-from .objects import KINDS, Address, Cause, Model, Pod, Refusal
+from .objects import KINDS, Address, Cause, Model, Refusal
 
 Ports = Callable[[], Mapping[Address, Collection[str]]]
 Forget = Callable[[Collection[Address]], int]
@@ -103,6 +103,7 @@ class PolicyController:
         self.on_bridge = on_bridge  # where a claimed address must be (bridgeports.py); None: unchecked
         self.owners: dict[Address, Owner] | None = None  # the fence in force: who is placed where
         self.placing: dict[Address, Owner] | None = None  # the same, of the ruleset being applied
+        self.owned: tuple[object, object, dict[Address, Owner]] | None = None  # _place's, and from what
         self.claims = claims.Claims()
         self.objects: dict[str, dict[Key, Any]] = {kind: {} for kind in WATCHED}
         self.listed: set[str] = set()
@@ -194,25 +195,32 @@ class PolicyController:
         # where NetworkPolicy is unused. The first policy brings the fence with it.
         fence = self.fence if self.objects["NetworkPolicy"] or self.objects[cluster.KIND] else None
         if fence is not None:
-            decision = self._place(decision, pods)
+            decision = self._place(decision)
         else:
             self.placing = None
         return nft.model(decision, self.port_map, layers, fence, self.chains)
 
-    def _place(self, decision: compile.Decision, pods: Sequence[Pod]) -> compile.Decision:
+    def _place(self, decision: compile.Decision) -> compile.Decision:
         """Before a pod is placed at an address that no pod held in the fence in force, the
         address's conntrack entries go (conntrack.py); the fence drops its traffic until then, so
         none can form in between. An address another pod held there is first unplaced by this
         transaction (its pod's rules could let new entries form meanwhile), and its entries go
         at the next try; so is one whose entries could not be deleted. When the fence comes up,
         the pods already there keep theirs: they were open until then."""
-        owners = {a: (p.metadata.namespace, p.metadata.name, p.metadata.uid) for p in pods
-                  if p.spec.node_name == self.node_name for a in p.addresses() if a in decision.placed}
+        owned = self.owned  # kept while the local pods and the placed addresses are the same objects
+        if owned is not None and owned[0] is decision.local and owned[1] is decision.placed:
+            owners = owned[2]
+        else:
+            owners = {a: (p.metadata.namespace, p.metadata.name, p.metadata.uid)
+                      for p, addresses, _hosts in decision.local.values()
+                      for a in addresses if a in decision.placed}
+            self.owned = (decision.local, decision.placed, owners)
         if self.owners is None or self.forget is None:
             self.placing = owners
             return decision
         held = self.owners
-        new = sorted((a for a, o in owners.items() if held.get(a) != o), key=lambda a: (a.version, a))
+        new = [] if owners is held else sorted((a for a, o in owners.items() if held.get(a) != o),
+                                               key=lambda a: (a.version, a))
         later = {a for a in new if a in held}
         try:
             if now := [a for a in new if a not in later]:
@@ -224,7 +232,7 @@ class PolicyController:
         if later:
             self.failed = True  # tried again after a backoff, or with the next events
             decision = dataclasses.replace(decision, placed=decision.placed - later)
-        self.placing = {a: o for a, o in owners.items() if a not in later}
+        self.placing = {a: o for a, o in owners.items() if a not in later} if later else owners
         return decision
 
     def reconcile(self) -> bool:

@@ -358,8 +358,14 @@ def test_readyz_is_not_ready_while_bridged_traffic_escapes_policy(tmp_path: Path
     with contextlib.ExitStack() as stack:
         stack.enter_context(own_netns())  # the rules it applies land in the test's netns
         refused = ["net/bridge/bridge-nf-call-iptables: Read-only file system"]
+        checked: list[int] = []  # at launch, then after each ruleset applied
+
+        def enable() -> list[str]:
+            checked.append(1)
+            return refused
+
         enforcement = netpol.launch(ME, api_client(api), 5,  # type: ignore[arg-type]
-                                    lambda event, **_f: logs.append(event), enable=lambda: refused)
+                                    lambda event, **_f: logs.append(event), enable=enable)
         stack.callback(time.sleep, 1.0)  # its threads see the stop before the netns goes
         stack.callback(enforcement.stop.set)
         conflist = tmp_path / model.CONFLIST_NAME
@@ -372,6 +378,8 @@ def test_readyz_is_not_ready_while_bridged_traffic_escapes_policy(tmp_path: Path
         metrics.reconciled(1, 0, 0, full_sync=True)
         wait_for(lambda: "bridge-nf-call-iptables" in (checks.reason() or ""), 10, "not ready for bridge-nf")
         assert "netpol-warning" in logs
+        # the first ruleset's own check done (it comes after the heap is settled), then
+        wait_for(lambda: len(checked) >= 2, 10, "the check after the first ruleset")
         enforcement.check_bridge(lambda *_a, **_k: None, lambda: [])  # br_netfilter loaded since
         checks.refresh()
         wait_for(lambda: checks.reason() is None, 10, "ready once br_netfilter is on")

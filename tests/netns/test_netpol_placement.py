@@ -186,6 +186,19 @@ def _placed(agent: policy_controller.PolicyController, address: str) -> bool:
     return address in placed.replace(",", " ").split()
 
 
+def _quiet(count: list[int], still: float, timeout: float) -> bool:
+    """Whether `count` stopped changing for `still` seconds within `timeout`."""
+    deadline = time.monotonic() + timeout
+    seen, since = count[0], time.monotonic()
+    while time.monotonic() < deadline:
+        if time.monotonic() - since >= still:
+            return True
+        time.sleep(0.02)
+        if count[0] != seen:
+            seen, since = count[0], time.monotonic()
+    return False
+
+
 def _exchange(stop: threading.Event, sock: socket.socket, peer: tuple[str, int], got: list[int]) -> None:
     """Send to `peer` from `sock` every 2 ms and count what `sock` receives."""
     while not stop.is_set():
@@ -241,6 +254,9 @@ def test_a_new_pod_at_the_address_of_a_deleted_one_gets_none_of_its_conversation
         while _placed(agent, REUSED) and time.monotonic() < deadline:
             time.sleep(0.01)
         host.pod_exec(outside, "ip", "neigh", "flush", "dev", "eth0")  # y/p resolves the address anew
+        # what y/old sent while its address was placed may still be unread (its veth goes after
+        # DEL's answer): y/p's count must stop before it counts x/new's
+        assert _quiet(at_client, 0.3, 5), "y/p kept receiving from the address once it was unplaced"
         for thread in new_threads:
             thread.start()
         at_client[0] = 0

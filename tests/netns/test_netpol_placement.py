@@ -17,12 +17,14 @@ import queue
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cni_plugin import placement
+from cni_plugin.hostnet import NETPOL_TABLE
 from cni_plugin.node.loop import Event
 from cni_plugin.node.netpol import apply, bridgeports, claims, conntrack, nft, policy_controller
 from cni_plugin.node.netpol.objects import parse_cidr
@@ -186,25 +188,30 @@ def _placed(agent: policy_controller.PolicyController, address: str) -> bool:
     return address in placed.replace(",", " ").split()
 
 
-def _quiet(count: list[int], still: float, timeout: float) -> bool:
+def _quiet(count: Counter[bytes], still: float, timeout: float) -> bool:
     """Whether `count` stopped changing for `still` seconds within `timeout`."""
     deadline = time.monotonic() + timeout
-    seen, since = count[0], time.monotonic()
+    seen, since = count.total(), time.monotonic()
     while time.monotonic() < deadline:
         if time.monotonic() - since >= still:
             return True
         time.sleep(0.02)
-        if count[0] != seen:
-            seen, since = count[0], time.monotonic()
+        if count.total() != seen:
+            seen, since = count.total(), time.monotonic()
     return False
 
 
-def _exchange(stop: threading.Event, sock: socket.socket, peer: tuple[str, int], got: list[int]) -> None:
-    """Send to `peer` from `sock` every 2 ms and count what `sock` receives."""
+def _exchange(stop: threading.Event, sock: socket.socket, peer: tuple[str, int], tag: bytes,
+              got: Counter[bytes]) -> None:
+    """Send `tag` to `peer` from `sock` every 2 ms and count what `sock` receives, by sender's tag."""
     while not stop.is_set():
         with contextlib.suppress(OSError):  # no address or route yet: the next round tries again
-            sock.sendto(b"x", peer)
-        got[0] += _received(sock)
+            sock.sendto(tag, peer)
+        while True:
+            try:
+                got[sock.recv(64)] += 1
+            except BlockingIOError:
+                break
         time.sleep(0.002)
 
 
@@ -236,17 +243,20 @@ def test_a_new_pod_at_the_address_of_a_deleted_one_gets_none_of_its_conversation
              threading.Thread(target=policy_controller.serve, args=(agent, events, stop))]
     client, server = _udp(outside, 5000), _udp(old, PORT)
     fresh = _udp(new, PORT)  # x/new's, made before its ADD
-    at_client, at_server, at_new = [0], [0], [0]
-    threads = [threading.Thread(target=_exchange, args=(stop, client, (REUSED, PORT), at_client)),
-               threading.Thread(target=_exchange, args=(stop, server, (prober_ip, 5000), at_server))]
-    new_threads = [threading.Thread(target=_exchange, args=(stop, fresh, (prober_ip, 5000), at_new))]
+    # each tells its sender: y/p "p", y/old "old", x/new "new"
+    at_client: Counter[bytes] = Counter()
+    at_server: Counter[bytes] = Counter()
+    at_new: Counter[bytes] = Counter()
+    threads = [threading.Thread(target=_exchange, args=(stop, client, (REUSED, PORT), b"p", at_client)),
+               threading.Thread(target=_exchange, args=(stop, server, (prober_ip, 5000), b"old", at_server))]
+    new_threads = [threading.Thread(target=_exchange, args=(stop, fresh, (prober_ip, 5000), b"new", at_new))]
     try:
         for thread in [*loops, *threads]:
             thread.start()
         deadline = time.monotonic() + 10
-        while not (at_client[0] > 10 and at_server[0] > 10) and time.monotonic() < deadline:
+        while not (at_client[b"old"] > 10 and at_server[b"p"] > 10) and time.monotonic() < deadline:
             time.sleep(0.01)
-        talked = (at_client[0], at_server[0])
+        talked = (at_client[b"old"], at_server[b"p"])
         # y/old goes (DEL, then its API object) while y/p goes on sending; x/new gets its address
         assert host.cni("DEL", conf, old, container_id="y-old").ok
         events.put(("Pod", "DELETED", _pod("old", "y", (REUSED,))))
@@ -259,20 +269,22 @@ def test_a_new_pod_at_the_address_of_a_deleted_one_gets_none_of_its_conversation
         assert _quiet(at_client, 0.3, 5), "y/p kept receiving from the address once it was unplaced"
         for thread in new_threads:
             thread.start()
-        at_client[0] = 0
+        at_client.clear()
         reply = host.cni("ADD", conf, new, container_id="x-new",
                          env={"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=new"})
         assert reply.ok, reply.stdout
         assert reply.out["ips"][0]["address"] == f"{REUSED}/29"  # type: ignore[index]
         time.sleep(1.0)  # not placed: its claim waits for the pod's object
-        before = (at_new[0], at_client[0])
+        before = (dict(at_new), dict(at_client))
+        # what the kernel held then, for a failure's message: the agent's own view is `applied`
+        in_kernel = host.exec("nft", "list", "set", "inet", NETPOL_TABLE, "placed4", check=False).stdout
         events.put(("Pod", "ADDED", _pod("new", "x")))  # no IP yet: placed by the claim
         deadline = time.monotonic() + 10
         while '"x/deny"' not in (agent.applied or "") or f"{REUSED} : jump" not in (agent.applied or ""):
             assert time.monotonic() < deadline, "x/new was never placed"
             time.sleep(0.01)
         time.sleep(1.5)  # placed, under default deny
-        after = (at_new[0] - before[0], at_client[0] - before[1])
+        after = (dict(at_new - Counter(before[0])), dict(at_client - Counter(before[1])))
     finally:
         stop.set()
         for thread in [*loops, *threads, *new_threads]:
@@ -282,5 +294,7 @@ def test_a_new_pod_at_the_address_of_a_deleted_one_gets_none_of_its_conversation
             s.close()
         apply.remove(["ip", "netns", "exec", host.name, "nft"])
     assert talked[0] > 10 and talked[1] > 10, f"y/p and y/old never talked: {talked}"
-    assert before == (0, 0), f"passed before x/new was placed (into it, out of it): {before}"
-    assert after == (0, 0), f"passed once x/new was placed under default deny (into it, out of it): {after}"
+    # by sender: what reached x/new, what reached y/p
+    assert before == ({}, {}), (f"passed before x/new was placed (into it, out of it): {before}; "
+                                f"the kernel's placed4 then: {in_kernel.decode()!r}")
+    assert after == ({}, {}), f"passed once x/new was placed under default deny (into it, out of it): {after}"

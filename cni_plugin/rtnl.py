@@ -364,7 +364,12 @@ class Socket:
         """(index, alias) of every link of a link group."""
         found = []
         mask = attr(IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS))
+        # The kernel cannot filter a dump by group: the attribute's bytes are looked for first (in
+        # C), and only the links holding them parsed (~7 ms of Python at 400 links otherwise).
+        member = attr(IFLA_GROUP, struct.pack("=I", group))
         for _kind, body in self.request(RTM_GETLINK, NLM_F_DUMP, ifinfo() + mask):
+            if member not in body:
+                continue
             fields = dict(_attrs(body, _IFINFO.size))
             if IFLA_GROUP in fields and _u32(fields[IFLA_GROUP]) == group:
                 alias = fields.get(IFLA_IFALIAS, b"").split(b"\0", 1)[0].decode(errors="replace")

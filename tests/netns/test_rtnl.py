@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -197,3 +198,23 @@ def test_links_netns_ids_default_routes_and_global_addresses_match_pyroute2(pair
     assert [link.peer_netnsid for link in links if link.name == "lo"] == [None]
     assert defaults == py_defaults == [veth.index]
     assert {str(a.ip) for a in addresses} == py_addresses == {"10.58.0.1"}
+
+
+def test_group_members_are_the_links_of_the_group_and_only_they(pair: Pair) -> None:
+    """The dump is looked through for the group's attribute before any link is parsed: links of
+    other groups, and of none, are left out; each member comes with its alias, or none."""
+    group = 0x70627264
+    made = [("gm-a", group, "pybridge: removing"), ("gm-b", group, ""), ("gm-c", group + 1, "other"),
+            ("gm-d", 0, "pybridge: removing")]
+    for name, in_group, alias in made:
+        subprocess.run(["ip", "-n", pair.names[0], "link", "add", name, "group", str(in_group),
+                        "type", "veth", "peer", "name", f"{name}-p"], check=True)
+        if alias:
+            subprocess.run(["ip", "-n", pair.names[0], "link", "set", name, "alias", alias], check=True)
+
+    def members() -> list[tuple[str, str]]:
+        with rtnl.Socket() as sock:
+            names = {link.index: link.name for link in sock.links()}
+            return sorted((names[index], alias) for index, alias in sock.group_members(group))
+
+    assert pair.host(members) == [("gm-a", "pybridge: removing"), ("gm-b", "")]

@@ -6,8 +6,9 @@ with except, numbered, ranged and named ports, ingress and egress). The measurin
 throw-away netns (this script re-execs itself under `ip netns exec`), with the agent made and
 applying as the node controller does (policy_controller.launch): the new-pod fence on with its
 conntrack deletions (BENCH_NETPOL_FENCE=0: off, as without a cluster CIDR), the heap settled after
-a relist, an element-only change as one netlink batch (nfnl.py), anything else with `nft -f`
-exec'd; BENCH_NETPOL_BATCH=0 sends every change to nft.
+a relist, an element-only change as one netlink batch (nfnl.py), anything else through
+libnftables in process (apply.py; exec'd `nft -f` where the library is missing);
+BENCH_NETPOL_BATCH=0 sends every change to nft.
 - convergence: the agent's imports (a fresh interpreter), then from the lists handed to the
   agent to the table applied;
 - event -> rules: EVENTS events (pod add and delete, pod label change, namespace label change,

@@ -6,15 +6,17 @@ for a DEL's source-check teardown at a few dozen, in process or exec'd. The kern
 batch (NFNL_MSG_BATCH_BEGIN, the messages, NFNL_MSG_BATCH_END) whole or not at all and answers
 each message asking an ack, so a refused batch changed nothing and its caller may fall back to
 nft. Users: NetworkPolicy's element changes (node/netpol/nfnl.py) and the source check's setup
-(its rules by nfexpr.py) and teardown (sourcecheck.py). The attributes more than one of them
+(its rules by nfexpr.py) and teardown (sourcecheck.py); NetworkPolicy's conntrack deletions use
+the same kept socket (kept()). The attributes more than one of them
 encodes (data, verdicts, set elements) are here, once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from . import netns, rtnl
 
@@ -137,13 +139,21 @@ def send(messages: Sequence[Message]) -> None:
 
 
 def commit(batch: Sequence[Message]) -> None:
-    """Commit a framed batch on the calling thread's kept socket (_socket). NetlinkError when the
+    """Commit a framed batch on the calling thread's kept socket (kept()). NetlinkError when the
     kernel refused it (nothing changed), OSError (TimeoutError included) when the socket failed
-    or the answer did not come in time. After any error the socket is closed and dropped: an
-    answer left unread must not be taken for the next batch's."""
+    or the answer did not come in time."""
+    with kept() as sock:
+        sock.batch(batch)
+
+
+@contextlib.contextmanager
+def kept() -> Iterator[rtnl.Socket]:
+    """The calling thread's kept socket (_socket), also for other nfnetlink subsystems' requests
+    (conntrack's: node/netpol/conntrack.py). An error raised through it closes and drops it: an
+    answer left unread must not be taken for the next request's."""
     sock = _socket()
     try:
-        sock.batch(batch)
+        yield sock
     except BaseException:
         _drop()
         raise

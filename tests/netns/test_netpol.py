@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from cni_plugin import libnft
 from cni_plugin.node.netpol import apply, compile, delta, nfnl, nft
 from cni_plugin.node.netpol.nft import TABLE
 from cni_plugin.node.netpol.policy_controller import PolicyController
@@ -472,10 +473,15 @@ def _listing(world: World) -> list[str]:
     return sorted(json.dumps(strip(o), sort_keys=True) for o in objects if "metainfo" not in o)
 
 
-def test_events_applied_as_changes_leave_what_a_fresh_apply_of_the_end_state_leaves(world: World) -> None:
+@pytest.mark.parametrize("in_process", [False, True], ids=["exec", "libnftables"])
+def test_events_applied_as_changes_leave_what_a_fresh_apply_of_the_end_state_leaves(
+        world: World, in_process: bool) -> None:
     """Each event after the first apply is a change in one transaction (nft monitor sees no table
-    deleted or added): only elements as one netlink batch (nfnl.py), else by nft; and the tables
-    it leaves equal those a fresh apply of the last state makes."""
+    deleted or added): only elements as one netlink batch (nfnl.py), else by nft (exec'd, or
+    through libnftables in process as the node controller runs it); and the tables it leaves
+    equal those a fresh apply of the last state by exec'd nft makes."""
+    if in_process and not libnft.available():
+        pytest.skip("libnftables not installed")
     agent = _reset(world)
     scripts: list[str] = []
     batches: list[str] = []
@@ -483,7 +489,10 @@ def test_events_applied_as_changes_leave_what_a_fresh_apply_of_the_end_state_lea
 
     def apply_script(script: str) -> None:
         scripts.append(script)
-        apply.replace(script, world.nft())
+        if in_process:
+            in_netns(host, lambda: apply.replace(script))
+        else:
+            apply.replace(script, world.nft())
 
     agent.apply_script = apply_script
 

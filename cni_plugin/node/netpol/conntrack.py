@@ -20,7 +20,7 @@ import errno
 import struct
 from collections.abc import Callable, Collection
 
-from ... import rtnl
+from ... import nfbatch, rtnl
 from ...netlink import NetlinkError
 from .objects import Address
 
@@ -31,7 +31,6 @@ CTA_STATS_GLOBAL_ENTRIES = 1
 # holds, and the filtered way takes four per address (~55 ms): up to this many entries in the
 # netns, one dump of them all matched here is cheaper (a Python walk costs ~0.1 ms per entry).
 WHOLE = 2048
-TIMEOUT = 10.0  # s for each answer of the kernel, then TimeoutError (the address stays unplaced)
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ZONE, CTA_FILTER = 1, 2, 18, 25
 CTA_TUPLE_IP = 1
 CTA_FILTER_ORIG_FLAGS, CTA_FILTER_REPLY_FLAGS = 1, 2
@@ -119,10 +118,13 @@ def _filtered(sock: rtnl.Socket, addresses: Collection[Address]) -> set[tuple[in
 
 def forget(addresses: Collection[Address], open_socket: Callable[[], rtnl.Socket] | None = None) -> int:
     """Delete the conntrack entries with one of `addresses` at either end (original or reply
-    direction, so NAT's too) in the socket's netns (default: this process's); how many went.
-    NetlinkError or OSError when conntrack cannot be read or changed (no CAP_NET_ADMIN)."""
+    direction, so NAT's too) in the socket's netns (default: on the calling thread's kept
+    nfnetlink socket, nfbatch.kept: closing one per placement made the kernel flush nf_tables'
+    deferred destruction with the commit mutex held, docs/performance.md); how many went.
+    NetlinkError or OSError (TimeoutError: no answer within nfbatch.TIMEOUT, the address stays
+    unplaced) when conntrack cannot be read or changed (no CAP_NET_ADMIN)."""
     deleted = 0
-    with (open_socket or (lambda: rtnl.Socket(rtnl.NETLINK_NETFILTER, timeout=TIMEOUT)))() as sock:
+    with (open_socket() if open_socket is not None else nfbatch.kept()) as sock:
         whole = bool(addresses) and _entries(sock) <= WHOLE
         found = _whole(sock, addresses) if whole else _filtered(sock, addresses)
         for family, key in found:

@@ -1,20 +1,24 @@
 """nfbatch.send keeps one socket per thread and netns: closing an nfnetlink socket makes the
 kernel flush nf_tables' deferred destruction with its commit mutex held, which stalled the
 agent's ADDs behind DEL's teardown batches (docs/performance.md). The socket is a fake here; the
-netns tier (tests/netns/test_sourcecheck.py) sends real batches through it."""
+netns tier (tests/netns/test_sourcecheck.py) sends real batches through it. NetworkPolicy's
+conntrack deletions (conntrack.forget) go on the same kept socket."""
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 
 import pytest
 
 from cni_plugin import nfbatch
+from cni_plugin.node.netpol import conntrack
 
 
 class FakeSocket:
     def __init__(self, fail: bool = False) -> None:
         self.batches: list[list[nfbatch.Message]] = []
+        self.requests: list[int] = []
         self.closed = False
         self.fail = fail
 
@@ -23,6 +27,13 @@ class FakeSocket:
         if self.fail:
             raise TimeoutError("no answer")
         self.batches.append(messages)
+
+    def request(self, kind: int, _flags: int, _payload: bytes) -> list[tuple[int, bytes]]:
+        assert not self.closed
+        if self.fail:
+            raise TimeoutError("no answer")
+        self.requests.append(kind)
+        return []  # no entries (and no stats: the filtered dumps)
 
     def close(self) -> None:
         self.closed = True
@@ -86,3 +97,17 @@ def test_each_thread_has_its_own_socket(world: World) -> None:
     other.join()
     assert len(world.opened) == 2
     assert [len(sock.batches) for sock in world.opened] == [1, 1]
+
+
+def test_conntrack_deletions_go_on_the_threads_kept_socket_closed_only_after_an_error(world: World) -> None:
+    address = ipaddress.ip_address("10.244.0.2")
+    assert conntrack.forget([address]) == 0
+    nfbatch.send([MESSAGE])
+    assert conntrack.forget([address]) == 0
+    assert len(world.opened) == 1 and not world.opened[0].closed
+    assert len(world.opened[0].requests) == 2 * (1 + 4)  # the stats, then four filtered dumps
+    world.opened[0].fail = True  # its answer does not come
+    with pytest.raises(TimeoutError):
+        conntrack.forget([address])
+    nfbatch.send([MESSAGE])
+    assert [sock.closed for sock in world.opened] == [True, False]

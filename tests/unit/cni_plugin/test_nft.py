@@ -4,9 +4,11 @@ the one operation within its deadline, as one NftError carrying nft's text, and 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Interface
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,28 @@ def stand_in(tmp_path: Path, body: str) -> str:
     path.write_text(f"#!/bin/sh\n{body}\n")
     path.chmod(0o755)
     return str(path)
+
+
+@contextlib.contextmanager
+def serving(agent: netpol.PolicyController) -> Iterator[threading.Thread]:
+    """The policy loop serving `agent` in a thread, every kind listed (empty), until the block ends."""
+    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    for kind in netpol.WATCHED:
+        events.put((kind, "SYNC", []))
+    stop = threading.Event()
+    thread = threading.Thread(target=netpol.serve, args=(agent, events, stop), daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def until(done: Callable[[], bool], within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def test_a_hung_nft_is_killed_at_its_deadline(tmp_path: Path) -> None:
@@ -103,20 +127,52 @@ def test_a_hung_nft_fails_a_ruleset_and_the_policy_loop_retries_it(
     agent = netpol.PolicyController("me", lambda script: apply.replace(script, [flaky]),
                                lambda event, **fields: logged.append((event, fields)))
     monkeypatch.setattr(loop.Backoff, "next", lambda _self: 0.1)
-    events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
-    for kind in netpol.WATCHED:
-        events.put((kind, "SYNC", []))
-    stop = threading.Event()
-    thread = threading.Thread(target=netpol.serve, args=(agent, events, stop), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while agent.applied is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with serving(agent) as thread:
+        until(lambda: agent.applied is not None)
         assert agent.applied is not None and thread.is_alive()
-    finally:
-        stop.set()
-        thread.join(10)
     errors = [fields["error"] for event, fields in logged if event == "netpol-error"]
     assert errors == ["nft failed: did not finish within 0.5 s"] * 2
     assert runs.read_text().count("x") == 3
+
+
+def test_a_hung_libnftables_call_fails_rulesets_until_it_returns_then_the_tables_go_in_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.unit.cni_plugin.test_libnft import FakeLib
+
+    class Hanging(FakeLib):  # the first run hangs until released
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+            self.scripts: list[str] = []
+
+        def nft_run_cmd_from_buffer(self, ctx: int, script: bytes) -> int:
+            self.scripts.append(script.decode())
+            if len(self.scripts) == 1:
+                self.release.wait(30)
+            return super().nft_run_cmd_from_buffer(ctx, script)
+
+    lib = Hanging()
+    monkeypatch.setattr(libnft, "_lib", lambda: lib)
+    monkeypatch.setattr(libnft, "_kept", [])
+    monkeypatch.setattr(libnft.netns, "thread_netns", lambda: (1, 1))
+    monkeypatch.setattr(nft.hostnet, "find_binary", lambda _name: None)  # never this machine's nft
+    monkeypatch.setattr(nft, "TIMEOUT", 0.3)
+    monkeypatch.setattr(loop.Backoff, "next", lambda _self: 0.05)
+    logged: list[tuple[str, dict[str, Any]]] = []
+    agent = netpol.PolicyController("me", apply.replace,
+                                    lambda event, **fields: logged.append((event, fields)))
+
+    def errors() -> list[str]:
+        return [fields["error"] for event, fields in logged if event == "netpol-error"]
+    try:
+        with serving(agent) as thread:
+            until(lambda: len(errors()) >= 3)
+            assert errors()[:3] == ["nft failed: libnftables did not answer within 0.3 s"] + [
+                "nft failed: an earlier libnftables call has not returned"] * 2
+            assert agent.applied is None and len(lib.scripts) == 1  # no other call reached the library
+            lib.release.set()
+            until(lambda: agent.applied is not None)
+            assert agent.applied is not None and thread.is_alive()
+    finally:
+        lib.release.set()
+    assert lib.scripts[1:] == [agent.applied]  # after it returned: the tables whole, once

@@ -18,7 +18,7 @@ from __future__ import annotations
 import _socket
 import errno
 import struct
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 
 from ... import nfbatch, rtnl
 from ...netlink import NetlinkError
@@ -61,14 +61,9 @@ def _ends(tuple_attr: bytes) -> list[bytes]:
             for _ip_kind, raw in rtnl._attrs(data)]
 
 
-def _key(body: bytes, address: Address) -> tuple[int, bytes] | None:
-    """(family, the attributes naming the entry for a DELETE) of a dumped entry that has
-    `address` at an end: checked here too, as a kernel older than the filter sends all."""
-    return _key_of(body, {address.packed})
-
-
-def _key_of(body: bytes, raws: Collection[bytes]) -> tuple[int, bytes] | None:
-    """_key() for an entry with one of the raw addresses `raws` at an end."""
+def _key(body: bytes, raws: Collection[bytes]) -> tuple[int, bytes] | None:
+    """(family, the attributes naming the entry for a DELETE) of a dumped entry that has one of
+    the raw addresses `raws` at an end: checked here too, as a kernel older than the filter sends all."""
     fields = dict(rtnl._attrs(body, _NFGEN.size))
     ends = [raw for kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY) for raw in _ends(fields.get(kind, b""))]
     if CTA_TUPLE_ORIG not in fields or not any(raw in raws for raw in ends):
@@ -77,6 +72,15 @@ def _key_of(body: bytes, raws: Collection[bytes]) -> tuple[int, bytes] | None:
     if CTA_ZONE in fields:
         key += rtnl.attr(CTA_ZONE, fields[CTA_ZONE])
     return body[0], key
+
+
+def _dump(sock: rtnl.Socket, family: int, match: bytes,
+          raws: Collection[bytes]) -> Iterator[tuple[int, bytes]]:
+    """_key() of each entry of one dump (of `family`, filtered by `match`) with one of `raws` at an end."""
+    for _kind, body in sock.request(_CTNETLINK | IPCTNL_MSG_CT_GET, rtnl.NLM_F_DUMP,
+                                    _NFGEN.pack(family, 0, 0) + match):
+        if (entry := _key(body, raws)) is not None:
+            yield entry
 
 
 def _entries(sock: rtnl.Socket) -> int:
@@ -96,24 +100,13 @@ def _entries(sock: rtnl.Socket) -> int:
 def _whole(sock: rtnl.Socket, addresses: Collection[Address]) -> set[tuple[int, bytes]]:
     """The entries with one of `addresses` at an end, from one dump of the netns's table."""
     raws = {address.packed for address in addresses}
-    found = set()
-    for _kind, body in sock.request(_CTNETLINK | IPCTNL_MSG_CT_GET, rtnl.NLM_F_DUMP,
-                                    _NFGEN.pack(_socket.AF_UNSPEC, 0, 0)):  # both families
-        if (entry := _key_of(body, raws)) is not None:
-            found.add(entry)
-    return found
+    return set(_dump(sock, _socket.AF_UNSPEC, b"", raws))  # AF_UNSPEC: both families
 
 
 def _filtered(sock: rtnl.Socket, addresses: Collection[Address]) -> set[tuple[int, bytes]]:
-    """The same, from the kernel's filtered dumps: four per address."""
-    found = set()  # an entry may match several filters
-    for address in addresses:
-        for family, match in _filters(address):
-            for _kind, body in sock.request(_CTNETLINK | IPCTNL_MSG_CT_GET, rtnl.NLM_F_DUMP,
-                                            _NFGEN.pack(family, 0, 0) + match):
-                if (entry := _key(body, address)) is not None:
-                    found.add(entry)
-    return found
+    """The same, from the kernel's filtered dumps: four per address (an entry may match several)."""
+    return {entry for address in addresses for family, match in _filters(address)
+            for entry in _dump(sock, family, match, {address.packed})}
 
 
 def forget(addresses: Collection[Address], open_socket: Callable[[], rtnl.Socket] | None = None) -> int:

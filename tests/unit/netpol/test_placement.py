@@ -318,14 +318,14 @@ def test_a_dumped_conntrack_entry_is_deleted_by_its_original_tuple_and_zone() ->
 
     address = ipaddress.ip_address("10.244.1.3")
     entry = _ct_entry(("10.244.1.9", "10.71.0.10"), ("10.244.1.3", "10.244.1.9"), zone=b"\0\7")  # DNAT
-    key = conntrack._key(entry, address)
+    key = conntrack._key(entry, {address.packed})
     assert key is not None and key[0] == socket.AF_INET
     assert b"\x0a\x47\x00\x0a" in key[1] and b"\x0a\xf4\x01\x03" not in key[1]  # the original tuple
     assert b"\x06\x00\x12\x00\x00\x07" in key[1]  # and the zone (CTA_ZONE 18, 7)
     # what a kernel without the filter would send as well: not this address's, never deleted
     other = _ct_entry(("10.244.1.9", "10.244.1.4"), ("10.244.1.4", "10.244.1.9"))
-    assert conntrack._key(other, address) is None
-    assert conntrack._key(bytes([socket.AF_INET, 0, 0, 0]), address) is None
+    assert conntrack._key(other, {address.packed}) is None
+    assert conntrack._key(bytes([socket.AF_INET, 0, 0, 0]), {address.packed}) is None
 
 
 def test_a_claim_places_only_addresses_found_on_a_port_of_the_fence_bridge() -> None:
